@@ -1,0 +1,254 @@
+"""
+Tokenizer and data: everything here works offline.
+
+1. Tokenizers through tiktoken. The default, "bytes", is built in code (256 byte tokens
+   and <|endoftext|>), so it needs no download. "gpt2" and tiktoken's other named
+   encodings need their vocabulary file, downloaded once and cached.
+2. The default task, the project's testbed (see make_default_task): string
+   transformations with an exact-match metric, a pretraining corpus that teaches the
+   format and the basic skills, and a fine-tuning set with a known fraction of
+   corrupted answers, each flagged as noisy.
+3. Real data from files: plain text for language modelling, JSONL prompt/completion
+   pairs with the loss on completion tokens only. Bad input raises DataError naming
+   the file and line.
+4. Batches: (inputs, targets, noisy), targets padded with -100.
+"""
+
+import json
+import random
+from dataclasses import dataclass
+
+import tiktoken
+import torch
+
+IGNORE_INDEX = -100  # as in model.py: no loss at this position
+
+
+class DataError(ValueError):
+    """Bad input data; the message starts with the file (and line) at fault."""
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Tokenizers
+
+# GPT-2's pre-tokenizer pattern; with byte-level tokens it only decides where pieces split
+_GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def byte_tokenizer():
+    """256 byte tokens + <|endoftext|> (id 256): any text round-trips, nothing to download."""
+    return tiktoken.Encoding(
+        name="bytes",
+        pat_str=_GPT2_PATTERN,
+        mergeable_ranks={bytes([i]): i for i in range(256)},
+        special_tokens={"<|endoftext|>": 256},
+    )
+
+
+def get_tokenizer(name="bytes"):
+    if name == "bytes":
+        return byte_tokenizer()
+    try:
+        return tiktoken.get_encoding(name)
+    except ValueError:
+        raise  # an unknown name: tiktoken's message lists the known ones
+    except Exception as e:
+        raise RuntimeError(
+            f"tokenizer {name!r}: tiktoken could not load its vocabulary ({type(e).__name__}: {e}). "
+            f"It is downloaded on first use and cached: run `python -c \"import tiktoken; tiktoken.get_encoding('{name}')\"` "
+            f"once on a machine with network access, with TIKTOKEN_CACHE_DIR set to a directory you keep, "
+            f"then set TIKTOKEN_CACHE_DIR to that directory here. Or use --tokenizer bytes, which needs no file."
+        ) from None
+
+
+def encode(tokenizer, text):
+    # "<|endoftext|>" typed in data is ordinary text, never the special token
+    return tokenizer.encode(text, disallowed_special=())
+
+
+# ---------------------------------------------------------------------------------------
+# Examples and batches
+
+
+@dataclass
+class Example:
+    tokens: list  # prompt then completion, token ids
+    n_prompt: int  # how many leading tokens are prompt (no loss on predicting them)
+    noisy: bool = False  # known to carry a corrupted answer (default task only)
+
+    @property
+    def completion(self):
+        return self.tokens[self.n_prompt :]
+
+
+def collate(examples, pad_id, device="cpu"):
+    """Examples -> inputs (B, T), targets (B, T) with -100 where no loss, noisy (B,) bool.
+
+    T is the longest example's length minus one. Padding sits after each sample, so
+    under causal attention it never changes the sample's own positions.
+    """
+    T = max(len(e.tokens) for e in examples) - 1
+    inputs = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(examples):
+        t = torch.tensor(e.tokens, dtype=torch.long)
+        n = len(e.tokens) - 1
+        inputs[i, :n] = t[:-1]
+        targets[i, :n] = t[1:]
+        # targets[j] predicts tokens[j + 1]: the prompt tokens after the first carry no loss
+        targets[i, : max(e.n_prompt - 1, 0)] = IGNORE_INDEX
+    noisy = torch.tensor([e.noisy for e in examples], dtype=torch.bool)
+    return inputs.to(device), targets.to(device), noisy.to(device)
+
+
+def n_targets(example):
+    return len(example.tokens) - max(example.n_prompt, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# 2. The default task
+#
+# A word is 3 to 6 lowercase letters. The pretraining corpus teaches three operations,
+#     copy abc=abc    rev abc=cba    shift abc=bcd     (shift: each letter +1, z -> a)
+# and fine-tuning asks for one it never saw, their composition
+#     revshift abc=dcb
+# so the base model knows the format and both skills, and LoRA must teach the new one.
+# A `noise` fraction of the fine-tuning answers is replaced by random letters of the
+# right length (a plausible-looking but wrong answer), flagged noisy. The held-out split
+# is clean and its words never occur in fine-tuning. Which method copes best with the
+# noise is an empirical question: dropping noisy samples helps, but so does seeing more
+# data, and the scores only see gradients.
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+PRETRAIN_OPS = {
+    "copy": lambda w: w,
+    "rev": lambda w: w[::-1],
+    "shift": lambda w: "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in w),
+}
+TASK_OP = "revshift"
+
+
+def task_answer(word):
+    return PRETRAIN_OPS["shift"](word[::-1])
+
+
+def _random_word(rng):
+    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
+
+
+def pretrain_text(n_lines=20000, seed=0):
+    """The pretraining corpus: one 'op word=answer' line per line, ops drawn uniformly."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        op = rng.choice(list(PRETRAIN_OPS))
+        w = _random_word(rng)
+        lines.append(f"{op} {w}={PRETRAIN_OPS[op](w)}\n")
+    return "".join(lines)
+
+
+def task_example(tokenizer, word, answer, noisy=False):
+    prompt = encode(tokenizer, f"{TASK_OP} {word}=")
+    return Example(prompt + encode(tokenizer, answer + "\n"), len(prompt), noisy)
+
+
+def make_default_task(tokenizer, n_train=1000, n_val=200, noise=0.2, seed=0):
+    """(train, val) Examples of the fine-tuning task; fully determined by the seed.
+
+    Exactly round(noise * n_train) training answers are corrupted, chosen at random.
+    """
+    if not 0.0 <= noise < 1.0:
+        raise ValueError(f"noise must be in [0, 1), got {noise}")
+    rng = random.Random(seed + 1)  # not the pretraining corpus's stream
+    words = set()
+    while len(words) < n_train + n_val:
+        words.add(_random_word(rng))
+    words = sorted(words)
+    rng.shuffle(words)
+    train_words, val_words = words[:n_train], words[n_train:]
+    noisy = set(rng.sample(range(n_train), round(noise * n_train)))
+    train = []
+    for i, w in enumerate(train_words):
+        answer = task_answer(w)
+        if i in noisy:
+            while (wrong := "".join(rng.choice(LETTERS) for _ in w)) == answer:
+                pass
+            answer = wrong
+        train.append(task_example(tokenizer, w, answer, noisy=i in noisy))
+    val = [task_example(tokenizer, w, task_answer(w)) for w in val_words]
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Data from files
+
+
+def read_text_file(path):
+    """The file's text; DataError for a missing, empty or non-UTF-8 file (with its line)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    if not raw.strip():
+        raise DataError(f"{path}: file is empty")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
+
+
+def load_text(path, tokenizer, block_size):
+    """A plain-text corpus cut into windows of block_size + 1 tokens (all carry loss)."""
+    tokens = encode(tokenizer, read_text_file(path))
+    if len(tokens) < 2:
+        raise DataError(f"{path}: too short to train on ({len(tokens)} token)")
+    # consecutive windows share one token, so every token but the first is a target once
+    return [Example(tokens[i : i + block_size + 1], 0) for i in range(0, len(tokens) - 1, block_size)]
+
+
+@dataclass
+class TruncationStats:
+    samples: int = 0  # samples longer than block_size + 1 tokens
+    tokens: int = 0  # tokens cut from their ends
+
+
+def load_jsonl(path, tokenizer, block_size, prompt_field="prompt", completion_field="completion"):
+    """JSONL with one {prompt_field: str, completion_field: str} object per line.
+
+    The completion is followed by <|endoftext|> so the model learns where to stop;
+    the loss falls on completion tokens only. Samples longer than block_size + 1 are
+    cut at the end; returns (examples, TruncationStats).
+    """
+    text = read_text_file(path)
+    examples, cut = [], TruncationStats()
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        for field in (prompt_field, completion_field):
+            if field not in record:
+                raise DataError(f"{where}: no field {field!r} (fields here: {sorted(record)})")
+            if not isinstance(record[field], str):
+                raise DataError(f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}")
+        prompt = encode(tokenizer, record[prompt_field])
+        tokens = prompt + encode(tokenizer, record[completion_field]) + [tokenizer.eot_token]
+        if len(tokens) > block_size + 1:
+            cut.samples += 1
+            cut.tokens += len(tokens) - (block_size + 1)
+            tokens = tokens[: block_size + 1]
+        example = Example(tokens, len(prompt))
+        if n_targets(example) < 1:
+            raise DataError(f"{where}: no completion token left after truncation to block_size {block_size} "
+                            f"(prompt is {len(prompt)} tokens); shorten the prompt or raise block_size")
+        examples.append(example)
+    if not examples:
+        raise DataError(f"{path}: no samples (only blank lines)")
+    return examples, cut

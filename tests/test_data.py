@@ -1,0 +1,125 @@
+import json
+
+import pytest
+import tiktoken
+import torch
+from hypothesis import given, settings, strategies as st
+
+import data
+from data import (DataError, Example, collate, encode, get_tokenizer, load_jsonl, load_text, make_default_task,
+                  pretrain_text, task_answer)
+
+TOK = get_tokenizer()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_any_unicode_text_round_trips_through_the_default_tokenizer(text):
+    ids = encode(TOK, text)
+    assert all(0 <= i < 256 for i in ids)  # "<|endoftext|>" in text stays ordinary bytes
+    assert TOK.decode(ids) == text
+
+
+def test_the_default_tokenizer_has_an_end_of_text_token():
+    assert TOK.n_vocab == 257 and TOK.eot_token == 256
+
+
+def test_a_named_encoding_that_cannot_be_fetched_says_how_to_make_it_available(monkeypatch):
+    def offline(name):
+        raise ConnectionError("Failed to resolve host")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(RuntimeError, match="TIKTOKEN_CACHE_DIR") as e:
+        get_tokenizer("gpt2")
+    assert "--tokenizer bytes" in str(e.value)
+
+
+def test_default_task_is_determined_by_its_seed_with_the_stated_noise():
+    train, val = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=7)
+    again, _ = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=7)
+    other, _ = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=8)
+    assert [e.tokens for e in train] == [e.tokens for e in again]
+    assert [e.tokens for e in train] != [e.tokens for e in other]
+    assert sum(e.noisy for e in train) == 50 and not any(e.noisy for e in val)
+
+    def parts(e):
+        prompt, answer = TOK.decode(e.tokens[: e.n_prompt]), TOK.decode(e.completion)
+        return prompt.removeprefix("revshift ").removesuffix("="), answer.removesuffix("\n")
+
+    for e in train + val:
+        word, answer = parts(e)
+        assert (answer == task_answer(word)) != e.noisy and len(answer) == len(word)
+    assert not {parts(e)[0] for e in train} & {parts(e)[0] for e in val}
+    assert task_answer("abz") == "acb"  # reverse, then each letter + 1
+
+
+def test_pretraining_corpus_teaches_the_known_operations_only():
+    lines = pretrain_text(300, seed=0).splitlines()
+    ops = {line.split()[0] for line in lines}
+    assert ops == set(data.PRETRAIN_OPS) and "revshift" not in ops
+    for line in lines:
+        op, rest = line.split(" ")
+        word, answer = rest.split("=")
+        assert data.PRETRAIN_OPS[op](word) == answer
+
+
+def test_collate_masks_prompt_and_padding_and_shifts_targets():
+    a = Example([1, 2, 3, 4, 5], n_prompt=3)
+    b = Example([6, 7, 8], n_prompt=1, noisy=True)
+    x, y, noisy = collate([a, b], pad_id=0)
+    assert x.tolist() == [[1, 2, 3, 4], [6, 7, 0, 0]]
+    assert y.tolist() == [[-100, -100, 4, 5], [7, 8, -100, -100]]
+    assert noisy.tolist() == [False, True]
+
+
+def write(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(path)
+
+
+def test_jsonl_with_custom_field_names_puts_the_loss_on_completions_only(tmp_path):
+    rows = [{"question": "2+2?", "answer": " 4"}, {"question": "why?", "answer": " because it is so, truly"}]
+    path = write(tmp_path, "qa.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
+    examples, cut = load_jsonl(path, TOK, block_size=12, prompt_field="question", completion_field="answer")
+    assert len(examples) == 2
+    assert TOK.decode(examples[0].tokens) == "2+2? 4<|endoftext|>" and examples[0].n_prompt == 4
+    x, y, _ = collate(examples, pad_id=TOK.eot_token)
+    assert TOK.decode([t for t in y[0].tolist() if t != -100]) == " 4<|endoftext|>"
+    # the second sample is 4 + 24 + 1 = 29 tokens, cut to block_size + 1 = 13
+    assert (cut.samples, cut.tokens) == (1, 29 - 13)
+    assert len(examples[1].tokens) == 13 == y.shape[1] + 1
+
+
+def test_text_file_becomes_windows_that_cover_every_token(tmp_path):
+    text = "hello world, " * 20
+    windows = load_text(write(tmp_path, "corpus.txt", text), TOK, block_size=16)
+    assert all(2 <= len(w.tokens) <= 17 and w.n_prompt == 0 for w in windows)
+    joined = windows[0].tokens + [t for w in windows[1:] for t in w.tokens[1:]]
+    assert TOK.decode(joined) == text
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n', r"bad.jsonl:2: malformed JSON"),
+    ('{"prompt": "a", "completion": "b"}\n\n{"prompt": "a"}\n', r"bad.jsonl:3: no field 'completion'"),
+    ('{"prompt": "a", "completion": 3}\n', r"bad.jsonl:1: field 'completion' must be a string, got int"),
+    ('["prompt", "completion"]\n', r"bad.jsonl:1: expected a JSON object"),
+    ("", r"bad.jsonl: file is empty"),
+    ("\n  \n", r"bad.jsonl: file is empty"),
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": "' + "p" * 40 + '", "completion": "b"}\n',
+     r"bad.jsonl:2: no completion token left after truncation to block_size 16"),
+    (b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff", "completion": "b"}\n', r"bad.jsonl:2: not valid UTF-8"),
+])
+def test_bad_jsonl_gets_a_clear_error_naming_file_and_line(tmp_path, content, message):
+    path = write(tmp_path, "bad.jsonl", content)
+    with pytest.raises(DataError, match=message):
+        load_jsonl(path, TOK, block_size=16)
+
+
+def test_bad_text_files_get_clear_errors(tmp_path):
+    with pytest.raises(DataError, match=r"empty.txt: file is empty"):
+        load_text(write(tmp_path, "empty.txt", ""), TOK, 16)
+    with pytest.raises(DataError, match=r"latin1.txt:3: not valid UTF-8"):
+        load_text(write(tmp_path, "latin1.txt", b"ok\nok\ncaf\xe9\n"), TOK, 16)
+    with pytest.raises(DataError, match=r"missing.txt: cannot read"):
+        load_text(str(tmp_path / "missing.txt"), TOK, 16)
