@@ -1,0 +1,308 @@
+"""
+GAST: Gradient-aligned Sparse Tuning, one step at a time.
+
+Read this file beside GAST_SPEC.md (the project's shared notes): the numbered steps below
+are the spec's. The spec is this project's reconstruction of the method from the paper's
+abstract (Yao et al., EACL 2026); the choices it makes are ours:
+  - the reference direction is the batch-mean gradient (or a held-out batch's gradient),
+  - the alignment score is a plain inner product over all of a block's LoRA parameters,
+  - the selection is the exact maximiser of the summed scores under a layer budget K
+    and a per-layer data budget k,
+  - the update of an active layer is the mean gradient of its selected samples.
+
+The baselines (lora, lisa, ist, data) differ from GAST only in the mask they choose;
+SparseTuner.step runs every one of them on the same code path.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call, grad_and_value, vmap
+
+from lora import lora_layers, scaled_adapters
+
+METHODS = ("lora", "lisa", "ist", "data", "gast")
+
+
+# ---------------------------------------------------------------------------------------
+# Step 1. Per-sample gradients with torch.func
+
+
+def per_sample_grads_and_losses(model, inputs, targets, chunk_size=None):
+    """grad of each sample's loss w.r.t. every trainable (LoRA) parameter, and the losses.
+
+    inputs, targets: (B, T). Returns ({name: (B, *p.shape)}, losses (B,)).
+    vmap maps a one-sample loss over the batch dimension; frozen weights are read from
+    the module itself and so enter unbatched. The model runs its explicit attention
+    (fused=False) because vmap cannot batch the fused kernel's backward. Dropout stays
+    as the model has it, with randomness="different": each sample draws its own mask, as
+    in an ordinary batched pass, and the update below uses these very gradients.
+    chunk_size bounds memory: vmap then runs chunk_size samples at a time.
+    """
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+    def sample_loss(params, x, y):  # x, y: (T,), one sample
+        _, loss = functional_call(model, params, (x.unsqueeze(0), y.unsqueeze(0)), {"fused": False})
+        return loss
+
+    compute = vmap(grad_and_value(sample_loss), in_dims=(None, 0, 0), randomness="different", chunk_size=chunk_size)
+    return compute(params, inputs, targets)
+
+
+def per_sample_grads(model, inputs, targets, chunk_size=None):
+    """{name: (B, *p.shape)}: step 1 of the spec, g[l, i] for every LoRA parameter."""
+    return per_sample_grads_and_losses(model, inputs, targets, chunk_size)[0]
+
+
+def reference_gradient(model, inputs, targets):
+    """The ordinary gradient of a batch's loss: the spec's held-out reference option."""
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    _, loss = model(inputs, targets)
+    grads = torch.autograd.grad(loss, [p for _, p in params])
+    return {name: g.detach() for (name, _), g in zip(params, grads)}
+
+
+# ---------------------------------------------------------------------------------------
+# Steps 2 and 3. Reference direction and alignment scores
+
+
+def alignment_scores(grads, layers, reference=None):
+    """a[l, i] = <g[l, i], r_l>: (L, B).
+
+    grads: {name: (B, *p.shape)} from step 1; layers: parameter names per block (L lists).
+    reference: {name: p.shape}; by default the batch mean of grads, i.e. the ordinary
+    mini-batch gradient. a[l, i] is the first-order decrease of the reference loss per
+    unit step if block l moved along sample i's gradient.
+    """
+    if reference is None:
+        reference = {name: g.mean(dim=0) for name, g in grads.items()}
+    return torch.stack([
+        sum(grads[name].flatten(1) @ reference[name].flatten() for name in names)  # (B,)
+        for names in layers
+    ])  # (L, B)
+
+
+# ---------------------------------------------------------------------------------------
+# Step 4. Joint data-layer selection
+
+
+def budgets(n_layers, batch_size, layer_ratio, data_ratio):
+    """K = max(1, ceil(layer_ratio * L)) layers, k = max(1, ceil(data_ratio * B)) samples.
+
+    The product is rounded first, so 0.3 * 10 is 3, not the 4 of its float error.
+    """
+    K = max(1, math.ceil(round(layer_ratio * n_layers, 9)))
+    k = max(1, math.ceil(round(data_ratio * batch_size, 9)))
+    return min(K, n_layers), min(k, batch_size)
+
+
+def top(values, n):
+    """Indices of the n largest entries along the last dim; ties go to the lower index."""
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :n]
+
+
+def select(scores, n_layers, n_samples):
+    """The mask M (L, B) maximising sum(M * scores) with exactly n_layers non-empty rows,
+    each with exactly n_samples ones.
+
+    Exact: once a row is active its best content is its top-k samples, worth
+    v_l = their summed score, whatever the other rows hold; so the best rows are the
+    top-K by v. Ties break toward the lower index (stable sorts), so it is deterministic.
+    """
+    L, B = scores.shape
+    chosen = top(scores, n_samples)  # (L, k): S_l for every layer
+    layer_value = scores.gather(1, chosen).sum(dim=1)  # (L,): v_l
+    active = top(layer_value, n_layers)  # (K,)
+    mask = torch.zeros(L, B, dtype=torch.bool, device=scores.device)
+    mask[active.unsqueeze(1), chosen[active]] = True
+    return mask
+
+
+# ---------------------------------------------------------------------------------------
+# Step 5. The update
+
+
+def write_selected_gradients(model, layers, grads, mask):
+    """p.grad = mean of g[l, i] over the samples block l selected; None if it selected none.
+
+    With grad None, AdamW skips the parameter: no moment update, no weight decay.
+    """
+    params = dict(model.named_parameters())
+    weights = mask.to(torch.float32) / mask.sum(dim=1, keepdim=True).clamp(min=1)  # (L, B), 1/k on S_l
+    for l, names in enumerate(layers):
+        for name in names:
+            if mask[l].any():
+                params[name].grad = torch.tensordot(weights[l].to(grads[name].dtype), grads[name], dims=1)
+            else:
+                params[name].grad = None
+
+
+# ---------------------------------------------------------------------------------------
+# The five methods on one code path
+
+
+@dataclass
+class SelectionConfig:
+    method: str = "gast"  # one of METHODS: which rule picks the mask
+    layer_ratio: float = 0.5  # K = ceil(layer_ratio * L) blocks updated per step (lisa, ist, gast)
+    data_ratio: float = 0.5  # k = ceil(data_ratio * B) samples per active block (data, gast)
+    lisa_interval: int = 20  # LISA redraws its layers every this many steps (LISA's default)
+    ist_interval: int = 10  # IST updates its layer importance every this many steps
+    ist_trials: int = 3  # IST's suppression trials per importance update
+    ist_suppress: float = 0.25  # IST multiplies a suppressed layer's LoRA scaling by this
+    ist_lr: float = 10.0  # IST's step size on the importance scores
+    chunk_size: int = 0  # vmap chunk for per-sample gradients; 0 means the whole batch at once
+
+
+@dataclass
+class StepRecord:
+    loss: float  # mean per-sample loss of the batch, before the update
+    mask: torch.Tensor  # (L, B) bool: which block learned from which sample
+    active_layers: list  # blocks updated this step
+    coverage: float  # fraction of the batch selected by at least one active block
+    scores: torch.Tensor = None  # (L, B) alignment scores, for the methods that compute them
+    noisy_rate: torch.Tensor = None  # (L,) fraction of the batch's noisy samples each block took; nan if inactive
+    clean_rate: torch.Tensor = None  # (L,) the same for clean samples
+
+    @property
+    def noisy_selected(self):
+        """Over active blocks, the fraction of (block, noisy sample) pairs selected."""
+        return _mean_active(self.noisy_rate, self.active_layers)
+
+    @property
+    def clean_selected(self):
+        return _mean_active(self.clean_rate, self.active_layers)
+
+
+def _mean_active(rate, active):
+    if rate is None:
+        return float("nan")
+    return float(rate[active].mean())
+
+
+def selection_rates(mask, noisy):
+    """Per block: the fraction of noisy, and of clean, samples it selected; nan where the
+    block is inactive or the batch has no sample of that kind. mask (L, B), noisy (B,)."""
+    active = mask.any(dim=1, keepdim=True)
+    def rate(kind):
+        n = kind.sum()
+        r = (mask & kind).sum(dim=1).float() / n if n > 0 else torch.full((mask.shape[0],), float("nan"))
+        return torch.where(active.squeeze(1), r, torch.full_like(r, float("nan")))
+    return rate(noisy), rate(~noisy)
+
+
+class SparseTuner:
+    """Computes one method's mask each step and writes the matching gradients into .grad.
+
+    The caller owns the optimizer: tuner.step(...), then optimizer.step(). For lora, lisa
+    and ist, whose active blocks learn from the whole batch, the gradient is the ordinary
+    batch gradient (equal to the mean of per-sample gradients, I8), so they skip the
+    per-sample pass; data and gast need the per-sample gradients for their scores.
+    """
+
+    def __init__(self, model, config: SelectionConfig, seed=0):
+        if config.method not in METHODS:
+            raise ValueError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
+        self.model, self.config = model, config
+        self.layers = lora_layers(model)  # L lists of parameter names
+        self.n_layers = len(self.layers)
+        self.generator = torch.Generator().manual_seed(seed)  # lisa's and ist's draws
+        self.importance = torch.zeros(self.n_layers)  # IST's s_l
+        self.lisa_active = None
+        self.steps = 0
+
+    # --- the mask rules that do not look at gradients ---
+
+    def _draw(self, weights, n):
+        return torch.multinomial(weights, n, replacement=False, generator=self.generator).sort().values
+
+    def _lisa_layers(self, K):
+        if self.lisa_active is None or self.steps % self.config.lisa_interval == 0:
+            self.lisa_active = self._draw(torch.ones(self.n_layers), K)
+        return self.lisa_active
+
+    def _ist_update_importance(self, probe_inputs, probe_targets):
+        """IST's response suppression: suppress random halves of the layers, reward the
+        trials whose loss stayed low, and raise those layers' s_l (their updates matter less)."""
+        c = self.config
+        sig = torch.sigmoid(self.importance)
+        n_suppressed = max(1, self.n_layers // 2)
+        trials, losses = [], []
+        with torch.no_grad():
+            for _ in range(c.ist_trials):
+                suppressed = self._draw(sig, n_suppressed)
+                with scaled_adapters(self.model, suppressed.tolist(), c.ist_suppress):
+                    losses.append(float(self.model(probe_inputs, probe_targets)[1]))
+                trials.append(suppressed)
+        rewards = torch.exp(-torch.tensor(losses))
+        rewards -= rewards.mean()
+        for suppressed, r in zip(trials, rewards):
+            self.importance[suppressed] += c.ist_lr * r * sig[suppressed] * (1 - sig[suppressed])
+
+    # --- one step ---
+
+    def step(self, inputs, targets, noisy=None, reference=None, probe=None):
+        """Compute the mask, write .grad, return the StepRecord.
+
+        inputs, targets (B, T); noisy (B,) bool or None; reference: a gradient dict
+        (held-out reference, gast and data only); probe: a callable returning a fresh
+        (inputs, targets) batch, needed by ist for its importance update.
+        """
+        c = self.config
+        B = inputs.shape[0]
+        K, k = budgets(self.n_layers, B, c.layer_ratio, c.data_ratio)
+        mask = torch.zeros(self.n_layers, B, dtype=torch.bool)
+        scores = None
+
+        if c.method in ("data", "gast"):
+            grads, losses = per_sample_grads_and_losses(self.model, inputs, targets, c.chunk_size or None)
+            scores = alignment_scores(grads, self.layers, reference)  # (L, B)
+            if c.method == "gast":
+                mask = select(scores, K, k)
+            else:  # one global set: the samples with the largest summed alignment
+                mask[:, top(scores.sum(dim=0), k).cpu()] = True
+                mask = mask.to(scores.device)
+            write_selected_gradients(self.model, self.layers, grads, mask)
+            loss = losses.mean()
+        else:
+            if c.method == "lora":
+                active = torch.arange(self.n_layers)
+            elif c.method == "lisa":
+                active = self._lisa_layers(K)
+            else:  # ist
+                if self.steps % c.ist_interval == 0:
+                    if probe is None:
+                        raise ValueError("the ist method needs probe=callable returning a fresh training batch")
+                    self._ist_update_importance(*probe())
+                active = self._draw(torch.sigmoid(-self.importance), K)
+            mask[active] = True
+            self.model.zero_grad(set_to_none=True)
+            _, loss = self.model(inputs, targets)
+            loss.backward()
+            params = dict(self.model.named_parameters())
+            for l in set(range(self.n_layers)) - set(active.tolist()):
+                for name in self.layers[l]:
+                    params[name].grad = None
+
+        self.steps += 1
+        mask = mask.cpu()
+        record = StepRecord(
+            loss=float(loss.detach()), mask=mask, active_layers=mask.any(dim=1).nonzero().flatten().tolist(),
+            coverage=float(mask.any(dim=0).float().mean()),
+            scores=None if scores is None else scores.detach().float().cpu())
+        if noisy is not None:
+            record.noisy_rate, record.clean_rate = selection_rates(mask, noisy.cpu())
+        return record
+
+    # --- resume ---
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state(), "importance": self.importance.clone(),
+                "lisa_active": self.lisa_active, "steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+        self.importance = state["importance"].clone()
+        self.lisa_active = state["lisa_active"]
+        self.steps = state["steps"]
