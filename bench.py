@@ -1,0 +1,174 @@
+"""
+What GAST costs over a plain LoRA step, measured in one process on the same model and batch.
+
+    python bench.py                      # default model, batches 8, 32, 128; on CUDA also a GPT-2-small shape
+    python bench.py --batches 32 --repeats 20 --device cpu
+
+For each model and batch size:
+  plain      an ordinary LoRA step: forward, backward, AdamW
+  gast       a GAST step: per-sample gradients, scores, selection, AdamW
+  vmap       per-sample gradients through torch.func alone
+  loop       B single-sample forward/backward passes (what vmap replaces)
+Times are medians over --repeats after warm-up (CUDA synchronised), as ratios to plain.
+Memory is the peak above the state before the measurement (torch.cuda.max_memory_allocated
+on a GPU, the process's peak RSS on the CPU, reset through /proc/self/clear_refs), as a
+ratio to plain's. The table is printed and written to --out as JSON.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from data import collate, get_tokenizer, make_default_task
+from gast import SelectionConfig, SparseTuner, per_sample_grads
+from lora import LoRAConfig, add_lora
+from model import GPT, GPTConfig
+
+MODELS = {
+    "default": GPTConfig(),  # the model train.py pretrains: 4 blocks, width 64
+    "gpt2-small": GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=128, vocab_size=50257),
+}
+
+
+# --- memory -----------------------------------------------------------------------------
+
+def _rss_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_start(device):
+    """Reset the peak and return the current level, in bytes."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM, the peak RSS, to the current RSS (Linux)
+    return _rss_kib("VmRSS:") * 1024
+
+
+def memory_peak(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return _rss_kib("VmHWM:") * 1024
+
+
+# --- the four measured computations ------------------------------------------------------
+
+def make_batch(config, B, device, seed=0):
+    """A batch of the default task, or random tokens for a model of another vocabulary."""
+    if config.vocab_size == 257:
+        tok = get_tokenizer()
+        train, _ = make_default_task(tok, n_train=max(B, 8), n_val=1, noise=0.2, seed=seed)
+        return collate(train[:B], tok.eot_token, device)[:2]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g)
+    y = x.roll(-1, dims=1)
+    y[:, : config.block_size // 2] = -100  # a prompt half: no loss there
+    return x.to(device), y.to(device)
+
+
+def setup(config, device):
+    torch.manual_seed(0)
+    model = add_lora(GPT(config), LoRAConfig(), verbose=False).to(device).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return model, opt
+
+
+def runners(model, opt, x, y):
+    tuner = SparseTuner(model, SelectionConfig(method="gast", layer_ratio=0.5, data_ratio=0.5))
+
+    def plain():
+        opt.zero_grad(set_to_none=True)
+        model(x, y)[1].backward()
+        opt.step()
+
+    def gast():
+        tuner.step(x, y)
+        opt.step()
+
+    def vmap():
+        per_sample_grads(model, x, y)
+
+    def loop():
+        for i in range(x.shape[0]):
+            model.zero_grad(set_to_none=True)
+            model(x[i : i + 1], y[i : i + 1])[1].backward()
+
+    return {"plain": plain, "gast": gast, "vmap": vmap, "loop": loop}
+
+
+def measure(fn, device, repeats, warmup=2):
+    for _ in range(warmup):
+        fn()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    start = memory_start(device)
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), max(memory_peak(device) - start, 0)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("--device", default="auto", help="cpu, cuda ...; auto: cuda when available")
+    parser.add_argument("--models", default="", help="comma-separated from: " + ", ".join(MODELS) + " (default: default; and gpt2-small on CUDA)")
+    parser.add_argument("--batches", default="8,32,128", help="comma-separated batch sizes")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (median reported)")
+    parser.add_argument("--loop-repeats", type=int, default=2, help="timed runs of the slow single-sample loop")
+    parser.add_argument("--out", default="out/bench.json", help="where the JSON goes")
+    args = parser.parse_args()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    names = args.models.split(",") if args.models else (["default", "gpt2-small"] if device.startswith("cuda") else ["default"])
+    machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"bench on {device} ({machine}), torch {torch.__version__}")
+    rows = []
+    for name in names:
+        config = MODELS[name]
+        for B in [int(b) for b in args.batches.split(",")]:
+            model, opt = setup(config, device)
+            x, y = make_batch(config, B, device)
+            n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            row = {"model": name, "batch": B, "seq": x.shape[1], "lora_params": n_lora}
+            for what, fn in runners(model, opt, x, y).items():
+                seconds, peak = measure(fn, device, args.loop_repeats if what == "loop" else args.repeats)
+                row[f"{what}_ms"], row[f"{what}_mem_mib"] = 1000 * seconds, peak / 2**20
+            for what in ("gast", "vmap", "loop"):
+                row[f"{what}_x"] = row[f"{what}_ms"] / row["plain_ms"]
+                row[f"{what}_mem_x"] = row[f"{what}_mem_mib"] / max(row["plain_mem_mib"], 1e-9)
+            row["vmap_speedup_over_loop"] = row["loop_ms"] / row["vmap_ms"]
+            # the memory target: per-sample gradients may add B x (LoRA parameters) x 4 bytes
+            row["per_sample_grad_mib"] = B * n_lora * 4 / 2**20
+            rows.append(row)
+            print(f"  {name} B={B}: plain {row['plain_ms']:.1f} ms, gast {row['gast_x']:.2f}x, vmap {row['vmap_x']:.2f}x, "
+                  f"loop {row['loop_x']:.2f}x", flush=True)
+            del model, opt
+    print()
+    print("| model | B | plain ms | gast | vmap | loop | vmap vs loop | plain MiB | gast MiB | B x LoRA x 4 B (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['batch']} | {r['plain_ms']:.1f} | {r['gast_x']:.2f}x | {r['vmap_x']:.2f}x | {r['loop_x']:.2f}x | "
+              f"{r['vmap_speedup_over_loop']:.1f}x | {r['plain_mem_mib']:.1f} | {r['gast_mem_mib']:.1f} | {r['per_sample_grad_mib']:.1f} |")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".tmp", "w") as f:
+        json.dump({"device": device, "machine": machine, "torch": torch.__version__, "rows": rows}, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

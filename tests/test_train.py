@@ -1,0 +1,139 @@
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+import gast
+import train as train_module
+from data import get_tokenizer
+from lora import LoRALinear
+from train import ConfigError, TrainConfig, compare, main, selection_picture, train
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A base model pretrained for a few steps: enough for the plumbing."""
+    out = tmp_path_factory.mktemp("base")
+    train_module.load_base(TrainConfig(out_dir=str(out), pretrain_steps=20, quiet=True), get_tokenizer(), "cpu")
+    return str(out / "base.pt")
+
+
+def tiny(base, tmp_path, **overrides):
+    settings = dict(init_from=base, out_dir=str(tmp_path), steps=6, batch_size=8, n_train=48, n_val=16,
+                    eval_interval=3, log_interval=2, quiet=True, lisa_interval=2)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+@pytest.mark.parametrize("method", gast.METHODS)
+def test_every_method_runs_end_to_end(base, tmp_path, method):
+    metrics = train(tiny(base, tmp_path, method=method))
+    assert metrics["method"] == method and metrics["steps"] == 6
+    assert 0 <= metrics["exact_match"] <= 1 and math.isfinite(metrics["val_loss"])
+    assert [e["step"] for e in metrics["evals"]] == [3, 6]
+    assert (tmp_path / "adapter.pt").exists() and (tmp_path / "ckpt.pt").exists()
+    expected_coverage = {"lora": 1.0, "lisa": 1.0, "ist": 1.0}.get(method)
+    if expected_coverage:
+        assert metrics["coverage"] == expected_coverage
+    else:
+        assert 0.5 <= metrics["coverage"] <= 1.0  # k = 4 of 8 per active layer at least
+
+
+def test_fine_tuning_lowers_the_held_out_loss(base, tmp_path):
+    metrics = train(tiny(base, tmp_path, method="lora", steps=30, eval_interval=5, noise=0.0, warmup_steps=0, lr=3e-2))
+    assert metrics["evals"][-1]["loss"] < metrics["evals"][0]["loss"] - 0.1
+
+
+def adapter(path):
+    return torch.load(path / "adapter.pt", weights_only=True)["adapter"]
+
+
+@pytest.mark.parametrize("method", ["gast", "ist", "lisa"])
+def test_k_steps_then_resume_then_n_steps_equals_k_plus_n_straight(base, tmp_path, method):
+    straight = tmp_path / "straight"
+    split = tmp_path / "split"
+    train(tiny(base, straight, method=method, steps=8, eval_interval=2))
+    first = train(tiny(base, split, method=method, steps=8, eval_interval=2, stop_at=5))
+    assert first["steps"] == 5
+    assert torch.load(split / "ckpt.pt", weights_only=False)["step"] == 5
+    train(tiny(base, split, method=method, steps=8, eval_interval=2, resume=True))
+    a, b = adapter(straight), adapter(split)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_compare_prints_a_table_and_writes_json_and_csv(base, tmp_path, capsys):
+    config = tiny(base, tmp_path, compare=True, methods="lora,gast", seeds=2, steps=3)
+    rows = compare(config)
+    out = capsys.readouterr().out
+    assert "| method | exact match | held-out loss |" in out and "| lora |" in out and "| gast |" in out
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert [r["method"] for r in saved["rows"]] == ["lora", "gast"]
+    assert len(saved["runs"]) == 4 and {r["seed"] for r in saved["runs"]} == {0, 1}
+    for row in saved["rows"]:
+        mine = [r["val_loss"] for r in saved["runs"] if r["method"] == row["method"]]
+        assert row["val_loss"] == pytest.approx(sum(mine) / 2)
+    with open(tmp_path / "compare.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["method"] for r in table] == ["lora", "gast"] and float(table[1]["val_loss"]) == pytest.approx(rows[1]["val_loss"])
+
+
+def test_invalid_settings_are_all_reported_at_once(base, tmp_path):
+    config = tiny(base, tmp_path, method="best", layer_ratio=0.0, data_ratio=1.5, lora_r=0, steps=0, batch_size=100)
+    with pytest.raises(ConfigError) as e:
+        train(config)
+    message = str(e.value)
+    for expected in ("--method 'best' is unknown", "--layer-ratio must be in (0, 1]", "--data-ratio must be in (0, 1]",
+                     "--lora-r must be positive", "--steps must be positive", "--batch-size 100 is larger than the 48"):
+        assert expected in message
+    assert not (tmp_path / "ckpt.pt").exists()  # refused before any work
+
+
+def test_unknown_fields_and_bad_flags_are_refused(base, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="unknown field.*bogus"):
+        train({"bogus": 1, "steps": 3})
+    assert main(["--layer-ratio", "2", "--out-dir", str(tmp_path), "--init-from", base]) == 2
+    assert "--layer-ratio must be in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--no-such-flag"])
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(base, tmp_path, monkeypatch):
+    real_step = gast.SparseTuner.step
+
+    def step(self, *args, **kwargs):
+        record = real_step(self, *args, **kwargs)
+        if self.steps == 5:  # the fifth step, index 4
+            record.loss = float("nan")
+        return record
+
+    monkeypatch.setattr(gast.SparseTuner, "step", step)
+    with pytest.raises(FloatingPointError, match="step 4: the loss is nan"):
+        train(tiny(base, tmp_path, eval_interval=3))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 3
+
+
+def test_jsonl_and_text_files_through_data(base, tmp_path):
+    rows = [{"question": f"q{i}?", "answer": f" a{i % 3}"} for i in range(40)]
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    metrics = train(tiny(base, tmp_path / "qa", data=str(tmp_path / "qa.jsonl"), prompt_field="question",
+                         completion_field="answer", batch_size=4, val_fraction=0.25))
+    assert metrics["exact_match"] is not None and math.isfinite(metrics["val_loss"])
+    (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    metrics = train(tiny(base, tmp_path / "txt", data=str(tmp_path / "corpus.txt"), batch_size=4))
+    assert metrics["exact_match"] is None and math.isfinite(metrics["val_loss"])
+    with pytest.raises(ConfigError, match="--batch-size 40 is larger than the 30 training samples"):
+        train(tiny(base, tmp_path / "qa2", data=str(tmp_path / "qa.jsonl"), batch_size=40, val_fraction=0.25,
+                   prompt_field="question", completion_field="answer"))
+
+
+def test_selection_picture_shows_the_mask_and_the_noisy_samples():
+    mask = torch.tensor([[True, False, True], [False, False, False]])
+    record = gast.StepRecord(loss=1.0, mask=mask, active_layers=[0], coverage=2 / 3)
+    picture = selection_picture(record, torch.tensor([False, True, False]))
+    assert "block  0 | #.#" in picture and "block  1 | ...   (not updated)" in picture
+    assert "noisy    |  ^ " in picture
