@@ -28,6 +28,10 @@ class DataError(ValueError):
     """Bad input data; the message starts with the file (and line) at fault."""
 
 
+class TokenizerUnavailable(RuntimeError):
+    """A named tiktoken encoding whose vocabulary file is neither cached nor reachable."""
+
+
 # ---------------------------------------------------------------------------------------
 # 1. Tokenizers
 
@@ -53,7 +57,7 @@ def get_tokenizer(name="bytes"):
     except ValueError:
         raise  # an unknown name: tiktoken's message lists the known ones
     except Exception as e:
-        raise RuntimeError(
+        raise TokenizerUnavailable(
             f"tokenizer {name!r}: tiktoken could not load its vocabulary ({type(e).__name__}: {e}). "
             f"It is downloaded on first use and cached: run `python -c \"import tiktoken; tiktoken.get_encoding('{name}')\"` "
             f"once on a machine with network access, with TIKTOKEN_CACHE_DIR set to a directory you keep, "

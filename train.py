@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
-from data import (DataError, collate, encode, get_tokenizer, load_jsonl, load_text, make_default_task,
-                  pretrain_text, Example)
+from data import (DataError, Example, TokenizerUnavailable, collate, encode, get_tokenizer, load_jsonl, load_text,
+                  make_default_task, pretrain_text)
 from gast import METHODS, SelectionConfig, SparseTuner
 from lora import LoRAConfig, add_lora, adapter_state_dict, atomic_save, lora_modules, save_adapter
 from model import GPT, GPTConfig
@@ -307,9 +307,17 @@ def train(config):
     tokenizer = get_tokenizer(config.tokenizer)
     os.makedirs(config.out_dir, exist_ok=True)
     ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
-    resume = torch.load(ckpt_path, map_location="cpu", weights_only=False) if config.resume else None
-    if config.resume and resume is None:
-        raise ConfigError(f"invalid settings:\n  --resume: no checkpoint at {ckpt_path}")
+    resume = None
+    if config.resume:
+        if not os.path.exists(ckpt_path):
+            raise ConfigError(f"invalid settings:\n  --resume: no checkpoint at {ckpt_path}")
+        resume = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        # settings that change what the run computes must match the checkpoint's
+        free = {"resume", "stop_at", "out_dir", "quiet", "device", "log_interval", "eval_interval", "compile", "init_from"}
+        changed = [f"--{k.replace('_', '-')} is {getattr(config, k)!r}, the checkpoint's {v!r}"
+                   for k, v in resume["config"].items() if k not in free and getattr(config, k) != v]
+        if changed:
+            raise ConfigError("invalid settings:\n  --resume with other settings than the checkpoint's:\n  " + "\n  ".join(changed))
 
     model, base_path = load_base(config if resume is None else replace(config, init_from=resume["base"]), tokenizer, device)
     train_set, val_set, is_qa = load_task(config, tokenizer, model.config.block_size)
@@ -484,9 +492,7 @@ def main(argv=None):
     config = parse_args(argv)
     try:
         compare(config) if config.compare else train(config)
-    except (ConfigError, DataError, FloatingPointError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and "tokenizer" not in str(e):
-            raise
+    except (ConfigError, DataError, TokenizerUnavailable, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

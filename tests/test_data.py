@@ -29,7 +29,7 @@ def test_a_named_encoding_that_cannot_be_fetched_says_how_to_make_it_available(m
         raise ConnectionError("Failed to resolve host")
 
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with pytest.raises(RuntimeError, match="TIKTOKEN_CACHE_DIR") as e:
+    with pytest.raises(data.TokenizerUnavailable, match="TIKTOKEN_CACHE_DIR") as e:
         get_tokenizer("gpt2")
     assert "--tokenizer bytes" in str(e.value)
 

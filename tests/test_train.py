@@ -57,7 +57,9 @@ def test_k_steps_then_resume_then_n_steps_equals_k_plus_n_straight(base, tmp_pat
     train(tiny(base, straight, method=method, steps=8, eval_interval=2))
     first = train(tiny(base, split, method=method, steps=8, eval_interval=2, stop_at=5))
     assert first["steps"] == 5
-    assert torch.load(split / "ckpt.pt", weights_only=False)["step"] == 5
+    assert torch.load(split / "ckpt.pt", weights_only=True)["step"] == 5
+    with pytest.raises(ConfigError, match="--lr is 0.5, the checkpoint's 0.01"):
+        train(tiny(base, split, method=method, steps=8, eval_interval=2, resume=True, lr=0.5))
     train(tiny(base, split, method=method, steps=8, eval_interval=2, resume=True))
     a, b = adapter(straight), adapter(split)
     assert a.keys() == b.keys()
@@ -113,7 +115,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoin
     monkeypatch.setattr(gast.SparseTuner, "step", step)
     with pytest.raises(FloatingPointError, match="step 4: the loss is nan"):
         train(tiny(base, tmp_path, eval_interval=3))
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 3
 
 
