@@ -6,8 +6,10 @@ What GAST costs over a plain LoRA step, measured in one process on the same mode
 
 For each model and batch size:
   plain      an ordinary LoRA step: forward, backward, AdamW
-  gast       a GAST step: per-sample gradients, scores, selection, AdamW
+  gast       a GAST step (per-sample gradients by torch.func, scores, selection, AdamW)
+  gast_hooks the same step with per-sample gradients from backward hooks (lora.py)
   vmap       per-sample gradients through torch.func alone
+  hooks      per-sample gradients through backward hooks alone
   loop       B single-sample forward/backward passes (what vmap replaces)
 Times are medians over --repeats after warm-up (CUDA synchronised), as ratios to plain.
 Memory is the peak above the state before the measurement (torch.cuda.max_memory_allocated
@@ -25,7 +27,7 @@ import time
 import torch
 
 from data import collate, get_tokenizer, make_default_task
-from gast import SelectionConfig, SparseTuner, per_sample_grads
+from gast import SelectionConfig, SparseTuner, per_sample_grads, per_sample_grads_by_hooks
 from lora import LoRAConfig, add_lora
 from model import GPT, GPTConfig
 
@@ -87,6 +89,7 @@ def setup(config, device):
 
 def runners(model, opt, x, y):
     tuner = SparseTuner(model, SelectionConfig(method="gast", layer_ratio=0.5, data_ratio=0.5))
+    tuner_hooks = SparseTuner(model, SelectionConfig(method="gast", layer_ratio=0.5, data_ratio=0.5, per_sample="hooks"))
 
     def plain():
         opt.zero_grad(set_to_none=True)
@@ -97,15 +100,22 @@ def runners(model, opt, x, y):
         tuner.step(x, y)
         opt.step()
 
+    def gast_hooks():
+        tuner_hooks.step(x, y)
+        opt.step()
+
     def vmap():
         per_sample_grads(model, x, y)
+
+    def hooks():
+        per_sample_grads_by_hooks(model, x, y)
 
     def loop():
         for i in range(x.shape[0]):
             model.zero_grad(set_to_none=True)
             model(x[i : i + 1], y[i : i + 1])[1].backward()
 
-    return {"plain": plain, "gast": gast, "vmap": vmap, "loop": loop}
+    return {"plain": plain, "gast": gast, "gast_hooks": gast_hooks, "vmap": vmap, "hooks": hooks, "loop": loop}
 
 
 def measure(fn, device, repeats, warmup=2):
@@ -147,22 +157,24 @@ def main():
             for what, fn in runners(model, opt, x, y).items():
                 seconds, peak = measure(fn, device, args.loop_repeats if what == "loop" else args.repeats)
                 row[f"{what}_ms"], row[f"{what}_mem_mib"] = 1000 * seconds, peak / 2**20
-            for what in ("gast", "vmap", "loop"):
+            for what in ("gast", "gast_hooks", "vmap", "hooks", "loop"):
                 row[f"{what}_x"] = row[f"{what}_ms"] / row["plain_ms"]
                 row[f"{what}_mem_x"] = row[f"{what}_mem_mib"] / max(row["plain_mem_mib"], 1e-9)
             row["vmap_speedup_over_loop"] = row["loop_ms"] / row["vmap_ms"]
             # the memory target: per-sample gradients may add B x (LoRA parameters) x 4 bytes
             row["per_sample_grad_mib"] = B * n_lora * 4 / 2**20
             rows.append(row)
-            print(f"  {name} B={B}: plain {row['plain_ms']:.1f} ms, gast {row['gast_x']:.2f}x, vmap {row['vmap_x']:.2f}x, "
-                  f"loop {row['loop_x']:.2f}x", flush=True)
+            print(f"  {name} B={B}: plain {row['plain_ms']:.1f} ms, gast {row['gast_x']:.2f}x, "
+                  f"gast_hooks {row['gast_hooks_x']:.2f}x, loop {row['loop_x']:.2f}x", flush=True)
             del model, opt
     print()
-    print("| model | B | plain ms | gast | vmap | loop | vmap vs loop | plain MiB | gast MiB | B x LoRA x 4 B (MiB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("time as a multiple of the plain LoRA step; memory as peak MiB above the start")
+    print("| model | B | plain ms | gast (vmap) | gast (hooks) | vmap | hooks | loop | vmap vs loop | plain MiB | gast MiB | gast hooks MiB | B x LoRA x 4 B (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['batch']} | {r['plain_ms']:.1f} | {r['gast_x']:.2f}x | {r['vmap_x']:.2f}x | {r['loop_x']:.2f}x | "
-              f"{r['vmap_speedup_over_loop']:.1f}x | {r['plain_mem_mib']:.1f} | {r['gast_mem_mib']:.1f} | {r['per_sample_grad_mib']:.1f} |")
+        print(f"| {r['model']} | {r['batch']} | {r['plain_ms']:.1f} | {r['gast_x']:.2f}x | {r['gast_hooks_x']:.2f}x | {r['vmap_x']:.2f}x | "
+              f"{r['hooks_x']:.2f}x | {r['loop_x']:.2f}x | {r['vmap_speedup_over_loop']:.1f}x | {r['plain_mem_mib']:.1f} | "
+              f"{r['gast_mem_mib']:.1f} | {r['gast_hooks_mem_mib']:.1f} | {r['per_sample_grad_mib']:.1f} |")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".tmp", "w") as f:
         json.dump({"device": device, "machine": machine, "torch": torch.__version__, "rows": rows}, f, indent=1)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call, grad_and_value, vmap
 
-from lora import lora_layers, scaled_adapters
+from lora import lora_layers, recording_per_sample_grads, scaled_adapters
 
 METHODS = ("lora", "lisa", "ist", "data", "gast")
 
@@ -53,6 +53,20 @@ def per_sample_grads_and_losses(model, inputs, targets, chunk_size=None):
 def per_sample_grads(model, inputs, targets, chunk_size=None):
     """{name: (B, *p.shape)}: step 1 of the spec, g[l, i] for every LoRA parameter."""
     return per_sample_grads_and_losses(model, inputs, targets, chunk_size)[0]
+
+
+def per_sample_grads_by_hooks(model, inputs, targets):
+    """The same gradients and losses from one ordinary forward and backward (the fast path).
+
+    A LoRA parameter's per-sample gradient is a sum over the sample's positions of
+    outer products that the batched backward forms anyway (lora.py writes it out), so
+    this costs about one plain LoRA step. Tests hold it to the torch.func path above.
+    """
+    model.zero_grad(set_to_none=True)
+    with recording_per_sample_grads(model) as grads:
+        _, losses = model(inputs, targets, reduction="none")  # (B,)
+        losses.sum().backward()  # sum: each sample's output gradient is its own loss's
+    return grads, losses.detach()
 
 
 def reference_gradient(model, inputs, targets):
@@ -153,6 +167,7 @@ class SelectionConfig:
     ist_suppress: float = 0.25  # IST multiplies a suppressed layer's LoRA scaling by this
     ist_lr: float = 10.0  # IST's step size on the importance scores
     chunk_size: int = 0  # vmap chunk for per-sample gradients; 0 means the whole batch at once
+    per_sample: str = "vmap"  # step 1 by torch.func ("vmap", the reference) or by backward hooks ("hooks", faster)
 
 
 @dataclass
@@ -204,6 +219,8 @@ class SparseTuner:
     def __init__(self, model, config: SelectionConfig, seed=0):
         if config.method not in METHODS:
             raise ValueError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
+        if config.per_sample not in ("vmap", "hooks"):
+            raise ValueError(f"per_sample must be 'vmap' or 'hooks', not {config.per_sample!r}")
         self.model, self.config = model, config
         self.layers = lora_layers(model)  # L lists of parameter names
         self.n_layers = len(self.layers)
@@ -256,7 +273,10 @@ class SparseTuner:
         scores = None
 
         if c.method in ("data", "gast"):
-            grads, losses = per_sample_grads_and_losses(self.model, inputs, targets, c.chunk_size or None)
+            if c.per_sample == "hooks":
+                grads, losses = per_sample_grads_by_hooks(self.model, inputs, targets)
+            else:
+                grads, losses = per_sample_grads_and_losses(self.model, inputs, targets, c.chunk_size or None)
             scores = alignment_scores(grads, self.layers, reference)  # (L, B)
             if c.method == "gast":
                 mask = select(scores, K, k)

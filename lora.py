@@ -50,6 +50,7 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / r
         self.lora_dropout = nn.Dropout(dropout)
         self.merged = False
+        self.record = None  # (dict, name) while per-sample gradients are recorded (see below)
 
     def delta_weight(self):
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
@@ -58,7 +59,30 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        return y + (self.lora_dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+        h = self.lora_dropout(x)  # (B, T, in)
+        u = h @ self.lora_A.t()  # (B, T, r)
+        out = y + (u @ self.lora_B.t()) * self.scaling  # (B, T, out)
+        if self.record is not None and out.requires_grad:
+            out.register_hook(lambda grad_out: self._record_per_sample_grads(h.detach(), u.detach(), grad_out))
+        return out
+
+    def _record_per_sample_grads(self, h, u, grad_out):
+        """Each sample's gradient of A and B from quantities the backward already has.
+
+        With out = y + s * u B^T and u = h A^T, summed over the sample's positions t:
+            dL_i/dB = s * sum_t grad_out[i, t]^T u[i, t]          (out, r)
+            dL_i/dA = s * sum_t (grad_out[i, t] B)^T h[i, t]       (r, in)
+        This is the batched backward's own arithmetic without its sum over samples, so
+        per-sample LoRA gradients cost about as much as the ordinary ones.
+        """
+        store, name = self.record
+        B = grad_out.shape[0]
+        dtype = self.lora_A.dtype  # under autocast the activations may be bf16; gradients are not
+        g = grad_out.reshape(B, -1, self.out_features).to(dtype)  # (B, T, out)
+        u = u.reshape(B, -1, self.r).to(dtype)  # (B, T, r)
+        h = h.reshape(B, -1, self.in_features).to(dtype)  # (B, T, in)
+        store[f"{name}.lora_B"] = self.scaling * torch.einsum("bto,btr->bor", g, u)  # (B, out, r)
+        store[f"{name}.lora_A"] = self.scaling * torch.einsum("btr,bti->bri", g @ self.lora_B, h)  # (B, r, in)
 
     @torch.no_grad()
     def merge(self):
@@ -116,6 +140,25 @@ def merge_lora(model):
 def unmerge_lora(model):
     for m in lora_modules(model):
         m.unmerge()
+
+
+@contextmanager
+def recording_per_sample_grads(model):
+    """Inside, a backward of the summed per-sample losses fills the yielded dict with
+    {name: (B, *p.shape)} per-sample gradients of every LoRA parameter.
+
+    The summed loss makes each sample's output gradient exactly that of its own loss.
+    The torch.func path in gast.py is the reference these are tested against.
+    """
+    store = {}
+    modules = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    for name, m in modules:
+        m.record = (store, name)
+    try:
+        yield store
+    finally:
+        for _, m in modules:
+            m.record = None
 
 
 _BLOCK = re.compile(r"(?:^|\.)h\.(\d+)\.")

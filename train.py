@@ -43,7 +43,8 @@ class TrainConfig:
     layer_ratio: float = _f(0.5, "layer budget K = ceil(ratio * n_layer), shared by lisa, ist and gast")
     data_ratio: float = _f(0.5, "data budget k = ceil(ratio * batch) per active layer, shared by data and gast")
     lisa_interval: int = _f(20, "lisa redraws its layers every this many steps (LISA's default)")
-    chunk_size: int = _f(0, "per-sample gradients this many samples at a time (0: whole batch); bounds memory")
+    per_sample: str = _f("vmap", "per-sample gradients by torch.func (vmap, the reference) or by backward hooks (hooks: same numbers, about a plain step's cost)")
+    chunk_size: int = _f(0, "vmap's per-sample gradients this many samples at a time (0: whole batch); bounds memory")
     # LoRA
     lora_r: int = _f(8, "LoRA rank")
     lora_alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / r")
@@ -108,6 +109,8 @@ def validate(config):
         problems.append(f"--lora-dropout must be in [0, 1), got {config.lora_dropout}")
     if not 0 < config.val_fraction < 1:
         problems.append(f"--val-fraction must be in (0, 1), got {config.val_fraction}")
+    if config.per_sample not in ("vmap", "hooks"):
+        problems.append(f"--per-sample must be vmap or hooks, got {config.per_sample!r}")
     if config.schedule not in ("cosine", "constant"):
         problems.append(f"--schedule must be cosine or constant, got {config.schedule!r}")
     if not config.data and config.batch_size > config.n_train:
@@ -334,7 +337,7 @@ def train(config):
     opt = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     tuner = SparseTuner(model, SelectionConfig(method=config.method, layer_ratio=config.layer_ratio,
                                                data_ratio=config.data_ratio, lisa_interval=config.lisa_interval,
-                                               chunk_size=config.chunk_size), seed=config.seed)
+                                               chunk_size=config.chunk_size, per_sample=config.per_sample), seed=config.seed)
     data_rng = random.Random(config.seed)
     start, history = 0, {"coverage": [], "noisy_selected": [], "clean_selected": [], "ms": [], "evals": []}
     if resume is not None:

@@ -5,7 +5,7 @@ import torch
 from hypothesis import assume, given, settings, strategies as st
 
 from data import collate, get_tokenizer, make_default_task
-from gast import (SelectionConfig, SparseTuner, alignment_scores, budgets, per_sample_grads,
+from gast import (SelectionConfig, SparseTuner, alignment_scores, budgets, per_sample_grads, per_sample_grads_by_hooks,
                   per_sample_grads_and_losses, select, selection_rates)
 from lora import LoRAConfig, add_lora, lora_layers, lora_modules
 from model import GPT, GPTConfig, IGNORE_INDEX
@@ -351,3 +351,26 @@ def test_a_gast_step_on_the_default_gpt_at_batch_32():
     layers = lora_layers(model)
     params = dict(model.named_parameters())
     assert all((params[n].grad is None) == (l not in record.active_layers) for l, names in enumerate(layers) for n in names)
+
+
+# --- the fast path: per-sample gradients from backward hooks ---
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_hooked_per_sample_grads_equal_the_torch_func_reference(device):
+    model = lora_model(dtype=torch.float64, device=device)
+    x, y = batch(5, device=device)
+    reference, losses = per_sample_grads_and_losses(model, x, y)
+    fast, fast_losses = per_sample_grads_by_hooks(model, x, y)
+    assert fast.keys() == reference.keys()
+    for n in reference:
+        torch.testing.assert_close(fast[n].double(), reference[n], msg=n)
+    torch.testing.assert_close(fast_losses, losses)
+    assert all(m.record is None for m in lora_modules(model))  # recording ends with the context
+
+
+def test_gast_steps_by_hooks_and_by_vmap_leave_the_same_parameters():
+    a, _, ra = train_steps("gast", steps=3, layer_ratio=0.5, data_ratio=0.5)
+    b, _, rb = train_steps("gast", steps=3, layer_ratio=0.5, data_ratio=0.5, per_sample="hooks")
+    assert all(torch.equal(r.mask, s.mask) for r, s in zip(ra, rb))
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7)

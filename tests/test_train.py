@@ -27,9 +27,9 @@ def tiny(base, tmp_path, **overrides):
     return TrainConfig(**settings)
 
 
-@pytest.mark.parametrize("method", gast.METHODS)
-def test_every_method_runs_end_to_end(base, tmp_path, method):
-    metrics = train(tiny(base, tmp_path, method=method))
+@pytest.mark.parametrize("method,per_sample", [(m, "vmap") for m in gast.METHODS] + [("gast", "hooks")])
+def test_every_method_runs_end_to_end(base, tmp_path, method, per_sample):
+    metrics = train(tiny(base, tmp_path, method=method, per_sample=per_sample))
     assert metrics["method"] == method and metrics["steps"] == 6
     assert 0 <= metrics["exact_match"] <= 1 and math.isfinite(metrics["val_loss"])
     assert [e["step"] for e in metrics["evals"]] == [3, 6]
