@@ -78,7 +78,7 @@ class TrainConfig:
     resume: bool = _f(False, "continue from out_dir/ckpt.pt")
     stop_at: int = _f(0, "end this run at this step (the schedule still spans --steps); 0: at --steps")
     device: str = _f("auto", "cpu, cuda, cuda:1 ...; auto: cuda when available")
-    compile: bool = _f(False, "torch.compile the model for pretraining and evaluation (fine-tuning steps stay eager: torch.func transforms the module)")
+    compile: bool = _f(False, "torch.compile the model for pretraining (fine-tuning stays eager: torch.func transforms the module itself)")
     quiet: bool = _f(False, "print only the summary")
     # comparison
     compare: bool = _f(False, "run every method in --methods over --seeds seeds and print a table")
@@ -328,10 +328,7 @@ def train(config):
 
     torch.manual_seed(config.seed)
     lora_config = LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout, tuple(config.lora_targets.split(",")))
-    if config.quiet:
-        add_lora(model, lora_config, verbose=False)
-    else:
-        add_lora(model, lora_config)
+    add_lora(model, lora_config, verbose=not config.quiet)
     model.to(device).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
@@ -395,7 +392,6 @@ def train(config):
 
     final = evaluate(model, val_set, tokenizer, device, is_qa)
     save_adapter(model, lora_config, os.path.join(config.out_dir, "adapter.pt"))
-    nanmean = lambda xs: float("nan") if not [v for v in xs if v == v] else statistics.fmean(v for v in xs if v == v)
     metrics = {
         "method": config.method, "seed": config.seed, "steps": end,
         "exact_match": final["exact_match"], "val_loss": final["loss"],
@@ -412,6 +408,12 @@ def train(config):
         for prompt, answer, hit in final["answers"]:
             print(f"  {prompt!r} -> {answer!r} {'(right)' if hit else '(wrong)'}")
     return metrics
+
+
+def nanmean(values):
+    """Mean of the values that are not nan (a step with no noisy sample has no noisy rate)."""
+    values = [v for v in values if v == v]
+    return statistics.fmean(values) if values else float("nan")
 
 
 # ---------------------------------------------------------------------------------------
@@ -483,11 +485,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
+        if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+            parser.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"])
     return TrainConfig(**vars(parser.parse_args(argv)))
 
 
