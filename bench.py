@@ -13,12 +13,15 @@ For each model and batch size:
   loop       B single-sample forward/backward passes (what vmap replaces)
 Times are medians over --repeats after warm-up (CUDA synchronised), as ratios to plain.
 Memory is the peak above the state before the measurement (torch.cuda.max_memory_allocated
-on a GPU, the process's peak RSS on the CPU, reset through /proc/self/clear_refs), as a
-ratio to plain's. The table is printed and written to --out as JSON.
+on a GPU; on the CPU the peak RSS, reset through /proc/self/clear_refs, with each
+measurement in a fresh process so that memory freed by one computation cannot hide the
+next one's), as a ratio to plain's. The table is printed and written to --out as JSON.
 """
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -119,10 +122,12 @@ def runners(model, opt, x, y):
 
 
 def measure(fn, device, repeats, warmup=2):
-    for _ in range(warmup):
-        fn()
+    """Median seconds over repeats after warm-up, and the peak memory above the start
+    (warm-up included: that is where the first allocations happen)."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     start = memory_start(device)
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         sync()
@@ -131,6 +136,33 @@ def measure(fn, device, repeats, warmup=2):
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), max(memory_peak(device) - start, 0)
+
+
+WHATS = ("plain", "gast", "gast_hooks", "vmap", "hooks", "loop")
+
+
+def measure_one(name, B, what, device, repeats, threads):
+    """Build the model and batch, then time one computation: (seconds, peak bytes, n_lora)."""
+    torch.set_num_threads(threads)
+    config = MODELS[name]
+    model, opt = setup(config, device)
+    x, y = make_batch(config, B, device)
+    seconds, peak = measure(runners(model, opt, x, y)[what], device, repeats)
+    return seconds, peak, sum(p.numel() for p in model.parameters() if p.requires_grad), x.shape[1]
+
+
+def measure_all(name, B, device, args):
+    """Every computation for one model and batch size; on the CPU each in its own process."""
+    repeats = {what: args.loop_repeats if what == "loop" else args.repeats for what in WHATS}
+    threads = torch.get_num_threads()
+    if device.startswith("cuda"):
+        return {what: measure_one(name, B, what, device, repeats[what], threads) for what in WHATS}
+    spawn = multiprocessing.get_context("spawn")
+    results = {}
+    for what in WHATS:
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+            results[what] = pool.submit(measure_one, name, B, what, device, repeats[what], threads).result()
+    return results
 
 
 def main():
@@ -148,14 +180,11 @@ def main():
     print(f"bench on {device} ({machine}), torch {torch.__version__}")
     rows = []
     for name in names:
-        config = MODELS[name]
         for B in [int(b) for b in args.batches.split(",")]:
-            model, opt = setup(config, device)
-            x, y = make_batch(config, B, device)
-            n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            row = {"model": name, "batch": B, "seq": x.shape[1], "lora_params": n_lora}
-            for what, fn in runners(model, opt, x, y).items():
-                seconds, peak = measure(fn, device, args.loop_repeats if what == "loop" else args.repeats)
+            results = measure_all(name, B, device, args)
+            _, _, n_lora, seq = results["plain"]
+            row = {"model": name, "batch": B, "seq": seq, "lora_params": n_lora}
+            for what, (seconds, peak, _, _) in results.items():
                 row[f"{what}_ms"], row[f"{what}_mem_mib"] = 1000 * seconds, peak / 2**20
             for what in ("gast", "gast_hooks", "vmap", "hooks", "loop"):
                 row[f"{what}_x"] = row[f"{what}_ms"] / row["plain_ms"]
@@ -166,7 +195,6 @@ def main():
             rows.append(row)
             print(f"  {name} B={B}: plain {row['plain_ms']:.1f} ms, gast {row['gast_x']:.2f}x, "
                   f"gast_hooks {row['gast_hooks_x']:.2f}x, loop {row['loop_x']:.2f}x", flush=True)
-            del model, opt
     print()
     print("time as a multiple of the plain LoRA step; memory as peak MiB above the start")
     print("| model | B | plain ms | gast (vmap) | gast (hooks) | vmap | hooks | loop | vmap vs loop | plain MiB | gast MiB | gast hooks MiB | B x LoRA x 4 B (MiB) |")
