@@ -403,7 +403,8 @@ def train(config):
     if not config.quiet:
         print(f"\n{config.method}: held-out loss {metrics['val_loss']:.4f}"
               + ("" if metrics["exact_match"] is None else f", exact match {metrics['exact_match']:.3f}")
-              + f", coverage {metrics['coverage']:.2f}, noisy/clean taken {metrics['noisy_selected']:.2f}/{metrics['clean_selected']:.2f}"
+              + f", coverage {metrics['coverage']:.2f}"
+              + ("" if math.isnan(metrics["noisy_selected"]) else f", noisy/clean taken {metrics['noisy_selected']:.2f}/{metrics['clean_selected']:.2f}")
               + f", {metrics['ms_per_step']:.0f} ms/step (median)")
         for prompt, answer, hit in final["answers"]:
             print(f"  {prompt!r} -> {answer!r} {'(right)' if hit else '(wrong)'}")
