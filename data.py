@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import tiktoken
 import torch
 
-IGNORE_INDEX = -100  # as in model.py: no loss at this position
+from model import IGNORE_INDEX
 
 
 class DataError(ValueError):

@@ -209,14 +209,21 @@ class GPT(nn.Module):
         Hugging Face tool, then point here. Hugging Face's GPT-2 stores its linear
         weights as Conv1D, (in, out), so they are transposed into nn.Linear's (out, in).
         """
-        directory, weights = (path, os.path.join(path, "pytorch_model.bin")) if os.path.isdir(path) else (os.path.dirname(path), path)
+        if os.path.isdir(path):
+            directory, weights = path, os.path.join(path, "pytorch_model.bin")
+        else:
+            directory, weights = os.path.dirname(path), path
         if not os.path.exists(weights):
-            hint = " (model.safetensors is not read: save as pytorch_model.bin)" if os.path.exists(os.path.join(directory, "model.safetensors")) else ""
+            hint = ""
+            if os.path.exists(os.path.join(directory, "model.safetensors")):
+                hint = " (model.safetensors is not read: save with safe_serialization=False)"
             raise FileNotFoundError(f"{weights}: no GPT-2 checkpoint there{hint}")
         sd_hf = torch.load(weights, map_location="cpu", weights_only=True)
         # GPT2LMHeadModel prefixes its keys with "transformer."; GPT2Model does not
         sd_hf = {k.removeprefix("transformer."): v for k, v in sd_hf.items()}
-        sd_hf = {k: v for k, v in sd_hf.items() if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
+        # drop the causal-mask buffers and the head (tied to wte)
+        sd_hf = {k: v for k, v in sd_hf.items()
+                 if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
 
         cfg_file = os.path.join(directory, "config.json")
         if os.path.exists(cfg_file):
@@ -233,9 +240,9 @@ class GPT(nn.Module):
         model = cls(config)
         sd = model.state_dict()
         ours = [k for k in sd if k != "lm_head.weight"]  # the head is tied to wte
-        missing = sorted(set("transformer." + k for k in sd_hf) ^ set(ours))
-        if missing:
-            raise ValueError(f"{weights}: keys do not match GPT-2's layout: {missing[:8]}")
+        mismatched = sorted(set("transformer." + k for k in sd_hf) ^ set(ours))  # missing or extra
+        if mismatched:
+            raise ValueError(f"{weights}: keys do not match GPT-2's layout: {mismatched[:8]}")
         conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         with torch.no_grad():
             for k, v in sd_hf.items():
