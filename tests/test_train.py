@@ -139,3 +139,10 @@ def test_selection_picture_shows_the_mask_and_the_noisy_samples():
     picture = selection_picture(record, torch.tensor([False, True, False]))
     assert "block  0 | #.#" in picture and "block  1 | ...   (not updated)" in picture
     assert "noisy    |  ^ " in picture
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("per_sample", ["vmap", "hooks"])
+def test_a_gast_run_on_cuda_with_autocast(base, tmp_path, per_sample):
+    metrics = train(tiny(base, tmp_path, device="cuda", per_sample=per_sample))
+    assert math.isfinite(metrics["val_loss"]) and 0 <= metrics["exact_match"] <= 1
