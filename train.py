@@ -336,7 +336,8 @@ def train(config):
                                                data_ratio=config.data_ratio, lisa_interval=config.lisa_interval,
                                                chunk_size=config.chunk_size, per_sample=config.per_sample), seed=config.seed)
     data_rng = random.Random(config.seed)
-    start, history = 0, {"coverage": [], "noisy_selected": [], "clean_selected": [], "ms": [], "evals": []}
+    start, history = 0, {"coverage": [], "noisy_selected": [], "clean_selected": [], "ms": [], "evals": [],
+                         "active": [], "noisy_rate": [], "clean_rate": []}  # the last three: per block, per step
     if resume is not None:
         named = dict(model.named_parameters())
         with torch.no_grad():
@@ -375,6 +376,10 @@ def train(config):
         history["coverage"].append(record.coverage)
         history["noisy_selected"].append(record.noisy_selected)
         history["clean_selected"].append(record.clean_selected)
+        history["active"].append([l in record.active_layers for l in range(tuner.n_layers)])
+        if record.noisy_rate is not None:
+            history["noisy_rate"].append(record.noisy_rate.tolist())
+            history["clean_rate"].append(record.clean_rate.tolist())
         if step == start or step == end - 1:
             log(config, f"step {step}: " + selection_picture(record, noisy.cpu()))
         if step % config.log_interval == 0 or step == end - 1:
@@ -399,6 +404,11 @@ def train(config):
         "clean_selected": nanmean(history["clean_selected"]),
         "ms_per_step": statistics.median(history["ms"]) if history["ms"] else float("nan"),
         "answers": final["answers"], "evals": history["evals"],
+        # per block: the share of steps it was updated, and when updated, the share of
+        # the batch's noisy and clean samples it learned from (GAST's mechanism, per layer)
+        "active_per_layer": [statistics.fmean(col) for col in zip(*history["active"])],
+        "noisy_rate_per_layer": [nanmean(col) for col in zip(*history["noisy_rate"])],
+        "clean_rate_per_layer": [nanmean(col) for col in zip(*history["clean_rate"])],
     }
     if not config.quiet:
         print(f"\n{config.method}: held-out loss {metrics['val_loss']:.4f}"
@@ -406,6 +416,10 @@ def train(config):
               + f", coverage {metrics['coverage']:.2f}"
               + ("" if math.isnan(metrics["noisy_selected"]) else f", noisy/clean taken {metrics['noisy_selected']:.2f}/{metrics['clean_selected']:.2f}")
               + f", {metrics['ms_per_step']:.0f} ms/step (median)")
+        for l, share in enumerate(metrics["active_per_layer"]):
+            rates = "" if not metrics["noisy_rate_per_layer"] or share == 0 else (
+                f"; took {metrics['noisy_rate_per_layer'][l]:.2f} of noisy and {metrics['clean_rate_per_layer'][l]:.2f} of clean samples")
+            print(f"  block {l}: updated in {share:.0%} of steps{rates}")
         for prompt, answer, hit in final["answers"]:
             print(f"  {prompt!r} -> {answer!r} {'(right)' if hit else '(wrong)'}")
     return metrics

@@ -34,6 +34,9 @@ def test_every_method_runs_end_to_end(base, tmp_path, method, per_sample):
     assert 0 <= metrics["exact_match"] <= 1 and math.isfinite(metrics["val_loss"])
     assert [e["step"] for e in metrics["evals"]] == [3, 6]
     assert (tmp_path / "adapter.pt").exists() and (tmp_path / "ckpt.pt").exists()
+    assert len(metrics["active_per_layer"]) == 4 and sum(metrics["active_per_layer"]) == pytest.approx(
+        4 if method in ("lora", "data") else 2)  # K = 2 of 4 blocks per step
+    assert all(0 <= r <= 1 or math.isnan(r) for r in metrics["noisy_rate_per_layer"] + metrics["clean_rate_per_layer"])
     expected_coverage = {"lora": 1.0, "lisa": 1.0, "ist": 1.0}.get(method)
     if expected_coverage:
         assert metrics["coverage"] == expected_coverage
