@@ -484,11 +484,14 @@ def compare(config):
 def format_table(rows):
     def pm(mean, sd, digits):
         return "n/a" if mean is None else f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+    def rate(value):  # nan: the data carries no noisy flags
+        return "-" if math.isnan(value) else f"{value:.2f}"
     header = f"| method | exact match | held-out loss | coverage | noisy taken | clean taken | ms/step |\n|---|---|---|---|---|---|---|"
     lines = [header]
     for r in rows:
         lines.append(f"| {r['method']} | {pm(r['exact_match'], r['exact_match_sd'], 3)} | {pm(r['val_loss'], r['val_loss_sd'], 3)} | "
-                     f"{r['coverage']:.2f} | {r['noisy_selected']:.2f} | {r['clean_selected']:.2f} | {r['ms_per_step']:.0f} |")
+                     f"{r['coverage']:.2f} | {rate(r['noisy_selected'])} | {rate(r['clean_selected'])} | {r['ms_per_step']:.0f} |")
     return "\n".join(lines)
 
 
