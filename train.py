@@ -28,7 +28,7 @@ import torch
 from data import (DataError, Example, TokenizerUnavailable, collate, encode, get_tokenizer, load_jsonl, load_text,
                   make_default_task, pretrain_text)
 from gast import METHODS, SelectionConfig, SparseTuner
-from lora import LoRAConfig, add_lora, adapter_state_dict, atomic_save, lora_modules, save_adapter
+from lora import LoRAConfig, add_lora, adapter_state_dict, atomic_save, save_adapter
 from model import GPT, GPTConfig
 
 
@@ -487,7 +487,7 @@ def format_table(rows):
 
     def rate(value):  # nan: the data carries no noisy flags
         return "-" if math.isnan(value) else f"{value:.2f}"
-    header = f"| method | exact match | held-out loss | coverage | noisy taken | clean taken | ms/step |\n|---|---|---|---|---|---|---|"
+    header = "| method | exact match | held-out loss | coverage | noisy taken | clean taken | ms/step |\n|---|---|---|---|---|---|---|"
     lines = [header]
     for r in rows:
         lines.append(f"| {r['method']} | {pm(r['exact_match'], r['exact_match_sd'], 3)} | {pm(r['val_loss'], r['val_loss_sd'], 3)} | "

@@ -2,7 +2,6 @@ import json
 
 import pytest
 import tiktoken
-import torch
 from hypothesis import given, settings, strategies as st
 
 import data

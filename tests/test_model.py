@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from model import GPT, GPTConfig, IGNORE_INDEX, per_sample_loss
+from model import GPT, GPTConfig, IGNORE_INDEX
 
 TINY = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16)
 

@@ -8,7 +8,6 @@ import torch
 import gast
 import train as train_module
 from data import get_tokenizer
-from lora import LoRALinear
 from train import ConfigError, TrainConfig, compare, main, selection_picture, train
 
 
