@@ -85,7 +85,7 @@ def alignment_scores(grads, layers, reference=None):
     """a[l, i] = <g[l, i], r_l>: (L, B).
 
     grads: {name: (B, *p.shape)} from step 1; layers: parameter names per block (L lists).
-    reference: {name: p.shape}; by default the batch mean of grads, i.e. the ordinary
+    reference: {name: tensor shaped like p}; by default the batch mean of grads, i.e. the ordinary
     mini-batch gradient. a[l, i] is the first-order decrease of the reference loss per
     unit step if block l moved along sample i's gradient.
     """
@@ -269,7 +269,7 @@ class SparseTuner:
         c = self.config
         B = inputs.shape[0]
         K, k = budgets(self.n_layers, B, c.layer_ratio, c.data_ratio)
-        mask = torch.zeros(self.n_layers, B, dtype=torch.bool)
+        mask = torch.zeros(self.n_layers, B, dtype=torch.bool, device=inputs.device)
         scores = None
 
         if c.method in ("data", "gast"):
@@ -281,8 +281,7 @@ class SparseTuner:
             if c.method == "gast":
                 mask = select(scores, K, k)
             else:  # one global set: the samples with the largest summed alignment
-                mask[:, top(scores.sum(dim=0), k).cpu()] = True
-                mask = mask.to(scores.device)
+                mask[:, top(scores.sum(dim=0), k)] = True
             write_selected_gradients(self.model, self.layers, grads, mask)
             loss = losses.mean()
         else:

@@ -470,14 +470,15 @@ def compare(config):
     table = format_table(rows)
     print(f"\n{len(methods)} methods x {config.seeds} seeds, {config.steps} steps each, {time.time() - t0:.0f}s in all\n{table}")
     os.makedirs(config.out_dir, exist_ok=True)
-    with open(os.path.join(config.out_dir, "compare.json.tmp"), "w") as f:
+    path = os.path.join(config.out_dir, "compare")
+    with open(path + ".json.tmp", "w") as f:  # temporary file, then rename: never half-written
         json.dump({"config": asdict(config), "rows": rows, "runs": runs}, f, indent=1)
-    os.replace(os.path.join(config.out_dir, "compare.json.tmp"), os.path.join(config.out_dir, "compare.json"))
-    with open(os.path.join(config.out_dir, "compare.csv.tmp"), "w", newline="") as f:
+    with open(path + ".csv.tmp", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(os.path.join(config.out_dir, "compare.csv.tmp"), os.path.join(config.out_dir, "compare.csv"))
+    os.replace(path + ".json.tmp", path + ".json")
+    os.replace(path + ".csv.tmp", path + ".csv")
     return rows
 
 
