@@ -74,7 +74,7 @@ def make_batch(config, B, device, seed=0):
     """A batch of the default task, or random tokens for a model of another vocabulary."""
     if config.vocab_size == 257:
         tok = get_tokenizer()
-        train, _ = make_default_task(tok, n_train=max(B, 8), n_val=1, noise=0.2, seed=seed)
+        train = make_default_task(tok, n_train=max(B, 8), n_val=1, noise=0.2, seed=seed, n_reference=0, n_dev=0).train
         return collate(train[:B], tok.eot_token, device)[:2]
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g)

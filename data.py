@@ -156,20 +156,32 @@ def task_example(tokenizer, word, answer, noisy=False):
     return Example(prompt + encode(tokenizer, answer + "\n"), len(prompt), noisy)
 
 
-def make_default_task(tokenizer, n_train=1000, n_val=200, noise=0.2, seed=0):
-    """(train, val) Examples of the fine-tuning task; fully determined by the seed.
+@dataclass
+class Task:
+    """The splits of a fine-tuning task. Only train may carry noisy samples."""
+    train: list  # fine-tuning samples
+    val: list  # the clean evaluation (test) split: what results are reported on
+    reference: list  # GAST's trusted reference set R (step 2), never trained or evaluated on
+    dev: list  # a clean split for choosing hyperparameters (the lr in --compare), never the test split
 
-    Exactly round(noise * n_train) training answers are corrupted, chosen at random.
+
+def make_default_task(tokenizer, n_train=1000, n_val=200, noise=0.2, seed=0, n_reference=64, n_dev=200):
+    """The default task's Task, fully determined by the seed; every split has its own words.
+
+    Exactly round(noise * n_train) training answers are corrupted, chosen at random; the
+    val, reference and dev splits are clean.
     """
     if not 0.0 <= noise < 1.0:
         raise ValueError(f"noise must be in [0, 1), got {noise}")
     rng = random.Random(seed + 1)  # not the pretraining corpus's stream
+    sizes = (n_train, n_val, n_reference, n_dev)
     words = set()
-    while len(words) < n_train + n_val:
+    while len(words) < sum(sizes):
         words.add(_random_word(rng))
     words = sorted(words)
     rng.shuffle(words)
-    train_words, val_words = words[:n_train], words[n_train:]
+    starts = [sum(sizes[:i]) for i in range(5)]
+    train_words, val_words, reference_words, dev_words = (words[a:b] for a, b in zip(starts, starts[1:]))
     noisy = set(rng.sample(range(n_train), round(noise * n_train)))
     train = []
     for i, w in enumerate(train_words):
@@ -179,8 +191,10 @@ def make_default_task(tokenizer, n_train=1000, n_val=200, noise=0.2, seed=0):
                 pass
             answer = wrong
         train.append(task_example(tokenizer, w, answer, noisy=i in noisy))
-    val = [task_example(tokenizer, w, task_answer(w)) for w in val_words]
-    return train, val
+
+    def clean(split):
+        return [task_example(tokenizer, w, task_answer(w)) for w in split]
+    return Task(train, clean(val_words), clean(reference_words), clean(dev_words))
 
 
 # ---------------------------------------------------------------------------------------

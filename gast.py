@@ -1,17 +1,22 @@
 """
 GAST: Gradient-aligned Sparse Tuning, one step at a time.
 
-Read this file beside GAST_SPEC.md (the project's shared notes): the numbered steps below
-are the spec's. The spec is this project's reconstruction of the method from the paper's
-abstract (Yao et al., EACL 2026); the choices it makes are ours:
-  - the reference direction is the batch-mean gradient (or a held-out batch's gradient),
+Read this file beside the README's "The rule", which states the rule, its invariants and
+the measurement behind the default reference; the numbered steps below are its steps.
+The rule is this project's reconstruction of the method from the paper's abstract (Yao
+et al., EACL 2026); the choices it makes are ours:
+  - the reference direction is, by default, the gradient of a small trusted held-out set
+    R (refreshed every `reference_interval` steps); the batch-mean gradient is the option,
   - the alignment score is a plain inner product over all of a block's LoRA parameters,
   - the selection is the exact maximiser of the summed scores under a layer budget K
     and a per-layer data budget k,
   - the update of an active layer is the mean gradient of its selected samples.
 
-The baselines (lora, lisa, ist, data) differ from GAST only in the mask they choose;
-SparseTuner.step runs every one of them on the same code path.
+The baselines (lora, lisa, ist, data) differ from GAST only in the mask they choose, and
+SparseTuner.step returns the same StepRecord for all of them. data and gast take
+per-sample gradients for their scores; lora, lisa and ist, whose active blocks learn from
+the whole batch, take the ordinary batch gradient (equal to the mean of the per-sample
+gradients, I8) from one plain backward.
 """
 
 import math
@@ -23,6 +28,8 @@ from torch.func import functional_call, grad_and_value, vmap
 from lora import lora_layers, recording_per_sample_grads, scaled_adapters
 
 METHODS = ("lora", "lisa", "ist", "data", "gast")
+REFERENCES = ("heldout", "batch")
+SCORED = ("data", "gast")  # the methods that compute alignment scores, and so need a reference
 
 
 # ---------------------------------------------------------------------------------------
@@ -70,7 +77,11 @@ def per_sample_grads_by_hooks(model, inputs, targets):
 
 
 def reference_gradient(model, inputs, targets):
-    """The ordinary gradient of a batch's loss: the spec's held-out reference option."""
+    """{name: tensor like p}: the ordinary gradient of the mean loss over (inputs, targets).
+
+    On the reference set R this is step 2's default direction r. One batched forward and
+    backward (fused attention, no per-sample gradients held); .grad is left untouched.
+    """
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     _, loss = model(inputs, targets)
     grads = torch.autograd.grad(loss, [p for _, p in params])
@@ -79,6 +90,9 @@ def reference_gradient(model, inputs, targets):
 
 # ---------------------------------------------------------------------------------------
 # Steps 2 and 3. Reference direction and alignment scores
+#
+# Step 2's reference r is computed by SparseTuner below, which owns the refresh schedule:
+# the held-out set's gradient (reference_gradient above) by default, or the batch mean.
 
 
 def alignment_scores(grads, layers, reference=None):
@@ -168,6 +182,8 @@ class SelectionConfig:
     ist_lr: float = 10.0  # IST's step size on the importance scores
     chunk_size: int = 0  # vmap chunk for per-sample gradients; 0 means the whole batch at once
     per_sample: str = "vmap"  # step 1 by torch.func ("vmap", the reference) or by backward hooks ("hooks", faster)
+    reference: str = "heldout"  # step 2's r: a trusted held-out set's gradient ("heldout") or the batch mean ("batch")
+    reference_interval: int = 1  # recompute the held-out r every this many steps; kept in between
 
 
 @dataclass
@@ -216,17 +232,29 @@ class SparseTuner:
     per-sample pass; data and gast need the per-sample gradients for their scores.
     """
 
-    def __init__(self, model, config: SelectionConfig, seed=0):
+    def __init__(self, model, config: SelectionConfig, seed=0, reference_batch=None):
+        """reference_batch: (inputs, targets) of the trusted reference set R, needed by
+        data and gast with reference="heldout"; R's gradient is step 2's direction."""
         if config.method not in METHODS:
             raise ValueError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
         if config.per_sample not in ("vmap", "hooks"):
             raise ValueError(f"per_sample must be 'vmap' or 'hooks', not {config.per_sample!r}")
+        if config.reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, not {config.reference!r}")
+        if config.reference_interval < 1:
+            raise ValueError(f"reference_interval must be positive, got {config.reference_interval}")
+        if config.method in SCORED and config.reference == "heldout" and reference_batch is None:
+            raise ValueError(f"{config.method} with reference='heldout' needs reference_batch=(inputs, targets), "
+                             "a trusted held-out set; or use reference='batch' (the batch mean)")
         self.model, self.config = model, config
+        self.reference_batch = reference_batch
         self.layers = lora_layers(model)  # L lists of parameter names
         self.n_layers = len(self.layers)
         self.generator = torch.Generator().manual_seed(seed)  # lisa's and ist's draws
         self.importance = torch.zeros(self.n_layers)  # IST's s_l
         self.lisa_active = None
+        self.reference = None  # r: {name: tensor like p}, R's gradient at the last refresh
+        self.reference_step = None  # the step at which r was last computed
         self.steps = 0
 
     # --- the mask rules that do not look at gradients ---
@@ -245,10 +273,14 @@ class SparseTuner:
         c = self.config
         sig = torch.sigmoid(self.importance)
         n_suppressed = max(1, self.n_layers // 2)
+        # the trials are distinct sets of layers (as many as there are, if fewer than asked)
+        n_trials = min(c.ist_trials, math.comb(self.n_layers, n_suppressed))
         trials, losses = [], []
         with torch.no_grad():
-            for _ in range(c.ist_trials):
+            while len(trials) < n_trials:
                 suppressed = self._draw(sig, n_suppressed)
+                if any(torch.equal(suppressed, t) for t in trials):
+                    continue
                 with scaled_adapters(self.model, suppressed.tolist(), c.ist_suppress):
                     losses.append(float(self.model(probe_inputs, probe_targets)[1]))
                 trials.append(suppressed)
@@ -257,14 +289,31 @@ class SparseTuner:
         for suppressed, r in zip(trials, rewards):
             self.importance[suppressed] += c.ist_lr * r * sig[suppressed] * (1 - sig[suppressed])
 
+    # --- step 2: the reference direction ---
+
+    def _reference(self):
+        """r for this step: None means the batch mean (alignment_scores' default).
+
+        The held-out r is R's gradient at the current parameters, recomputed every
+        reference_interval steps and kept in between. One extra batched forward and
+        backward over R: R's rows could instead ride in the per-sample pass, but they
+        would cost the same forward and backward there and hold |R| per-sample gradients.
+        """
+        c = self.config
+        if c.reference == "batch":
+            return None
+        if self.reference is None or self.steps - self.reference_step >= c.reference_interval:
+            self.reference = reference_gradient(self.model, *self.reference_batch)
+            self.reference_step = self.steps
+        return self.reference
+
     # --- one step ---
 
-    def step(self, inputs, targets, noisy=None, reference=None, probe=None):
+    def step(self, inputs, targets, noisy=None, probe=None):
         """Compute the mask, write .grad, return the StepRecord.
 
-        inputs, targets (B, T); noisy (B,) bool or None; reference: a gradient dict
-        (held-out reference, gast and data only); probe: a callable returning a fresh
-        (inputs, targets) batch, needed by ist for its importance update.
+        inputs, targets (B, T); noisy (B,) bool or None; probe: a callable returning a
+        fresh (inputs, targets) batch, needed by ist for its importance update.
         """
         c = self.config
         B = inputs.shape[0]
@@ -277,7 +326,7 @@ class SparseTuner:
                 grads, losses = per_sample_grads_by_hooks(self.model, inputs, targets)
             else:
                 grads, losses = per_sample_grads_and_losses(self.model, inputs, targets, c.chunk_size or None)
-            scores = alignment_scores(grads, self.layers, reference)  # (L, B)
+            scores = alignment_scores(grads, self.layers, self._reference())  # (L, B)
             if c.method == "gast":
                 mask = select(scores, K, k)
             else:  # one global set: the samples with the largest summed alignment
@@ -317,11 +366,17 @@ class SparseTuner:
     # --- resume ---
 
     def state_dict(self):
+        """Everything the next step depends on; with it, a resumed run is exact."""
+        reference = None if self.reference is None else {n: r.cpu() for n, r in self.reference.items()}
         return {"generator": self.generator.get_state(), "importance": self.importance.clone(),
-                "lisa_active": self.lisa_active, "steps": self.steps}
+                "lisa_active": self.lisa_active, "steps": self.steps,
+                "reference": reference, "reference_step": self.reference_step}
 
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
         self.importance = state["importance"].clone()
         self.lisa_active = state["lisa_active"]
         self.steps = state["steps"]
+        device = next(self.model.parameters()).device
+        self.reference = None if state["reference"] is None else {n: r.to(device) for n, r in state["reference"].items()}
+        self.reference_step = state["reference_step"]

@@ -4,7 +4,7 @@ baseline, evaluate on clean held-out data, and compare methods.
 
     python train.py                           # the default run, end to end, on CPU or GPU
     python train.py --method lisa --steps 300
-    python train.py --compare                 # every method over several seeds, as a table
+    python train.py --compare                 # each method's lr on a dev split, then seeds on the test split
     python train.py --data mine.jsonl --init-from path/to/gpt2 --tokenizer gpt2
 
 Settings live in TrainConfig below; every field is a command-line flag (--layer-ratio for
@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
-from data import (DataError, Example, TokenizerUnavailable, collate, encode, get_tokenizer, load_jsonl, load_text,
+from data import (DataError, Example, Task, TokenizerUnavailable, collate, encode, get_tokenizer, load_jsonl, load_text,
                   make_default_task, pretrain_text)
-from gast import METHODS, SelectionConfig, SparseTuner
+from gast import METHODS, REFERENCES, SCORED, SelectionConfig, SparseTuner
 from lora import LoRAConfig, add_lora, adapter_state_dict, atomic_save, save_adapter
 from model import GPT, GPTConfig
 
@@ -45,6 +45,9 @@ class TrainConfig:
     lisa_interval: int = _f(20, "lisa redraws its layers every this many steps (LISA's default)")
     per_sample: str = _f("vmap", "per-sample gradients by torch.func (vmap, the reference) or by backward hooks (hooks: same numbers, about a plain step's cost)")
     chunk_size: int = _f(0, "vmap's per-sample gradients this many samples at a time (0: whole batch); bounds memory")
+    reference: str = _f("heldout", "GAST's reference direction (data uses it too): the gradient of a trusted held-out set (heldout) or the batch mean (batch)")
+    reference_size: int = _f(64, "samples in the held-out reference set (default task: its own clean split; your data: carved from --data unless --reference-data)")
+    reference_interval: int = _f(1, "recompute the held-out reference gradient every this many steps")
     # LoRA
     lora_r: int = _f(8, "LoRA rank")
     lora_alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / r")
@@ -62,7 +65,9 @@ class TrainConfig:
     data: str = _f("", "a .jsonl file (prompt/completion) or a plain-text corpus; empty: the default task")
     prompt_field: str = _f("prompt", "JSONL field holding the prompt")
     completion_field: str = _f("completion", "JSONL field holding the completion (the loss falls on it)")
-    val_fraction: float = _f(0.1, "share of --data held out for evaluation")
+    val_fraction: float = _f(0.1, "share of --data held out for evaluation (unless --val-data); half of it is the dev split, half the test split")
+    val_data: str = _f("", "a separate clean evaluation file, same format as --data; half dev split, half test split")
+    reference_data: str = _f("", "a trusted file for the held-out reference set, same format as --data; empty: carved from --data")
     tokenizer: str = _f("bytes", "tiktoken encoding: bytes (built in, offline) or a named one such as gpt2 (needs its cached file)")
     noise: float = _f(0.2, "default task: fraction of fine-tuning answers corrupted (flagged noisy)")
     n_train: int = _f(1000, "default task: fine-tuning samples")
@@ -82,8 +87,9 @@ class TrainConfig:
     quiet: bool = _f(False, "print only the summary")
     # comparison
     compare: bool = _f(False, "run every method in --methods over --seeds seeds and print a table")
-    methods: str = _f(",".join(METHODS), "methods for --compare")
-    seeds: int = _f(3, "seeds per method for --compare")
+    methods: str = _f(",".join(METHODS) + ",gast:batch", "methods for --compare; method:reference sets that row's --reference")
+    seeds: int = _f(5, "seeds per method for --compare, on the test split")
+    lrs: str = _f("1e-3,3e-3,1e-2", "--compare picks each method's lr from these by the dev split's loss (seed 0); one value: no choice")
 
 
 class ConfigError(ValueError):
@@ -121,9 +127,27 @@ def validate(config):
         problems.append(f"--init-from {config.init_from}: no such file or directory")
     if config.chunk_size < 0 or config.stop_at < 0 or config.pretrain_steps < 0 or config.warmup_steps < 0:
         problems.append("--chunk-size, --stop-at, --pretrain-steps and --warmup-steps must not be negative")
-    unknown = [m for m in config.methods.split(",") if m not in METHODS]
+    if config.reference not in REFERENCES:
+        problems.append(f"--reference must be one of {', '.join(REFERENCES)}, got {config.reference!r}")
+    for name in ("reference_size", "reference_interval"):
+        if getattr(config, name) <= 0:
+            problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    for name in ("val_data", "reference_data"):
+        path = getattr(config, name)
+        if path and not config.data:
+            problems.append(f"--{name.replace('_', '-')} needs --data (the default task has its own splits)")
+        elif path and not os.path.exists(path):
+            problems.append(f"--{name.replace('_', '-')} {path}: no such file")
+    unknown = [m for m in config.methods.split(",") if m.split(":")[0] not in METHODS or m.split(":")[1:] not in ([], *([r] for r in REFERENCES))]
     if unknown:
-        problems.append(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        problems.append(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}, "
+                        f"each optionally with :{' or :'.join(REFERENCES)}")
+    try:
+        lrs = [float(v) for v in config.lrs.split(",")]
+        if not all(lr > 0 for lr in lrs):
+            problems.append(f"--lrs must all be positive, got {config.lrs}")
+    except ValueError:
+        problems.append(f"--lrs must be comma-separated numbers, got {config.lrs!r}")
     if problems:
         raise ConfigError("invalid settings:\n  " + "\n  ".join(problems))
 
@@ -157,25 +181,51 @@ def log(config, *args):
         print(*args, flush=True)
 
 
-def load_task(config, tokenizer, block_size):
-    """(train, val, is_qa): Examples of the fine-tuning data and its held-out split."""
-    if not config.data:
-        train, val = make_default_task(tokenizer, config.n_train, config.n_val, config.noise, config.seed)
-        return train, val, True
-    is_qa = config.data.endswith(".jsonl")
-    if is_qa:
-        examples, cut = load_jsonl(config.data, tokenizer, block_size, config.prompt_field, config.completion_field)
+def load_examples(config, path, tokenizer, block_size):
+    """Examples of one file: JSONL prompt/completion pairs, or plain text cut into windows."""
+    if path.endswith(".jsonl"):
+        examples, cut = load_jsonl(path, tokenizer, block_size, config.prompt_field, config.completion_field)
         if cut.samples:
-            log(config, f"{config.data}: {cut.samples} samples longer than {block_size + 1} tokens were cut ({cut.tokens} tokens)")
-    else:
-        examples = load_text(config.data, tokenizer, block_size)
+            log(config, f"{path}: {cut.samples} samples longer than {block_size + 1} tokens were cut ({cut.tokens} tokens)")
+        return examples
+    return load_text(path, tokenizer, block_size)
+
+
+def load_task(config, tokenizer, block_size):
+    """(Task, is_qa): the fine-tuning data and its held-out splits.
+
+    Default task: four disjoint splits made by the seed. Your data: --data shuffled by the
+    seed; the evaluation data (--val-data, or a --val-fraction of --data) is halved into
+    dev and test; the reference set R is --reference-data, or, with --reference heldout,
+    --reference-size samples carved from the training split (then assumed trustworthy).
+    """
+    if not config.data:
+        task = make_default_task(tokenizer, config.n_train, config.n_val, config.noise, config.seed,
+                                 n_reference=config.reference_size, n_dev=config.n_val)
+        return task, True
+    is_qa = config.data.endswith(".jsonl")
+    examples = load_examples(config, config.data, tokenizer, block_size)
     order = list(range(len(examples)))
     random.Random(config.seed).shuffle(order)
-    n_val = max(1, round(config.val_fraction * len(examples)))
-    if len(examples) - n_val < config.batch_size:
+    examples = [examples[i] for i in order]
+    if config.val_data:
+        evaluation = load_examples(config, config.val_data, tokenizer, block_size)
+    else:
+        n_val = max(1, round(config.val_fraction * len(examples)))
+        evaluation, examples = examples[:n_val], examples[n_val:]
+    dev, test = evaluation[: len(evaluation) // 2], evaluation[len(evaluation) // 2 :]
+    reference = []
+    if config.reference_data:
+        reference = load_examples(config, config.reference_data, tokenizer, block_size)
+    elif config.reference == "heldout":
+        reference, examples = examples[: config.reference_size], examples[config.reference_size :]
+        log(config, f"reference set: {len(reference)} samples carved from {config.data}'s training split "
+                    "and assumed trustworthy (--reference-data FILE gives a trusted set of your own)")
+    if len(examples) < config.batch_size:
+        carved = f" and the {len(reference)} reference samples (--reference-size)" if reference and not config.reference_data else ""
         raise ConfigError(f"invalid settings:\n  --batch-size {config.batch_size} is larger than the "
-                          f"{len(examples) - n_val} training samples in {config.data}")
-    return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]], is_qa
+                          f"{len(examples)} training samples left in {config.data} after the evaluation split{carved}")
+    return Task(examples, test, reference, dev), is_qa
 
 
 # ---------------------------------------------------------------------------------------
@@ -291,18 +341,24 @@ def lr_at(config, step):
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def save_checkpoint(path, config, step, model, lora_config, opt, tuner, data_rng, base_path, metrics_so_far):
+def save_checkpoint(path, config, step, model, lora_config, opt, tuner, rngs, base_path, metrics_so_far):
+    data_rng, probe_rng = rngs
     atomic_save({
         "config": asdict(config), "step": step, "base": base_path, "lora_config": asdict(lora_config),
         "adapter": adapter_state_dict(model), "optimizer": opt.state_dict(), "tuner": tuner.state_dict(),
-        "rng": {"python": data_rng.getstate(), "torch": torch.get_rng_state(),
+        "rng": {"python": data_rng.getstate(), "probe": probe_rng.getstate(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         "progress": metrics_so_far,
     }, path)
 
 
-def train(config):
-    """Fine-tune as config says; returns the metrics dict (also the summary printed)."""
+def train(config, split="test", picture=True):
+    """Fine-tune as config says; returns the metrics dict (also the summary printed).
+
+    split: the evaluation split, "test" (the reported results) or "dev" (--compare's lr
+    choice, which must never see the test split; only its loss is computed).
+    picture: write out_dir/selection.png (needs matplotlib).
+    """
     if isinstance(config, dict):
         config = config_from_dict(config)
     validate(config)
@@ -316,15 +372,27 @@ def train(config):
             raise ConfigError(f"invalid settings:\n  --resume: no checkpoint at {ckpt_path}")
         resume = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         # settings that change what the run computes must match the checkpoint's
-        free = {"resume", "stop_at", "out_dir", "quiet", "device", "log_interval", "eval_interval", "compile", "init_from"}
+        free = {"resume", "stop_at", "out_dir", "quiet", "device", "log_interval", "eval_interval", "compile", "init_from",
+                "compare", "methods", "seeds", "lrs"}
         changed = [f"--{k.replace('_', '-')} is {getattr(config, k)!r}, the checkpoint's {v!r}"
                    for k, v in resume["config"].items() if k not in free and getattr(config, k) != v]
         if changed:
             raise ConfigError("invalid settings:\n  --resume with other settings than the checkpoint's:\n  " + "\n  ".join(changed))
 
     model, base_path = load_base(config if resume is None else replace(config, init_from=resume["base"]), tokenizer, device)
-    train_set, val_set, is_qa = load_task(config, tokenizer, model.config.block_size)
-    val_set = val_set[: config.eval_samples]
+    task, is_qa = load_task(config, tokenizer, model.config.block_size)
+    is_qa = is_qa and split == "test"  # exact match (greedy decoding) on the test split only
+    train_set = task.train
+    eval_set = (task.val if split == "test" else task.dev)[: config.eval_samples]
+    if not eval_set:
+        raise ConfigError(f"invalid settings:\n  the {split} split is empty: give more evaluation data (--val-data, --val-fraction, --n-val)")
+    reference_batch = None
+    if config.method in SCORED and config.reference == "heldout":
+        reference_batch = collate(task.reference, tokenizer.eot_token, device)[:2]
+        log(config, f"reference: the gradient of {len(task.reference)} held-out samples, recomputed every "
+                    f"{config.reference_interval} step(s)")
+    elif config.method in SCORED:
+        log(config, "reference: the batch mean of the per-sample gradients")
 
     torch.manual_seed(config.seed)
     lora_config = LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout, tuple(config.lora_targets.split(",")))
@@ -334,8 +402,11 @@ def train(config):
     opt = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     tuner = SparseTuner(model, SelectionConfig(method=config.method, layer_ratio=config.layer_ratio,
                                                data_ratio=config.data_ratio, lisa_interval=config.lisa_interval,
-                                               chunk_size=config.chunk_size, per_sample=config.per_sample), seed=config.seed)
-    data_rng = random.Random(config.seed)
+                                               chunk_size=config.chunk_size, per_sample=config.per_sample,
+                                               reference=config.reference, reference_interval=config.reference_interval),
+                        seed=config.seed, reference_batch=reference_batch)
+    data_rng = random.Random(config.seed)  # the training batches
+    probe_rng = random.Random(f"ist-probe-{config.seed}")  # ist's probe batches: its own stream, so ist trains on the others' batches
     start, history = 0, {"coverage": [], "noisy_selected": [], "clean_selected": [], "ms": [], "evals": [],
                          "active": [], "noisy_rate": [], "clean_rate": []}  # the last three: per block, per step
     if resume is not None:
@@ -346,6 +417,7 @@ def train(config):
         opt.load_state_dict(resume["optimizer"])
         tuner.load_state_dict(resume["tuner"])
         data_rng.setstate(resume["rng"]["python"])
+        probe_rng.setstate(resume["rng"]["probe"])
         torch.set_rng_state(resume["rng"]["torch"])
         if resume["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
@@ -353,7 +425,7 @@ def train(config):
         log(config, f"resumed from {ckpt_path} at step {start}")
 
     def probe():  # ist's fresh batch of 16 training samples
-        x, y, _ = collate(data_rng.sample(train_set, min(16, len(train_set))), tokenizer.eot_token, device)
+        x, y, _ = collate(probe_rng.sample(train_set, min(16, len(train_set))), tokenizer.eot_token, device)
         return x, y
 
     end = min(config.stop_at or config.steps, config.steps)
@@ -389,16 +461,19 @@ def train(config):
                         f"layers {record.active_layers} | coverage {record.coverage:.2f}{rates} | "
                         f"{history['ms'][-1]:.0f} ms/step | eta {eta:.0f}s")
         if (step + 1) % config.eval_interval == 0 or step == end - 1:
-            result = evaluate(model, val_set, tokenizer, device, is_qa)
+            result = evaluate(model, eval_set, tokenizer, device, is_qa)
             history["evals"].append({"step": step + 1, "loss": result["loss"], "exact_match": result["exact_match"]})
             em = "" if result["exact_match"] is None else f" | exact match {result['exact_match']:.3f}"
             log(config, f"eval at step {step + 1}: held-out loss {result['loss']:.4f}{em}")
-            save_checkpoint(ckpt_path, config, step + 1, model, lora_config, opt, tuner, data_rng, base_path, history)
+            save_checkpoint(ckpt_path, config, step + 1, model, lora_config, opt, tuner, (data_rng, probe_rng), base_path, history)
 
-    final = evaluate(model, val_set, tokenizer, device, is_qa)
+    final = evaluate(model, eval_set, tokenizer, device, is_qa)
     save_adapter(model, lora_config, os.path.join(config.out_dir, "adapter.pt"))
+    if picture:
+        plot_selection(history, os.path.join(config.out_dir, "selection.png"), config)
     metrics = {
-        "method": config.method, "seed": config.seed, "steps": end,
+        "method": config.method, "reference": config.reference if config.method in SCORED else None,
+        "lr": config.lr, "seed": config.seed, "steps": end, "split": split,
         "exact_match": final["exact_match"], "val_loss": final["loss"],
         "coverage": nanmean(history["coverage"]), "noisy_selected": nanmean(history["noisy_selected"]),
         "clean_selected": nanmean(history["clean_selected"]),
@@ -425,6 +500,65 @@ def train(config):
     return metrics
 
 
+def smooth(values, window):
+    """Moving average over the last `window` entries, skipping nan (steps a block was off)."""
+    out = []
+    for i in range(len(values)):
+        recent = [v for v in values[max(0, i - window + 1) : i + 1] if v == v]
+        out.append(statistics.fmean(recent) if recent else float("nan"))
+    return out
+
+
+def matplotlib_pyplot(config):
+    """pyplot, or None with a one-line note: matplotlib is an optional extra."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        log(config, "no picture: matplotlib is not installed (pip install matplotlib)")
+        return None
+
+
+def plot_selection(history, path, config):
+    """Top: which blocks were updated at each step. Bottom: each block's noisy and clean
+    selection rates over training (smoothed), where the data carries noisy flags."""
+    plt = matplotlib_pyplot(config)
+    if plt is None or not history["active"]:
+        return
+    active = torch.tensor(history["active"], dtype=torch.float32).T.tolist()  # (L, steps)
+    L = len(active)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, gridspec_kw={"height_ratios": [1, 2]})
+    top.imshow(active, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=1,
+               extent=(-0.5, len(active[0]) - 0.5, L - 0.5, -0.5))
+    top.set_yticks(range(L))
+    top.set_ylabel("block")
+    top.set_title(f"{config.method}: blocks updated at each step (black)")
+    if history["noisy_rate"]:
+        colors = plt.get_cmap("tab10")
+        for l in range(L):
+            for kind, style in (("noisy", ":"), ("clean", "-")):
+                rates = smooth([row[l] for row in history[f"{kind}_rate"]], 50)
+                bottom.plot(rates, style, color=colors(l), label=f"block {l}, {kind}")
+        bottom.set_ylim(-0.02, 1.02)
+        bottom.set_ylabel("share of the batch's samples taken\n(when updated; 50-step mean)")
+        bottom.legend(ncol=2, fontsize=7, loc="lower right")
+    else:
+        bottom.text(0.5, 0.5, "no noisy flags in this data: no rates", ha="center", va="center", transform=bottom.transAxes)
+    bottom.set_xlabel("step")
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+    log(config, f"wrote {path}")
+
+
+def save_figure(fig, path):
+    tmp = f"{path}.tmp{os.getpid()}.png"  # temporary file, then rename: never half-written
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
 def nanmean(values):
     """Mean of the values that are not nan (a step with no noisy sample has no noisy rate)."""
     values = [v for v in values if v == v]
@@ -436,50 +570,99 @@ def nanmean(values):
 
 
 def compare(config):
-    """Every method over several seeds, on identical data and base model; a table."""
+    """Every method on identical data, base model, batches and budgets; a table.
+
+    The protocol: for each method, one run per lr in --lrs (seed 0) scored on the dev
+    split, and the lr with the lowest dev loss wins; then --seeds runs with that lr,
+    reported on the test split. The dev split never overlaps the test split.
+    """
     validate(config)
-    methods = config.methods.split(",")
+    rows_wanted = [(m.split(":")[0], (m.split(":") + [config.reference])[1]) for m in config.methods.split(",")]
+    lrs = [float(v) for v in config.lrs.split(",")]
     base = config.init_from or os.path.join(config.out_dir, "base.pt")
     if not os.path.exists(base):
         load_base(config, get_tokenizer(config.tokenizer), pick_device(config.device))
-    runs = []
-    t0 = time.time()
-    for method in methods:
-        for seed in range(config.seeds):
-            run_config = replace(config, method=method, seed=seed, init_from=base, compare=False, quiet=True,
-                                 resume=False, out_dir=os.path.join(config.out_dir, "compare", f"{method}-seed{seed}"))
-            metrics = train(run_config)
-            runs.append(metrics)
-            em = "" if metrics["exact_match"] is None else f" exact match {metrics['exact_match']:.3f}"
-            print(f"  {method} seed {seed}:{em} loss {metrics['val_loss']:.4f} ({time.time() - t0:.0f}s so far)", flush=True)
+    n_runs = len(rows_wanted) * ((len(lrs) if len(lrs) > 1 else 0) + config.seeds)
+    dev_runs, runs, rows = [], [], []
+    t0, done = time.time(), 0
 
-    def spread(values):
-        values = [v for v in values if v is not None]
-        if not values:
-            return None, None
-        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    def run(method, reference, lr, seed, split):
+        label = method if method not in SCORED else f"{method}-{reference}"
+        name = f"{label}-lr{lr:g}-dev" if split == "dev" else f"{label}-seed{seed}"
+        run_config = replace(config, method=method, reference=reference, lr=lr, seed=seed, init_from=base, compare=False,
+                             quiet=True, resume=False, out_dir=os.path.join(config.out_dir, "compare", name))
+        metrics = train(run_config, split=split, picture=False)
+        nonlocal done
+        done += 1
+        elapsed = time.time() - t0
+        em = "" if metrics["exact_match"] is None else f" exact match {metrics['exact_match']:.3f}"
+        print(f"  [{done}/{n_runs}] {label} lr {lr:g} seed {seed} on {split}:{em} loss {metrics['val_loss']:.4f} "
+              f"({elapsed:.0f}s so far, eta {elapsed / done * (n_runs - done):.0f}s)", flush=True)
+        return metrics
 
-    rows = []
-    for method in methods:
-        mine = [r for r in runs if r["method"] == method]
-        em, em_sd = spread([r["exact_match"] for r in mine])
-        loss, loss_sd = spread([r["val_loss"] for r in mine])
-        rows.append({"method": method, "seeds": len(mine), "exact_match": em, "exact_match_sd": em_sd,
-                     "val_loss": loss, "val_loss_sd": loss_sd,
-                     **{k: statistics.fmean(r[k] for r in mine) for k in ("coverage", "noisy_selected", "clean_selected", "ms_per_step")}})
+    for method, reference in rows_wanted:
+        if len(lrs) > 1:
+            tried = [run(method, reference, lr, 0, "dev") for lr in lrs]
+            dev_runs += tried
+            lr = min(tried, key=lambda m: m["val_loss"])["lr"]
+        else:
+            lr = lrs[0]
+        mine = [run(method, reference, lr, seed, "test") for seed in range(config.seeds)]
+        runs += mine
+        rows.append(summarise(method, reference if method in SCORED else None, lr, mine))
     table = format_table(rows)
-    print(f"\n{len(methods)} methods x {config.seeds} seeds, {config.steps} steps each, {time.time() - t0:.0f}s in all\n{table}")
+    print(f"\n{len(rows)} methods, lr from {config.lrs} by dev loss, then {config.seeds} seeds on the test split, "
+          f"{config.steps} steps each, {time.time() - t0:.0f}s in all\n{table}")
     os.makedirs(config.out_dir, exist_ok=True)
     path = os.path.join(config.out_dir, "compare")
     with open(path + ".json.tmp", "w") as f:  # temporary file, then rename: never half-written
-        json.dump({"config": asdict(config), "rows": rows, "runs": runs}, f, indent=1)
+        json.dump({"config": asdict(config), "rows": rows, "runs": runs, "dev_runs": dev_runs}, f, indent=1)
     with open(path + ".csv.tmp", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     os.replace(path + ".json.tmp", path + ".json")
     os.replace(path + ".csv.tmp", path + ".csv")
+    plot_comparison(rows, path + ".png", config)
     return rows
+
+
+def summarise(method, reference, lr, runs):
+    """One table row: mean and sd over seeds of the test-split figures."""
+    def spread(values):
+        values = [v for v in values if v is not None]
+        if not values:
+            return None, None
+        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+    em, em_sd = spread([r["exact_match"] for r in runs])
+    loss, loss_sd = spread([r["val_loss"] for r in runs])
+    return {"method": method, "reference": reference, "lr": lr, "seeds": len(runs), "exact_match": em, "exact_match_sd": em_sd,
+            "val_loss": loss, "val_loss_sd": loss_sd,
+            **{k: nanmean([r[k] for r in runs]) for k in ("coverage", "noisy_selected", "clean_selected", "ms_per_step")}}
+
+
+def row_label(row):
+    return row["method"] if row["reference"] is None else f"{row['method']} ({row['reference']})"
+
+
+def plot_comparison(rows, path, config):
+    """Exact match and held-out loss per method, mean +/- sd over seeds."""
+    plt = matplotlib_pyplot(config)
+    if plt is None:
+        return
+    panels = [("exact_match", "exact match (test)"), ("val_loss", "held-out loss (test)")]
+    panels = [(k, t) for k, t in panels if all(r[k] is not None for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    labels = [row_label(r) for r in rows]
+    for ax, (key, title) in zip(axes[0], panels):
+        ax.bar(range(len(rows)), [r[key] for r in rows], yerr=[r[key + "_sd"] for r in rows], capsize=4, color="tab:blue")
+        ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{title}, mean ± sd over {rows[0]['seeds']} seeds", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def format_table(rows):
@@ -488,11 +671,13 @@ def format_table(rows):
 
     def rate(value):  # nan: the data carries no noisy flags
         return "-" if math.isnan(value) else f"{value:.2f}"
-    header = "| method | exact match | held-out loss | coverage | noisy taken | clean taken | ms/step |\n|---|---|---|---|---|---|---|"
+    header = ("| method | reference | lr | exact match | held-out loss | coverage | noisy taken | clean taken | ms/step |\n"
+              "|---|---|---|---|---|---|---|---|---|")
     lines = [header]
     for r in rows:
-        lines.append(f"| {r['method']} | {pm(r['exact_match'], r['exact_match_sd'], 3)} | {pm(r['val_loss'], r['val_loss_sd'], 3)} | "
-                     f"{r['coverage']:.2f} | {rate(r['noisy_selected'])} | {rate(r['clean_selected'])} | {r['ms_per_step']:.0f} |")
+        lines.append(f"| {r['method']} | {r['reference'] or '-'} | {r['lr']:g} | {pm(r['exact_match'], r['exact_match_sd'], 3)} | "
+                     f"{pm(r['val_loss'], r['val_loss_sd'], 3)} | {r['coverage']:.2f} | {rate(r['noisy_selected'])} | "
+                     f"{rate(r['clean_selected'])} | {r['ms_per_step']:.0f} |")
     return "\n".join(lines)
 
 

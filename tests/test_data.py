@@ -34,21 +34,26 @@ def test_a_named_encoding_that_cannot_be_fetched_says_how_to_make_it_available(m
 
 
 def test_default_task_is_determined_by_its_seed_with_the_stated_noise():
-    train, val = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=7)
-    again, _ = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=7)
-    other, _ = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=8)
-    assert [e.tokens for e in train] == [e.tokens for e in again]
-    assert [e.tokens for e in train] != [e.tokens for e in other]
-    assert sum(e.noisy for e in train) == 50 and not any(e.noisy for e in val)
+    task = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=7, n_reference=30, n_dev=40)
+    train, val = task.train, task.val
+    again = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=7, n_reference=30, n_dev=40)
+    other = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=8, n_reference=30, n_dev=40)
+    for split in ("train", "val", "reference", "dev"):
+        assert [e.tokens for e in getattr(task, split)] == [e.tokens for e in getattr(again, split)]
+        assert [e.tokens for e in getattr(task, split)] != [e.tokens for e in getattr(other, split)]
+    assert (len(task.reference), len(task.dev)) == (30, 40)
+    assert sum(e.noisy for e in train) == 50
+    assert not any(e.noisy for e in val + task.reference + task.dev)
 
     def parts(e):
         prompt, answer = TOK.decode(e.tokens[: e.n_prompt]), TOK.decode(e.completion)
         return prompt.removeprefix("revshift ").removesuffix("="), answer.removesuffix("\n")
 
-    for e in train + val:
+    for e in train + val + task.reference + task.dev:
         word, answer = parts(e)
         assert (answer == task_answer(word)) != e.noisy and len(answer) == len(word)
-    assert not {parts(e)[0] for e in train} & {parts(e)[0] for e in val}
+    words = [{parts(e)[0] for e in getattr(task, split)} for split in ("train", "val", "reference", "dev")]
+    assert sum(map(len, words)) == len(set().union(*words))  # the four splits share no word
     assert task_answer("abz") == "acb"  # reverse, then each letter + 1
 
 

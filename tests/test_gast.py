@@ -5,8 +5,9 @@ import torch
 from hypothesis import assume, given, settings, strategies as st
 
 from data import collate, get_tokenizer, make_default_task
+import gast
 from gast import (SelectionConfig, SparseTuner, alignment_scores, budgets, per_sample_grads, per_sample_grads_by_hooks,
-                  per_sample_grads_and_losses, select, selection_rates)
+                  per_sample_grads_and_losses, reference_gradient, select, selection_rates)
 from lora import LoRAConfig, add_lora, lora_layers, lora_modules
 from model import GPT, GPTConfig, IGNORE_INDEX
 
@@ -176,6 +177,22 @@ def test_I4_selected_update_is_at_least_as_aligned_as_the_dense_one(seed, layer_
         assert dot >= norm2 - 1e-12
 
 
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 1000), layer_ratio=st.floats(0.1, 1.0), data_ratio=st.floats(0.1, 1.0))
+def test_I4_with_a_held_out_reference(seed, layer_ratio, data_ratio):
+    """<ghat_l, r_l> >= <gbar_l, r_l> for every active layer, r the held-out set's gradient."""
+    model = lora_model(seed=seed % 3, dtype=torch.float64)
+    x, y = batch(6, seed=seed)
+    grads = per_sample_grads(model, x, y)
+    layers = lora_layers(model)
+    r = reference_gradient(model, *batch(5, seed=seed + 1))
+    M = select(alignment_scores(grads, layers, r), *budgets(len(layers), 6, layer_ratio, data_ratio))
+    for l in M.any(dim=1).nonzero().flatten().tolist():
+        sparse = sum(float((grads[n][M[l]].mean(0) * r[n]).sum()) for n in layers[l])
+        dense = sum(float((grads[n].mean(0) * r[n]).sum()) for n in layers[l])
+        assert sparse >= dense - 1e-12
+
+
 def test_alignment_scores_against_a_given_reference():
     model = lora_model(dtype=torch.float64)
     x, y = batch(3)
@@ -191,11 +208,15 @@ def test_alignment_scores_against_a_given_reference():
 
 # --- I5: reduction to plain LoRA ---
 
+REFERENCE = batch(8, seed=123)  # a stand-in for the trusted held-out set R
+
+
 def train_steps(method, steps=3, layer_ratio=1.0, data_ratio=1.0, seed=0, **kw):
     model = lora_model(dtype=torch.float64)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=0.01, weight_decay=0.1)
-    tuner = SparseTuner(model, SelectionConfig(method=method, layer_ratio=layer_ratio, data_ratio=data_ratio, **kw), seed=seed)
+    tuner = SparseTuner(model, SelectionConfig(method=method, layer_ratio=layer_ratio, data_ratio=data_ratio, **kw),
+                        seed=seed, reference_batch=REFERENCE)
     probe = lambda: batch(4, seed=99)
     records = []
     for s in range(steps):
@@ -244,7 +265,8 @@ def test_layers_outside_the_draw_get_no_grad_and_keep_their_adamw_state(method):
     model = lora_model()
     trainable = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
     opt = torch.optim.AdamW(trainable.values(), lr=0.01, weight_decay=0.1)
-    tuner = SparseTuner(model, SelectionConfig(method=method, layer_ratio=0.5, data_ratio=0.5, lisa_interval=3), seed=1)
+    tuner = SparseTuner(model, SelectionConfig(method=method, layer_ratio=0.5, data_ratio=0.5, lisa_interval=3), seed=1,
+                        reference_batch=REFERENCE)
     layers = lora_layers(model)
     seen_sets = set()
     for s in range(7):
@@ -341,11 +363,11 @@ def test_selection_rates_with_no_noisy_sample_are_nan():
 
 def test_a_gast_step_on_the_default_gpt_at_batch_32():
     tok = get_tokenizer()
-    train, _ = make_default_task(tok, n_train=32, n_val=1, noise=0.25)
-    x, y, noisy = collate(train, tok.eot_token)
+    task = make_default_task(tok, n_train=32, n_val=1, noise=0.25, n_reference=8, n_dev=1)
+    x, y, noisy = collate(task.train, tok.eot_token)
     torch.manual_seed(0)
     model = add_lora(GPT(GPTConfig()), LoRAConfig(), verbose=False)
-    record = SparseTuner(model, SelectionConfig()).step(x, y, noisy)
+    record = SparseTuner(model, SelectionConfig(), reference_batch=collate(task.reference, tok.eot_token)[:2]).step(x, y, noisy)
     assert record.mask.shape == (4, 32) and len(record.active_layers) == 2
     assert (record.mask.sum(1) == torch.tensor([16 if l in record.active_layers else 0 for l in range(4)])).all()
     layers = lora_layers(model)
@@ -374,3 +396,114 @@ def test_gast_steps_by_hooks_and_by_vmap_leave_the_same_parameters():
     assert all(torch.equal(r.mask, s.mask) for r, s in zip(ra, rb))
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
+
+
+# --- step 2: the held-out reference ---
+
+def test_the_tuners_reference_is_reference_gradient_on_R_and_its_scores_use_it():
+    model, fresh = lora_model(dtype=torch.float64), lora_model(dtype=torch.float64)
+    tuner = SparseTuner(model, SelectionConfig(method="gast"), reference_batch=REFERENCE)
+    x, y = batch(6)
+    record = tuner.step(x, y)
+    expected = reference_gradient(fresh, *REFERENCE)  # the same parameters as before the step
+    assert tuner.reference.keys() == expected.keys()
+    for n in expected:
+        torch.testing.assert_close(tuner.reference[n], expected[n])
+    scores = alignment_scores(per_sample_grads(fresh, x, y), lora_layers(fresh), expected)
+    torch.testing.assert_close(record.scores.double(), scores)
+
+
+def test_the_batch_reference_scores_against_the_batch_mean():
+    model, fresh = lora_model(dtype=torch.float64), lora_model(dtype=torch.float64)
+    x, y = batch(6)
+    record = SparseTuner(model, SelectionConfig(method="gast", reference="batch")).step(x, y)
+    torch.testing.assert_close(record.scores.double(), alignment_scores(per_sample_grads(fresh, x, y), lora_layers(fresh)))
+
+
+def test_the_reference_is_refreshed_every_interval_and_kept_in_between(monkeypatch):
+    calls = []
+    real = gast.reference_gradient
+    monkeypatch.setattr(gast, "reference_gradient", lambda *a: calls.append(1) or real(*a))
+    model = lora_model(dtype=torch.float64)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    tuner = SparseTuner(model, SelectionConfig(method="gast", reference_interval=3), reference_batch=REFERENCE)
+    refreshed_at, kept = [], []
+    for s in range(7):
+        before = tuner.reference
+        tuner.step(*batch(6, seed=s))
+        opt.step()
+        refreshed_at.append(tuner.reference_step)
+        kept.append(before is not None and all(torch.equal(before[n], tuner.reference[n]) for n in before))
+    assert refreshed_at == [0, 0, 0, 3, 3, 3, 6] and len(calls) == 3
+    assert kept == [False, True, True, False, True, True, False]  # new values only at a refresh
+
+
+def test_a_tuner_restored_from_its_state_dict_continues_exactly():
+    def run(split):
+        model = lora_model(dtype=torch.float64)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+        config = SelectionConfig(method="gast", layer_ratio=0.5, data_ratio=0.5, reference_interval=3)
+        tuner = SparseTuner(model, config, reference_batch=REFERENCE)
+        masks = []
+        for s in range(7):
+            if s == split:  # a new tuner, from the old one's state, as --resume builds it
+                tuner_state = tuner.state_dict()
+                tuner = SparseTuner(model, config, reference_batch=REFERENCE)
+                tuner.load_state_dict(tuner_state)
+            masks.append(tuner.step(*batch(6, seed=s)).mask)
+            opt.step()
+        return masks, [p.detach().clone() for p in model.parameters()]
+
+    straight, split = run(split=None), run(split=4)  # step 4 reuses the r computed at step 3
+    assert all(torch.equal(a, b) for a, b in zip(straight[0], split[0]))
+    assert all(torch.equal(a, b) for a, b in zip(straight[1], split[1]))
+
+
+def test_a_held_out_reference_without_reference_data_is_refused():
+    for method in ("gast", "data"):
+        with pytest.raises(ValueError, match="needs reference_batch"):
+            SparseTuner(lora_model(), SelectionConfig(method=method))
+    SparseTuner(lora_model(), SelectionConfig(method="lora"))  # no scores, no reference needed
+    with pytest.raises(ValueError, match="reference must be one of heldout, batch"):
+        SparseTuner(lora_model(), SelectionConfig(reference="val"), reference_batch=REFERENCE)
+
+
+def test_with_a_clean_held_out_reference_gast_takes_corrupted_samples_less_often():
+    """A task the model can learn (next token = this token + 1); 4 of 12 samples per batch
+    have random targets. R is clean. GAST with R's gradient takes the corrupted ones less."""
+    torch.manual_seed(0)
+    model = add_lora(GPT(TINY), LoRAConfig(r=4, alpha=8), verbose=False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+
+    def clean(n):
+        x = torch.randint(0, TINY.vocab_size, (n, 8), generator=g)
+        return x, (x + 1) % TINY.vocab_size
+
+    tuner = SparseTuner(model, SelectionConfig(method="gast", layer_ratio=0.5, data_ratio=0.5), reference_batch=clean(16))
+    noisy = torch.arange(12) < 4
+    taken = {"noisy": [], "clean": []}
+    for _ in range(20):
+        x, y = clean(12)
+        y[noisy] = torch.randint(0, TINY.vocab_size, (4, 8), generator=g)
+        record = tuner.step(x, y, noisy)
+        opt.step()
+        taken["noisy"].append(record.noisy_selected)
+        taken["clean"].append(record.clean_selected)
+    noisy_rate, clean_rate = sum(taken["noisy"]) / 20, sum(taken["clean"]) / 20
+    assert noisy_rate < clean_rate
+
+
+def test_ist_trials_suppress_distinct_sets_of_layers(monkeypatch):
+    seen = []
+    real = gast.scaled_adapters
+    monkeypatch.setattr(gast, "scaled_adapters", lambda model, blocks, factor: seen.append(tuple(blocks)) or real(model, blocks, factor))
+    tuner = SparseTuner(lora_model(), SelectionConfig(method="ist", ist_trials=3))
+    for _ in range(5):
+        seen.clear()
+        tuner._ist_update_importance(*batch(4))
+        assert len(seen) == 3 and len(set(seen)) == 3
+    tuner = SparseTuner(lora_model(), SelectionConfig(method="ist", ist_trials=10))  # C(4, 2) = 6 sets exist
+    seen.clear()
+    tuner._ist_update_importance(*batch(4))
+    assert len(seen) == 6 and len(set(seen)) == 6

@@ -70,20 +70,52 @@ def test_k_steps_then_resume_then_n_steps_equals_k_plus_n_straight(base, tmp_pat
 
 
 def test_compare_prints_a_table_and_writes_json_and_csv(base, tmp_path, capsys):
-    config = tiny(base, tmp_path, compare=True, methods="lora,gast", seeds=2, steps=3, noise=0.0)
+    config = tiny(base, tmp_path, compare=True, methods="lora,gast,gast:batch", seeds=2, steps=3, noise=0.0, lrs="1e-2")
     rows = compare(config)
     out = capsys.readouterr().out
-    assert "| method | exact match | held-out loss |" in out and "| lora |" in out and "| gast |" in out
+    assert "| method | reference | lr | exact match | held-out loss |" in out
+    assert "| lora | - | 0.01 |" in out and "| gast | heldout | 0.01 |" in out and "| gast | batch | 0.01 |" in out
     assert "| 1.00 | - | - |" in out  # lora's coverage; no noisy flags, so no rates
+    assert "[6/6]" in out and "eta" in out  # one progress line per run
     saved = json.loads((tmp_path / "compare.json").read_text())
-    assert [r["method"] for r in saved["rows"]] == ["lora", "gast"]
-    assert len(saved["runs"]) == 4 and {r["seed"] for r in saved["runs"]} == {0, 1}
+    assert [(r["method"], r["reference"]) for r in saved["rows"]] == [("lora", None), ("gast", "heldout"), ("gast", "batch")]
+    assert len(saved["runs"]) == 6 and {r["seed"] for r in saved["runs"]} == {0, 1} and saved["dev_runs"] == []
     for row in saved["rows"]:
-        mine = [r["val_loss"] for r in saved["runs"] if r["method"] == row["method"]]
+        mine = [r["val_loss"] for r in saved["runs"] if (r["method"], r["reference"]) == (row["method"], row["reference"])]
         assert row["val_loss"] == pytest.approx(sum(mine) / 2)
     with open(tmp_path / "compare.csv") as f:
         table = list(csv.DictReader(f))
-    assert [r["method"] for r in table] == ["lora", "gast"] and float(table[1]["val_loss"]) == pytest.approx(rows[1]["val_loss"])
+    assert [r["method"] for r in table] == ["lora", "gast", "gast"] and float(table[1]["val_loss"]) == pytest.approx(rows[1]["val_loss"])
+
+
+def test_compare_picks_each_lr_on_the_dev_split_and_reports_on_the_test_split(base, tmp_path, monkeypatch):
+    seen = []  # (split of the run, the words it was evaluated on)
+    real_evaluate, real_train = train_module.evaluate, train_module.train
+
+    def evaluate(model, examples, *args, **kwargs):
+        seen.append((phase[-1], {tuple(e.tokens) for e in examples}))
+        return real_evaluate(model, examples, *args, **kwargs)
+
+    phase = []
+
+    def train(config, split="test", **kwargs):
+        phase.append(split)
+        return real_train(config, split=split, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate)
+    monkeypatch.setattr(train_module, "train", train)
+    config = tiny(base, tmp_path, compare=True, methods="lora,gast", seeds=1, steps=3, lrs="1e-3,3e-2")
+    rows = compare(config)
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert [(r["method"], r["lr"], r["split"]) for r in saved["dev_runs"]] == [
+        ("lora", 1e-3, "dev"), ("lora", 3e-2, "dev"), ("gast", 1e-3, "dev"), ("gast", 3e-2, "dev")]
+    for row in rows:  # the lr with the lowest dev loss, for each method
+        tried = [r for r in saved["dev_runs"] if r["method"] == row["method"]]
+        assert row["lr"] == min(tried, key=lambda r: r["val_loss"])["lr"]
+        assert all(r["lr"] == row["lr"] and r["split"] == "test" for r in saved["runs"] if r["method"] == row["method"])
+    dev_seen = set().union(*(words for split, words in seen if split == "dev"))
+    test_seen = set().union(*(words for split, words in seen if split == "test"))
+    assert dev_seen and test_seen and not dev_seen & test_seen
 
 
 def test_invalid_settings_are_all_reported_at_once(base, tmp_path):
@@ -126,14 +158,14 @@ def test_jsonl_and_text_files_through_data(base, tmp_path):
     rows = [{"question": f"q{i}?", "answer": f" a{i % 3}"} for i in range(40)]
     (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     metrics = train(tiny(base, tmp_path / "qa", data=str(tmp_path / "qa.jsonl"), prompt_field="question",
-                         completion_field="answer", batch_size=4, val_fraction=0.25))
+                         completion_field="answer", batch_size=4, val_fraction=0.25, reference_size=8))
     assert metrics["exact_match"] is not None and math.isfinite(metrics["val_loss"])
     (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
-    metrics = train(tiny(base, tmp_path / "txt", data=str(tmp_path / "corpus.txt"), batch_size=4))
+    metrics = train(tiny(base, tmp_path / "txt", data=str(tmp_path / "corpus.txt"), batch_size=4, reference="batch"))
     assert metrics["exact_match"] is None and math.isfinite(metrics["val_loss"])
-    with pytest.raises(ConfigError, match="--batch-size 40 is larger than the 30 training samples"):
+    with pytest.raises(ConfigError, match="--batch-size 40 is larger than the 22 training samples left in .* and the 8 reference"):
         train(tiny(base, tmp_path / "qa2", data=str(tmp_path / "qa.jsonl"), batch_size=40, val_fraction=0.25,
-                   prompt_field="question", completion_field="answer"))
+                   prompt_field="question", completion_field="answer", reference_size=8))
 
 
 def test_selection_picture_shows_the_mask_and_the_noisy_samples():
