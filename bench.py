@@ -1,21 +1,34 @@
 """
-What GAST costs over a plain LoRA step, measured in one process on the same model and batch.
+What GAST costs over a plain LoRA step, as ratios that hold on a shared machine.
 
-    python bench.py                      # default model, batches 8, 32, 128; on CUDA also a GPT-2-small shape
-    python bench.py --batches 32 --repeats 20 --device cpu
+    python bench.py                      # default model at B = 8, 32, 128, and the mid model at B = 32
+    python bench.py --batches 32 --repeats 20 --models default,mid --device cpu
 
-For each model and batch size:
-  plain      an ordinary LoRA step: forward, backward, AdamW
-  gast       a GAST step (per-sample gradients by torch.func, scores, selection, AdamW)
-  gast_hooks the same step with per-sample gradients from backward hooks (lora.py)
-  vmap       per-sample gradients through torch.func alone
-  hooks      per-sample gradients through backward hooks alone
-  loop       B single-sample forward/backward passes (what vmap replaces)
-Times are medians over --repeats after warm-up (CUDA synchronised), as ratios to plain.
-Memory is the peak above the state before the measurement (torch.cuda.max_memory_allocated
-on a GPU; on the CPU the peak RSS, reset through /proc/self/clear_refs, with each
-measurement in a fresh process so that memory freed by one computation cannot hide the
-next one's), as a ratio to plain's. The table is printed and written to --out as JSON.
+For each model and batch size it times:
+  plain       an ordinary LoRA step: forward, backward, AdamW
+  gast        a GAST step with the batch-mean reference (per-sample gradients by torch.func)
+  gast_hooks  the same step with per-sample gradients from backward hooks (lora.py)
+  gast_ref1   a GAST step with the held-out reference (|R| = 64) recomputed every step
+  gast_ref10  the same, recomputed every 10 steps (timed over 10 steps, per step)
+  vmap        per-sample gradients through torch.func alone
+  hooks       per-sample gradients through backward hooks alone
+  loop        B single-sample forward/backward passes (what vmap replaces)
+
+Time is paired: every computation runs in one process, round-robin (plain, gast, ...,
+plain, gast, ...) after warm-up, and each ratio is the median over rounds of that round's
+time over that round's plain step, with its spread (min-max). A change of load between
+rounds then moves both sides of a ratio together; if plain's own time varies by more
+than 2x across rounds, a warning says the machine was busy and the ratios are suspect.
+
+Threads are set explicitly (--threads, default: the cores torch sees) and printed: two
+processes that each spin 2 OpenMP threads on 2 cores can slow a step by tens of times,
+so a benchmark beside another job must not oversubscribe the cores.
+
+Memory is the peak above the state before the computation (torch.cuda.max_memory_allocated
+on a GPU; on the CPU the peak RSS, reset through /proc/self/clear_refs, each computation in
+a fresh process so that memory freed by one cannot hide the next one's), next to the
+bound B x (LoRA parameters) x 4 bytes over plain. The table is printed and written to
+--out as JSON.
 """
 
 import argparse
@@ -25,6 +38,7 @@ import multiprocessing
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -32,12 +46,17 @@ import torch
 from data import collate, get_tokenizer, make_default_task
 from gast import SelectionConfig, SparseTuner, per_sample_grads, per_sample_grads_by_hooks
 from lora import LoRAConfig, add_lora
-from model import GPT, GPTConfig
+from model import GPT, IGNORE_INDEX, GPTConfig
 
-MODELS = {
-    "default": GPTConfig(),  # the model train.py pretrains: 4 blocks, width 64
-    "gpt2-small": GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=128, vocab_size=50257),
+ATTENTION = ("attn.c_attn", "attn.c_proj")
+ATTENTION_AND_MLP = ATTENTION + ("mlp.c_fc", "mlp.c_proj")
+MODELS = {  # name: (model shape, LoRA targets, batch sizes by default)
+    "default": (GPTConfig(), ATTENTION, (8, 32, 128)),  # the model train.py pretrains: 4 blocks, width 64
+    "mid": (GPTConfig(n_layer=8, n_head=8, n_embd=256, block_size=64), ATTENTION_AND_MLP, (32,)),
+    "gpt2-small": (GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=128, vocab_size=50257), ATTENTION, (8, 32)),
 }
+WHATS = ("plain", "gast", "gast_hooks", "gast_ref1", "gast_ref10", "vmap", "hooks", "loop")
+REFERENCE_SIZE = 64
 
 
 # --- memory -----------------------------------------------------------------------------
@@ -68,44 +87,47 @@ def memory_peak(device):
     return _rss_kib("VmHWM:") * 1024
 
 
-# --- the four measured computations ------------------------------------------------------
+# --- the measured computations -----------------------------------------------------------
 
 def make_batch(config, B, device, seed=0):
-    """A batch of the default task, or random tokens for a model of another vocabulary."""
-    if config.vocab_size == 257:
+    """A batch of the default task for the default model; random tokens of the full context
+    (the first half prompt, no loss there) for the others."""
+    if config == MODELS["default"][0]:
         tok = get_tokenizer()
         train = make_default_task(tok, n_train=max(B, 8), n_val=1, noise=0.2, seed=seed, n_reference=0, n_dev=0).train
         return collate(train[:B], tok.eot_token, device)[:2]
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g)
     y = x.roll(-1, dims=1)
-    y[:, : config.block_size // 2] = -100  # a prompt half: no loss there
+    y[:, : config.block_size // 2] = IGNORE_INDEX
     return x.to(device), y.to(device)
 
 
-def setup(config, device):
+def setup(spec, device):
+    config, targets, _ = spec
     torch.manual_seed(0)
-    model = add_lora(GPT(config), LoRAConfig(), verbose=False).to(device).train()
+    model = add_lora(GPT(config), LoRAConfig(targets=targets), verbose=False).to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, opt
 
 
-def runners(model, opt, x, y):
-    tuner = SparseTuner(model, SelectionConfig(method="gast", layer_ratio=0.5, data_ratio=0.5))
-    tuner_hooks = SparseTuner(model, SelectionConfig(method="gast", layer_ratio=0.5, data_ratio=0.5, per_sample="hooks"))
+def runners(model, opt, x, y, reference_batch):
+    def tuner(**kw):
+        return SparseTuner(model, SelectionConfig(method="gast", **kw), reference_batch=reference_batch)
+    tuners = {"gast": tuner(reference="batch"), "gast_hooks": tuner(reference="batch", per_sample="hooks"),
+              "gast_ref1": tuner(), "gast_ref10": tuner(reference_interval=10)}
 
     def plain():
         opt.zero_grad(set_to_none=True)
         model(x, y)[1].backward()
         opt.step()
 
-    def gast():
-        tuner.step(x, y)
-        opt.step()
-
-    def gast_hooks():
-        tuner_hooks.step(x, y)
-        opt.step()
+    def gast_step(what, steps=1):
+        def run():
+            for _ in range(steps):
+                tuners[what].step(x, y)
+                opt.step()
+        return run
 
     def vmap():
         per_sample_grads(model, x, y)
@@ -118,97 +140,156 @@ def runners(model, opt, x, y):
             model.zero_grad(set_to_none=True)
             model(x[i : i + 1], y[i : i + 1])[1].backward()
 
-    return {"plain": plain, "gast": gast, "gast_hooks": gast_hooks, "vmap": vmap, "hooks": hooks, "loop": loop}
+    return {"plain": plain, "gast": gast_step("gast"), "gast_hooks": gast_step("gast_hooks"),
+            "gast_ref1": gast_step("gast_ref1"), "gast_ref10": gast_step("gast_ref10", steps=10),
+            "vmap": vmap, "hooks": hooks, "loop": loop}
 
 
-def measure(fn, device, repeats, warmup=2):
-    """Median seconds over repeats after warm-up, and the peak memory above the start
-    (warm-up included: that is where the first allocations happen)."""
+STEPS_PER_CALL = {"gast_ref10": 10}  # one call of gast_ref10 is 10 steps: one refresh, nine reuses
+
+
+def build(spec, B, device):
+    """spec: a MODELS entry (passed whole, so that a fresh process needs no lookup)."""
+    model, opt = setup(spec, device)
+    x, y = make_batch(spec[0], B, device)
+    reference = make_batch(spec[0], REFERENCE_SIZE, device, seed=1)
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return runners(model, opt, x, y, reference), n_lora, x.shape[1]
+
+
+def paired_times(spec, B, device, repeats, loop_repeats, warmup=2):
+    """{what: [seconds per step, one per round]}, every computation in this one process,
+    round-robin, so that each round's ratios share that round's load."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    start = memory_start(device)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), max(memory_peak(device) - start, 0)
+    run, n_lora, seq = build(spec, B, device)
+    for fn in run.values():
+        for _ in range(warmup if fn is not run["loop"] else 1):
+            fn()
+    times = {what: [] for what in WHATS}
+    for r in range(repeats):
+        for what in WHATS:
+            if what == "loop" and r >= loop_repeats:
+                continue
+            sync()
+            t0 = time.perf_counter()
+            run[what]()
+            sync()
+            times[what].append((time.perf_counter() - t0) / STEPS_PER_CALL.get(what, 1))
+    return times, n_lora, seq
 
 
-WHATS = ("plain", "gast", "gast_hooks", "vmap", "hooks", "loop")
-
-
-def measure_one(name, B, what, device, repeats, threads):
-    """Build the model and batch, then time one computation: (seconds, peak bytes, n_lora)."""
+def memory_one(spec, B, what, device, threads, warmup=2):
+    """Peak bytes above the start for one computation (run in a fresh process on the CPU)."""
     torch.set_num_threads(threads)
-    config = MODELS[name]
-    model, opt = setup(config, device)
-    x, y = make_batch(config, B, device)
-    seconds, peak = measure(runners(model, opt, x, y)[what], device, repeats)
-    return seconds, peak, sum(p.numel() for p in model.parameters() if p.requires_grad), x.shape[1]
+    run, _, _ = build(spec, B, device)
+    start = memory_start(device)
+    for _ in range(1 if what in ("loop", "gast_ref10") else warmup + 1):
+        run[what]()
+    return max(memory_peak(device) - start, 0)
 
 
-def measure_all(name, B, device, args):
-    """Every computation for one model and batch size; on the CPU each in its own process."""
-    repeats = {what: args.loop_repeats if what == "loop" else args.repeats for what in WHATS}
-    threads = torch.get_num_threads()
+def memory_all(spec, B, device, threads):
     if device.startswith("cuda"):
-        return {what: measure_one(name, B, what, device, repeats[what], threads) for what in WHATS}
+        return {what: memory_one(spec, B, what, device, threads) for what in WHATS}
     spawn = multiprocessing.get_context("spawn")
-    results = {}
+    peaks = {}
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn, max_tasks_per_child=1) as pool:
+        for what in WHATS:
+            peaks[what] = pool.submit(memory_one, spec, B, what, device, threads).result()
+    return peaks
+
+
+def summarise(name, B, times, peaks, n_lora, seq):
+    """One row: medians, per-round ratios to plain (median, min, max), memory."""
+    plain = times["plain"]
+    row = {"model": name, "batch": B, "seq": seq, "lora_params": n_lora}
     for what in WHATS:
-        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-            results[what] = pool.submit(measure_one, name, B, what, device, repeats[what], threads).result()
-    return results
+        row[f"{what}_ms"] = 1000 * statistics.median(times[what])
+        row[f"{what}_mem_mib"] = peaks[what] / 2**20
+        if what != "plain":
+            ratios = [t / p for t, p in zip(times[what], plain)]
+            row[f"{what}_x"] = statistics.median(ratios)
+            row[f"{what}_x_spread"] = [min(ratios), max(ratios)]
+            row[f"{what}_mem_x"] = row[f"{what}_mem_mib"] / max(row["plain_mem_mib"], 1e-9)
+    loop_vs_vmap = [l / v for l, v in zip(times["loop"], times["vmap"])]
+    row["vmap_speedup_over_loop"] = statistics.median(loop_vs_vmap)
+    row["plain_spread"] = max(plain) / min(plain)
+    row["busy"] = row["plain_spread"] > 2
+    # the memory target: per-sample gradients may add B x (LoRA parameters) x 4 bytes
+    row["per_sample_grad_mib"] = B * n_lora * 4 / 2**20
+    return row
 
 
-def main():
+# --- command line ------------------------------------------------------------------------
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--device", default="auto", help="cpu, cuda ...; auto: cuda when available")
-    parser.add_argument("--models", default="", help="comma-separated from: " + ", ".join(MODELS) + " (default: default; and gpt2-small on CUDA)")
-    parser.add_argument("--batches", default="8,32,128", help="comma-separated batch sizes")
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (median reported)")
-    parser.add_argument("--loop-repeats", type=int, default=2, help="timed runs of the slow single-sample loop")
+    parser.add_argument("--models", default="", help="comma-separated from: " + ", ".join(MODELS) + " (default: default,mid; and gpt2-small on CUDA)")
+    parser.add_argument("--batches", default="", help="comma-separated batch sizes (default: each model's own)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (medians over rounds reported)")
+    parser.add_argument("--loop-repeats", type=int, default=2, help="rounds that also time the slow single-sample loop")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads (default: the cores torch sees)")
     parser.add_argument("--out", default="out/bench.json", help="where the JSON goes")
-    args = parser.parse_args()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    names = args.models.split(",") if args.models else (["default", "gpt2-small"] if device.startswith("cuda") else ["default"])
-    machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"bench on {device} ({machine}), torch {torch.__version__}")
+    args = parser.parse_args(argv)
+    problems = []
+    unknown = [m for m in args.models.split(",") if m and m not in MODELS]
+    if unknown:
+        problems.append(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    try:
+        args.batch_sizes = [int(b) for b in args.batches.split(",")] if args.batches else None
+        if args.batch_sizes and min(args.batch_sizes) <= 0:
+            problems.append(f"--batches must be positive, got {args.batches}")
+    except ValueError:
+        problems.append(f"--batches must be comma-separated integers, got {args.batches!r}")
+    for flag in ("repeats", "loop_repeats", "threads"):
+        if getattr(args, flag) <= 0:
+            problems.append(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if not (args.device == "cpu" or (args.device.startswith("cuda") and torch.cuda.is_available())):
+        problems.append(f"--device {args.device}: not available here (cpu{', cuda' if torch.cuda.is_available() else ''})")
+    if problems:
+        parser.exit(2, "error: " + "\n  ".join(problems) + "\n")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device
+    torch.set_num_threads(args.threads)
+    names = args.models.split(",") if args.models else (["default", "mid", "gpt2-small"] if device.startswith("cuda") else ["default", "mid"])
+    machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else (platform.processor() or platform.machine())
+    print(f"bench on {device} ({machine}), {args.threads} torch threads of {os.cpu_count()} cores, torch {torch.__version__}", flush=True)
     rows = []
     for name in names:
-        for B in [int(b) for b in args.batches.split(",")]:
-            results = measure_all(name, B, device, args)
-            _, _, n_lora, seq = results["plain"]
-            row = {"model": name, "batch": B, "seq": seq, "lora_params": n_lora}
-            for what, (seconds, peak, _, _) in results.items():
-                row[f"{what}_ms"], row[f"{what}_mem_mib"] = 1000 * seconds, peak / 2**20
-            for what in ("gast", "gast_hooks", "vmap", "hooks", "loop"):
-                row[f"{what}_x"] = row[f"{what}_ms"] / row["plain_ms"]
-                row[f"{what}_mem_x"] = row[f"{what}_mem_mib"] / max(row["plain_mem_mib"], 1e-9)
-            row["vmap_speedup_over_loop"] = row["loop_ms"] / row["vmap_ms"]
-            # the memory target: per-sample gradients may add B x (LoRA parameters) x 4 bytes
-            row["per_sample_grad_mib"] = B * n_lora * 4 / 2**20
+        for B in args.batch_sizes or MODELS[name][2]:
+            repeats = args.repeats if name == "default" else max(3, args.repeats // 2)  # larger models: fewer rounds
+            times, n_lora, seq = paired_times(MODELS[name], B, device, repeats, min(args.loop_repeats, repeats))
+            row = summarise(name, B, times, memory_all(MODELS[name], B, device, args.threads), n_lora, seq)
             rows.append(row)
-            print(f"  {name} B={B}: plain {row['plain_ms']:.1f} ms, gast {row['gast_x']:.2f}x, "
-                  f"gast_hooks {row['gast_hooks_x']:.2f}x, loop {row['loop_x']:.2f}x", flush=True)
-    print()
-    print("time as a multiple of the plain LoRA step; memory as peak MiB above the start")
-    print("| model | B | plain ms | gast (vmap) | gast (hooks) | vmap | hooks | loop | vmap vs loop | plain MiB | gast MiB | gast hooks MiB | B x LoRA x 4 B (MiB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            print(f"  {name} B={B}: plain {row['plain_ms']:.1f} ms, gast {row['gast_x']:.2f}x, gast_hooks {row['gast_hooks_x']:.2f}x, "
+                  f"held-out every step {row['gast_ref1_x']:.2f}x, every 10 {row['gast_ref10_x']:.2f}x", flush=True)
+            if row["busy"]:
+                print(f"  warning: plain's own time varied {row['plain_spread']:.1f}x across rounds: the machine was busy "
+                      "and these ratios are suspect", flush=True)
+    print("\ntime: median over rounds of the ratio to that round's plain step [min-max]; memory: peak MiB above the start")
+    print("| model | B | plain ms | gast (batch ref, vmap) | gast (batch ref, hooks) | gast (held-out, every step) | "
+          "gast (held-out, every 10) | vmap | hooks | loop | vmap vs loop | plain MiB | gast MiB | gast hooks MiB | B x LoRA x 4 B (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['batch']} | {r['plain_ms']:.1f} | {r['gast_x']:.2f}x | {r['gast_hooks_x']:.2f}x | {r['vmap_x']:.2f}x | "
-              f"{r['hooks_x']:.2f}x | {r['loop_x']:.2f}x | {r['vmap_speedup_over_loop']:.1f}x | {r['plain_mem_mib']:.1f} | "
-              f"{r['gast_mem_mib']:.1f} | {r['gast_hooks_mem_mib']:.1f} | {r['per_sample_grad_mib']:.1f} |")
+        cells = [f"{r[f'{w}_x']:.2f}x [{r[f'{w}_x_spread'][0]:.2f}-{r[f'{w}_x_spread'][1]:.2f}]"
+                 for w in ("gast", "gast_hooks", "gast_ref1", "gast_ref10", "vmap", "hooks", "loop")]
+        print(f"| {r['model']} | {r['batch']} | {r['plain_ms']:.1f} | " + " | ".join(cells) +
+              f" | {r['vmap_speedup_over_loop']:.1f}x | {r['plain_mem_mib']:.1f} | {r['gast_mem_mib']:.1f} | "
+              f"{r['gast_hooks_mem_mib']:.1f} | {r['per_sample_grad_mib']:.1f} |")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump({"device": device, "machine": machine, "torch": torch.__version__, "rows": rows}, f, indent=1)
+    with open(args.out + ".tmp", "w") as f:  # temporary file, then rename: never half-written
+        json.dump({"device": device, "machine": machine, "torch": torch.__version__, "threads": args.threads,
+                   "busy": any(r["busy"] for r in rows), "rows": rows}, f, indent=1)
     os.replace(args.out + ".tmp", args.out)
     print(f"\nwritten to {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -58,7 +58,7 @@ def per_sample_grads_and_losses(model, inputs, targets, chunk_size=None):
 
 
 def per_sample_grads(model, inputs, targets, chunk_size=None):
-    """{name: (B, *p.shape)}: step 1 of the spec, g[l, i] for every LoRA parameter."""
+    """{name: (B, *p.shape)}: step 1 of the rule, g[l, i] for every LoRA parameter."""
     return per_sample_grads_and_losses(model, inputs, targets, chunk_size)[0]
 
 

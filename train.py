@@ -543,7 +543,7 @@ def plot_selection(history, path, config):
                 bottom.plot(rates, style, color=colors(l), label=f"block {l}, {kind}")
         bottom.set_ylim(-0.02, 1.02)
         bottom.set_ylabel("share of the batch's samples taken\n(when updated; 50-step mean)")
-        bottom.legend(ncol=2, fontsize=7, loc="lower right")
+        bottom.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
         bottom.text(0.5, 0.5, "no noisy flags in this data: no rates", ha="center", va="center", transform=bottom.transAxes)
     bottom.set_xlabel("step")

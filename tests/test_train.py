@@ -1,6 +1,7 @@
 import csv
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -52,17 +53,18 @@ def adapter(path):
     return torch.load(path / "adapter.pt", weights_only=True)["adapter"]
 
 
-@pytest.mark.parametrize("method", ["gast", "ist", "lisa"])
-def test_k_steps_then_resume_then_n_steps_equals_k_plus_n_straight(base, tmp_path, method):
+@pytest.mark.parametrize("method,reference_interval", [("gast", 1), ("gast", 3), ("ist", 1), ("lisa", 1)])
+def test_k_steps_then_resume_then_n_steps_equals_k_plus_n_straight(base, tmp_path, method, reference_interval):
     straight = tmp_path / "straight"
     split = tmp_path / "split"
-    train(tiny(base, straight, method=method, steps=8, eval_interval=2))
-    first = train(tiny(base, split, method=method, steps=8, eval_interval=2, stop_at=5))
+    kw = dict(method=method, steps=8, eval_interval=2, reference_interval=reference_interval)
+    train(tiny(base, straight, **kw))
+    first = train(tiny(base, split, stop_at=5, **kw))  # with interval 3, step 5 reuses the r of step 3
     assert first["steps"] == 5
     assert torch.load(split / "ckpt.pt", weights_only=True)["step"] == 5
     with pytest.raises(ConfigError, match="--lr is 0.5, the checkpoint's 0.01"):
-        train(tiny(base, split, method=method, steps=8, eval_interval=2, resume=True, lr=0.5))
-    train(tiny(base, split, method=method, steps=8, eval_interval=2, resume=True))
+        train(tiny(base, split, resume=True, lr=0.5, **kw))
+    train(tiny(base, split, resume=True, **kw))
     a, b = adapter(straight), adapter(split)
     assert a.keys() == b.keys()
     for name in a:
@@ -136,6 +138,40 @@ def test_unknown_fields_and_bad_flags_are_refused(base, tmp_path, capsys):
     assert "--layer-ratio must be in (0, 1]" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--no-such-flag"])
+
+
+def test_bad_reference_and_comparison_flags_are_refused(base, tmp_path):
+    config = tiny(base, tmp_path, reference="val", reference_size=0, reference_interval=0, val_data="v.jsonl",
+                  lrs="1e-3,abc", methods="gast:best,lora")
+    with pytest.raises(ConfigError) as e:
+        train(config)
+    for expected in ("--reference must be one of heldout, batch, got 'val'", "--reference-size must be positive, got 0",
+                     "--reference-interval must be positive, got 0", "--val-data needs --data",
+                     "--lrs must be comma-separated numbers, got '1e-3,abc'", "--methods: unknown gast:best"):
+        assert expected in str(e.value)
+    with pytest.raises(ConfigError, match="--reference-data nowhere.jsonl: no such file") as e:
+        train(tiny(base, tmp_path, data=__file__, reference_data="nowhere.jsonl", lrs="0,1e-3"))
+    assert "--lrs must all be positive" in str(e.value)
+
+
+def test_your_own_reference_and_evaluation_files(base, tmp_path, capsys):
+    def write(name, n, offset):
+        rows = [{"prompt": f"q{i}?", "completion": f" a{i % 3}"} for i in range(offset, offset + n)]
+        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows))
+        return str(tmp_path / name)
+
+    tok = get_tokenizer()
+    config = tiny(base, tmp_path, data=write("train.jsonl", 30, 0), val_data=write("val.jsonl", 10, 100),
+                  reference_data=write("ref.jsonl", 6, 200), quiet=False)
+    task, is_qa = train_module.load_task(config, tok, 32)
+    words = lambda split: {tok.decode(e.tokens[: e.n_prompt]) for e in split}
+    assert is_qa and len(task.train) == 30 and words(task.reference) == {f"q{i}?" for i in range(200, 206)}
+    assert words(task.dev) | words(task.val) == {f"q{i}?" for i in range(100, 110)} and len(task.dev) == len(task.val) == 5
+    carved, _ = train_module.load_task(replace(config, reference_data="", reference_size=7), tok, 32)
+    assert len(carved.train) == 23 and len(carved.reference) == 7 and not words(carved.train) & words(carved.reference)
+    assert "reference set: 7 samples carved from" in capsys.readouterr().out
+    no_reference, _ = train_module.load_task(replace(config, reference_data="", reference="batch"), tok, 32)
+    assert len(no_reference.train) == 30 and no_reference.reference == []
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(base, tmp_path, monkeypatch):
