@@ -202,12 +202,15 @@ def make_default_task(tokenizer, n_train=1000, n_val=200, noise=0.2, seed=0, n_r
 
 
 def read_text_file(path):
-    """The file's text; DataError for a missing, empty or non-UTF-8 file (with its line)."""
+    """The file's text; DataError for a missing, empty or non-UTF-8 file (with its line).
+
+    A UTF-8 byte-order mark at the start (Windows editors write one) is dropped."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
     if not raw.strip():
         raise DataError(f"{path}: file is empty")
     try:

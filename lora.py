@@ -200,12 +200,24 @@ def adapter_state_dict(model):
     return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if ".lora_" in name}
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash leaves the old file intact."""
+def atomic_write(path, write):
+    """write(tmp) writes the file at tmp; then it is renamed to path. A crash or an error
+    leaves the old file intact and no temporary file behind."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"  # same extension: writers that go by it still do
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_save(obj, path):
+    """torch.save through atomic_write: a crash leaves the old file intact."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_adapter(model, config: LoRAConfig, path):

@@ -13,6 +13,7 @@ layer_ratio). train(config) -> metrics is importable, so tests run it on tiny se
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -23,12 +24,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 
+import tiktoken
 import torch
 
 from data import (DataError, Example, Task, TokenizerUnavailable, collate, encode, get_tokenizer, load_jsonl, load_text,
                   make_default_task, pretrain_text)
 from gast import METHODS, REFERENCES, SCORED, SelectionConfig, SparseTuner
-from lora import LoRAConfig, add_lora, adapter_state_dict, atomic_save, save_adapter
+from lora import LoRAConfig, add_lora, adapter_state_dict, atomic_save, atomic_write, save_adapter
 from model import GPT, GPTConfig
 
 
@@ -81,10 +83,11 @@ class TrainConfig:
     log_interval: int = _f(20, "a progress line every this many steps")
     out_dir: str = _f("out", "checkpoints, adapters and comparison results go here")
     resume: bool = _f(False, "continue from out_dir/ckpt.pt")
+    overwrite: bool = _f(False, "replace a run already in --out-dir (ckpt.pt, adapter.pt, compare results) instead of refusing")
     stop_at: int = _f(0, "end this run at this step (the schedule still spans --steps); 0: at --steps")
     device: str = _f("auto", "cpu, cuda, cuda:1 ...; auto: cuda when available")
     compile: bool = _f(False, "torch.compile the model for pretraining (fine-tuning stays eager: torch.func transforms the module itself)")
-    quiet: bool = _f(False, "print only the summary")
+    quiet: bool = _f(False, "print only the summary (no progress lines)")
     # comparison
     compare: bool = _f(False, "run every method in --methods over --seeds seeds and print a table")
     methods: str = _f(",".join(METHODS) + ",gast:batch", "methods for --compare; method:reference sets that row's --reference")
@@ -127,6 +130,19 @@ def validate(config):
         problems.append(f"--init-from {config.init_from}: no such file or directory")
     if config.chunk_size < 0 or config.stop_at < 0 or config.pretrain_steps < 0 or config.warmup_steps < 0:
         problems.append("--chunk-size, --stop-at, --pretrain-steps and --warmup-steps must not be negative")
+    if config.tokenizer != "bytes" and config.tokenizer not in tiktoken.list_encoding_names():
+        problems.append(f"--tokenizer {config.tokenizer!r} is unknown; choose bytes or one of {', '.join(tiktoken.list_encoding_names())}")
+    device_problem = check_device(config.device)
+    if device_problem:
+        problems.append(device_problem)
+    targets = [t for t in config.lora_targets.split(",")]
+    unknown_targets = [t for t in targets if not t or not any(m.endswith(t) for m in LINEAR_MODULES)]
+    if unknown_targets:
+        problems.append(f"--lora-targets: {', '.join(map(repr, unknown_targets))} matches no Linear module of a block; "
+                        f"choose from {', '.join(LINEAR_MODULES)}")
+    for name in ("n_train", "n_val"):
+        if getattr(config, name) <= 0:
+            problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
     if config.reference not in REFERENCES:
         problems.append(f"--reference must be one of {', '.join(REFERENCES)}, got {config.reference!r}")
     for name in ("reference_size", "reference_interval"):
@@ -150,6 +166,28 @@ def validate(config):
         problems.append(f"--lrs must be comma-separated numbers, got {config.lrs!r}")
     if problems:
         raise ConfigError("invalid settings:\n  " + "\n  ".join(problems))
+
+
+LINEAR_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # GPT-2's names, in every block
+
+
+def check_device(name):
+    """None if the device can be used here, else the problem, naming --device."""
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N"
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda":
+        return f"--device {name!r}: only cpu and cuda are supported"
+    if not torch.cuda.is_available():
+        return f"--device {name}: no CUDA GPU is available here (torch {torch.__version__}); use --device cpu or auto"
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        return f"--device {name}: there are only {torch.cuda.device_count()} GPU(s)"
+    return None
 
 
 def config_from_dict(values):
@@ -183,11 +221,16 @@ def log(config, *args):
 
 def load_examples(config, path, tokenizer, block_size):
     """Examples of one file: JSONL prompt/completion pairs, or plain text cut into windows."""
+    if path.endswith(".json"):
+        raise DataError(f"{path}: .json files are not read. Prompt/completion pairs go one JSON object per line "
+                        "in a .jsonl file; a plain-text corpus goes in any other file (.txt)")
     if path.endswith(".jsonl"):
+        log(config, f"reading {path} as JSONL prompt/completion pairs (fields {config.prompt_field!r}, {config.completion_field!r})")
         examples, cut = load_jsonl(path, tokenizer, block_size, config.prompt_field, config.completion_field)
         if cut.samples:
             log(config, f"{path}: {cut.samples} samples longer than {block_size + 1} tokens were cut ({cut.tokens} tokens)")
         return examples
+    log(config, f"reading {path} as plain text for language modelling (a .jsonl name would read prompt/completion pairs)")
     return load_text(path, tokenizer, block_size)
 
 
@@ -229,50 +272,119 @@ def load_task(config, tokenizer, block_size):
 
 
 # ---------------------------------------------------------------------------------------
+# Files: checkpoints read with a clear error, the output directory checked up front
+
+
+def read_checkpoint(path, flag, keys):
+    """torch.load(weights_only=True) of a dict holding keys; any failure is a ConfigError
+    naming the flag and the file (a crafted pickle is refused by weights_only)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ConfigError(f"invalid settings:\n  {flag} {path}: not a checkpoint that torch.load(weights_only=True) "
+                          f"reads ({type(e).__name__}: {reason})") from None
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ConfigError(f"invalid settings:\n  {flag} {path}: not a checkpoint of train.py (no {', '.join(missing)})")
+    return ckpt
+
+
+def fingerprint(path):
+    """A short hash of a base model's file (or of the files in its directory)."""
+    digest = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(path, f) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
+    for name in files:
+        with open(name, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()[:16]
+
+
+def check_out_dir(config, outputs):
+    """Before any work: out_dir can be written, no output is a directory, and an earlier
+    run there is neither overwritten by accident nor resumed from nothing."""
+    where = config.out_dir
+    try:
+        os.makedirs(where, exist_ok=True)
+        probe = os.path.join(where, f".write-test{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"invalid settings:\n  --out-dir {where}: cannot write there ({e.strerror})") from None
+    for name in outputs:
+        if os.path.isdir(os.path.join(where, name)):
+            raise ConfigError(f"invalid settings:\n  --out-dir {where}: {name} is a directory; move it away")
+    earlier = [name for name in outputs if os.path.exists(os.path.join(where, name))]
+    if earlier and not config.resume and not config.overwrite:
+        raise ConfigError(f"invalid settings:\n  --out-dir {where} already holds {', '.join(earlier)} of an earlier run: "
+                          "continue it with --resume, replace it with --overwrite, or pick another --out-dir")
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a run; the message says where it stopped and what was saved."""
+
+
+# ---------------------------------------------------------------------------------------
 # The base model
+
+
+PRETRAIN_SEED = 1234  # the base model does not depend on the fine-tuning seed
+PRETRAIN_LR = 3e-3  # peak; 100 warm-up steps, then cosine to 0
+PRETRAIN_BATCH = 64
 
 
 def pretrain(config, tokenizer, device, path):
     """Pretrain the default small GPT on the default corpus and save it to path."""
-    torch.manual_seed(1234)  # the base model does not depend on the fine-tuning seed
+    torch.manual_seed(PRETRAIN_SEED)
     gpt_config = GPTConfig(vocab_size=tokenizer.n_vocab)
     model = GPT(gpt_config).to(device)
-    lines = [encode(tokenizer, line) for line in pretrain_text(20000, seed=1234).splitlines(keepends=True)]
+    lines = [encode(tokenizer, line) for line in pretrain_text(20000, seed=PRETRAIN_SEED).splitlines(keepends=True)]
     examples = [Example(t, 0) for t in lines]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    rng = random.Random(1234)
+    opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, betas=(0.9, 0.95), weight_decay=0.1)
+    rng = random.Random(PRETRAIN_SEED)
     steps = config.pretrain_steps
     forward = torch.compile(model) if config.compile else model
     log(config, f"pretraining the base GPT ({model.num_params():,} parameters) for {steps} steps on {device}")
-    t0 = time.time()
+    t0, tokens = time.time(), 0
     for step in range(steps):
-        lr = 3e-3 * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        lr = PRETRAIN_LR * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in opt.param_groups:
             group["lr"] = lr
-        x, y, _ = collate(rng.sample(examples, 64), tokenizer.eot_token, device)
+        x, y, _ = collate(rng.sample(examples, PRETRAIN_BATCH), tokenizer.eot_token, device)
         with autocast_for(device):
             _, loss = forward(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % 250 == 0 or step == steps - 1:
-            log(config, f"  pretrain step {step:5d}/{steps} | loss {loss.item():.3f} | {time.time() - t0:.0f}s")
+        tokens += x.numel()
+        if step % 100 == 0 or step == steps - 1:
+            elapsed = time.time() - t0
+            log(config, f"  pretrain step {step:5d}/{steps} | loss {loss.item():.3f} | {1000 * elapsed / (step + 1):.0f} ms/step | "
+                        f"{tokens / elapsed:,.0f} tokens/s | eta {elapsed / (step + 1) * (steps - step - 1):.0f}s")
     atomic_save({"model_config": asdict(gpt_config), "model": model.state_dict()}, path)
     log(config, f"saved the base model to {path}")
     return model
 
 
 def load_base(config, tokenizer, device):
+    """(model on device, path): --init-from, or out_dir/base.pt, pretrained on first use."""
     path = config.init_from or os.path.join(config.out_dir, "base.pt")
     if os.path.isdir(path) or path.endswith(".bin"):
-        model = GPT.from_pretrained(path)
+        try:
+            model = GPT.from_pretrained(path)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise ConfigError(f"invalid settings:\n  --init-from {path}: not a GPT-2 checkpoint we can load ({e})") from None
     elif os.path.exists(path):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if "model_config" not in ckpt:
-            raise ConfigError(f"invalid settings:\n  --init-from {path}: not a base checkpoint of train.py (no model_config)")
-        model = GPT(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
+        ckpt = read_checkpoint(path, "--init-from", ("model_config", "model"))
+        try:
+            model = GPT(GPTConfig(**ckpt["model_config"]))
+            model.load_state_dict(ckpt["model"])
+        except (TypeError, ValueError, RuntimeError) as e:
+            reason = (str(e).strip().splitlines() or [""])[0][:160]
+            raise ConfigError(f"invalid settings:\n  --init-from {path}: its model_config or weights do not make a GPT ({reason})") from None
     else:
         model = pretrain(config, tokenizer, device, path)
     if tokenizer.n_vocab > model.config.vocab_size:
@@ -341,10 +453,35 @@ def lr_at(config, step):
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def save_checkpoint(path, config, step, model, lora_config, opt, tuner, rngs, base_path, metrics_so_far):
+def read_resume(config, ckpt_path):
+    """The checkpoint to resume from, refused if anything it was made with has changed."""
+    if not os.path.exists(ckpt_path):
+        raise ConfigError(f"invalid settings:\n  --resume: no checkpoint at {ckpt_path}")
+    resume = read_checkpoint(ckpt_path, "--resume", ("config", "step", "base", "base_hash", "adapter", "optimizer", "tuner", "rng", "progress"))
+    # settings that change what the run computes must match the checkpoint's
+    free = {"resume", "overwrite", "stop_at", "out_dir", "quiet", "device", "log_interval", "eval_interval", "compile",
+            "init_from", "compare", "methods", "seeds", "lrs"}
+    changed = [f"--{k.replace('_', '-')} is {getattr(config, k)!r}, the checkpoint's {v!r}"
+               for k, v in resume["config"].items() if k not in free and getattr(config, k, v) != v]
+    base = resume["base"]
+    if config.init_from and os.path.abspath(config.init_from) != os.path.abspath(base):
+        changed.append(f"--init-from is {config.init_from!r}, but the checkpoint's adapters were trained on {base!r} "
+                       "(drop --init-from to resume on it)")
+    elif not os.path.exists(base):
+        changed.append(f"the checkpoint's base model {base} is gone; a new base would not match its adapters")
+    elif fingerprint(base) != resume["base_hash"]:
+        changed.append(f"the checkpoint's base model {base} has changed since (hash {fingerprint(base)}, "
+                       f"the checkpoint's {resume['base_hash']})")
+    if changed:
+        raise ConfigError("invalid settings:\n  --resume with other settings than the checkpoint's:\n  " + "\n  ".join(changed))
+    return resume
+
+
+def save_checkpoint(path, config, step, model, lora_config, opt, tuner, rngs, base, metrics_so_far):
     data_rng, probe_rng = rngs
+    base_path, base_hash = base
     atomic_save({
-        "config": asdict(config), "step": step, "base": base_path, "lora_config": asdict(lora_config),
+        "config": asdict(config), "step": step, "base": base_path, "base_hash": base_hash, "lora_config": asdict(lora_config),
         "adapter": adapter_state_dict(model), "optimizer": opt.state_dict(), "tuner": tuner.state_dict(),
         "rng": {"python": data_rng.getstate(), "probe": probe_rng.getstate(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -352,34 +489,27 @@ def save_checkpoint(path, config, step, model, lora_config, opt, tuner, rngs, ba
     }, path)
 
 
-def train(config, split="test", picture=True):
+RUN_OUTPUTS = ("ckpt.pt", "adapter.pt", "metrics.json", "selection.png")
+
+
+def train(config, split="test", picture=True, summary=True):
     """Fine-tune as config says; returns the metrics dict (also the summary printed).
 
     split: the evaluation split, "test" (the reported results) or "dev" (--compare's lr
     choice, which must never see the test split; only its loss is computed).
-    picture: write out_dir/selection.png (needs matplotlib).
+    picture: write out_dir/selection.png (needs matplotlib); summary: print the summary.
     """
     if isinstance(config, dict):
         config = config_from_dict(config)
     validate(config)
     device = pick_device(config.device)
     tokenizer = get_tokenizer(config.tokenizer)
-    os.makedirs(config.out_dir, exist_ok=True)
+    check_out_dir(config, RUN_OUTPUTS)
     ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
-    resume = None
-    if config.resume:
-        if not os.path.exists(ckpt_path):
-            raise ConfigError(f"invalid settings:\n  --resume: no checkpoint at {ckpt_path}")
-        resume = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        # settings that change what the run computes must match the checkpoint's
-        free = {"resume", "stop_at", "out_dir", "quiet", "device", "log_interval", "eval_interval", "compile", "init_from",
-                "compare", "methods", "seeds", "lrs"}
-        changed = [f"--{k.replace('_', '-')} is {getattr(config, k)!r}, the checkpoint's {v!r}"
-                   for k, v in resume["config"].items() if k not in free and getattr(config, k) != v]
-        if changed:
-            raise ConfigError("invalid settings:\n  --resume with other settings than the checkpoint's:\n  " + "\n  ".join(changed))
+    resume = read_resume(config, ckpt_path) if config.resume else None
 
     model, base_path = load_base(config if resume is None else replace(config, init_from=resume["base"]), tokenizer, device)
+    base_hash = fingerprint(base_path)
     task, is_qa = load_task(config, tokenizer, model.config.block_size)
     is_qa = is_qa and split == "test"  # exact match (greedy decoding) on the test split only
     train_set = task.train
@@ -431,41 +561,48 @@ def train(config, split="test", picture=True):
     end = min(config.stop_at or config.steps, config.steps)
     log(config, f"fine-tuning with {config.method} on {len(train_set)} samples for steps {start}..{end} on {device}")
     t_start = time.time()
-    for step in range(start, end):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(config, step)
-        x, y, noisy = collate(data_rng.sample(train_set, config.batch_size), tokenizer.eot_token, device)
-        t0 = time.time()
-        with autocast_for(device):
-            record = tuner.step(x, y, noisy if noisy.any() else None, probe=probe)
-        if not math.isfinite(record.loss):
-            raise FloatingPointError(f"step {step}: the loss is {record.loss}; stopped without updating. "
-                                     f"The last good checkpoint is {ckpt_path}" + ("" if os.path.exists(ckpt_path) else " (none written yet)"))
-        opt.step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        history["ms"].append(1000 * (time.time() - t0))
-        history["coverage"].append(record.coverage)
-        history["noisy_selected"].append(record.noisy_selected)
-        history["clean_selected"].append(record.clean_selected)
-        history["active"].append([l in record.active_layers for l in range(tuner.n_layers)])
-        if record.noisy_rate is not None:
-            history["noisy_rate"].append(record.noisy_rate.tolist())
-            history["clean_rate"].append(record.clean_rate.tolist())
-        if step == start or step == end - 1:
-            log(config, f"step {step}: " + selection_picture(record, noisy.cpu()))
-        if step % config.log_interval == 0 or step == end - 1:
-            eta = (time.time() - t_start) / (step - start + 1) * (end - step - 1)
-            rates = "" if noisy.sum() == 0 else f" | noisy/clean taken {record.noisy_selected:.2f}/{record.clean_selected:.2f}"
-            log(config, f"step {step:5d}/{config.steps} | loss {record.loss:.4f} | lr {lr_at(config, step):.2e} | "
-                        f"layers {record.active_layers} | coverage {record.coverage:.2f}{rates} | "
-                        f"{history['ms'][-1]:.0f} ms/step | eta {eta:.0f}s")
-        if (step + 1) % config.eval_interval == 0 or step == end - 1:
-            result = evaluate(model, eval_set, tokenizer, device, is_qa)
-            history["evals"].append({"step": step + 1, "loss": result["loss"], "exact_match": result["exact_match"]})
-            em = "" if result["exact_match"] is None else f" | exact match {result['exact_match']:.3f}"
-            log(config, f"eval at step {step + 1}: held-out loss {result['loss']:.4f}{em}")
-            save_checkpoint(ckpt_path, config, step + 1, model, lora_config, opt, tuner, (data_rng, probe_rng), base_path, history)
+    saved_at = start if resume is not None else None  # the step of the last checkpoint written
+    step = start
+    try:
+        for step in range(start, end):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(config, step)
+            x, y, noisy = collate(data_rng.sample(train_set, config.batch_size), tokenizer.eot_token, device)
+            t0 = time.time()
+            with autocast_for(device):
+                record = tuner.step(x, y, noisy if noisy.any() else None, probe=probe)
+            if not math.isfinite(record.loss):
+                raise FloatingPointError(f"step {step}: the loss is {record.loss}; stopped without updating. "
+                                         f"The last good checkpoint is {ckpt_path}" + ("" if os.path.exists(ckpt_path) else " (none written yet)"))
+            opt.step()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            history["ms"].append(1000 * (time.time() - t0))
+            history["coverage"].append(record.coverage)
+            history["noisy_selected"].append(record.noisy_selected)
+            history["clean_selected"].append(record.clean_selected)
+            history["active"].append([l in record.active_layers for l in range(tuner.n_layers)])
+            if record.noisy_rate is not None:
+                history["noisy_rate"].append(record.noisy_rate.tolist())
+                history["clean_rate"].append(record.clean_rate.tolist())
+            if step == start or step == end - 1:
+                log(config, f"step {step}: " + selection_picture(record, noisy.cpu()))
+            if step % config.log_interval == 0 or step == end - 1:
+                eta = (time.time() - t_start) / (step - start + 1) * (end - step - 1)
+                rates = "" if noisy.sum() == 0 else f" | noisy/clean taken {record.noisy_selected:.2f}/{record.clean_selected:.2f}"
+                log(config, f"step {step:5d}/{config.steps} | loss {record.loss:.4f} | lr {lr_at(config, step):.2e} | "
+                            f"layers {record.active_layers} | coverage {record.coverage:.2f}{rates} | "
+                            f"{history['ms'][-1]:.0f} ms/step | eta {eta:.0f}s")
+            if (step + 1) % config.eval_interval == 0 or step == end - 1:
+                result = evaluate(model, eval_set, tokenizer, device, is_qa)
+                history["evals"].append({"step": step + 1, "loss": result["loss"], "exact_match": result["exact_match"]})
+                em = "" if result["exact_match"] is None else f" | exact match {result['exact_match']:.3f}"
+                log(config, f"eval at step {step + 1}: held-out loss {result['loss']:.4f}{em}")
+                save_checkpoint(ckpt_path, config, step + 1, model, lora_config, opt, tuner, (data_rng, probe_rng), (base_path, base_hash), history)
+                saved_at = step + 1
+    except KeyboardInterrupt:
+        last = f"{ckpt_path} (step {saved_at})" if saved_at is not None else "none written yet"
+        raise Interrupted(f"interrupted at step {step}; last checkpoint: {last}") from None
 
     final = evaluate(model, eval_set, tokenizer, device, is_qa)
     save_adapter(model, lora_config, os.path.join(config.out_dir, "adapter.pt"))
@@ -485,7 +622,8 @@ def train(config, split="test", picture=True):
         "noisy_rate_per_layer": [nanmean(col) for col in zip(*history["noisy_rate"])],
         "clean_rate_per_layer": [nanmean(col) for col in zip(*history["clean_rate"])],
     }
-    if not config.quiet:
+    atomic_write(os.path.join(config.out_dir, "metrics.json"), lambda tmp: write_json(tmp, metrics))
+    if summary:
         print(f"\n{config.method}: held-out loss {metrics['val_loss']:.4f}"
               + ("" if metrics["exact_match"] is None else f", exact match {metrics['exact_match']:.3f}")
               + f", coverage {metrics['coverage']:.2f}"
@@ -498,6 +636,11 @@ def train(config, split="test", picture=True):
         for prompt, answer, hit in final["answers"]:
             print(f"  {prompt!r} -> {answer!r} {'(right)' if hit else '(wrong)'}")
     return metrics
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
 
 
 def smooth(values, window):
@@ -554,9 +697,7 @@ def plot_selection(history, path, config):
 
 
 def save_figure(fig, path):
-    tmp = f"{path}.tmp{os.getpid()}.png"  # temporary file, then rename: never half-written
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
 
 
 def nanmean(values):
@@ -577,6 +718,7 @@ def compare(config):
     reported on the test split. The dev split never overlaps the test split.
     """
     validate(config)
+    check_out_dir(config, ("compare.json", "compare.csv", "compare.png"))
     rows_wanted = [(m.split(":")[0], (m.split(":") + [config.reference])[1]) for m in config.methods.split(",")]
     lrs = [float(v) for v in config.lrs.split(",")]
     base = config.init_from or os.path.join(config.out_dir, "base.pt")
@@ -590,8 +732,8 @@ def compare(config):
         label = method if method not in SCORED else f"{method}-{reference}"
         name = f"{label}-lr{lr:g}-dev" if split == "dev" else f"{label}-seed{seed}"
         run_config = replace(config, method=method, reference=reference, lr=lr, seed=seed, init_from=base, compare=False,
-                             quiet=True, resume=False, out_dir=os.path.join(config.out_dir, "compare", name))
-        metrics = train(run_config, split=split, picture=False)
+                             quiet=True, resume=False, overwrite=True, out_dir=os.path.join(config.out_dir, "compare", name))
+        metrics = train(run_config, split=split, picture=False, summary=False)
         nonlocal done
         done += 1
         elapsed = time.time() - t0
@@ -613,18 +755,18 @@ def compare(config):
     table = format_table(rows)
     print(f"\n{len(rows)} methods, lr from {config.lrs} by dev loss, then {config.seeds} seeds on the test split, "
           f"{config.steps} steps each, {time.time() - t0:.0f}s in all\n{table}")
-    os.makedirs(config.out_dir, exist_ok=True)
     path = os.path.join(config.out_dir, "compare")
-    with open(path + ".json.tmp", "w") as f:  # temporary file, then rename: never half-written
-        json.dump({"config": asdict(config), "rows": rows, "runs": runs, "dev_runs": dev_runs}, f, indent=1)
-    with open(path + ".csv.tmp", "w", newline="") as f:
+    atomic_write(path + ".json", lambda tmp: write_json(tmp, {"config": asdict(config), "rows": rows, "runs": runs, "dev_runs": dev_runs}))
+    atomic_write(path + ".csv", lambda tmp: write_csv(tmp, rows))
+    plot_comparison(rows, path + ".png", config)
+    return rows
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(path + ".json.tmp", path + ".json")
-    os.replace(path + ".csv.tmp", path + ".csv")
-    plot_comparison(rows, path + ".png", config)
-    return rows
 
 
 def summarise(method, reference, lr, runs):
@@ -703,6 +845,12 @@ def main(argv=None):
     except (ConfigError, DataError, TokenizerUnavailable, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return 130  # the shell's code for Ctrl-C
+    except KeyboardInterrupt:  # before fine-tuning began (pretraining, loading)
+        print("interrupted before fine-tuning began; nothing was saved by this run", file=sys.stderr)
+        return 130
     return 0
 
 

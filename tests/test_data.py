@@ -127,3 +127,13 @@ def test_bad_text_files_get_clear_errors(tmp_path):
         load_text(write(tmp_path, "latin1.txt", b"ok\nok\ncaf\xe9\n"), TOK, 16)
     with pytest.raises(DataError, match=r"missing.txt: cannot read"):
         load_text(str(tmp_path / "missing.txt"), TOK, 16)
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "completion": " c"}).encode() + b"\n\xff\n")
+    with pytest.raises(DataError, match=r"bom.jsonl:2: not valid UTF-8"):  # lines still count from the file's start
+        load_jsonl(str(path), TOK, 32)
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "completion": " c"}).encode() + b"\n")
+    examples, _ = load_jsonl(str(path), TOK, 32)
+    assert TOK.decode(examples[0].tokens[: examples[0].n_prompt]) == "p"

@@ -12,14 +12,6 @@ from data import get_tokenizer
 from train import ConfigError, TrainConfig, compare, main, selection_picture, train
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A base model pretrained for a few steps: enough for the plumbing."""
-    out = tmp_path_factory.mktemp("base")
-    train_module.load_base(TrainConfig(out_dir=str(out), pretrain_steps=20, quiet=True), get_tokenizer(), "cpu")
-    return str(out / "base.pt")
-
-
 def tiny(base, tmp_path, **overrides):
     settings = dict(init_from=base, out_dir=str(tmp_path), steps=6, batch_size=8, n_train=48, n_val=16,
                     eval_interval=3, log_interval=2, quiet=True, lisa_interval=2)
