@@ -47,6 +47,7 @@ from data import collate, get_tokenizer, make_default_task
 from gast import SelectionConfig, SparseTuner, per_sample_grads, per_sample_grads_by_hooks
 from lora import LoRAConfig, add_lora
 from model import GPT, IGNORE_INDEX, GPTConfig
+from train import check_device, pick_device
 
 ATTENTION = ("attn.c_attn", "attn.c_proj")
 ATTENTION_AND_MLP = ATTENTION + ("mlp.c_fc", "mlp.c_proj")
@@ -245,9 +246,9 @@ def parse_args(argv=None):
     for flag in ("repeats", "loop_repeats", "threads"):
         if getattr(args, flag) <= 0:
             problems.append(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if not (args.device == "cpu" or (args.device.startswith("cuda") and torch.cuda.is_available())):
-        problems.append(f"--device {args.device}: not available here (cpu{', cuda' if torch.cuda.is_available() else ''})")
+    if check_device(args.device):
+        problems.append(check_device(args.device))
+    args.device = pick_device(args.device)
     if problems:
         parser.exit(2, "error: " + "\n  ".join(problems) + "\n")
     return args

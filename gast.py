@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call, grad_and_value, vmap
 
-from lora import lora_layers, recording_per_sample_grads, scaled_adapters
+from lora import lora_names_by_block, recording_per_sample_grads, scaled_adapters
 
 METHODS = ("lora", "lisa", "ist", "data", "gast")
 REFERENCES = ("heldout", "batch")
@@ -115,14 +115,14 @@ def alignment_scores(grads, layers, reference=None):
 # Step 4. Joint data-layer selection
 
 
-def budgets(n_layers, batch_size, layer_ratio, data_ratio):
+def budgets(L, B, layer_ratio, data_ratio):
     """K = max(1, ceil(layer_ratio * L)) layers, k = max(1, ceil(data_ratio * B)) samples.
 
     The product is rounded first, so 0.3 * 10 is 3, not the 4 of its float error.
     """
-    K = max(1, math.ceil(round(layer_ratio * n_layers, 9)))
-    k = max(1, math.ceil(round(data_ratio * batch_size, 9)))
-    return min(K, n_layers), min(k, batch_size)
+    K = max(1, math.ceil(round(layer_ratio * L, 9)))
+    k = max(1, math.ceil(round(data_ratio * B, 9)))
+    return min(K, L), min(k, B)
 
 
 def top(values, n):
@@ -130,18 +130,18 @@ def top(values, n):
     return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :n]
 
 
-def select(scores, n_layers, n_samples):
-    """The mask M (L, B) maximising sum(M * scores) with exactly n_layers non-empty rows,
-    each with exactly n_samples ones.
+def select(scores, K, k):
+    """The mask M (L, B) maximising sum(M * scores) with exactly K non-empty rows (the
+    layer budget), each with exactly k ones (the data budget).
 
     Exact: once a row is active its best content is its top-k samples, worth
     v_l = their summed score, whatever the other rows hold; so the best rows are the
     top-K by v. Ties break toward the lower index (stable sorts), so it is deterministic.
     """
     L, B = scores.shape
-    chosen = top(scores, n_samples)  # (L, k): S_l for every layer
+    chosen = top(scores, k)  # (L, k): S_l for every layer
     layer_value = scores.gather(1, chosen).sum(dim=1)  # (L,): v_l
-    active = top(layer_value, n_layers)  # (K,)
+    active = top(layer_value, K)  # (K,)
     mask = torch.zeros(L, B, dtype=torch.bool, device=scores.device)
     mask[active.unsqueeze(1), chosen[active]] = True
     return mask
@@ -248,10 +248,10 @@ class SparseTuner:
                              "a trusted held-out set; or use reference='batch' (the batch mean)")
         self.model, self.config = model, config
         self.reference_batch = reference_batch
-        self.layers = lora_layers(model)  # L lists of parameter names
-        self.n_layers = len(self.layers)
+        self.layers = lora_names_by_block(model)  # L lists of parameter names
+        self.L = len(self.layers)  # blocks
         self.generator = torch.Generator().manual_seed(seed)  # lisa's and ist's draws
-        self.importance = torch.zeros(self.n_layers)  # IST's s_l
+        self.importance = torch.zeros(self.L)  # IST's s_l
         self.lisa_active = None
         self.reference = None  # r: {name: tensor like p}, R's gradient at the last refresh
         self.reference_step = None  # the step at which r was last computed
@@ -264,7 +264,7 @@ class SparseTuner:
 
     def _lisa_layers(self, K):
         if self.lisa_active is None or self.steps % self.config.lisa_interval == 0:
-            self.lisa_active = self._draw(torch.ones(self.n_layers), K)
+            self.lisa_active = self._draw(torch.ones(self.L), K)
         return self.lisa_active
 
     def _ist_update_importance(self, probe_inputs, probe_targets):
@@ -272,9 +272,9 @@ class SparseTuner:
         trials whose loss stayed low, and raise those layers' s_l (their updates matter less)."""
         c = self.config
         sig = torch.sigmoid(self.importance)
-        n_suppressed = max(1, self.n_layers // 2)
+        n_suppressed = max(1, self.L // 2)
         # the trials are distinct sets of layers (as many as there are, if fewer than asked)
-        n_trials = min(c.ist_trials, math.comb(self.n_layers, n_suppressed))
+        n_trials = min(c.ist_trials, math.comb(self.L, n_suppressed))
         trials, losses = [], []
         with torch.no_grad():
             while len(trials) < n_trials:
@@ -317,8 +317,8 @@ class SparseTuner:
         """
         c = self.config
         B = inputs.shape[0]
-        K, k = budgets(self.n_layers, B, c.layer_ratio, c.data_ratio)
-        mask = torch.zeros(self.n_layers, B, dtype=torch.bool, device=inputs.device)
+        K, k = budgets(self.L, B, c.layer_ratio, c.data_ratio)
+        mask = torch.zeros(self.L, B, dtype=torch.bool, device=inputs.device)
         scores = None
 
         if c.method in ("data", "gast"):
@@ -335,7 +335,7 @@ class SparseTuner:
             loss = losses.mean()
         else:
             if c.method == "lora":
-                active = torch.arange(self.n_layers)
+                active = torch.arange(self.L)
             elif c.method == "lisa":
                 active = self._lisa_layers(K)
             else:  # ist
@@ -349,7 +349,7 @@ class SparseTuner:
             _, loss = self.model(inputs, targets)
             loss.backward()
             params = dict(self.model.named_parameters())
-            for l in set(range(self.n_layers)) - set(active.tolist()):
+            for l in set(range(self.L)) - set(active.tolist()):
                 for name in self.layers[l]:
                     params[name].grad = None
 

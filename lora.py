@@ -7,7 +7,7 @@ Hand-written LoRA (Hu et al., 2021): W x + (alpha / r) * B A x, with W frozen.
 - The fused query/key/value projection c_attn gets one adapter over its whole 3C
   output: a single rank-r update of the fused matrix, so q, k and v share lora_A and
   each reads its own rows of lora_B (as minLoRA does; litgpt can give each its own).
-- The "layers" GAST selects among are the blocks: lora_layers() groups the adapter
+- The "layers" GAST selects among are the blocks: lora_names_by_block() groups the adapter
   parameters by block index.
 """
 
@@ -172,7 +172,7 @@ def block_index(name):
     return int(m.group(1))
 
 
-def lora_layers(model):
+def lora_names_by_block(model):
     """Names of the trainable LoRA parameters, grouped by block: list over blocks (L)."""
     groups = [[] for _ in range(model.config.n_layer)]
     for name, p in model.named_parameters():

@@ -444,6 +444,41 @@ def selection_picture(record, noisy):
 # Fine-tuning
 
 
+@dataclass
+class History:
+    """What a run records step by step; saved in checkpoints, so a resumed run continues it."""
+    ms: list = field(default_factory=list)  # time of each step
+    coverage: list = field(default_factory=list)  # share of the batch selected by an active block
+    noisy_selected: list = field(default_factory=list)  # over active blocks, share of noisy samples taken (nan: none)
+    clean_selected: list = field(default_factory=list)
+    active: list = field(default_factory=list)  # per step, per block: updated or not
+    noisy_rate: list = field(default_factory=list)  # per step with noisy flags, per block (nan: block off)
+    clean_rate: list = field(default_factory=list)
+    evals: list = field(default_factory=list)  # {"step", "loss", "exact_match"} at each evaluation
+
+    def add(self, record, L, ms):
+        self.ms.append(ms)
+        self.coverage.append(record.coverage)
+        self.noisy_selected.append(record.noisy_selected)
+        self.clean_selected.append(record.clean_selected)
+        self.active.append([l in record.active_layers for l in range(L)])
+        if record.noisy_rate is not None:
+            self.noisy_rate.append(record.noisy_rate.tolist())
+            self.clean_rate.append(record.clean_rate.tolist())
+
+    def summary(self):
+        """Means over steps; per block, the share of steps it was updated and, when
+        updated, the share of the batch's noisy and clean samples it learned from."""
+        return {
+            "coverage": nanmean(self.coverage), "noisy_selected": nanmean(self.noisy_selected),
+            "clean_selected": nanmean(self.clean_selected),
+            "ms_per_step": statistics.median(self.ms) if self.ms else float("nan"), "evals": self.evals,
+            "active_per_layer": [statistics.fmean(col) for col in zip(*self.active)],
+            "noisy_rate_per_layer": [nanmean(col) for col in zip(*self.noisy_rate)],
+            "clean_rate_per_layer": [nanmean(col) for col in zip(*self.clean_rate)],
+        }
+
+
 def lr_at(config, step):
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
@@ -477,7 +512,7 @@ def read_resume(config, ckpt_path):
     return resume
 
 
-def save_checkpoint(path, config, step, model, lora_config, opt, tuner, rngs, base, metrics_so_far):
+def save_checkpoint(path, config, step, model, lora_config, opt, tuner, rngs, base, history):
     data_rng, probe_rng = rngs
     base_path, base_hash = base
     atomic_save({
@@ -485,8 +520,25 @@ def save_checkpoint(path, config, step, model, lora_config, opt, tuner, rngs, ba
         "adapter": adapter_state_dict(model), "optimizer": opt.state_dict(), "tuner": tuner.state_dict(),
         "rng": {"python": data_rng.getstate(), "probe": probe_rng.getstate(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-        "progress": metrics_so_far,
+        "progress": asdict(history),
     }, path)
+
+
+def restore(resume, model, opt, tuner, rngs):
+    """Put a checkpoint's adapters, optimizer, rule state and RNG streams back; (step, History)."""
+    data_rng, probe_rng = rngs
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in resume["adapter"].items():
+            named[name].copy_(value)
+    opt.load_state_dict(resume["optimizer"])
+    tuner.load_state_dict(resume["tuner"])
+    data_rng.setstate(resume["rng"]["python"])
+    probe_rng.setstate(resume["rng"]["probe"])
+    torch.set_rng_state(resume["rng"]["torch"])
+    if resume["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+    return resume["step"], History(**resume["progress"])
 
 
 RUN_OUTPUTS = ("ckpt.pt", "adapter.pt", "metrics.json", "selection.png")
@@ -537,21 +589,9 @@ def train(config, split="test", picture=True, summary=True):
                         seed=config.seed, reference_batch=reference_batch)
     data_rng = random.Random(config.seed)  # the training batches
     probe_rng = random.Random(f"ist-probe-{config.seed}")  # ist's probe batches: its own stream, so ist trains on the others' batches
-    start, history = 0, {"coverage": [], "noisy_selected": [], "clean_selected": [], "ms": [], "evals": [],
-                         "active": [], "noisy_rate": [], "clean_rate": []}  # the last three: per block, per step
+    start, history = 0, History()
     if resume is not None:
-        named = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in resume["adapter"].items():
-                named[name].copy_(value)
-        opt.load_state_dict(resume["optimizer"])
-        tuner.load_state_dict(resume["tuner"])
-        data_rng.setstate(resume["rng"]["python"])
-        probe_rng.setstate(resume["rng"]["probe"])
-        torch.set_rng_state(resume["rng"]["torch"])
-        if resume["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
-        start, history = resume["step"], resume["progress"]
+        start, history = restore(resume, model, opt, tuner, (data_rng, probe_rng))
         log(config, f"resumed from {ckpt_path} at step {start}")
 
     def probe():  # ist's fresh batch of 16 training samples
@@ -577,14 +617,7 @@ def train(config, split="test", picture=True, summary=True):
             opt.step()
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            history["ms"].append(1000 * (time.time() - t0))
-            history["coverage"].append(record.coverage)
-            history["noisy_selected"].append(record.noisy_selected)
-            history["clean_selected"].append(record.clean_selected)
-            history["active"].append([l in record.active_layers for l in range(tuner.n_layers)])
-            if record.noisy_rate is not None:
-                history["noisy_rate"].append(record.noisy_rate.tolist())
-                history["clean_rate"].append(record.clean_rate.tolist())
+            history.add(record, tuner.L, 1000 * (time.time() - t0))
             if step == start or step == end - 1:
                 log(config, f"step {step}: " + selection_picture(record, noisy.cpu()))
             if step % config.log_interval == 0 or step == end - 1:
@@ -592,10 +625,10 @@ def train(config, split="test", picture=True, summary=True):
                 rates = "" if noisy.sum() == 0 else f" | noisy/clean taken {record.noisy_selected:.2f}/{record.clean_selected:.2f}"
                 log(config, f"step {step:5d}/{config.steps} | loss {record.loss:.4f} | lr {lr_at(config, step):.2e} | "
                             f"layers {record.active_layers} | coverage {record.coverage:.2f}{rates} | "
-                            f"{history['ms'][-1]:.0f} ms/step | eta {eta:.0f}s")
+                            f"{history.ms[-1]:.0f} ms/step | eta {eta:.0f}s")
             if (step + 1) % config.eval_interval == 0 or step == end - 1:
                 result = evaluate(model, eval_set, tokenizer, device, is_qa)
-                history["evals"].append({"step": step + 1, "loss": result["loss"], "exact_match": result["exact_match"]})
+                history.evals.append({"step": step + 1, "loss": result["loss"], "exact_match": result["exact_match"]})
                 em = "" if result["exact_match"] is None else f" | exact match {result['exact_match']:.3f}"
                 log(config, f"eval at step {step + 1}: held-out loss {result['loss']:.4f}{em}")
                 save_checkpoint(ckpt_path, config, step + 1, model, lora_config, opt, tuner, (data_rng, probe_rng), (base_path, base_hash), history)
@@ -608,34 +641,28 @@ def train(config, split="test", picture=True, summary=True):
     save_adapter(model, lora_config, os.path.join(config.out_dir, "adapter.pt"))
     if picture:
         plot_selection(history, os.path.join(config.out_dir, "selection.png"), config)
-    metrics = {
-        "method": config.method, "reference": config.reference if config.method in SCORED else None,
-        "lr": config.lr, "seed": config.seed, "steps": end, "split": split,
-        "exact_match": final["exact_match"], "val_loss": final["loss"],
-        "coverage": nanmean(history["coverage"]), "noisy_selected": nanmean(history["noisy_selected"]),
-        "clean_selected": nanmean(history["clean_selected"]),
-        "ms_per_step": statistics.median(history["ms"]) if history["ms"] else float("nan"),
-        "answers": final["answers"], "evals": history["evals"],
-        # per block: the share of steps it was updated, and when updated, the share of
-        # the batch's noisy and clean samples it learned from (GAST's mechanism, per layer)
-        "active_per_layer": [statistics.fmean(col) for col in zip(*history["active"])],
-        "noisy_rate_per_layer": [nanmean(col) for col in zip(*history["noisy_rate"])],
-        "clean_rate_per_layer": [nanmean(col) for col in zip(*history["clean_rate"])],
-    }
+    metrics = {"method": config.method, "reference": config.reference if config.method in SCORED else None,
+               "lr": config.lr, "seed": config.seed, "steps": end, "split": split,
+               "exact_match": final["exact_match"], "val_loss": final["loss"], "answers": final["answers"],
+               **history.summary()}
     atomic_write(os.path.join(config.out_dir, "metrics.json"), lambda tmp: write_json(tmp, metrics))
     if summary:
-        print(f"\n{config.method}: held-out loss {metrics['val_loss']:.4f}"
-              + ("" if metrics["exact_match"] is None else f", exact match {metrics['exact_match']:.3f}")
-              + f", coverage {metrics['coverage']:.2f}"
-              + ("" if math.isnan(metrics["noisy_selected"]) else f", noisy/clean taken {metrics['noisy_selected']:.2f}/{metrics['clean_selected']:.2f}")
-              + f", {metrics['ms_per_step']:.0f} ms/step (median)")
-        for l, share in enumerate(metrics["active_per_layer"]):
-            rates = "" if not metrics["noisy_rate_per_layer"] or share == 0 else (
-                f"; took {metrics['noisy_rate_per_layer'][l]:.2f} of noisy and {metrics['clean_rate_per_layer'][l]:.2f} of clean samples")
-            print(f"  block {l}: updated in {share:.0%} of steps{rates}")
-        for prompt, answer, hit in final["answers"]:
-            print(f"  {prompt!r} -> {answer!r} {'(right)' if hit else '(wrong)'}")
+        print_summary(metrics)
     return metrics
+
+
+def print_summary(metrics):
+    print(f"\n{metrics['method']}: held-out loss {metrics['val_loss']:.4f}"
+          + ("" if metrics["exact_match"] is None else f", exact match {metrics['exact_match']:.3f}")
+          + f", coverage {metrics['coverage']:.2f}"
+          + ("" if math.isnan(metrics["noisy_selected"]) else f", noisy/clean taken {metrics['noisy_selected']:.2f}/{metrics['clean_selected']:.2f}")
+          + f", {metrics['ms_per_step']:.0f} ms/step (median)")
+    for l, share in enumerate(metrics["active_per_layer"]):
+        rates = "" if not metrics["noisy_rate_per_layer"] or share == 0 else (
+            f"; took {metrics['noisy_rate_per_layer'][l]:.2f} of noisy and {metrics['clean_rate_per_layer'][l]:.2f} of clean samples")
+        print(f"  block {l}: updated in {share:.0%} of steps{rates}")
+    for prompt, answer, hit in metrics["answers"]:
+        print(f"  {prompt!r} -> {answer!r} {'(right)' if hit else '(wrong)'}")
 
 
 def write_json(path, obj):
@@ -668,9 +695,9 @@ def plot_selection(history, path, config):
     """Top: which blocks were updated at each step. Bottom: each block's noisy and clean
     selection rates over training (smoothed), where the data carries noisy flags."""
     plt = matplotlib_pyplot(config)
-    if plt is None or not history["active"]:
+    if plt is None or not history.active:
         return
-    active = torch.tensor(history["active"], dtype=torch.float32).T.tolist()  # (L, steps)
+    active = torch.tensor(history.active, dtype=torch.float32).T.tolist()  # (L, steps)
     L = len(active)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, gridspec_kw={"height_ratios": [1, 2]})
     top.imshow(active, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=1,
@@ -678,11 +705,11 @@ def plot_selection(history, path, config):
     top.set_yticks(range(L))
     top.set_ylabel("block")
     top.set_title(f"{config.method}: blocks updated at each step (black)")
-    if history["noisy_rate"]:
+    if history.noisy_rate:
         colors = plt.get_cmap("tab10")
         for l in range(L):
             for kind, style in (("noisy", ":"), ("clean", "-")):
-                rates = smooth([row[l] for row in history[f"{kind}_rate"]], 50)
+                rates = smooth([row[l] for row in getattr(history, f"{kind}_rate")], 50)
                 bottom.plot(rates, style, color=colors(l), label=f"block {l}, {kind}")
         bottom.set_ylim(-0.02, 1.02)
         bottom.set_ylabel("share of the batch's samples taken\n(when updated; 50-step mean)")

@@ -8,7 +8,7 @@ from data import collate, get_tokenizer, make_default_task
 import gast
 from gast import (SelectionConfig, SparseTuner, alignment_scores, budgets, per_sample_grads, per_sample_grads_by_hooks,
                   per_sample_grads_and_losses, reference_gradient, select, selection_rates)
-from lora import LoRAConfig, add_lora, lora_layers, lora_modules
+from lora import LoRAConfig, add_lora, lora_names_by_block, lora_modules
 from model import GPT, GPTConfig, IGNORE_INDEX
 
 TINY = GPTConfig(block_size=16, vocab_size=40, n_layer=4, n_head=2, n_embd=16)
@@ -164,7 +164,7 @@ def test_I4_selected_update_is_at_least_as_aligned_as_the_dense_one(seed, layer_
     model = lora_model(seed=seed % 3, dtype=torch.float64)
     x, y = batch(6, seed=seed)
     grads = per_sample_grads(model, x, y)
-    layers = lora_layers(model)
+    layers = lora_names_by_block(model)
     a = alignment_scores(grads, layers)
     M = select(a, *budgets(len(layers), 6, layer_ratio, data_ratio))
     for l in M.any(dim=1).nonzero().flatten().tolist():
@@ -184,7 +184,7 @@ def test_I4_with_a_held_out_reference(seed, layer_ratio, data_ratio):
     model = lora_model(seed=seed % 3, dtype=torch.float64)
     x, y = batch(6, seed=seed)
     grads = per_sample_grads(model, x, y)
-    layers = lora_layers(model)
+    layers = lora_names_by_block(model)
     r = reference_gradient(model, *batch(5, seed=seed + 1))
     M = select(alignment_scores(grads, layers, r), *budgets(len(layers), 6, layer_ratio, data_ratio))
     for l in M.any(dim=1).nonzero().flatten().tolist():
@@ -197,7 +197,7 @@ def test_alignment_scores_against_a_given_reference():
     model = lora_model(dtype=torch.float64)
     x, y = batch(3)
     grads = per_sample_grads(model, x, y)
-    layers = lora_layers(model)
+    layers = lora_names_by_block(model)
     reference = {n: torch.randn_like(g[0]) for n, g in grads.items()}
     a = alignment_scores(grads, layers, reference)
     for l, names in enumerate(layers):
@@ -267,7 +267,7 @@ def test_layers_outside_the_draw_get_no_grad_and_keep_their_adamw_state(method):
     opt = torch.optim.AdamW(trainable.values(), lr=0.01, weight_decay=0.1)
     tuner = SparseTuner(model, SelectionConfig(method=method, layer_ratio=0.5, data_ratio=0.5, lisa_interval=3), seed=1,
                         reference_batch=REFERENCE)
-    layers = lora_layers(model)
+    layers = lora_names_by_block(model)
     seen_sets = set()
     for s in range(7):
         before = {n: (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}) for n, p in trainable.items()}
@@ -370,7 +370,7 @@ def test_a_gast_step_on_the_default_gpt_at_batch_32():
     record = SparseTuner(model, SelectionConfig(), reference_batch=collate(task.reference, tok.eot_token)[:2]).step(x, y, noisy)
     assert record.mask.shape == (4, 32) and len(record.active_layers) == 2
     assert (record.mask.sum(1) == torch.tensor([16 if l in record.active_layers else 0 for l in range(4)])).all()
-    layers = lora_layers(model)
+    layers = lora_names_by_block(model)
     params = dict(model.named_parameters())
     assert all((params[n].grad is None) == (l not in record.active_layers) for l, names in enumerate(layers) for n in names)
 
@@ -409,7 +409,7 @@ def test_the_tuners_reference_is_reference_gradient_on_R_and_its_scores_use_it()
     assert tuner.reference.keys() == expected.keys()
     for n in expected:
         torch.testing.assert_close(tuner.reference[n], expected[n])
-    scores = alignment_scores(per_sample_grads(fresh, x, y), lora_layers(fresh), expected)
+    scores = alignment_scores(per_sample_grads(fresh, x, y), lora_names_by_block(fresh), expected)
     torch.testing.assert_close(record.scores.double(), scores)
 
 
@@ -417,7 +417,7 @@ def test_the_batch_reference_scores_against_the_batch_mean():
     model, fresh = lora_model(dtype=torch.float64), lora_model(dtype=torch.float64)
     x, y = batch(6)
     record = SparseTuner(model, SelectionConfig(method="gast", reference="batch")).step(x, y)
-    torch.testing.assert_close(record.scores.double(), alignment_scores(per_sample_grads(fresh, x, y), lora_layers(fresh)))
+    torch.testing.assert_close(record.scores.double(), alignment_scores(per_sample_grads(fresh, x, y), lora_names_by_block(fresh)))
 
 
 def test_the_reference_is_refreshed_every_interval_and_kept_in_between(monkeypatch):

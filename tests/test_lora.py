@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 
-from lora import (LoRAConfig, LoRALinear, add_lora, load_adapter, lora_layers, lora_modules, merge_lora,
+from lora import (LoRAConfig, LoRALinear, add_lora, load_adapter, lora_names_by_block, lora_modules, merge_lora,
                   save_adapter, scaled_adapters, unmerge_lora)
 from model import GPT, GPTConfig
 
@@ -100,10 +100,10 @@ def test_state_dict_keeps_gpt2_names_so_a_base_checkpoint_loads():
     assert not unexpected and missing and all(".lora_" in k for k in missing)
 
 
-def test_lora_layers_group_parameters_by_block():
+def test_lora_names_by_block_group_parameters_by_block():
     model = tiny_model()
     add_lora(model, LoRAConfig(targets=("attn.c_attn", "mlp.c_fc")), verbose=False)
-    groups = lora_layers(model)
+    groups = lora_names_by_block(model)
     assert len(groups) == TINY.n_layer
     for i, names in enumerate(groups):
         assert sorted(names) == sorted(f"transformer.h.{i}.{m}.lora_{ab}" for m in ("attn.c_attn", "mlp.c_fc") for ab in "AB")

@@ -209,3 +209,18 @@ def test_selection_picture_shows_the_mask_and_the_noisy_samples():
 def test_a_gast_run_on_cuda_with_autocast(base, tmp_path, per_sample):
     metrics = train(tiny(base, tmp_path, device="cuda", per_sample=per_sample))
     assert math.isfinite(metrics["val_loss"]) and 0 <= metrics["exact_match"] <= 1
+
+
+def test_a_run_draws_its_selection_picture(base, tmp_path):
+    pytest.importorskip("matplotlib")
+    train(tiny(base, tmp_path))
+    assert (tmp_path / "selection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_without_matplotlib_a_run_says_so_in_one_line_and_draws_nothing(base, tmp_path, monkeypatch, capsys):
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    train(tiny(base, tmp_path, quiet=False))
+    assert "no picture: matplotlib is not installed (pip install matplotlib)" in capsys.readouterr().out
+    assert not (tmp_path / "selection.png").exists()
