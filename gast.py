@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch.func import functional_call, grad_and_value, vmap
 
 from lora import lora_names_by_block, recording_per_sample_grads, scaled_adapters
@@ -151,19 +152,61 @@ def select(scores, K, k):
 # Step 5. The update
 
 
-def write_selected_gradients(model, layers, grads, mask):
+def write_selected_gradients(model, layers, grads, mask, columns=slice(None)):
     """p.grad = mean of g[l, i] over the samples block l selected; None if it selected none.
 
     With grad None, AdamW skips the parameter: no moment update, no weight decay.
+    mask is the whole batch's (L, B); grads hold the samples mask[:, columns] (all of them
+    in one process; under torchrun this process's share, and the sum of every process's
+    p.grad, one all-reduce, is the mean over S_l).
     """
     params = dict(model.named_parameters())
     weights = mask.to(torch.float32) / mask.sum(dim=1, keepdim=True).clamp(min=1)  # (L, B), 1/k on S_l
+    weights = weights[:, columns]  # (L, B_local)
     for l, names in enumerate(layers):
         for name in names:
             if mask[l].any():
                 params[name].grad = torch.tensordot(weights[l].to(grads[name].dtype), grads[name], dims=1)
             else:
                 params[name].grad = None
+
+
+# ---------------------------------------------------------------------------------------
+# Across processes (torchrun): one selection over the global batch
+#
+# Every process is handed the same global batch and works on its own slice of it. The
+# per-sample gradients stay where they were computed; only the (L, B_local) scores travel
+# (all-gathered into (L, B), a few KiB), so every process runs the same select() on the
+# same scores and gets the same mask. Each process writes sum over its selected samples
+# of g[l, i] / k, and one all-reduce (sum) gives every process the exact GAST gradient.
+# lora, lisa and ist all-reduce the ordinary gradient (mean over processes). We write
+# these two collectives out rather than wrap the model in DistributedDataParallel: GAST
+# sets .grad itself, and layers outside the mask must keep grad None on every process.
+
+
+def world():
+    """(rank, number of processes); (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather_columns(local):
+    """(..., B_local) on each process -> (..., B), the processes' blocks side by side in rank order."""
+    blocks = [torch.empty_like(local) for _ in range(world()[1])]
+    dist.all_gather(blocks, local.contiguous())
+    return torch.cat(blocks, dim=-1)
+
+
+def all_reduce_grads(params, mean):
+    """Sum (or average) .grad of params over processes in one flat all-reduce."""
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    if mean:
+        flat /= world()[1]
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
 
 
 # ---------------------------------------------------------------------------------------
@@ -313,25 +356,34 @@ class SparseTuner:
         """Compute the mask, write .grad, return the StepRecord.
 
         inputs, targets (B, T); noisy (B,) bool or None; probe: a callable returning a
-        fresh (inputs, targets) batch, needed by ist for its importance update.
+        fresh (inputs, targets) batch, needed by ist for its importance update. Under
+        torchrun every process passes the same global batch, works on its own slice, and
+        gets the same gradients and the same (global) record.
         """
         c = self.config
         B = inputs.shape[0]
+        rank, n_procs = world()
+        if B % n_procs:
+            raise ValueError(f"the batch of {B} does not split evenly over {n_procs} processes")
+        mine = slice(rank * B // n_procs, (rank + 1) * B // n_procs)  # this process's samples
+        x, y = inputs[mine], targets[mine]
         K, k = budgets(self.L, B, c.layer_ratio, c.data_ratio)
         mask = torch.zeros(self.L, B, dtype=torch.bool, device=inputs.device)
         scores = None
 
-        if c.method in ("data", "gast"):
+        if c.method in SCORED:
             if c.per_sample == "hooks":
-                grads, losses = per_sample_grads_by_hooks(self.model, inputs, targets)
+                grads, losses = per_sample_grads_by_hooks(self.model, x, y)
             else:
-                grads, losses = per_sample_grads_and_losses(self.model, inputs, targets, c.chunk_size or None)
-            scores = alignment_scores(grads, self.layers, self._reference())  # (L, B)
+                grads, losses = per_sample_grads_and_losses(self.model, x, y, c.chunk_size or None)
+            scores = alignment_scores(grads, self.layers, self._reference())  # (L, B_local)
+            if n_procs > 1:
+                scores, losses = all_gather_columns(scores), all_gather_columns(losses)  # (L, B), (B,)
             if c.method == "gast":
                 mask = select(scores, K, k)
             else:  # one global set: the samples with the largest summed alignment
                 mask[:, top(scores.sum(dim=0), k)] = True
-            write_selected_gradients(self.model, self.layers, grads, mask)
+            write_selected_gradients(self.model, self.layers, grads, mask, columns=mine)
             loss = losses.mean()
         else:
             if c.method == "lora":
@@ -346,12 +398,19 @@ class SparseTuner:
                 active = self._draw(torch.sigmoid(-self.importance), K)
             mask[active] = True
             self.model.zero_grad(set_to_none=True)
-            _, loss = self.model(inputs, targets)
+            _, loss = self.model(x, y)
             loss.backward()
             params = dict(self.model.named_parameters())
             for l in set(range(self.L)) - set(active.tolist()):
                 for name in self.layers[l]:
                     params[name].grad = None
+            loss = loss.detach()
+            if n_procs > 1:
+                dist.all_reduce(loss)
+                loss /= n_procs
+        if n_procs > 1:  # the same active layers on every process, so the same tensors
+            active_params = [p for p in self.model.parameters() if p.grad is not None]
+            all_reduce_grads(active_params, mean=c.method not in SCORED)
 
         self.steps += 1
         mask = mask.cpu()

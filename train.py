@@ -26,10 +26,11 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import tiktoken
 import torch
+import torch.distributed as dist
 
 from data import (DataError, Example, Task, TokenizerUnavailable, collate, encode, get_tokenizer, load_jsonl, load_text,
                   make_default_task, pretrain_text)
-from gast import METHODS, REFERENCES, SCORED, SelectionConfig, SparseTuner
+from gast import METHODS, REFERENCES, SCORED, SelectionConfig, SparseTuner, world
 from lora import LoRAConfig, add_lora, adapter_state_dict, atomic_save, atomic_write, save_adapter
 from model import GPT, GPTConfig
 
@@ -99,7 +100,8 @@ class ConfigError(ValueError):
     """Every problem with a TrainConfig, listed at once."""
 
 
-def validate(config):
+def validate(config, n_procs=1):
+    """Raise ConfigError listing every problem; n_procs: processes under torchrun."""
     problems = []
     if config.method not in METHODS:
         problems.append(f"--method {config.method!r} is unknown; choose one of {', '.join(METHODS)}")
@@ -143,6 +145,8 @@ def validate(config):
     for name in ("n_train", "n_val"):
         if getattr(config, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    if config.batch_size % n_procs:
+        problems.append(f"--batch-size {config.batch_size} (the global batch) does not divide by the {n_procs} processes")
     if config.reference not in REFERENCES:
         problems.append(f"--reference must be one of {', '.join(REFERENCES)}, got {config.reference!r}")
     for name in ("reference_size", "reference_interval"):
@@ -204,7 +208,28 @@ def config_from_dict(values):
 
 
 def pick_device(name):
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    """auto: cuda when available. Under torchrun a plain cuda means this process's GPU."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    if device == "cuda" and world()[1] > 1:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    return device
+
+
+def init_distributed(config):
+    """Under torchrun (its environment names WORLD_SIZE, RANK, MASTER_ADDR ...), join the
+    process group: nccl on CUDA, gloo on the CPU. True if this call created it."""
+    if "WORLD_SIZE" not in os.environ or not dist.is_available() or dist.is_initialized() or check_device(config.device):
+        return False
+    cuda = pick_device(config.device).startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
+def is_main():
+    """Only the first process prints and writes files; the others compute alongside it."""
+    return world()[0] == 0
 
 
 def autocast_for(device):
@@ -215,7 +240,7 @@ def autocast_for(device):
 
 
 def log(config, *args):
-    if not config.quiet:
+    if not config.quiet and is_main():
         print(*args, flush=True)
 
 
@@ -385,6 +410,11 @@ def load_base(config, tokenizer, device):
         except (TypeError, ValueError, RuntimeError) as e:
             reason = (str(e).strip().splitlines() or [""])[0][:160]
             raise ConfigError(f"invalid settings:\n  --init-from {path}: its model_config or weights do not make a GPT ({reason})") from None
+    elif world()[1] > 1:  # under torchrun the first process pretrains, the others wait and load
+        if is_main():
+            pretrain(config, tokenizer, device, path)
+        dist.barrier()
+        return load_base(config, tokenizer, device)
     else:
         model = pretrain(config, tokenizer, device, path)
     if tokenizer.n_vocab > model.config.vocab_size:
@@ -553,7 +583,7 @@ def train(config, split="test", picture=True, summary=True):
     """
     if isinstance(config, dict):
         config = config_from_dict(config)
-    validate(config)
+    validate(config, n_procs=world()[1])
     device = pick_device(config.device)
     tokenizer = get_tokenizer(config.tokenizer)
     check_out_dir(config, RUN_OUTPUTS)
@@ -631,22 +661,25 @@ def train(config, split="test", picture=True, summary=True):
                 history.evals.append({"step": step + 1, "loss": result["loss"], "exact_match": result["exact_match"]})
                 em = "" if result["exact_match"] is None else f" | exact match {result['exact_match']:.3f}"
                 log(config, f"eval at step {step + 1}: held-out loss {result['loss']:.4f}{em}")
-                save_checkpoint(ckpt_path, config, step + 1, model, lora_config, opt, tuner, (data_rng, probe_rng), (base_path, base_hash), history)
+                if is_main():
+                    save_checkpoint(ckpt_path, config, step + 1, model, lora_config, opt, tuner, (data_rng, probe_rng), (base_path, base_hash), history)
                 saved_at = step + 1
     except KeyboardInterrupt:
         last = f"{ckpt_path} (step {saved_at})" if saved_at is not None else "none written yet"
         raise Interrupted(f"interrupted at step {step}; last checkpoint: {last}") from None
 
     final = evaluate(model, eval_set, tokenizer, device, is_qa)
-    save_adapter(model, lora_config, os.path.join(config.out_dir, "adapter.pt"))
-    if picture:
+    if is_main():
+        save_adapter(model, lora_config, os.path.join(config.out_dir, "adapter.pt"))
+    if picture and is_main():
         plot_selection(history, os.path.join(config.out_dir, "selection.png"), config)
     metrics = {"method": config.method, "reference": config.reference if config.method in SCORED else None,
                "lr": config.lr, "seed": config.seed, "steps": end, "split": split,
                "exact_match": final["exact_match"], "val_loss": final["loss"], "answers": final["answers"],
                **history.summary()}
-    atomic_write(os.path.join(config.out_dir, "metrics.json"), lambda tmp: write_json(tmp, metrics))
-    if summary:
+    if is_main():
+        atomic_write(os.path.join(config.out_dir, "metrics.json"), lambda tmp: write_json(tmp, metrics))
+    if summary and is_main():
         print_summary(metrics)
     return metrics
 
@@ -744,8 +777,9 @@ def compare(config):
     split, and the lr with the lowest dev loss wins; then --seeds runs with that lr,
     reported on the test split. The dev split never overlaps the test split.
     """
-    validate(config)
+    validate(config, n_procs=world()[1])
     check_out_dir(config, ("compare.json", "compare.csv", "compare.png"))
+    say = print if is_main() else (lambda *args, **kwargs: None)
     rows_wanted = [(m.split(":")[0], (m.split(":") + [config.reference])[1]) for m in config.methods.split(",")]
     lrs = [float(v) for v in config.lrs.split(",")]
     base = config.init_from or os.path.join(config.out_dir, "base.pt")
@@ -765,7 +799,7 @@ def compare(config):
         done += 1
         elapsed = time.time() - t0
         em = "" if metrics["exact_match"] is None else f" exact match {metrics['exact_match']:.3f}"
-        print(f"  [{done}/{n_runs}] {label} lr {lr:g} seed {seed} on {split}:{em} loss {metrics['val_loss']:.4f} "
+        say(f"  [{done}/{n_runs}] {label} lr {lr:g} seed {seed} on {split}:{em} loss {metrics['val_loss']:.4f} "
               f"({elapsed:.0f}s so far, eta {elapsed / done * (n_runs - done):.0f}s)", flush=True)
         return metrics
 
@@ -780,8 +814,10 @@ def compare(config):
         runs += mine
         rows.append(summarise(method, reference if method in SCORED else None, lr, mine))
     table = format_table(rows)
-    print(f"\n{len(rows)} methods, lr from {config.lrs} by dev loss, then {config.seeds} seeds on the test split, "
+    say(f"\n{len(rows)} methods, lr from {config.lrs} by dev loss, then {config.seeds} seeds on the test split, "
           f"{config.steps} steps each, {time.time() - t0:.0f}s in all\n{table}")
+    if not is_main():
+        return rows
     path = os.path.join(config.out_dir, "compare")
     atomic_write(path + ".json", lambda tmp: write_json(tmp, {"config": asdict(config), "rows": rows, "runs": runs, "dev_runs": dev_runs}))
     atomic_write(path + ".csv", lambda tmp: write_csv(tmp, rows))
@@ -867,6 +903,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     config = parse_args(argv)
+    distributed = init_distributed(config)
     try:
         compare(config) if config.compare else train(config)
     except (ConfigError, DataError, TokenizerUnavailable, FloatingPointError) as e:
@@ -878,6 +915,9 @@ def main(argv=None):
     except KeyboardInterrupt:  # before fine-tuning began (pretraining, loading)
         print("interrupted before fine-tuning began; nothing was saved by this run", file=sys.stderr)
         return 130
+    finally:
+        if distributed:
+            dist.destroy_process_group()
     return 0
 
 

@@ -21,3 +21,7 @@ def base(tmp_path_factory):
     out = tmp_path_factory.mktemp("base")
     train.load_base(train.TrainConfig(out_dir=str(out), pretrain_steps=20, quiet=True), get_tokenizer(), "cpu")
     return str(out / "base.pt")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "distributed: runs several processes with torch.distributed (deselect with -m 'not distributed')")

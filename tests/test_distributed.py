@@ -1,0 +1,138 @@
+"""train.py under torchrun: N processes on CPU with gloo make exactly the choices and the
+updates of one process on the same global batch. Each test spawns 2 processes on
+127.0.0.1; a failure in one of them, or a hang past the deadline, ends the test."""
+
+import os
+import socket
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import gast
+from gast import METHODS, SelectionConfig, SparseTuner
+from lora import LoRAConfig, add_lora, lora_modules
+from model import GPT, GPTConfig, IGNORE_INDEX
+
+pytestmark = pytest.mark.distributed
+
+TINY = GPTConfig(block_size=16, vocab_size=40, n_layer=4, n_head=2, n_embd=16)
+DEADLINE_S = 120
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, n_procs, port, job, kwargs, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(n_procs), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=n_procs, timeout=timedelta(seconds=60))
+    try:
+        result = JOBS[job](**kwargs)
+        if rank == 0:
+            torch.save(result, result_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def in_processes(n_procs, job, tmp_path, **kwargs):
+    """Run JOBS[job](**kwargs) in n_procs processes; rank 0's result."""
+    result_path = tmp_path / f"{job}-result.pt"
+    context = mp.start_processes(_worker, args=(n_procs, free_port(), job, kwargs, str(result_path)), nprocs=n_procs,
+                                 join=False, start_method="spawn")
+    deadline = time.time() + DEADLINE_S
+    while not context.join(timeout=1):  # raises if a process failed, and ends the others
+        if time.time() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"{job} did not finish within {DEADLINE_S} s")
+    return torch.load(result_path, weights_only=False)
+
+
+# --- the jobs ---------------------------------------------------------------------------
+
+def global_batch(seed, B=6, T=10):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, TINY.vocab_size, (B, T), generator=g)
+    y = torch.randint(0, TINY.vocab_size, (B, T), generator=g)
+    y[:, :2] = IGNORE_INDEX
+    y[::2, 7:] = IGNORE_INDEX  # samples of different lengths
+    return x, y
+
+
+def steps_of_every_method(steps=4):
+    """Per method: the masks, the losses and the adapters after `steps` steps."""
+    results = {}
+    for method in METHODS:
+        torch.manual_seed(0)
+        model = add_lora(GPT(TINY), LoRAConfig(r=2, alpha=4), verbose=False)
+        with torch.no_grad():
+            for m in lora_modules(model):
+                m.lora_B.normal_(std=0.1)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+        config = SelectionConfig(method=method, layer_ratio=0.5, data_ratio=0.5, lisa_interval=2, ist_interval=2)
+        tuner = SparseTuner(model, config, seed=0, reference_batch=global_batch(99, B=4))
+        masks, losses = [], []
+        for s in range(steps):
+            record = tuner.step(*global_batch(s), probe=lambda: global_batch(50, B=4))
+            opt.step()
+            masks.append(record.mask)
+            losses.append(record.loss)
+        results[method] = (masks, losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    return results
+
+
+def train_straight_and_resumed(base, out):
+    """A 2-process train.py run straight, and the same split at step 5 and resumed."""
+    import train
+    common = dict(init_from=base, steps=8, batch_size=8, n_train=48, n_val=8, eval_interval=2, quiet=True,
+                  reference_size=8, reference_interval=3)
+    adapters = {}
+    for method in ("gast", "lisa"):
+        straight = train.train(train.TrainConfig(method=method, out_dir=f"{out}/{method}-straight", **common))
+        train.train(train.TrainConfig(method=method, out_dir=f"{out}/{method}-split", stop_at=5, **common))
+        resumed = train.train(train.TrainConfig(method=method, out_dir=f"{out}/{method}-split", resume=True, **common))
+        adapters[method] = [torch.load(f"{out}/{method}-{kind}/adapter.pt", weights_only=True)["adapter"]
+                            for kind in ("straight", "split")]
+        adapters[method].append((straight["val_loss"], resumed["val_loss"]))
+    return adapters
+
+
+JOBS = {"steps_of_every_method": steps_of_every_method, "train_straight_and_resumed": train_straight_and_resumed}
+
+
+# --- the tests --------------------------------------------------------------------------
+
+def test_two_processes_make_the_choices_and_updates_of_one(tmp_path):
+    torch.set_num_threads(1)
+    one = steps_of_every_method()
+    two = in_processes(2, "steps_of_every_method", tmp_path)
+    for method in METHODS:
+        (masks1, losses1, params1), (masks2, losses2, params2) = one[method], two[method]
+        assert all(torch.equal(a, b) for a, b in zip(masks1, masks2)), method
+        assert losses2 == pytest.approx(losses1, rel=1e-5), method
+        for name in params1:
+            torch.testing.assert_close(params2[name], params1[name], msg=f"{method} {name}")
+
+
+def test_resume_under_two_processes_equals_a_straight_two_process_run(base, tmp_path):
+    results = in_processes(2, "train_straight_and_resumed", tmp_path, base=base, out=str(tmp_path))
+    for method, (straight, split, (loss_straight, loss_resumed)) in results.items():
+        assert straight.keys() == split.keys()
+        for name in straight:
+            assert torch.equal(straight[name], split[name]), (method, name)
+        assert loss_straight == loss_resumed
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(base, tmp_path):
+    import train
+    config = train.TrainConfig(init_from=base, out_dir=str(tmp_path), batch_size=9)
+    with pytest.raises(train.ConfigError, match="--batch-size 9 \\(the global batch\\) does not divide by the 2 processes"):
+        train.validate(config, n_procs=2)
+    train.validate(train.TrainConfig(batch_size=8), n_procs=2)
