@@ -16,7 +16,7 @@ Tokenizer and data: everything here works offline.
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import tiktoken
 import torch
@@ -233,6 +233,7 @@ def load_text(path, tokenizer, block_size):
 class TruncationStats:
     samples: int = 0  # samples longer than block_size + 1 tokens
     tokens: int = 0  # tokens cut from their ends
+    skipped: list = field(default_factory=list)  # "file:line" of samples whose prompt leaves no completion token
 
 
 def load_jsonl(path, tokenizer, block_size, prompt_field="prompt", completion_field="completion"):
@@ -240,7 +241,8 @@ def load_jsonl(path, tokenizer, block_size, prompt_field="prompt", completion_fi
 
     The completion is followed by <|endoftext|> so the model learns where to stop;
     the loss falls on completion tokens only. Samples longer than block_size + 1 are
-    cut at the end; returns (examples, TruncationStats).
+    cut at the end; a sample whose prompt leaves no completion token within the context
+    is skipped (its file:line kept). Returns (examples, TruncationStats).
     """
     text = read_text_file(path)
     examples, cut = [], TruncationStats()
@@ -267,9 +269,13 @@ def load_jsonl(path, tokenizer, block_size, prompt_field="prompt", completion_fi
             tokens = tokens[: block_size + 1]
         example = Example(tokens, len(prompt))
         if n_targets(example) < 1:
-            raise DataError(f"{where}: no completion token left after truncation to block_size {block_size} "
-                            f"(prompt is {len(prompt)} tokens); shorten the prompt or raise block_size")
+            cut.skipped.append(where)
+            continue
         examples.append(example)
+    if not examples and cut.skipped:
+        raise DataError(f"{path}: every prompt leaves no completion token within the model's context of {block_size} "
+                        f"tokens (first: {cut.skipped[0]}); shorten the prompts or use a base with a longer "
+                        "context (--block-size when train.py pretrains it)")
     if not examples:
         raise DataError(f"{path}: no samples (only blank lines)")
     return examples, cut

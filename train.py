@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from data import (DataError, Example, Task, TokenizerUnavailable, collate, encode, get_tokenizer, load_jsonl, load_text,
-                  make_default_task, pretrain_text)
+                  make_default_task, pretrain_text, read_text_file)
 from gast import METHODS, REFERENCES, SCORED, SelectionConfig, SparseTuner, world
 from lora import LoRAConfig, add_lora, adapter_state_dict, atomic_save, atomic_write, save_adapter
 from model import GPT, GPTConfig
@@ -76,8 +76,15 @@ class TrainConfig:
     n_train: int = _f(1000, "default task: fine-tuning samples")
     n_val: int = _f(200, "default task: clean held-out samples")
     # base model
-    init_from: str = _f("", "base model: our checkpoint (.pt) or a local GPT-2 directory; empty: out_dir/base.pt, pretrained on first use")
-    pretrain_steps: int = _f(2500, "steps of pretraining the default base model (about 2 minutes on 2 CPU cores)")
+    init_from: str = _f("", "base model: our checkpoint (.pt) or a local GPT-2 directory; empty: out_dir/base-<hash of the settings below>.pt, pretrained on first use")
+    n_layer: int = _f(0, "blocks of the base that train.py pretrains (0: the default model's 4; with --init-from, its own, and a flag that differs is refused)")
+    n_head: int = _f(0, "attention heads per block (0: 4, or --init-from's)")
+    n_embd: int = _f(0, "width of the residual stream (0: 64, or --init-from's); must divide by --n-head")
+    block_size: int = _f(0, "context length in tokens (0: 32, or --init-from's); prompt + completion beyond it are cut")
+    pretrain_data: str = _f("", "a plain-text corpus (UTF-8) to pretrain the base on; its last 5%% is held out; empty: the built-in corpus")
+    pretrain_steps: int = _f(2500, "steps of pretraining the base (the default: about 2 minutes on 2 CPU cores)")
+    pretrain_batch_size: int = _f(64, "sequences per pretraining step")
+    pretrain_lr: float = _f(3e-3, "peak pretraining learning rate (100 warm-up steps, then cosine to 0)")
     # evaluation and output
     eval_interval: int = _f(200, "evaluate (and checkpoint) every this many steps")
     eval_samples: int = _f(200, "held-out samples per evaluation (exact match and loss)")
@@ -145,6 +152,17 @@ def validate(config, n_procs=1):
     for name in ("n_train", "n_val"):
         if getattr(config, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    for name in ("n_layer", "n_head", "n_embd", "block_size"):
+        if getattr(config, name) < 0:
+            problems.append(f"--{name.replace('_', '-')} must not be negative (0: the default), got {getattr(config, name)}")
+    shape = shape_values(config)
+    if shape["n_embd"] % shape["n_head"]:
+        problems.append(f"--n-embd {shape['n_embd']} does not divide by --n-head {shape['n_head']}")
+    for name in ("pretrain_batch_size", "pretrain_lr"):
+        if not getattr(config, name) > 0:
+            problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    if config.pretrain_data and not os.path.exists(config.pretrain_data):
+        problems.append(f"--pretrain-data {config.pretrain_data}: no such file")
     if config.batch_size % n_procs:
         problems.append(f"--batch-size {config.batch_size} (the global batch) does not divide by the {n_procs} processes")
     if config.reference not in REFERENCES:
@@ -252,6 +270,10 @@ def load_examples(config, path, tokenizer, block_size):
     if path.endswith(".jsonl"):
         log(config, f"reading {path} as JSONL prompt/completion pairs (fields {config.prompt_field!r}, {config.completion_field!r})")
         examples, cut = load_jsonl(path, tokenizer, block_size, config.prompt_field, config.completion_field)
+        if cut.skipped:
+            first = ", ".join(cut.skipped[:3]) + (", ..." if len(cut.skipped) > 3 else "")
+            log(config, f"{path}: skipped {len(cut.skipped)} samples whose prompt leaves no completion token within "
+                        f"the context of {block_size} tokens ({first})")
         if cut.samples:
             log(config, f"{path}: {cut.samples} samples longer than {block_size + 1} tokens were cut ({cut.tokens} tokens)")
         return examples
@@ -356,28 +378,85 @@ class Interrupted(Exception):
 
 
 PRETRAIN_SEED = 1234  # the base model does not depend on the fine-tuning seed
-PRETRAIN_LR = 3e-3  # peak; 100 warm-up steps, then cosine to 0
-PRETRAIN_BATCH = 64
+SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
+
+
+def shape_values(config):
+    """{flag name: value} of the base's shape: each flag set (> 0), else the default model's."""
+    default = GPTConfig()
+    return {name: getattr(config, name) if getattr(config, name) > 0 else getattr(default, name) for name in SHAPE_FLAGS}
+
+
+def base_shape(config, vocab_size=GPTConfig.vocab_size):
+    """The GPTConfig of the base train.py pretrains: the default model's, changed by the flags set."""
+    return GPTConfig(vocab_size=vocab_size, **shape_values(config))
+
+
+def base_path(config, tokenizer):
+    """--init-from, or out_dir/base-<hash>.pt keyed by everything that makes the base: its
+    shape, the corpus (by content), the tokenizer and the pretraining settings. A base made
+    otherwise is never reused by accident."""
+    if config.init_from:
+        return config.init_from
+    corpus = "built-in"
+    if config.pretrain_data:
+        with open(config.pretrain_data, "rb") as f:
+            corpus = hashlib.file_digest(f, "sha256").hexdigest()
+    key = {"shape": asdict(base_shape(config, tokenizer.n_vocab)), "corpus": corpus, "tokenizer": config.tokenizer,
+           "steps": config.pretrain_steps, "batch": config.pretrain_batch_size, "lr": config.pretrain_lr, "seed": PRETRAIN_SEED}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    return os.path.join(config.out_dir, f"base-{digest}.pt")
+
+
+def pretraining_batches(config, tokenizer, block_size):
+    """(next_batch(rng, device) -> (x, y), held_out (x, y) or None, description).
+
+    The built-in corpus: one 'op word=answer' line per sample. A text file: random windows
+    of block_size + 1 tokens from its first 95% (as nanoGPT samples), the last 5% held out."""
+    if not config.pretrain_data:
+        lines = [encode(tokenizer, line) for line in pretrain_text(20000, seed=PRETRAIN_SEED).splitlines(keepends=True)]
+        examples = [Example(t[: block_size + 1], 0) for t in lines]
+
+        def next_batch(rng, device):
+            return collate(rng.sample(examples, config.pretrain_batch_size), tokenizer.eot_token, device)[:2]
+        return next_batch, None, "the built-in corpus (20,000 lines)"
+    tokens = torch.tensor(encode(tokenizer, read_text_file(config.pretrain_data)), dtype=torch.long)
+    n_held = max(block_size + 1, len(tokens) // 20)
+    if len(tokens) - n_held < block_size + 1:
+        raise DataError(f"{config.pretrain_data}: {len(tokens)} tokens are too few to pretrain on with a context of "
+                        f"{block_size} (5% held out); give a longer corpus or a smaller --block-size")
+    train_tokens, held = tokens[:-n_held], tokens[-n_held:]
+
+    def windows(source, starts):  # (B, T) inputs and their next tokens
+        return (torch.stack([source[i : i + block_size] for i in starts]),
+                torch.stack([source[i + 1 : i + block_size + 1] for i in starts]))
+
+    def next_batch(rng, device):
+        starts = [rng.randrange(len(train_tokens) - block_size) for _ in range(config.pretrain_batch_size)]
+        return tuple(t.to(device) for t in windows(train_tokens, starts))
+    held_starts = list(range(0, len(held) - block_size, block_size))[:64]  # up to 64 windows, evaluated in one pass
+    return next_batch, windows(held, held_starts), (f"{config.pretrain_data} ({len(train_tokens):,} tokens, "
+                                                    f"{len(held):,} held out)")
 
 
 def pretrain(config, tokenizer, device, path):
-    """Pretrain the default small GPT on the default corpus and save it to path."""
+    """Pretrain a base GPT of base_shape(config) on the corpus and save it to path."""
     torch.manual_seed(PRETRAIN_SEED)
-    gpt_config = GPTConfig(vocab_size=tokenizer.n_vocab)
+    gpt_config = base_shape(config, tokenizer.n_vocab)
     model = GPT(gpt_config).to(device)
-    lines = [encode(tokenizer, line) for line in pretrain_text(20000, seed=PRETRAIN_SEED).splitlines(keepends=True)]
-    examples = [Example(t, 0) for t in lines]
-    opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, betas=(0.9, 0.95), weight_decay=0.1)
+    next_batch, held_out, corpus = pretraining_batches(config, tokenizer, gpt_config.block_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1)
     rng = random.Random(PRETRAIN_SEED)
     steps = config.pretrain_steps
-    forward = torch.compile(model) if config.compile else model
-    log(config, f"pretraining the base GPT ({model.num_params():,} parameters) for {steps} steps on {device}")
+    forward = torch.compile(model) if config.compile else model  # the fused attention path, compiled on request
+    log(config, f"pretraining a base GPT ({model.num_params():,} parameters; {gpt_config.n_layer} blocks, width "
+                f"{gpt_config.n_embd}, context {gpt_config.block_size}) on {corpus} for {steps} steps on {device}")
     t0, tokens = time.time(), 0
     for step in range(steps):
-        lr = PRETRAIN_LR * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        lr = config.pretrain_lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in opt.param_groups:
             group["lr"] = lr
-        x, y, _ = collate(rng.sample(examples, PRETRAIN_BATCH), tokenizer.eot_token, device)
+        x, y = next_batch(rng, device)
         with autocast_for(device):
             _, loss = forward(x, y)
         opt.zero_grad(set_to_none=True)
@@ -387,16 +466,29 @@ def pretrain(config, tokenizer, device, path):
         tokens += x.numel()
         if step % 100 == 0 or step == steps - 1:
             elapsed = time.time() - t0
-            log(config, f"  pretrain step {step:5d}/{steps} | loss {loss.item():.3f} | {1000 * elapsed / (step + 1):.0f} ms/step | "
+            held = ""
+            if held_out is not None and (step % 500 == 0 or step == steps - 1):
+                held = f" | held-out loss {held_out_loss(model, held_out, device):.3f}"
+            log(config, f"  pretrain step {step:5d}/{steps} | loss {loss.item():.3f}{held} | {1000 * elapsed / (step + 1):.0f} ms/step | "
                         f"{tokens / elapsed:,.0f} tokens/s | eta {elapsed / (step + 1) * (steps - step - 1):.0f}s")
     atomic_save({"model_config": asdict(gpt_config), "model": model.state_dict()}, path)
     log(config, f"saved the base model to {path}")
     return model
 
 
+@torch.no_grad()
+def held_out_loss(model, held_out, device):
+    model.eval()
+    x, y = held_out
+    with autocast_for(device):
+        loss = float(model(x.to(device), y.to(device))[1])
+    model.train()
+    return loss
+
+
 def load_base(config, tokenizer, device):
-    """(model on device, path): --init-from, or out_dir/base.pt, pretrained on first use."""
-    path = config.init_from or os.path.join(config.out_dir, "base.pt")
+    """(model on device, path): --init-from, or out_dir/base-<hash>.pt, pretrained on first use."""
+    path = base_path(config, tokenizer)
     if os.path.isdir(path) or path.endswith(".bin"):
         try:
             model = GPT.from_pretrained(path)
@@ -420,6 +512,10 @@ def load_base(config, tokenizer, device):
     if tokenizer.n_vocab > model.config.vocab_size:
         raise ConfigError(f"invalid settings:\n  --tokenizer {config.tokenizer} has {tokenizer.n_vocab} tokens, "
                           f"more than the base model's vocabulary ({model.config.vocab_size})")
+    contradicted = [f"--{name.replace('_', '-')} {getattr(config, name)} contradicts the base model's {getattr(model.config, name)} ({path})"
+                    for name in SHAPE_FLAGS if getattr(config, name) and getattr(config, name) != getattr(model.config, name)]
+    if contradicted:
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(contradicted))
     return model.to(device), path
 
 
@@ -453,10 +549,23 @@ def evaluate(model, examples, tokenizer, device, is_qa, batch_size=64):
                     hit = generated[: len(e.completion)] == e.completion
                     correct += hit
                     if len(result["answers"]) < 3:
-                        result["answers"].append((tokenizer.decode(e.tokens[:n_prompt]), tokenizer.decode(generated[: len(e.completion)]), hit))
+                        result["answers"].append((tokenizer.decode(e.tokens[:n_prompt]), tokenizer.decode(generated[: len(e.completion)]),
+                                                  tokenizer.decode(e.completion), hit))
         result["exact_match"] = correct / len(examples)
     model.train()
     return result
+
+
+@torch.no_grad()
+def greedy_sample(model, example, tokenizer, device):
+    """(prompt, continuation): the model's greedy continuation of a held-out text's start."""
+    model.eval()
+    n_prompt = min(16, model.config.block_size // 2, len(example.tokens))
+    prompt = torch.tensor([example.tokens[:n_prompt]], device=device)
+    with autocast_for(device):
+        out = model.generate(prompt, min(64, model.config.block_size - n_prompt), temperature=0)
+    model.train()
+    return tokenizer.decode(example.tokens[:n_prompt]), tokenizer.decode(out[0, n_prompt:].tolist())
 
 
 def selection_picture(record, noisy):
@@ -593,6 +702,7 @@ def train(config, split="test", picture=True, summary=True):
     model, base_path = load_base(config if resume is None else replace(config, init_from=resume["base"]), tokenizer, device)
     base_hash = fingerprint(base_path)
     task, is_qa = load_task(config, tokenizer, model.config.block_size)
+    show_sample = not is_qa and split == "test"  # text data: a greedy sample at the end
     is_qa = is_qa and split == "test"  # exact match (greedy decoding) on the test split only
     train_set = task.train
     eval_set = (task.val if split == "test" else task.dev)[: config.eval_samples]
@@ -669,6 +779,7 @@ def train(config, split="test", picture=True, summary=True):
         raise Interrupted(f"interrupted at step {step}; last checkpoint: {last}") from None
 
     final = evaluate(model, eval_set, tokenizer, device, is_qa)
+    sample = greedy_sample(model, eval_set[0], tokenizer, device) if show_sample else None
     if is_main():
         save_adapter(model, lora_config, os.path.join(config.out_dir, "adapter.pt"))
     if picture and is_main():
@@ -676,7 +787,7 @@ def train(config, split="test", picture=True, summary=True):
     metrics = {"method": config.method, "reference": config.reference if config.method in SCORED else None,
                "lr": config.lr, "seed": config.seed, "steps": end, "split": split,
                "exact_match": final["exact_match"], "val_loss": final["loss"], "answers": final["answers"],
-               **history.summary()}
+               "sample": sample, **history.summary()}
     if is_main():
         atomic_write(os.path.join(config.out_dir, "metrics.json"), lambda tmp: write_json(tmp, metrics))
     if summary and is_main():
@@ -694,8 +805,10 @@ def print_summary(metrics):
         rates = "" if not metrics["noisy_rate_per_layer"] or share == 0 else (
             f"; took {metrics['noisy_rate_per_layer'][l]:.2f} of noisy and {metrics['clean_rate_per_layer'][l]:.2f} of clean samples")
         print(f"  block {l}: updated in {share:.0%} of steps{rates}")
-    for prompt, answer, hit in metrics["answers"]:
-        print(f"  {prompt!r} -> {answer!r} {'(right)' if hit else '(wrong)'}")
+    for prompt, answer, reference, hit in metrics["answers"]:
+        print(f"  {prompt!r} -> {answer!r} " + ("(right)" if hit else f"(wrong; the reference: {reference!r})"))
+    if metrics["sample"]:
+        print(f"  a greedy sample from a held-out prompt: {metrics['sample'][0]!r} -> {metrics['sample'][1]!r}")
 
 
 def write_json(path, obj):
@@ -782,7 +895,7 @@ def compare(config):
     say = print if is_main() else (lambda *args, **kwargs: None)
     rows_wanted = [(m.split(":")[0], (m.split(":") + [config.reference])[1]) for m in config.methods.split(",")]
     lrs = [float(v) for v in config.lrs.split(",")]
-    base = config.init_from or os.path.join(config.out_dir, "base.pt")
+    base = base_path(config, get_tokenizer(config.tokenizer))
     if not os.path.exists(base):
         load_base(config, get_tokenizer(config.tokenizer), pick_device(config.device))
     n_runs = len(rows_wanted) * ((len(lrs) if len(lrs) > 1 else 0) + config.seeds)

@@ -19,8 +19,8 @@ def base(tmp_path_factory):
     import train
     from data import get_tokenizer
     out = tmp_path_factory.mktemp("base")
-    train.load_base(train.TrainConfig(out_dir=str(out), pretrain_steps=20, quiet=True), get_tokenizer(), "cpu")
-    return str(out / "base.pt")
+    _, path = train.load_base(train.TrainConfig(out_dir=str(out), pretrain_steps=20, quiet=True), get_tokenizer(), "cpu")
+    return path
 
 
 def pytest_configure(config):

@@ -110,8 +110,8 @@ def test_text_file_becomes_windows_that_cover_every_token(tmp_path):
     ('["prompt", "completion"]\n', r"bad.jsonl:1: expected a JSON object"),
     ("", r"bad.jsonl: file is empty"),
     ("\n  \n", r"bad.jsonl: file is empty"),
-    ('{"prompt": "a", "completion": "b"}\n{"prompt": "' + "p" * 40 + '", "completion": "b"}\n',
-     r"bad.jsonl:2: no completion token left after truncation to block_size 16"),
+    ('{"prompt": "' + "p" * 17 + '", "completion": "b"}\n{"prompt": "' + "p" * 40 + '", "completion": "b"}\n',
+     r"bad.jsonl: every prompt leaves no completion token within the model's context of 16 tokens \(first: .*bad.jsonl:1\)"),
     (b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff", "completion": "b"}\n', r"bad.jsonl:2: not valid UTF-8"),
 ])
 def test_bad_jsonl_gets_a_clear_error_naming_file_and_line(tmp_path, content, message):
@@ -137,3 +137,11 @@ def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "completion": " c"}).encode() + b"\n")
     examples, _ = load_jsonl(str(path), TOK, 32)
     assert TOK.decode(examples[0].tokens[: examples[0].n_prompt]) == "p"
+
+
+def test_a_prompt_that_fills_the_context_is_skipped_and_its_line_kept(tmp_path):
+    lines = [{"prompt": "a", "completion": "b"}, {"prompt": "p" * 40, "completion": "b"}, {"prompt": "c", "completion": "d"}]
+    path = write(tmp_path, "mixed.jsonl", "\n".join(json.dumps(r) for r in lines))
+    examples, cut = load_jsonl(path, TOK, block_size=16)
+    assert len(examples) == 2 and cut.skipped == [f"{path}:2"]
+    assert [TOK.decode(e.completion) for e in examples] == ["b<|endoftext|>", "d<|endoftext|>"]

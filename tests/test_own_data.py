@@ -1,0 +1,85 @@
+"""Your own data, offline: a base of your shape pretrained on your own corpus, then
+fine-tuned on your own JSONL."""
+
+import ast
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+from train import main
+
+CORPUS = "".join(f"Line {i}: the {w} fox jumps over the lazy dog near {v} trees.\n"
+                 for i, (w, v) in enumerate(zip(["quick", "slow", "red", "brown"] * 30, ["two", "three", "five"] * 40)))
+SHAPE = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "48"]
+PRETRAIN = ["--pretrain-steps", "3", "--pretrain-batch-size", "4"]
+FINE_TUNE = ["--steps", "3", "--batch-size", "4", "--eval-interval", "3", "--reference-size", "4",
+             "--prompt-field", "question", "--completion-field", "answer"]
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+def qa_rows(n, long_at=()):
+    return [{"question": ("why " * 40 if i in long_at else f"what is {i} plus one?"), "answer": f" {i + 1}"} for i in range(n)]
+
+
+def test_pretrain_on_your_corpus_then_fine_tune_and_reuse_the_base_only_when_nothing_changed(tmp_path, capsys):
+    (tmp_path / "corpus.txt").write_text(CORPUS)
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(40))
+    out = tmp_path / "out"
+    argv = ["--out-dir", str(out), "--pretrain-data", str(tmp_path / "corpus.txt"), "--data", data, *SHAPE, *PRETRAIN, *FINE_TUNE]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert "pretraining a base GPT" in first and "blocks 2" not in first and "2 blocks, width 32, context 48" in first
+    assert "held-out loss" in first and "tokens/s" in first  # the corpus's last 5%, evaluated during pretraining
+    assert "'what is" in first and "reference" in first or "(right)" in first  # answers shown at the end
+    bases = glob.glob(str(out / "base-*.pt"))
+    assert len(bases) == 1
+    shape = torch.load(bases[0], weights_only=True)["model_config"]
+    assert (shape["n_layer"], shape["n_head"], shape["n_embd"], shape["block_size"]) == (2, 2, 32, 48)
+    stamp = os.stat(bases[0]).st_mtime_ns
+
+    assert main(argv + ["--overwrite"]) == 0  # the same settings: the same base, not pretrained again
+    assert "pretraining" not in capsys.readouterr().out and os.stat(bases[0]).st_mtime_ns == stamp
+    assert main(argv + ["--overwrite", "--pretrain-steps", "4"]) == 0  # other settings: another base
+    assert "pretraining a base GPT" in capsys.readouterr().out and len(glob.glob(str(out / "base-*.pt"))) == 2
+    (tmp_path / "corpus.txt").write_text(CORPUS + "One more line.\n")  # another corpus: another base
+    assert main(argv + ["--overwrite"]) == 0 and len(glob.glob(str(out / "base-*.pt"))) == 3
+
+
+def test_a_prompt_longer_than_the_context_is_skipped_and_named(base, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(40, long_at={2}))
+    assert main(["--init-from", base, "--out-dir", str(tmp_path / "a"), "--data", data, *FINE_TUNE]) == 0
+    assert f"{data}: skipped 1 samples whose prompt leaves no completion token within the context of 32 tokens ({data}:3)" \
+        in capsys.readouterr().out
+    data = write_jsonl(tmp_path / "long.jsonl", qa_rows(5, long_at=range(5)))
+    assert main(["--init-from", base, "--out-dir", str(tmp_path / "b"), "--data", data, *FINE_TUNE]) == 2
+    assert f"error: {data}: every prompt leaves no completion token within the model's context of 32 tokens" in capsys.readouterr().err
+
+
+def test_text_data_ends_with_a_greedy_sample(base, tmp_path, capsys):
+    (tmp_path / "corpus.txt").write_text(CORPUS)
+    argv = ["--init-from", base, "--out-dir", str(tmp_path / "out"), "--data", str(tmp_path / "corpus.txt"),
+            "--steps", "2", "--batch-size", "4", "--reference", "batch"]
+    assert main(argv) == 0
+    line = [l for l in capsys.readouterr().out.splitlines() if "a greedy sample from a held-out prompt: " in l]
+    assert len(line) == 1
+    prompt = line[0].split("prompt: ")[1].split(" -> ")[0]
+    assert ast.literal_eval(prompt) in CORPUS and len(ast.literal_eval(prompt)) >= 8  # a piece of the corpus, then the model's words
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--n-layer", "6", "--block-size", "64"], ["--n-layer 6 contradicts the base model's 4",
+                                                 "--block-size 64 contradicts the base model's 32"]),
+    (["--n-embd", "100", "--n-head", "3"], ["--n-embd 100 does not divide by --n-head 3"]),
+    (["--n-layer", "-1"], ["--n-layer must not be negative"]),
+])
+def test_shape_flags_that_cannot_hold_are_refused(base, tmp_path, capsys, flags, message):
+    assert main(["--init-from", base, "--out-dir", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert all(m in err for m in message), err
