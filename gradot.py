@@ -1,0 +1,506 @@
+"""
+GradOT: offsite tuning with a gradient-preserving emulator, on our small GPT.
+
+"Training-free Gradient-preserving Offsite-tuning for Large Language Models" (Yao, Tan,
+Gao et al., ACL 2025; arXiv 2507.04455), by GAST's authors. Its method section was not at
+hand; this file follows what third-party summaries and the original offsite-tuning code
+say, and every choice the sources leave open is ours and says so (README, "GradOT").
+
+Offsite tuning: the model owner keeps the model and sends the data owner an *emulator*,
+the model with its middle blocks compressed. The data owner fine-tunes the adapter
+blocks at both ends on the emulator (middle, embeddings and head frozen) and returns
+them; the owner plugs them back onto the original middle ("plug-in"). A good emulator
+makes plug-in nearly as good as fine-tuning the original (utility) while the emulator
+alone, zero-shot and fine-tuned, stays clearly worse (the model's privacy).
+
+The method, in order:
+  1. Split the blocks: --adapter-blocks at each end, the rest is the middle.
+  2. One forward and backward pass over a support set (a held-out slice of the
+     pretraining corpus) collects, for every middle Linear y = W x, the K-FAC factors
+     A = E[x x^T] and G = E[g g^T] (g = dL/dy) and the gradient dL/dW.
+  3. The score of removing a piece delta of W (GCS): || G delta A ||_1 - lambda <dL/dW, delta>:
+     the shift of the gradients the adapters see (keep it small) minus the first-order
+     rise of the loss (keep it large, so the emulator alone is worse). The lowest go.
+  4. DRD for attention: per matrix (c_attn split into q, k, v; c_proj), SVD W = U S V^T;
+     always keep the top 5% of components by singular value, then the highest GCS up to
+     the kept rank; store the kept factors (a low-rank Linear).
+  5. SCP for the MLP: channel k pairs row k of c_fc with column k of c_proj; the lowest
+     GCS channels go and the hidden width really shrinks.
+  6. The emulator is an ordinary GPT whose middle blocks are the compressed ones.
+
+Baselines on the same path: uniform layer drop (offsite tuning without distillation),
+SVD by singular value with magnitude channel pruning (what DRD and SCP replace), and
+lambda = 0 (utility only).
+
+    python gradot.py                    # every method on the default base and task, a table
+    python gradot.py --adapter lora     # LoRA inside the adapter blocks instead of whole blocks
+"""
+
+import argparse
+import copy
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+
+from data import DataError, Example, collate, encode, get_tokenizer, make_default_task, pretrain_text
+from lora import LoRAConfig, add_lora, atomic_write
+from model import IGNORE_INDEX
+from train import (PRETRAIN_SEED, ConfigError, TrainConfig, check_device, check_out_dir, evaluate, load_base, pick_device,
+                   write_csv, write_json)
+
+# ---------------------------------------------------------------------------------------
+# 1. Adapter blocks and middle blocks
+
+
+def split_blocks(n_layer, adapter_blocks):
+    """(adapter block indices, middle block indices): adapter_blocks at each end."""
+    if adapter_blocks < 1 or 2 * adapter_blocks >= n_layer:
+        raise ValueError(f"--adapter-blocks {adapter_blocks}: a model of {n_layer} blocks needs 1 to "
+                         f"{(n_layer - 1) // 2} adapter blocks per side, leaving a middle")
+    adapters = list(range(adapter_blocks)) + list(range(n_layer - adapter_blocks, n_layer))
+    return adapters, list(range(adapter_blocks, n_layer - adapter_blocks))
+
+
+MIDDLE_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+# ---------------------------------------------------------------------------------------
+# 2. K-FAC statistics over the support set
+
+
+@dataclass
+class LayerStats:
+    A: torch.Tensor  # (in, in): E[x x^T] over the support tokens
+    G: torch.Tensor  # (out, out): E[g g^T], g = dL/dy at a token
+    grad: torch.Tensor  # (out, in): dL/dW of the mean loss over the support set
+
+
+def collect_stats(model, blocks, batches):
+    """{"h.1.attn.c_attn": LayerStats, ...} for every Linear of the given blocks.
+
+    batches: (inputs, targets) pairs; only tokens with a target count. L is the sum of
+    the token losses over the set, divided by the number of tokens, so g at a token is
+    that token's own gradient scaled by 1 / n_tokens; we scale it back, so G is the mean
+    of per-token outer products (the empirical Fisher, our choice, without damping).
+    """
+    if not batches:
+        raise ValueError("the support set is empty: GradOT needs at least one batch to score the middle")
+    modules = {f"h.{b}.{name}": model.transformer.h[b].get_submodule(name) for b in blocks for name in MIDDLE_LINEARS}
+    sums = {key: [0.0, 0.0] for key in modules}  # running sums of x x^T and g g^T
+    grads = {key: 0.0 for key in modules}
+    n_tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
+    saved = {}
+
+    def remember(key):
+        def hook(module, args, output):
+            saved[key] = args[0].detach()  # (B, T, in)
+            output.register_hook(lambda g: saved.__setitem__(key + ":g", g.detach()))
+        return hook
+
+    handles = [m.register_forward_hook(remember(key)) for key, m in modules.items()]
+    params = [p for m in modules.values() for p in (m.weight,)]
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        model.eval()
+        for x, y in batches:
+            logits, _ = model(x)
+            token_loss = nn.functional.cross_entropy(logits.transpose(1, 2).float(), y, ignore_index=IGNORE_INDEX,
+                                                     reduction="sum") / n_tokens
+            weight_grads = torch.autograd.grad(token_loss, params)
+            keep = (y != IGNORE_INDEX).flatten()  # tokens that carry a loss
+            for (key, m), wg in zip(modules.items(), weight_grads):
+                x_in = saved[key].flatten(0, 1)[keep].double()  # (N, in)
+                g_out = saved[key + ":g"].flatten(0, 1)[keep].double() * n_tokens  # (N, out): each token's own gradient
+                sums[key][0] = sums[key][0] + x_in.T @ x_in
+                sums[key][1] = sums[key][1] + g_out.T @ g_out
+                grads[key] = grads[key] + wg.double()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, w in zip(params, was):
+            p.requires_grad_(w)
+        model.train()
+    return {key: LayerStats(A=sums[key][0] / n_tokens, G=sums[key][1] / n_tokens, grad=grads[key]) for key in modules}
+
+
+# ---------------------------------------------------------------------------------------
+# 3. The score of removing a piece: GCS(delta) = ||G delta A||_1 - lambda <dL/dW, delta>
+
+
+def gcs(stats_A, stats_G, grad, delta, lam):
+    """The definition, for any delta (out, in): used by the tests against the closed forms."""
+    return float((stats_G @ delta @ stats_A).abs().sum() - lam * (grad * delta).sum())
+
+
+def normalised(shift, loss_rise, lam):
+    """shift / median(shift) + lambda * loss_rise / median(|loss_rise|): the two terms made
+    comparable within one matrix (our choice; the paper's scaling is not at hand)."""
+    scale = lambda t: t / t.abs().median().clamp(min=1e-30)
+    return scale(shift) + lam * scale(loss_rise)
+
+
+# ---------------------------------------------------------------------------------------
+# 4. DRD: rank compression of the attention matrices, components chosen by GCS
+
+
+def svd_component_terms(W, A, G, grad):
+    """Per singular component j of W (out, in), removing it (delta_j = -s_j u_j v_j^T):
+    shift_j = ||G delta_j A||_1 = s_j ||G u_j||_1 ||A v_j||_1 (the L1 norm of a rank-one
+    matrix is the product of its factors' L1 norms), and the loss rise
+    -<dL/dW, delta_j> = s_j u_j^T (dL/dW) v_j. Returns U, S, V^T, shift, loss_rise."""
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)  # U (out, r), S (r,), Vh (r, in)
+    shift = S * (G @ U).abs().sum(dim=0) * (A @ Vh.T).abs().sum(dim=0)
+    loss_rise = S * ((U.T @ grad) * Vh).sum(dim=1)
+    return U, S, Vh, shift, loss_rise
+
+
+def kept_rank(out_features, in_features, keep):
+    """The rank whose factors hold `keep` of the matrix's parameters: r (in + out) ~ keep in out."""
+    return max(1, min(min(out_features, in_features), math.floor(keep * out_features * in_features / (out_features + in_features))))
+
+
+def choose_components(S, score, rank, protect=0.05):
+    """Indices of the kept components: the top `protect` share by singular value always
+    (at least one), then the highest scores up to `rank`; sorted."""
+    n_protected = min(rank, max(1, math.ceil(protect * len(S))))
+    protected = torch.argsort(S, descending=True, stable=True)[:n_protected].tolist()
+    rest = [j for j in torch.argsort(score, descending=True, stable=True).tolist() if j not in protected]
+    return sorted(protected + rest[: rank - n_protected])
+
+
+class LowRankLinear(nn.Module):
+    """y = concat over parts of (x V_p) (U_p S_p)^T, plus the bias: one factor pair per row
+    block of the original weight (c_attn's q, k and v; one block for c_proj)."""
+
+    def __init__(self, parts, bias):
+        super().__init__()
+        self.down = nn.ParameterList([nn.Parameter(v) for v, _ in parts])  # (r_p, in) each
+        self.up = nn.ParameterList([nn.Parameter(u) for _, u in parts])  # (out_p, r_p) each
+        self.bias = None if bias is None else nn.Parameter(bias)
+
+    def forward(self, x):
+        y = torch.cat([(x @ down.T) @ up.T for down, up in zip(self.down, self.up)], dim=-1)
+        return y if self.bias is None else y + self.bias
+
+    def weight_of(self):  # (out, in): the dense matrix it stands for
+        return torch.cat([up @ down for down, up in zip(self.down, self.up)], dim=0)
+
+
+def compress_attention_matrix(linear, stats, n_parts, keep, lam, rule):
+    """A LowRankLinear for linear, each of its n_parts row blocks (q, k, v) compressed to
+    the rank that holds `keep` of its parameters. rule "gcs" (DRD: stats needed) or
+    "magnitude" (plain truncated SVD: the largest singular values)."""
+    W = linear.weight.detach()
+    out_part = W.shape[0] // n_parts
+    parts = []
+    for p in range(n_parts):
+        rows = slice(p * out_part, (p + 1) * out_part)
+        rank = kept_rank(out_part, W.shape[1], keep)
+        if rule == "gcs":
+            G = stats.G[rows, rows]  # the part's own output covariance
+            U, S, Vh, shift, loss_rise = svd_component_terms(W[rows], stats.A, G, stats.grad[rows])
+            # the lowest GCS goes, so the highest -GCS = -shift + lambda * loss rise stays
+            kept = choose_components(S, -normalised(shift, -loss_rise, lam), rank)
+        else:
+            U, S, Vh = torch.linalg.svd(W[rows].double(), full_matrices=False)
+            kept = choose_components(S, S, rank)
+        parts.append(((Vh[kept]).to(W.dtype), (U[:, kept] * S[kept]).to(W.dtype)))
+    return LowRankLinear(parts, None if linear.bias is None else linear.bias.detach().clone())
+
+
+# ---------------------------------------------------------------------------------------
+# 5. SCP: channel pruning of the MLP, channels chosen by GCS
+
+
+def channel_terms(fc, proj, fc_stats, proj_stats):
+    """Per hidden channel k, removing row k of c_fc (delta = -e_k w^T) and column k of
+    c_proj (delta = -v e_k^T): the shifts ||G_fc[:, k]||_1 ||A_fc w||_1 and
+    ||G_proj v||_1 ||A_proj[:, k]||_1, and the loss rises <D, -delta> of each."""
+    W1, W2 = fc.weight.detach().double(), proj.weight.detach().double()  # (H, C), (C, H)
+    shift_fc = fc_stats.G.abs().sum(dim=0) * (W1 @ fc_stats.A).abs().sum(dim=1)  # (H,)
+    shift_proj = (proj_stats.G @ W2).abs().sum(dim=0) * proj_stats.A.abs().sum(dim=0)  # (H,)
+    rise_fc = (fc_stats.grad * W1).sum(dim=1)  # (H,)
+    rise_proj = (proj_stats.grad * W2).sum(dim=0)  # (H,)
+    return shift_fc, shift_proj, rise_fc, rise_proj
+
+
+def prune_mlp(mlp, fc_stats, proj_stats, keep, lam, rule):
+    """The MLP with round(keep * H) hidden channels left. rule "gcs" (SCP) or "magnitude"
+    (the channels with the largest ||row of c_fc|| * ||column of c_proj||)."""
+    fc, proj = mlp.c_fc, mlp.c_proj
+    H = fc.out_features
+    n_keep = max(1, round(keep * H))
+    if rule == "gcs":
+        shift_fc, shift_proj, rise_fc, rise_proj = channel_terms(fc, proj, fc_stats, proj_stats)
+        score = -(normalised(shift_fc, -rise_fc, lam) + normalised(shift_proj, -rise_proj, lam))
+    else:
+        score = fc.weight.detach().norm(dim=1) * proj.weight.detach().norm(dim=0)
+    kept = torch.argsort(score, descending=True, stable=True)[:n_keep].sort().values
+    new_fc = nn.Linear(fc.in_features, n_keep, bias=fc.bias is not None)
+    new_proj = nn.Linear(n_keep, proj.out_features, bias=proj.bias is not None)
+    with torch.no_grad():
+        new_fc.weight.copy_(fc.weight[kept])
+        new_proj.weight.copy_(proj.weight[:, kept])
+        if fc.bias is not None:
+            new_fc.bias.copy_(fc.bias[kept])
+        if proj.bias is not None:
+            new_proj.bias.copy_(proj.bias)
+    mlp.c_fc, mlp.c_proj = new_fc, new_proj
+
+
+# ---------------------------------------------------------------------------------------
+# 6. The emulator
+
+
+EMULATORS = ("gradot", "gradot-lambda0", "magnitude", "layer-drop")
+
+
+@dataclass
+class EmulatorConfig:
+    adapter_blocks: int = 1  # whole blocks at each end that the data owner tunes (offsite tuning's code: 2 + 2)
+    attn_keep: float = 0.5  # share of each middle attention matrix's parameters kept (rank)
+    mlp_keep: float = 0.5  # share of each middle MLP's hidden channels kept
+    lam_attn: float = 1.0  # lambda for attention (our default, from a sweep over 0, 0.3, 1, 3)
+    lam_mlp: float = 1.0  # lambda for the MLP
+    layer_keep: float = 0.5  # layer-drop: share of the middle blocks kept, evenly spaced
+
+    def check(self, n_layer):
+        for name in ("attn_keep", "mlp_keep", "layer_keep"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
+        split_blocks(n_layer, self.adapter_blocks)
+
+
+def make_emulator(model, method, config, stats=None):
+    """A copy of model whose middle blocks are compressed by `method`; the original is untouched."""
+    config.check(model.config.n_layer)
+    _, middle = split_blocks(model.config.n_layer, config.adapter_blocks)
+    emulator = copy.deepcopy(model)
+    if method == "layer-drop":  # keep an evenly spaced share of the middle blocks
+        n_keep = max(1, round(config.layer_keep * len(middle)))
+        kept = {middle[i] for i in torch.linspace(0, len(middle) - 1, n_keep).round().long().tolist()}
+        emulator.transformer.h = nn.ModuleList([b for i, b in enumerate(emulator.transformer.h) if i not in middle or i in kept])
+        return emulator
+    if method not in EMULATORS:
+        raise ValueError(f"unknown emulator {method!r}; choose from {', '.join(EMULATORS)}")
+    rule = "magnitude" if method == "magnitude" else "gcs"
+    lam_attn, lam_mlp = (0.0, 0.0) if method == "gradot-lambda0" else (config.lam_attn, config.lam_mlp)
+    if rule == "gcs" and stats is None:
+        raise ValueError(f"{method} needs the support set's statistics (collect_stats)")
+    for b in middle:
+        block = emulator.transformer.h[b]
+        s = (lambda name: stats[f"h.{b}.{name}"]) if rule == "gcs" else (lambda name: None)
+        if config.attn_keep < 1:  # at 1 the dense matrix is kept: factors would hold more parameters
+            block.attn.c_attn = compress_attention_matrix(block.attn.c_attn, s("attn.c_attn"), 3, config.attn_keep, lam_attn, rule)
+            block.attn.c_proj = compress_attention_matrix(block.attn.c_proj, s("attn.c_proj"), 1, config.attn_keep, lam_attn, rule)
+        prune_mlp(block.mlp, s("mlp.c_fc"), s("mlp.c_proj"), config.mlp_keep, lam_mlp, rule)
+    return emulator
+
+
+def middle_parameters(model, adapter_blocks):
+    """Parameters in the blocks between the adapters."""
+    n = len(model.transformer.h)
+    return sum(p.numel() for b in model.transformer.h[adapter_blocks : n - adapter_blocks] for p in b.parameters())
+
+
+# ---------------------------------------------------------------------------------------
+# Offsite tuning: fine-tune the adapters on an emulator, plug them into the original
+
+
+def adapter_parameters(model, adapter_blocks, kind):
+    """Make only the adapters trainable: the whole adapter blocks, or LoRA inside them."""
+    n = len(model.transformer.h)
+    adapters = list(range(adapter_blocks)) + list(range(n - adapter_blocks, n))
+    if kind == "lora":
+        targets = tuple(f".h.{b}.{name}" for b in adapters for name in MIDDLE_LINEARS)
+        add_lora(model, LoRAConfig(targets=targets), verbose=False)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for b in adapters:
+            for p in model.transformer.h[b].parameters():
+                p.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def fine_tune(model, config, train_set, tokenizer, device):
+    """The data owner's side: AdamW on the adapters alone, everything else frozen."""
+    torch.manual_seed(config.seed)
+    params = adapter_parameters(model, config.adapter_blocks, config.adapter)
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    rng = random.Random(config.seed)
+    model.to(device).train()
+    for step in range(config.steps):
+        for group in opt.param_groups:  # linear warm-up, then constant
+            group["lr"] = config.lr * min(1.0, (step + 1) / 20)
+        x, y, _ = collate(rng.sample(train_set, config.batch_size), tokenizer.eot_token, device)
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model
+
+
+def plug_in(original, emulator, adapter_blocks):
+    """The owner's side: the original model with the emulator's (fine-tuned) adapter blocks
+    in place of its own; its middle is the original's. Blocks are matched by position from
+    each end, so this works when the emulator has fewer middle blocks (layer drop)."""
+    plugged = copy.deepcopy(original)
+    n, m = len(plugged.transformer.h), len(emulator.transformer.h)
+    for i in range(adapter_blocks):
+        plugged.transformer.h[i] = copy.deepcopy(emulator.transformer.h[i])
+        plugged.transformer.h[n - 1 - i] = copy.deepcopy(emulator.transformer.h[m - 1 - i])
+    return plugged
+
+
+def support_batches(tokenizer, n_sequences, batch_size, device, block_size):
+    """A held-out slice of the pretraining corpus: lines of the built-in corpus drawn with
+    another seed than the base's (the fine-tuning data is never used)."""
+    lines = pretrain_text(n_sequences, seed=PRETRAIN_SEED + 1).splitlines(keepends=True)
+    examples = [Example(encode(tokenizer, line)[: block_size + 1], 0) for line in lines]
+    return [collate(examples[i : i + batch_size], tokenizer.eot_token, device)[:2] for i in range(0, len(examples), batch_size)]
+
+
+# ---------------------------------------------------------------------------------------
+# The experiment: `python gradot.py`
+
+
+def _f(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class GradOTConfig:
+    methods: str = _f(",".join(EMULATORS), f"emulators to build, from {', '.join(EMULATORS)}")
+    adapter_blocks: int = _f(1, "whole blocks at each end that the data owner tunes (offsite tuning's own code: 2 per side)")
+    adapter: str = _f("blocks", "what the data owner trains in the adapter blocks: blocks (all their weights) or lora")
+    attn_keep: float = _f(0.5, "share of each middle attention matrix's parameters kept (its rank)")
+    mlp_keep: float = _f(0.5, "share of each middle MLP's hidden channels kept")
+    layer_keep: float = _f(0.5, "layer-drop: share of the middle blocks kept, evenly spaced")
+    lam_attn: float = _f(1.0, "GCS lambda for attention (each term normalised by its median in the matrix)")
+    lam_mlp: float = _f(1.0, "GCS lambda for the MLP")
+    support_size: int = _f(128, "sequences of held-out pretraining text in the support set")
+    eval_samples: int = _f(200, "clean held-out samples of the default task each model is scored on (exact match)")
+    steps: int = _f(300, "fine-tuning steps on the emulator (and on the original, for full fine-tuning)")
+    lr: float = _f(1e-3, "AdamW learning rate of the adapters (whole blocks); try 1e-2 with --adapter lora")
+    batch_size: int = _f(32, "samples per fine-tuning step")
+    noise: float = _f(0.0, "fraction of the default task's fine-tuning answers corrupted")
+    seed: int = _f(0, "seed of the task data, batch order and LoRA init")
+    init_from: str = _f("", "base model (as train.py's --init-from); empty: train.py's default base, pretrained on first use")
+    out_dir: str = _f("out", "the base model and gradot.json / gradot.csv go here")
+    overwrite: bool = _f(False, "replace gradot.json / gradot.csv already in --out-dir")
+    device: str = _f("auto", "cpu, cuda ...; auto: cuda when available")
+
+
+def validate(config):
+    problems = []
+    unknown = [m for m in config.methods.split(",") if m not in EMULATORS]
+    if unknown:
+        problems.append(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(EMULATORS)}")
+    for name in ("attn_keep", "mlp_keep", "layer_keep"):
+        if not 0 < getattr(config, name) <= 1:
+            problems.append(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(config, name)}")
+    for name in ("adapter_blocks", "support_size", "steps", "batch_size", "eval_samples"):
+        if getattr(config, name) <= 0:
+            problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    if config.adapter not in ("blocks", "lora"):
+        problems.append(f"--adapter must be blocks or lora, got {config.adapter!r}")
+    if not config.lr > 0 or config.lam_attn < 0 or config.lam_mlp < 0:
+        problems.append("--lr must be positive and --lam-attn, --lam-mlp not negative")
+    if not 0 <= config.noise < 1:
+        problems.append(f"--noise must be in [0, 1), got {config.noise}")
+    if check_device(config.device):
+        problems.append(check_device(config.device))
+    if problems:
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(problems))
+
+
+def run(config):
+    """Every emulator through the offsite-tuning protocol; the table rows."""
+    validate(config)
+    check_out_dir(argparse.Namespace(out_dir=config.out_dir, resume=False, overwrite=config.overwrite), ("gradot.json", "gradot.csv"))
+    device = pick_device(config.device)
+    tokenizer = get_tokenizer()
+    base, base_path = load_base(TrainConfig(init_from=config.init_from, out_dir=config.out_dir, device=device), tokenizer, device)
+    try:
+        emulator_config = EmulatorConfig(config.adapter_blocks, config.attn_keep, config.mlp_keep, config.lam_attn,
+                                         config.lam_mlp, config.layer_keep)
+        emulator_config.check(base.config.n_layer)
+    except ValueError as e:
+        raise ConfigError(f"invalid settings:\n  {e}") from None
+    task = make_default_task(tokenizer, noise=config.noise, seed=config.seed)
+    test = task.val[: config.eval_samples]
+    score = lambda model: evaluate(model.to(device), test, tokenizer, device, is_qa=True)
+    print(f"GradOT on {base_path} ({base.config.n_layer} blocks; adapters: {config.adapter_blocks} {config.adapter} per side), "
+          f"{config.steps} fine-tuning steps, on {device}", flush=True)
+    t0 = time.time()
+    full = score(fine_tune(copy.deepcopy(base), config, task.train, tokenizer, device))
+    print(f"  full adapter fine-tuning of the original: exact match {full['exact_match']:.3f} ({time.time() - t0:.0f}s)", flush=True)
+    middle_size = middle_parameters(base, config.adapter_blocks)
+    rows = []
+    for method in config.methods.split(","):
+        started = time.time()
+        stats = None
+        if method.startswith("gradot"):
+            _, middle = split_blocks(base.config.n_layer, config.adapter_blocks)
+            support = support_batches(tokenizer, config.support_size, 32, device, base.config.block_size)
+            stats = collect_stats(base, middle, support)
+        emulator = make_emulator(base, method, emulator_config, stats)
+        seconds = time.time() - started
+        share = middle_parameters(emulator, config.adapter_blocks) / middle_size
+        zero_shot = score(emulator)
+        tuned = fine_tune(emulator, config, task.train, tokenizer, device)
+        emulator_tuned = score(tuned)
+        plugged = score(plug_in(base, tuned, config.adapter_blocks))
+        rows.append({"method": method, "emulator_zero_shot": zero_shot["exact_match"], "emulator_fine_tuned": emulator_tuned["exact_match"],
+                     "plug_in": plugged["exact_match"], "full_fine_tuning": full["exact_match"],
+                     "gap": plugged["exact_match"] - emulator_tuned["exact_match"],
+                     "emulator_loss_fine_tuned": emulator_tuned["loss"], "plug_in_loss": plugged["loss"], "full_loss": full["loss"],
+                     "middle_share": share, "compress_s": seconds})
+        print(f"  {method}: emulator {zero_shot['exact_match']:.3f} zero-shot, {emulator_tuned['exact_match']:.3f} fine-tuned; "
+              f"plug-in {plugged['exact_match']:.3f}; middle kept {share:.0%} ({time.time() - t0:.0f}s so far)", flush=True)
+    print(f"\n{format_table(rows)}\n({time.time() - t0:.0f}s in all)")
+    path = os.path.join(config.out_dir, "gradot")
+    atomic_write(path + ".json", lambda tmp: write_json(tmp, {"config": asdict(config), "base": base_path, "rows": rows}))
+    atomic_write(path + ".csv", lambda tmp: write_csv(tmp, rows))
+    print(f"written to {path}.json and {path}.csv")
+    return rows
+
+
+def format_table(rows):
+    lines = ["| emulator | zero-shot | emulator fine-tuned | plug-in | full fine-tuning | gap (plug-in - emulator) | "
+             "plug-in loss | middle kept | compression s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['emulator_zero_shot']:.3f} | {r['emulator_fine_tuned']:.3f} | {r['plug_in']:.3f} | "
+                     f"{r['full_fine_tuning']:.3f} | {r['gap']:+.3f} | {r['plug_in_loss']:.3f} | {r['middle_share']:.0%} | "
+                     f"{r['compress_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip(), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(GradOTConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"])
+    config = GradOTConfig(**vars(parser.parse_args(argv)))
+    try:
+        run(config)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

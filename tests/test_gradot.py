@@ -1,0 +1,193 @@
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import gradot
+from data import get_tokenizer
+from gradot import (EmulatorConfig, channel_terms, choose_components, collect_stats, gcs, kept_rank, make_emulator,
+                    middle_parameters, plug_in, split_blocks, support_batches, svd_component_terms)
+from model import GPT, GPTConfig
+
+TINY = GPTConfig(block_size=32, vocab_size=257, n_layer=4, n_head=2, n_embd=16)
+
+
+def tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    return GPT(TINY)
+
+
+def psd(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(n, n, generator=g, dtype=torch.float64)
+    return m @ m.T / n
+
+
+# --- K-FAC ---
+
+def test_kfac_G_delta_A_is_the_fisher_vector_product_of_per_token_gradients():
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2, bias=False).double()
+    x = torch.randn(5, 3, dtype=torch.float64)  # 5 tokens
+    upstream = torch.randn(5, 2, dtype=torch.float64)  # dL/dy at each token
+    delta = torch.randn(2, 3, dtype=torch.float64)
+    per_token = []
+    for t in range(5):  # each token's own weight gradient, by autograd
+        layer.zero_grad()
+        (layer(x[t : t + 1]) * upstream[t]).sum().backward()
+        per_token.append(layer.weight.grad.clone())
+    # one token: K-FAC is exact, G delta A = g g^T delta x x^T = F vec(delta)
+    G1, A1 = upstream[:1].T @ upstream[:1], x[:1].T @ x[:1]
+    torch.testing.assert_close(G1 @ delta @ A1, per_token[0] * (per_token[0] * delta).sum())
+    # several tokens: G delta A is the Kronecker-factored Fisher (A kron G) applied to vec(delta)
+    A, G = x.T @ x / 5, upstream.T @ upstream / 5
+    vec = lambda m: m.T.reshape(-1)  # column-major, so that (A kron G) vec(D) = vec(G D A)
+    torch.testing.assert_close(vec(G @ delta @ A), torch.kron(A, G) @ vec(delta))
+    # whose factors come from the very per-token gradients the Fisher is made of: dW_t = g_t x_t^T
+    for t in range(5):
+        torch.testing.assert_close(per_token[t], torch.outer(upstream[t], x[t]))
+
+
+def test_collect_stats_gives_the_mean_loss_gradient_and_the_input_second_moment():
+    model = tiny_gpt()
+    tok = get_tokenizer()
+    batches = support_batches(tok, 12, 6, "cpu", TINY.block_size)
+    stats = collect_stats(model, [1], batches)
+    assert set(stats) == {f"h.1.{name}" for name in gradot.MIDDLE_LINEARS}
+    # dL/dW of the mean token loss over the whole set, by autograd
+    n_tokens = sum(int((y != -100).sum()) for _, y in batches)
+    model.zero_grad()
+    for x, y in batches:
+        logits, _ = model(x)
+        (nn.functional.cross_entropy(logits.transpose(1, 2), y, ignore_index=-100, reduction="sum") / n_tokens).backward()
+    torch.testing.assert_close(stats["h.1.mlp.c_fc"].grad.float(), model.transformer.h[1].mlp.c_fc.weight.grad)
+    A = stats["h.1.attn.c_attn"].A
+    torch.testing.assert_close(A, A.T)
+    assert torch.linalg.eigvalsh(A).min() > -1e-9  # a second moment: symmetric, positive semi-definite
+    with pytest.raises(ValueError, match="the support set is empty"):
+        collect_stats(model, [1], [])
+
+
+# --- GCS closed forms against the definition ---
+
+def test_gcs_of_one_singular_component_matches_the_definition():
+    g = torch.Generator().manual_seed(1)
+    W, D = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
+    A, G = psd(4, 2), psd(5, 3)
+    U, S, Vh, shift, loss_rise = svd_component_terms(W, A, G, D)
+    for lam in (0.0, 0.7):
+        for j in range(4):
+            delta = -S[j] * torch.outer(U[:, j], Vh[j])
+            assert float(shift[j] + lam * loss_rise[j]) == pytest.approx(gcs(A, G, D, delta, lam), rel=1e-9)
+
+
+def test_gcs_of_one_mlp_channel_matches_the_definition():
+    torch.manual_seed(0)
+    fc, proj = nn.Linear(3, 6).double(), nn.Linear(6, 3).double()
+    stats = lambda n_in, n_out, seed: gradot.LayerStats(A=psd(n_in, seed), G=psd(n_out, seed + 1),
+                                                        grad=torch.randn(n_out, n_in, dtype=torch.float64))
+    fc_stats, proj_stats = stats(3, 6, 10), stats(6, 3, 20)
+    shift_fc, shift_proj, rise_fc, rise_proj = channel_terms(fc, proj, fc_stats, proj_stats)
+    for k in range(6):
+        delta_fc = torch.zeros(6, 3, dtype=torch.float64)
+        delta_fc[k] = -fc.weight[k].detach()
+        delta_proj = torch.zeros(3, 6, dtype=torch.float64)
+        delta_proj[:, k] = -proj.weight[:, k].detach()
+        assert float(shift_fc[k] + 0.5 * rise_fc[k]) == pytest.approx(gcs(fc_stats.A, fc_stats.G, fc_stats.grad, delta_fc, 0.5))
+        assert float(shift_proj[k] + 0.5 * rise_proj[k]) == pytest.approx(
+            gcs(proj_stats.A, proj_stats.G, proj_stats.grad, delta_proj, 0.5))
+
+
+# --- the emulator ---
+
+@pytest.fixture(scope="module")
+def stats():
+    return collect_stats(tiny_gpt(), [1, 2], support_batches(get_tokenizer(), 16, 8, "cpu", TINY.block_size))
+
+
+def test_with_keep_ratios_of_one_the_emulator_is_the_original(stats):
+    model = tiny_gpt()
+    x = torch.randint(0, 257, (2, 10))
+    for method in ("gradot", "magnitude"):
+        emulator = make_emulator(model, method, EmulatorConfig(attn_keep=1.0, mlp_keep=1.0), stats)
+        assert torch.equal(emulator(x)[0], model(x)[0]), method
+        assert middle_parameters(emulator, 1) == middle_parameters(model, 1)
+
+
+@pytest.mark.parametrize("method", ["gradot", "gradot-lambda0", "magnitude"])
+def test_keep_ratios_shrink_the_middle_by_the_stated_amount(stats, method):
+    model = tiny_gpt()
+    for keep in (0.3, 0.5, 0.7):
+        emulator = make_emulator(model, method, EmulatorConfig(attn_keep=keep, mlp_keep=keep), stats)
+        share = middle_parameters(emulator, 1) / middle_parameters(model, 1)
+        assert abs(share - keep) < 0.06, (keep, share)  # whole ranks and channels, LayerNorms and biases kept
+        block = emulator.transformer.h[1]
+        assert block.mlp.c_fc.out_features == round(keep * 4 * TINY.n_embd)
+        assert [d.shape[0] for d in block.attn.c_attn.down] == [kept_rank(16, 16, keep)] * 3
+        assert emulator.transformer.h[0] is not model.transformer.h[0]  # a copy: the original is untouched
+        assert torch.equal(emulator.transformer.h[0].attn.c_attn.weight, model.transformer.h[0].attn.c_attn.weight)
+    dropped = make_emulator(model, "layer-drop", EmulatorConfig(layer_keep=0.5))
+    assert len(dropped.transformer.h) == 3
+
+
+def test_the_top_five_percent_by_singular_value_are_always_kept():
+    S = torch.arange(40, 0, -1).double()  # 40 components, largest first
+    kept = choose_components(S, score=S.flip(0) * 0 + torch.arange(40).double(), rank=10)  # scores favour the smallest
+    assert {0, 1} <= set(kept) and len(kept) == 10  # ceil(5% of 40) = 2 protected, the other 8 by score
+    assert set(kept) - {0, 1} == set(range(32, 40))
+
+
+def test_a_compressed_attention_matrix_keeps_its_largest_singular_value(stats):
+    model = tiny_gpt()
+    emulator = make_emulator(model, "gradot", EmulatorConfig(attn_keep=0.3, mlp_keep=1.0, lam_attn=50.0), stats)
+    W = model.transformer.h[1].attn.c_attn.weight.detach()
+    for part, up in enumerate(emulator.transformer.h[1].attn.c_attn.up):
+        top = torch.linalg.svdvals(W[part * 16 : (part + 1) * 16].double())[0]
+        assert float(up.detach().norm(dim=0).max()) == pytest.approx(float(top), rel=1e-5)
+
+
+# --- plug-in ---
+
+@pytest.mark.parametrize("kind,method", [("blocks", "gradot"), ("lora", "gradot"), ("blocks", "layer-drop")])
+def test_plug_in_puts_the_tuned_adapter_blocks_on_the_original_middle_bit_for_bit(stats, kind, method):
+    model = tiny_gpt()
+    emulator = make_emulator(model, method, EmulatorConfig(), stats)
+    config = gradot.GradOTConfig(steps=3, batch_size=4, adapter=kind, lr=1e-2)
+    tok = get_tokenizer()
+    from data import make_default_task
+    gradot.fine_tune(emulator, config, make_default_task(tok, n_train=16, n_val=1, n_reference=0, n_dev=0).train, tok, "cpu")
+    plugged = plug_in(model, emulator, 1)
+    same = lambda a, b: a.state_dict().keys() == b.state_dict().keys() and all(
+        torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert same(plugged.transformer.h[0], emulator.transformer.h[0]) and same(plugged.transformer.h[3], emulator.transformer.h[-1])
+    assert same(plugged.transformer.h[1], model.transformer.h[1]) and same(plugged.transformer.h[2], model.transformer.h[2])
+    assert not same(emulator.transformer.h[0], model.transformer.h[0]) or kind == "lora"  # the adapters did change
+
+
+# --- bad input and the whole experiment ---
+
+@pytest.mark.parametrize("flags,message", [
+    (["--attn-keep", "0"], "--attn-keep must be in (0, 1], got 0.0"),
+    (["--mlp-keep", "1.5"], "--mlp-keep must be in (0, 1], got 1.5"),
+    (["--adapter-blocks", "2"], "--adapter-blocks 2: a model of 4 blocks needs 1 to 1 adapter blocks per side"),
+    (["--methods", "gradot,best"], "--methods: unknown best"),
+])
+def test_bad_settings_are_refused_clearly(base, tmp_path, capsys, flags, message):
+    assert gradot.main(["--init-from", base, "--out-dir", str(tmp_path), *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_experiment_writes_its_table_json_and_csv(base, tmp_path, capsys):
+    argv = ["--init-from", base, "--out-dir", str(tmp_path), "--steps", "2", "--batch-size", "4", "--support-size", "8",
+            "--eval-samples", "8"]
+    assert gradot.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| emulator | zero-shot | emulator fine-tuned | plug-in |" in out
+    rows = json.loads((tmp_path / "gradot.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == list(gradot.EMULATORS)
+    for r in rows:
+        assert r["gap"] == pytest.approx(r["plug_in"] - r["emulator_fine_tuned"]) and 0 < r["middle_share"] < 1
+    assert (tmp_path / "gradot.csv").read_text().startswith("method,emulator_zero_shot")
+    assert gradot.main(argv) == 2 and "--overwrite" in capsys.readouterr().err  # results are not overwritten by accident
