@@ -14,11 +14,12 @@ For each model and batch size it times:
   hooks       per-sample gradients through backward hooks alone
   loop        B single-sample forward/backward passes (what vmap replaces)
 
-Time is paired: every computation runs in one process, round-robin (plain, gast, ...,
-plain, gast, ...) after warm-up, and each ratio is the median over rounds of that round's
-time over that round's plain step, with its spread (min-max). A change of load between
-rounds then moves both sides of a ratio together; if plain's own time varies by more
-than 2x across rounds, a warning says the machine was busy and the ratios are suspect.
+Time is paired: every computation runs in one process, round-robin after warm-up, each
+one bracketed by plain steps (plain, gast, plain, gast_hooks, plain, ...), and each ratio
+is the median over rounds of its time over the mean of the two plain steps around it,
+with its spread (min-max). A change of load then moves both sides of a ratio together;
+if plain's own time varies by more than 2x across rounds, a warning says the machine was
+busy and the ratios are suspect.
 
 Threads are set explicitly (--threads, default: the cores torch sees) and printed: two
 processes that each spin 2 OpenMP threads on 2 cores can slow a step by tens of times,
@@ -159,24 +160,41 @@ def build(spec, B, device):
 
 
 def paired_times(spec, B, device, repeats, loop_repeats, warmup=2):
-    """{what: [seconds per step, one per round]}, every computation in this one process,
-    round-robin, so that each round's ratios share that round's load."""
+    """({what: [seconds per step, one per round]}, {what: [its ratio to plain, one per round]}).
+
+    Every computation runs in this one process, round-robin, and each one is bracketed by
+    plain steps: plain, gast, plain, gast_hooks, plain, ... Its ratio is its time over the
+    mean of the plain steps just before and just after it, so load that changes within a
+    round still lands on both sides of the ratio."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     run, n_lora, seq = build(spec, B, device)
     for fn in run.values():
         for _ in range(warmup if fn is not run["loop"] else 1):
             fn()
+
+    def timed(what):
+        sync()
+        t0 = time.perf_counter()
+        run[what]()
+        sync()
+        return (time.perf_counter() - t0) / STEPS_PER_CALL.get(what, 1)
+
     times = {what: [] for what in WHATS}
+    ratios = {what: [] for what in WHATS if what != "plain"}
     for r in range(repeats):
-        for what in WHATS:
+        before = timed("plain")
+        plain_times = [before]
+        for what in WHATS[1:]:
             if what == "loop" and r >= loop_repeats:
                 continue
-            sync()
-            t0 = time.perf_counter()
-            run[what]()
-            sync()
-            times[what].append((time.perf_counter() - t0) / STEPS_PER_CALL.get(what, 1))
-    return times, n_lora, seq
+            t = timed(what)
+            after = timed("plain")
+            times[what].append(t)
+            ratios[what].append(t / ((before + after) / 2))
+            plain_times.append(after)
+            before = after
+        times["plain"].append(statistics.median(plain_times))
+    return times, ratios, n_lora, seq
 
 
 def memory_one(spec, B, what, device, threads, warmup=2):
@@ -200,19 +218,18 @@ def memory_all(spec, B, device, threads):
     return peaks
 
 
-def summarise(name, B, times, peaks, n_lora, seq):
-    """One row: medians, per-round ratios to plain (median, min, max), memory."""
+def summarise(name, B, times, ratios, peaks, n_lora, seq):
+    """One row: median times, ratios to the bracketing plain steps (median, min, max), memory."""
     plain = times["plain"]
     row = {"model": name, "batch": B, "seq": seq, "lora_params": n_lora}
     for what in WHATS:
         row[f"{what}_ms"] = 1000 * statistics.median(times[what])
         row[f"{what}_mem_mib"] = peaks[what] / 2**20
         if what != "plain":
-            ratios = [t / p for t, p in zip(times[what], plain)]
-            row[f"{what}_x"] = statistics.median(ratios)
-            row[f"{what}_x_spread"] = [min(ratios), max(ratios)]
+            row[f"{what}_x"] = statistics.median(ratios[what])
+            row[f"{what}_x_spread"] = [min(ratios[what]), max(ratios[what])]
             row[f"{what}_mem_x"] = row[f"{what}_mem_mib"] / max(row["plain_mem_mib"], 1e-9)
-    loop_vs_vmap = [l / v for l, v in zip(times["loop"], times["vmap"])]
+    loop_vs_vmap = [l / v for l, v in zip(ratios["loop"], ratios["vmap"])]
     row["vmap_speedup_over_loop"] = statistics.median(loop_vs_vmap)
     row["plain_spread"] = max(plain) / min(plain)
     row["busy"] = row["plain_spread"] > 2
@@ -265,8 +282,8 @@ def main(argv=None):
     for name in names:
         for B in args.batch_sizes or MODELS[name][2]:
             repeats = args.repeats if name == "default" else max(3, args.repeats // 2)  # larger models: fewer rounds
-            times, n_lora, seq = paired_times(MODELS[name], B, device, repeats, min(args.loop_repeats, repeats))
-            row = summarise(name, B, times, memory_all(MODELS[name], B, device, args.threads), n_lora, seq)
+            times, ratios, n_lora, seq = paired_times(MODELS[name], B, device, repeats, min(args.loop_repeats, repeats))
+            row = summarise(name, B, times, ratios, memory_all(MODELS[name], B, device, args.threads), n_lora, seq)
             rows.append(row)
             print(f"  {name} B={B}: plain {row['plain_ms']:.1f} ms, gast {row['gast_x']:.2f}x, gast_hooks {row['gast_hooks_x']:.2f}x, "
                   f"held-out every step {row['gast_ref1_x']:.2f}x, every 10 {row['gast_ref10_x']:.2f}x", flush=True)
