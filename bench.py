@@ -159,7 +159,10 @@ def build(spec, B, device):
     return runners(model, opt, x, y, reference), n_lora, x.shape[1]
 
 
-def paired_times(spec, B, device, repeats, loop_repeats, warmup=2):
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def paired_times(spec, B, device, repeats, loop_repeats, warmup=2, clock="wall"):
     """({what: [seconds per step, one per round]}, {what: [its ratio to plain, one per round]}).
 
     Every computation runs in this one process, round-robin, and each one is bracketed by
@@ -174,10 +177,10 @@ def paired_times(spec, B, device, repeats, loop_repeats, warmup=2):
 
     def timed(what):
         sync()
-        t0 = time.perf_counter()
+        t0 = CLOCKS[clock]()
         run[what]()
         sync()
-        return (time.perf_counter() - t0) / STEPS_PER_CALL.get(what, 1)
+        return (CLOCKS[clock]() - t0) / STEPS_PER_CALL.get(what, 1)
 
     times = {what: [] for what in WHATS}
     ratios = {what: [] for what in WHATS if what != "plain"}
@@ -248,6 +251,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (medians over rounds reported)")
     parser.add_argument("--loop-repeats", type=int, default=2, help="rounds that also time the slow single-sample loop")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads (default: the cores torch sees)")
+    parser.add_argument("--clock", default="wall", choices=list(CLOCKS), help="wall time, or this process's CPU time "
+                        "(cpu: other processes' load is not counted; use it with --threads 1 on a shared CPU machine)")
     parser.add_argument("--out", default="out/bench.json", help="where the JSON goes")
     args = parser.parse_args(argv)
     problems = []
@@ -277,19 +282,24 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     names = args.models.split(",") if args.models else (["default", "mid", "gpt2-small"] if device.startswith("cuda") else ["default", "mid"])
     machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else (platform.processor() or platform.machine())
-    print(f"bench on {device} ({machine}), {args.threads} torch threads of {os.cpu_count()} cores, torch {torch.__version__}", flush=True)
+    if args.clock == "cpu" and device.startswith("cuda"):
+        parser_error = "--clock cpu measures the CPU's time; on a GPU use the wall clock"
+        print(f"error: {parser_error}", file=sys.stderr)
+        return 2
+    print(f"bench on {device} ({machine}), {args.threads} torch threads of {os.cpu_count()} cores, {args.clock} clock, "
+          f"torch {torch.__version__}", flush=True)
     rows = []
     for name in names:
         for B in args.batch_sizes or MODELS[name][2]:
             repeats = args.repeats if name == "default" else max(3, args.repeats // 2)  # larger models: fewer rounds
-            times, ratios, n_lora, seq = paired_times(MODELS[name], B, device, repeats, min(args.loop_repeats, repeats))
+            times, ratios, n_lora, seq = paired_times(MODELS[name], B, device, repeats, min(args.loop_repeats, repeats), clock=args.clock)
             row = summarise(name, B, times, ratios, memory_all(MODELS[name], B, device, args.threads), n_lora, seq)
             rows.append(row)
             print(f"  {name} B={B}: plain {row['plain_ms']:.1f} ms, gast {row['gast_x']:.2f}x, gast_hooks {row['gast_hooks_x']:.2f}x, "
                   f"held-out every step {row['gast_ref1_x']:.2f}x, every 10 {row['gast_ref10_x']:.2f}x", flush=True)
             if row["busy"]:
                 print(f"  warning: plain's own time varied {row['plain_spread']:.1f}x across rounds: the machine was busy "
-                      "and these ratios are suspect", flush=True)
+                      "and these ratios are suspect (on a shared CPU, --threads 1 --clock cpu holds up better)", flush=True)
     print("\ntime: median over rounds of the ratio to that round's plain step [min-max]; memory: peak MiB above the start")
     print("| model | B | plain ms | gast (batch ref, vmap) | gast (batch ref, hooks) | gast (held-out, every step) | "
           "gast (held-out, every 10) | vmap | hooks | loop | vmap vs loop | plain MiB | gast MiB | gast hooks MiB | B x LoRA x 4 B (MiB) |")
@@ -302,7 +312,7 @@ def main(argv=None):
               f"{r['gast_hooks_mem_mib']:.1f} | {r['per_sample_grad_mib']:.1f} |")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".tmp", "w") as f:  # temporary file, then rename: never half-written
-        json.dump({"device": device, "machine": machine, "torch": torch.__version__, "threads": args.threads,
+        json.dump({"device": device, "machine": machine, "torch": torch.__version__, "threads": args.threads, "clock": args.clock,
                    "busy": any(r["busy"] for r in rows), "rows": rows}, f, indent=1)
     os.replace(args.out + ".tmp", args.out)
     print(f"\nwritten to {args.out}")
