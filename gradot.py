@@ -43,7 +43,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -51,8 +51,8 @@ import torch.nn as nn
 from data import DataError, Example, collate, encode, get_tokenizer, make_default_task, pretrain_text
 from lora import LoRAConfig, add_lora, atomic_write
 from model import IGNORE_INDEX
-from train import (PRETRAIN_SEED, ConfigError, TrainConfig, check_device, check_out_dir, evaluate, load_base, pick_device,
-                   write_csv, write_json)
+from train import (PRETRAIN_SEED, ConfigError, TrainConfig, _f, check_device, check_out_dir, evaluate, load_base,
+                   parse_args, pick_device, write_csv, write_json)
 
 # ---------------------------------------------------------------------------------------
 # 1. Adapter blocks and middle blocks
@@ -104,7 +104,7 @@ def collect_stats(model, blocks, batches):
         return hook
 
     handles = [m.register_forward_hook(remember(key)) for key, m in modules.items()]
-    params = [p for m in modules.values() for p in (m.weight,)]
+    params = [m.weight for m in modules.values()]
     was = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
@@ -373,10 +373,6 @@ def support_batches(tokenizer, n_sequences, batch_size, device, block_size):
 # The experiment: `python gradot.py`
 
 
-def _f(default, help):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class GradOTConfig:
     methods: str = _f(",".join(EMULATORS), f"emulators to build, from {', '.join(EMULATORS)}")
@@ -486,14 +482,7 @@ def format_table(rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip(), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(GradOTConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:
-            parser.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"])
-    config = GradOTConfig(**vars(parser.parse_args(argv)))
+    config = parse_args(argv, GradOTConfig, description=__doc__.split("\n\n")[1].strip())
     try:
         run(config)
     except (ConfigError, DataError) as e:

@@ -1003,15 +1003,19 @@ def format_table(rows):
 # Command line
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(TrainConfig):
+def parse_args(argv=None, config_type=None, description=None):
+    """A config dataclass (TrainConfig by default) from the command line: one flag per
+    field (--layer-ratio for layer_ratio), its help the field's why-comment."""
+    config_type = config_type or TrainConfig
+    parser = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(config_type):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:
             parser.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"])
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    return config_type(**vars(parser.parse_args(argv)))
 
 
 def main(argv=None):
