@@ -41,6 +41,7 @@ import copy
 import math
 import os
 import random
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -140,11 +141,13 @@ def gcs(stats_A, stats_G, grad, delta, lam):
     return float((stats_G @ delta @ stats_A).abs().sum() - lam * (grad * delta).sum())
 
 
-def normalised(shift, loss_rise, lam):
-    """shift / median(shift) + lambda * loss_rise / median(|loss_rise|): the two terms made
-    comparable within one matrix (our choice; the paper's scaling is not at hand)."""
+def normalised_gcs(shift, loss_change, lam):
+    """GCS with each term divided by its median magnitude within one matrix:
+    shift / median(shift) - lambda * loss_change / median(|loss_change|). The two terms live
+    on unrelated scales; this makes lambda mean the same in every matrix (our choice; the
+    paper's scaling is not at hand). Pieces with the lowest value are removed."""
     scale = lambda t: t / t.abs().median().clamp(min=1e-30)
-    return scale(shift) + lam * scale(loss_rise)
+    return scale(shift) - lam * scale(loss_change)
 
 
 # ---------------------------------------------------------------------------------------
@@ -154,12 +157,13 @@ def normalised(shift, loss_rise, lam):
 def svd_component_terms(W, A, G, grad):
     """Per singular component j of W (out, in), removing it (delta_j = -s_j u_j v_j^T):
     shift_j = ||G delta_j A||_1 = s_j ||G u_j||_1 ||A v_j||_1 (the L1 norm of a rank-one
-    matrix is the product of its factors' L1 norms), and the loss rise
-    -<dL/dW, delta_j> = s_j u_j^T (dL/dW) v_j. Returns U, S, V^T, shift, loss_rise."""
+    matrix is the product of its factors' L1 norms), and the first-order change of the
+    loss <dL/dW, delta_j> = -s_j u_j^T (dL/dW) v_j (positive: the loss rises).
+    GCS_j = shift_j - lambda * loss_change_j. Returns U, S, V^T, shift, loss_change."""
     U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)  # U (out, r), S (r,), Vh (r, in)
     shift = S * (G @ U).abs().sum(dim=0) * (A @ Vh.T).abs().sum(dim=0)
-    loss_rise = S * ((U.T @ grad) * Vh).sum(dim=1)
-    return U, S, Vh, shift, loss_rise
+    loss_change = -S * ((U.T @ grad) * Vh).sum(dim=1)
+    return U, S, Vh, shift, loss_change
 
 
 def kept_rank(out_features, in_features, keep):
@@ -206,9 +210,9 @@ def compress_attention_matrix(linear, stats, n_parts, keep, lam, rule):
         rank = kept_rank(out_part, W.shape[1], keep)
         if rule == "gcs":
             G = stats.G[rows, rows]  # the part's own output covariance
-            U, S, Vh, shift, loss_rise = svd_component_terms(W[rows], stats.A, G, stats.grad[rows])
-            # the lowest GCS goes, so the highest -GCS = -shift + lambda * loss rise stays
-            kept = choose_components(S, -normalised(shift, -loss_rise, lam), rank)
+            U, S, Vh, shift, loss_change = svd_component_terms(W[rows], stats.A, G, stats.grad[rows])
+            # the lowest GCS goes: small gradient shift, large loss rise; the highest stay
+            kept = choose_components(S, normalised_gcs(shift, loss_change, lam), rank)
         else:
             U, S, Vh = torch.linalg.svd(W[rows].double(), full_matrices=False)
             kept = choose_components(S, S, rank)
@@ -223,13 +227,14 @@ def compress_attention_matrix(linear, stats, n_parts, keep, lam, rule):
 def channel_terms(fc, proj, fc_stats, proj_stats):
     """Per hidden channel k, removing row k of c_fc (delta = -e_k w^T) and column k of
     c_proj (delta = -v e_k^T): the shifts ||G_fc[:, k]||_1 ||A_fc w||_1 and
-    ||G_proj v||_1 ||A_proj[:, k]||_1, and the loss rises <D, -delta> of each."""
+    ||G_proj v||_1 ||A_proj[:, k]||_1, and the first-order loss changes <dL/dW, delta> of
+    each. The bias of c_fc's row goes with it but is not scored (our choice)."""
     W1, W2 = fc.weight.detach().double(), proj.weight.detach().double()  # (H, C), (C, H)
     shift_fc = fc_stats.G.abs().sum(dim=0) * (W1 @ fc_stats.A).abs().sum(dim=1)  # (H,)
     shift_proj = (proj_stats.G @ W2).abs().sum(dim=0) * proj_stats.A.abs().sum(dim=0)  # (H,)
-    rise_fc = (fc_stats.grad * W1).sum(dim=1)  # (H,)
-    rise_proj = (proj_stats.grad * W2).sum(dim=0)  # (H,)
-    return shift_fc, shift_proj, rise_fc, rise_proj
+    change_fc = -(fc_stats.grad * W1).sum(dim=1)  # (H,)
+    change_proj = -(proj_stats.grad * W2).sum(dim=0)  # (H,)
+    return shift_fc, shift_proj, change_fc, change_proj
 
 
 def prune_mlp(mlp, fc_stats, proj_stats, keep, lam, rule):
@@ -239,8 +244,9 @@ def prune_mlp(mlp, fc_stats, proj_stats, keep, lam, rule):
     H = fc.out_features
     n_keep = max(1, round(keep * H))
     if rule == "gcs":
-        shift_fc, shift_proj, rise_fc, rise_proj = channel_terms(fc, proj, fc_stats, proj_stats)
-        score = -(normalised(shift_fc, -rise_fc, lam) + normalised(shift_proj, -rise_proj, lam))
+        shift_fc, shift_proj, change_fc, change_proj = channel_terms(fc, proj, fc_stats, proj_stats)
+        # a channel's GCS: the sum of its two matrices' (normalised) GCS; the lowest go
+        score = normalised_gcs(shift_fc, change_fc, lam) + normalised_gcs(shift_proj, change_proj, lam)
     else:
         score = fc.weight.detach().norm(dim=1) * proj.weight.detach().norm(dim=0)
     kept = torch.argsort(score, descending=True, stable=True)[:n_keep].sort().values
@@ -331,12 +337,13 @@ def adapter_parameters(model, adapter_blocks, kind):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def fine_tune(model, config, train_set, tokenizer, device):
-    """The data owner's side: AdamW on the adapters alone, everything else frozen."""
-    torch.manual_seed(config.seed)
+def fine_tune(model, config, train_set, tokenizer, device, seed=0):
+    """The data owner's side: AdamW on the adapters alone, everything else frozen. The
+    seed fixes the batch order and the LoRA init."""
+    torch.manual_seed(seed)
     params = adapter_parameters(model, config.adapter_blocks, config.adapter)
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    rng = random.Random(config.seed)
+    rng = random.Random(seed)
     model.to(device).train()
     for step in range(config.steps):
         for group in opt.param_groups:  # linear warm-up, then constant
@@ -369,6 +376,18 @@ def support_batches(tokenizer, n_sequences, batch_size, device, block_size):
     return [collate(examples[i : i + batch_size], tokenizer.eot_token, device)[:2] for i in range(0, len(examples), batch_size)]
 
 
+def skill_examples(tokenizer, n):
+    """What the base model already knows, as prompt/answer pairs: fresh lines of the
+    pretraining corpus ("rev abc=" -> "cba"), drawn with yet another seed. The default
+    task's own operation is new to the base (its zero-shot exact match is 0 for every
+    model), so an emulator's zero-shot utility is measured on these skills."""
+    examples = []
+    for line in pretrain_text(n, seed=PRETRAIN_SEED + 2).splitlines(keepends=True):
+        prompt = encode(tokenizer, line[: line.index("=") + 1])
+        examples.append(Example(prompt + encode(tokenizer, line[line.index("=") + 1 :]), len(prompt)))
+    return examples
+
+
 # ---------------------------------------------------------------------------------------
 # The experiment: `python gradot.py`
 
@@ -384,12 +403,14 @@ class GradOTConfig:
     lam_attn: float = _f(1.0, "GCS lambda for attention (each term normalised by its median in the matrix)")
     lam_mlp: float = _f(1.0, "GCS lambda for the MLP")
     support_size: int = _f(128, "sequences of held-out pretraining text in the support set")
-    eval_samples: int = _f(200, "clean held-out samples of the default task each model is scored on (exact match)")
-    steps: int = _f(300, "fine-tuning steps on the emulator (and on the original, for full fine-tuning)")
-    lr: float = _f(1e-3, "AdamW learning rate of the adapters (whole blocks); try 1e-2 with --adapter lora")
+    eval_samples: int = _f(200, "held-out samples each model is scored on (exact match), of the task and of the base's skills")
+    steps: int = _f(1500, "fine-tuning steps on the emulator (and on the original, for full fine-tuning); "
+                          "with fewer, fine-tuning the original does not learn the default task on every seed")
+    lr: float = _f(3e-3, "AdamW learning rate of the adapters (whole blocks); try 1e-2 with --adapter lora")
     batch_size: int = _f(32, "samples per fine-tuning step")
     noise: float = _f(0.0, "fraction of the default task's fine-tuning answers corrupted")
-    seed: int = _f(0, "seed of the task data, batch order and LoRA init")
+    seeds: int = _f(3, "fine-tuning runs per emulator (seeds 0, 1, ...: task data, batch order, LoRA init); "
+                       "one run says little, since fine-tuning learns the task abruptly or not at all")
     init_from: str = _f("", "base model (as train.py's --init-from); empty: train.py's default base, pretrained on first use")
     out_dir: str = _f("out", "the base model and gradot.json / gradot.csv go here")
     overwrite: bool = _f(False, "replace gradot.json / gradot.csv already in --out-dir")
@@ -404,7 +425,7 @@ def validate(config):
     for name in ("attn_keep", "mlp_keep", "layer_keep"):
         if not 0 < getattr(config, name) <= 1:
             problems.append(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(config, name)}")
-    for name in ("adapter_blocks", "support_size", "steps", "batch_size", "eval_samples"):
+    for name in ("adapter_blocks", "support_size", "steps", "batch_size", "eval_samples", "seeds"):
         if getattr(config, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
     if config.adapter not in ("blocks", "lora"):
@@ -419,8 +440,13 @@ def validate(config):
         raise ConfigError("invalid settings:\n  " + "\n  ".join(problems))
 
 
+def mean_sd(values):
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
 def run(config):
-    """Every emulator through the offsite-tuning protocol; the table rows."""
+    """Every emulator through the offsite-tuning protocol, over config.seeds fine-tuning
+    runs; the table rows (means, sds and every run)."""
     validate(config)
     check_out_dir(argparse.Namespace(out_dir=config.out_dir, resume=False, overwrite=config.overwrite), ("gradot.json", "gradot.csv"))
     device = pick_device(config.device)
@@ -432,16 +458,36 @@ def run(config):
         emulator_config.check(base.config.n_layer)
     except ValueError as e:
         raise ConfigError(f"invalid settings:\n  {e}") from None
-    task = make_default_task(tokenizer, noise=config.noise, seed=config.seed)
-    test = task.val[: config.eval_samples]
-    score = lambda model: evaluate(model.to(device), test, tokenizer, device, is_qa=True)
+    skills = skill_examples(tokenizer, config.eval_samples)
+    tasks = [make_default_task(tokenizer, noise=config.noise, seed=seed) for seed in range(config.seeds)]
+    score = lambda model, examples: evaluate(model.to(device), examples, tokenizer, device, is_qa=True)
     print(f"GradOT on {base_path} ({base.config.n_layer} blocks; adapters: {config.adapter_blocks} {config.adapter} per side), "
-          f"{config.steps} fine-tuning steps, on {device}", flush=True)
+          f"{config.seeds} seeds x {config.steps} fine-tuning steps, on {device}", flush=True)
     t0 = time.time()
-    full = score(fine_tune(copy.deepcopy(base), config, task.train, tokenizer, device))
-    print(f"  full adapter fine-tuning of the original: exact match {full['exact_match']:.3f} ({time.time() - t0:.0f}s)", flush=True)
+
+    def offsite_tuning(emulator, method, share, seconds):
+        """Fine-tune a copy of the emulator per seed, plug each into the original: one row."""
+        runs = []
+        for seed, task in enumerate(tasks):
+            test = task.val[: config.eval_samples]
+            tuned = fine_tune(copy.deepcopy(emulator), config, task.train, tokenizer, device, seed)
+            on_emulator = score(tuned, test)
+            plugged = on_emulator if method == "none" else score(plug_in(base, tuned, config.adapter_blocks), test)
+            runs.append({"seed": seed, "emulator_fine_tuned": on_emulator["exact_match"], "plug_in": plugged["exact_match"],
+                         "emulator_loss": on_emulator["loss"], "plug_in_loss": plugged["loss"]})
+        row = {"method": method, "zero_shot": score(emulator, skills)["exact_match"],
+               "zero_shot_task": score(emulator, tasks[0].val[: config.eval_samples])["exact_match"]}
+        for key in ("emulator_fine_tuned", "plug_in", "plug_in_loss"):
+            row[key], row[key + "_sd"] = mean_sd([r[key] for r in runs])
+        row["gap"], row["gap_sd"] = mean_sd([r["plug_in"] - r["emulator_fine_tuned"] for r in runs])
+        row.update(middle_share=share, compress_s=seconds, runs=runs)
+        print(f"  {method}: zero-shot {row['zero_shot']:.3f}; fine-tuned on the emulator {row['emulator_fine_tuned']:.3f}, "
+              f"plugged in {row['plug_in']:.3f} (mean of {len(runs)}; {time.time() - t0:.0f}s so far)", flush=True)
+        return row
+
+    # "none": the original itself is the emulator, so its fine-tuning is full adapter fine-tuning
+    rows = [offsite_tuning(base, "none", 1.0, 0.0)]
     middle_size = middle_parameters(base, config.adapter_blocks)
-    rows = []
     for method in config.methods.split(","):
         started = time.time()
         stats = None
@@ -451,33 +497,26 @@ def run(config):
             stats = collect_stats(base, middle, support)
         emulator = make_emulator(base, method, emulator_config, stats)
         seconds = time.time() - started
-        share = middle_parameters(emulator, config.adapter_blocks) / middle_size
-        zero_shot = score(emulator)
-        tuned = fine_tune(emulator, config, task.train, tokenizer, device)
-        emulator_tuned = score(tuned)
-        plugged = score(plug_in(base, tuned, config.adapter_blocks))
-        rows.append({"method": method, "emulator_zero_shot": zero_shot["exact_match"], "emulator_fine_tuned": emulator_tuned["exact_match"],
-                     "plug_in": plugged["exact_match"], "full_fine_tuning": full["exact_match"],
-                     "gap": plugged["exact_match"] - emulator_tuned["exact_match"],
-                     "emulator_loss_fine_tuned": emulator_tuned["loss"], "plug_in_loss": plugged["loss"], "full_loss": full["loss"],
-                     "middle_share": share, "compress_s": seconds})
-        print(f"  {method}: emulator {zero_shot['exact_match']:.3f} zero-shot, {emulator_tuned['exact_match']:.3f} fine-tuned; "
-              f"plug-in {plugged['exact_match']:.3f}; middle kept {share:.0%} ({time.time() - t0:.0f}s so far)", flush=True)
+        rows.append(offsite_tuning(emulator, method, middle_parameters(emulator, config.adapter_blocks) / middle_size, seconds))
+    for row in rows:
+        row["full_fine_tuning"] = rows[0]["plug_in"]
     print(f"\n{format_table(rows)}\n({time.time() - t0:.0f}s in all)")
     path = os.path.join(config.out_dir, "gradot")
     atomic_write(path + ".json", lambda tmp: write_json(tmp, {"config": asdict(config), "base": base_path, "rows": rows}))
-    atomic_write(path + ".csv", lambda tmp: write_csv(tmp, rows))
+    atomic_write(path + ".csv", lambda tmp: write_csv(tmp, [{k: v for k, v in row.items() if k != "runs"} for row in rows]))
     print(f"written to {path}.json and {path}.csv")
     return rows
 
 
 def format_table(rows):
-    lines = ["| emulator | zero-shot | emulator fine-tuned | plug-in | full fine-tuning | gap (plug-in - emulator) | "
+    pm = lambda row, key: f"{row[key]:.3f} ± {row[key + '_sd']:.3f}"
+    lines = ["| emulator | zero-shot (base skills) | emulator fine-tuned | plug-in | full fine-tuning | gap (plug-in - emulator) | "
              "plug-in loss | middle kept | compression s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['emulator_zero_shot']:.3f} | {r['emulator_fine_tuned']:.3f} | {r['plug_in']:.3f} | "
-                     f"{r['full_fine_tuning']:.3f} | {r['gap']:+.3f} | {r['plug_in_loss']:.3f} | {r['middle_share']:.0%} | "
-                     f"{r['compress_s']:.2f} |")
+        name = "none (the original)" if r["method"] == "none" else r["method"]
+        lines.append(f"| {name} | {r['zero_shot']:.3f} | {pm(r, 'emulator_fine_tuned')} | {pm(r, 'plug_in')} | "
+                     f"{r['full_fine_tuning']:.3f} | {r['gap']:+.3f} ± {r['gap_sd']:.3f} | {pm(r, 'plug_in_loss')} | "
+                     f"{r['middle_share']:.0%} | {r['compress_s']:.2f} |")
     return "\n".join(lines)
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import gradot
-from data import get_tokenizer
+from data import PRETRAIN_OPS, get_tokenizer
 from gradot import (EmulatorConfig, channel_terms, choose_components, collect_stats, gcs, kept_rank, make_emulator,
                     middle_parameters, plug_in, split_blocks, support_batches, svd_component_terms)
 from model import GPT, GPTConfig
@@ -76,11 +76,12 @@ def test_gcs_of_one_singular_component_matches_the_definition():
     g = torch.Generator().manual_seed(1)
     W, D = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
     A, G = psd(4, 2), psd(5, 3)
-    U, S, Vh, shift, loss_rise = svd_component_terms(W, A, G, D)
+    U, S, Vh, shift, loss_change = svd_component_terms(W, A, G, D)
     for lam in (0.0, 0.7):
         for j in range(4):
             delta = -S[j] * torch.outer(U[:, j], Vh[j])
-            assert float(shift[j] + lam * loss_rise[j]) == pytest.approx(gcs(A, G, D, delta, lam), rel=1e-9)
+            assert float(shift[j] - lam * loss_change[j]) == pytest.approx(gcs(A, G, D, delta, lam), rel=1e-9)
+            assert float(loss_change[j]) == pytest.approx(float((D * delta).sum()))  # <dL/dW, delta>: + means the loss rises
 
 
 def test_gcs_of_one_mlp_channel_matches_the_definition():
@@ -89,14 +90,14 @@ def test_gcs_of_one_mlp_channel_matches_the_definition():
     stats = lambda n_in, n_out, seed: gradot.LayerStats(A=psd(n_in, seed), G=psd(n_out, seed + 1),
                                                         grad=torch.randn(n_out, n_in, dtype=torch.float64))
     fc_stats, proj_stats = stats(3, 6, 10), stats(6, 3, 20)
-    shift_fc, shift_proj, rise_fc, rise_proj = channel_terms(fc, proj, fc_stats, proj_stats)
+    shift_fc, shift_proj, change_fc, change_proj = channel_terms(fc, proj, fc_stats, proj_stats)
     for k in range(6):
         delta_fc = torch.zeros(6, 3, dtype=torch.float64)
         delta_fc[k] = -fc.weight[k].detach()
         delta_proj = torch.zeros(3, 6, dtype=torch.float64)
         delta_proj[:, k] = -proj.weight[:, k].detach()
-        assert float(shift_fc[k] + 0.5 * rise_fc[k]) == pytest.approx(gcs(fc_stats.A, fc_stats.G, fc_stats.grad, delta_fc, 0.5))
-        assert float(shift_proj[k] + 0.5 * rise_proj[k]) == pytest.approx(
+        assert float(shift_fc[k] - 0.5 * change_fc[k]) == pytest.approx(gcs(fc_stats.A, fc_stats.G, fc_stats.grad, delta_fc, 0.5))
+        assert float(shift_proj[k] - 0.5 * change_proj[k]) == pytest.approx(
             gcs(proj_stats.A, proj_stats.G, proj_stats.grad, delta_proj, 0.5))
 
 
@@ -130,6 +131,52 @@ def test_keep_ratios_shrink_the_middle_by_the_stated_amount(stats, method):
         assert torch.equal(emulator.transformer.h[0].attn.c_attn.weight, model.transformer.h[0].attn.c_attn.weight)
     dropped = make_emulator(model, "layer-drop", EmulatorConfig(layer_keep=0.5))
     assert len(dropped.transformer.h) == 3
+
+
+def brute_force_gcs(A, G, grad, deltas, lam):
+    """Each delta's GCS from the definition, each term divided by its median magnitude
+    over the matrix's pieces (the normalisation gradot.py documents)."""
+    shift = torch.tensor([float((G @ d @ A).abs().sum()) for d in deltas], dtype=torch.float64)
+    change = torch.tensor([float((grad * d).sum()) for d in deltas], dtype=torch.float64)
+    return shift / shift.abs().median() - lam * change / change.abs().median()
+
+
+@pytest.mark.parametrize("lam", [0.0, 2.0])
+def test_drd_removes_the_components_of_lowest_gcs(stats, lam):
+    model = tiny_gpt()
+    linear, s = model.transformer.h[1].attn.c_proj, stats["h.1.attn.c_proj"]
+    W = linear.weight.detach().double()
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    score = brute_force_gcs(s.A, s.G, s.grad, [-S[j] * torch.outer(U[:, j], Vh[j]) for j in range(len(S))], lam)
+    rank = kept_rank(16, 16, 0.3)  # 4 of 16 components; the largest singular value is protected
+    expected = [0] + [j for j in torch.argsort(score, descending=True).tolist() if j != 0][: rank - 1]
+    compressed = gradot.compress_attention_matrix(linear, s, 1, 0.3, lam, "gcs")
+    expected_W = sum(S[j] * torch.outer(U[:, j], Vh[j]) for j in expected)
+    torch.testing.assert_close(compressed.weight_of().double(), expected_W, atol=1e-5, rtol=1e-4)
+    # and GCS is not the magnitude rule: here they keep different components
+    assert sorted(expected) != list(range(rank))
+
+
+@pytest.mark.parametrize("lam", [0.0, 2.0])
+def test_scp_removes_the_channels_of_lowest_gcs(stats, lam):
+    model = tiny_gpt()
+    mlp = model.transformer.h[2].mlp
+    fc_s, proj_s = stats["h.2.mlp.c_fc"], stats["h.2.mlp.c_proj"]
+    W1, W2 = mlp.c_fc.weight.detach().double(), mlp.c_proj.weight.detach().double()
+    H = W1.shape[0]
+
+    def without(W, k, dim):  # the delta that removes row (dim 0) or column (dim 1) k
+        d = torch.zeros_like(W)
+        d.select(dim, k).copy_(-W.select(dim, k))
+        return d
+    score = (brute_force_gcs(fc_s.A, fc_s.G, fc_s.grad, [without(W1, k, 0) for k in range(H)], lam)
+             + brute_force_gcs(proj_s.A, proj_s.G, proj_s.grad, [without(W2, k, 1) for k in range(H)], lam))
+    expected = torch.argsort(score, descending=True)[: round(0.5 * H)].sort().values
+    pruned = copy.deepcopy(mlp)
+    gradot.prune_mlp(pruned, fc_s, proj_s, 0.5, lam, "gcs")
+    assert torch.equal(pruned.c_fc.weight, mlp.c_fc.weight[expected])
+    assert torch.equal(pruned.c_proj.weight, mlp.c_proj.weight[:, expected])
+    assert torch.equal(pruned.c_fc.bias, mlp.c_fc.bias[expected])
 
 
 def test_the_top_five_percent_by_singular_value_are_always_kept():
@@ -181,13 +228,29 @@ def test_bad_settings_are_refused_clearly(base, tmp_path, capsys, flags, message
 
 def test_the_experiment_writes_its_table_json_and_csv(base, tmp_path, capsys):
     argv = ["--init-from", base, "--out-dir", str(tmp_path), "--steps", "2", "--batch-size", "4", "--support-size", "8",
-            "--eval-samples", "8"]
+            "--eval-samples", "8", "--seeds", "2"]
     assert gradot.main(argv) == 0
     out = capsys.readouterr().out
-    assert "| emulator | zero-shot | emulator fine-tuned | plug-in |" in out
+    assert "| emulator | zero-shot (base skills) | emulator fine-tuned | plug-in |" in out
     rows = json.loads((tmp_path / "gradot.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == list(gradot.EMULATORS)
+    assert [r["method"] for r in rows] == ["none", *gradot.EMULATORS]
+    original = rows[0]
+    assert original["middle_share"] == 1 and original["gap"] == 0  # the original: plug-in is its own fine-tuning
     for r in rows:
-        assert r["gap"] == pytest.approx(r["plug_in"] - r["emulator_fine_tuned"]) and 0 < r["middle_share"] < 1
-    assert (tmp_path / "gradot.csv").read_text().startswith("method,emulator_zero_shot")
+        assert [run["seed"] for run in r["runs"]] == [0, 1]
+        assert r["plug_in"] == pytest.approx(sum(run["plug_in"] for run in r["runs"]) / 2)
+        assert r["gap"] == pytest.approx(r["plug_in"] - r["emulator_fine_tuned"])
+        assert r["full_fine_tuning"] == original["plug_in"]
+        assert 0 < r["middle_share"] < 1 or r is original
+    assert (tmp_path / "gradot.csv").read_text().startswith("method,zero_shot,zero_shot_task")
     assert gradot.main(argv) == 2 and "--overwrite" in capsys.readouterr().err  # results are not overwritten by accident
+
+
+def test_the_base_models_skills_are_fresh_corpus_lines_split_at_the_equals_sign():
+    tok = get_tokenizer()
+    examples = gradot.skill_examples(tok, 50)
+    assert len(examples) == 50
+    for e in examples:
+        prompt, answer = tok.decode(e.tokens[: e.n_prompt]), tok.decode(e.completion)
+        op, word = prompt[:-1].split(" ")
+        assert prompt.endswith("=") and answer == PRETRAIN_OPS[op](word) + "\n"
