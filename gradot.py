@@ -274,7 +274,7 @@ class EmulatorConfig:
     adapter_blocks: int = 1  # whole blocks at each end that the data owner tunes (offsite tuning's code: 2 + 2)
     attn_keep: float = 0.5  # share of each middle attention matrix's parameters kept (rank)
     mlp_keep: float = 0.5  # share of each middle MLP's hidden channels kept
-    lam_attn: float = 1.0  # lambda for attention (our default, from a sweep over 0, 0.3, 1, 3)
+    lam_attn: float = 1.0  # lambda for attention (ours; the sweep over 0, 0.3, 1, 3 is in the README)
     lam_mlp: float = 1.0  # lambda for the MLP
     layer_keep: float = 0.5  # layer-drop: share of the middle blocks kept, evenly spaced
 
@@ -406,7 +406,8 @@ class GradOTConfig:
     eval_samples: int = _f(200, "held-out samples each model is scored on (exact match), of the task and of the base's skills")
     steps: int = _f(1500, "fine-tuning steps on the emulator (and on the original, for full fine-tuning); "
                           "with fewer, fine-tuning the original does not learn the default task on every seed")
-    lr: float = _f(3e-3, "AdamW learning rate of the adapters (whole blocks); try 1e-2 with --adapter lora")
+    lr: float = _f(3e-3, "AdamW learning rate of the adapters; 3e-3 learned the default task with whole blocks and with LoRA "
+                         "(LoRA at 1e-2 and above was unstable)")
     batch_size: int = _f(32, "samples per fine-tuning step")
     noise: float = _f(0.0, "fraction of the default task's fine-tuning answers corrupted")
     seeds: int = _f(3, "fine-tuning runs per emulator (seeds 0, 1, ...: task data, batch order, LoRA init); "
@@ -461,7 +462,8 @@ def run(config):
     skills = skill_examples(tokenizer, config.eval_samples)
     tasks = [make_default_task(tokenizer, noise=config.noise, seed=seed) for seed in range(config.seeds)]
     score = lambda model, examples: evaluate(model.to(device), examples, tokenizer, device, is_qa=True)
-    print(f"GradOT on {base_path} ({base.config.n_layer} blocks; adapters: {config.adapter_blocks} {config.adapter} per side), "
+    print(f"GradOT on {base_path} ({base.config.n_layer} blocks; {config.adapter_blocks} adapter block(s) per side, "
+          f"trained as {'whole blocks' if config.adapter == 'blocks' else 'LoRA'}), "
           f"{config.seeds} seeds x {config.steps} fine-tuning steps, on {device}", flush=True)
     t0 = time.time()
 
