@@ -3,7 +3,6 @@ updates of one process on the same global batch. Each test spawns 2 processes on
 127.0.0.1; a failure in one of them, or a hang past the deadline, ends the test."""
 
 import os
-import socket
 import time
 from datetime import timedelta
 
@@ -23,20 +22,18 @@ TINY = GPTConfig(block_size=16, vocab_size=40, n_layer=4, n_head=2, n_embd=16)
 DEADLINE_S = 120
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, n_procs, port, job, kwargs, result_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(n_procs), LOCAL_RANK=str(rank))
+    # as under torchrun: the store lives outside the workers (torchrun's agent; here the test
+    # process), so no worker's exit takes it away while another is still shutting down
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(n_procs), LOCAL_RANK=str(rank),
+                      TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=n_procs, timeout=timedelta(seconds=60))
     try:
         result = JOBS[job](**kwargs)
         if rank == 0:
             torch.save(result, result_path)
+        dist.barrier()  # every rank done with its collectives before any tears down
     finally:
         dist.destroy_process_group()
 
@@ -44,7 +41,8 @@ def _worker(rank, n_procs, port, job, kwargs, result_path):
 def in_processes(n_procs, job, tmp_path, **kwargs):
     """Run JOBS[job](**kwargs) in n_procs processes; rank 0's result."""
     result_path = tmp_path / f"{job}-result.pt"
-    context = mp.start_processes(_worker, args=(n_procs, free_port(), job, kwargs, str(result_path)), nprocs=n_procs,
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # port 0: a free one
+    context = mp.start_processes(_worker, args=(n_procs, store.port, job, kwargs, str(result_path)), nprocs=n_procs,
                                  join=False, start_method="spawn")
     deadline = time.time() + DEADLINE_S
     while not context.join(timeout=1):  # raises if a process failed, and ends the others
@@ -52,6 +50,7 @@ def in_processes(n_procs, job, tmp_path, **kwargs):
             for p in context.processes:
                 p.kill()
             pytest.fail(f"{job} did not finish within {DEADLINE_S} s")
+    del store
     return torch.load(result_path, weights_only=False)
 
 
