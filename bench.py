@@ -48,7 +48,7 @@ from data import collate, get_tokenizer, make_default_task
 from gast import SelectionConfig, SparseTuner, per_sample_grads, per_sample_grads_by_hooks
 from lora import LoRAConfig, add_lora
 from model import GPT, IGNORE_INDEX, GPTConfig
-from train import check_device, pick_device
+from plumbing import check_device, pick_device
 
 ATTENTION = ("attn.c_attn", "attn.c_proj")
 ATTENTION_AND_MLP = ATTENTION + ("mlp.c_fc", "mlp.c_proj")

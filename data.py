@@ -11,10 +11,13 @@ Tokenizer and data: everything here works offline.
 3. Real data from files: plain text for language modelling, JSONL prompt/completion
    pairs with the loss on completion tokens only. Bad input raises DataError naming
    the file and line.
-4. Batches: (inputs, targets, noisy), targets padded with -100.
+4. A run's splits (DataConfig, load_task): train, dev, test and the trusted set.
+5. Scoring: held-out loss and greedy exact match.
+Batches are (inputs, targets, noisy), targets padded with -100.
 """
 
 import json
+import os
 import random
 from dataclasses import dataclass, field
 
@@ -22,6 +25,7 @@ import tiktoken
 import torch
 
 from model import IGNORE_INDEX
+from plumbing import ConfigError, autocast_for, in_range, option, positive, say
 
 
 class DataError(ValueError):
@@ -79,6 +83,7 @@ class Example:
     tokens: list  # prompt then completion, token ids
     n_prompt: int  # how many leading tokens are prompt (no loss on predicting them)
     noisy: bool = False  # known to carry a corrupted answer (default task only)
+    task: str = ""  # the task it belongs to, where the data names one (scores are also given per task)
 
     @property
     def completion(self):
@@ -153,7 +158,7 @@ def pretrain_text(n_lines=20000, seed=0):
 
 def task_example(tokenizer, word, answer, noisy=False):
     prompt = encode(tokenizer, f"{TASK_OP} {word}=")
-    return Example(prompt + encode(tokenizer, answer + "\n"), len(prompt), noisy)
+    return Example(prompt + encode(tokenizer, answer + "\n"), len(prompt), noisy, task=TASK_OP)
 
 
 @dataclass
@@ -256,18 +261,21 @@ def load_jsonl(path, tokenizer, block_size, prompt_field="prompt", completion_fi
             raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        for field in (prompt_field, completion_field):
-            if field not in record:
-                raise DataError(f"{where}: no field {field!r} (fields here: {sorted(record)})")
-            if not isinstance(record[field], str):
-                raise DataError(f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}")
+        for name in (prompt_field, completion_field):
+            if name not in record:
+                raise DataError(f"{where}: no field {name!r} (fields here: {sorted(record)})")
+            if not isinstance(record[name], str):
+                raise DataError(f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}")
         prompt = encode(tokenizer, record[prompt_field])
         tokens = prompt + encode(tokenizer, record[completion_field]) + [tokenizer.eot_token]
         if len(tokens) > block_size + 1:
             cut.samples += 1
             cut.tokens += len(tokens) - (block_size + 1)
             tokens = tokens[: block_size + 1]
-        example = Example(tokens, len(prompt))
+        task = record.get("task", "")
+        if not isinstance(task, str):
+            raise DataError(f"{where}: field 'task' must be a string, got {type(task).__name__}")
+        example = Example(tokens, len(prompt), task=task)
         if n_targets(example) < 1:
             cut.skipped.append(where)
             continue
@@ -279,3 +287,145 @@ def load_jsonl(path, tokenizer, block_size, prompt_field="prompt", completion_fi
     if not examples:
         raise DataError(f"{path}: no samples (only blank lines)")
     return examples, cut
+
+
+# ---------------------------------------------------------------------------------------
+# 4. A run's splits
+
+
+@dataclass
+class DataConfig:
+    data: str = option("", "a .jsonl file (prompt/completion) or a plain-text corpus; empty: the default task")
+    prompt_field: str = option("prompt", "JSONL field holding the prompt")
+    completion_field: str = option("completion", "JSONL field holding the completion (the loss falls on it)")
+    val_fraction: float = option(0.1, "share of --data held out for evaluation (unless --val-data); half of it is the dev split, half the test split")
+    val_data: str = option("", "a separate clean evaluation file, same format as --data; half dev split, half test split")
+    reference_data: str = option("", "a trusted file for the held-out reference set, same format as --data; empty: carved from --data")
+    noise: float = option(0.2, "default task: fraction of fine-tuning answers corrupted (flagged noisy)")
+    n_train: int = option(1000, "default task: fine-tuning samples")
+    n_val: int = option(200, "default task: clean held-out samples")
+
+    def problems(self):
+        out = in_range(self, "noise", 0, 1, high_open=True) + in_range(self, "val_fraction", 0, 1, True, True)
+        out += positive(self, "n_train", "n_val")
+        if self.data and not os.path.exists(self.data):
+            out.append(f"--data {self.data}: no such file")
+        for name in ("val_data", "reference_data"):
+            path = getattr(self, name)
+            if path and not self.data:
+                out.append(f"--{name.replace('_', '-')} needs --data (the default task has its own splits)")
+            elif path and not os.path.exists(path):
+                out.append(f"--{name.replace('_', '-')} {path}: no such file")
+        return out
+
+
+def load_examples(config, path, tokenizer, block_size):
+    """Examples of one file: JSONL prompt/completion pairs, or plain text cut into windows."""
+    if path.endswith(".json"):
+        raise DataError(f"{path}: .json files are not read. Prompt/completion pairs go one JSON object per line "
+                        "in a .jsonl file; a plain-text corpus goes in any other file (.txt)")
+    if path.endswith(".jsonl"):
+        say(config, f"reading {path} as JSONL prompt/completion pairs (fields {config.prompt_field!r}, {config.completion_field!r})")
+        examples, cut = load_jsonl(path, tokenizer, block_size, config.prompt_field, config.completion_field)
+        if cut.skipped:
+            first = ", ".join(cut.skipped[:3]) + (", ..." if len(cut.skipped) > 3 else "")
+            say(config, f"{path}: skipped {len(cut.skipped)} samples whose prompt leaves no completion token within "
+                        f"the context of {block_size} tokens ({first})")
+        if cut.samples:
+            say(config, f"{path}: {cut.samples} samples longer than {block_size + 1} tokens were cut ({cut.tokens} tokens)")
+        return examples
+    say(config, f"reading {path} as plain text for language modelling (a .jsonl name would read prompt/completion pairs)")
+    return load_text(path, tokenizer, block_size)
+
+
+def load_task(config, tokenizer, block_size):
+    """(Task, is_qa): the fine-tuning data and its held-out splits.
+
+    Default task: four disjoint splits made by the seed. Your data: --data shuffled by the
+    seed; the evaluation data (--val-data, or a --val-fraction of --data) is halved into
+    dev and test; the reference set R is --reference-data, or, with --reference heldout,
+    --reference-size samples carved from the training split (then assumed trustworthy).
+    """
+    if not config.data:
+        task = make_default_task(tokenizer, config.n_train, config.n_val, config.noise, config.seed,
+                                 n_reference=config.reference_size, n_dev=config.n_val)
+        return task, True
+    is_qa = config.data.endswith(".jsonl")
+    examples = load_examples(config, config.data, tokenizer, block_size)
+    order = list(range(len(examples)))
+    random.Random(config.seed).shuffle(order)
+    examples = [examples[i] for i in order]
+    if config.val_data:
+        evaluation = load_examples(config, config.val_data, tokenizer, block_size)
+    else:
+        n_val = max(1, round(config.val_fraction * len(examples)))
+        evaluation, examples = examples[:n_val], examples[n_val:]
+    dev, test = evaluation[: len(evaluation) // 2], evaluation[len(evaluation) // 2 :]
+    reference = []
+    if config.reference_data:
+        reference = load_examples(config, config.reference_data, tokenizer, block_size)
+    elif config.reference == "heldout":
+        reference, examples = examples[: config.reference_size], examples[config.reference_size :]
+        say(config, f"reference set: {len(reference)} samples carved from {config.data}'s training split "
+                    "and assumed trustworthy (--reference-data FILE gives a trusted set of your own)")
+    if len(examples) < config.batch_size:
+        carved = f" and the {len(reference)} reference samples (--reference-size)" if reference and not config.reference_data else ""
+        raise ConfigError(f"invalid settings:\n  --batch-size {config.batch_size} is larger than the "
+                          f"{len(examples)} training samples left in {config.data} after the evaluation split{carved}")
+    return Task(examples, test, reference, dev), is_qa
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Scoring a model on examples
+
+
+@torch.no_grad()
+def evaluate(model, examples, tokenizer, device, is_qa, batch_size=64, n_answers=3):
+    """Mean per-sample loss and (for prompt/completion data) greedy exact match, overall
+    and per task (examples carry their task's name), with the first n_answers answers."""
+    model.eval()
+    losses = []
+    for i in range(0, len(examples), batch_size):
+        x, y, _ = collate(examples[i : i + batch_size], tokenizer.eot_token, device)
+        with autocast_for(device):
+            losses.append(model(x, y, reduction="none")[1].float().cpu())
+    losses = torch.cat(losses)  # (N,)
+    hits = {}  # example index -> exact match
+    answers = []
+    if is_qa:
+        by_prompt_length = {}
+        for index, e in enumerate(examples):
+            by_prompt_length.setdefault(e.n_prompt, []).append(index)
+        for n_prompt, group in sorted(by_prompt_length.items()):
+            for i in range(0, len(group), batch_size):
+                chunk = group[i : i + batch_size]
+                prompts = torch.tensor([examples[j].tokens[:n_prompt] for j in chunk], device=device)
+                n_new = max(len(examples[j].completion) for j in chunk)
+                with autocast_for(device):
+                    out = model.generate(prompts, n_new, temperature=0)[:, n_prompt:].tolist()
+                for j, generated in zip(chunk, out):
+                    e = examples[j]
+                    hits[j] = generated[: len(e.completion)] == e.completion
+                    if len(answers) < n_answers:
+                        answers.append((tokenizer.decode(e.tokens[:n_prompt]), tokenizer.decode(generated[: len(e.completion)]),
+                                        tokenizer.decode(e.completion), hits[j]))
+    per_task = {}
+    for name in sorted({e.task for e in examples}):
+        mine = [j for j, e in enumerate(examples) if e.task == name]
+        per_task[name] = {"n": len(mine), "loss": float(losses[mine].mean()),
+                          "exact_match": sum(hits[j] for j in mine) / len(mine) if is_qa else None}
+    model.train()
+    return {"loss": float(losses.mean()), "exact_match": sum(hits.values()) / len(examples) if is_qa else None,
+            "answers": answers, "per_task": per_task}
+
+
+@torch.no_grad()
+def greedy_sample(model, example, tokenizer, device):
+    """(prompt, continuation): the model's greedy continuation of a held-out text's start."""
+    model.eval()
+    n_prompt = min(16, model.config.block_size // 2, len(example.tokens))
+    prompt = torch.tensor([example.tokens[:n_prompt]], device=device)
+    with autocast_for(device):
+        out = model.generate(prompt, min(64, model.config.block_size - n_prompt), temperature=0)
+    model.train()
+    return tokenizer.decode(example.tokens[:n_prompt]), tokenizer.decode(out[0, n_prompt:].tolist())

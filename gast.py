@@ -20,13 +20,15 @@ gradients, I8) from one plain backward.
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.func import functional_call, grad_and_value, vmap
 
-from lora import lora_names_by_block, recording_per_sample_grads, scaled_adapters
+from lora import LoRALinear, lora_names_by_block, scaled_adapters
+from plumbing import in_range, not_negative, one_of, option, positive, world
 
 METHODS = ("lora", "lisa", "ist", "data", "gast")
 REFERENCES = ("heldout", "batch")
@@ -66,15 +68,60 @@ def per_sample_grads(model, inputs, targets, chunk_size=None):
 def per_sample_grads_by_hooks(model, inputs, targets):
     """The same gradients and losses from one ordinary forward and backward (the fast path).
 
-    A LoRA parameter's per-sample gradient is a sum over the sample's positions of
-    outer products that the batched backward forms anyway (lora.py writes it out), so
-    this costs about one plain LoRA step. Tests hold it to the torch.func path above.
+    A LoRA parameter's per-sample gradient is a sum over the sample's positions of outer
+    products that the batched backward forms anyway (recording_per_sample_grads below
+    writes them out), so this costs about one plain LoRA step. Tests hold it to the
+    torch.func path above.
     """
     model.zero_grad(set_to_none=True)
     with recording_per_sample_grads(model) as grads:
         _, losses = model(inputs, targets, reduction="none")  # (B,)
         losses.sum().backward()  # sum: each sample's output gradient is its own loss's
     return grads, losses.detach()
+
+
+@contextmanager
+def recording_per_sample_grads(model):
+    """Inside, a backward of the summed per-sample losses fills the yielded dict with
+    {name: (B, *p.shape)} per-sample gradients of every LoRA parameter.
+
+    Hooks watch each LoRALinear from outside: its dropout's output h (B, T, in) on the way
+    forward, and the gradient of its output on the way back. With out = y + s * h A^T B^T
+    and u = h A^T, summed over the sample's positions t:
+        dL_i/dB = s * sum_t grad_out[i, t]^T u[i, t]          (out, r)
+        dL_i/dA = s * sum_t (grad_out[i, t] B)^T h[i, t]       (r, in)
+    the batched backward's own arithmetic without its sum over samples.
+    """
+    store, handles = {}, []
+
+    def watch(name, module):
+        seen = {}
+
+        def keep_input(dropout, args, h):  # h: the adapter's input after dropout
+            seen["h"] = h.detach()
+
+        def on_output(module, args, out):
+            if out.requires_grad and "h" in seen:  # a merged adapter has no h: nothing to record
+                out.register_hook(lambda grad_out: record(name, module, seen.pop("h"), grad_out))
+        handles.append(module.lora_dropout.register_forward_hook(keep_input))
+        handles.append(module.register_forward_hook(on_output))
+
+    def record(name, m, h, grad_out):
+        B, dtype = grad_out.shape[0], m.lora_A.dtype  # under autocast activations may be bf16; gradients are not
+        g = grad_out.reshape(B, -1, m.out_features).to(dtype)  # (B, T, out)
+        h = h.reshape(B, -1, m.in_features).to(dtype)  # (B, T, in)
+        u = h @ m.lora_A.detach().t()  # (B, T, r)
+        store[f"{name}.lora_B"] = m.scaling * torch.einsum("bto,btr->bor", g, u)  # (B, out, r)
+        store[f"{name}.lora_A"] = m.scaling * torch.einsum("btr,bti->bri", g @ m.lora_B.detach(), h)  # (B, r, in)
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            watch(name, module)
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def reference_gradient(model, inputs, targets):
@@ -184,13 +231,6 @@ def write_selected_gradients(model, layers, grads, mask, columns=slice(None)):
 # sets .grad itself, and layers outside the mask must keep grad None on every process.
 
 
-def world():
-    """(rank, number of processes); (0, 1) without torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def all_gather_columns(local):
     """(..., B_local) on each process -> (..., B), the processes' blocks side by side in rank order."""
     blocks = [torch.empty_like(local) for _ in range(world()[1])]
@@ -215,18 +255,27 @@ def all_reduce_grads(params, mean):
 
 @dataclass
 class SelectionConfig:
-    method: str = "gast"  # one of METHODS: which rule picks the mask
-    layer_ratio: float = 0.5  # K = ceil(layer_ratio * L) blocks updated per step (lisa, ist, gast)
-    data_ratio: float = 0.5  # k = ceil(data_ratio * B) samples per active block (data, gast)
-    lisa_interval: int = 20  # LISA redraws its layers every this many steps (LISA's default)
-    ist_interval: int = 10  # IST updates its layer importance every this many steps
-    ist_trials: int = 3  # IST's suppression trials per importance update
-    ist_suppress: float = 0.25  # IST multiplies a suppressed layer's LoRA scaling by this
-    ist_lr: float = 10.0  # IST's step size on the importance scores
-    chunk_size: int = 0  # vmap chunk for per-sample gradients; 0 means the whole batch at once
-    per_sample: str = "vmap"  # step 1 by torch.func ("vmap", the reference) or by backward hooks ("hooks", faster)
-    reference: str = "heldout"  # step 2's r: a trusted held-out set's gradient ("heldout") or the batch mean ("batch")
-    reference_interval: int = 1  # recompute the held-out r every this many steps; kept in between
+    method: str = option("gast", f"selection rule: one of {', '.join(METHODS)}")
+    layer_ratio: float = option(0.5, "layer budget K = ceil(ratio * n_layer), shared by lisa, ist and gast")
+    data_ratio: float = option(0.5, "data budget k = ceil(ratio * batch) per active layer, shared by data and gast")
+    lisa_interval: int = option(20, "lisa redraws its layers every this many steps (LISA's default)")
+    ist_interval: int = option(10, "ist updates its layer importance every this many steps")
+    ist_trials: int = option(3, "ist's suppression trials per importance update")
+    ist_suppress: float = option(0.25, "ist multiplies a suppressed layer's LoRA scaling by this")
+    ist_lr: float = option(10.0, "ist's step size on the importance scores")
+    per_sample: str = option("vmap", "per-sample gradients by torch.func (vmap, the reference) or by backward hooks (hooks: same numbers, about a plain step's cost)")
+    chunk_size: int = option(0, "vmap's per-sample gradients this many samples at a time (0: whole batch); bounds memory")
+    reference: str = option("heldout", "GAST's reference direction (data uses it too): the gradient of a trusted held-out set (heldout) or the batch mean (batch)")
+    reference_interval: int = option(1, "recompute the held-out reference gradient every this many steps")
+
+    def problems(self):
+        """Every problem with these settings, naming the flags."""
+        out = [] if self.method in METHODS else [f"--method {self.method!r} is unknown; choose one of {', '.join(METHODS)}"]
+        out += one_of(self, "per_sample", ("vmap", "hooks")) + one_of(self, "reference", REFERENCES)
+        out += in_range(self, "layer_ratio", 0, 1, low_open=True) + in_range(self, "data_ratio", 0, 1, low_open=True)
+        out += positive(self, "lisa_interval", "ist_interval", "ist_trials", "reference_interval")
+        out += not_negative(self, "chunk_size")
+        return out
 
 
 @dataclass
@@ -278,14 +327,8 @@ class SparseTuner:
     def __init__(self, model, config: SelectionConfig, seed=0, reference_batch=None):
         """reference_batch: (inputs, targets) of the trusted reference set R, needed by
         data and gast with reference="heldout"; R's gradient is step 2's direction."""
-        if config.method not in METHODS:
-            raise ValueError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
-        if config.per_sample not in ("vmap", "hooks"):
-            raise ValueError(f"per_sample must be 'vmap' or 'hooks', not {config.per_sample!r}")
-        if config.reference not in REFERENCES:
-            raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, not {config.reference!r}")
-        if config.reference_interval < 1:
-            raise ValueError(f"reference_interval must be positive, got {config.reference_interval}")
+        if config.problems():
+            raise ValueError("; ".join(config.problems()))
         if config.method in SCORED and config.reference == "heldout" and reference_batch is None:
             raise ValueError(f"{config.method} with reference='heldout' needs reference_batch=(inputs, targets), "
                              "a trusted held-out set; or use reference='batch' (the batch mean)")

@@ -36,7 +36,6 @@ lambda = 0 (utility only).
     python gradot.py --adapter lora     # LoRA inside the adapter blocks instead of whole blocks
 """
 
-import argparse
 import copy
 import math
 import os
@@ -49,11 +48,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from data import DataError, Example, collate, encode, get_tokenizer, make_default_task, pretrain_text
-from lora import LoRAConfig, add_lora, atomic_write
+from data import DataError, Example, TokenizerUnavailable, collate, encode, evaluate, get_tokenizer, make_default_task, pretrain_text
+from lora import LoRAConfig, add_lora
 from model import IGNORE_INDEX
-from train import (PRETRAIN_SEED, ConfigError, TrainConfig, _f, check_device, check_out_dir, evaluate, load_base,
-                   parse_args, pick_device, write_csv, write_json)
+from plumbing import (ConfigError, check_out_dir, option, parse_args, pick_device, refuse, run_main, write_csv,
+                      write_json)
+from pretrain import PRETRAIN_SEED, BaseConfig, base_problems, load_base
 
 # ---------------------------------------------------------------------------------------
 # 1. Adapter blocks and middle blocks
@@ -393,29 +393,26 @@ def skill_examples(tokenizer, n):
 
 
 @dataclass
-class GradOTConfig:
-    methods: str = _f(",".join(EMULATORS), f"emulators to build, from {', '.join(EMULATORS)}")
-    adapter_blocks: int = _f(1, "whole blocks at each end that the data owner tunes (offsite tuning's own code: 2 per side)")
-    adapter: str = _f("blocks", "what the data owner trains in the adapter blocks: blocks (all their weights) or lora")
-    attn_keep: float = _f(0.5, "share of each middle attention matrix's parameters kept (its rank)")
-    mlp_keep: float = _f(0.5, "share of each middle MLP's hidden channels kept")
-    layer_keep: float = _f(0.5, "layer-drop: share of the middle blocks kept, evenly spaced")
-    lam_attn: float = _f(1.0, "GCS lambda for attention (each term normalised by its median in the matrix)")
-    lam_mlp: float = _f(1.0, "GCS lambda for the MLP")
-    support_size: int = _f(128, "sequences of held-out pretraining text in the support set")
-    eval_samples: int = _f(200, "held-out samples each model is scored on (exact match), of the task and of the base's skills")
-    steps: int = _f(1500, "fine-tuning steps on the emulator (and on the original, for full fine-tuning); "
+class GradOTConfig(BaseConfig):  # the base's settings (--init-from, --n-layer, --out-dir, --device ...) are pretrain.py's
+    methods: str = option(",".join(EMULATORS), f"emulators to build, from {', '.join(EMULATORS)}")
+    adapter_blocks: int = option(1, "whole blocks at each end that the data owner tunes (offsite tuning's own code: 2 per side)")
+    adapter: str = option("blocks", "what the data owner trains in the adapter blocks: blocks (all their weights) or lora")
+    attn_keep: float = option(0.5, "share of each middle attention matrix's parameters kept (its rank)")
+    mlp_keep: float = option(0.5, "share of each middle MLP's hidden channels kept")
+    layer_keep: float = option(0.5, "layer-drop: share of the middle blocks kept, evenly spaced")
+    lam_attn: float = option(1.0, "GCS lambda for attention (each term normalised by its median in the matrix)")
+    lam_mlp: float = option(1.0, "GCS lambda for the MLP")
+    support_size: int = option(128, "sequences of held-out pretraining text in the support set")
+    eval_samples: int = option(200, "held-out samples each model is scored on (exact match), of the task and of the base's skills")
+    steps: int = option(1500, "fine-tuning steps on the emulator (and on the original, for full fine-tuning); "
                           "with fewer, fine-tuning the original does not learn the default task on every seed")
-    lr: float = _f(3e-3, "AdamW learning rate of the adapters; 3e-3 learned the default task with whole blocks and with LoRA "
+    lr: float = option(3e-3, "AdamW learning rate of the adapters; 3e-3 learned the default task with whole blocks and with LoRA "
                          "(LoRA at 1e-2 and above was unstable)")
-    batch_size: int = _f(32, "samples per fine-tuning step")
-    noise: float = _f(0.0, "fraction of the default task's fine-tuning answers corrupted")
-    seeds: int = _f(3, "fine-tuning runs per emulator (seeds 0, 1, ...: task data, batch order, LoRA init); "
+    batch_size: int = option(32, "samples per fine-tuning step")
+    noise: float = option(0.0, "fraction of the default task's fine-tuning answers corrupted")
+    seeds: int = option(3, "fine-tuning runs per emulator (seeds 0, 1, ...: task data, batch order, LoRA init); "
                        "one run says little, since fine-tuning learns the task abruptly or not at all")
-    init_from: str = _f("", "base model (as train.py's --init-from); empty: train.py's default base, pretrained on first use")
-    out_dir: str = _f("out", "the base model and gradot.json / gradot.csv go here")
-    overwrite: bool = _f(False, "replace gradot.json / gradot.csv already in --out-dir")
-    device: str = _f("auto", "cpu, cuda ...; auto: cuda when available")
+    overwrite: bool = option(False, "replace gradot.json / gradot.csv already in --out-dir")
 
 
 def validate(config):
@@ -435,10 +432,7 @@ def validate(config):
         problems.append("--lr must be positive and --lam-attn, --lam-mlp not negative")
     if not 0 <= config.noise < 1:
         problems.append(f"--noise must be in [0, 1), got {config.noise}")
-    if check_device(config.device):
-        problems.append(check_device(config.device))
-    if problems:
-        raise ConfigError("invalid settings:\n  " + "\n  ".join(problems))
+    refuse(problems + base_problems(config))
 
 
 def mean_sd(values):
@@ -449,10 +443,10 @@ def run(config):
     """Every emulator through the offsite-tuning protocol, over config.seeds fine-tuning
     runs; the table rows (means, sds and every run)."""
     validate(config)
-    check_out_dir(argparse.Namespace(out_dir=config.out_dir, resume=False, overwrite=config.overwrite), ("gradot.json", "gradot.csv"))
+    check_out_dir(config.out_dir, ("gradot.json", "gradot.csv"), overwrite=config.overwrite)
     device = pick_device(config.device)
-    tokenizer = get_tokenizer()
-    base, base_path = load_base(TrainConfig(init_from=config.init_from, out_dir=config.out_dir, device=device), tokenizer, device)
+    tokenizer = get_tokenizer(config.tokenizer)
+    base, base_path = load_base(config, tokenizer, device)
     try:
         emulator_config = EmulatorConfig(config.adapter_blocks, config.attn_keep, config.mlp_keep, config.lam_attn,
                                          config.lam_mlp, config.layer_keep)
@@ -504,8 +498,8 @@ def run(config):
         row["full_fine_tuning"] = rows[0]["plug_in"]
     print(f"\n{format_table(rows)}\n({time.time() - t0:.0f}s in all)")
     path = os.path.join(config.out_dir, "gradot")
-    atomic_write(path + ".json", lambda tmp: write_json(tmp, {"config": asdict(config), "base": base_path, "rows": rows}))
-    atomic_write(path + ".csv", lambda tmp: write_csv(tmp, [{k: v for k, v in row.items() if k != "runs"} for row in rows]))
+    write_json(path + ".json", {"config": asdict(config), "base": base_path, "rows": rows})
+    write_csv(path + ".csv", [{k: v for k, v in row.items() if k != "runs"} for row in rows])
     print(f"written to {path}.json and {path}.csv")
     return rows
 
@@ -523,13 +517,8 @@ def format_table(rows):
 
 
 def main(argv=None):
-    config = parse_args(argv, GradOTConfig, description=__doc__.split("\n\n")[1].strip())
-    try:
-        run(config)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(lambda: run(parse_args(GradOTConfig, argv, description=__doc__.split("\n\n")[1].strip())),
+                    (DataError, TokenizerUnavailable))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Hand-written LoRA (Hu et al., 2021): W x + (alpha / r) * B A x, with W frozen.
 """
 
 import math
-import os
 import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -21,13 +20,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from plumbing import atomic_save, option
+
+
+LINEAR_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # GPT-2's names, in every block
+
 
 @dataclass
 class LoRAConfig:
-    r: int = 8  # rank of the update B A; the adapter has r * (in + out) parameters
-    alpha: float = 16.0  # the update is scaled by alpha / r, so changing r keeps its size
-    dropout: float = 0.0  # dropout on the adapter's input only; the base path is untouched
-    targets: tuple = ("attn.c_attn", "attn.c_proj")  # module names (suffixes) that get adapters
+    r: int = option(8, "LoRA rank; the adapter has r * (in + out) parameters")
+    alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / r, so changing r keeps its size")
+    dropout: float = option(0.0, "dropout on the adapters' input only; the base path is untouched")
+    # every Linear of a block by default: the default task needs the MLP ones to learn in minutes
+    targets: tuple = option(LINEAR_MODULES, "module names (suffixes) that get adapters, comma-separated on the command line")
+
+    def problems(self):
+        """Every problem with these settings, naming the flags train.py gives them."""
+        out = [f"--lora-r must be positive, got {self.r}"] if self.r <= 0 else []
+        out += [] if self.alpha > 0 and math.isfinite(self.alpha) else [f"--lora-alpha must be positive, got {self.alpha}"]
+        out += [] if 0 <= self.dropout < 1 else [f"--lora-dropout must be in [0, 1), got {self.dropout}"]
+        unknown = [t for t in self.targets if not t or not any(m.endswith(t) for m in LINEAR_MODULES)]
+        if unknown:
+            out.append(f"--lora-targets: {', '.join(map(repr, unknown))} matches no Linear module of a block; "
+                       f"choose from {', '.join(LINEAR_MODULES)}")
+        return out
 
 
 class LoRALinear(nn.Module):
@@ -50,7 +66,6 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / r
         self.lora_dropout = nn.Dropout(dropout)
         self.merged = False
-        self.record = None  # (dict, name) while per-sample gradients are recorded (see below)
 
     def delta_weight(self):
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
@@ -60,29 +75,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         h = self.lora_dropout(x)  # (B, T, in)
-        u = h @ self.lora_A.t()  # (B, T, r)
-        out = y + (u @ self.lora_B.t()) * self.scaling  # (B, T, out)
-        if self.record is not None and out.requires_grad:
-            out.register_hook(lambda grad_out: self._record_per_sample_grads(h.detach(), u.detach(), grad_out))
-        return out
-
-    def _record_per_sample_grads(self, h, u, grad_out):
-        """Each sample's gradient of A and B from quantities the backward already has.
-
-        With out = y + s * u B^T and u = h A^T, summed over the sample's positions t:
-            dL_i/dB = s * sum_t grad_out[i, t]^T u[i, t]          (out, r)
-            dL_i/dA = s * sum_t (grad_out[i, t] B)^T h[i, t]       (r, in)
-        This is the batched backward's own arithmetic without its sum over samples, so
-        per-sample LoRA gradients cost about as much as the ordinary ones.
-        """
-        store, name = self.record
-        B = grad_out.shape[0]
-        dtype = self.lora_A.dtype  # under autocast the activations may be bf16; gradients are not
-        g = grad_out.reshape(B, -1, self.out_features).to(dtype)  # (B, T, out)
-        u = u.reshape(B, -1, self.r).to(dtype)  # (B, T, r)
-        h = h.reshape(B, -1, self.in_features).to(dtype)  # (B, T, in)
-        store[f"{name}.lora_B"] = self.scaling * torch.einsum("bto,btr->bor", g, u)  # (B, out, r)
-        store[f"{name}.lora_A"] = self.scaling * torch.einsum("btr,bti->bri", g @ self.lora_B, h)  # (B, r, in)
+        return y + (h @ self.lora_A.t() @ self.lora_B.t()) * self.scaling  # (B, T, in) -> (B, T, r) -> (B, T, out)
 
     @torch.no_grad()
     def merge(self):
@@ -142,25 +135,6 @@ def unmerge_lora(model):
         m.unmerge()
 
 
-@contextmanager
-def recording_per_sample_grads(model):
-    """Inside, a backward of the summed per-sample losses fills the yielded dict with
-    {name: (B, *p.shape)} per-sample gradients of every LoRA parameter.
-
-    The summed loss makes each sample's output gradient exactly that of its own loss.
-    The torch.func path in gast.py is the reference these are tested against.
-    """
-    store = {}
-    modules = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
-    for name, m in modules:
-        m.record = (store, name)
-    try:
-        yield store
-    finally:
-        for _, m in modules:
-            m.record = None
-
-
 _BLOCK = re.compile(r"(?:^|\.)h\.(\d+)\.")
 
 
@@ -198,26 +172,6 @@ def scaled_adapters(model, blocks, factor):
 
 def adapter_state_dict(model):
     return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if ".lora_" in name}
-
-
-def atomic_write(path, write):
-    """write(tmp) writes the file at tmp; then it is renamed to path. A crash or an error
-    leaves the old file intact and no temporary file behind."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{ext}"  # same extension: writers that go by it still do
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.isfile(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_save(obj, path):
-    """torch.save through atomic_write: a crash leaves the old file intact."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_adapter(model, config: LoRAConfig, path):

@@ -11,16 +11,30 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 import pytest  # noqa: E402
 
+# The one tiny run of the suite: the default task at a size that runs in about a second.
+TINY = dict(steps=6, batch_size=8, n_train=48, n_val=16, eval_interval=3, log_interval=2, quiet=True, lisa_interval=2)
+TINY_FLAGS = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in TINY.items()]
+
 
 @pytest.fixture(scope="session")
 def base(tmp_path_factory):
     """A base model pretrained for a few steps (enough for the plumbing), shared by the
     tests that run train.py."""
-    import train
     from data import get_tokenizer
+    from pretrain import BaseConfig, load_base
     out = tmp_path_factory.mktemp("base")
-    _, path = train.load_base(train.TrainConfig(out_dir=str(out), pretrain_steps=20, quiet=True), get_tokenizer(), "cpu")
+    _, path = load_base(BaseConfig(out_dir=str(out), pretrain_steps=20, quiet=True), get_tokenizer(), "cpu")
     return path
+
+
+@pytest.fixture
+def tiny(base, tmp_path):
+    """tiny(**overrides) -> the tiny TrainConfig on the shared base, writing into tmp_path."""
+    from train import TrainConfig
+
+    def make(out=None, **overrides):
+        return TrainConfig(**{**TINY, "init_from": base, "out_dir": str(out or tmp_path), **overrides})
+    return make
 
 
 def pytest_configure(config):

@@ -11,10 +11,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import gast
+from conftest import TINY as TINY_RUN
 from gast import METHODS, SelectionConfig, SparseTuner
 from lora import LoRAConfig, add_lora, lora_modules
 from model import GPT, GPTConfig, IGNORE_INDEX
+
+ATTENTION = ("attn.c_attn", "attn.c_proj")  # the adapters these tests were written for
 
 pytestmark = pytest.mark.distributed
 
@@ -70,7 +72,7 @@ def steps_of_every_method(steps=4):
     results = {}
     for method in METHODS:
         torch.manual_seed(0)
-        model = add_lora(GPT(TINY), LoRAConfig(r=2, alpha=4), verbose=False)
+        model = add_lora(GPT(TINY), LoRAConfig(r=2, alpha=4, targets=ATTENTION), verbose=False)
         with torch.no_grad():
             for m in lora_modules(model):
                 m.lora_B.normal_(std=0.1)
@@ -90,8 +92,7 @@ def steps_of_every_method(steps=4):
 def train_straight_and_resumed(base, out):
     """A 2-process train.py run straight, and the same split at step 5 and resumed."""
     import train
-    common = dict(init_from=base, steps=8, batch_size=8, n_train=48, n_val=8, eval_interval=2, quiet=True,
-                  reference_size=8, reference_interval=3)
+    common = dict(TINY_RUN, init_from=base, steps=8, n_val=8, eval_interval=2, reference_size=8, reference_interval=3)
     adapters = {}
     for method in ("gast", "lisa"):
         straight = train.train(train.TrainConfig(method=method, out_dir=f"{out}/{method}-straight", **common))

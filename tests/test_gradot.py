@@ -8,7 +8,7 @@ import torch.nn as nn
 import gradot
 from data import PRETRAIN_OPS, get_tokenizer
 from gradot import (EmulatorConfig, channel_terms, choose_components, collect_stats, gcs, kept_rank, make_emulator,
-                    middle_parameters, plug_in, split_blocks, support_batches, svd_component_terms)
+                    middle_parameters, plug_in, support_batches, svd_component_terms)
 from model import GPT, GPTConfig
 
 TINY = GPTConfig(block_size=32, vocab_size=257, n_layer=4, n_head=2, n_embd=16)

@@ -7,6 +7,8 @@ from lora import (LoRAConfig, LoRALinear, add_lora, load_adapter, lora_names_by_
                   save_adapter, scaled_adapters, unmerge_lora)
 from model import GPT, GPTConfig
 
+ATTENTION = ("attn.c_attn", "attn.c_proj")  # the adapters these tests were written for
+
 TINY = GPTConfig(block_size=16, vocab_size=50, n_layer=3, n_head=2, n_embd=16)
 
 
@@ -56,7 +58,7 @@ def test_merged_equals_unmerged_and_merge_is_idempotent(r, alpha, n_in, n_out, b
 
 def test_eval_and_train_never_merge():
     model = tiny_model()
-    add_lora(model, LoRAConfig(), verbose=False)
+    add_lora(model, LoRAConfig(targets=ATTENTION), verbose=False)
     model.eval()
     model.train()
     assert not any(m.merged for m in lora_modules(model))
@@ -95,7 +97,7 @@ def test_only_lora_parameters_train_and_a_step_leaves_base_weights_bit_identical
 def test_state_dict_keeps_gpt2_names_so_a_base_checkpoint_loads():
     model = tiny_model()
     base_sd = model.state_dict()
-    add_lora(model, LoRAConfig(), verbose=False)
+    add_lora(model, LoRAConfig(targets=ATTENTION), verbose=False)
     missing, unexpected = model.load_state_dict(base_sd, strict=False)
     assert not unexpected and missing and all(".lora_" in k for k in missing)
 
@@ -122,14 +124,14 @@ def test_adapter_save_load_round_trips(tmp_path):
     idx = torch.randint(0, TINY.vocab_size, (2, 10))
     assert torch.equal(model.eval()(idx)[0], fresh.eval()(idx)[0])
     other = tiny_model()
-    add_lora(other, LoRAConfig(r=5), verbose=False)
+    add_lora(other, LoRAConfig(r=5, targets=ATTENTION), verbose=False)
     with pytest.raises(ValueError, match="adapter.pt"):
         load_adapter(other, tmp_path / "adapter.pt")
 
 
 def test_scaled_adapters_scale_only_the_named_blocks_and_restore():
     model = tiny_model()
-    add_lora(model, LoRAConfig(r=4, alpha=8), verbose=False)
+    add_lora(model, LoRAConfig(r=4, alpha=8, targets=ATTENTION), verbose=False)
     with scaled_adapters(model, [1], 0.25):
         scalings = {n: m.scaling for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     assert all(s == (0.5 if ".h.1." in n else 2.0) for n, s in scalings.items())

@@ -1,6 +1,6 @@
-import csv
 import json
 import math
+import os
 from dataclasses import replace
 
 import pytest
@@ -8,20 +8,14 @@ import torch
 
 import gast
 import train as train_module
+from conftest import TINY_FLAGS
 from data import get_tokenizer
-from train import ConfigError, TrainConfig, compare, main, selection_picture, train
-
-
-def tiny(base, tmp_path, **overrides):
-    settings = dict(init_from=base, out_dir=str(tmp_path), steps=6, batch_size=8, n_train=48, n_val=16,
-                    eval_interval=3, log_interval=2, quiet=True, lisa_interval=2)
-    settings.update(overrides)
-    return TrainConfig(**settings)
+from train import ConfigError, main, selection_picture, train
 
 
 @pytest.mark.parametrize("method,per_sample", [(m, "vmap") for m in gast.METHODS] + [("gast", "hooks")])
-def test_every_method_runs_end_to_end(base, tmp_path, method, per_sample):
-    metrics = train(tiny(base, tmp_path, method=method, per_sample=per_sample))
+def test_every_method_runs_end_to_end(tiny, tmp_path, method, per_sample):
+    metrics = train(tiny(method=method, per_sample=per_sample))
     assert metrics["method"] == method and metrics["steps"] == 6
     assert 0 <= metrics["exact_match"] <= 1 and math.isfinite(metrics["val_loss"])
     assert [e["step"] for e in metrics["evals"]] == [3, 6]
@@ -36,8 +30,8 @@ def test_every_method_runs_end_to_end(base, tmp_path, method, per_sample):
         assert 0.5 <= metrics["coverage"] <= 1.0  # k = 4 of 8 per active layer at least
 
 
-def test_fine_tuning_lowers_the_held_out_loss(base, tmp_path):
-    metrics = train(tiny(base, tmp_path, method="lora", steps=30, eval_interval=5, noise=0.0, warmup_steps=0, lr=3e-2))
+def test_fine_tuning_lowers_the_held_out_loss(tiny, tmp_path):
+    metrics = train(tiny(method="lora", steps=30, eval_interval=5, noise=0.0, warmup_steps=0, lr=3e-2))
     assert metrics["evals"][-1]["loss"] < metrics["evals"][0]["loss"] - 0.1
 
 
@@ -46,74 +40,25 @@ def adapter(path):
 
 
 @pytest.mark.parametrize("method,reference_interval", [("gast", 1), ("gast", 3), ("ist", 1), ("lisa", 1)])
-def test_k_steps_then_resume_then_n_steps_equals_k_plus_n_straight(base, tmp_path, method, reference_interval):
+def test_k_steps_then_resume_then_n_steps_equals_k_plus_n_straight(tiny, tmp_path, method, reference_interval):
     straight = tmp_path / "straight"
     split = tmp_path / "split"
     kw = dict(method=method, steps=8, eval_interval=2, reference_interval=reference_interval)
-    train(tiny(base, straight, **kw))
-    first = train(tiny(base, split, stop_at=5, **kw))  # with interval 3, step 5 reuses the r of step 3
+    train(tiny(straight, **kw))
+    first = train(tiny(split, stop_at=5, **kw))  # with interval 3, step 5 reuses the r of step 3
     assert first["steps"] == 5
     assert torch.load(split / "ckpt.pt", weights_only=True)["step"] == 5
     with pytest.raises(ConfigError, match="--lr is 0.5, the checkpoint's 0.01"):
-        train(tiny(base, split, resume=True, lr=0.5, **kw))
-    train(tiny(base, split, resume=True, **kw))
+        train(tiny(split, resume=True, lr=0.5, **kw))
+    train(tiny(split, resume=True, **kw))
     a, b = adapter(straight), adapter(split)
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
 
 
-def test_compare_prints_a_table_and_writes_json_and_csv(base, tmp_path, capsys):
-    config = tiny(base, tmp_path, compare=True, methods="lora,gast,gast:batch", seeds=2, steps=3, noise=0.0, lrs="1e-2")
-    rows = compare(config)
-    out = capsys.readouterr().out
-    assert "| method | reference | lr | exact match | held-out loss |" in out
-    assert "| lora | - | 0.01 |" in out and "| gast | heldout | 0.01 |" in out and "| gast | batch | 0.01 |" in out
-    assert "| 1.00 | - | - |" in out  # lora's coverage; no noisy flags, so no rates
-    assert "[6/6]" in out and "eta" in out  # one progress line per run
-    saved = json.loads((tmp_path / "compare.json").read_text())
-    assert [(r["method"], r["reference"]) for r in saved["rows"]] == [("lora", None), ("gast", "heldout"), ("gast", "batch")]
-    assert len(saved["runs"]) == 6 and {r["seed"] for r in saved["runs"]} == {0, 1} and saved["dev_runs"] == []
-    for row in saved["rows"]:
-        mine = [r["val_loss"] for r in saved["runs"] if (r["method"], r["reference"]) == (row["method"], row["reference"])]
-        assert row["val_loss"] == pytest.approx(sum(mine) / 2)
-    with open(tmp_path / "compare.csv") as f:
-        table = list(csv.DictReader(f))
-    assert [r["method"] for r in table] == ["lora", "gast", "gast"] and float(table[1]["val_loss"]) == pytest.approx(rows[1]["val_loss"])
-
-
-def test_compare_picks_each_lr_on_the_dev_split_and_reports_on_the_test_split(base, tmp_path, monkeypatch):
-    seen = []  # (split of the run, the words it was evaluated on)
-    real_evaluate, real_train = train_module.evaluate, train_module.train
-
-    def evaluate(model, examples, *args, **kwargs):
-        seen.append((phase[-1], {tuple(e.tokens) for e in examples}))
-        return real_evaluate(model, examples, *args, **kwargs)
-
-    phase = []
-
-    def train(config, split="test", **kwargs):
-        phase.append(split)
-        return real_train(config, split=split, **kwargs)
-
-    monkeypatch.setattr(train_module, "evaluate", evaluate)
-    monkeypatch.setattr(train_module, "train", train)
-    config = tiny(base, tmp_path, compare=True, methods="lora,gast", seeds=1, steps=3, lrs="1e-3,3e-2")
-    rows = compare(config)
-    saved = json.loads((tmp_path / "compare.json").read_text())
-    assert [(r["method"], r["lr"], r["split"]) for r in saved["dev_runs"]] == [
-        ("lora", 1e-3, "dev"), ("lora", 3e-2, "dev"), ("gast", 1e-3, "dev"), ("gast", 3e-2, "dev")]
-    for row in rows:  # the lr with the lowest dev loss, for each method
-        tried = [r for r in saved["dev_runs"] if r["method"] == row["method"]]
-        assert row["lr"] == min(tried, key=lambda r: r["val_loss"])["lr"]
-        assert all(r["lr"] == row["lr"] and r["split"] == "test" for r in saved["runs"] if r["method"] == row["method"])
-    dev_seen = set().union(*(words for split, words in seen if split == "dev"))
-    test_seen = set().union(*(words for split, words in seen if split == "test"))
-    assert dev_seen and test_seen and not dev_seen & test_seen
-
-
-def test_invalid_settings_are_all_reported_at_once(base, tmp_path):
-    config = tiny(base, tmp_path, method="best", layer_ratio=0.0, data_ratio=1.5, lora_r=0, steps=0, batch_size=100)
+def test_invalid_settings_are_all_reported_at_once(tiny, tmp_path):
+    config = tiny(method="best", layer_ratio=0.0, data_ratio=1.5, lora_r=0, steps=0, batch_size=100)
     with pytest.raises(ConfigError) as e:
         train(config)
     message = str(e.value)
@@ -132,28 +77,25 @@ def test_unknown_fields_and_bad_flags_are_refused(base, tmp_path, capsys):
         main(["--no-such-flag"])
 
 
-def test_bad_reference_and_comparison_flags_are_refused(base, tmp_path):
-    config = tiny(base, tmp_path, reference="val", reference_size=0, reference_interval=0, val_data="v.jsonl",
-                  lrs="1e-3,abc", methods="gast:best,lora")
+def test_bad_reference_flags_are_refused(tiny, tmp_path):
+    config = tiny(reference="val", reference_size=0, reference_interval=0, val_data="v.jsonl")
     with pytest.raises(ConfigError) as e:
         train(config)
     for expected in ("--reference must be one of heldout, batch, got 'val'", "--reference-size must be positive, got 0",
-                     "--reference-interval must be positive, got 0", "--val-data needs --data",
-                     "--lrs must be comma-separated numbers, got '1e-3,abc'", "--methods: unknown gast:best"):
+                     "--reference-interval must be positive, got 0", "--val-data needs --data"):
         assert expected in str(e.value)
     with pytest.raises(ConfigError, match="--reference-data nowhere.jsonl: no such file") as e:
-        train(tiny(base, tmp_path, data=__file__, reference_data="nowhere.jsonl", lrs="0,1e-3"))
-    assert "--lrs must all be positive" in str(e.value)
+        train(tiny(data=__file__, reference_data="nowhere.jsonl"))
 
 
-def test_your_own_reference_and_evaluation_files(base, tmp_path, capsys):
+def test_your_own_reference_and_evaluation_files(tiny, tmp_path, capsys):
     def write(name, n, offset):
         rows = [{"prompt": f"q{i}?", "completion": f" a{i % 3}"} for i in range(offset, offset + n)]
         (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows))
         return str(tmp_path / name)
 
     tok = get_tokenizer()
-    config = tiny(base, tmp_path, data=write("train.jsonl", 30, 0), val_data=write("val.jsonl", 10, 100),
+    config = tiny(data=write("train.jsonl", 30, 0), val_data=write("val.jsonl", 10, 100),
                   reference_data=write("ref.jsonl", 6, 200), quiet=False)
     task, is_qa = train_module.load_task(config, tok, 32)
     words = lambda split: {tok.decode(e.tokens[: e.n_prompt]) for e in split}
@@ -166,7 +108,7 @@ def test_your_own_reference_and_evaluation_files(base, tmp_path, capsys):
     assert len(no_reference.train) == 30 and no_reference.reference == []
 
 
-def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(base, tmp_path, monkeypatch):
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(tiny, tmp_path, monkeypatch):
     real_step = gast.SparseTuner.step
 
     def step(self, *args, **kwargs):
@@ -177,22 +119,22 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoin
 
     monkeypatch.setattr(gast.SparseTuner, "step", step)
     with pytest.raises(FloatingPointError, match="step 4: the loss is nan"):
-        train(tiny(base, tmp_path, eval_interval=3))
+        train(tiny(eval_interval=3))
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 3
 
 
-def test_jsonl_and_text_files_through_data(base, tmp_path):
+def test_jsonl_and_text_files_through_data(tiny, tmp_path):
     rows = [{"question": f"q{i}?", "answer": f" a{i % 3}"} for i in range(40)]
     (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    metrics = train(tiny(base, tmp_path / "qa", data=str(tmp_path / "qa.jsonl"), prompt_field="question",
+    metrics = train(tiny(tmp_path / "qa", data=str(tmp_path / "qa.jsonl"), prompt_field="question",
                          completion_field="answer", batch_size=4, val_fraction=0.25, reference_size=8))
     assert metrics["exact_match"] is not None and math.isfinite(metrics["val_loss"])
     (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
-    metrics = train(tiny(base, tmp_path / "txt", data=str(tmp_path / "corpus.txt"), batch_size=4, reference="batch"))
+    metrics = train(tiny(tmp_path / "txt", data=str(tmp_path / "corpus.txt"), batch_size=4, reference="batch"))
     assert metrics["exact_match"] is None and math.isfinite(metrics["val_loss"])
     with pytest.raises(ConfigError, match="--batch-size 40 is larger than the 22 training samples left in .* and the 8 reference"):
-        train(tiny(base, tmp_path / "qa2", data=str(tmp_path / "qa.jsonl"), batch_size=40, val_fraction=0.25,
+        train(tiny(tmp_path / "qa2", data=str(tmp_path / "qa.jsonl"), batch_size=40, val_fraction=0.25,
                    prompt_field="question", completion_field="answer", reference_size=8))
 
 
@@ -206,21 +148,137 @@ def test_selection_picture_shows_the_mask_and_the_noisy_samples():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("per_sample", ["vmap", "hooks"])
-def test_a_gast_run_on_cuda_with_autocast(base, tmp_path, per_sample):
-    metrics = train(tiny(base, tmp_path, device="cuda", per_sample=per_sample))
+def test_a_gast_run_on_cuda_with_autocast(tiny, tmp_path, per_sample):
+    metrics = train(tiny(device="cuda", per_sample=per_sample))
     assert math.isfinite(metrics["val_loss"]) and 0 <= metrics["exact_match"] <= 1
 
 
-def test_a_run_draws_its_selection_picture(base, tmp_path):
+def test_a_run_draws_its_selection_picture(tiny, tmp_path):
     pytest.importorskip("matplotlib")
-    train(tiny(base, tmp_path))
+    train(tiny())
     assert (tmp_path / "selection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
-def test_without_matplotlib_a_run_says_so_in_one_line_and_draws_nothing(base, tmp_path, monkeypatch, capsys):
+def test_without_matplotlib_a_run_says_so_in_one_line_and_draws_nothing(tiny, tmp_path, monkeypatch, capsys):
     import sys
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    train(tiny(base, tmp_path, quiet=False))
+    train(tiny(quiet=False))
     assert "no picture: matplotlib is not installed (pip install matplotlib)" in capsys.readouterr().out
     assert not (tmp_path / "selection.png").exists()
+
+
+# --- bad input and accidents: one clear line and exit code, before any work where it can ---
+
+TINY_RUN = [*TINY_FLAGS, "--reference-size", "8"]
+
+
+def run(capsys, base, out, *extra):
+    """main() on a tiny run: (exit code, stdout, stderr)."""
+    code = main(["--init-from", base, "--out-dir", str(out), *TINY_RUN, *extra])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def refused(capsys, base, out, *extra):
+    code, _, err = run(capsys, base, out, *extra)
+    assert code == 2 and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--tokenizer", "foo"], "--tokenizer 'foo' is unknown; choose bytes or one of"),
+    (["--device", "banana"], "--device 'banana' is not a device"),
+    (["--lora-targets", "attn.c_attn,foo.bar"], "--lora-targets: 'foo.bar' matches no Linear module"),
+    (["--n-val", "0"], "--n-val must be positive, got 0"),
+])
+def test_bad_flags_are_refused_before_any_work(capsys, base, tmp_path, flags, message):
+    assert message in refused(capsys, base, tmp_path / "out", *flags)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_a_gpu_is_refused(capsys, base, tmp_path):
+    assert "--device cuda: no CUDA GPU is available here" in refused(capsys, base, tmp_path, "--device", "cuda")
+
+
+@pytest.mark.parametrize("content", [b"", os.urandom(300), "truncated"])
+def test_resume_from_a_broken_checkpoint_is_refused(capsys, base, tmp_path, content):
+    out = tmp_path / "out"
+    assert run(capsys, base, out)[0] == 0
+    good = (out / "ckpt.pt").read_bytes()
+    (out / "ckpt.pt").write_bytes(good[: len(good) // 2] if content == "truncated" else content)
+    err = refused(capsys, base, out, "--resume")
+    assert f"--resume {out / 'ckpt.pt'}: not a checkpoint" in err
+
+
+def test_an_unwritable_out_dir_is_found_before_any_work(capsys, base, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    err = refused(capsys, base, tmp_path / "a-file" / "out")
+    assert f"--out-dir {tmp_path / 'a-file' / 'out'}: cannot write there" in err
+
+
+def test_an_output_that_is_a_directory_is_refused(capsys, base, tmp_path):
+    (tmp_path / "out" / "adapter.pt").mkdir(parents=True)
+    assert "adapter.pt is a directory" in refused(capsys, base, tmp_path / "out")
+    assert os.listdir(tmp_path / "out") == ["adapter.pt"]
+
+
+def test_a_second_run_into_the_same_out_dir_is_refused_unless_asked(capsys, base, tmp_path):
+    out = tmp_path / "out"
+    assert run(capsys, base, out)[0] == 0
+    before = {name: (out / name).read_bytes() for name in ("ckpt.pt", "adapter.pt", "metrics.json")}
+    err = refused(capsys, base, out, "--lr", "0.05")
+    assert "already holds ckpt.pt, adapter.pt, metrics.json" in err and "--resume" in err and "--overwrite" in err
+    assert all((out / name).read_bytes() == data for name, data in before.items())
+    assert run(capsys, base, out, "--lr", "0.05", "--overwrite")[0] == 0
+    assert (out / "adapter.pt").read_bytes() != before["adapter.pt"]
+
+
+def test_resume_refuses_a_missing_changed_or_other_base(capsys, base, tmp_path):
+    own_base = tmp_path / "base.pt"
+    own_base.write_bytes(open(base, "rb").read())
+    out = tmp_path / "out"
+    assert run(capsys, str(own_base), out, "--stop-at", "3")[0] == 0
+    assert f"--init-from is '{base}', but the checkpoint's adapters were trained on '{own_base}'" in refused(
+        capsys, base, out, "--resume")
+    state = torch.load(own_base, weights_only=True)
+    state["model"]["transformer.wte.weight"] += 1
+    torch.save(state, own_base)
+    assert f"the checkpoint's base model {own_base} has changed since" in refused(capsys, str(own_base), out, "--resume")
+    own_base.unlink()
+    assert main(["--out-dir", str(out), *TINY_RUN, "--resume"]) == 2  # no --init-from: the checkpoint's base
+    assert f"the checkpoint's base model {own_base} is gone" in capsys.readouterr().err
+
+
+def test_ctrl_c_says_where_it_stopped_and_what_was_saved(capsys, base, tmp_path, monkeypatch):
+    real_step = gast.SparseTuner.step
+
+    def step(self, *args, **kwargs):
+        if self.steps == 4:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(gast.SparseTuner, "step", step)
+    code, _, err = run(capsys, base, tmp_path)
+    assert code == 130 and err.strip() == f"interrupted at step 4; last checkpoint: {tmp_path / 'ckpt.pt'} (step 3)"
+
+
+def test_quiet_prints_the_summary_alone_and_every_run_writes_metrics_json(capsys, base, tmp_path):
+    code, out, _ = run(capsys, base, tmp_path)
+    assert code == 0 and "gast: held-out loss" in out and "block 0: updated in" in out
+    assert "step     0/6" not in out and "eval at" not in out and "LoRA r=" not in out  # no progress lines
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["method"] == "gast" and metrics["steps"] == 6 and f"held-out loss {metrics['val_loss']:.4f}" in out
+
+
+def test_a_json_file_is_refused_with_a_hint_and_the_reader_is_named(capsys, base, tmp_path):
+    rows = [json.dumps({"prompt": f"q{i}?", "completion": f" a{i}"}) for i in range(40)]
+    (tmp_path / "pairs.json").write_text("\n".join(rows))
+    (tmp_path / "pairs.jsonl").write_text("\n".join(rows))
+    err = refused(capsys, base, tmp_path / "a", "--data", str(tmp_path / "pairs.json"))
+    assert f"{tmp_path / 'pairs.json'}: .json files are not read" in err and ".jsonl" in err
+    code, out, _ = run(capsys, base, tmp_path / "b", "--data", str(tmp_path / "pairs.jsonl"), "--no-quiet")
+    assert code == 0 and f"reading {tmp_path / 'pairs.jsonl'} as JSONL prompt/completion pairs" in out
+
+

@@ -1,6 +1,7 @@
-"""Your own data, offline: a base of your shape pretrained on your own corpus, then
-fine-tuned on your own JSONL."""
+"""pretrain.py: the base cache, bad bases, and your own data offline: a base of your shape
+pretrained on your own corpus, then fine-tuned on your own JSONL."""
 
+import argparse
 import ast
 import glob
 import json
@@ -9,6 +10,7 @@ import os
 import pytest
 import torch
 
+import pretrain
 from train import main
 
 CORPUS = "".join(f"Line {i}: the {w} fox jumps over the lazy dog near {v} trees.\n"
@@ -83,3 +85,42 @@ def test_shape_flags_that_cannot_hold_are_refused(base, tmp_path, capsys, flags,
     assert main(["--init-from", base, "--out-dir", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err
     assert all(m in err for m in message), err
+
+
+def bad_bases(tmp_path):
+    (tmp_path / "text.pt").write_text("not a checkpoint\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    torch.save({"model_config": {"n_embd": 10, "n_head": 3}, "model": {}}, tmp_path / "config.pt")
+    torch.save(argparse.Namespace(payload="anything"), tmp_path / "pickle.pt")  # a class weights_only refuses
+    (tmp_path / "emptydir").mkdir()
+    return {
+        "text.pt": "not a checkpoint that torch.load(weights_only=True) reads",
+        "empty.pt": "not a checkpoint that torch.load(weights_only=True) reads",
+        "tensor.pt": "not a checkpoint of train.py (no model_config, model)",
+        "config.pt": "its model_config or weights do not make a GPT",
+        "pickle.pt": "not a checkpoint that torch.load(weights_only=True) reads (UnpicklingError",
+        "emptydir": "not a GPT-2 checkpoint we can load",
+    }
+
+
+def test_a_base_that_is_not_a_model_is_refused_with_its_name(capsys, tmp_path):
+    for name, message in bad_bases(tmp_path).items():
+        assert pretrain.main(["--init-from", str(tmp_path / name), "--out-dir", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert f"--init-from {tmp_path / name}" in err and message in err, err
+        assert len(err.strip().splitlines()) == 2  # "error: invalid settings:" and the one reason
+
+
+def test_python_pretrain_py_makes_the_base_once_with_progress_and_an_eta(capsys, tmp_path):
+    argv = ["--out-dir", str(tmp_path), "--pretrain-steps", "3", "--n-layer", "2"]
+    assert pretrain.main(argv) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "pretrain step" in line]
+    assert len(lines) == 2 and all("tokens/s" in line and "eta" in line for line in lines)
+    made = glob.glob(str(tmp_path / "base-*.pt"))
+    assert len(made) == 1 and f"made: {made[0]}" in out and "2 blocks" in out
+    assert pretrain.main(argv) == 0  # the same settings: found, not made again
+    assert f"already there: {made[0]}" in capsys.readouterr().out
+    assert torch.load(made[0], weights_only=True)["model_config"]["n_layer"] == 2
+

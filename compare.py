@@ -1,0 +1,166 @@
+"""
+The comparison protocol: every method on the same base, data, batches and budgets.
+
+    python compare.py                                  # the default rows, lr chosen on dev, seeds on test
+    python compare.py --methods lora,gast --seeds 3 --steps 300 --noise 0
+
+For each row, one run per lr in --lrs (seed 0) is scored on the dev split and the lr with
+the lowest dev loss wins; then --seeds runs with that lr are reported on the test split,
+which the lr choice never sees. Every other flag is train.py's and goes to every run
+(python train.py --help lists them). Writes compare.json (every run), compare.csv (the
+table) and compare.png (the picture) to --out-dir.
+"""
+
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+
+from data import DataError, TokenizerUnavailable, get_tokenizer
+from gast import METHODS, REFERENCES
+from plumbing import (check_out_dir, is_main, nanmean, option, parse_args, pick_device, positive, pyplot, refuse, run_main,
+                      save_figure, write_csv, write_json)
+from pretrain import BaseConfig, base_problems, load_base
+from train import train
+
+
+@dataclass
+class CompareConfig:
+    methods: str = option(",".join(METHODS) + ",gast:batch", "rows: method or method:reference, comma-separated")
+    seeds: int = option(5, "seeds per row, on the test split")
+    lrs: str = option("1e-3,3e-3,1e-2", "each row's lr is chosen from these by the dev split's loss (seed 0); one value: no choice")
+    out_dir: str = option("out", "compare.json, compare.csv, compare.png and every run's directory (compare/) go here")
+    overwrite: bool = option(False, "replace the compare results already in --out-dir")
+
+
+def rows_of(config):
+    """[(method, reference)] from --methods; a reference given only for the scored methods."""
+    rows = []
+    for spec in config.methods.split(","):
+        method, _, reference = spec.partition(":")
+        rows.append((method, reference or None))
+    return rows
+
+
+def problems(config):
+    out = positive(config, "seeds")
+    unknown = [(m, r) for m, r in rows_of(config) if m not in METHODS or (r is not None and r not in REFERENCES)]
+    if unknown:
+        out.append(f"--methods: unknown {', '.join(f'{m}:{r}' if r else m for m, r in unknown)}; choose from "
+                   f"{', '.join(METHODS)}, each optionally with :{' or :'.join(REFERENCES)}")
+    try:
+        if not all(float(v) > 0 and math.isfinite(float(v)) for v in config.lrs.split(",")):
+            out.append(f"--lrs must all be positive, got {config.lrs}")
+    except ValueError:
+        out.append(f"--lrs must be comma-separated numbers, got {config.lrs!r}")
+    return out
+
+
+def compare(config, train_flags=()):
+    """The table's rows. train_flags: train.py's flags, given to every run."""
+    base_config = replace(parse_args(BaseConfig, train_flags, known_only=True)[0], out_dir=config.out_dir)
+    refuse(problems(config) + base_problems(base_config))
+    check_out_dir(config.out_dir, ("compare.json", "compare.csv", "compare.png"), overwrite=config.overwrite)
+    _, base = load_base(base_config, get_tokenizer(base_config.tokenizer), pick_device(base_config.device))  # made once, here
+    train_flags = [*train_flags, "--init-from", base]
+    say = print if is_main() else (lambda *args, **kwargs: None)
+    lrs = [float(v) for v in config.lrs.split(",")]
+    n_runs = len(rows_of(config)) * ((len(lrs) if len(lrs) > 1 else 0) + config.seeds)
+    dev_runs, runs, rows = [], [], []
+    t0, done = time.time(), 0
+
+    def run(method, reference, lr, seed, split):
+        nonlocal done
+        label = method if reference is None else f"{method}-{reference}"
+        name = f"{label}-lr{lr:g}-dev" if split == "dev" else f"{label}-seed{seed}"
+        flags = [*train_flags, "--method", method, "--lr", repr(lr), "--seed", str(seed), "--quiet", "--no-resume",
+                 "--overwrite", "--out-dir", os.path.join(config.out_dir, "compare", name)]
+        metrics = train(flags + (["--reference", reference] if reference else []), split=split, picture=False, summary=False)
+        done += 1
+        elapsed = time.time() - t0
+        em = "" if metrics["exact_match"] is None else f" exact match {metrics['exact_match']:.3f}"
+        say(f"  [{done}/{n_runs}] {label} lr {lr:g} seed {seed} on {split}:{em} loss {metrics['val_loss']:.4f} "
+            f"({elapsed:.0f}s so far, eta {elapsed / done * (n_runs - done):.0f}s)", flush=True)
+        return metrics
+
+    for method, reference in rows_of(config):
+        if len(lrs) > 1:
+            tried = [run(method, reference, lr, 0, "dev") for lr in lrs]
+            dev_runs += tried
+            lr = min(tried, key=lambda m: m["val_loss"])["lr"]
+        else:
+            lr = lrs[0]
+        mine = [run(method, reference, lr, seed, "test") for seed in range(config.seeds)]
+        runs += mine
+        rows.append(summarise(method, mine[0]["reference"], lr, mine))
+    steps = runs[0]["steps"]
+    say(f"\n{len(rows)} methods, lr from {config.lrs} by dev loss, then {config.seeds} seeds on the test split, "
+        f"{steps} steps each, {time.time() - t0:.0f}s in all\n{format_table(rows)}")
+    if is_main():
+        path = os.path.join(config.out_dir, "compare")
+        write_json(path + ".json", {"config": {**asdict(config), "train": runs[0]["config"]}, "rows": rows, "runs": runs,
+                                    "dev_runs": dev_runs})
+        write_csv(path + ".csv", rows)
+        plot_comparison(rows, path + ".png")
+    return rows
+
+
+def summarise(method, reference, lr, runs):
+    """One table row: mean and sd over seeds of the test-split figures."""
+    def spread(values):
+        values = [v for v in values if v is not None]
+        if not values:
+            return None, None
+        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+    em, em_sd = spread([r["exact_match"] for r in runs])
+    loss, loss_sd = spread([r["val_loss"] for r in runs])
+    return {"method": method, "reference": reference, "lr": lr, "seeds": len(runs), "exact_match": em, "exact_match_sd": em_sd,
+            "val_loss": loss, "val_loss_sd": loss_sd,
+            **{k: nanmean([r[k] for r in runs]) for k in ("coverage", "noisy_selected", "clean_selected", "ms_per_step")}}
+
+
+def format_table(rows):
+    def pm(mean, sd, digits):
+        return "n/a" if mean is None else f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+    def rate(value):  # nan: the data carries no noisy flags
+        return "-" if math.isnan(value) else f"{value:.2f}"
+    lines = ["| method | reference | lr | exact match | held-out loss | coverage | noisy taken | clean taken | ms/step |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['reference'] or '-'} | {r['lr']:g} | {pm(r['exact_match'], r['exact_match_sd'], 3)} | "
+                     f"{pm(r['val_loss'], r['val_loss_sd'], 3)} | {r['coverage']:.2f} | {rate(r['noisy_selected'])} | "
+                     f"{rate(r['clean_selected'])} | {r['ms_per_step']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot_comparison(rows, path):
+    """Exact match and held-out loss per row, mean +/- sd over seeds."""
+    plt = pyplot()
+    if plt is None:
+        return
+    panels = [(k, t) for k, t in [("exact_match", "exact match (test)"), ("val_loss", "held-out loss (test)")]
+              if all(r[k] is not None for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    labels = [r["method"] if r["reference"] is None else f"{r['method']} ({r['reference']})" for r in rows]
+    for ax, (key, title) in zip(axes[0], panels):
+        ax.bar(range(len(rows)), [r[key] for r in rows], yerr=[r[key + "_sd"] for r in rows], capsize=4, color="tab:blue")
+        ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{title}, mean ± sd over {rows[0]['seeds']} seeds", fontsize=9)
+    fig.tight_layout()
+    save_figure(plt, fig, path)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    def work():
+        config, train_flags = parse_args(CompareConfig, argv, description=__doc__.split("\n\n")[1].strip(), known_only=True,
+                                         epilog="Every other flag is train.py's (python train.py --help) and goes to every run.")
+        compare(config, train_flags)
+    return run_main(work, (DataError, TokenizerUnavailable))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,328 @@
+"""
+The machinery a reader of the method can skip: settings from dataclasses to the command
+line and back, files written atomically, checkpoints read with a clear error, process
+groups under torchrun, pictures, and the exit codes every entry script shares.
+
+Nothing here knows about GAST; model.py, lora.py, data.py and gast.py are the method.
+"""
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import statistics
+import sys
+from contextlib import nullcontext
+from dataclasses import field, fields
+
+import torch
+import torch.distributed as dist
+
+
+# ---------------------------------------------------------------------------------------
+# Settings: one dataclass field per setting, its help text beside its default
+
+
+def option(default, help):
+    """A dataclass field whose help text travels with it (to --help and to the README)."""
+    return field(default=default, metadata={"help": help})
+
+
+def like(config_type, name, convert=None):
+    """A field with the default and help of config_type's field `name` (declared once there);
+    convert: how the default is spelled on the command line (a tuple as "a,b", say)."""
+    source = {f.name: f for f in fields(config_type)}[name]
+    return option(convert(source.default) if convert else source.default, source.metadata["help"])
+
+
+class ConfigError(ValueError):
+    """Every problem with the settings, listed at once; main() prints it and exits 2."""
+
+
+def refuse(problems):
+    """Raise one ConfigError listing every problem, if there are any."""
+    if problems:
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(problems))
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def positive(config, *names):
+    """A problem line for every listed setting that is not > 0 (nan and inf included)."""
+    return [f"{flag(n)} must be positive, got {getattr(config, n)}" for n in names
+            if not (getattr(config, n) > 0 and math.isfinite(getattr(config, n)))]
+
+
+def not_negative(config, *names):
+    return [f"{flag(n)} must not be negative, got {getattr(config, n)}" for n in names
+            if not (getattr(config, n) >= 0 and math.isfinite(getattr(config, n)))]
+
+
+def in_range(config, name, low, high, low_open=False, high_open=False):
+    value = getattr(config, name)
+    ok = math.isfinite(value) and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    bounds = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    return [] if ok else [f"{flag(name)} must be in {bounds}, got {value}"]
+
+
+def one_of(config, name, choices):
+    value = getattr(config, name)
+    return [] if value in choices else [f"{flag(name)} must be one of {', '.join(choices)}, got {value!r}"]
+
+
+def parse_args(config_type, argv=None, description=None, renamed=None, known_only=False, epilog=None):
+    """config_type from the command line: one flag per field (--layer-ratio for layer_ratio),
+    its help the field's. renamed: {old flag: new flag}; an old spelling is refused by name.
+    known_only: (config, the flags that are not config_type's), for a script that passes
+    the rest on; flags are never abbreviated, so --seed is never taken for --seeds."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for old, new in (renamed or {}).items():
+        if any(a == old or a.startswith(old + "=") for a in argv):
+            raise ConfigError(f"invalid settings:\n  {old} is now {new}")
+    parser = argparse.ArgumentParser(description=description, epilog=epilog, allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(config_type):
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            parser.add_argument(flag(f.name), type=kind, default=f.default, help=f.metadata["help"])
+    if known_only:
+        values, rest = parser.parse_known_args(argv)
+        return config_type(**vars(values)), rest
+    return config_type(**vars(parser.parse_args(argv)))
+
+
+def config_from_dict(config_type, values):
+    """config_type from a dict; unknown keys are an error, not silently ignored."""
+    unknown = sorted(set(values) - {f.name for f in fields(config_type)})
+    refuse([f"unknown field(s): {', '.join(unknown)}"] if unknown else [])
+    return config_type(**values)
+
+
+def subset(config_type, config):
+    """config_type built from the fields of a larger config (or dict) that it declares."""
+    values = config if isinstance(config, dict) else vars(config)
+    return config_type(**{f.name: values[f.name] for f in fields(config_type) if f.name in values})
+
+
+# ---------------------------------------------------------------------------------------
+# Devices and processes
+
+
+def check_device(name):
+    """None if the device can be used here, else the problem, naming --device."""
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N"
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda":
+        return f"--device {name!r}: only cpu and cuda are supported"
+    if not torch.cuda.is_available():
+        return f"--device {name}: no CUDA GPU is available here (torch {torch.__version__}); use --device cpu or auto"
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        return f"--device {name}: there are only {torch.cuda.device_count()} GPU(s)"
+    return None
+
+
+def world():
+    """(rank, number of processes); (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main():
+    """Only the first process prints and writes files; the others compute alongside it."""
+    return world()[0] == 0
+
+
+def pick_device(name):
+    """auto: cuda when available. Under torchrun a plain cuda means this process's GPU."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    if device == "cuda" and world()[1] > 1:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    return device
+
+
+def init_distributed(device_name):
+    """Under torchrun (its environment names WORLD_SIZE, RANK, MASTER_ADDR ...), join the
+    process group: nccl on CUDA, gloo on the CPU. True if this call created it."""
+    if "WORLD_SIZE" not in os.environ or not dist.is_available() or dist.is_initialized() or check_device(device_name):
+        return False
+    cuda = pick_device(device_name).startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
+def autocast_for(device):
+    """bf16 autocast on GPUs that support it; full precision elsewhere."""
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def say(config, *args):
+    """A progress line, unless --quiet; only the first process prints."""
+    if not getattr(config, "quiet", False) and is_main():
+        print(*args, flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Files: written atomically, read with a clear error, the output directory checked first
+
+
+def atomic_write(path, write):
+    """write(tmp) writes the file at tmp; then it is renamed to path. A crash or an error
+    leaves the old file intact and no temporary file behind."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"  # same extension: writers that go by it still do
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_save(obj, path):
+    """torch.save through atomic_write: a crash leaves the old file intact."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda tmp: _dump_json(tmp, obj))
+
+
+def _dump_json(tmp, obj):
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def write_csv(path, rows):
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    atomic_write(path, write)
+
+
+def read_checkpoint(path, flag_name, keys):
+    """torch.load(weights_only=True) of a dict holding keys; any failure is a ConfigError
+    naming the flag and the file (a crafted pickle is refused by weights_only)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ConfigError(f"invalid settings:\n  {flag_name} {path}: not a checkpoint that torch.load(weights_only=True) "
+                          f"reads ({type(e).__name__}: {reason})") from None
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ConfigError(f"invalid settings:\n  {flag_name} {path}: not a checkpoint of train.py (no {', '.join(missing)})")
+    return ckpt
+
+
+def fingerprint(path):
+    """A short hash of a file (or of the files in a directory): a base model, a data file."""
+    digest = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(path, f) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
+    for name in files:
+        with open(name, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()[:16]
+
+
+def check_out_dir(out_dir, outputs, resume=False, overwrite=False):
+    """Before any work: out_dir can be written, no output is a directory, and an earlier
+    run there is neither overwritten by accident nor resumed from nothing."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".write-test{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"invalid settings:\n  --out-dir {out_dir}: cannot write there ({e.strerror})") from None
+    for name in outputs:
+        if os.path.isdir(os.path.join(out_dir, name)):
+            raise ConfigError(f"invalid settings:\n  --out-dir {out_dir}: {name} is a directory; move it away")
+    earlier = [name for name in outputs if os.path.exists(os.path.join(out_dir, name))]
+    if earlier and not resume and not overwrite:
+        raise ConfigError(f"invalid settings:\n  --out-dir {out_dir} already holds {', '.join(earlier)} of an earlier run: "
+                          "continue it with --resume, replace it with --overwrite, or pick another --out-dir")
+
+
+# ---------------------------------------------------------------------------------------
+# Pictures (matplotlib is optional) and small statistics
+
+
+def pyplot(config=None):
+    """pyplot, or None with a one-line note: the code runs without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        say(config, "no picture: matplotlib is not installed (pip install matplotlib)")
+        return None
+
+
+def save_figure(plt, fig, path):
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    plt.close(fig)
+
+
+def nanmean(values):
+    """Mean of the values that are not nan (a step with no noisy sample has no noisy rate)."""
+    values = [v for v in values if v == v]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def smooth(values, window):
+    """Moving average over the last `window` entries, skipping nan (steps a block was off)."""
+    out = []
+    for i in range(len(values)):
+        recent = [v for v in values[max(0, i - window + 1) : i + 1] if v == v]
+        out.append(statistics.fmean(recent) if recent else float("nan"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Exit codes: what every entry script's main() returns
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a run; the message says where it stopped and what was saved."""
+
+
+def run_main(work, errors=()):
+    """work() with the shared endings: a clear `error:` line and exit 2 for bad settings or
+    data, exit 130 for Ctrl-C (the shell's code for it), 0 when it finished."""
+    try:
+        work()
+    except (ConfigError, FloatingPointError, *errors) as e:
+        if is_main():
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted; nothing was saved by this run", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,238 @@
+"""
+The base model: pretrain a small GPT on the built-in corpus (or your own text), keep it in
+a cache keyed by what made it, or load a local GPT-2 directory.
+
+    python pretrain.py                          # the default base: out/base-<hash>.pt
+    python pretrain.py --n-layer 8 --pretrain-steps 4000
+    python pretrain.py --pretrain-data corpus.txt --block-size 128
+
+train.py, compare.py and gradot.py call load_base(), which pretrains on first use: the
+file out/base-<hash>.pt is keyed by the shape, the corpus (by content), the tokenizer and
+the pretraining settings, so a base made otherwise is never reused by accident.
+"""
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import tiktoken
+import torch
+import torch.distributed as dist
+
+from data import DataError, Example, TokenizerUnavailable, collate, encode, get_tokenizer, pretrain_text, read_text_file
+from model import GPT, GPTConfig
+from plumbing import (ConfigError, atomic_save, autocast_for, check_device, check_out_dir, flag, init_distributed, is_main,
+                      option, parse_args, pick_device, positive, read_checkpoint, refuse, run_main, say, world)
+
+PRETRAIN_SEED = 1234  # the base model does not depend on the fine-tuning seed
+SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
+
+
+@dataclass
+class BaseConfig:
+    init_from: str = option("", "base model: our checkpoint (.pt) or a local GPT-2 directory; empty: out_dir/base-<hash of the settings below>.pt, pretrained on first use")
+    tokenizer: str = option("bytes", "tiktoken encoding: bytes (built in, offline) or a named one such as gpt2 (needs its cached file)")
+    n_layer: int = option(0, "blocks of the base that is pretrained (0: the default model's 4; with --init-from, its own, and a flag that differs is refused)")
+    n_head: int = option(0, "attention heads per block (0: 4, or --init-from's)")
+    n_embd: int = option(0, "width of the residual stream (0: 64, or --init-from's); must divide by --n-head")
+    block_size: int = option(0, "context length in tokens (0: 32, or --init-from's); prompt + completion beyond it are cut")
+    pretrain_data: str = option("", "a plain-text corpus (UTF-8) to pretrain the base on; its last 5%% is held out; empty: the built-in corpus")
+    pretrain_steps: int = option(2500, "steps of pretraining the base (the default: about a minute on 2 CPU cores)")
+    pretrain_batch_size: int = option(64, "sequences per pretraining step")
+    pretrain_lr: float = option(3e-3, "peak pretraining learning rate (100 warm-up steps, then cosine to 0)")
+    out_dir: str = option("out", "the base, checkpoints, adapters and results go here")
+    device: str = option("auto", "cpu, cuda, cuda:1 ...; auto: cuda when available")
+    compile: bool = option(False, "torch.compile the model for pretraining (fine-tuning stays eager: torch.func transforms the module itself)")
+    quiet: bool = option(False, "print only the summary (no progress lines)")
+
+
+def base_problems(config):
+    """Every problem with the base's settings, naming the flags."""
+    problems = positive(config, "pretrain_batch_size", "pretrain_lr")
+    if config.pretrain_steps < 0:
+        problems.append(f"--pretrain-steps must not be negative, got {config.pretrain_steps}")
+    if config.tokenizer != "bytes" and config.tokenizer not in tiktoken.list_encoding_names():
+        problems.append(f"--tokenizer {config.tokenizer!r} is unknown; choose bytes or one of {', '.join(tiktoken.list_encoding_names())}")
+    problems += [check_device(config.device)] if check_device(config.device) else []
+    for name in SHAPE_FLAGS:
+        if getattr(config, name) < 0:
+            problems.append(f"{flag(name)} must not be negative (0: the default), got {getattr(config, name)}")
+    shape = shape_values(config)
+    if shape["n_head"] > 0 and shape["n_embd"] % shape["n_head"]:
+        problems.append(f"--n-embd {shape['n_embd']} does not divide by --n-head {shape['n_head']}")
+    if config.init_from and not os.path.exists(config.init_from):
+        problems.append(f"--init-from {config.init_from}: no such file or directory")
+    if config.pretrain_data and not os.path.exists(config.pretrain_data):
+        problems.append(f"--pretrain-data {config.pretrain_data}: no such file")
+    return problems
+
+
+def shape_values(config):
+    """{flag name: value} of the base's shape: each flag set (> 0), else the default model's."""
+    default = GPTConfig()
+    return {name: getattr(config, name) if getattr(config, name) > 0 else getattr(default, name) for name in SHAPE_FLAGS}
+
+
+def base_shape(config, vocab_size=GPTConfig.vocab_size):
+    """The GPTConfig of the base that is pretrained: the default model's, changed by the flags set."""
+    return GPTConfig(vocab_size=vocab_size, **shape_values(config))
+
+
+def base_path(config, tokenizer):
+    """--init-from, or out_dir/base-<hash>.pt keyed by everything that makes the base."""
+    if config.init_from:
+        return config.init_from
+    corpus = "built-in"
+    if config.pretrain_data:
+        with open(config.pretrain_data, "rb") as f:
+            corpus = hashlib.file_digest(f, "sha256").hexdigest()
+    key = {"shape": asdict(base_shape(config, tokenizer.n_vocab)), "corpus": corpus, "tokenizer": config.tokenizer,
+           "steps": config.pretrain_steps, "batch": config.pretrain_batch_size, "lr": config.pretrain_lr, "seed": PRETRAIN_SEED}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    return os.path.join(config.out_dir, f"base-{digest}.pt")
+
+
+# ---------------------------------------------------------------------------------------
+# Pretraining
+
+
+def pretraining_batches(config, tokenizer, block_size):
+    """(next_batch(rng, device) -> (x, y), held_out (x, y) or None, description).
+
+    The built-in corpus: one 'op word=answer' line per sample. A text file: random windows
+    of block_size + 1 tokens from its first 95% (as nanoGPT samples), the last 5% held out."""
+    if not config.pretrain_data:
+        lines = [encode(tokenizer, line) for line in pretrain_text(20000, seed=PRETRAIN_SEED).splitlines(keepends=True)]
+        examples = [Example(t[: block_size + 1], 0) for t in lines]
+
+        def next_batch(rng, device):
+            return collate(rng.sample(examples, config.pretrain_batch_size), tokenizer.eot_token, device)[:2]
+        return next_batch, None, "the built-in corpus (20,000 lines)"
+    tokens = torch.tensor(encode(tokenizer, read_text_file(config.pretrain_data)), dtype=torch.long)
+    n_held = max(block_size + 1, len(tokens) // 20)
+    if len(tokens) - n_held < block_size + 1:
+        raise DataError(f"{config.pretrain_data}: {len(tokens)} tokens are too few to pretrain on with a context of "
+                        f"{block_size} (5% held out); give a longer corpus or a smaller --block-size")
+    train_tokens, held = tokens[:-n_held], tokens[-n_held:]
+
+    def windows(source, starts):  # (B, T) inputs and their next tokens
+        return (torch.stack([source[i : i + block_size] for i in starts]),
+                torch.stack([source[i + 1 : i + block_size + 1] for i in starts]))
+
+    def next_batch(rng, device):
+        starts = [rng.randrange(len(train_tokens) - block_size) for _ in range(config.pretrain_batch_size)]
+        return tuple(t.to(device) for t in windows(train_tokens, starts))
+    held_starts = list(range(0, len(held) - block_size, block_size))[:64]  # up to 64 windows, evaluated in one pass
+    return next_batch, windows(held, held_starts), (f"{config.pretrain_data} ({len(train_tokens):,} tokens, "
+                                                    f"{len(held):,} held out)")
+
+
+def pretrain(config, tokenizer, device, path):
+    """Pretrain a base GPT of base_shape(config) on the corpus and save it to path."""
+    torch.manual_seed(PRETRAIN_SEED)
+    gpt_config = base_shape(config, tokenizer.n_vocab)
+    model = GPT(gpt_config).to(device)
+    next_batch, held_out, corpus = pretraining_batches(config, tokenizer, gpt_config.block_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1)
+    rng = random.Random(PRETRAIN_SEED)
+    steps = config.pretrain_steps
+    forward = torch.compile(model) if config.compile else model  # the fused attention path, compiled on request
+    say(config, f"pretraining a base GPT ({model.num_params():,} parameters; {gpt_config.n_layer} blocks, width "
+                f"{gpt_config.n_embd}, context {gpt_config.block_size}) on {corpus} for {steps} steps on {device}")
+    t0, tokens = time.time(), 0
+    for step in range(steps):
+        lr = config.pretrain_lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y = next_batch(rng, device)
+        with autocast_for(device):
+            _, loss = forward(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        tokens += x.numel()
+        if step % 100 == 0 or step == steps - 1:
+            elapsed = time.time() - t0
+            held = ""
+            if held_out is not None and (step % 500 == 0 or step == steps - 1):
+                held = f" | held-out loss {held_out_loss(model, held_out, device):.3f}"
+            say(config, f"  pretrain step {step:5d}/{steps} | loss {loss.item():.3f}{held} | {1000 * elapsed / (step + 1):.0f} ms/step | "
+                        f"{tokens / elapsed:,.0f} tokens/s | eta {elapsed / (step + 1) * (steps - step - 1):.0f}s")
+    atomic_save({"model_config": asdict(gpt_config), "model": model.state_dict()}, path)
+    say(config, f"saved the base model to {path}")
+    return model
+
+
+@torch.no_grad()
+def held_out_loss(model, held_out, device):
+    model.eval()
+    x, y = held_out
+    with autocast_for(device):
+        loss = float(model(x.to(device), y.to(device))[1])
+    model.train()
+    return loss
+
+
+# ---------------------------------------------------------------------------------------
+# Loading a base
+
+
+def read_base(path):
+    """Our checkpoint (.pt) or a local GPT-2 directory (or .bin) as a GPT; a ConfigError naming --init-from otherwise."""
+    if os.path.isdir(path) or path.endswith(".bin"):
+        try:
+            return GPT.from_pretrained(path)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise ConfigError(f"invalid settings:\n  --init-from {path}: not a GPT-2 checkpoint we can load ({e})") from None
+    ckpt = read_checkpoint(path, "--init-from", ("model_config", "model"))
+    try:
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ConfigError(f"invalid settings:\n  --init-from {path}: its model_config or weights do not make a GPT ({reason})") from None
+    return model
+
+
+def load_base(config, tokenizer, device):
+    """(model on device, path): --init-from, or out_dir/base-<hash>.pt, pretrained on first use."""
+    path = base_path(config, tokenizer)
+    if not os.path.exists(path):
+        if world()[1] > 1:  # under torchrun the first process pretrains, the others wait and load
+            if is_main():
+                pretrain(config, tokenizer, device, path)
+            dist.barrier()
+        else:
+            pretrain(config, tokenizer, device, path)
+    model = read_base(path)
+    if tokenizer.n_vocab > model.config.vocab_size:
+        raise ConfigError(f"invalid settings:\n  --tokenizer {config.tokenizer} has {tokenizer.n_vocab} tokens, "
+                          f"more than the base model's vocabulary ({model.config.vocab_size})")
+    refuse([f"{flag(name)} {getattr(config, name)} contradicts the base model's {getattr(model.config, name)} ({path})"
+            for name in SHAPE_FLAGS if getattr(config, name) and getattr(config, name) != getattr(model.config, name)])
+    return model.to(device), path
+
+
+def main(argv=None):
+    def work():
+        config = parse_args(BaseConfig, argv, description=__doc__.split("\n\n")[1].strip())
+        refuse(base_problems(config))
+        init_distributed(config.device)
+        check_out_dir(config.out_dir, ())
+        tokenizer = get_tokenizer(config.tokenizer)
+        path = base_path(config, tokenizer)
+        existed = os.path.exists(path)
+        model, path = load_base(config, tokenizer, pick_device(config.device))
+        if is_main():
+            print(f"{'already there' if existed else 'made'}: {path} ({model.num_params():,} parameters; "
+                  f"{model.config.n_layer} blocks, width {model.config.n_embd}, context {model.config.block_size})")
+    return run_main(work, (DataError, TokenizerUnavailable))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

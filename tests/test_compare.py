@@ -1,0 +1,83 @@
+import csv
+import json
+
+import pytest
+
+import compare as compare_module
+import data
+from compare import CompareConfig, compare, main
+from conftest import TINY_FLAGS
+
+
+def flags(base, **overrides):
+    """train.py's flags for every run of a tiny comparison."""
+    return [*TINY_FLAGS, "--init-from", base, *[f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()]]
+
+
+def test_compare_prints_a_table_and_writes_json_and_csv(base, tmp_path, capsys):
+    config = CompareConfig(methods="lora,gast,gast:batch", seeds=2, lrs="1e-2", out_dir=str(tmp_path))
+    rows = compare(config, flags(base, steps=3, noise=0.0))
+    out = capsys.readouterr().out
+    assert "| method | reference | lr | exact match | held-out loss |" in out
+    assert "| lora | - | 0.01 |" in out and "| gast | heldout | 0.01 |" in out and "| gast | batch | 0.01 |" in out
+    assert "| 1.00 | - | - |" in out  # lora's coverage; no noisy flags, so no rates
+    assert "[6/6]" in out and "eta" in out  # one progress line per run
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert [(r["method"], r["reference"]) for r in saved["rows"]] == [("lora", None), ("gast", "heldout"), ("gast", "batch")]
+    assert len(saved["runs"]) == 6 and {r["seed"] for r in saved["runs"]} == {0, 1} and saved["dev_runs"] == []
+    assert saved["config"]["train"]["steps"] == 3  # every setting of the runs, by field name
+    for row in saved["rows"]:
+        mine = [r["val_loss"] for r in saved["runs"] if (r["method"], r["reference"]) == (row["method"], row["reference"])]
+        assert row["val_loss"] == pytest.approx(sum(mine) / 2)
+    with open(tmp_path / "compare.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["method"] for r in table] == ["lora", "gast", "gast"] and float(table[1]["val_loss"]) == pytest.approx(rows[1]["val_loss"])
+
+
+def test_compare_picks_each_lr_on_the_dev_split_and_reports_on_the_test_split(base, tmp_path, monkeypatch):
+    import train as train_module
+    seen = []  # (split of the run, the words it was evaluated on)
+    real_evaluate, real_train = data.evaluate, compare_module.train
+
+    def evaluate(model, examples, *args, **kwargs):
+        seen.append((phase[-1], {tuple(e.tokens) for e in examples}))
+        return real_evaluate(model, examples, *args, **kwargs)
+
+    phase = []
+
+    def train(config, split="test", **kwargs):
+        phase.append(split)
+        return real_train(config, split=split, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate)
+    monkeypatch.setattr(compare_module, "train", train)
+    config = CompareConfig(methods="lora,gast", seeds=1, lrs="1e-3,3e-2", out_dir=str(tmp_path))
+    rows = compare(config, flags(base, steps=3))
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert [(r["method"], r["lr"], r["split"]) for r in saved["dev_runs"]] == [
+        ("lora", 1e-3, "dev"), ("lora", 3e-2, "dev"), ("gast", 1e-3, "dev"), ("gast", 3e-2, "dev")]
+    for row in rows:  # the lr with the lowest dev loss, for each method
+        tried = [r for r in saved["dev_runs"] if r["method"] == row["method"]]
+        assert row["lr"] == min(tried, key=lambda r: r["val_loss"])["lr"]
+        assert all(r["lr"] == row["lr"] and r["split"] == "test" for r in saved["runs"] if r["method"] == row["method"])
+    dev_seen = set().union(*(words for split, words in seen if split == "dev"))
+    test_seen = set().union(*(words for split, words in seen if split == "test"))
+    assert dev_seen and test_seen and not dev_seen & test_seen
+
+
+def test_bad_comparison_flags_are_refused_before_any_run(base, tmp_path, capsys):
+    code = main(["--out-dir", str(tmp_path), "--lrs", "1e-3,abc", "--methods", "gast:best,lora", "--seeds", "0",
+                 *flags(base)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ")
+    for expected in ("--lrs must be comma-separated numbers, got '1e-3,abc'", "--methods: unknown gast:best", "--seeds must be positive"):
+        assert expected in err
+    assert not (tmp_path / "compare").exists()
+    assert main(["--out-dir", str(tmp_path), "--lrs", "0,1e-3", *flags(base)]) == 2
+    assert "--lrs must all be positive" in capsys.readouterr().err
+
+
+def test_train_py_compare_names_the_new_script(capsys):
+    import train
+    assert train.main(["--compare"]) == 2
+    assert "--compare is now python compare.py" in capsys.readouterr().err

@@ -1,0 +1,81 @@
+import json
+
+import pytest
+import torch
+
+import sample
+from lora import load_adapter
+from pretrain import read_base
+from train import train
+
+
+@pytest.fixture
+def run(tiny, tmp_path):
+    """A tiny fine-tuning run (lora, so that every block has moved) in tmp_path/run."""
+    train(tiny(tmp_path / "run", method="lora", lr=3e-2))
+    return tmp_path / "run"
+
+
+def test_after_a_run_sample_prints_answers_of_its_test_split(run, capsys):
+    assert sample.main(["--out-dir", str(run), "--n", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("'revshift ") == 4 and "the test split of" in out and "exact match" in out
+
+
+def test_a_prompt_is_answered_greedily_and_the_same_twice(run, capsys):
+    assert sample.main(["--out-dir", str(run), "--prompt", "revshift abc=", "--max-new-tokens", "5"]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("'revshift abc=' -> '") and len(eval(first.split(" -> ")[1])) <= 5
+    sample.main(["--out-dir", str(run), "--prompt", "revshift abc=", "--max-new-tokens", "5"])
+    assert capsys.readouterr().out == first
+
+
+def test_a_jsonl_file_is_scored_overall_and_per_task(run, tmp_path, capsys):
+    rows = [{"prompt": f"copy {w}=", "completion": f"{w}\n", "task": "copy"} for w in ("abc", "xyz")]
+    rows += [{"prompt": f"rev {w}=", "completion": f"{w[::-1]}\n", "task": "rev"} for w in ("abc", "hello", "moon")]
+    (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    result = sample.sample(sample.SampleConfig(out_dir=str(run), data=str(tmp_path / "mine.jsonl")))
+    assert {name: s["n"] for name, s in result["per_task"].items()} == {"copy": 2, "rev": 3}
+    out = capsys.readouterr().out
+    assert "task copy: 2 samples" in out and "task rev: 3 samples" in out
+    overall = (2 * result["per_task"]["copy"]["loss"] + 3 * result["per_task"]["rev"]["loss"]) / 5
+    assert result["loss"] == pytest.approx(overall)
+
+
+def test_the_merged_base_gives_the_outputs_of_base_plus_adapters_and_init_from_takes_it(run, tiny, tmp_path):
+    merged_path = tmp_path / "merged.pt"
+    assert sample.main(["--out-dir", str(run), "--merge", str(merged_path)]) == 0
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    with_adapters = read_base(ckpt["base"])
+    load_adapter(with_adapters, str(run / "adapter.pt"))
+    merged = read_base(str(merged_path))
+    assert not any(".lora_" in k for k in merged.state_dict())
+    x = torch.randint(0, 257, (3, 20))
+    torch.testing.assert_close(merged.eval()(x)[0], with_adapters.eval()(x)[0], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(read_base(ckpt["base"]).eval()(x)[0], merged(x)[0])  # the adapters did move it
+    metrics = train(tiny(tmp_path / "on-merged", init_from=str(merged_path), steps=2))
+    assert metrics["base"] == str(merged_path)
+
+
+def test_a_missing_run_a_changed_base_and_a_mismatched_adapter_are_one_line_errors(run, tmp_path, capsys):
+    def refused(*argv):
+        assert sample.main(list(argv)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err
+        return err
+    assert "no ckpt.pt there" in refused("--out-dir", str(tmp_path / "nowhere"))
+    adapter = torch.load(run / "adapter.pt", weights_only=True)
+    adapter["lora_config"]["r"] = 3  # other shapes than the model's
+    torch.save(adapter, run / "adapter.pt")
+    assert "does not fit the base model" in refused("--out-dir", str(run))
+    (run / "adapter.pt").write_bytes(b"garbage")
+    assert "not a checkpoint" in refused("--out-dir", str(run))
+    base = torch.load(run / "ckpt.pt", weights_only=True)["base"]
+    with open(base, "ab") as f:
+        f.write(b"\0")  # the base changes after the run
+    try:
+        assert "has changed since" in refused("--out-dir", str(run))
+    finally:
+        with open(base, "rb+") as f:
+            f.truncate(f.seek(0, 2) - 1)
+    assert "--temperature must not be negative" in refused("--out-dir", str(run), "--temperature", "-1")
