@@ -5,11 +5,14 @@ What GAST costs over a plain LoRA step, as ratios that hold on a shared machine.
     python bench.py --batches 32 --repeats 20 --models default,mid --device cpu
 
 For each model and batch size it times:
-  plain       an ordinary LoRA step: forward, backward, AdamW
-  gast        a GAST step with the batch-mean reference (per-sample gradients by torch.func)
-  gast_hooks  the same step with per-sample gradients from backward hooks (lora.py)
-  gast_ref1   a GAST step with the held-out reference (|R| = 64) recomputed every step
-  gast_ref10  the same, recomputed every 10 steps (timed over 10 steps, per step)
+  plain          an ordinary LoRA step: forward, backward, AdamW
+  gast_default   the step train.py runs by default: the paper's rule (a support mini-batch of 4
+                 training samples riding in the per-sample pass, the softmax draw per layer,
+                 every layer updated), per-sample gradients by torch.func
+  gast           a GAST step with the batch mean as support (no extra rows; torch.func)
+  gast_hooks     the same step with per-sample gradients from backward hooks (gast.py)
+  gast_ref1      a GAST step with a whole trusted held-out support set (64) every step
+  gast_ref10     the same, recomputed every 10 steps (timed over 10 steps, per step)
   vmap        per-sample gradients through torch.func alone
   hooks       per-sample gradients through backward hooks alone
   loop        B single-sample forward/backward passes (what vmap replaces)
@@ -57,8 +60,8 @@ MODELS = {  # name: (model shape, LoRA targets, batch sizes by default)
     "mid": (GPTConfig(n_layer=8, n_head=8, n_embd=256, block_size=64), ATTENTION_AND_MLP, (32,)),
     "gpt2-small": (GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=128, vocab_size=50257), ATTENTION, (8, 32)),
 }
-WHATS = ("plain", "gast", "gast_hooks", "gast_ref1", "gast_ref10", "vmap", "hooks", "loop")
-REFERENCE_SIZE = 64
+WHATS = ("plain", "gast_default", "gast", "gast_hooks", "gast_ref1", "gast_ref10", "vmap", "hooks", "loop")
+SUPPORT_SET_SIZE = 64  # the pool the support rows are drawn from (train.py: the training set)
 
 
 # --- memory -----------------------------------------------------------------------------
@@ -96,7 +99,7 @@ def make_batch(config, B, device, seed=0):
     (the first half prompt, no loss there) for the others."""
     if config == MODELS["default"][0]:
         tok = get_tokenizer()
-        train = make_default_task(tok, n_train=max(B, 8), n_val=1, noise=0.2, seed=seed, n_reference=0, n_dev=0).train
+        train = make_default_task(tok, n_train=max(B, 8), n_val=1, noise=0.2, seed=seed, n_heldout=0, n_dev=0).train
         return collate(train[:B], tok.eot_token, device)[:2]
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g)
@@ -113,11 +116,11 @@ def setup(spec, device):
     return model, opt
 
 
-def runners(model, opt, x, y, reference_batch):
+def runners(model, opt, x, y, support_set):
     def tuner(**kw):
-        return SparseTuner(model, SelectionConfig(method="gast", **kw), reference_batch=reference_batch)
-    tuners = {"gast": tuner(reference="batch"), "gast_hooks": tuner(reference="batch", per_sample="hooks"),
-              "gast_ref1": tuner(), "gast_ref10": tuner(reference_interval=10)}
+        return SparseTuner(model, SelectionConfig(method="gast", **kw), support_set=support_set)
+    tuners = {"gast_default": tuner(), "gast": tuner(support="batch"), "gast_hooks": tuner(support="batch", per_sample="hooks"),
+              "gast_ref1": tuner(support="heldout", support_size=0), "gast_ref10": tuner(support="heldout", support_size=0, support_interval=10)}
 
     def plain():
         opt.zero_grad(set_to_none=True)
@@ -142,7 +145,7 @@ def runners(model, opt, x, y, reference_batch):
             model.zero_grad(set_to_none=True)
             model(x[i : i + 1], y[i : i + 1])[1].backward()
 
-    return {"plain": plain, "gast": gast_step("gast"), "gast_hooks": gast_step("gast_hooks"),
+    return {"plain": plain, "gast_default": gast_step("gast_default"), "gast": gast_step("gast"), "gast_hooks": gast_step("gast_hooks"),
             "gast_ref1": gast_step("gast_ref1"), "gast_ref10": gast_step("gast_ref10", steps=10),
             "vmap": vmap, "hooks": hooks, "loop": loop}
 
@@ -154,9 +157,9 @@ def build(spec, B, device):
     """spec: a MODELS entry (passed whole, so that a fresh process needs no lookup)."""
     model, opt = setup(spec, device)
     x, y = make_batch(spec[0], B, device)
-    reference = make_batch(spec[0], REFERENCE_SIZE, device, seed=1)
+    support_set = make_batch(spec[0], SUPPORT_SET_SIZE, device, seed=1)
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return runners(model, opt, x, y, reference), n_lora, x.shape[1]
+    return runners(model, opt, x, y, support_set), n_lora, x.shape[1]
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -295,21 +298,21 @@ def main(argv=None):
             times, ratios, n_lora, seq = paired_times(MODELS[name], B, device, repeats, min(args.loop_repeats, repeats), clock=args.clock)
             row = summarise(name, B, times, ratios, memory_all(MODELS[name], B, device, args.threads), n_lora, seq)
             rows.append(row)
-            print(f"  {name} B={B}: plain {row['plain_ms']:.1f} ms, gast {row['gast_x']:.2f}x, gast_hooks {row['gast_hooks_x']:.2f}x, "
+            print(f"  {name} B={B}: plain {row['plain_ms']:.1f} ms, train.py's default {row['gast_default_x']:.2f}x, gast {row['gast_x']:.2f}x, gast_hooks {row['gast_hooks_x']:.2f}x, "
                   f"held-out every step {row['gast_ref1_x']:.2f}x, every 10 {row['gast_ref10_x']:.2f}x", flush=True)
             if row["busy"]:
                 print(f"  warning: plain's own time varied {row['plain_spread']:.1f}x across rounds: the machine was busy "
                       "and these ratios are suspect (on a shared CPU, --threads 1 --clock cpu holds up better)", flush=True)
     print("\ntime: median over rounds of the ratio to that round's plain step [min-max]; memory: peak MiB above the start")
-    print("| model | B | plain ms | gast (batch ref, vmap) | gast (batch ref, hooks) | gast (held-out, every step) | "
-          "gast (held-out, every 10) | vmap | hooks | loop | vmap vs loop | plain MiB | gast MiB | gast hooks MiB | B x LoRA x 4 B (MiB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | B | plain ms | gast_default | gast (batch support, vmap) | gast (batch support, hooks) | gast (held-out, every step) | "
+          "gast (held-out, every 10) | vmap | hooks | loop | vmap vs loop | plain MiB | gast_default MiB | gast MiB | gast hooks MiB | B x LoRA x 4 B (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         cells = [f"{r[f'{w}_x']:.2f}x [{r[f'{w}_x_spread'][0]:.2f}-{r[f'{w}_x_spread'][1]:.2f}]"
-                 for w in ("gast", "gast_hooks", "gast_ref1", "gast_ref10", "vmap", "hooks", "loop")]
+                 for w in ("gast_default", "gast", "gast_hooks", "gast_ref1", "gast_ref10", "vmap", "hooks", "loop")]
         print(f"| {r['model']} | {r['batch']} | {r['plain_ms']:.1f} | " + " | ".join(cells) +
-              f" | {r['vmap_speedup_over_loop']:.1f}x | {r['plain_mem_mib']:.1f} | {r['gast_mem_mib']:.1f} | "
-              f"{r['gast_hooks_mem_mib']:.1f} | {r['per_sample_grad_mib']:.1f} |")
+              f" | {r['vmap_speedup_over_loop']:.1f}x | {r['plain_mem_mib']:.1f} | {r['gast_default_mem_mib']:.1f} | "
+              f"{r['gast_mem_mib']:.1f} | {r['gast_hooks_mem_mib']:.1f} | {r['per_sample_grad_mib']:.1f} |")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".tmp", "w") as f:  # temporary file, then rename: never half-written
         json.dump({"device": device, "machine": machine, "torch": torch.__version__, "threads": args.threads, "clock": args.clock,

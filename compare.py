@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from data import DataError, TokenizerUnavailable, get_tokenizer
-from gast import METHODS, REFERENCES
+from gast import METHODS, SCORED, SELECTIONS, SUPPORTS
 from plumbing import (check_out_dir, is_main, nanmean, option, parse_args, pick_device, positive, pyplot, refuse, run_main,
                       save_figure, write_csv, write_json)
 from pretrain import BaseConfig, base_problems, load_base
@@ -27,7 +27,9 @@ from train import train
 
 @dataclass
 class CompareConfig:
-    methods: str = option(",".join(METHODS) + ",gast:batch", "rows: method or method:reference, comma-separated")
+    methods: str = option("lora,lisa,ist,data,gast,gast:random,gast:topk,gast:heldout",
+                          "rows, comma-separated: a method, or a scored method with options joined by + after a colon: "
+                          f"a selection ({', '.join(SELECTIONS)}) and/or a support ({', '.join(SUPPORTS)}), e.g. gast:topk+heldout")
     seeds: int = option(5, "seeds per row, on the test split")
     lrs: str = option("1e-3,3e-3,1e-2", "each row's lr is chosen from these by the dev split's loss (seed 0); one value: no choice")
     out_dir: str = option("out", "compare.json, compare.csv, compare.png and every run's directory (compare/) go here")
@@ -35,20 +37,27 @@ class CompareConfig:
 
 
 def rows_of(config):
-    """[(method, reference)] from --methods; a reference given only for the scored methods."""
+    """[(row name, method, {"selection": ..., "support": ...} as the row sets them)] from --methods."""
     rows = []
     for spec in config.methods.split(","):
-        method, _, reference = spec.partition(":")
-        rows.append((method, reference or None))
+        method, _, options = spec.partition(":")
+        chosen = {}
+        for option_name in filter(None, options.split("+")):
+            kind = "selection" if option_name in SELECTIONS else "support" if option_name in SUPPORTS else "unknown"
+            chosen[kind] = chosen.get(kind, ()) + (option_name,)
+        rows.append((spec, method, chosen))
     return rows
 
 
 def problems(config):
     out = positive(config, "seeds")
-    unknown = [(m, r) for m, r in rows_of(config) if m not in METHODS or (r is not None and r not in REFERENCES)]
+    unknown = [spec for spec, method, chosen in rows_of(config)
+               if method not in METHODS or "unknown" in chosen or any(len(v) > 1 for v in chosen.values())
+               or (chosen and method not in SCORED)]
     if unknown:
-        out.append(f"--methods: unknown {', '.join(f'{m}:{r}' if r else m for m, r in unknown)}; choose from "
-                   f"{', '.join(METHODS)}, each optionally with :{' or :'.join(REFERENCES)}")
+        out.append(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}, and for "
+                   f"{' and '.join(SCORED)} options after a colon joined by +: one of {', '.join(SELECTIONS)} "
+                   f"and/or one of {', '.join(SUPPORTS)}")
     try:
         if not all(float(v) > 0 and math.isfinite(float(v)) for v in config.lrs.split(",")):
             out.append(f"--lrs must all be positive, got {config.lrs}")
@@ -70,13 +79,15 @@ def compare(config, train_flags=()):
     dev_runs, runs, rows = [], [], []
     t0, done = time.time(), 0
 
-    def run(method, reference, lr, seed, split):
+    def run(label, method, chosen, lr, seed, split):
         nonlocal done
-        label = method if reference is None else f"{method}-{reference}"
-        name = f"{label}-lr{lr:g}-dev" if split == "dev" else f"{label}-seed{seed}"
+        name = label.replace(":", "-").replace("+", "-")
+        name = f"{name}-lr{lr:g}-dev" if split == "dev" else f"{name}-seed{seed}"
         flags = [*train_flags, "--method", method, "--lr", repr(lr), "--seed", str(seed), "--quiet", "--no-resume",
                  "--overwrite", "--out-dir", os.path.join(config.out_dir, "compare", name)]
-        metrics = train(flags + (["--reference", reference] if reference else []), split=split, picture=False, summary=False)
+        flags += [f"--{kind}={value[0]}" for kind, value in chosen.items()]
+        metrics = train(flags, split=split, picture=False, summary=False)
+        metrics["row"] = label
         done += 1
         elapsed = time.time() - t0
         em = "" if metrics["exact_match"] is None else f" exact match {metrics['exact_match']:.3f}"
@@ -84,16 +95,16 @@ def compare(config, train_flags=()):
             f"({elapsed:.0f}s so far, eta {elapsed / done * (n_runs - done):.0f}s)", flush=True)
         return metrics
 
-    for method, reference in rows_of(config):
+    for label, method, chosen in rows_of(config):
         if len(lrs) > 1:
-            tried = [run(method, reference, lr, 0, "dev") for lr in lrs]
+            tried = [run(label, method, chosen, lr, 0, "dev") for lr in lrs]
             dev_runs += tried
             lr = min(tried, key=lambda m: m["val_loss"])["lr"]
         else:
             lr = lrs[0]
-        mine = [run(method, reference, lr, seed, "test") for seed in range(config.seeds)]
+        mine = [run(label, method, chosen, lr, seed, "test") for seed in range(config.seeds)]
         runs += mine
-        rows.append(summarise(method, mine[0]["reference"], lr, mine))
+        rows.append(summarise(label, lr, mine))
     steps = runs[0]["steps"]
     say(f"\n{len(rows)} methods, lr from {config.lrs} by dev loss, then {config.seeds} seeds on the test split, "
         f"{steps} steps each, {time.time() - t0:.0f}s in all\n{format_table(rows)}")
@@ -106,7 +117,7 @@ def compare(config, train_flags=()):
     return rows
 
 
-def summarise(method, reference, lr, runs):
+def summarise(label, lr, runs):
     """One table row: mean and sd over seeds of the test-split figures."""
     def spread(values):
         values = [v for v in values if v is not None]
@@ -116,9 +127,10 @@ def summarise(method, reference, lr, runs):
 
     em, em_sd = spread([r["exact_match"] for r in runs])
     loss, loss_sd = spread([r["val_loss"] for r in runs])
-    return {"method": method, "reference": reference, "lr": lr, "seeds": len(runs), "exact_match": em, "exact_match_sd": em_sd,
-            "val_loss": loss, "val_loss_sd": loss_sd,
-            **{k: nanmean([r[k] for r in runs]) for k in ("coverage", "noisy_selected", "clean_selected", "ms_per_step")}}
+    return {"row": label, "method": runs[0]["method"], "selection": runs[0]["selection"], "support": runs[0]["support"],
+            "lr": lr, "seeds": len(runs), "exact_match": em, "exact_match_sd": em_sd, "val_loss": loss, "val_loss_sd": loss_sd,
+            **{k: nanmean([r[k] for r in runs]) for k in ("coverage", "noisy_selected", "clean_selected", "noisy_probability",
+                                                           "clean_probability", "ms_per_step")}}
 
 
 def format_table(rows):
@@ -127,12 +139,12 @@ def format_table(rows):
 
     def rate(value):  # nan: the data carries no noisy flags
         return "-" if math.isnan(value) else f"{value:.2f}"
-    lines = ["| method | reference | lr | exact match | held-out loss | coverage | noisy taken | clean taken | ms/step |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | selection | support | lr | exact match | held-out loss | coverage | noisy taken | clean taken | ms/step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['reference'] or '-'} | {r['lr']:g} | {pm(r['exact_match'], r['exact_match_sd'], 3)} | "
-                     f"{pm(r['val_loss'], r['val_loss_sd'], 3)} | {r['coverage']:.2f} | {rate(r['noisy_selected'])} | "
-                     f"{rate(r['clean_selected'])} | {r['ms_per_step']:.0f} |")
+        lines.append(f"| {r['row']} | {r['selection'] or '-'} | {r['support'] or '-'} | {r['lr']:g} | "
+                     f"{pm(r['exact_match'], r['exact_match_sd'], 3)} | {pm(r['val_loss'], r['val_loss_sd'], 3)} | "
+                     f"{r['coverage']:.2f} | {rate(r['noisy_selected'])} | {rate(r['clean_selected'])} | {r['ms_per_step']:.0f} |")
     return "\n".join(lines)
 
 
@@ -144,7 +156,7 @@ def plot_comparison(rows, path):
     panels = [(k, t) for k, t in [("exact_match", "exact match (test)"), ("val_loss", "held-out loss (test)")]
               if all(r[k] is not None for r in rows)]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
-    labels = [r["method"] if r["reference"] is None else f"{r['method']} ({r['reference']})" for r in rows]
+    labels = [r["row"] for r in rows]
     for ax, (key, title) in zip(axes[0], panels):
         ax.bar(range(len(rows)), [r[key] for r in rows], yerr=[r[key + "_sd"] for r in rows], capsize=4, color="tab:blue")
         ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)

@@ -166,27 +166,27 @@ class Task:
     """The splits of a fine-tuning task. Only train may carry noisy samples."""
     train: list  # fine-tuning samples
     val: list  # the clean evaluation (test) split: what results are reported on
-    reference: list  # GAST's trusted reference set R (step 2), never trained or evaluated on
+    heldout: list  # a trusted held-out set for GAST's support mini-batches (--support heldout), never trained or evaluated on
     dev: list  # a clean split for choosing hyperparameters (the lr in --compare), never the test split
 
 
-def make_default_task(tokenizer, n_train=1000, n_val=200, noise=0.2, seed=0, n_reference=64, n_dev=200):
+def make_default_task(tokenizer, n_train=1000, n_val=200, noise=0.2, seed=0, n_heldout=64, n_dev=200):
     """The default task's Task, fully determined by the seed; every split has its own words.
 
     Exactly round(noise * n_train) training answers are corrupted, chosen at random; the
-    val, reference and dev splits are clean.
+    val, heldout and dev splits are clean.
     """
     if not 0.0 <= noise < 1.0:
         raise ValueError(f"noise must be in [0, 1), got {noise}")
     rng = random.Random(seed + 1)  # not the pretraining corpus's stream
-    sizes = (n_train, n_val, n_reference, n_dev)
+    sizes = (n_train, n_val, n_heldout, n_dev)
     words = set()
     while len(words) < sum(sizes):
         words.add(_random_word(rng))
     words = sorted(words)
     rng.shuffle(words)
     starts = [sum(sizes[:i]) for i in range(5)]
-    train_words, val_words, reference_words, dev_words = (words[a:b] for a, b in zip(starts, starts[1:]))
+    train_words, val_words, heldout_words, dev_words = (words[a:b] for a, b in zip(starts, starts[1:]))
     noisy = set(rng.sample(range(n_train), round(noise * n_train)))
     train = []
     for i, w in enumerate(train_words):
@@ -199,7 +199,7 @@ def make_default_task(tokenizer, n_train=1000, n_val=200, noise=0.2, seed=0, n_r
 
     def clean(split):
         return [task_example(tokenizer, w, task_answer(w)) for w in split]
-    return Task(train, clean(val_words), clean(reference_words), clean(dev_words))
+    return Task(train, clean(val_words), clean(heldout_words), clean(dev_words))
 
 
 # ---------------------------------------------------------------------------------------
@@ -300,17 +300,18 @@ class DataConfig:
     completion_field: str = option("completion", "JSONL field holding the completion (the loss falls on it)")
     val_fraction: float = option(0.1, "share of --data held out for evaluation (unless --val-data); half of it is the dev split, half the test split")
     val_data: str = option("", "a separate clean evaluation file, same format as --data; half dev split, half test split")
-    reference_data: str = option("", "a trusted file for the held-out reference set, same format as --data; empty: carved from --data")
+    support_data: str = option("", "--support heldout: a trusted file for the held-out support set, same format as --data; empty: carved from --data")
+    heldout_size: int = option(64, "--support heldout: samples in the trusted held-out set (default task: its own clean split; your data: carved from --data unless --support-data)")
     noise: float = option(0.2, "default task: fraction of fine-tuning answers corrupted (flagged noisy)")
     n_train: int = option(1000, "default task: fine-tuning samples")
     n_val: int = option(200, "default task: clean held-out samples")
 
     def problems(self):
         out = in_range(self, "noise", 0, 1, high_open=True) + in_range(self, "val_fraction", 0, 1, True, True)
-        out += positive(self, "n_train", "n_val")
+        out += positive(self, "n_train", "n_val", "heldout_size")
         if self.data and not os.path.exists(self.data):
             out.append(f"--data {self.data}: no such file")
-        for name in ("val_data", "reference_data"):
+        for name in ("val_data", "support_data"):
             path = getattr(self, name)
             if path and not self.data:
                 out.append(f"--{name.replace('_', '-')} needs --data (the default task has its own splits)")
@@ -343,12 +344,12 @@ def load_task(config, tokenizer, block_size):
 
     Default task: four disjoint splits made by the seed. Your data: --data shuffled by the
     seed; the evaluation data (--val-data, or a --val-fraction of --data) is halved into
-    dev and test; the reference set R is --reference-data, or, with --reference heldout,
-    --reference-size samples carved from the training split (then assumed trustworthy).
+    dev and test; the trusted held-out set (for --support heldout) is --support-data, or
+    --heldout-size samples carved from the training split (then assumed trustworthy).
     """
     if not config.data:
         task = make_default_task(tokenizer, config.n_train, config.n_val, config.noise, config.seed,
-                                 n_reference=config.reference_size, n_dev=config.n_val)
+                                 n_heldout=config.heldout_size, n_dev=config.n_val)
         return task, True
     is_qa = config.data.endswith(".jsonl")
     examples = load_examples(config, config.data, tokenizer, block_size)
@@ -361,18 +362,18 @@ def load_task(config, tokenizer, block_size):
         n_val = max(1, round(config.val_fraction * len(examples)))
         evaluation, examples = examples[:n_val], examples[n_val:]
     dev, test = evaluation[: len(evaluation) // 2], evaluation[len(evaluation) // 2 :]
-    reference = []
-    if config.reference_data:
-        reference = load_examples(config, config.reference_data, tokenizer, block_size)
-    elif config.reference == "heldout":
-        reference, examples = examples[: config.reference_size], examples[config.reference_size :]
-        say(config, f"reference set: {len(reference)} samples carved from {config.data}'s training split "
-                    "and assumed trustworthy (--reference-data FILE gives a trusted set of your own)")
+    heldout = []
+    if config.support_data:
+        heldout = load_examples(config, config.support_data, tokenizer, block_size)
+    elif config.support == "heldout":
+        heldout, examples = examples[: config.heldout_size], examples[config.heldout_size :]
+        say(config, f"held-out support set: {len(heldout)} samples carved from {config.data}'s training split "
+                    "and assumed trustworthy (--support-data FILE gives a trusted set of your own)")
     if len(examples) < config.batch_size:
-        carved = f" and the {len(reference)} reference samples (--reference-size)" if reference and not config.reference_data else ""
+        carved = f" and the {len(heldout)} held-out support samples (--heldout-size)" if heldout and not config.support_data else ""
         raise ConfigError(f"invalid settings:\n  --batch-size {config.batch_size} is larger than the "
                           f"{len(examples)} training samples left in {config.data} after the evaluation split{carved}")
-    return Task(examples, test, reference, dev), is_qa
+    return Task(examples, test, heldout, dev), is_qa
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,16 +1,19 @@
 """
-GAST: Gradient-aligned Sparse Tuning, one step at a time.
+GAST: Gradient-aligned Sparse Tuning, one step at a time (the spec's revision 3).
 
-Read this file beside the README's "The rule", which states the rule, its invariants and
-the measurement behind the default reference; the numbered steps below are its steps.
-The rule is this project's reconstruction of the method from the paper's abstract (Yao
-et al., EACL 2026); the choices it makes are ours:
-  - the reference direction is, by default, the gradient of a small trusted held-out set
-    R (refreshed every `reference_interval` steps); the batch-mean gradient is the option,
-  - the alignment score is a plain inner product over all of a block's LoRA parameters,
-  - the selection is the exact maximiser of the summed scores under a layer budget K
-    and a per-layer data budget k,
-  - the update of an active layer is the mean gradient of its selected samples.
+Read this file beside the README's "The rule"; the numbered steps below are its steps.
+What the rule is comes from a public reading of the paper's arXiv v1 (Yao et al., EACL
+2026: section 3.2, Algorithm 1, appendices A.3 and B.2-B.4): per step, a support gradient
+s_l from a small support mini-batch drawn from the training set; per layer l, every
+sample's alignment a[l, i] = <g[l, i], s_l>, standardised over the batch, and k samples
+drawn stochastically from the softmax of those scores; every layer updated from its own
+draw. Where the reading is silent the choices are ours, and named as ours:
+  - the k samples are drawn successively without replacement (the Gumbel-top-k trick
+    draws exactly that law), with a temperature (default 1, the plain softmax),
+  - the update of a layer is the mean gradient of its drawn samples (a plain LoRA
+    step's scale),
+  - options: the paper's ablations (top-k, random), a trusted held-out support set or
+    the batch mean in place of the training-set support, and a layer budget K < L.
 
 The baselines (lora, lisa, ist, data) differ from GAST only in the mask they choose, and
 SparseTuner.step returns the same StepRecord for all of them. data and gast take
@@ -28,11 +31,13 @@ import torch.distributed as dist
 from torch.func import functional_call, grad_and_value, vmap
 
 from lora import LoRALinear, lora_names_by_block, scaled_adapters
+from model import IGNORE_INDEX
 from plumbing import in_range, not_negative, one_of, option, positive, world
 
 METHODS = ("lora", "lisa", "ist", "data", "gast")
-REFERENCES = ("heldout", "batch")
-SCORED = ("data", "gast")  # the methods that compute alignment scores, and so need a reference
+SCORED = ("data", "gast")  # the methods that compute alignment scores, and so need a support gradient
+SELECTIONS = ("softmax", "topk", "random")  # the paper's rule, and its two ablations
+SUPPORTS = ("train", "heldout", "batch")  # where the support mini-batch comes from
 
 
 # ---------------------------------------------------------------------------------------
@@ -124,11 +129,23 @@ def recording_per_sample_grads(model):
             handle.remove()
 
 
-def reference_gradient(model, inputs, targets):
+# ---------------------------------------------------------------------------------------
+# Step 2. The support gradient
+#
+# s_l is the gradient of the mean loss over a support mini-batch of support_size samples,
+# drawn every step by SparseTuner below with the run's generator. Its rows ride in the
+# per-sample pass beside the batch's (side_by_side), and the mean of their per-sample
+# gradients is s: one forward and backward over B + support_size rows rather than a second
+# pass (on the CPU the extra rows cost their share of the work, a second pass its own
+# fixed cost too). The whole support set at once (support_size 0) takes its own batched
+# pass instead, which holds no per-sample gradients for it.
+
+
+def support_gradient(model, inputs, targets):
     """{name: tensor like p}: the ordinary gradient of the mean loss over (inputs, targets).
 
-    On the reference set R this is step 2's default direction r. One batched forward and
-    backward (fused attention, no per-sample gradients held); .grad is left untouched.
+    Step 2 over a whole support set at once (support_size 0): one batched forward and
+    backward, no per-sample gradients held; .grad is left untouched.
     """
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     _, loss = model(inputs, targets)
@@ -136,31 +153,36 @@ def reference_gradient(model, inputs, targets):
     return {name: g.detach() for (name, _), g in zip(params, grads)}
 
 
+def side_by_side(a, b, fill):
+    """Rows of a (n, Ta) and b (m, Tb) in one (n + m, max(Ta, Tb)) tensor, padded after
+    each row with fill: under causal attention the padding never touches a row's own positions."""
+    T = max(a.shape[1], b.shape[1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, T - t.shape[1]), value=fill)
+    return torch.cat([pad(a), pad(b)])
+
+
 # ---------------------------------------------------------------------------------------
-# Steps 2 and 3. Reference direction and alignment scores
-#
-# Step 2's reference r is computed by SparseTuner below, which owns the refresh schedule:
-# the held-out set's gradient (reference_gradient above) by default, or the batch mean.
+# Step 3. Alignment scores
 
 
-def alignment_scores(grads, layers, reference=None):
-    """a[l, i] = <g[l, i], r_l>: (L, B).
+def alignment_scores(grads, layers, support=None):
+    """a[l, i] = <g[l, i], s_l>: (L, B).
 
     grads: {name: (B, *p.shape)} from step 1; layers: parameter names per block (L lists).
-    reference: {name: tensor shaped like p}; by default the batch mean of grads, i.e. the ordinary
-    mini-batch gradient. a[l, i] is the first-order decrease of the reference loss per
-    unit step if block l moved along sample i's gradient.
+    support: {name: tensor shaped like p}, step 2's s; None means the batch mean of grads
+    (the ordinary mini-batch gradient). a[l, i] is the first-order decrease of the support
+    loss per unit step if block l moved along sample i's gradient.
     """
-    if reference is None:
-        reference = {name: g.mean(dim=0) for name, g in grads.items()}
+    if support is None:
+        support = {name: g.mean(dim=0) for name, g in grads.items()}
     return torch.stack([
-        sum(grads[name].flatten(1) @ reference[name].flatten() for name in names)  # (B,)
+        sum(grads[name].flatten(1) @ support[name].flatten() for name in names)  # (B,)
         for names in layers
     ])  # (L, B)
 
 
 # ---------------------------------------------------------------------------------------
-# Step 4. Joint data-layer selection
+# Step 4. Selection: per layer, k samples drawn from the softmax of the standardised scores
 
 
 def budgets(L, B, layer_ratio, data_ratio):
@@ -173,14 +195,81 @@ def budgets(L, B, layer_ratio, data_ratio):
     return min(K, L), min(k, B)
 
 
+def standardise(scores):
+    """z = (a - mean) / std over the batch, per row, in float64; a constant row gives z = 0.
+
+    The population std (over the B samples). Dividing by the std alone (no added eps)
+    keeps z exactly unchanged by a positive affine change of a row (I5), whatever the
+    scores' scale: gradient inner products can be 1e-9 as well as 1e3.
+    """
+    a = scores.detach().double()
+    centred = a - a.mean(dim=-1, keepdim=True)
+    std = centred.pow(2).mean(dim=-1, keepdim=True).sqrt()
+    return torch.where(std > 0, centred / torch.where(std > 0, std, 1.0), 0.0)
+
+
+def gumbel(shape, generator):
+    """Standard Gumbel noise, float64, on the CPU, from the generator (never the global RNG)."""
+    u = torch.rand(shape, generator=generator, dtype=torch.float64).clamp(min=1e-300)
+    return -torch.log(-torch.log(u))
+
+
+def draw(scores, k, temperature=1.0, generator=None):
+    """The paper's rule: per row, k distinct samples drawn from softmax(z / temperature),
+    successively without replacement. Returns a bool mask like scores: (L, B).
+
+    Gumbel-top-k: adding independent Gumbel noise to the logits z / temperature and taking
+    the k largest draws exactly this law (Kool et al., 2019; Vieira, 2014), in one
+    vectorised call. A constant row draws uniformly; temperature -> 0 gives top-k and
+    temperature -> infinity uniform random. The noise comes from `generator` alone.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    keys = standardise(scores).cpu() / temperature + gumbel(scores.shape, generator)  # (L, B)
+    mask = torch.zeros(scores.shape, dtype=torch.bool)
+    mask.scatter_(-1, top(keys, k), True)
+    return mask.to(scores.device)
+
+
+def inclusion_probabilities(scores, k, temperature=1.0, nodes=64):
+    """P(sample i is among the k drawn) under draw()'s law, per row: (L, B) float64.
+
+    With keys w_i + G_i (w = z / temperature, G Gumbel), i is drawn when fewer than k of
+    the others' keys exceed its own. Given G_i, write t = exp(-G_i) (t ~ Exp(1)); then
+    key_j exceeds key_i with probability q_j(t) = 1 - exp(-t exp(w_j - w_i)),
+    independently over j, so
+        P_i = integral over t of e^{-t} P(Poisson-binomial(q_j(t), j != i) <= k - 1) dt,
+    the Poisson-binomial by the usual recursion over j, the integral by the trapezoid rule
+    on a log grid of t (smooth there; 64 nodes agree with enumeration to about 1e-7).
+    """
+    w = standardise(scores).cpu() / temperature  # (L, B)
+    L, B = w.shape
+    s = torch.linspace(-20.0, 6.0, nodes, dtype=torch.float64)  # log t
+    t = s.exp()
+    weight = torch.exp(-t) * t * (s[1] - s[0])  # e^{-t} dt = e^{-t} t ds
+    weight[0] /= 2
+    weight[-1] /= 2
+    c = torch.exp((w.unsqueeze(1) - w.unsqueeze(2)).clamp(max=700))  # (L, i, j): exp(w_j - w_i)
+    q = 1 - torch.exp(-t * c.unsqueeze(-1))  # (L, i, j, nodes)
+    q[:, torch.arange(B), torch.arange(B)] = 0  # i is not among its own others
+    count = torch.zeros(L, B, k, nodes, dtype=torch.float64)  # P(m others above, m < k)
+    count[:, :, 0] = 1
+    for j in range(B):
+        qj = q[:, :, j].unsqueeze(2)  # (L, i, 1, nodes)
+        count = count * (1 - qj) + torch.nn.functional.pad(count[:, :, :-1], (0, 0, 1, 0)) * qj
+    return (count.sum(dim=2) * weight).sum(dim=-1).clamp(0, 1)  # (L, B)
+
+
 def top(values, n):
     """Indices of the n largest entries along the last dim; ties go to the lower index."""
     return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :n]
 
 
 def select(scores, K, k):
-    """The mask M (L, B) maximising sum(M * scores) with exactly K non-empty rows (the
-    layer budget), each with exactly k ones (the data budget).
+    """The top-k rule with a layer budget: the mask M (L, B) maximising sum(M * scores)
+    with exactly K non-empty rows, each with exactly k ones. The paper's top-k ablation
+    when K = L (its worst variant); revision 2 of our spec, with K < L.
 
     Exact: once a row is active its best content is its top-k samples, worth
     v_l = their summed score, whatever the other rows hold; so the best rows are the
@@ -193,6 +282,33 @@ def select(scores, K, k):
     mask = torch.zeros(L, B, dtype=torch.bool, device=scores.device)
     mask[active.unsqueeze(1), chosen[active]] = True
     return mask
+
+
+def choose(scores, K, k, selection="softmax", temperature=1.0, generator=None):
+    """Step 4 as configured: the mask (L, B).
+
+    softmax: draw(); random: k uniformly per row (draw() on equal scores, from the same
+    generator); topk: select(). With K < L (our layer budget) only the K rows whose drawn
+    samples have the largest summed score stay active.
+    """
+    L, B = scores.shape
+    if selection == "topk":
+        return select(scores, K, k)
+    mask = draw(scores if selection == "softmax" else torch.zeros_like(scores), k, temperature, generator)
+    if K < L:
+        mask[[l for l in range(L) if l not in top((scores * mask).sum(dim=1), K).tolist()]] = False
+    return mask
+
+
+def law(scores, k, selection="softmax", temperature=1.0):
+    """What choose() intended: each sample's inclusion probability per row (L, B), float64,
+    given that the row is active (topk: the mask itself; random: k / B)."""
+    L, B = scores.shape
+    if selection == "topk":
+        return select(scores, L, k).double().cpu()
+    if selection == "random":
+        return torch.full((L, B), k / B, dtype=torch.float64)
+    return inclusion_probabilities(scores, k, temperature)
 
 
 # ---------------------------------------------------------------------------------------
@@ -256,8 +372,17 @@ def all_reduce_grads(params, mean):
 @dataclass
 class SelectionConfig:
     method: str = option("gast", f"selection rule: one of {', '.join(METHODS)}")
-    layer_ratio: float = option(0.5, "layer budget K = ceil(ratio * n_layer), shared by lisa, ist and gast")
-    data_ratio: float = option(0.5, "data budget k = ceil(ratio * batch) per active layer, shared by data and gast")
+    selection: str = option("softmax", "how data and gast pick k samples per layer from the scores: softmax "
+                            "(the paper's rule: drawn from the softmax of the standardised scores), topk or random (its ablations)")
+    temperature: float = option(1.0, "softmax selection: the logits are z / temperature (ours; 1 is the paper's plain softmax, "
+                                "-> 0 is top-k, -> infinity uniform)")
+    support: str = option("train", "where the support gradient s_l comes from: a mini-batch drawn from the training set "
+                          "(train, the paper's default), from a trusted held-out set (heldout, ours) or the batch mean (batch, ours)")
+    support_size: int = option(4, "samples in the support mini-batch, drawn afresh every step (the paper's 4); 0: the whole support set")
+    support_interval: int = option(1, "draw the support mini-batch and recompute s_l every this many steps (kept in between)")
+    layer_ratio: float = option(0.0, "layer budget K = ceil(ratio * n_layer); 0: each method's own (gast and data: every "
+                                "block, as the paper; lisa and ist: half); below 1 for gast, our option")
+    data_ratio: float = option(0.5, "k = ceil(ratio * batch) samples per layer for data and gast (the paper's 8 of 16)")
     lisa_interval: int = option(20, "lisa redraws its layers every this many steps (LISA's default)")
     ist_interval: int = option(10, "ist updates its layer importance every this many steps")
     ist_trials: int = option(3, "ist's suppression trials per importance update")
@@ -265,17 +390,20 @@ class SelectionConfig:
     ist_lr: float = option(10.0, "ist's step size on the importance scores")
     per_sample: str = option("vmap", "per-sample gradients by torch.func (vmap, the reference) or by backward hooks (hooks: same numbers, about a plain step's cost)")
     chunk_size: int = option(0, "vmap's per-sample gradients this many samples at a time (0: whole batch); bounds memory")
-    reference: str = option("heldout", "GAST's reference direction (data uses it too): the gradient of a trusted held-out set (heldout) or the batch mean (batch)")
-    reference_interval: int = option(1, "recompute the held-out reference gradient every this many steps")
 
     def problems(self):
         """Every problem with these settings, naming the flags."""
         out = [] if self.method in METHODS else [f"--method {self.method!r} is unknown; choose one of {', '.join(METHODS)}"]
-        out += one_of(self, "per_sample", ("vmap", "hooks")) + one_of(self, "reference", REFERENCES)
-        out += in_range(self, "layer_ratio", 0, 1, low_open=True) + in_range(self, "data_ratio", 0, 1, low_open=True)
-        out += positive(self, "lisa_interval", "ist_interval", "ist_trials", "reference_interval")
-        out += not_negative(self, "chunk_size")
+        out += one_of(self, "selection", SELECTIONS) + one_of(self, "support", SUPPORTS) + one_of(self, "per_sample", ("vmap", "hooks"))
+        out += in_range(self, "layer_ratio", 0, 1) + in_range(self, "data_ratio", 0, 1, low_open=True)
+        out += positive(self, "temperature", "lisa_interval", "ist_interval", "ist_trials", "support_interval")
+        out += not_negative(self, "chunk_size", "support_size")
         return out
+
+    def layers_per_step(self, L):
+        """K: --layer-ratio of the L blocks, or the method's own share when it is 0."""
+        ratio = self.layer_ratio or (0.5 if self.method in ("lisa", "ist") else 1.0)
+        return budgets(L, 1, ratio, 1.0)[0]
 
 
 @dataclass
@@ -285,8 +413,11 @@ class StepRecord:
     active_layers: list  # blocks updated this step
     coverage: float  # fraction of the batch selected by at least one active block
     scores: torch.Tensor = None  # (L, B) alignment scores, for the methods that compute them
+    support: list = None  # indices into the support set of this step's support mini-batch (None: none drawn)
     noisy_rate: torch.Tensor = None  # (L,) fraction of the batch's noisy samples each block took; nan if inactive
     clean_rate: torch.Tensor = None  # (L,) the same for clean samples
+    noisy_intended: torch.Tensor = None  # (L,) mean inclusion probability of the noisy samples under the law drawn from
+    clean_intended: torch.Tensor = None  # (L,) the same for clean samples
 
     @property
     def noisy_selected(self):
@@ -297,6 +428,15 @@ class StepRecord:
     def clean_selected(self):
         return _mean_active(self.clean_rate, self.active_layers)
 
+    @property
+    def noisy_probability(self):
+        """Over active blocks, what the draw intended for the noisy samples: their mean inclusion probability."""
+        return _mean_active(self.noisy_intended, self.active_layers)
+
+    @property
+    def clean_probability(self):
+        return _mean_active(self.clean_intended, self.active_layers)
+
 
 def _mean_active(rate, active):
     if rate is None:
@@ -305,13 +445,14 @@ def _mean_active(rate, active):
 
 
 def selection_rates(mask, noisy):
-    """Per block: the fraction of noisy, and of clean, samples it selected; nan where the
-    block is inactive or the batch has no sample of that kind. mask (L, B), noisy (B,)."""
-    active = mask.any(dim=1, keepdim=True)
+    """Per block: the mean of mask's rows over the noisy, and over the clean, samples; nan
+    where the block is inactive or the batch has no sample of that kind. mask (L, B) bool
+    (the rates taken) or float (inclusion probabilities: the rates intended), noisy (B,)."""
+    active = mask.bool().any(dim=1) if mask.dtype == torch.bool else torch.ones(mask.shape[0], dtype=torch.bool)
     def rate(kind):
         n = kind.sum()
-        r = (mask & kind).sum(dim=1).float() / n if n > 0 else torch.full((mask.shape[0],), float("nan"))
-        return torch.where(active.squeeze(1), r, torch.full_like(r, float("nan")))
+        r = (mask.double() * kind).sum(dim=1).float() / n if n > 0 else torch.full((mask.shape[0],), float("nan"))
+        return torch.where(active, r, torch.full_like(r, float("nan")))
     return rate(noisy), rate(~noisy)
 
 
@@ -322,25 +463,30 @@ class SparseTuner:
     and ist, whose active blocks learn from the whole batch, the gradient is the ordinary
     batch gradient (equal to the mean of per-sample gradients, I8), so they skip the
     per-sample pass; data and gast need the per-sample gradients for their scores.
+
+    Every draw (the support mini-batch, the selection, lisa's and ist's layers) comes from
+    one generator seeded by `seed` and kept in state_dict(), so a resumed run is exact and
+    every process under torchrun draws the same.
     """
 
-    def __init__(self, model, config: SelectionConfig, seed=0, reference_batch=None):
-        """reference_batch: (inputs, targets) of the trusted reference set R, needed by
-        data and gast with reference="heldout"; R's gradient is step 2's direction."""
+    def __init__(self, model, config: SelectionConfig, seed=0, support_set=None):
+        """support_set: (inputs (N, T), targets (N, T)) the support mini-batches are drawn
+        from: the training set for support="train", the trusted set for "heldout"; data and
+        gast need it unless support="batch"."""
         if config.problems():
             raise ValueError("; ".join(config.problems()))
-        if config.method in SCORED and config.reference == "heldout" and reference_batch is None:
-            raise ValueError(f"{config.method} with reference='heldout' needs reference_batch=(inputs, targets), "
-                             "a trusted held-out set; or use reference='batch' (the batch mean)")
+        if config.method in SCORED and config.support != "batch" and support_set is None:
+            raise ValueError(f"{config.method} with support={config.support!r} needs support_set=(inputs, targets) to draw "
+                             "support mini-batches from; or use support='batch' (the batch mean)")
         self.model, self.config = model, config
-        self.reference_batch = reference_batch
+        self.support_set = support_set
         self.layers = lora_names_by_block(model)  # L lists of parameter names
         self.L = len(self.layers)  # blocks
-        self.generator = torch.Generator().manual_seed(seed)  # lisa's and ist's draws
+        self.generator = torch.Generator().manual_seed(seed)  # every draw of the run
         self.importance = torch.zeros(self.L)  # IST's s_l
         self.lisa_active = None
-        self.reference = None  # r: {name: tensor like p}, R's gradient at the last refresh
-        self.reference_step = None  # the step at which r was last computed
+        self.support_grad = None  # s: {name: tensor like p} at the last refresh
+        self.support_step = None  # the step at which s was last computed
         self.steps = 0
 
     # --- the mask rules that do not look at gradients ---
@@ -375,23 +521,23 @@ class SparseTuner:
         for suppressed, r in zip(trials, rewards):
             self.importance[suppressed] += c.ist_lr * r * sig[suppressed] * (1 - sig[suppressed])
 
-    # --- step 2: the reference direction ---
+    # --- step 2: the support mini-batch ---
 
-    def _reference(self):
-        """r for this step: None means the batch mean (alignment_scores' default).
-
-        The held-out r is R's gradient at the current parameters, recomputed every
-        reference_interval steps and kept in between. One extra batched forward and
-        backward over R: R's rows could instead ride in the per-sample pass, but they
-        would cost the same forward and backward there and hold |R| per-sample gradients.
-        """
+    def _support_rows(self, device):
+        """(indices, inputs, targets on device) of this step's support mini-batch, or None
+        when s is kept from an earlier step (support_interval) or is the batch mean."""
         c = self.config
-        if c.reference == "batch":
+        if c.support == "batch" or (self.support_grad is not None and self.steps - self.support_step < c.support_interval):
             return None
-        if self.reference is None or self.steps - self.reference_step >= c.reference_interval:
-            self.reference = reference_gradient(self.model, *self.reference_batch)
-            self.reference_step = self.steps
-        return self.reference
+        inputs, targets = self.support_set
+        n = len(inputs)
+        if 0 < c.support_size < n:  # a fresh mini-batch, independent of the batch's draw
+            indices = torch.randperm(n, generator=self.generator)[: c.support_size].sort().values
+        else:  # support_size 0: the whole support set
+            indices = torch.arange(n)
+        inputs, targets = inputs[indices.to(inputs.device)], targets[indices.to(inputs.device)]
+        T = int((targets != IGNORE_INDEX).any(dim=0).nonzero().max()) + 1  # the pool's padding beyond its longest row
+        return indices.tolist(), inputs[:, :T].to(device), targets[:, :T].to(device)
 
     # --- one step ---
 
@@ -410,22 +556,36 @@ class SparseTuner:
             raise ValueError(f"the batch of {B} does not split evenly over {n_procs} processes")
         mine = slice(rank * B // n_procs, (rank + 1) * B // n_procs)  # this process's samples
         x, y = inputs[mine], targets[mine]
-        K, k = budgets(self.L, B, c.layer_ratio, c.data_ratio)
+        K, k = c.layers_per_step(self.L), budgets(self.L, B, 1.0, c.data_ratio)[1]
         mask = torch.zeros(self.L, B, dtype=torch.bool, device=inputs.device)
-        scores = None
+        scores = support = None
 
         if c.method in SCORED:
+            # steps 1 and 2: per-sample gradients of the batch rows, and of the support rows riding along
+            support = self._support_rows(x.device)
+            whole_set = support is not None and c.support_size == 0  # its own batched pass: no per-sample gradients held
+            rows = len(x)
+            if support is not None and not whole_set:
+                x, y = side_by_side(x, support[1], 0), side_by_side(y, support[2], IGNORE_INDEX)
             if c.per_sample == "hooks":
                 grads, losses = per_sample_grads_by_hooks(self.model, x, y)
             else:
                 grads, losses = per_sample_grads_and_losses(self.model, x, y, c.chunk_size or None)
-            scores = alignment_scores(grads, self.layers, self._reference())  # (L, B_local)
+            if support is not None:
+                self.support_grad = (support_gradient(self.model, *support[1:]) if whole_set
+                                     else {name: g[rows:].mean(dim=0) for name, g in grads.items()})
+                self.support_step = self.steps
+            grads, losses = {name: g[:rows] for name, g in grads.items()}, losses[:rows]
+            s = self.support_grad if c.support != "batch" else self._batch_mean(grads, B)
+            # step 3: scores; step 4: the selection, on the whole batch's scores
+            scores = alignment_scores(grads, self.layers, s)  # (L, B_local)
             if n_procs > 1:
                 scores, losses = all_gather_columns(scores), all_gather_columns(losses)  # (L, B), (B,)
             if c.method == "gast":
-                mask = select(scores, K, k)
-            else:  # one global set: the samples with the largest summed alignment
-                mask[:, top(scores.sum(dim=0), k)] = True
+                mask = choose(scores, K, k, c.selection, c.temperature, self.generator)
+            else:  # data: one global set, by the summed alignment over layers
+                mask[:] = choose(scores.sum(dim=0, keepdim=True), 1, k, c.selection, c.temperature, self.generator)
+            # step 5: each layer's gradient is the mean over its own selected samples
             write_selected_gradients(self.model, self.layers, grads, mask, columns=mine)
             loss = losses.mean()
         else:
@@ -459,20 +619,41 @@ class SparseTuner:
         mask = mask.cpu()
         record = StepRecord(
             loss=float(loss.detach()), mask=mask, active_layers=mask.any(dim=1).nonzero().flatten().tolist(),
-            coverage=float(mask.any(dim=0).float().mean()),
+            coverage=float(mask.any(dim=0).float().mean()), support=None if support is None else support[0],
             scores=None if scores is None else scores.detach().float().cpu())
         if noisy is not None:
             record.noisy_rate, record.clean_rate = selection_rates(mask, noisy.cpu())
         return record
 
+    def intended(self, record, noisy):
+        """Add to a scored step's record what its law intended: the noisy and the clean
+        samples' mean inclusion probability per block (record.noisy_intended, clean_intended).
+        Apart from step(), because the law costs more than the draw (about 10 ms at L = 4,
+        B = 32); train.py asks for it on the steps it logs."""
+        if record.scores is None:
+            return record
+        c, (L, B) = self.config, record.scores.shape
+        k = budgets(L, B, 1.0, c.data_ratio)[1]
+        scores = record.scores if c.method == "gast" else record.scores.sum(dim=0, keepdim=True).expand(L, -1)
+        record.noisy_intended, record.clean_intended = selection_rates(law(scores, k, c.selection, c.temperature), noisy.cpu())
+        return record
+
+    def _batch_mean(self, grads, B):
+        """support="batch": s = the whole batch's mean gradient (summed over processes under torchrun)."""
+        s = {name: g.sum(dim=0) / B for name, g in grads.items()}
+        if world()[1] > 1:
+            for g in s.values():
+                dist.all_reduce(g)
+        return s
+
     # --- resume ---
 
     def state_dict(self):
         """Everything the next step depends on; with it, a resumed run is exact."""
-        reference = None if self.reference is None else {n: r.cpu() for n, r in self.reference.items()}
+        support = None if self.support_grad is None else {n: g.cpu() for n, g in self.support_grad.items()}
         return {"generator": self.generator.get_state(), "importance": self.importance.clone(),
                 "lisa_active": self.lisa_active, "steps": self.steps,
-                "reference": reference, "reference_step": self.reference_step}
+                "support_grad": support, "support_step": self.support_step}
 
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
@@ -480,5 +661,5 @@ class SparseTuner:
         self.lisa_active = state["lisa_active"]
         self.steps = state["steps"]
         device = next(self.model.parameters()).device
-        self.reference = None if state["reference"] is None else {n: r.to(device) for n, r in state["reference"].items()}
-        self.reference_step = state["reference_step"]
+        self.support_grad = None if state["support_grad"] is None else {n: g.to(device) for n, g in state["support_grad"].items()}
+        self.support_step = state["support_step"]

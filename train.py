@@ -45,7 +45,6 @@ class TrainConfig(BaseConfig, DataConfig, SelectionConfig):
     warmup_steps: int = option(20, "linear warm-up from 0 to lr")
     weight_decay: float = option(0.0, "AdamW weight decay on the adapters")
     seed: int = option(0, "seed of the task data, adapter init, batch order and draws: the run is reproducible")
-    reference_size: int = option(64, "samples in the held-out reference set (default task: its own clean split; your data: carved from --data unless --reference-data)")
     # evaluation and output
     eval_interval: int = option(200, "evaluate (and checkpoint) every this many steps")
     eval_samples: int = option(200, "held-out samples per evaluation (exact match and loss)")
@@ -58,13 +57,15 @@ class TrainConfig(BaseConfig, DataConfig, SelectionConfig):
         return LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets.split(",")))
 
 
-RENAMED = {"--compare": "python compare.py (the comparison has its own script)"}
+# flags that were renamed (revision 3 of the rule calls the reference the support) or moved
+RENAMED = {"--reference": "--support", "--reference-size": "--heldout-size", "--reference-interval": "--support-interval",
+           "--reference-data": "--support-data", "--compare": "python compare.py (the comparison has its own script)"}
 
 
 def validate(config, n_procs=1):
     """Raise ConfigError listing every problem; n_procs: processes under torchrun."""
     problems = SelectionConfig.problems(config) + DataConfig.problems(config) + base_problems(config) + config.lora().problems()
-    problems += positive(config, "steps", "batch_size", "eval_interval", "log_interval", "eval_samples", "lr", "reference_size")
+    problems += positive(config, "steps", "batch_size", "eval_interval", "log_interval", "eval_samples", "lr")
     problems += one_of(config, "schedule", ("cosine", "constant"))
     if config.stop_at < 0 or config.warmup_steps < 0:
         problems.append("--stop-at and --warmup-steps must not be negative")
@@ -86,6 +87,8 @@ class History:
     coverage: list = field(default_factory=list)  # share of the batch selected by an active block
     noisy_selected: list = field(default_factory=list)  # over active blocks, share of noisy samples taken (nan: none)
     clean_selected: list = field(default_factory=list)
+    noisy_probability: list = field(default_factory=list)  # on logged steps, over active blocks, the noisy samples' mean inclusion probability (nan: not logged)
+    clean_probability: list = field(default_factory=list)
     active: list = field(default_factory=list)  # per step, per block: updated or not
     noisy_rate: list = field(default_factory=list)  # per step with noisy flags, per block (nan: block off)
     clean_rate: list = field(default_factory=list)
@@ -96,6 +99,8 @@ class History:
         self.coverage.append(record.coverage)
         self.noisy_selected.append(record.noisy_selected)
         self.clean_selected.append(record.clean_selected)
+        self.noisy_probability.append(record.noisy_probability)
+        self.clean_probability.append(record.clean_probability)
         self.active.append([l in record.active_layers for l in range(L)])
         if record.noisy_rate is not None:
             self.noisy_rate.append(record.noisy_rate.tolist())
@@ -106,7 +111,8 @@ class History:
         updated, the share of the batch's noisy and clean samples it learned from."""
         return {
             "coverage": nanmean(self.coverage), "noisy_selected": nanmean(self.noisy_selected),
-            "clean_selected": nanmean(self.clean_selected),
+            "clean_selected": nanmean(self.clean_selected), "noisy_probability": nanmean(self.noisy_probability),
+            "clean_probability": nanmean(self.clean_probability),
             "ms_per_step": statistics.median(self.ms) if self.ms else float("nan"), "evals": self.evals,
             "active_per_layer": [statistics.fmean(col) for col in zip(*self.active)],
             "noisy_rate_per_layer": [nanmean(col) for col in zip(*self.noisy_rate)],
@@ -209,21 +215,23 @@ def train(config, split="test", picture=True, summary=True):
     train_set = task.train
     eval_set = (task.val if split == "test" else task.dev)[: config.eval_samples]
     refuse([] if eval_set else [f"the {split} split is empty: give more evaluation data (--val-data, --val-fraction, --n-val)"])
-    reference_batch = None
-    if config.method in SCORED and config.reference == "heldout":
-        reference_batch = collate(task.reference, tokenizer.eot_token, device)[:2]
-        say(config, f"reference: the gradient of {len(task.reference)} held-out samples, recomputed every "
-                    f"{config.reference_interval} step(s)")
+    support_set = None  # the pool GAST's support mini-batches are drawn from
+    if config.method in SCORED and config.support == "batch":
+        say(config, "support: the batch's own mean gradient")
     elif config.method in SCORED:
-        say(config, "reference: the batch mean of the per-sample gradients")
+        pool = task.train if config.support == "train" else task.heldout
+        support_set = collate(pool, tokenizer.eot_token)[:2]  # (N, T) on the CPU; each step's rows go to the device
+        size = f"{config.support_size} samples" if 0 < config.support_size < len(pool) else "the whole set"
+        say(config, f"support: {size} drawn every {config.support_interval} step(s) from the "
+                    f"{'training set' if config.support == 'train' else 'trusted held-out set'} ({len(pool)} samples); "
+                    f"selection: {config.selection}" + (f" at temperature {config.temperature:g}" if config.selection == "softmax" else ""))
 
     # adapters, optimizer, tuner
     torch.manual_seed(config.seed)
     add_lora(model, config.lora(), verbose=not config.quiet and is_main())
     model.to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay)
-    tuner = SparseTuner(model, subset(SelectionConfig, config),
-                        seed=config.seed, reference_batch=reference_batch)
+    tuner = SparseTuner(model, subset(SelectionConfig, config), seed=config.seed, support_set=support_set)
     data_rng = random.Random(config.seed)  # the training batches
     probe_rng = random.Random(f"ist-probe-{config.seed}")  # ist's probe batches: its own stream, so ist trains on the others' batches
     start, history = 0, History()
@@ -252,12 +260,18 @@ def train(config, split="test", picture=True, summary=True):
             opt.step()
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            history.add(record, tuner.L, 1000 * (time.time() - t0))
+            ms = 1000 * (time.time() - t0)
+            logged = step % config.log_interval == 0 or step == end - 1
+            if logged and noisy.any():
+                tuner.intended(record, noisy)  # what the draw meant to take, beside what it took
+            history.add(record, tuner.L, ms)
             if step == start or step == end - 1:
                 say(config, f"step {step}: " + selection_picture(record, noisy.cpu()))
-            if step % config.log_interval == 0 or step == end - 1:
+            if logged:
                 eta = (time.time() - t_start) / (step - start + 1) * (end - step - 1)
                 rates = "" if noisy.sum() == 0 else f" | noisy/clean taken {record.noisy_selected:.2f}/{record.clean_selected:.2f}"
+                if noisy.sum() and record.noisy_intended is not None:
+                    rates += f" (intended {record.noisy_probability:.2f}/{record.clean_probability:.2f})"
                 say(config, f"step {step:5d}/{config.steps} | loss {record.loss:.4f} | lr {lr_at(config, step):.2e} | "
                             f"layers {record.active_layers} | coverage {record.coverage:.2f}{rates} | "
                             f"{history.ms[-1]:.0f} ms/step | eta {eta:.0f}s")
@@ -276,7 +290,8 @@ def train(config, split="test", picture=True, summary=True):
     # evaluation and save
     final = evaluate(model, eval_set, tokenizer, device, is_qa)
     sample = greedy_sample(model, eval_set[0], tokenizer, device) if show_sample else None
-    metrics = {"method": config.method, "reference": config.reference if config.method in SCORED else None,
+    scored = config.method in SCORED
+    metrics = {"method": config.method, "selection": config.selection if scored else None, "support": config.support if scored else None,
                "lr": config.lr, "seed": config.seed, "steps": end, "split": split, "base": base_path,
                "exact_match": final["exact_match"], "val_loss": final["loss"], "answers": final["answers"],
                "sample": sample, **history.summary(), "config": asdict(config)}
@@ -302,14 +317,19 @@ def selection_picture(record, noisy):
         lines.append(f"  block {l:2d} | {cells}" + ("" if any(row) else "   (not updated)"))
     if noisy is not None and bool(noisy.any()):
         lines.append("  noisy    | " + "".join("^" if n else " " for n in noisy.tolist()))
+    if record.support is not None:
+        lines.append(f"  support: rows {', '.join(map(str, record.support[:16]))}" + (" ..." if len(record.support) > 16 else "")
+                     + " of the support set")
     return "\n".join(lines)
 
 
 def print_summary(metrics):
-    print(f"\n{metrics['method']}: held-out loss {metrics['val_loss']:.4f}"
+    rule = "" if metrics["selection"] is None else f" ({metrics['selection']}, support {metrics['support']})"
+    print(f"\n{metrics['method']}{rule}: held-out loss {metrics['val_loss']:.4f}"
           + ("" if metrics["exact_match"] is None else f", exact match {metrics['exact_match']:.3f}")
           + f", coverage {metrics['coverage']:.2f}"
           + ("" if math.isnan(metrics["noisy_selected"]) else f", noisy/clean taken {metrics['noisy_selected']:.2f}/{metrics['clean_selected']:.2f}")
+          + ("" if math.isnan(metrics["noisy_probability"]) else f" (intended {metrics['noisy_probability']:.2f}/{metrics['clean_probability']:.2f})")
           + f", {metrics['ms_per_step']:.0f} ms/step (median)")
     for l, share in enumerate(metrics["active_per_layer"]):
         rates = "" if not metrics["noisy_rate_per_layer"] or share == 0 else (

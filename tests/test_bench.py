@@ -16,7 +16,7 @@ def test_ratios_are_medians_of_ratios_to_the_plain_steps_around_each_measurement
         def make(what):
             def fn():
                 clock["calls"] += 1
-                busy = 3.0 if 31 <= clock["calls"] <= 43 else 1.0  # 15 warm-up calls, 15 in round 1, 13 in round 2
+                busy = 3.0 if 35 <= clock["calls"] <= 49 else 1.0  # 17 warm-up calls, 17 in round 1, 15 in round 2
                 clock["now"] += busy * cost.get(what, 0.020) * bench.STEPS_PER_CALL.get(what, 1)
             return fn
         return {what: make(what) for what in bench.WHATS}, 1000, 16
@@ -36,7 +36,7 @@ def test_ratios_are_medians_of_ratios_to_the_plain_steps_around_each_measurement
 def test_a_tiny_model_end_to_end_writes_every_field(tmp_path, monkeypatch, capsys):
     tiny = GPTConfig(block_size=8, vocab_size=40, n_layer=2, n_head=2, n_embd=16)
     monkeypatch.setitem(bench.MODELS, "tiny", (tiny, bench.ATTENTION, (4,)))
-    monkeypatch.setattr(bench, "REFERENCE_SIZE", 4)
+    monkeypatch.setattr(bench, "SUPPORT_SET_SIZE", 6)
     # memory in this process: fresh processes would not see the tiny model patched in
     monkeypatch.setattr(bench, "memory_all", lambda spec, B, device, threads: {
         what: bench.memory_one(spec, B, what, device, threads) for what in bench.WHATS})

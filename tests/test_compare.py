@@ -15,23 +15,30 @@ def flags(base, **overrides):
 
 
 def test_compare_prints_a_table_and_writes_json_and_csv(base, tmp_path, capsys):
-    config = CompareConfig(methods="lora,gast,gast:batch", seeds=2, lrs="1e-2", out_dir=str(tmp_path))
+    config = CompareConfig(methods="lora,gast,gast:topk+heldout,data:batch", seeds=2, lrs="1e-2", out_dir=str(tmp_path))
     rows = compare(config, flags(base, steps=3, noise=0.0))
     out = capsys.readouterr().out
-    assert "| method | reference | lr | exact match | held-out loss |" in out
-    assert "| lora | - | 0.01 |" in out and "| gast | heldout | 0.01 |" in out and "| gast | batch | 0.01 |" in out
+    assert "| row | selection | support | lr | exact match | held-out loss |" in out
+    assert "| lora | - | - | 0.01 |" in out and "| gast | softmax | train | 0.01 |" in out
+    assert "| gast:topk+heldout | topk | heldout | 0.01 |" in out and "| data:batch | softmax | batch | 0.01 |" in out
     assert "| 1.00 | - | - |" in out  # lora's coverage; no noisy flags, so no rates
-    assert "[6/6]" in out and "eta" in out  # one progress line per run
+    assert "[8/8]" in out and "eta" in out  # one progress line per run
     saved = json.loads((tmp_path / "compare.json").read_text())
-    assert [(r["method"], r["reference"]) for r in saved["rows"]] == [("lora", None), ("gast", "heldout"), ("gast", "batch")]
-    assert len(saved["runs"]) == 6 and {r["seed"] for r in saved["runs"]} == {0, 1} and saved["dev_runs"] == []
+    assert [(r["row"], r["method"], r["selection"], r["support"]) for r in saved["rows"]] == [
+        ("lora", "lora", None, None), ("gast", "gast", "softmax", "train"), ("gast:topk+heldout", "gast", "topk", "heldout"),
+        ("data:batch", "data", "softmax", "batch")]
+    assert len(saved["runs"]) == 8 and {r["seed"] for r in saved["runs"]} == {0, 1} and saved["dev_runs"] == []
     assert saved["config"]["train"]["steps"] == 3  # every setting of the runs, by field name
+    for run in saved["runs"]:  # each run's metrics carry the settings that made it
+        assert (run["config"]["method"], run["config"]["selection"], run["config"]["support"]) == (
+            run["method"], run["selection"] or "softmax", run["support"] or "train")
     for row in saved["rows"]:
-        mine = [r["val_loss"] for r in saved["runs"] if (r["method"], r["reference"]) == (row["method"], row["reference"])]
+        mine = [r["val_loss"] for r in saved["runs"] if r["row"] == row["row"]]
         assert row["val_loss"] == pytest.approx(sum(mine) / 2)
     with open(tmp_path / "compare.csv") as f:
         table = list(csv.DictReader(f))
-    assert [r["method"] for r in table] == ["lora", "gast", "gast"] and float(table[1]["val_loss"]) == pytest.approx(rows[1]["val_loss"])
+    assert [r["row"] for r in table] == ["lora", "gast", "gast:topk+heldout", "data:batch"]
+    assert float(table[1]["val_loss"]) == pytest.approx(rows[1]["val_loss"])
 
 
 def test_compare_picks_each_lr_on_the_dev_split_and_reports_on_the_test_split(base, tmp_path, monkeypatch):
@@ -66,18 +73,27 @@ def test_compare_picks_each_lr_on_the_dev_split_and_reports_on_the_test_split(ba
 
 
 def test_bad_comparison_flags_are_refused_before_any_run(base, tmp_path, capsys):
-    code = main(["--out-dir", str(tmp_path), "--lrs", "1e-3,abc", "--methods", "gast:best,lora", "--seeds", "0",
-                 *flags(base)])
+    code = main(["--out-dir", str(tmp_path), "--lrs", "1e-3,abc", "--methods", "gast:best,lora,lora:topk,gast:topk+random",
+                 "--seeds", "0", *flags(base)])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ")
-    for expected in ("--lrs must be comma-separated numbers, got '1e-3,abc'", "--methods: unknown gast:best", "--seeds must be positive"):
+    for expected in ("--lrs must be comma-separated numbers, got '1e-3,abc'",
+                     "--methods: unknown gast:best, lora:topk, gast:topk+random", "--seeds must be positive"):
         assert expected in err
     assert not (tmp_path / "compare").exists()
     assert main(["--out-dir", str(tmp_path), "--lrs", "0,1e-3", *flags(base)]) == 2
     assert "--lrs must all be positive" in capsys.readouterr().err
 
 
-def test_train_py_compare_names_the_new_script(capsys):
+@pytest.mark.parametrize("old,new", [("--compare", "python compare.py"), ("--reference", "--support"),
+                                     ("--reference-size=8", "--heldout-size"), ("--reference-interval", "--support-interval"),
+                                     ("--reference-data", "--support-data")])
+def test_an_old_flag_names_its_new_spelling(old, new, capsys):
     import train
-    assert train.main(["--compare"]) == 2
-    assert "--compare is now python compare.py" in capsys.readouterr().err
+    assert train.main([old, "x"] if "=" not in old else [old]) == 2
+    assert f"{old.split('=')[0]} is now {new}" in capsys.readouterr().err
+
+
+def test_the_default_rows_are_the_papers_rule_and_its_ablations():
+    rows = compare_module.rows_of(CompareConfig())
+    assert [spec for spec, _, _ in rows] == ["lora", "lisa", "ist", "data", "gast", "gast:random", "gast:topk", "gast:heldout"]

@@ -34,25 +34,25 @@ def test_a_named_encoding_that_cannot_be_fetched_says_how_to_make_it_available(m
 
 
 def test_default_task_is_determined_by_its_seed_with_the_stated_noise():
-    task = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=7, n_reference=30, n_dev=40)
+    task = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=7, n_heldout=30, n_dev=40)
     train, val = task.train, task.val
-    again = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=7, n_reference=30, n_dev=40)
-    other = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=8, n_reference=30, n_dev=40)
-    for split in ("train", "val", "reference", "dev"):
+    again = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=7, n_heldout=30, n_dev=40)
+    other = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=8, n_heldout=30, n_dev=40)
+    for split in ("train", "val", "heldout", "dev"):
         assert [e.tokens for e in getattr(task, split)] == [e.tokens for e in getattr(again, split)]
         assert [e.tokens for e in getattr(task, split)] != [e.tokens for e in getattr(other, split)]
-    assert (len(task.reference), len(task.dev)) == (30, 40)
+    assert (len(task.heldout), len(task.dev)) == (30, 40)
     assert sum(e.noisy for e in train) == 50
-    assert not any(e.noisy for e in val + task.reference + task.dev)
+    assert not any(e.noisy for e in val + task.heldout + task.dev)
 
     def parts(e):
         prompt, answer = TOK.decode(e.tokens[: e.n_prompt]), TOK.decode(e.completion)
         return prompt.removeprefix("revshift ").removesuffix("="), answer.removesuffix("\n")
 
-    for e in train + val + task.reference + task.dev:
+    for e in train + val + task.heldout + task.dev:
         word, answer = parts(e)
         assert (answer == task_answer(word)) != e.noisy and len(answer) == len(word)
-    words = [{parts(e)[0] for e in getattr(task, split)} for split in ("train", "val", "reference", "dev")]
+    words = [{parts(e)[0] for e in getattr(task, split)} for split in ("train", "val", "heldout", "dev")]
     assert sum(map(len, words)) == len(set().union(*words))  # the four splits share no word
     assert task_answer("abz") == "acb"  # reverse, then each letter + 1
 

@@ -67,32 +67,39 @@ def global_batch(seed, B=6, T=10):
     return x, y
 
 
+# every method at its defaults (gast: the paper's rule, support rows riding in the per-sample pass),
+# and gast's options: the batch mean (all-reduced), the whole support set (its own pass), top-k
+RULES = {**{method: dict(method=method) for method in METHODS},
+         "gast:batch": dict(method="gast", support="batch"), "gast:whole": dict(method="gast", support="heldout", support_size=0),
+         "gast:topk": dict(method="gast", selection="topk"), "data:topk": dict(method="data", selection="topk")}
+
+
 def steps_of_every_method(steps=4):
-    """Per method: the masks, the losses and the adapters after `steps` steps."""
+    """Per rule: the masks, the losses and the adapters after `steps` steps."""
     results = {}
-    for method in METHODS:
+    for name, rule in RULES.items():
         torch.manual_seed(0)
         model = add_lora(GPT(TINY), LoRAConfig(r=2, alpha=4, targets=ATTENTION), verbose=False)
         with torch.no_grad():
             for m in lora_modules(model):
                 m.lora_B.normal_(std=0.1)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
-        config = SelectionConfig(method=method, layer_ratio=0.5, data_ratio=0.5, lisa_interval=2, ist_interval=2)
-        tuner = SparseTuner(model, config, seed=0, reference_batch=global_batch(99, B=4))
+        config = SelectionConfig(**rule, data_ratio=0.5, lisa_interval=2, ist_interval=2)
+        tuner = SparseTuner(model, config, seed=0, support_set=global_batch(99, B=8))
         masks, losses = [], []
         for s in range(steps):
             record = tuner.step(*global_batch(s), probe=lambda: global_batch(50, B=4))
             opt.step()
             masks.append(record.mask)
             losses.append(record.loss)
-        results[method] = (masks, losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        results[name] = (masks, losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
     return results
 
 
 def train_straight_and_resumed(base, out):
     """A 2-process train.py run straight, and the same split at step 5 and resumed."""
     import train
-    common = dict(TINY_RUN, init_from=base, steps=8, n_val=8, eval_interval=2, reference_size=8, reference_interval=3)
+    common = dict(TINY_RUN, init_from=base, steps=8, n_val=8, eval_interval=2, support_interval=3)
     adapters = {}
     for method in ("gast", "lisa"):
         straight = train.train(train.TrainConfig(method=method, out_dir=f"{out}/{method}-straight", **common))
@@ -113,7 +120,8 @@ def test_two_processes_make_the_choices_and_updates_of_one(tmp_path):
     torch.set_num_threads(1)
     one = steps_of_every_method()
     two = in_processes(2, "steps_of_every_method", tmp_path)
-    for method in METHODS:
+    assert one.keys() == two.keys() == RULES.keys()
+    for method in RULES:
         (masks1, losses1, params1), (masks2, losses2, params2) = one[method], two[method]
         assert all(torch.equal(a, b) for a, b in zip(masks1, masks2)), method
         assert losses2 == pytest.approx(losses1, rel=1e-5), method

@@ -6,8 +6,9 @@ from hypothesis import assume, given, settings, strategies as st
 
 from data import collate, get_tokenizer, make_default_task
 import gast
-from gast import (SelectionConfig, SparseTuner, alignment_scores, budgets, per_sample_grads, per_sample_grads_by_hooks,
-                  per_sample_grads_and_losses, reference_gradient, select, selection_rates)
+from gast import (SelectionConfig, SparseTuner, alignment_scores, budgets, draw, inclusion_probabilities, law,
+                  per_sample_grads, per_sample_grads_by_hooks, per_sample_grads_and_losses, select, selection_rates,
+                  standardise, support_gradient)
 from lora import LoRAConfig, add_lora, lora_names_by_block, lora_modules
 from model import GPT, GPTConfig, IGNORE_INDEX
 
@@ -48,11 +49,11 @@ def sizes(scores, data):
     return data.draw(st.integers(1, L)), data.draw(st.integers(1, B))
 
 
-# --- I1, I2: budget and order ---
+# --- the topk option (select, with our layer budget K): budget and order ---
 
 @settings(max_examples=200, deadline=None)
 @given(scores_strategy, st.data())
-def test_I1_budget_and_I2_order(scores, data):
+def test_topk_budget_and_order(scores, data):
     K, k = sizes(scores, data)
     a = torch.tensor(scores)
     M = select(a, K, k)
@@ -65,11 +66,11 @@ def test_I1_budget_and_I2_order(scores, data):
             assert chosen.min() >= left.max()
 
 
-# --- I3: optimality against brute force over every feasible mask ---
+# --- topk: optimality against brute force over every feasible mask ---
 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 3), st.integers(1, 4), st.data())
-def test_I3_selection_is_the_brute_force_optimum(L, B, data):
+def test_topk_selection_is_the_brute_force_optimum(L, B, data):
     a = torch.tensor(data.draw(st.lists(st.lists(st.floats(-5, 5), min_size=B, max_size=B), min_size=L, max_size=L)),
                      dtype=torch.float64)
     K, k = data.draw(st.integers(1, L)), data.draw(st.integers(1, B))
@@ -95,11 +96,11 @@ def test_budgets_round_before_ceiling():
     assert budgets(4, 32, 1.0, 1.0) == (4, 32)
 
 
-# --- I6: nesting ---
+# --- topk: nesting ---
 
 @settings(max_examples=150, deadline=None)
 @given(scores_strategy, st.data())
-def test_I6_larger_budgets_never_drop_a_sample_or_a_layer(scores, data):
+def test_topk_larger_budgets_never_drop_a_sample_or_a_layer(scores, data):
     a = torch.tensor(scores)
     L, B = a.shape
     K, k = sizes(scores, data)
@@ -110,11 +111,11 @@ def test_I6_larger_budgets_never_drop_a_sample_or_a_layer(scores, data):
     assert torch.all(~small.any(dim=1) | more_layers.any(dim=1))
 
 
-# --- I7: equivariance ---
+# --- topk: equivariance ---
 
 @settings(max_examples=150, deadline=None)
 @given(st.integers(1, 5), st.integers(1, 6), st.data())
-def test_I7_permuting_samples_or_layers_permutes_the_mask(L, B, data):
+def test_topk_permuting_samples_or_layers_permutes_the_mask(L, B, data):
     values = data.draw(st.lists(st.integers(-1000, 1000), min_size=L * B, max_size=L * B, unique=True))
     a = torch.tensor(values, dtype=torch.float64).view(L, B)  # distinct integers: no ties, exact sums
     K, k = data.draw(st.integers(1, L)), data.draw(st.integers(1, B))
@@ -158,11 +159,11 @@ def test_per_sample_losses_are_the_models_per_sample_losses():
     torch.testing.assert_close(losses, model(x, y, reduction="none")[1])
 
 
-# --- I4: alignment ---
+# --- I4 for topk: alignment ---
 
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 1000), layer_ratio=st.floats(0.1, 1.0), data_ratio=st.floats(0.1, 1.0))
-def test_I4_selected_update_is_at_least_as_aligned_as_the_dense_one(seed, layer_ratio, data_ratio):
+def test_I4_topk_update_is_at_least_as_aligned_as_the_dense_one(seed, layer_ratio, data_ratio):
     model = lora_model(seed=seed % 3, dtype=torch.float64)
     x, y = batch(6, seed=seed)
     grads = per_sample_grads(model, x, y)
@@ -181,13 +182,13 @@ def test_I4_selected_update_is_at_least_as_aligned_as_the_dense_one(seed, layer_
 
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 1000), layer_ratio=st.floats(0.1, 1.0), data_ratio=st.floats(0.1, 1.0))
-def test_I4_with_a_held_out_reference(seed, layer_ratio, data_ratio):
-    """<ghat_l, r_l> >= <gbar_l, r_l> for every active layer, r the held-out set's gradient."""
+def test_I4_topk_with_a_held_out_support(seed, layer_ratio, data_ratio):
+    """<ghat_l, s_l> >= <gbar_l, s_l> for every active layer, s the held-out set's gradient."""
     model = lora_model(seed=seed % 3, dtype=torch.float64)
     x, y = batch(6, seed=seed)
     grads = per_sample_grads(model, x, y)
     layers = lora_names_by_block(model)
-    r = reference_gradient(model, *batch(5, seed=seed + 1))
+    r = support_gradient(model, *batch(5, seed=seed + 1))
     M = select(alignment_scores(grads, layers, r), *budgets(len(layers), 6, layer_ratio, data_ratio))
     for l in M.any(dim=1).nonzero().flatten().tolist():
         sparse = sum(float((grads[n][M[l]].mean(0) * r[n]).sum()) for n in layers[l])
@@ -195,7 +196,7 @@ def test_I4_with_a_held_out_reference(seed, layer_ratio, data_ratio):
         assert sparse >= dense - 1e-12
 
 
-def test_alignment_scores_against_a_given_reference():
+def test_alignment_scores_against_a_given_support():
     model = lora_model(dtype=torch.float64)
     x, y = batch(3)
     grads = per_sample_grads(model, x, y)
@@ -208,9 +209,9 @@ def test_alignment_scores_against_a_given_reference():
             assert float(a[l, i]) == pytest.approx(expected)
 
 
-# --- I5: reduction to plain LoRA ---
+# --- I7: reduction to plain LoRA ---
 
-REFERENCE = batch(8, seed=123)  # a stand-in for the trusted held-out set R
+SUPPORT_SET = batch(8, seed=123)  # the pool support mini-batches are drawn from (a stand-in for the training set)
 
 
 def train_steps(method, steps=3, layer_ratio=1.0, data_ratio=1.0, seed=0, **kw):
@@ -218,7 +219,7 @@ def train_steps(method, steps=3, layer_ratio=1.0, data_ratio=1.0, seed=0, **kw):
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=0.01, weight_decay=0.1)
     tuner = SparseTuner(model, SelectionConfig(method=method, layer_ratio=layer_ratio, data_ratio=data_ratio, **kw),
-                        seed=seed, reference_batch=REFERENCE)
+                        seed=seed, support_set=SUPPORT_SET)
     probe = lambda: batch(4, seed=99)
     records = []
     for s in range(steps):
@@ -228,9 +229,10 @@ def train_steps(method, steps=3, layer_ratio=1.0, data_ratio=1.0, seed=0, **kw):
     return model, opt, records
 
 
-def test_I5_gast_with_both_ratios_at_one_is_a_plain_lora_step():
-    one_step, _, _ = train_steps("gast", steps=1)
-    gast_model, _, records = train_steps("gast")
+@pytest.mark.parametrize("selection,support", [(s, p) for s in gast.SELECTIONS for p in gast.SUPPORTS])
+def test_I7_gast_with_data_ratio_one_is_a_plain_lora_step(selection, support):
+    one_step, _, _ = train_steps("gast", steps=1, selection=selection, support=support)
+    gast_model, _, records = train_steps("gast", selection=selection, support=support)
     assert all(r.mask.all() for r in records)
     plain = lora_model(dtype=torch.float64)
     opt = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=0.01, weight_decay=0.1)
@@ -268,7 +270,7 @@ def test_layers_outside_the_draw_get_no_grad_and_keep_their_adamw_state(method):
     trainable = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
     opt = torch.optim.AdamW(trainable.values(), lr=0.01, weight_decay=0.1)
     tuner = SparseTuner(model, SelectionConfig(method=method, layer_ratio=0.5, data_ratio=0.5, lisa_interval=3), seed=1,
-                        reference_batch=REFERENCE)
+                        support_set=SUPPORT_SET)
     layers = lora_names_by_block(model)
     seen_sets = set()
     for s in range(7):
@@ -301,8 +303,12 @@ def test_lisa_keeps_its_layers_between_redraws():
     assert all(r.mask[r.active_layers].all() for r in records)
 
 
-def test_data_selects_one_global_set_by_summed_alignment():
-    _, _, records = train_steps("data", steps=2, data_ratio=0.5)
+@pytest.mark.parametrize("selection", gast.SELECTIONS)
+def test_data_selects_one_global_set_by_summed_alignment(selection):
+    _, _, records = train_steps("data", steps=2, data_ratio=0.5, selection=selection)
+    for r in records:
+        assert r.mask.sum(1).tolist() == [3] * 4 and torch.equal(r.mask, r.mask[:1].expand_as(r.mask))
+    _, _, records = train_steps("data", steps=2, data_ratio=0.5, selection="topk")
     for r in records:
         assert r.mask.all(dim=1).sum() == 0 and torch.equal(r.mask, r.mask[:1].expand_as(r.mask))
         assert set(r.mask[0].nonzero().flatten().tolist()) == set(r.scores.sum(0).topk(3).indices.tolist())
@@ -365,16 +371,16 @@ def test_selection_rates_with_no_noisy_sample_are_nan():
 
 def test_a_gast_step_on_the_default_gpt_at_batch_32():
     tok = get_tokenizer()
-    task = make_default_task(tok, n_train=32, n_val=1, noise=0.25, n_reference=8, n_dev=1)
+    task = make_default_task(tok, n_train=32, n_val=1, noise=0.25, n_heldout=8, n_dev=1)
     x, y, noisy = collate(task.train, tok.eot_token)
     torch.manual_seed(0)
     model = add_lora(GPT(GPTConfig()), LoRAConfig(targets=ATTENTION), verbose=False)
-    record = SparseTuner(model, SelectionConfig(), reference_batch=collate(task.reference, tok.eot_token)[:2]).step(x, y, noisy)
-    assert record.mask.shape == (4, 32) and len(record.active_layers) == 2
-    assert (record.mask.sum(1) == torch.tensor([16 if l in record.active_layers else 0 for l in range(4)])).all()
+    record = SparseTuner(model, SelectionConfig(), support_set=collate(task.train, tok.eot_token)[:2]).step(x, y, noisy)
+    assert record.mask.shape == (4, 32) and record.active_layers == [0, 1, 2, 3]  # the paper's rule: every layer
+    assert record.mask.sum(1).tolist() == [16] * 4 and len(record.support) == 4
     layers = lora_names_by_block(model)
     params = dict(model.named_parameters())
-    assert all((params[n].grad is None) == (l not in record.active_layers) for l, names in enumerate(layers) for n in names)
+    assert all(params[n].grad is not None for names in layers for n in names)
 
 
 # --- the fast path: per-sample gradients from backward hooks ---
@@ -401,42 +407,87 @@ def test_gast_steps_by_hooks_and_by_vmap_leave_the_same_parameters():
         torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
 
 
-# --- step 2: the held-out reference ---
+# --- step 2: the support gradient ---
 
-def test_the_tuners_reference_is_reference_gradient_on_R_and_its_scores_use_it():
+def test_a_whole_held_out_support_set_gives_support_gradient_on_it_and_the_scores_use_it():
     model, fresh = lora_model(dtype=torch.float64), lora_model(dtype=torch.float64)
-    tuner = SparseTuner(model, SelectionConfig(method="gast"), reference_batch=REFERENCE)
+    tuner = SparseTuner(model, SelectionConfig(method="gast", support="heldout", support_size=0), support_set=SUPPORT_SET)
     x, y = batch(6)
     record = tuner.step(x, y)
-    expected = reference_gradient(fresh, *REFERENCE)  # the same parameters as before the step
-    assert tuner.reference.keys() == expected.keys()
+    expected = support_gradient(fresh, *SUPPORT_SET)  # the same parameters as before the step
+    assert tuner.support_grad.keys() == expected.keys() and record.support == list(range(8))
     for n in expected:
-        torch.testing.assert_close(tuner.reference[n], expected[n])
+        torch.testing.assert_close(tuner.support_grad[n], expected[n])
     scores = alignment_scores(per_sample_grads(fresh, x, y), lora_names_by_block(fresh), expected)
     torch.testing.assert_close(record.scores.double(), scores)
 
 
-def test_the_batch_reference_scores_against_the_batch_mean():
+@pytest.mark.parametrize("per_sample", ["vmap", "hooks"])
+def test_support_rows_riding_in_the_per_sample_pass_give_their_own_mean_gradient(per_sample):
+    """The drawn rows, padded beside a batch of another length, give exactly the gradient
+    of their mean loss; the batch's own gradients and losses are untouched by them."""
+    model, fresh = lora_model(dtype=torch.float64), lora_model(dtype=torch.float64)
+    pool = batch(8, T=14, seed=7)  # longer rows than the batch's 10
+    tuner = SparseTuner(model, SelectionConfig(method="gast", support_size=3, per_sample=per_sample), seed=5, support_set=pool)
+    x, y = batch(6)
+    record = tuner.step(x, y)
+    rows = record.support
+    assert len(rows) == 3 == len(set(rows)) and all(0 <= i < 8 for i in rows)
+    expected = support_gradient(fresh, pool[0][rows], pool[1][rows])
+    for n in expected:
+        torch.testing.assert_close(tuner.support_grad[n], expected[n])
+    grads, losses = per_sample_grads_and_losses(fresh, x, y)
+    torch.testing.assert_close(record.scores.double(), alignment_scores(grads, lora_names_by_block(fresh), expected))
+    assert record.loss == pytest.approx(float(losses.mean()))
+
+
+def test_the_support_is_drawn_from_the_tuners_generator_alone_and_never_from_the_batch():
+    """The global RNGs consumed in between change nothing; the drawn rows index the support
+    set (here rows no batch or evaluation ever holds); a fresh mini-batch every step."""
+    import random
+
+    def run(disturb):
+        model = lora_model(dtype=torch.float64)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+        tuner = SparseTuner(model, SelectionConfig(method="gast", support_size=2), seed=3, support_set=SUPPORT_SET)
+        out = []
+        for s in range(5):
+            if disturb:
+                torch.rand(100), random.random(), torch.randperm(50)
+            record = tuner.step(*batch(6, seed=s))
+            opt.step()
+            out.append((record.support, record.mask))
+        return out
+
+    quiet, disturbed = run(False), run(True)
+    assert all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in zip(quiet, disturbed))
+    assert all(len(rows) == 2 and set(rows) <= set(range(8)) for rows, _ in quiet)
+    assert len({tuple(rows) for rows, _ in quiet}) > 1  # drawn afresh
+
+
+def test_the_batch_support_scores_against_the_batch_mean():
     model, fresh = lora_model(dtype=torch.float64), lora_model(dtype=torch.float64)
     x, y = batch(6)
-    record = SparseTuner(model, SelectionConfig(method="gast", reference="batch")).step(x, y)
+    record = SparseTuner(model, SelectionConfig(method="gast", support="batch")).step(x, y)
+    assert record.support is None
     torch.testing.assert_close(record.scores.double(), alignment_scores(per_sample_grads(fresh, x, y), lora_names_by_block(fresh)))
 
 
-def test_the_reference_is_refreshed_every_interval_and_kept_in_between(monkeypatch):
+def test_the_support_is_refreshed_every_interval_and_kept_in_between(monkeypatch):
     calls = []
-    real = gast.reference_gradient
-    monkeypatch.setattr(gast, "reference_gradient", lambda *a: calls.append(1) or real(*a))
+    real = gast.support_gradient
+    monkeypatch.setattr(gast, "support_gradient", lambda *a: calls.append(1) or real(*a))
     model = lora_model(dtype=torch.float64)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
-    tuner = SparseTuner(model, SelectionConfig(method="gast", reference_interval=3), reference_batch=REFERENCE)
+    config = SelectionConfig(method="gast", support="heldout", support_size=0, support_interval=3)
+    tuner = SparseTuner(model, config, support_set=SUPPORT_SET)
     refreshed_at, kept = [], []
     for s in range(7):
-        before = tuner.reference
+        before = tuner.support_grad
         tuner.step(*batch(6, seed=s))
         opt.step()
-        refreshed_at.append(tuner.reference_step)
-        kept.append(before is not None and all(torch.equal(before[n], tuner.reference[n]) for n in before))
+        refreshed_at.append(tuner.support_step)
+        kept.append(before is not None and all(torch.equal(before[n], tuner.support_grad[n]) for n in before))
     assert refreshed_at == [0, 0, 0, 3, 3, 3, 6] and len(calls) == 3
     assert kept == [False, True, True, False, True, True, False]  # new values only at a refresh
 
@@ -445,35 +496,44 @@ def test_a_tuner_restored_from_its_state_dict_continues_exactly():
     def run(split):
         model = lora_model(dtype=torch.float64)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
-        config = SelectionConfig(method="gast", layer_ratio=0.5, data_ratio=0.5, reference_interval=3)
-        tuner = SparseTuner(model, config, reference_batch=REFERENCE)
+        config = SelectionConfig(method="gast", data_ratio=0.5, support_interval=3)
+        tuner = SparseTuner(model, config, support_set=SUPPORT_SET)
         masks = []
         for s in range(7):
             if s == split:  # a new tuner, from the old one's state, as --resume builds it
                 tuner_state = tuner.state_dict()
-                tuner = SparseTuner(model, config, reference_batch=REFERENCE)
+                tuner = SparseTuner(model, config, support_set=SUPPORT_SET)
                 tuner.load_state_dict(tuner_state)
             masks.append(tuner.step(*batch(6, seed=s)).mask)
             opt.step()
         return masks, [p.detach().clone() for p in model.parameters()]
 
-    straight, split = run(split=None), run(split=4)  # step 4 reuses the r computed at step 3
+    straight, split = run(split=None), run(split=4)  # step 4 reuses the s computed at step 3
     assert all(torch.equal(a, b) for a, b in zip(straight[0], split[0]))
     assert all(torch.equal(a, b) for a, b in zip(straight[1], split[1]))
 
 
-def test_a_held_out_reference_without_reference_data_is_refused():
+def test_a_support_without_a_support_set_and_unknown_settings_are_refused():
     for method in ("gast", "data"):
-        with pytest.raises(ValueError, match="needs reference_batch"):
-            SparseTuner(lora_model(), SelectionConfig(method=method))
-    SparseTuner(lora_model(), SelectionConfig(method="lora"))  # no scores, no reference needed
-    with pytest.raises(ValueError, match="reference must be one of heldout, batch"):
-        SparseTuner(lora_model(), SelectionConfig(reference="val"), reference_batch=REFERENCE)
+        for support in ("train", "heldout"):
+            with pytest.raises(ValueError, match="needs support_set"):
+                SparseTuner(lora_model(), SelectionConfig(method=method, support=support))
+        SparseTuner(lora_model(), SelectionConfig(method=method, support="batch"))  # the batch mean needs none
+    SparseTuner(lora_model(), SelectionConfig(method="lora"))  # no scores, no support needed
+    for bad, message in [(dict(support="val"), "--support must be one of train, heldout, batch"),
+                         (dict(selection="best"), "--selection must be one of softmax, topk, random"),
+                         (dict(temperature=0.0), "--temperature must be positive"),
+                         (dict(support_size=-1), "--support-size must not be negative")]:
+        with pytest.raises(ValueError, match=message):
+            SparseTuner(lora_model(), SelectionConfig(**bad), support_set=SUPPORT_SET)
 
 
-def test_with_a_clean_held_out_reference_gast_takes_corrupted_samples_less_often():
+@pytest.mark.parametrize("selection,support_size", [("softmax", 0), ("topk", 4)])
+def test_with_a_clean_held_out_support_gast_takes_corrupted_samples_less_often(selection, support_size):
     """A task the model can learn (next token = this token + 1); 4 of 12 samples per batch
-    have random targets. R is clean. GAST with R's gradient takes the corrupted ones less."""
+    have random targets. The support set is clean. GAST aligned with it takes the corrupted
+    ones less: the draw and the law it draws from (softmax: with the whole clean set as
+    support; with 4 of its samples a step the preference is too weak to show in 20 steps)."""
     torch.manual_seed(0)
     model = add_lora(GPT(TINY), LoRAConfig(r=4, alpha=8, targets=ATTENTION), verbose=False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -483,18 +543,21 @@ def test_with_a_clean_held_out_reference_gast_takes_corrupted_samples_less_often
         x = torch.randint(0, TINY.vocab_size, (n, 8), generator=g)
         return x, (x + 1) % TINY.vocab_size
 
-    tuner = SparseTuner(model, SelectionConfig(method="gast", layer_ratio=0.5, data_ratio=0.5), reference_batch=clean(16))
+    tuner = SparseTuner(model, SelectionConfig(method="gast", data_ratio=0.5, selection=selection, support="heldout",
+                                               support_size=support_size), support_set=clean(16))
     noisy = torch.arange(12) < 4
-    taken = {"noisy": [], "clean": []}
+    taken = {"noisy": [], "clean": [], "noisy_intended": [], "clean_intended": []}
     for _ in range(20):
         x, y = clean(12)
         y[noisy] = torch.randint(0, TINY.vocab_size, (4, 8), generator=g)
-        record = tuner.step(x, y, noisy)
+        record = tuner.intended(tuner.step(x, y, noisy), noisy)
         opt.step()
         taken["noisy"].append(record.noisy_selected)
         taken["clean"].append(record.clean_selected)
-    noisy_rate, clean_rate = sum(taken["noisy"]) / 20, sum(taken["clean"]) / 20
-    assert noisy_rate < clean_rate
+        taken["noisy_intended"].append(record.noisy_probability)
+        taken["clean_intended"].append(record.clean_probability)
+    mean = {kind: sum(values) / 20 for kind, values in taken.items()}
+    assert mean["noisy"] < mean["clean"] and mean["noisy_intended"] < mean["clean_intended"]
 
 
 def test_ist_trials_suppress_distinct_sets_of_layers(monkeypatch):
@@ -510,3 +573,134 @@ def test_ist_trials_suppress_distinct_sets_of_layers(monkeypatch):
     seen.clear()
     tuner._ist_update_importance(*batch(4))
     assert len(seen) == 6 and len(set(seen)) == 6
+
+
+# --- the paper's rule: the softmax draw (spec revision 3, I1-I6, I10) ---
+
+def enumerated_inclusion(z, k):
+    """Each sample's inclusion probability by enumerating every ordered draw of k without
+    replacement, each next sample taken with probability proportional to exp(z)."""
+    weights = torch.exp(torch.tensor(z, dtype=torch.float64) - max(z)).tolist()
+    inclusion = [0.0] * len(z)
+    for order in itertools.permutations(range(len(z)), k):
+        p, left = 1.0, sum(weights)
+        for i in order:
+            p *= weights[i] / left
+            left -= weights[i]
+        for i in order:
+            inclusion[i] += p
+    return torch.tensor(inclusion, dtype=torch.float64)
+
+
+row_strategy = st.integers(2, 6).flatmap(lambda B: st.lists(st.floats(-4, 4), min_size=B, max_size=B))
+
+
+@settings(max_examples=60, deadline=None)
+@given(row_strategy, st.data())
+def test_I1_every_row_draws_exactly_k_distinct_samples(row, data):
+    L = data.draw(st.integers(1, 4))
+    k = data.draw(st.integers(1, len(row)))
+    scores = torch.tensor([row] * L) + torch.arange(L).unsqueeze(1)
+    mask = draw(scores, k, data.draw(st.floats(0.05, 20)), torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
+    assert mask.dtype == torch.bool and mask.shape == scores.shape and mask.sum(dim=1).tolist() == [k] * L
+
+
+def test_I1_with_layer_ratio_one_every_layer_is_updated_each_from_its_own_draw():
+    _, _, records = train_steps("gast", steps=4, data_ratio=0.5, layer_ratio=0.0)  # 0: gast's own, every layer
+    assert all(r.active_layers == [0, 1, 2, 3] and r.mask.sum(1).tolist() == [3] * 4 for r in records)
+    assert any(len({tuple(row.tolist()) for row in r.mask}) > 1 for r in records)  # layers draw different samples
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(3, 6).flatmap(lambda B: st.lists(st.integers(-50, 50), min_size=B, max_size=B, unique=True)), st.data())
+def test_I2_temperature_to_zero_is_top_k(row, data):
+    k = data.draw(st.integers(1, len(row)))
+    scores = torch.tensor([row], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 99)))
+    assert torch.equal(draw(scores, k, 1e-6, generator), select(scores, 1, k))
+    assert torch.equal(law(scores, k, "softmax", 1e-6) > 0.5, select(scores, 1, k))
+
+
+def test_I2_constant_scores_give_every_sample_k_over_B():
+    scores = torch.full((3, 5), 2.5)
+    assert torch.allclose(inclusion_probabilities(scores, 2), torch.full((3, 5), 0.4, dtype=torch.float64), atol=1e-6)
+    generator = torch.Generator().manual_seed(0)
+    counts = sum(draw(scores, 2, 1.0, generator).double() for _ in range(4000))
+    assert torch.allclose(counts / 4000, torch.full((3, 5), 0.4, dtype=torch.float64), atol=5 * (0.4 * 0.6 / 4000) ** 0.5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(row_strategy, st.data())
+def test_I3_the_law_is_the_enumerated_one_and_the_draws_follow_it(row, data):
+    B = len(row)
+    k = data.draw(st.integers(1, B))
+    temperature = data.draw(st.sampled_from([0.5, 1.0, 2.0]))
+    scores = torch.tensor([row], dtype=torch.float64)
+    exact = enumerated_inclusion((standardise(scores)[0] / temperature).tolist(), k)
+    torch.testing.assert_close(inclusion_probabilities(scores, k, temperature)[0], exact, rtol=0, atol=1e-6)
+    n = 3000  # draws from a fixed seed: the same counts every run, within 5 standard errors of the law
+    generator = torch.Generator().manual_seed(12345)
+    frequency = sum(draw(scores.expand(n // 300, B), k, temperature, generator).double().sum(0) for _ in range(300)) / n
+    tolerance = 5 * (exact * (1 - exact) / n).clamp(min=0).sqrt() + 1e-9
+    assert ((frequency - exact).abs() <= tolerance).all(), (frequency, exact)
+
+
+@settings(max_examples=40, deadline=None)
+@given(row_strategy, st.data())
+def test_I4_softmax_update_is_at_least_as_aligned_as_the_dense_one_in_expectation(row, data):
+    """E[ghat] = sum_i pi_i g_i / k, so <E ghat, s> = sum_i pi_i a_i / k >= mean_i a_i when pi rises with a."""
+    k = data.draw(st.integers(1, len(row)))
+    a = torch.tensor([row], dtype=torch.float64)
+    pi = inclusion_probabilities(a, k, data.draw(st.floats(0.1, 10)))
+    assert float((pi * a).sum() / k) >= float(a.mean()) - 1e-6 * (1 + float(a.abs().max()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(row_strategy, st.floats(0.01, 100), st.floats(-1000, 1000), st.integers(0, 999), st.data())
+def test_I5_a_positive_affine_change_of_a_row_draws_the_same_mask(row, scale, shift, seed, data):
+    assume(max(row) - min(row) > 1e-3)
+    k = data.draw(st.integers(1, len(row)))
+    scores = torch.tensor([row, [v * 2 for v in row]], dtype=torch.float64)
+    changed = scores * scale + shift
+    torch.testing.assert_close(standardise(changed), standardise(scores), rtol=0, atol=1e-9)
+    first = draw(scores, k, 1.0, torch.Generator().manual_seed(seed))
+    assert torch.equal(draw(changed, k, 1.0, torch.Generator().manual_seed(seed)), first)
+
+
+@settings(max_examples=60, deadline=None)
+@given(row_strategy, st.data())
+def test_I6_a_higher_score_never_has_a_lower_inclusion_probability(row, data):
+    k = data.draw(st.integers(1, len(row)))
+    scores = torch.tensor([row], dtype=torch.float64)
+    pi = inclusion_probabilities(scores, k, data.draw(st.floats(0.1, 10)))[0]
+    order = scores[0].argsort()
+    assert (pi[order].diff() >= -1e-9).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(row_strategy, st.data())
+def test_I10_permuting_the_batch_permutes_the_law(row, data):
+    k = data.draw(st.integers(1, len(row)))
+    scores = torch.tensor([row, row[::-1]], dtype=torch.float64)
+    perm = torch.tensor(data.draw(st.permutations(range(len(row)))))
+    torch.testing.assert_close(inclusion_probabilities(scores[:, perm], k), inclusion_probabilities(scores, k)[:, perm],
+                               rtol=0, atol=1e-9)
+
+
+def test_the_draw_never_reads_the_global_rng_and_refuses_a_non_positive_temperature():
+    scores = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    a = draw(scores, 4, 1.0, torch.Generator().manual_seed(7))
+    torch.manual_seed(99)
+    torch.rand(10)
+    assert torch.equal(draw(scores, 4, 1.0, torch.Generator().manual_seed(7)), a)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            draw(scores, 4, bad)
+
+
+def test_random_selection_draws_uniformly_from_the_same_generator():
+    _, _, records = train_steps("gast", steps=200, data_ratio=0.5, selection="random", support="batch")
+    frequency = sum(r.mask.double() for r in records) / 200  # (L, B): every sample k / B = 0.5
+    assert ((frequency - 0.5).abs() <= 5 * (0.25 / 200) ** 0.5).all()
+    assert torch.equal(law(torch.randn(2, 6), 3, "random"), torch.full((2, 6), 0.5, dtype=torch.float64))

@@ -204,7 +204,7 @@ def test_plug_in_puts_the_tuned_adapter_blocks_on_the_original_middle_bit_for_bi
     config = gradot.GradOTConfig(steps=3, batch_size=4, adapter=kind, lr=1e-2)
     tok = get_tokenizer()
     from data import make_default_task
-    gradot.fine_tune(emulator, config, make_default_task(tok, n_train=16, n_val=1, n_reference=0, n_dev=0).train, tok, "cpu")
+    gradot.fine_tune(emulator, config, make_default_task(tok, n_train=16, n_val=1, n_heldout=0, n_dev=0).train, tok, "cpu")
     plugged = plug_in(model, emulator, 1)
     same = lambda a, b: a.state_dict().keys() == b.state_dict().keys() and all(
         torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())

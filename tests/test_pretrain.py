@@ -17,7 +17,7 @@ CORPUS = "".join(f"Line {i}: the {w} fox jumps over the lazy dog near {v} trees.
                  for i, (w, v) in enumerate(zip(["quick", "slow", "red", "brown"] * 30, ["two", "three", "five"] * 40)))
 SHAPE = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "48"]
 PRETRAIN = ["--pretrain-steps", "3", "--pretrain-batch-size", "4"]
-FINE_TUNE = ["--steps", "3", "--batch-size", "4", "--eval-interval", "3", "--reference-size", "4",
+FINE_TUNE = ["--steps", "3", "--batch-size", "4", "--eval-interval", "3", "--heldout-size", "4",
              "--prompt-field", "question", "--completion-field", "answer"]
 
 
@@ -67,7 +67,7 @@ def test_a_prompt_longer_than_the_context_is_skipped_and_named(base, tmp_path, c
 def test_text_data_ends_with_a_greedy_sample(base, tmp_path, capsys):
     (tmp_path / "corpus.txt").write_text(CORPUS)
     argv = ["--init-from", base, "--out-dir", str(tmp_path / "out"), "--data", str(tmp_path / "corpus.txt"),
-            "--steps", "2", "--batch-size", "4", "--reference", "batch"]
+            "--steps", "2", "--batch-size", "4", "--support", "batch"]
     assert main(argv) == 0
     line = [l for l in capsys.readouterr().out.splitlines() if "a greedy sample from a held-out prompt: " in l]
     assert len(line) == 1

@@ -21,7 +21,7 @@ def test_every_method_runs_end_to_end(tiny, tmp_path, method, per_sample):
     assert [e["step"] for e in metrics["evals"]] == [3, 6]
     assert (tmp_path / "adapter.pt").exists() and (tmp_path / "ckpt.pt").exists()
     assert len(metrics["active_per_layer"]) == 4 and sum(metrics["active_per_layer"]) == pytest.approx(
-        4 if method in ("lora", "data") else 2)  # K = 2 of 4 blocks per step
+        2 if method in ("lisa", "ist") else 4)  # lisa and ist: K = 2 of 4 blocks per step; the others every block
     assert all(0 <= r <= 1 or math.isnan(r) for r in metrics["noisy_rate_per_layer"] + metrics["clean_rate_per_layer"])
     expected_coverage = {"lora": 1.0, "lisa": 1.0, "ist": 1.0}.get(method)
     if expected_coverage:
@@ -39,13 +39,13 @@ def adapter(path):
     return torch.load(path / "adapter.pt", weights_only=True)["adapter"]
 
 
-@pytest.mark.parametrize("method,reference_interval", [("gast", 1), ("gast", 3), ("ist", 1), ("lisa", 1)])
-def test_k_steps_then_resume_then_n_steps_equals_k_plus_n_straight(tiny, tmp_path, method, reference_interval):
+@pytest.mark.parametrize("method,support_interval", [("gast", 1), ("gast", 3), ("ist", 1), ("lisa", 1)])
+def test_k_steps_then_resume_then_n_steps_equals_k_plus_n_straight(tiny, tmp_path, method, support_interval):
     straight = tmp_path / "straight"
     split = tmp_path / "split"
-    kw = dict(method=method, steps=8, eval_interval=2, reference_interval=reference_interval)
+    kw = dict(method=method, steps=8, eval_interval=2, support_interval=support_interval)
     train(tiny(straight, **kw))
-    first = train(tiny(split, stop_at=5, **kw))  # with interval 3, step 5 reuses the r of step 3
+    first = train(tiny(split, stop_at=5, **kw))  # with interval 3, step 5 reuses the s of step 3
     assert first["steps"] == 5
     assert torch.load(split / "ckpt.pt", weights_only=True)["step"] == 5
     with pytest.raises(ConfigError, match="--lr is 0.5, the checkpoint's 0.01"):
@@ -58,11 +58,11 @@ def test_k_steps_then_resume_then_n_steps_equals_k_plus_n_straight(tiny, tmp_pat
 
 
 def test_invalid_settings_are_all_reported_at_once(tiny, tmp_path):
-    config = tiny(method="best", layer_ratio=0.0, data_ratio=1.5, lora_r=0, steps=0, batch_size=100)
+    config = tiny(method="best", layer_ratio=-0.5, data_ratio=1.5, lora_r=0, steps=0, batch_size=100)
     with pytest.raises(ConfigError) as e:
         train(config)
     message = str(e.value)
-    for expected in ("--method 'best' is unknown", "--layer-ratio must be in (0, 1]", "--data-ratio must be in (0, 1]",
+    for expected in ("--method 'best' is unknown", "--layer-ratio must be in [0, 1]", "--data-ratio must be in (0, 1]",
                      "--lora-r must be positive", "--steps must be positive", "--batch-size 100 is larger than the 48"):
         assert expected in message
     assert not (tmp_path / "ckpt.pt").exists()  # refused before any work
@@ -72,23 +72,24 @@ def test_unknown_fields_and_bad_flags_are_refused(base, tmp_path, capsys):
     with pytest.raises(ConfigError, match="unknown field.*bogus"):
         train({"bogus": 1, "steps": 3})
     assert main(["--layer-ratio", "2", "--out-dir", str(tmp_path), "--init-from", base]) == 2
-    assert "--layer-ratio must be in (0, 1]" in capsys.readouterr().err
+    assert "--layer-ratio must be in [0, 1], got 2.0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--no-such-flag"])
 
 
-def test_bad_reference_flags_are_refused(tiny, tmp_path):
-    config = tiny(reference="val", reference_size=0, reference_interval=0, val_data="v.jsonl")
+def test_bad_support_and_selection_flags_are_refused(tiny, tmp_path):
+    config = tiny(support="val", heldout_size=0, support_interval=0, val_data="v.jsonl", selection="best", temperature=0.0)
     with pytest.raises(ConfigError) as e:
         train(config)
-    for expected in ("--reference must be one of heldout, batch, got 'val'", "--reference-size must be positive, got 0",
-                     "--reference-interval must be positive, got 0", "--val-data needs --data"):
+    for expected in ("--support must be one of train, heldout, batch, got 'val'", "--heldout-size must be positive, got 0",
+                     "--support-interval must be positive, got 0", "--val-data needs --data",
+                     "--selection must be one of softmax, topk, random, got 'best'", "--temperature must be positive, got 0.0"):
         assert expected in str(e.value)
-    with pytest.raises(ConfigError, match="--reference-data nowhere.jsonl: no such file") as e:
-        train(tiny(data=__file__, reference_data="nowhere.jsonl"))
+    with pytest.raises(ConfigError, match="--support-data nowhere.jsonl: no such file"):
+        train(tiny(data=__file__, support_data="nowhere.jsonl"))
 
 
-def test_your_own_reference_and_evaluation_files(tiny, tmp_path, capsys):
+def test_your_own_held_out_support_and_evaluation_files(tiny, tmp_path, capsys):
     def write(name, n, offset):
         rows = [{"prompt": f"q{i}?", "completion": f" a{i % 3}"} for i in range(offset, offset + n)]
         (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows))
@@ -96,16 +97,17 @@ def test_your_own_reference_and_evaluation_files(tiny, tmp_path, capsys):
 
     tok = get_tokenizer()
     config = tiny(data=write("train.jsonl", 30, 0), val_data=write("val.jsonl", 10, 100),
-                  reference_data=write("ref.jsonl", 6, 200), quiet=False)
+                  support_data=write("ref.jsonl", 6, 200), quiet=False)
     task, is_qa = train_module.load_task(config, tok, 32)
     words = lambda split: {tok.decode(e.tokens[: e.n_prompt]) for e in split}
-    assert is_qa and len(task.train) == 30 and words(task.reference) == {f"q{i}?" for i in range(200, 206)}
+    assert is_qa and len(task.train) == 30 and words(task.heldout) == {f"q{i}?" for i in range(200, 206)}
     assert words(task.dev) | words(task.val) == {f"q{i}?" for i in range(100, 110)} and len(task.dev) == len(task.val) == 5
-    carved, _ = train_module.load_task(replace(config, reference_data="", reference_size=7), tok, 32)
-    assert len(carved.train) == 23 and len(carved.reference) == 7 and not words(carved.train) & words(carved.reference)
-    assert "reference set: 7 samples carved from" in capsys.readouterr().out
-    no_reference, _ = train_module.load_task(replace(config, reference_data="", reference="batch"), tok, 32)
-    assert len(no_reference.train) == 30 and no_reference.reference == []
+    carved, _ = train_module.load_task(replace(config, support_data="", heldout_size=7, support="heldout"), tok, 32)
+    assert len(carved.train) == 23 and len(carved.heldout) == 7 and not words(carved.train) & words(carved.heldout)
+    assert "held-out support set: 7 samples carved from" in capsys.readouterr().out
+    for support in ("train", "batch"):  # nothing carved
+        uncarved, _ = train_module.load_task(replace(config, support_data="", support=support), tok, 32)
+        assert len(uncarved.train) == 30 and uncarved.heldout == []
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(tiny, tmp_path, monkeypatch):
@@ -128,14 +130,14 @@ def test_jsonl_and_text_files_through_data(tiny, tmp_path):
     rows = [{"question": f"q{i}?", "answer": f" a{i % 3}"} for i in range(40)]
     (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     metrics = train(tiny(tmp_path / "qa", data=str(tmp_path / "qa.jsonl"), prompt_field="question",
-                         completion_field="answer", batch_size=4, val_fraction=0.25, reference_size=8))
+                         completion_field="answer", batch_size=4, val_fraction=0.25, heldout_size=8, support="heldout"))
     assert metrics["exact_match"] is not None and math.isfinite(metrics["val_loss"])
     (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
-    metrics = train(tiny(tmp_path / "txt", data=str(tmp_path / "corpus.txt"), batch_size=4, reference="batch"))
+    metrics = train(tiny(tmp_path / "txt", data=str(tmp_path / "corpus.txt"), batch_size=4, support="batch"))
     assert metrics["exact_match"] is None and math.isfinite(metrics["val_loss"])
-    with pytest.raises(ConfigError, match="--batch-size 40 is larger than the 22 training samples left in .* and the 8 reference"):
+    with pytest.raises(ConfigError, match="--batch-size 40 is larger than the 22 training samples left in .* and the 8 held-out support"):
         train(tiny(tmp_path / "qa2", data=str(tmp_path / "qa.jsonl"), batch_size=40, val_fraction=0.25,
-                   prompt_field="question", completion_field="answer", reference_size=8))
+                   prompt_field="question", completion_field="answer", heldout_size=8, support="heldout"))
 
 
 def test_selection_picture_shows_the_mask_and_the_noisy_samples():
@@ -170,7 +172,7 @@ def test_without_matplotlib_a_run_says_so_in_one_line_and_draws_nothing(tiny, tm
 
 # --- bad input and accidents: one clear line and exit code, before any work where it can ---
 
-TINY_RUN = [*TINY_FLAGS, "--reference-size", "8"]
+TINY_RUN = [*TINY_FLAGS, "--heldout-size", "8"]
 
 
 def run(capsys, base, out, *extra):
@@ -266,7 +268,7 @@ def test_ctrl_c_says_where_it_stopped_and_what_was_saved(capsys, base, tmp_path,
 
 def test_quiet_prints_the_summary_alone_and_every_run_writes_metrics_json(capsys, base, tmp_path):
     code, out, _ = run(capsys, base, tmp_path)
-    assert code == 0 and "gast: held-out loss" in out and "block 0: updated in" in out
+    assert code == 0 and "gast (softmax, support train): held-out loss" in out and "block 0: updated in" in out
     assert "step     0/6" not in out and "eval at" not in out and "LoRA r=" not in out  # no progress lines
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["method"] == "gast" and metrics["steps"] == 6 and f"held-out loss {metrics['val_loss']:.4f}" in out
