@@ -25,7 +25,7 @@ from data import DataConfig, DataError, TokenizerUnavailable, collate, evaluate,
 from gast import SCORED, SelectionConfig, SparseTuner
 from lora import LoRAConfig, add_lora, adapter_state_dict, save_adapter
 from plumbing import (ConfigError, Interrupted, atomic_save, autocast_for, check_out_dir, config_from_dict, fingerprint,
-                      init_distributed, is_main, like, nanmean, one_of, option, parse_args, pick_device, positive, pyplot,
+                      init_distributed, is_main, like, nanmean, not_negative, one_of, option, parse_args, pick_device, positive, pyplot,
                       read_checkpoint, refuse, run_main, save_figure, say, smooth, subset, world, write_json)
 from pretrain import BaseConfig, base_problems, load_base
 
@@ -44,6 +44,8 @@ class TrainConfig(BaseConfig, DataConfig, SelectionConfig):
     schedule: str = option("cosine", "learning-rate schedule after warm-up: cosine (down to lr/10) or constant")
     warmup_steps: int = option(20, "linear warm-up from 0 to lr")
     weight_decay: float = option(0.0, "AdamW weight decay on the adapters")
+    grad_clip: float = option(1.0, "clip the global gradient norm of the adapters to this before AdamW (0: off); "
+                              "as Hugging Face's Trainer does, which the paper's authors' IST code trains through")
     seed: int = option(0, "seed of the task data, adapter init, batch order and draws: the run is reproducible")
     # evaluation and output
     eval_interval: int = option(200, "evaluate (and checkpoint) every this many steps")
@@ -66,7 +68,7 @@ def validate(config, n_procs=1):
     """Raise ConfigError listing every problem; n_procs: processes under torchrun."""
     problems = SelectionConfig.problems(config) + DataConfig.problems(config) + base_problems(config) + config.lora().problems()
     problems += positive(config, "steps", "batch_size", "eval_interval", "log_interval", "eval_samples", "lr")
-    problems += one_of(config, "schedule", ("cosine", "constant"))
+    problems += one_of(config, "schedule", ("cosine", "constant")) + not_negative(config, "grad_clip", "weight_decay")
     if config.stop_at < 0 or config.warmup_steps < 0:
         problems.append("--stop-at and --warmup-steps must not be negative")
     if not config.data and config.batch_size > config.n_train:
@@ -85,6 +87,7 @@ class History:
     """What a run records step by step; saved in checkpoints, so a resumed run continues it."""
     ms: list = field(default_factory=list)  # time of each step
     coverage: list = field(default_factory=list)  # share of the batch selected by an active block
+    grad_norm: list = field(default_factory=list)  # the adapters' global gradient norm before clipping
     noisy_selected: list = field(default_factory=list)  # over active blocks, share of noisy samples taken (nan: none)
     clean_selected: list = field(default_factory=list)
     noisy_probability: list = field(default_factory=list)  # on logged steps, over active blocks, the noisy samples' mean inclusion probability (nan: not logged)
@@ -94,8 +97,9 @@ class History:
     clean_rate: list = field(default_factory=list)
     evals: list = field(default_factory=list)  # {"step", "loss", "exact_match"} at each evaluation
 
-    def add(self, record, L, ms):
+    def add(self, record, L, ms, grad_norm):
         self.ms.append(ms)
+        self.grad_norm.append(grad_norm)
         self.coverage.append(record.coverage)
         self.noisy_selected.append(record.noisy_selected)
         self.clean_selected.append(record.clean_selected)
@@ -171,6 +175,15 @@ def restore(resume, model, opt, tuner, rngs):
     if resume["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
     return resume["step"], History(**resume["progress"])
+
+
+def clip_gradients(opt, max_norm):
+    """Scale the adapters' gradients so that their global norm is at most max_norm (0: leave
+    them); the norm before clipping. Layers without a gradient (grad None) are left out."""
+    params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    if not params:
+        return 0.0
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf")))
 
 
 def lr_at(config, step):
@@ -257,6 +270,7 @@ def train(config, split="test", picture=True, summary=True):
             if not math.isfinite(record.loss):
                 raise FloatingPointError(f"step {step}: the loss is {record.loss}; stopped without updating. "
                                          f"The last good checkpoint is {ckpt_path}" + ("" if os.path.exists(ckpt_path) else " (none written yet)"))
+            grad_norm = clip_gradients(opt, config.grad_clip)  # after the method (and torchrun's all-reduce) wrote .grad
             opt.step()
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
@@ -264,7 +278,7 @@ def train(config, split="test", picture=True, summary=True):
             logged = step % config.log_interval == 0 or step == end - 1
             if logged and noisy.any():
                 tuner.intended(record, noisy)  # what the draw meant to take, beside what it took
-            history.add(record, tuner.L, ms)
+            history.add(record, tuner.L, ms, grad_norm)
             if step == start or step == end - 1:
                 say(config, f"step {step}: " + selection_picture(record, noisy.cpu()))
             if logged:
@@ -272,7 +286,7 @@ def train(config, split="test", picture=True, summary=True):
                 rates = "" if noisy.sum() == 0 else f" | noisy/clean taken {record.noisy_selected:.2f}/{record.clean_selected:.2f}"
                 if noisy.sum() and record.noisy_intended is not None:
                     rates += f" (intended {record.noisy_probability:.2f}/{record.clean_probability:.2f})"
-                say(config, f"step {step:5d}/{config.steps} | loss {record.loss:.4f} | lr {lr_at(config, step):.2e} | "
+                say(config, f"step {step:5d}/{config.steps} | loss {record.loss:.4f} | grad norm {grad_norm:.3f} | lr {lr_at(config, step):.2e} | "
                             f"layers {record.active_layers} | coverage {record.coverage:.2f}{rates} | "
                             f"{history.ms[-1]:.0f} ms/step | eta {eta:.0f}s")
             if (step + 1) % config.eval_interval == 0 or step == end - 1:

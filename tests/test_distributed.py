@@ -99,7 +99,7 @@ def steps_of_every_method(steps=4):
 def train_straight_and_resumed(base, out):
     """A 2-process train.py run straight, and the same split at step 5 and resumed."""
     import train
-    common = dict(TINY_RUN, init_from=base, steps=8, n_val=8, eval_interval=2, support_interval=3)
+    common = dict(TINY_RUN, init_from=base, steps=8, n_val=8, eval_interval=2, support_interval=3, grad_clip=0.05)
     adapters = {}
     for method in ("gast", "lisa"):
         straight = train.train(train.TrainConfig(method=method, out_dir=f"{out}/{method}-straight", **common))
@@ -129,8 +129,19 @@ def test_two_processes_make_the_choices_and_updates_of_one(tmp_path):
             torch.testing.assert_close(params2[name], params1[name], msg=f"{method} {name}")
 
 
-def test_resume_under_two_processes_equals_a_straight_two_process_run(base, tmp_path):
+def test_resume_under_two_processes_equals_a_straight_two_process_run_and_one_process(base, tmp_path):
+    """Clipped at 0.05 (below every step's norm here): each rank clips the all-reduced gradient, so one process's run is the same."""
     results = in_processes(2, "train_straight_and_resumed", tmp_path, base=base, out=str(tmp_path))
+    import train
+    torch.set_num_threads(1)
+    one = train.train(train.TrainConfig(**dict(TINY_RUN, init_from=base, steps=8, n_val=8, eval_interval=2, support_interval=3,
+                                               grad_clip=0.05, method="gast", out_dir=str(tmp_path / "one"))))
+    ckpt = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
+    assert all(n > 0.05 for n in ckpt["progress"]["grad_norm"])  # clipping acted at every step
+    one_adapter = torch.load(tmp_path / "one" / "adapter.pt", weights_only=True)["adapter"]
+    for name in one_adapter:
+        torch.testing.assert_close(results["gast"][0][name], one_adapter[name], rtol=1e-4, atol=1e-5)
+    assert one["val_loss"] == pytest.approx(results["gast"][2][0], rel=1e-4)
     for method, (straight, split, (loss_straight, loss_resumed)) in results.items():
         assert straight.keys() == split.keys()
         for name in straight:

@@ -284,3 +284,32 @@ def test_a_json_file_is_refused_with_a_hint_and_the_reader_is_named(capsys, base
     assert code == 0 and f"reading {tmp_path / 'pairs.jsonl'} as JSONL prompt/completion pairs" in out
 
 
+
+
+# --- gradient clipping ---
+
+def params_with_grads(*grads):
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    return torch.optim.AdamW(params + [torch.nn.Parameter(torch.zeros(2))])  # one parameter without grad (an inactive layer)
+
+
+def test_clipping_leaves_a_small_gradient_alone_and_scales_a_large_one_to_the_threshold():
+    from train import clip_gradients
+    grads = (torch.tensor([3.0, 0.0]), torch.tensor([[4.0]]))  # global norm 5
+    for max_norm, expected_norm in [(10.0, 5.0), (0.0, 5.0), (5.0, 5.0), (1.0, 1.0), (0.5, 0.5)]:
+        opt = params_with_grads(*grads)
+        assert clip_gradients(opt, max_norm) == pytest.approx(5.0)  # the norm before clipping
+        after = [p.grad for p in opt.param_groups[0]["params"] if p.grad is not None]
+        assert float(torch.cat([g.flatten() for g in after]).norm()) == pytest.approx(expected_norm, rel=1e-5)
+        assert torch.allclose(after[0] / after[0].norm(), grads[0] / grads[0].norm())  # the direction is kept
+
+
+def test_a_run_records_the_norm_before_clipping_and_clips_at_its_setting(tiny, tmp_path, capsys):
+    metrics = train(tiny(method="lora", quiet=False, grad_clip=1e-3))
+    assert "grad norm" in capsys.readouterr().out
+    history = torch.load(tmp_path / "ckpt.pt", weights_only=True)["progress"]
+    assert len(history["grad_norm"]) == 6 and all(n > 1e-3 for n in history["grad_norm"])
+    loose = train(tiny(tmp_path / "loose", method="lora", grad_clip=0.0))
+    assert loose["val_loss"] != metrics["val_loss"]  # clipping at 1e-3 changed the updates
