@@ -83,10 +83,10 @@ def compare(config, train_flags=()):
         nonlocal done
         name = label.replace(":", "-").replace("+", "-")
         name = f"{name}-lr{lr:g}-dev" if split == "dev" else f"{name}-seed{seed}"
-        flags = [*train_flags, "--method", method, "--lr", repr(lr), "--seed", str(seed), "--quiet", "--no-resume",
+        flags = [*train_flags, "--method", method, "--lr", repr(lr), "--seed", str(seed), "--quiet", "--no-resume", "--no-picture",
                  "--overwrite", "--out-dir", os.path.join(config.out_dir, "compare", name)]
         flags += [f"--{kind}={value[0]}" for kind, value in chosen.items()]
-        metrics = train(flags, split=split, picture=False, summary=False)
+        metrics = train(flags, split=split, summary=False)
         metrics["row"] = label
         done += 1
         elapsed = time.time() - t0

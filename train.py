@@ -54,6 +54,7 @@ class TrainConfig(BaseConfig, DataConfig, SelectionConfig):
     resume: bool = option(False, "continue from out_dir/ckpt.pt")
     overwrite: bool = option(False, "replace a run already in --out-dir (ckpt.pt, adapter.pt, metrics.json) instead of refusing")
     stop_at: int = option(0, "end this run at this step (the schedule still spans --steps); 0: at --steps")
+    picture: bool = option(True, "draw out_dir/selection.png: the learning curve and the selection rates (needs matplotlib)")
 
     def lora(self):
         return LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets.split(",")))
@@ -125,7 +126,8 @@ class History:
 
 
 # settings that may differ on --resume: they change where and how loudly a run goes, not what it computes
-FREE_ON_RESUME = {"resume", "overwrite", "stop_at", "out_dir", "quiet", "device", "log_interval", "eval_interval", "compile", "init_from"}
+FREE_ON_RESUME = {"resume", "overwrite", "stop_at", "out_dir", "quiet", "device", "log_interval", "eval_interval", "compile", "init_from",
+                  "picture"}
 
 
 def read_resume(config, ckpt_path):
@@ -202,12 +204,12 @@ RUN_OUTPUTS = ("ckpt.pt", "adapter.pt", "metrics.json", "selection.png")
 # The run
 
 
-def train(config, split="test", picture=True, summary=True):
+def train(config, split="test", summary=True):
     """Fine-tune as config says (a TrainConfig, a dict of its fields or a list of flags); the metrics dict.
 
     split: the evaluation split, "test" (the reported results) or "dev" (compare.py's lr
     choice, which must never see the test split; only its loss is computed).
-    picture: write out_dir/selection.png (needs matplotlib); summary: print the summary.
+    summary: print the summary.
     """
     if isinstance(config, (list, tuple)):  # command-line flags, as compare.py passes them
         config = parse_args(TrainConfig, config, renamed=RENAMED)
@@ -311,7 +313,7 @@ def train(config, split="test", picture=True, summary=True):
                "sample": sample, **history.summary(), "config": asdict(config)}
     if is_main():
         save_adapter(model, config.lora(), os.path.join(config.out_dir, "adapter.pt"))
-        if picture:
+        if config.picture:
             plot_selection(history, os.path.join(config.out_dir, "selection.png"), config)
         write_json(os.path.join(config.out_dir, "metrics.json"), metrics)
         if summary:
@@ -356,19 +358,33 @@ def print_summary(metrics):
 
 
 def plot_selection(history, path, config):
-    """Top: which blocks were updated at each step. Bottom: each block's noisy and clean
-    selection rates over training (smoothed), where the data carries noisy flags."""
+    """The run's picture: its learning curve (held-out loss and exact match at each
+    evaluation); which blocks were updated at each step, unless every block always was;
+    each block's noisy and clean selection rates over training (smoothed), where the data
+    carries noisy flags."""
     plt = pyplot(config)
     if plt is None or not history.active:
         return
     active = torch.tensor(history.active, dtype=torch.float32).T.tolist()  # (L, steps)
-    L = len(active)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, gridspec_kw={"height_ratios": [1, 2]})
-    top.imshow(active, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=1,
-               extent=(-0.5, len(active[0]) - 0.5, L - 0.5, -0.5))
-    top.set_yticks(range(L))
-    top.set_ylabel("block")
-    top.set_title(f"{config.method}: blocks updated at each step (black)")
+    L, every_block = len(active), all(all(row) for row in history.active)
+    rows = 2 if every_block else 3
+    fig, axes = plt.subplots(rows, 1, figsize=(9, 2.6 * rows), gridspec_kw={"height_ratios": [1.2] + [1] * (rows - 2) + [2]})
+    curve, bottom = axes[0], axes[-1]
+    steps = [e["step"] for e in history.evals]
+    curve.plot(steps, [e["loss"] for e in history.evals], "o-", color="tab:red", label="held-out loss")
+    curve.set_ylabel("held-out loss")
+    if history.evals and history.evals[0]["exact_match"] is not None:
+        twin = curve.twinx()
+        twin.plot(steps, [e["exact_match"] for e in history.evals], "s--", color="tab:blue")
+        twin.set_ylim(-0.02, 1.02)
+        twin.set_ylabel("exact match", color="tab:blue")
+    curve.set_title(f"{config.method}: the learning curve" + (", every block updated at every step" if every_block else ""))
+    if not every_block:
+        axes[1].imshow(active, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=1,
+                       extent=(-0.5, len(active[0]) - 0.5, L - 0.5, -0.5))
+        axes[1].set_yticks(range(L))
+        axes[1].set_ylabel("block")
+        axes[1].set_title("blocks updated at each step (black)")
     if history.noisy_rate:
         colors = plt.get_cmap("tab10")
         for l in range(L):
@@ -380,6 +396,8 @@ def plot_selection(history, path, config):
         bottom.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
         bottom.text(0.5, 0.5, "no noisy flags in this data: no rates", ha="center", va="center", transform=bottom.transAxes)
+    for ax in axes:
+        ax.set_xlim(-0.5, max(len(history.active), max(steps, default=0)) + 0.5)
     bottom.set_xlabel("step")
     fig.tight_layout()
     save_figure(plt, fig, path)
