@@ -37,7 +37,6 @@ bound B x (LoRA parameters) x 4 bytes over plain. The table is printed and writt
 
 import argparse
 import concurrent.futures
-import json
 import multiprocessing
 import os
 import platform
@@ -51,7 +50,7 @@ from data import collate, get_tokenizer, make_default_task
 from gast import SelectionConfig, SparseTuner, per_sample_grads, per_sample_grads_by_hooks
 from lora import LoRAConfig, add_lora
 from model import GPT, IGNORE_INDEX, GPTConfig
-from plumbing import check_device, pick_device
+from plumbing import check_device, output_problems, pick_device, write_json
 
 ATTENTION = ("attn.c_attn", "attn.c_proj")
 ATTENTION_AND_MLP = ATTENTION + ("mlp.c_fc", "mlp.c_proj")
@@ -273,6 +272,7 @@ def parse_args(argv=None):
             problems.append(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if check_device(args.device):
         problems.append(check_device(args.device))
+    problems += output_problems("--out", args.out)  # found now, not after the whole benchmark has run
     args.device = pick_device(args.device)
     if problems:
         parser.exit(2, "error: " + "\n  ".join(problems) + "\n")
@@ -313,14 +313,15 @@ def main(argv=None):
         print(f"| {r['model']} | {r['batch']} | {r['plain_ms']:.1f} | " + " | ".join(cells) +
               f" | {r['vmap_speedup_over_loop']:.1f}x | {r['plain_mem_mib']:.1f} | {r['gast_default_mem_mib']:.1f} | "
               f"{r['gast_mem_mib']:.1f} | {r['gast_hooks_mem_mib']:.1f} | {r['per_sample_grad_mib']:.1f} |")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:  # temporary file, then rename: never half-written
-        json.dump({"device": device, "machine": machine, "torch": torch.__version__, "threads": args.threads, "clock": args.clock,
-                   "busy": any(r["busy"] for r in rows), "rows": rows}, f, indent=1)
-    os.replace(args.out + ".tmp", args.out)
+    write_json(args.out, {"device": device, "machine": machine, "torch": torch.__version__, "threads": args.threads,  # atomically
+                          "clock": args.clock, "busy": any(r["busy"] for r in rows), "rows": rows})
     print(f"\nwritten to {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written by this benchmark", file=sys.stderr)
+        sys.exit(130)

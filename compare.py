@@ -21,7 +21,7 @@ from data import DataError, TokenizerUnavailable, get_tokenizer
 from gast import METHODS, SCORED, SELECTIONS, SUPPORTS
 from plumbing import (check_out_dir, is_main, nanmean, option, parse_args, pick_device, positive, pyplot, refuse, run_main,
                       save_figure, write_csv, write_json)
-from pretrain import BaseConfig, base_problems, load_base
+from pretrain import BaseConfig, load_base
 from train import train
 
 
@@ -68,8 +68,9 @@ def problems(config):
 
 def compare(config, train_flags=()):
     """The table's rows. train_flags: train.py's flags, given to every run."""
+    refuse(problems(config))
+    train([*train_flags, "--out-dir", config.out_dir], dry_run=True)  # train.py's flags, checked before any run
     base_config = replace(parse_args(BaseConfig, train_flags, known_only=True)[0], out_dir=config.out_dir)
-    refuse(problems(config) + base_problems(base_config))
     check_out_dir(config.out_dir, ("compare.json", "compare.csv", "compare.png"), overwrite=config.overwrite)
     _, base = load_base(base_config, get_tokenizer(base_config.tokenizer), pick_device(base_config.device))  # made once, here
     train_flags = [*train_flags, "--init-from", base]

@@ -17,7 +17,6 @@ Batches are (inputs, targets, noisy), targets padded with -100.
 """
 
 import json
-import os
 import random
 from dataclasses import dataclass, field
 
@@ -25,7 +24,7 @@ import tiktoken
 import torch
 
 from model import IGNORE_INDEX
-from plumbing import ConfigError, autocast_for, in_range, option, positive, say
+from plumbing import ConfigError, autocast_for, file_problems, in_range, option, positive, say
 
 
 class DataError(ValueError):
@@ -129,6 +128,8 @@ def n_targets(example):
 # data, and the scores only see gradients.
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+WORD_SPACE = sum(26**n for n in range(3, 7))  # distinct words of 3 to 6 letters
+MAX_TASK_WORDS = 1_000_000  # beyond this, drawing distinct words takes minutes; your own --data has no such limit
 PRETRAIN_OPS = {
     "copy": lambda w: w,
     "rev": lambda w: w[::-1],
@@ -178,6 +179,8 @@ def make_default_task(tokenizer, n_train=1000, n_val=200, noise=0.2, seed=0, n_h
     """
     if not 0.0 <= noise < 1.0:
         raise ValueError(f"noise must be in [0, 1), got {noise}")
+    if n_train + n_val + n_heldout + n_dev > MAX_TASK_WORDS:  # never an endless search for distinct words
+        raise ValueError(f"the default task makes at most {MAX_TASK_WORDS:,} distinct words")
     rng = random.Random(seed + 1)  # not the pretraining corpus's stream
     sizes = (n_train, n_val, n_heldout, n_dev)
     words = set()
@@ -241,6 +244,9 @@ class TruncationStats:
     skipped: list = field(default_factory=list)  # "file:line" of samples whose prompt leaves no completion token
 
 
+MAX_LINE = 1 << 20  # characters in one JSONL line: far beyond any context, and it keeps a bad file from filling memory
+
+
 def load_jsonl(path, tokenizer, block_size, prompt_field="prompt", completion_field="completion"):
     """JSONL with one {prompt_field: str, completion_field: str} object per line.
 
@@ -255,10 +261,14 @@ def load_jsonl(path, tokenizer, block_size, prompt_field="prompt", completion_fi
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
+        if len(line) > MAX_LINE:
+            raise DataError(f"{where}: a line of {len(line):,} characters, over the {MAX_LINE:,} a sample may have")
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise DataError(f"{where}: JSON nested too deeply to read") from None
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         for name in (prompt_field, completion_field):
@@ -309,14 +319,22 @@ class DataConfig:
     def problems(self):
         out = in_range(self, "noise", 0, 1, high_open=True) + in_range(self, "val_fraction", 0, 1, True, True)
         out += positive(self, "n_train", "n_val", "heldout_size")
-        if self.data and not os.path.exists(self.data):
-            out.append(f"--data {self.data}: no such file")
+        if not self.data and not out:
+            words = self.n_train + 2 * self.n_val + self.heldout_size  # train, test, dev, held-out: distinct words
+            if words > MAX_TASK_WORDS:
+                out.append(f"--n-train, --n-val, --heldout-size: the default task would need {words:,} distinct words, more than "
+                           f"the {MAX_TASK_WORDS:,} it makes (its word space holds {WORD_SPACE:,}); use --data for more")
+        out += file_problems("--data", self.data)
         for name in ("val_data", "support_data"):
             path = getattr(self, name)
             if path and not self.data:
                 out.append(f"--{name.replace('_', '-')} needs --data (the default task has its own splits)")
-            elif path and not os.path.exists(path):
-                out.append(f"--{name.replace('_', '-')} {path}: no such file")
+            elif path:
+                out += file_problems(f"--{name.replace('_', '-')}", path)
+                if path.endswith(".jsonl") != self.data.endswith(".jsonl"):
+                    kinds = lambda p: "JSONL prompt/completion pairs" if p.endswith(".jsonl") else "plain text"
+                    out.append(f"--{name.replace('_', '-')} {path} would be read as {kinds(path)}, but --data {self.data} "
+                               f"as {kinds(self.data)}: give both in one format (the name's .jsonl decides)")
         return out
 
 

@@ -51,7 +51,7 @@ import torch.nn as nn
 from data import DataError, Example, TokenizerUnavailable, collate, encode, evaluate, get_tokenizer, make_default_task, pretrain_text
 from lora import LoRAConfig, add_lora
 from model import IGNORE_INDEX
-from plumbing import (ConfigError, check_out_dir, option, parse_args, pick_device, refuse, run_main, write_csv,
+from plumbing import (ConfigError, check_out_dir, not_negative, option, parse_args, pick_device, positive, refuse, run_main, write_csv,
                       write_json)
 from pretrain import PRETRAIN_SEED, BaseConfig, base_problems, load_base
 
@@ -428,8 +428,7 @@ def validate(config):
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
     if config.adapter not in ("blocks", "lora"):
         problems.append(f"--adapter must be blocks or lora, got {config.adapter!r}")
-    if not config.lr > 0 or config.lam_attn < 0 or config.lam_mlp < 0:
-        problems.append("--lr must be positive and --lam-attn, --lam-mlp not negative")
+    problems += positive(config, "lr") + not_negative(config, "lam_attn", "lam_mlp")
     if not 0 <= config.noise < 1:
         problems.append(f"--noise must be in [0, 1), got {config.noise}")
     refuse(problems + base_problems(config))

@@ -37,6 +37,18 @@ class GPTConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
 
 
+def training_memory(config, batch_size, full=True):
+    """Rough bytes of one training step in float32, to refuse a shape that cannot fit
+    before any work: the weights (times 4 with their gradients and AdamW's two moments
+    when full, i.e. pretraining), and the activations the backward keeps, per position
+    of each sample about 16 * n_embd + 2 * n_head * block_size floats a block (the explicit
+    attention keeps its probabilities) plus the logits and their gradient."""
+    d, T, L, V = config.n_embd, config.block_size, config.n_layer, config.vocab_size
+    weights = V * d + T * d + L * (12 * d * d + 13 * d)
+    per_sample = T * (L * (16 * d + 2 * config.n_head * T) + 2 * V)
+    return 4 * (weights * (4 if full else 1) + batch_size * per_sample)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()

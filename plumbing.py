@@ -83,8 +83,8 @@ def parse_args(config_type, argv=None, description=None, renamed=None, known_onl
     for old, new in (renamed or {}).items():
         if any(a == old or a.startswith(old + "=") for a in argv):
             raise ConfigError(f"invalid settings:\n  {old} is now {new}")
-    parser = argparse.ArgumentParser(description=description, epilog=epilog, allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(description=description, epilog=epilog, allow_abbrev=False,
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(config_type):
         if f.type is bool or f.type == "bool":
             parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
@@ -95,6 +95,15 @@ def parse_args(config_type, argv=None, description=None, renamed=None, known_onl
         values, rest = parser.parse_known_args(argv)
         return config_type(**vars(values)), rest
     return config_type(**vars(parser.parse_args(argv)))
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose mistakes (an unknown flag, a value that is not a number) are a
+    ConfigError like any other bad setting: one `error:` line, printed by the first
+    process only under torchrun, exit 2 on every process."""
+
+    def error(self, message):
+        raise ConfigError(f"{message} (--help lists the flags)")
 
 
 def config_from_dict(config_type, values):
@@ -141,8 +150,11 @@ def world():
 
 
 def is_main():
-    """Only the first process prints and writes files; the others compute alongside it."""
-    return world()[0] == 0
+    """Only the first process prints and writes files; the others compute alongside it.
+    Before the process group exists (a bad flag under torchrun), RANK says which is first."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def pick_device(name):
@@ -264,6 +276,65 @@ def check_out_dir(out_dir, outputs, resume=False, overwrite=False):
     if earlier and not resume and not overwrite:
         raise ConfigError(f"invalid settings:\n  --out-dir {out_dir} already holds {', '.join(earlier)} of an earlier run: "
                           "continue it with --resume, replace it with --overwrite, or pick another --out-dir")
+
+
+def file_problems(flag_name, path):
+    """The problem with an input file given by a flag (missing, a directory, unreadable), or []."""
+    if not path:
+        return []
+    if not os.path.exists(path):
+        return [f"{flag_name} {path}: no such file"]
+    if os.path.isdir(path):
+        return [f"{flag_name} {path}: is a directory, not a file"]
+    if not os.access(path, os.R_OK):
+        return [f"{flag_name} {path}: cannot be read (permissions)"]
+    return []
+
+
+def output_problems(flag_name, path):
+    """The problem with an output file named by a flag, found before any work: its directory
+    cannot be made or written, or the name is a directory."""
+    if os.path.isdir(path):
+        return [f"{flag_name} {path}: is a directory; give a file name"]
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        return [f"{flag_name} {path}: cannot write there ({e.strerror})"]
+    return []
+
+
+def memory_available(device):
+    """Bytes this process can still take on device: the GPU's free memory, or the machine's
+    MemAvailable (Linux); None where it cannot be told."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def gib(n_bytes):
+    return f"{n_bytes / 2**30:,.1f} GiB"
+
+
+def memory_problems(what, estimate, device, flags):
+    """A problem line when a step clearly cannot fit: half the rough estimate (model.py's
+    training_memory) is still more than the device has available."""
+    available = memory_available(device)
+    if available is None or estimate / 2 <= available:
+        return []
+    return [f"{flags}: {what} needs at least about {gib(estimate / 2)} and {device} has {gib(available)} available; "
+            "choose a smaller shape or batch"]
 
 
 # ---------------------------------------------------------------------------------------

@@ -24,9 +24,10 @@ import torch
 import torch.distributed as dist
 
 from data import DataError, Example, TokenizerUnavailable, collate, encode, get_tokenizer, pretrain_text, read_text_file
-from model import GPT, GPTConfig
-from plumbing import (ConfigError, atomic_save, autocast_for, check_device, check_out_dir, flag, init_distributed, is_main,
-                      option, parse_args, pick_device, positive, read_checkpoint, refuse, run_main, say, world)
+from model import GPT, GPTConfig, training_memory
+from plumbing import (ConfigError, atomic_save, autocast_for, check_device, check_out_dir, file_problems, flag, init_distributed,
+                      is_main, memory_problems, option, parse_args, pick_device, positive, read_checkpoint, refuse, run_main,
+                      say, world)
 
 PRETRAIN_SEED = 1234  # the base model does not depend on the fine-tuning seed
 SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
@@ -66,8 +67,11 @@ def base_problems(config):
         problems.append(f"--n-embd {shape['n_embd']} does not divide by --n-head {shape['n_head']}")
     if config.init_from and not os.path.exists(config.init_from):
         problems.append(f"--init-from {config.init_from}: no such file or directory")
-    if config.pretrain_data and not os.path.exists(config.pretrain_data):
-        problems.append(f"--pretrain-data {config.pretrain_data}: no such file")
+    problems += file_problems("--pretrain-data", config.pretrain_data)
+    if not config.init_from and not problems:  # the base that would be pretrained: can a step of it fit?
+        estimate = training_memory(GPTConfig(**shape_values(config)), config.pretrain_batch_size)
+        problems += memory_problems("pretraining this base", estimate, pick_device(config.device),
+                                    "--n-layer, --n-embd, --block-size, --pretrain-batch-size")
     return problems
 
 
@@ -187,8 +191,10 @@ def read_base(path):
     if os.path.isdir(path) or path.endswith(".bin"):
         try:
             return GPT.from_pretrained(path)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise ConfigError(f"invalid settings:\n  --init-from {path}: not a GPT-2 checkpoint we can load ({e})") from None
+        except Exception as e:  # missing or truncated files, a config that does not match the weights, wrong shapes
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ConfigError(f"invalid settings:\n  --init-from {path}: not a GPT-2 checkpoint we can load "
+                              f"({type(e).__name__}: {reason})") from None
     ckpt = read_checkpoint(path, "--init-from", ("model_config", "model"))
     try:
         model = GPT(GPTConfig(**ckpt["model_config"]))

@@ -25,9 +25,10 @@ from data import DataConfig, DataError, TokenizerUnavailable, collate, evaluate,
 from gast import SCORED, SelectionConfig, SparseTuner
 from lora import LoRAConfig, add_lora, adapter_state_dict, save_adapter
 from plumbing import (ConfigError, Interrupted, atomic_save, autocast_for, check_out_dir, config_from_dict, fingerprint,
-                      init_distributed, is_main, like, nanmean, not_negative, one_of, option, parse_args, pick_device, positive, pyplot,
+                      in_range, init_distributed, is_main, like, memory_problems, nanmean, not_negative, one_of, option, parse_args, pick_device, positive, pyplot,
                       read_checkpoint, refuse, run_main, save_figure, say, smooth, subset, world, write_json)
-from pretrain import BaseConfig, base_problems, load_base
+from model import GPTConfig, training_memory
+from pretrain import BaseConfig, base_problems, load_base, shape_values
 
 
 @dataclass
@@ -69,13 +70,21 @@ def validate(config, n_procs=1):
     """Raise ConfigError listing every problem; n_procs: processes under torchrun."""
     problems = SelectionConfig.problems(config) + DataConfig.problems(config) + base_problems(config) + config.lora().problems()
     problems += positive(config, "steps", "batch_size", "eval_interval", "log_interval", "eval_samples", "lr")
-    problems += one_of(config, "schedule", ("cosine", "constant")) + not_negative(config, "grad_clip", "weight_decay")
+    problems += one_of(config, "schedule", ("cosine", "constant")) + not_negative(config, "grad_clip")
+    problems += in_range(config, "weight_decay", 0, 1)
+    if config.lr > 1 and math.isfinite(config.lr):
+        problems.append(f"--lr {config.lr} is above 1: AdamW steps that large wreck any model (LoRA here likes 1e-3 to 3e-2)")
     if config.stop_at < 0 or config.warmup_steps < 0:
         problems.append("--stop-at and --warmup-steps must not be negative")
+    if config.warmup_steps > config.steps > 0:
+        problems.append(f"--warmup-steps {config.warmup_steps} is longer than the run (--steps {config.steps})")
     if not config.data and config.batch_size > config.n_train:
         problems.append(f"--batch-size {config.batch_size} is larger than the {config.n_train} training samples (--n-train)")
     if config.batch_size % n_procs:
         problems.append(f"--batch-size {config.batch_size} (the global batch) does not divide by the {n_procs} processes")
+    if not config.init_from and not problems:  # the base train.py would pretrain: can a fine-tuning step of it fit?
+        estimate = training_memory(GPTConfig(**shape_values(config)), config.batch_size + config.support_size, full=False)
+        problems += memory_problems("a fine-tuning step", estimate, pick_device(config.device), "--batch-size, --n-layer, --n-embd, --block-size")
     refuse(problems)
 
 
@@ -146,15 +155,25 @@ def read_resume(config, ckpt_path):
     elif fingerprint(base) != resume["base_hash"]:
         changed.append(f"the checkpoint's base model {base} has changed since (hash {fingerprint(base)}, "
                        f"the checkpoint's {resume['base_hash']})")
+    for name, digest in resume.get("data_hash", {}).items():  # the files the run trained and evaluated on
+        path = getattr(config, name)
+        now = fingerprint(path) if path and os.path.isfile(path) else None
+        if now != digest:
+            changed.append(f"--{name.replace('_', '-')} {path}: the file has changed since the checkpoint was written "
+                           f"(hash {now}, the checkpoint's {digest}); start afresh with --overwrite")
     if changed:
         raise ConfigError("invalid settings:\n  --resume with other settings than the checkpoint's:\n  " + "\n  ".join(changed))
     return resume
+
+
+DATA_FILES = ("data", "val_data", "support_data")  # hashed into checkpoints: a resume on changed data is refused
 
 
 def save_checkpoint(path, config, step, model, opt, tuner, rngs, base, history):
     (data_rng, probe_rng), (base_path, base_hash) = rngs, base
     atomic_save({
         "config": asdict(config), "step": step, "base": base_path, "base_hash": base_hash, "lora_config": asdict(config.lora()),
+        "data_hash": {name: fingerprint(getattr(config, name)) for name in DATA_FILES if getattr(config, name)},
         "adapter": adapter_state_dict(model), "optimizer": opt.state_dict(), "tuner": tuner.state_dict(),
         "rng": {"python": data_rng.getstate(), "probe": probe_rng.getstate(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -204,18 +223,21 @@ RUN_OUTPUTS = ("ckpt.pt", "adapter.pt", "metrics.json", "selection.png")
 # The run
 
 
-def train(config, split="test", summary=True):
+def train(config, split="test", summary=True, dry_run=False):
     """Fine-tune as config says (a TrainConfig, a dict of its fields or a list of flags); the metrics dict.
 
     split: the evaluation split, "test" (the reported results) or "dev" (compare.py's lr
     choice, which must never see the test split; only its loss is computed).
-    summary: print the summary.
+    summary: print the summary. dry_run: only check the settings (ConfigError if any is
+    bad) and return them as a dict, doing no work (compare.py checks its runs' flags so).
     """
     if isinstance(config, (list, tuple)):  # command-line flags, as compare.py passes them
         config = parse_args(TrainConfig, config, renamed=RENAMED)
     elif isinstance(config, dict):
         config = config_from_dict(TrainConfig, config)
     validate(config, n_procs=world()[1])
+    if dry_run:
+        return asdict(config)
     device, tokenizer = pick_device(config.device), get_tokenizer(config.tokenizer)
     check_out_dir(config.out_dir, RUN_OUTPUTS, config.resume, config.overwrite)
     ckpt_path = os.path.join(config.out_dir, "ckpt.pt")

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 
 # The one tiny run of the suite: the default task at a size that runs in about a second.
 # No picture (drawing it costs about as much as the run); the tests of the picture ask for it.
-TINY = dict(steps=6, batch_size=8, n_train=48, n_val=16, eval_interval=3, log_interval=2, quiet=True, lisa_interval=2,
+TINY = dict(steps=6, warmup_steps=2, batch_size=8, n_train=48, n_val=16, eval_interval=3, log_interval=2, quiet=True, lisa_interval=2,
             picture=False)
 TINY_FLAGS = [f"--{k.replace('_', '-')}" if v is True else f"--no-{k.replace('_', '-')}" if v is False
               else f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]

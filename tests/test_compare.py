@@ -97,3 +97,18 @@ def test_an_old_flag_names_its_new_spelling(old, new, capsys):
 def test_the_default_rows_are_the_papers_rule_and_its_ablations():
     rows = compare_module.rows_of(CompareConfig())
     assert [spec for spec, _, _ in rows] == ["lora", "lisa", "ist", "data", "gast", "gast:random", "gast:topk", "gast:heldout"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--seeds", "-1"], "--seeds must be positive"),
+    (["--lrs", "inf"], "--lrs must all be positive"),
+    (["--methods", "gast:heldout+batch"], "--methods: unknown gast:heldout+batch"),
+    (["--steps", "-3"], "--steps must be positive, got -3"),  # train.py's flags are checked before the first run
+    (["--n-layer", "1000000"], "pretraining this base needs at least about"),
+    (["--seeds", "two"], "argument --seeds: invalid int value: 'two'"),
+])
+def test_bad_comparison_input_is_one_error_line_before_any_run(capsys, base, tmp_path, flags, message):
+    assert main(["--out-dir", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "compare").exists()

@@ -254,3 +254,23 @@ def test_the_base_models_skills_are_fresh_corpus_lines_split_at_the_equals_sign(
         prompt, answer = tok.decode(e.tokens[: e.n_prompt]), tok.decode(e.completion)
         op, word = prompt[:-1].split(" ")
         assert prompt.endswith("=") and answer == PRETRAIN_OPS[op](word) + "\n"
+
+
+def test_ctrl_c_is_one_line_and_exit_130(base, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(gradot, "fine_tune", interrupted)
+    assert gradot.main(["--init-from", base, "--out-dir", str(tmp_path), "--steps", "2", "--seeds", "1"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "interrupted; nothing was saved by this run" and not (tmp_path / "gradot.json").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lr", "inf"], "--lr must be positive"),
+    (["--steps", "x"], "argument --steps: invalid int value: 'x'"),
+    (["--n-layer", "1000000"], "pretraining this base needs at least about"),
+])
+def test_more_bad_settings_are_one_error_line(tmp_path, capsys, flags, message):
+    assert gradot.main(["--out-dir", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err, err

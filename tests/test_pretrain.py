@@ -17,7 +17,7 @@ CORPUS = "".join(f"Line {i}: the {w} fox jumps over the lazy dog near {v} trees.
                  for i, (w, v) in enumerate(zip(["quick", "slow", "red", "brown"] * 30, ["two", "three", "five"] * 40)))
 SHAPE = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "48"]
 PRETRAIN = ["--pretrain-steps", "3", "--pretrain-batch-size", "4"]
-FINE_TUNE = ["--steps", "3", "--batch-size", "4", "--eval-interval", "3", "--heldout-size", "4",
+FINE_TUNE = ["--steps", "3", "--warmup-steps", "1", "--batch-size", "4", "--eval-interval", "3", "--heldout-size", "4",
              "--prompt-field", "question", "--completion-field", "answer"]
 
 
@@ -67,7 +67,7 @@ def test_a_prompt_longer_than_the_context_is_skipped_and_named(base, tmp_path, c
 def test_text_data_ends_with_a_greedy_sample(base, tmp_path, capsys):
     (tmp_path / "corpus.txt").write_text(CORPUS)
     argv = ["--init-from", base, "--out-dir", str(tmp_path / "out"), "--data", str(tmp_path / "corpus.txt"),
-            "--steps", "2", "--batch-size", "4", "--support", "batch"]
+            "--steps", "2", "--warmup-steps", "1", "--batch-size", "4", "--support", "batch"]
     assert main(argv) == 0
     line = [l for l in capsys.readouterr().out.splitlines() if "a greedy sample from a held-out prompt: " in l]
     assert len(line) == 1
@@ -124,3 +124,59 @@ def test_python_pretrain_py_makes_the_base_once_with_progress_and_an_eta(capsys,
     assert f"already there: {made[0]}" in capsys.readouterr().out
     assert torch.load(made[0], weights_only=True)["model_config"]["n_layer"] == 2
 
+
+
+# --- bad input to pretrain.py, one table; the local GPT-2 directory loader's faults ---
+
+def gpt2_directory(path, fault):
+    """A tiny GPT-2 checkpoint in Hugging Face's layout, broken as `fault` says."""
+    from test_model import tiny_model, write_hf_checkpoint
+    path.mkdir()
+    source = tiny_model(n_embd=128, n_head=2)
+    write_hf_checkpoint(source, path)
+    weights, config = path / "pytorch_model.bin", path / "config.json"
+    if fault == "no weights":
+        weights.unlink()
+    elif fault == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif fault == "wrong shape":
+        sd = torch.load(weights)
+        sd["h.0.mlp.c_fc.weight"] = sd["h.0.mlp.c_fc.weight"][:, :-1]
+        torch.save(sd, weights)
+    elif fault == "config of another model":
+        config.write_text(config.read_text().replace('"n_layer": 2', '"n_layer": 3'))
+    elif fault == "config not json":
+        config.write_text("{n_layer: 2")
+    return str(path)
+
+
+@pytest.mark.parametrize("fault,message", [
+    ("no weights", "pytorch_model.bin: no GPT-2 checkpoint there"),
+    ("truncated weights", "not a GPT-2 checkpoint we can load"),
+    ("wrong shape", "h.0.mlp.c_fc.weight has shape"),
+    ("config of another model", "keys do not match GPT-2's layout"),
+    ("config not json", "JSONDecodeError"),
+])
+def test_a_broken_gpt2_directory_is_one_error_line(capsys, tmp_path, fault, message):
+    path = gpt2_directory(tmp_path / "gpt2", fault)
+    assert pretrain.main(["--init-from", path, "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"--init-from {path}: not a GPT-2 checkpoint we can load" in err and message in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--pretrain-steps", "-1"], "--pretrain-steps must not be negative"),
+    (["--pretrain-lr", "nan"], "--pretrain-lr must be positive, got nan"),
+    (["--n-embd", "100", "--n-head", "3"], "--n-embd 100 does not divide by --n-head 3"),
+    (["--n-layer", "1000000"], "pretraining this base needs at least about"),
+    (["--pretrain-data", "{tmp}"], "is a directory, not a file"),
+    (["--pretrain-data", "{tmp}/nowhere.txt"], "no such file"),
+    (["--tokenizer", "foo"], "--tokenizer 'foo' is unknown"),
+    (["--n-layer", "x"], "argument --n-layer: invalid int value: 'x'"),
+])
+def test_bad_pretraining_settings_are_one_error_line_before_any_work(capsys, tmp_path, flags, message):
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    assert pretrain.main(["--out-dir", str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+    assert not list((tmp_path / "out").glob("base-*.pt")) if (tmp_path / "out").exists() else True

@@ -79,3 +79,20 @@ def test_a_missing_run_a_changed_base_and_a_mismatched_adapter_are_one_line_erro
         with open(base, "rb+") as f:
             f.truncate(f.seek(0, 2) - 1)
     assert "--temperature must not be negative" in refused("--out-dir", str(run), "--temperature", "-1")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--temperature", "-1"], "--temperature must not be negative"),
+    (["--n", "0"], "--n must be positive"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be positive"),
+    (["--data", "{tmp}"], "--data {tmp}: no such file"),
+    (["--merge", "{tmp}/merged.bin"], "give a .pt file name"),
+    (["--device", "banana"], "--device 'banana' is not a device"),
+    (["--out-dir", "{tmp}/nowhere"], "no ckpt.pt there"),
+    (["--prompt"], "argument --prompt: expected one argument"),
+])
+def test_bad_sampling_settings_are_one_error_line(capsys, tmp_path, flags, message):
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    assert sample.main(["--out-dir", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message.replace("{tmp}", str(tmp_path)) in err and "Traceback" not in err, err

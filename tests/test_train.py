@@ -78,8 +78,8 @@ def test_unknown_fields_and_bad_flags_are_refused(base, tmp_path, capsys):
         train({"bogus": 1, "steps": 3})
     assert main(["--layer-ratio", "2", "--out-dir", str(tmp_path), "--init-from", base]) == 2
     assert "--layer-ratio must be in [0, 1], got 2.0" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--no-such-flag"])
+    assert main(["--no-such-flag"]) == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
 
 def test_bad_support_and_selection_flags_are_refused(tiny, tmp_path):
@@ -318,3 +318,91 @@ def test_a_run_records_the_norm_before_clipping_and_clips_at_its_setting(tiny, t
     assert len(history["grad_norm"]) == 6 and all(n > 1e-3 for n in history["grad_norm"])
     loose = train(tiny(tmp_path / "loose", method="lora", grad_clip=0.0))
     assert loose["val_loss"] != metrics["val_loss"]  # clipping at 1e-3 changed the updates
+
+
+# --- bad input, one table: every kind ends in one `error:` line naming the flag, file or line, exit 2 ---
+
+def bad_files(tmp_path):
+    """Files a new user might hand over, by kind; each the --data (or --val-data) of one run."""
+    good = "\n".join(json.dumps({"prompt": f"q{i}?", "completion": f" a{i}"}) for i in range(40))
+    (tmp_path / "good.jsonl").write_text(good)
+    (tmp_path / "nested.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    (tmp_path / "huge.jsonl").write_text(json.dumps({"prompt": "x" * (2 << 20), "completion": "y"}) + "\n")
+    (tmp_path / "blank.jsonl").write_text("\n\n  \n")
+    (tmp_path / "latin1.txt").write_bytes("café au lait\n".encode("latin-1") * 20)
+    (tmp_path / "text.txt").write_text("plain text " * 200)
+    (tmp_path / "folder.jsonl").mkdir()
+
+
+BAD_INPUTS = [  # (flags, the fragment its error names); {tmp} is the test's folder of bad files
+    (["--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--lr", "1e308"], "--lr 1e+308 is above 1"),
+    (["--lr", "inf"], "--lr must be positive, got inf"),
+    (["--lr", "nan"], "--lr must be positive, got nan"),
+    (["--weight-decay", "-1"], "--weight-decay must be in [0, 1], got -1.0"),
+    (["--weight-decay", "50"], "--weight-decay must be in [0, 1], got 50.0"),
+    (["--warmup-steps", "100"], "--warmup-steps 100 is longer than the run (--steps 6)"),
+    (["--data-ratio", "0"], "--data-ratio must be in (0, 1], got 0.0"),
+    (["--layer-ratio", "1.5"], "--layer-ratio must be in [0, 1], got 1.5"),
+    (["--noise", "1"], "--noise must be in [0, 1), got 1.0"),
+    (["--grad-clip", "-1"], "--grad-clip must not be negative, got -1.0"),
+    (["--temperature", "0"], "--temperature must be positive, got 0.0"),
+    (["--batch-size", "1000000000"], "--batch-size 1000000000 is larger than the 48 training samples"),
+    (["--n-train", "2000000000"], "the default task would need 2,000,000,"),
+    (["--heldout-size", "900000", "--n-train", "200000"], "distinct words, more than the 1,000,000 it makes"),
+    (["--data", "{tmp}/nested.jsonl"], "nested.jsonl:1: JSON nested too deeply to read"),
+    (["--data", "{tmp}/huge.jsonl"], "huge.jsonl:1: a line of 2,097,"),
+    (["--data", "{tmp}/blank.jsonl"], "blank.jsonl: file is empty"),
+    (["--data", "{tmp}/latin1.txt"], "latin1.txt:1: not valid UTF-8"),
+    (["--data", "{tmp}/folder.jsonl"], "--data {tmp}/folder.jsonl: is a directory, not a file"),
+    (["--data", "{tmp}/good.jsonl", "--val-data", "{tmp}/text.txt"], "--val-data {tmp}/text.txt would be read as plain text, but --data"),
+    (["--data", "{tmp}/text.txt", "--val-data", "{tmp}/good.jsonl"], "would be read as JSONL prompt/completion pairs, but --data"),
+    (["--data", "{tmp}/good.jsonl", "--support-data", "{tmp}/folder.jsonl"], "--support-data {tmp}/folder.jsonl: is a directory"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_INPUTS)
+def test_bad_input_is_one_error_line_before_any_training(capsys, base, tmp_path, flags, message):
+    bad_files(tmp_path)
+    out = tmp_path / "out"
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    err = refused(capsys, base, out, *flags)
+    assert message.replace("{tmp}", str(tmp_path)) in err and "Traceback" not in err, err
+    assert not (out / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--n-layer", "1000000"], "pretraining this base needs at least about"),
+    (["--n-embd", "200000", "--n-head", "1"], "needs at least about"),
+    (["--block-size", "100000000"], "needs at least about"),
+    (["--batch-size", "1000", "--n-train", "1000", "--n-embd", "1024", "--n-head", "8", "--block-size", "256",
+      "--pretrain-batch-size", "1"],
+     "a fine-tuning step needs at least about"),
+])
+def test_a_shape_the_machine_cannot_hold_is_refused_before_pretraining(capsys, tmp_path, flags, message):
+    assert main(["--out-dir", str(tmp_path), "--quiet", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "available" in err
+    assert not list(tmp_path.glob("base-*.pt"))
+
+
+def test_under_torchrun_only_the_first_process_prints_a_bad_flag_and_every_process_exits_2(capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    assert main(["--steps", "abc"]) == 2 and capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["--steps", "abc"]) == 2 and capsys.readouterr().err.startswith("error: argument --steps")
+
+
+def test_resume_on_changed_data_is_refused_naming_the_file(capsys, base, tmp_path):
+    rows = [json.dumps({"prompt": f"q{i}?", "completion": f" a{i % 3}"}) for i in range(40)]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(rows))
+    out = tmp_path / "out"
+    flags = ["--data", str(data), "--batch-size", "4"]
+    assert run(capsys, base, out, *flags, "--stop-at", "3")[0] == 0
+    data.write_text("\n".join(rows[:-1] + [json.dumps({"prompt": "q39?", "completion": " changed"})]))
+    err = refused(capsys, base, out, *flags, "--resume")
+    assert f"--data {data}: the file has changed since the checkpoint was written" in err and "--overwrite" in err
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3  # nothing lost
+    assert run(capsys, base, out, *flags, "--overwrite")[0] == 0  # afresh
