@@ -6,13 +6,14 @@ What GAST costs over a plain LoRA step, as ratios that hold on a shared machine.
 
 For each model and batch size it times:
   plain          an ordinary LoRA step: forward, backward, AdamW
-  gast_default   the step train.py runs by default: the paper's rule (a support mini-batch of 4
-                 training samples riding in the per-sample pass, the softmax draw per layer,
-                 every layer updated), per-sample gradients by torch.func
-  gast           a GAST step with the batch mean as support (no extra rows; torch.func)
-  gast_hooks     the same step with per-sample gradients from backward hooks (gast.py)
-  gast_ref1      a GAST step with a whole trusted held-out support set (64) every step
-  gast_ref10     the same, recomputed every 10 steps (timed over 10 steps, per step)
+  gast_default   the step train.py runs with its defaults: the paper's rule (a support mini-batch of
+                 4 training samples riding in the per-sample pass, a softmax draw per layer, every
+                 layer updated), by the default per-sample path
+  gast_vmap      the same step, per-sample gradients by torch.func (the reference path)
+  gast_hooks     the same step, per-sample gradients of every block from backward hooks
+  gast_blocks    the same step formed block by block inside the backward (one block's per-sample
+                 gradients held at a time)
+  gast_ref1      the revision-2 default: a whole trusted held-out set (64) as support every step (vmap)
   vmap        per-sample gradients through torch.func alone
   hooks       per-sample gradients through backward hooks alone
   loop        B single-sample forward/backward passes (what vmap replaces)
@@ -59,7 +60,8 @@ MODELS = {  # name: (model shape, LoRA targets, batch sizes by default)
     "mid": (GPTConfig(n_layer=8, n_head=8, n_embd=256, block_size=64), ATTENTION_AND_MLP, (32,)),
     "gpt2-small": (GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=128, vocab_size=50257), ATTENTION, (8, 32)),
 }
-WHATS = ("plain", "gast_default", "gast", "gast_hooks", "gast_ref1", "gast_ref10", "vmap", "hooks", "loop")
+WHATS = ("plain", "gast_default", "gast_vmap", "gast_hooks", "gast_blocks", "gast_ref1", "vmap", "hooks", "loop")
+PATHS = ("gast_default", "gast_vmap", "gast_hooks", "gast_blocks", "gast_ref1")  # the GAST steps, in the table's order
 SUPPORT_SET_SIZE = 64  # the pool the support rows are drawn from (train.py: the training set)
 
 
@@ -118,8 +120,8 @@ def setup(spec, device):
 def runners(model, opt, x, y, support_set):
     def tuner(**kw):
         return SparseTuner(model, SelectionConfig(method="gast", **kw), support_set=support_set)
-    tuners = {"gast_default": tuner(), "gast": tuner(support="batch"), "gast_hooks": tuner(support="batch", per_sample="hooks"),
-              "gast_ref1": tuner(support="heldout", support_size=0), "gast_ref10": tuner(support="heldout", support_size=0, support_interval=10)}
+    tuners = {"gast_default": tuner(), "gast_vmap": tuner(per_sample="vmap"), "gast_hooks": tuner(per_sample="hooks"),
+              "gast_blocks": tuner(per_sample="blocks"), "gast_ref1": tuner(support="heldout", support_size=0, per_sample="vmap")}
 
     def plain():
         opt.zero_grad(set_to_none=True)
@@ -144,12 +146,10 @@ def runners(model, opt, x, y, support_set):
             model.zero_grad(set_to_none=True)
             model(x[i : i + 1], y[i : i + 1])[1].backward()
 
-    return {"plain": plain, "gast_default": gast_step("gast_default"), "gast": gast_step("gast"), "gast_hooks": gast_step("gast_hooks"),
-            "gast_ref1": gast_step("gast_ref1"), "gast_ref10": gast_step("gast_ref10", steps=10),
-            "vmap": vmap, "hooks": hooks, "loop": loop}
+    return {"plain": plain, **{what: gast_step(what) for what in tuners}, "vmap": vmap, "hooks": hooks, "loop": loop}
 
 
-STEPS_PER_CALL = {"gast_ref10": 10}  # one call of gast_ref10 is 10 steps: one refresh, nine reuses
+STEPS_PER_CALL = {}  # computations timed over several steps (none today), per step
 
 
 def build(spec, B, device):
@@ -207,7 +207,7 @@ def memory_one(spec, B, what, device, threads, warmup=2):
     torch.set_num_threads(threads)
     run, _, _ = build(spec, B, device)
     start = memory_start(device)
-    for _ in range(1 if what in ("loop", "gast_ref10") else warmup + 1):
+    for _ in range(1 if what == "loop" else warmup + 1):
         run[what]()
     return max(memory_peak(device) - start, 0)
 
@@ -240,6 +240,8 @@ def summarise(name, B, times, ratios, peaks, n_lora, seq):
     row["busy"] = row["plain_spread"] > 2
     # the memory target: per-sample gradients may add B x (LoRA parameters) x 4 bytes
     row["per_sample_grad_mib"] = B * n_lora * 4 / 2**20
+    # the block-by-block target: (B + the support rows) x one block's LoRA parameters x 4 bytes over plain
+    row["block_bound_mib"] = (B + SelectionConfig.support_size) * n_lora / MODELS[name][0].n_layer * 4 / 2**20
     return row
 
 
@@ -298,21 +300,18 @@ def main(argv=None):
             times, ratios, n_lora, seq = paired_times(MODELS[name], B, device, repeats, min(args.loop_repeats, repeats), clock=args.clock)
             row = summarise(name, B, times, ratios, memory_all(MODELS[name], B, device, args.threads), n_lora, seq)
             rows.append(row)
-            print(f"  {name} B={B}: plain {row['plain_ms']:.1f} ms, train.py's default {row['gast_default_x']:.2f}x, gast {row['gast_x']:.2f}x, gast_hooks {row['gast_hooks_x']:.2f}x, "
-                  f"held-out every step {row['gast_ref1_x']:.2f}x, every 10 {row['gast_ref10_x']:.2f}x", flush=True)
+            print(f"  {name} B={B}: plain {row['plain_ms']:.1f} ms, " + ", ".join(f"{w} {row[w + '_x']:.2f}x" for w in PATHS), flush=True)
             if row["busy"]:
                 print(f"  warning: plain's own time varied {row['plain_spread']:.1f}x across rounds: the machine was busy "
                       "and these ratios are suspect (on a shared CPU, --threads 1 --clock cpu holds up better)", flush=True)
     print("\ntime: median over rounds of the ratio to that round's plain step [min-max]; memory: peak MiB above the start")
-    print("| model | B | plain ms | gast_default | gast (batch support, vmap) | gast (batch support, hooks) | gast (held-out, every step) | "
-          "gast (held-out, every 10) | vmap | hooks | loop | vmap vs loop | plain MiB | gast_default MiB | gast MiB | gast hooks MiB | B x LoRA x 4 B (MiB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | B | plain ms | " + " | ".join(PATHS) + " | vmap | hooks | loop | vmap vs loop | plain MiB | "
+          + " | ".join(f"{w} MiB" for w in PATHS) + " | (B + 4) x one block's LoRA x 4 B (MiB) |")
+    print("|---" * (9 + 2 * len(PATHS)) + "|")
     for r in rows:
-        cells = [f"{r[f'{w}_x']:.2f}x [{r[f'{w}_x_spread'][0]:.2f}-{r[f'{w}_x_spread'][1]:.2f}]"
-                 for w in ("gast_default", "gast", "gast_hooks", "gast_ref1", "gast_ref10", "vmap", "hooks", "loop")]
-        print(f"| {r['model']} | {r['batch']} | {r['plain_ms']:.1f} | " + " | ".join(cells) +
-              f" | {r['vmap_speedup_over_loop']:.1f}x | {r['plain_mem_mib']:.1f} | {r['gast_default_mem_mib']:.1f} | "
-              f"{r['gast_mem_mib']:.1f} | {r['gast_hooks_mem_mib']:.1f} | {r['per_sample_grad_mib']:.1f} |")
+        cells = [f"{r[f'{w}_x']:.2f}x [{r[f'{w}_x_spread'][0]:.2f}-{r[f'{w}_x_spread'][1]:.2f}]" for w in PATHS + ("vmap", "hooks", "loop")]
+        print(f"| {r['model']} | {r['batch']} | {r['plain_ms']:.1f} | " + " | ".join(cells) + f" | {r['vmap_speedup_over_loop']:.1f}x | "
+              + " | ".join(f"{r[f'{w}_mem_mib']:.1f}" for w in ("plain",) + PATHS) + f" | {r['block_bound_mib']:.2f} |")
     write_json(args.out, {"device": device, "machine": machine, "torch": torch.__version__, "threads": args.threads,  # atomically
                           "clock": args.clock, "busy": any(r["busy"] for r in rows), "rows": rows})
     print(f"\nwritten to {args.out}")

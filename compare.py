@@ -169,7 +169,7 @@ def plot_comparison(rows, path):
 
 def main(argv=None):
     def work():
-        config, train_flags = parse_args(CompareConfig, argv, description=__doc__.split("\n\n")[1].strip(), known_only=True,
+        config, train_flags = parse_args(CompareConfig, argv, description=__doc__.strip(), known_only=True,
                                          epilog="Every other flag is train.py's (python train.py --help) and goes to every run.")
         compare(config, train_flags)
     return run_main(work, (DataError, TokenizerUnavailable))

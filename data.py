@@ -424,10 +424,12 @@ def evaluate(model, examples, tokenizer, device, is_qa, batch_size=64, n_answers
                     out = model.generate(prompts, n_new, temperature=0)[:, n_prompt:].tolist()
                 for j, generated in zip(chunk, out):
                     e = examples[j]
-                    hits[j] = generated[: len(e.completion)] == e.completion
+                    # the answer's text must match; a JSONL completion's closing <|endoftext|> is not asked for
+                    reference = e.completion[:-1] if e.completion[-1:] == [tokenizer.eot_token] else e.completion
+                    hits[j] = generated[: len(reference)] == reference
                     if len(answers) < n_answers:
-                        answers.append((tokenizer.decode(e.tokens[:n_prompt]), tokenizer.decode(generated[: len(e.completion)]),
-                                        tokenizer.decode(e.completion), hits[j]))
+                        answers.append((tokenizer.decode(e.tokens[:n_prompt]), tokenizer.decode(generated[: len(reference)]),
+                                        tokenizer.decode(reference), hits[j]))
     per_task = {}
     for name in sorted({e.task for e in examples}):
         mine = [j for j, e in enumerate(examples) if e.task == name]

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.func import functional_call, grad_and_value, vmap
 
-from lora import LoRALinear, lora_names_by_block, scaled_adapters
+from lora import LoRALinear, block_index, lora_names_by_block, scaled_adapters
 from model import IGNORE_INDEX
 from plumbing import in_range, not_negative, one_of, option, positive, world
 
@@ -38,6 +38,7 @@ METHODS = ("lora", "lisa", "ist", "data", "gast")
 SCORED = ("data", "gast")  # the methods that compute alignment scores, and so need a support gradient
 SELECTIONS = ("softmax", "topk", "random")  # the paper's rule, and its two ablations
 SUPPORTS = ("train", "heldout", "batch")  # where the support mini-batch comes from
+PER_SAMPLE = ("vmap", "hooks", "blocks")  # how step 1 is computed (torch.func is the reference)
 
 
 # ---------------------------------------------------------------------------------------
@@ -86,7 +87,7 @@ def per_sample_grads_by_hooks(model, inputs, targets):
 
 
 @contextmanager
-def recording_per_sample_grads(model):
+def recording_per_sample_grads(model, on_block=None):
     """Inside, a backward of the summed per-sample losses fills the yielded dict with
     {name: (B, *p.shape)} per-sample gradients of every LoRA parameter.
 
@@ -96,8 +97,16 @@ def recording_per_sample_grads(model):
         dL_i/dB = s * sum_t grad_out[i, t]^T u[i, t]          (out, r)
         dL_i/dA = s * sum_t (grad_out[i, t] B)^T h[i, t]       (r, in)
     the batched backward's own arithmetic without its sum over samples.
+
+    on_block(l, {name: (B, *p.shape)}): called as soon as the backward has finished block
+    l's adapters (the backward finishes block L-1 first, then L-2, ...); those gradients
+    then leave the store, so at most one block's per-sample gradients are held at a time.
     """
     store, handles = {}, []
+    names_of_block = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            names_of_block.setdefault(block_index(name), set()).add(name)
 
     def watch(name, module):
         seen = {}
@@ -118,6 +127,9 @@ def recording_per_sample_grads(model):
         u = h @ m.lora_A.detach().t()  # (B, T, r)
         store[f"{name}.lora_B"] = m.scaling * torch.einsum("bto,btr->bor", g, u)  # (B, out, r)
         store[f"{name}.lora_A"] = m.scaling * torch.einsum("btr,bti->bri", g @ m.lora_B.detach(), h)  # (B, r, in)
+        l = block_index(name + ".")
+        if on_block is not None and names_of_block[l] <= store.keys():
+            on_block(l, {n: store.pop(n) for n in names_of_block[l]})
 
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
@@ -214,19 +226,21 @@ def gumbel(shape, generator):
     return -torch.log(-torch.log(u))
 
 
-def draw(scores, k, temperature=1.0, generator=None):
+def draw(scores, k, temperature=1.0, generator=None, noise=None):
     """The paper's rule: per row, k distinct samples drawn from softmax(z / temperature),
     successively without replacement. Returns a bool mask like scores: (L, B).
 
     Gumbel-top-k: adding independent Gumbel noise to the logits z / temperature and taking
     the k largest draws exactly this law (Kool et al., 2019; Vieira, 2014), in one
     vectorised call. A constant row draws uniformly; temperature -> 0 gives top-k and
-    temperature -> infinity uniform random. The noise comes from `generator` alone.
+    temperature -> infinity uniform random. The noise comes from `generator` alone (or is
+    given: `noise`, Gumbel like scores, drawn earlier from it).
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    keys = standardise(scores).cpu() / temperature + gumbel(scores.shape, generator)  # (L, B)
+    if noise is None:
+        noise = gumbel(scores.shape, generator if generator is not None else torch.Generator().manual_seed(0))
+    keys = standardise(scores).cpu() / temperature + noise  # (L, B)
     mask = torch.zeros(scores.shape, dtype=torch.bool)
     mask.scatter_(-1, top(keys, k), True)
     return mask.to(scores.device)
@@ -388,13 +402,15 @@ class SelectionConfig:
     ist_trials: int = option(3, "ist's suppression trials per importance update")
     ist_suppress: float = option(0.25, "ist multiplies a suppressed layer's LoRA scaling by this")
     ist_lr: float = option(10.0, "ist's step size on the importance scores")
-    per_sample: str = option("vmap", "per-sample gradients by torch.func (vmap, the reference) or by backward hooks (hooks: same numbers, about a plain step's cost)")
+    per_sample: str = option("vmap", "per-sample gradients by torch.func (vmap, the reference), by backward hooks (hooks: the same numbers, "
+                             "about a plain step's cost), or by hooks block by block inside the backward (blocks: gast with every "
+                             "layer; at most one block's per-sample gradients held)")
     chunk_size: int = option(0, "vmap's per-sample gradients this many samples at a time (0: whole batch); bounds memory")
 
     def problems(self):
         """Every problem with these settings, naming the flags."""
         out = [] if self.method in METHODS else [f"--method {self.method!r} is unknown; choose one of {', '.join(METHODS)}"]
-        out += one_of(self, "selection", SELECTIONS) + one_of(self, "support", SUPPORTS) + one_of(self, "per_sample", ("vmap", "hooks"))
+        out += one_of(self, "selection", SELECTIONS) + one_of(self, "support", SUPPORTS) + one_of(self, "per_sample", PER_SAMPLE)
         out += in_range(self, "layer_ratio", 0, 1) + in_range(self, "data_ratio", 0, 1, low_open=True)
         out += positive(self, "temperature", "lisa_interval", "ist_interval", "ist_trials", "support_interval")
         out += not_negative(self, "chunk_size", "support_size")
@@ -564,30 +580,34 @@ class SparseTuner:
             # steps 1 and 2: per-sample gradients of the batch rows, and of the support rows riding along
             support = self._support_rows(x.device)
             whole_set = support is not None and c.support_size == 0  # its own batched pass: no per-sample gradients held
-            rows = len(x)
-            if support is not None and not whole_set:
+            riding, rows = support is not None and not whole_set, len(x)
+            if riding:
                 x, y = side_by_side(x, support[1], 0), side_by_side(y, support[2], IGNORE_INDEX)
-            if c.per_sample == "hooks":
-                grads, losses = per_sample_grads_by_hooks(self.model, x, y)
+            if whole_set:
+                self.support_grad, self.support_step = support_gradient(self.model, *support[1:]), self.steps
+            if c.per_sample == "blocks" and c.method == "gast" and K == self.L:
+                mask, scores, losses = self._gast_by_blocks(x, y, rows, riding, k, B, mine)  # steps 1-5, block by block
             else:
-                grads, losses = per_sample_grads_and_losses(self.model, x, y, c.chunk_size or None)
-            if support is not None:
-                self.support_grad = (support_gradient(self.model, *support[1:]) if whole_set
-                                     else {name: g[rows:].mean(dim=0) for name, g in grads.items()})
-                self.support_step = self.steps
-            grads, losses = {name: g[:rows] for name, g in grads.items()}, losses[:rows]
-            s = self.support_grad if c.support != "batch" else self._batch_mean(grads, B)
-            # step 3: scores; step 4: the selection, on the whole batch's scores
-            scores = alignment_scores(grads, self.layers, s)  # (L, B_local)
-            if n_procs > 1:
-                scores, losses = all_gather_columns(scores), all_gather_columns(losses)  # (L, B), (B,)
-            if c.method == "gast":
-                mask = choose(scores, K, k, c.selection, c.temperature, self.generator)
-            else:  # data: one global set, by the summed alignment over layers
-                mask[:] = choose(scores.sum(dim=0, keepdim=True), 1, k, c.selection, c.temperature, self.generator)
-            # step 5: each layer's gradient is the mean over its own selected samples
-            write_selected_gradients(self.model, self.layers, grads, mask, columns=mine)
-            loss = losses.mean()
+                if c.per_sample in ("hooks", "blocks"):
+                    grads, losses = per_sample_grads_by_hooks(self.model, x, y)
+                else:
+                    grads, losses = per_sample_grads_and_losses(self.model, x, y, c.chunk_size or None)
+                if riding:
+                    self.support_grad = {name: g[rows:].mean(dim=0) for name, g in grads.items()}
+                    self.support_step = self.steps
+                grads, losses = {name: g[:rows] for name, g in grads.items()}, losses[:rows]
+                s = self.support_grad if c.support != "batch" else self._batch_mean(grads, B)
+                # step 3: scores; step 4: the selection, on the whole batch's scores
+                scores = alignment_scores(grads, self.layers, s)  # (L, B_local)
+                if n_procs > 1:
+                    scores = all_gather_columns(scores)  # (L, B)
+                if c.method == "gast":
+                    mask = choose(scores, K, k, c.selection, c.temperature, self.generator)
+                else:  # data: one global set, by the summed alignment over layers
+                    mask[:] = choose(scores.sum(dim=0, keepdim=True), 1, k, c.selection, c.temperature, self.generator)
+                # step 5: each layer's gradient is the mean over its own selected samples
+                write_selected_gradients(self.model, self.layers, grads, mask, columns=mine)
+            loss = (all_gather_columns(losses) if n_procs > 1 else losses).mean()
         else:
             if c.method == "lora":
                 active = torch.arange(self.L)
@@ -637,6 +657,50 @@ class SparseTuner:
         scores = record.scores if c.method == "gast" else record.scores.sum(dim=0, keepdim=True).expand(L, -1)
         record.noisy_intended, record.clean_intended = selection_rates(law(scores, k, c.selection, c.temperature), noisy.cpu())
         return record
+
+    def _gast_by_blocks(self, x, y, rows, riding, k, B, mine):
+        """Steps 1-5 for gast inside one backward, block by block (per_sample="blocks"):
+        when the backward has finished block l's adapters, their per-sample gradients give
+        s_l (from the support rows), the B scores, the draw and the masked gradient, and are
+        freed; at most one block's are held. The numbers of the torch.func path (the draws
+        take the same noise, drawn before the backward), at about one plain step's cost.
+        (mask (L, B), scores (L, B), this process's batch losses)."""
+        c, n_procs = self.config, world()[1]
+        noise = None if c.selection == "topk" else gumbel((self.L, B), self.generator)  # as choose() would draw it
+        scores = torch.zeros(self.L, B, device=x.device)
+        mask = torch.zeros(self.L, B, dtype=torch.bool, device=x.device)
+        update, support = {}, {}
+
+        def on_block(l, grads):
+            names = self.layers[l]  # summed in alignment_scores' order
+            g = {n: grads[n][:rows] for n in names}  # (B_local, *p.shape)
+            if riding:
+                s = {n: grads[n][rows:].mean(dim=0) for n in names}
+                support.update(s)
+            else:
+                s = self._batch_mean(g, B) if c.support == "batch" else self.support_grad
+            a = sum(g[n].flatten(1) @ s[n].flatten() for n in names)  # (B_local,)
+            scores[l] = all_gather_columns(a) if n_procs > 1 else a
+            if c.selection == "topk":
+                row = top(scores[l], k)
+            else:
+                logits = standardise(scores[l]).cpu() / c.temperature if c.selection == "softmax" else 0.0
+                row = top(logits + noise[l], k)
+            mask[l, row.to(mask.device)] = True
+            weights = (mask[l].float() / k)[mine]  # 1/k on this process's drawn samples
+            for n in names:
+                update[n] = torch.tensordot(weights.to(g[n].dtype), g[n], dims=1)
+
+        self.model.zero_grad(set_to_none=True)
+        with recording_per_sample_grads(self.model, on_block):
+            _, losses = self.model(x, y, reduction="none")  # (B_local + support rows,)
+            losses.sum().backward()
+        params = dict(self.model.named_parameters())
+        for name, u in update.items():  # in place of the summed gradient autograd accumulated
+            params[name].grad = u
+        if riding:
+            self.support_grad, self.support_step = support, self.steps
+        return mask, scores, losses.detach()[:rows]
 
     def _batch_mean(self, grads, B):
         """support="batch": s = the whole batch's mean gradient (summed over processes under torchrun)."""

@@ -516,7 +516,7 @@ def format_table(rows):
 
 
 def main(argv=None):
-    return run_main(lambda: run(parse_args(GradOTConfig, argv, description=__doc__.split("\n\n")[1].strip())),
+    return run_main(lambda: run(parse_args(GradOTConfig, argv, description=__doc__.strip())),
                     (DataError, TokenizerUnavailable))
 
 

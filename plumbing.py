@@ -83,8 +83,7 @@ def parse_args(config_type, argv=None, description=None, renamed=None, known_onl
     for old, new in (renamed or {}).items():
         if any(a == old or a.startswith(old + "=") for a in argv):
             raise ConfigError(f"invalid settings:\n  {old} is now {new}")
-    parser = Parser(description=description, epilog=epilog, allow_abbrev=False,
-                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(description=description, epilog=epilog, allow_abbrev=False, formatter_class=HelpFormatter)
     for f in fields(config_type):
         if f.type is bool or f.type == "bool":
             parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
@@ -95,6 +94,10 @@ def parse_args(config_type, argv=None, description=None, renamed=None, known_onl
         values, rest = parser.parse_known_args(argv)
         return config_type(**vars(values)), rest
     return config_type(**vars(parser.parse_args(argv)))
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each flag's default, and the script's docstring as it is written."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -356,6 +359,53 @@ def pyplot(config=None):
 def save_figure(plt, fig, path):
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
+
+
+def plot_run(history, path, config):
+    """train.py's picture of a run (its History): the learning curve (held-out loss and exact match at each
+    evaluation); which blocks were updated at each step, unless every block always was;
+    each block's noisy and clean selection rates over training (smoothed), where the data
+    carries noisy flags."""
+    plt = pyplot(config)
+    if plt is None or not history.active:
+        return
+    active = torch.tensor(history.active, dtype=torch.float32).T.tolist()  # (L, steps)
+    L, every_block = len(active), all(all(row) for row in history.active)
+    rows = 2 if every_block else 3
+    fig, axes = plt.subplots(rows, 1, figsize=(9, 2.6 * rows), gridspec_kw={"height_ratios": [1.2] + [1] * (rows - 2) + [2]})
+    curve, bottom = axes[0], axes[-1]
+    steps = [e["step"] for e in history.evals]
+    curve.plot(steps, [e["loss"] for e in history.evals], "o-", color="tab:red", label="held-out loss")
+    curve.set_ylabel("held-out loss")
+    if history.evals and history.evals[0]["exact_match"] is not None:
+        twin = curve.twinx()
+        twin.plot(steps, [e["exact_match"] for e in history.evals], "s--", color="tab:blue")
+        twin.set_ylim(-0.02, 1.02)
+        twin.set_ylabel("exact match", color="tab:blue")
+    curve.set_title(f"{config.method}: the learning curve" + (", every block updated at every step" if every_block else ""))
+    if not every_block:
+        axes[1].imshow(active, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=1,
+                       extent=(-0.5, len(active[0]) - 0.5, L - 0.5, -0.5))
+        axes[1].set_yticks(range(L))
+        axes[1].set_ylabel("block")
+        axes[1].set_title("blocks updated at each step (black)")
+    if history.noisy_rate:
+        colors = plt.get_cmap("tab10")
+        for l in range(L):
+            for kind, style in (("noisy", ":"), ("clean", "-")):
+                rates = smooth([row[l] for row in getattr(history, f"{kind}_rate")], 50)
+                bottom.plot(rates, style, color=colors(l), label=f"block {l}, {kind}")
+        bottom.set_ylim(-0.02, 1.02)
+        bottom.set_ylabel("share of the batch's samples taken\n(when updated; 50-step mean)")
+        bottom.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        bottom.text(0.5, 0.5, "no noisy flags in this data: no rates", ha="center", va="center", transform=bottom.transAxes)
+    for ax in axes:
+        ax.set_xlim(-0.5, max(len(history.active), max(steps, default=0)) + 0.5)
+    bottom.set_xlabel("step")
+    fig.tight_layout()
+    save_figure(plt, fig, path)
+    say(config, f"wrote {path}")
 
 
 def nanmean(values):

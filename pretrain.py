@@ -226,7 +226,7 @@ def load_base(config, tokenizer, device):
 
 def main(argv=None):
     def work():
-        config = parse_args(BaseConfig, argv, description=__doc__.split("\n\n")[1].strip())
+        config = parse_args(BaseConfig, argv, description=__doc__.strip())
         refuse(base_problems(config))
         init_distributed(config.device)
         check_out_dir(config.out_dir, ())

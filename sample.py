@@ -97,7 +97,10 @@ def sample(config):
         answer = out[0, len(prompt) :].tolist()
         if tokenizer.eot_token in answer:
             answer = answer[: answer.index(tokenizer.eot_token)]
-        print(f"{config.prompt!r} -> {tokenizer.decode(answer)!r}")
+        answer = tokenizer.decode(answer)
+        if not run.data:  # the default task's answers end at their newline (no <|endoftext|>)
+            answer = answer[: answer.index("\n") + 1] if "\n" in answer else answer
+        print(f"{config.prompt!r} -> {answer!r}")
     else:
         if config.data:
             examples = load_examples(config, config.data, tokenizer, model.config.block_size)
@@ -118,7 +121,7 @@ def sample(config):
 
 
 def main(argv=None):
-    return run_main(lambda: sample(parse_args(SampleConfig, argv, description=__doc__.split("\n\n")[1].strip())),
+    return run_main(lambda: sample(parse_args(SampleConfig, argv, description=__doc__.strip())),
                     (DataError, TokenizerUnavailable))
 
 

@@ -24,9 +24,9 @@ import torch
 from data import DataConfig, DataError, TokenizerUnavailable, collate, evaluate, get_tokenizer, greedy_sample, load_task
 from gast import SCORED, SelectionConfig, SparseTuner
 from lora import LoRAConfig, add_lora, adapter_state_dict, save_adapter
-from plumbing import (ConfigError, Interrupted, atomic_save, autocast_for, check_out_dir, config_from_dict, fingerprint,
-                      in_range, init_distributed, is_main, like, memory_problems, nanmean, not_negative, one_of, option, parse_args, pick_device, positive, pyplot,
-                      read_checkpoint, refuse, run_main, save_figure, say, smooth, subset, world, write_json)
+from plumbing import (ConfigError, Interrupted, atomic_save, autocast_for, check_out_dir, config_from_dict, fingerprint, in_range,
+                      init_distributed, is_main, like, memory_problems, nanmean, not_negative, one_of, option, parse_args,
+                      pick_device, plot_run, positive, read_checkpoint, refuse, run_main, say, subset, world, write_json)
 from model import GPTConfig, training_memory
 from pretrain import BaseConfig, base_problems, load_base, shape_values
 
@@ -336,7 +336,7 @@ def train(config, split="test", summary=True, dry_run=False):
     if is_main():
         save_adapter(model, config.lora(), os.path.join(config.out_dir, "adapter.pt"))
         if config.picture:
-            plot_selection(history, os.path.join(config.out_dir, "selection.png"), config)
+            plot_run(history, os.path.join(config.out_dir, "selection.png"), config)
         write_json(os.path.join(config.out_dir, "metrics.json"), metrics)
         if summary:
             print_summary(metrics)
@@ -344,7 +344,7 @@ def train(config, split="test", summary=True, dry_run=False):
 
 
 # ---------------------------------------------------------------------------------------
-# What a reader sees: the selection as text, the summary, the picture
+# What a reader sees: the selection as text and the summary (the picture: plumbing.plot_run)
 
 
 def selection_picture(record, noisy):
@@ -379,59 +379,12 @@ def print_summary(metrics):
         print(f"  a greedy sample from a held-out prompt: {metrics['sample'][0]!r} -> {metrics['sample'][1]!r}")
 
 
-def plot_selection(history, path, config):
-    """The run's picture: its learning curve (held-out loss and exact match at each
-    evaluation); which blocks were updated at each step, unless every block always was;
-    each block's noisy and clean selection rates over training (smoothed), where the data
-    carries noisy flags."""
-    plt = pyplot(config)
-    if plt is None or not history.active:
-        return
-    active = torch.tensor(history.active, dtype=torch.float32).T.tolist()  # (L, steps)
-    L, every_block = len(active), all(all(row) for row in history.active)
-    rows = 2 if every_block else 3
-    fig, axes = plt.subplots(rows, 1, figsize=(9, 2.6 * rows), gridspec_kw={"height_ratios": [1.2] + [1] * (rows - 2) + [2]})
-    curve, bottom = axes[0], axes[-1]
-    steps = [e["step"] for e in history.evals]
-    curve.plot(steps, [e["loss"] for e in history.evals], "o-", color="tab:red", label="held-out loss")
-    curve.set_ylabel("held-out loss")
-    if history.evals and history.evals[0]["exact_match"] is not None:
-        twin = curve.twinx()
-        twin.plot(steps, [e["exact_match"] for e in history.evals], "s--", color="tab:blue")
-        twin.set_ylim(-0.02, 1.02)
-        twin.set_ylabel("exact match", color="tab:blue")
-    curve.set_title(f"{config.method}: the learning curve" + (", every block updated at every step" if every_block else ""))
-    if not every_block:
-        axes[1].imshow(active, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=1,
-                       extent=(-0.5, len(active[0]) - 0.5, L - 0.5, -0.5))
-        axes[1].set_yticks(range(L))
-        axes[1].set_ylabel("block")
-        axes[1].set_title("blocks updated at each step (black)")
-    if history.noisy_rate:
-        colors = plt.get_cmap("tab10")
-        for l in range(L):
-            for kind, style in (("noisy", ":"), ("clean", "-")):
-                rates = smooth([row[l] for row in getattr(history, f"{kind}_rate")], 50)
-                bottom.plot(rates, style, color=colors(l), label=f"block {l}, {kind}")
-        bottom.set_ylim(-0.02, 1.02)
-        bottom.set_ylabel("share of the batch's samples taken\n(when updated; 50-step mean)")
-        bottom.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    else:
-        bottom.text(0.5, 0.5, "no noisy flags in this data: no rates", ha="center", va="center", transform=bottom.transAxes)
-    for ax in axes:
-        ax.set_xlim(-0.5, max(len(history.active), max(steps, default=0)) + 0.5)
-    bottom.set_xlabel("step")
-    fig.tight_layout()
-    save_figure(plt, fig, path)
-    say(config, f"wrote {path}")
-
-
 def main(argv=None):
     distributed = False
 
     def work():
         nonlocal distributed
-        config = parse_args(TrainConfig, argv, description=__doc__.split("\n\n")[0].strip(), renamed=RENAMED)
+        config = parse_args(TrainConfig, argv, description=__doc__.strip(), renamed=RENAMED)
         distributed = init_distributed(config.device)
         train(config)
     try:

@@ -10,7 +10,7 @@ def test_ratios_are_medians_of_ratios_to_the_plain_steps_around_each_measurement
     # a fake clock: plain takes 10 ms, gast 15 ms, everything else 20 ms, except that the
     # machine is three times as busy during the second round: the ratios must not see it
     clock = {"now": 0.0, "calls": 0}
-    cost = {"plain": 0.010, "gast": 0.015}
+    cost = {"plain": 0.010, "gast_default": 0.015}
 
     def fake_build(spec, B, device):
         def make(what):
@@ -26,8 +26,9 @@ def test_ratios_are_medians_of_ratios_to_the_plain_steps_around_each_measurement
     times, ratios, _, _ = bench.paired_times(None, 4, "cpu", repeats=3, loop_repeats=1)
     peaks = {what: 2**20 for what in bench.WHATS}
     row = bench.summarise("default", 4, times, ratios, peaks, n_lora=1000, seq=16)
-    assert row["gast_x"] == pytest.approx(1.5) and row["vmap_x"] == pytest.approx(2.0)
-    assert len(ratios["loop"]) == 1 and len(ratios["gast"]) == 3
+    assert row["gast_default_x"] == pytest.approx(1.5) and row["vmap_x"] == pytest.approx(2.0)
+    assert len(ratios["loop"]) == 1 and len(ratios["gast_default"]) == 3
+    assert row["block_bound_mib"] == pytest.approx((4 + 4) * 1000 / 4 * 4 / 2**20)  # the default model: 4 blocks
     assert row["vmap_speedup_over_loop"] == pytest.approx(1.0)
     assert row["plain_spread"] > 2 and row["busy"]  # the warning still sees the load
     assert row["per_sample_grad_mib"] == pytest.approx(4 * 1000 * 4 / 2**20)

@@ -68,9 +68,11 @@ def global_batch(seed, B=6, T=10):
 
 
 # every method at its defaults (gast: the paper's rule, support rows riding in the per-sample pass),
-# and gast's two other ways to its support gradient: the batch mean (all-reduced), the whole set (its own pass)
+# gast's two other ways to its support gradient: the batch mean (all-reduced), the whole set (its own pass),
+# and its per-sample paths (the torch.func reference and the block-by-block one, which gathers scores inside the backward)
 RULES = {**{method: dict(method=method) for method in METHODS},
-         "gast:batch": dict(method="gast", support="batch"), "gast:whole": dict(method="gast", support="heldout", support_size=0)}
+         "gast:batch": dict(method="gast", support="batch"), "gast:whole": dict(method="gast", support="heldout", support_size=0),
+         "gast:blocks": dict(method="gast", per_sample="blocks"), "gast:vmap": dict(method="gast", per_sample="vmap")}
 
 
 def steps_of_every_method(steps=3):
@@ -139,7 +141,8 @@ def test_resume_under_two_processes_equals_a_straight_two_process_run_and_one_pr
     assert all(n > 0.05 for n in ckpt["progress"]["grad_norm"])  # clipping acted at every step
     one_adapter = torch.load(tmp_path / "one" / "adapter.pt", weights_only=True)["adapter"]
     for name in one_adapter:
-        torch.testing.assert_close(results["gast"][0][name], one_adapter[name], rtol=1e-4, atol=1e-5)
+        # AdamW divides by sqrt(v): an entry near zero turns float rounding (B/2 rows per vmap, not B) into ~1e-5
+        torch.testing.assert_close(results["gast"][0][name], one_adapter[name], rtol=1e-3, atol=1e-4)
     assert one["val_loss"] == pytest.approx(results["gast"][2][0], rel=1e-4)
     for method, (straight, split, (loss_straight, loss_resumed)) in results.items():
         assert straight.keys() == split.keys()

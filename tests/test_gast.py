@@ -707,3 +707,50 @@ def test_random_selection_draws_uniformly_whatever_the_scores_from_the_tuners_ge
     assert torch.equal(law(scores, 3, "random"), torch.full((4, 6), 0.5, dtype=torch.float64))
     a, b = train_steps("gast", steps=2, data_ratio=0.5, selection="random")[2], train_steps("gast", steps=2, data_ratio=0.5, selection="random", seed=1)[2]
     assert any(not torch.equal(r.mask, s.mask) for r, s in zip(a, b))  # the run's seed seeds the draws
+
+
+# --- the block-by-block path: the same numbers as the torch.func reference ---
+
+@pytest.mark.parametrize("selection,support", [("softmax", "train"), ("softmax", "batch"), ("topk", "heldout"),
+                                               ("random", "train")])
+def test_gast_by_blocks_equals_the_torch_func_path(selection, support):
+    """Masks equal, scores and gradients allclose, the support rows' gradient the same, step after step."""
+    config = dict(method="gast", selection=selection, support=support, support_size=0 if support == "heldout" else 3,
+                  data_ratio=0.5)
+    runs = {}
+    for per_sample in ("vmap", "blocks"):
+        model = lora_model(dtype=torch.float64)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+        tuner = SparseTuner(model, SelectionConfig(**config, per_sample=per_sample), seed=4, support_set=SUPPORT_SET)
+        records, grads = [], []
+        for s in range(3):
+            records.append(tuner.step(*batch(6, seed=s)))
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+            opt.step()
+        runs[per_sample] = records, grads, tuner.support_grad
+    (ref_records, ref_grads, ref_support), (records, grads, support_grad) = runs["vmap"], runs["blocks"]
+    for a, b in zip(ref_records, records):
+        assert torch.equal(a.mask, b.mask) and a.support == b.support and a.loss == pytest.approx(b.loss)
+        torch.testing.assert_close(b.scores, a.scores)
+    for a, b in zip(ref_grads, grads):
+        for n in a:
+            torch.testing.assert_close(b[n], a[n], msg=n)
+    if ref_support is not None:
+        for n in ref_support:
+            torch.testing.assert_close(support_grad[n], ref_support[n])
+
+
+def test_blocks_hands_over_each_block_once_from_the_last_to_the_first():
+    model = lora_model()
+    seen = []
+    with gast.recording_per_sample_grads(model, lambda l, grads: seen.append((l, sorted(grads)))):
+        model(*batch(4), reduction="none")[1].sum().backward()
+    layers = lora_names_by_block(model)
+    assert [l for l, _ in seen] == [3, 2, 1, 0] and all(names == sorted(layers[l]) for l, names in seen)
+
+
+def test_blocks_falls_back_to_the_whole_hooks_path_where_a_layer_needs_the_others():
+    """data (summed scores) and a layer budget need every layer's scores before any draw."""
+    for kw in (dict(method="data"), dict(method="gast", layer_ratio=0.5)):
+        a = train_steps(kw.pop("method"), steps=2, data_ratio=0.5, **kw, per_sample="blocks")[2]
+    assert all(r.mask.sum(1).max() == 3 for r in a)
