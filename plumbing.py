@@ -261,17 +261,24 @@ def fingerprint(path):
     return digest.hexdigest()[:16]
 
 
-def check_out_dir(out_dir, outputs, resume=False, overwrite=False):
-    """Before any work: out_dir can be written, no output is a directory, and an earlier
-    run there is neither overwritten by accident nor resumed from nothing."""
+def cannot_write(folder):
+    """Why files cannot be written in folder (made if missing), or None if they can: a probe file is written and removed."""
     try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".write-test{os.getpid()}")
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test{os.getpid()}")
         with open(probe, "w"):
             pass
         os.remove(probe)
     except OSError as e:
-        raise ConfigError(f"invalid settings:\n  --out-dir {out_dir}: cannot write there ({e.strerror})") from None
+        return e.strerror
+    return None
+
+
+def check_out_dir(out_dir, outputs, resume=False, overwrite=False):
+    """Before any work: out_dir can be written, no output is a directory, and an earlier
+    run there is neither overwritten by accident nor resumed from nothing."""
+    if cannot_write(out_dir):
+        refuse([f"--out-dir {out_dir}: cannot write there ({cannot_write(out_dir)})"])
     for name in outputs:
         if os.path.isdir(os.path.join(out_dir, name)):
             raise ConfigError(f"invalid settings:\n  --out-dir {out_dir}: {name} is a directory; move it away")
@@ -299,16 +306,8 @@ def output_problems(flag_name, path):
     cannot be made or written, or the name is a directory."""
     if os.path.isdir(path):
         return [f"{flag_name} {path}: is a directory; give a file name"]
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write-test{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        return [f"{flag_name} {path}: cannot write there ({e.strerror})"]
-    return []
+    reason = cannot_write(os.path.dirname(os.path.abspath(path)))
+    return [f"{flag_name} {path}: cannot write there ({reason})"] if reason else []
 
 
 def memory_available(device):
