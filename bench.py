@@ -50,8 +50,8 @@ import torch
 from data import collate, get_tokenizer, make_default_task
 from gast import SelectionConfig, SparseTuner, per_sample_grads, per_sample_grads_by_hooks
 from lora import LoRAConfig, add_lora
-from model import GPT, IGNORE_INDEX, GPTConfig
-from plumbing import check_device, output_problems, pick_device, write_json
+from model import GPT, IGNORE_INDEX, GPTConfig, training_memory
+from plumbing import check_device, memory_problems, output_problems, pick_device, write_json
 
 ATTENTION = ("attn.c_attn", "attn.c_proj")
 ATTENTION_AND_MLP = ATTENTION + ("mlp.c_fc", "mlp.c_proj")
@@ -275,6 +275,11 @@ def parse_args(argv=None):
     if check_device(args.device):
         problems.append(check_device(args.device))
     problems += output_problems("--out", args.out)  # found now, not after the whole benchmark has run
+    if not problems:  # each model at each batch: can its per-sample step fit?
+        for name in (args.models.split(",") if args.models else MODELS):
+            for B in args.batch_sizes or MODELS[name][2]:
+                estimate = 2 * training_memory(MODELS[name][0], B + SUPPORT_SET_SIZE, full=False)
+                problems += memory_problems(f"the {name} model at batch {B}", estimate, pick_device(args.device), "--models, --batches")
     args.device = pick_device(args.device)
     if problems:
         parser.exit(2, "error: " + "\n  ".join(problems) + "\n")

@@ -83,9 +83,17 @@ def validate(config, n_procs=1):
     if config.batch_size % n_procs:
         problems.append(f"--batch-size {config.batch_size} (the global batch) does not divide by the {n_procs} processes")
     if not config.init_from and not problems:  # the base train.py would pretrain: can a fine-tuning step of it fit?
-        estimate = training_memory(GPTConfig(**shape_values(config)), config.batch_size + config.support_size, full=False)
-        problems += memory_problems("a fine-tuning step", estimate, pick_device(config.device), "--batch-size, --n-layer, --n-embd, --block-size")
+        problems += step_memory_problems(config, GPTConfig(**shape_values(config)))
     refuse(problems)
+
+
+def step_memory_problems(config, shape):
+    """A problem line if a fine-tuning step on a base of this shape clearly cannot fit."""
+    rows = config.batch_size + config.support_size
+    lora = 16 * config.lora_r * shape.n_embd * shape.n_layer  # r * (in + out) over the four Linear of every block, at most
+    estimate = training_memory(shape, rows, full=False) + 4 * lora * (rows + 4)  # + per-sample gradients, AdamW's moments
+    return memory_problems("a fine-tuning step", estimate, pick_device(config.device),
+                           "--batch-size, --lora-r" + ("" if config.init_from else ", --n-layer, --n-embd, --block-size"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -246,6 +254,7 @@ def train(config, split="test", summary=True, dry_run=False):
     # the base and the task
     model, base_path = load_base(config if resume is None else replace(config, init_from=resume["base"]), tokenizer, device)
     base_hash = fingerprint(base_path)
+    refuse(step_memory_problems(config, model.config) if config.init_from else [])  # a base of its own shape
     task, is_qa = load_task(config, tokenizer, model.config.block_size)
     show_sample = not is_qa and split == "test"  # text data: a greedy sample at the end
     is_qa = is_qa and split == "test"  # exact match (greedy decoding) on the test split only

@@ -57,6 +57,7 @@ def test_a_tiny_model_end_to_end_writes_every_field(tmp_path, monkeypatch, capsy
     (["--models", "foo"], "--models: unknown foo"),
     (["--repeats", "0"], "--repeats must be positive, got 0"),
     (["--device", "banana"], "--device 'banana' is not a device"),
+    (["--batches", "100000000", "--models", "default"], "the default model at batch 100000000 needs at least about"),
 ])
 def test_bad_flags_are_refused_with_the_flag_named(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

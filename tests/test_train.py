@@ -349,6 +349,7 @@ BAD_INPUTS = [  # (flags, the fragment its error names); {tmp} is the test's fol
     (["--grad-clip", "-1"], "--grad-clip must not be negative, got -1.0"),
     (["--temperature", "0"], "--temperature must be positive, got 0.0"),
     (["--batch-size", "1000000000"], "--batch-size 1000000000 is larger than the 48 training samples"),
+    (["--lora-r", "1000000"], "--batch-size, --lora-r: a fine-tuning step needs at least about"),  # on the given base's shape
     (["--n-train", "2000000000"], "the default task would need 2,000,000,"),
     (["--heldout-size", "900000", "--n-train", "200000"], "distinct words, more than the 1,000,000 it makes"),
     (["--data", "{tmp}/nested.jsonl"], "nested.jsonl:1: JSON nested too deeply to read"),
