@@ -11,11 +11,16 @@ which the lr choice never sees. Every other flag is train.py's and goes to every
 table) and compare.png (the picture) to --out-dir.
 """
 
+import concurrent.futures
+import json
 import math
+import multiprocessing
 import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
+
+import torch
 
 from data import DataError, TokenizerUnavailable, get_tokenizer
 from gast import METHODS, SCORED, SELECTIONS, SUPPORTS
@@ -34,6 +39,8 @@ class CompareConfig:
     lrs: str = option("1e-3,3e-3,1e-2", "each row's lr is chosen from these by the dev split's loss (seed 0); one value: no choice")
     out_dir: str = option("out", "compare.json, compare.csv, compare.png and every run's directory (compare/) go here")
     overwrite: bool = option(False, "replace the compare results already in --out-dir")
+    resume: bool = option(False, "continue a comparison: a run recorded in --out-dir/compare/ with the same settings is read back, not run again")
+    jobs: int = option(1, "independent runs in this many processes, one thread each (results equal those of --jobs 1 at one thread)")
 
 
 def rows_of(config):
@@ -50,7 +57,7 @@ def rows_of(config):
 
 
 def problems(config):
-    out = positive(config, "seeds")
+    out = positive(config, "seeds", "jobs")
     unknown = [spec for spec, method, chosen in rows_of(config)
                if method not in METHODS or "unknown" in chosen or any(len(v) > 1 for v in chosen.values())
                or (chosen and method not in SCORED)]
@@ -66,49 +73,99 @@ def problems(config):
     return out
 
 
+def one_run(flags, split):
+    """One train.py run of the comparison: its metrics; a run whose loss diverged is
+    recorded as such (its lr then loses) and never ends the comparison."""
+    try:
+        return train(flags, split=split, summary=False)
+    except FloatingPointError as e:
+        config = train(flags, dry_run=True)
+        return {"method": config["method"], "selection": config["selection"], "support": config["support"], "lr": config["lr"],
+                "seed": config["seed"], "split": split, "exact_match": None, "val_loss": float("inf"), "diverged": True,
+                "error": str(e), "config": config}
+
+
+def recorded_run(flags, split):
+    """The metrics of a run recorded earlier with exactly these settings (its metrics.json), or None."""
+    config = train(flags, dry_run=True)
+    path = os.path.join(config["out_dir"], "metrics.json")
+    try:
+        with open(path) as f:
+            metrics = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return metrics if metrics.get("config") == config and metrics.get("split") == split else None
+
+
 def compare(config, train_flags=()):
     """The table's rows. train_flags: train.py's flags, given to every run."""
     refuse(problems(config))
     train([*train_flags, "--out-dir", config.out_dir], dry_run=True)  # train.py's flags, checked before any run
     base_config = replace(parse_args(BaseConfig, train_flags, known_only=True)[0], out_dir=config.out_dir)
-    check_out_dir(config.out_dir, ("compare.json", "compare.csv", "compare.png"), overwrite=config.overwrite)
+    check_out_dir(config.out_dir, ("compare.json", "compare.csv", "compare.png"), resume=config.resume, overwrite=config.overwrite)
     _, base = load_base(base_config, get_tokenizer(base_config.tokenizer), pick_device(base_config.device))  # made once, here
     train_flags = [*train_flags, "--init-from", base]
     say = print if is_main() else (lambda *args, **kwargs: None)
     lrs = [float(v) for v in config.lrs.split(",")]
     n_runs = len(rows_of(config)) * ((len(lrs) if len(lrs) > 1 else 0) + config.seeds)
-    dev_runs, runs, rows = [], [], []
-    t0, done = time.time(), 0
+    progress = {"t0": time.time(), "done": 0, "ran": 0}
 
-    def run(label, method, chosen, lr, seed, split):
-        nonlocal done
+    def flags_of(label, method, chosen, lr, seed, split):
         name = label.replace(":", "-").replace("+", "-")
         name = f"{name}-lr{lr:g}-dev" if split == "dev" else f"{name}-seed{seed}"
         flags = [*train_flags, "--method", method, "--lr", repr(lr), "--seed", str(seed), "--quiet", "--no-resume", "--no-picture",
                  "--overwrite", "--out-dir", os.path.join(config.out_dir, "compare", name)]
-        flags += [f"--{kind}={value[0]}" for kind, value in chosen.items()]
-        metrics = train(flags, split=split, summary=False)
+        return flags + [f"--{kind}={value[0]}" for kind, value in chosen.items()]
+
+    def finished(label, split, metrics, reused):
         metrics["row"] = label
-        done += 1
-        elapsed = time.time() - t0
+        progress["done"] += 1
+        progress["ran"] += not reused
+        elapsed = time.time() - progress["t0"]
+        left = (n_runs - progress["done"]) * elapsed / max(progress["ran"], 1)
         em = "" if metrics["exact_match"] is None else f" exact match {metrics['exact_match']:.3f}"
-        say(f"  [{done}/{n_runs}] {label} lr {lr:g} seed {seed} on {split}:{em} loss {metrics['val_loss']:.4f} "
-            f"({elapsed:.0f}s so far, eta {elapsed / done * (n_runs - done):.0f}s)", flush=True)
+        how = " (recorded before, not run again)" if reused else ""
+        say(f"  [{progress['done']}/{n_runs}] {label} lr {metrics['lr']:g} seed {metrics['seed']} on {split}:{em} "
+            f"loss {metrics['val_loss']:.4f}{' DIVERGED' if metrics.get('diverged') else ''}{how} "
+            f"({elapsed:.0f}s so far, eta {left:.0f}s)", flush=True)
         return metrics
 
-    for label, method, chosen in rows_of(config):
-        if len(lrs) > 1:
-            tried = [run(label, method, chosen, lr, 0, "dev") for lr in lrs]
-            dev_runs += tried
-            lr = min(tried, key=lambda m: m["val_loss"])["lr"]
-        else:
-            lr = lrs[0]
-        mine = [run(label, method, chosen, lr, seed, "test") for seed in range(config.seeds)]
-        runs += mine
-        rows.append(summarise(label, lr, mine))
-    steps = runs[0]["steps"]
+    def run_all(specs):
+        """Metrics of every run in specs, in their order: read back when --resume finds one
+        recorded with the same settings, else run (in --jobs processes)."""
+        results, todo = [None] * len(specs), []
+        for i, spec in enumerate(specs):
+            recorded = config.resume and recorded_run(flags_of(*spec), spec[-1])
+            if recorded:
+                results[i] = finished(spec[0], spec[-1], recorded, reused=True)
+            else:
+                todo.append(i)
+        if config.jobs == 1:
+            for i in todo:
+                results[i] = finished(specs[i][0], specs[i][-1], one_run(flags_of(*specs[i]), specs[i][-1]), reused=False)
+            return results
+        spawn = multiprocessing.get_context("spawn")  # fresh processes, one thread each
+        with concurrent.futures.ProcessPoolExecutor(config.jobs, mp_context=spawn, initializer=torch.set_num_threads,
+                                                    initargs=(1,)) as pool:
+            futures = {pool.submit(one_run, flags_of(*specs[i]), specs[i][-1]): i for i in todo}
+            for future in concurrent.futures.as_completed(futures):
+                i = futures[future]
+                results[i] = finished(specs[i][0], specs[i][-1], future.result(), reused=False)
+        return results
+
+    rows_wanted = rows_of(config)
+    dev_runs, chosen_lr = [], {}
+    if len(lrs) > 1:  # every row's lr on the dev split first (seed 0); a diverged run's lr loses
+        dev_runs = run_all([(label, method, chosen, lr, 0, "dev") for label, method, chosen in rows_wanted for lr in lrs])
+        for label, _, _ in rows_wanted:
+            tried = [m for m in dev_runs if m["row"] == label]
+            chosen_lr[label] = min(tried, key=lambda m: (m.get("diverged", False), m["val_loss"]))["lr"]
+    runs = run_all([(label, method, chosen, chosen_lr.get(label, lrs[0]), seed, "test")
+                    for label, method, chosen in rows_wanted for seed in range(config.seeds)])
+    rows = [summarise(label, chosen_lr.get(label, lrs[0]), [r for r in runs if r["row"] == label]) for label, _, _ in rows_wanted]
+    steps = runs[0]["config"]["steps"]
     say(f"\n{len(rows)} methods, lr from {config.lrs} by dev loss, then {config.seeds} seeds on the test split, "
-        f"{steps} steps each, {time.time() - t0:.0f}s in all\n{format_table(rows)}")
+        f"{steps} steps each, {time.time() - progress['t0']:.0f}s in all\n{format_table(rows)}")
     if is_main():
         path = os.path.join(config.out_dir, "compare")
         write_json(path + ".json", {"config": {**asdict(config), "train": runs[0]["config"]}, "rows": rows, "runs": runs,
@@ -130,8 +187,9 @@ def summarise(label, lr, runs):
     loss, loss_sd = spread([r["val_loss"] for r in runs])
     return {"row": label, "method": runs[0]["method"], "selection": runs[0]["selection"], "support": runs[0]["support"],
             "lr": lr, "seeds": len(runs), "exact_match": em, "exact_match_sd": em_sd, "val_loss": loss, "val_loss_sd": loss_sd,
-            **{k: nanmean([r[k] for r in runs]) for k in ("coverage", "noisy_selected", "clean_selected", "noisy_probability",
-                                                           "clean_probability", "ms_per_step")}}
+            "diverged": sum(bool(r.get("diverged")) for r in runs),
+            **{k: nanmean([r.get(k, float("nan")) for r in runs]) for k in ("coverage", "noisy_selected", "clean_selected",
+                                                                             "noisy_probability", "clean_probability", "ms_per_step")}}
 
 
 def format_table(rows):

@@ -112,3 +112,48 @@ def test_bad_comparison_input_is_one_error_line_before_any_run(capsys, base, tmp
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err, err
     assert not (tmp_path / "compare").exists()
+
+
+def same_figures(a, b):
+    """Two tables equal but for the time per step (and with nan equal to nan)."""
+    strip = lambda rows: json.dumps([{k: v for k, v in r.items() if k != "ms_per_step"} for r in rows])
+    return strip(a) == strip(b)
+
+
+def test_a_continued_comparison_equals_an_uninterrupted_one_and_runs_only_what_is_missing(base, tmp_path, capsys):
+    settings = dict(methods="lora,gast", lrs="1e-3,3e-2")
+    whole = compare(CompareConfig(seeds=2, out_dir=str(tmp_path / "whole"), **settings), flags(base, steps=3))
+    compare(CompareConfig(seeds=1, out_dir=str(tmp_path / "parts"), **settings), flags(base, steps=3))  # stopped after seed 0
+    capsys.readouterr()
+    continued = compare(CompareConfig(seeds=2, out_dir=str(tmp_path / "parts"), resume=True, **settings), flags(base, steps=3))
+    out = capsys.readouterr().out
+    assert out.count("(recorded before, not run again)") == 6 and out.count("[") - out.count("(recorded") >= 2  # 4 dev + 2 test read back
+    assert same_figures(whole, continued)
+    with pytest.raises(Exception, match="already holds compare.json"):  # without --resume or --overwrite: refused
+        compare(CompareConfig(seeds=2, out_dir=str(tmp_path / "parts"), **settings), flags(base, steps=3))
+
+
+def test_jobs_in_processes_give_the_results_of_one_process_at_one_thread(base, tmp_path):
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = compare(CompareConfig(methods="lora,gast", seeds=2, lrs="1e-2", out_dir=str(tmp_path / "one")), flags(base, steps=3))
+    finally:
+        torch.set_num_threads(threads)
+    two = compare(CompareConfig(methods="lora,gast", seeds=2, lrs="1e-2", jobs=2, out_dir=str(tmp_path / "two")), flags(base, steps=3))
+    assert same_figures(one, two)
+
+
+def test_a_diverged_dev_run_loses_its_lr_and_the_comparison_goes_on(base, tmp_path, monkeypatch, capsys):
+    real = compare_module.train
+
+    def train(flags, *args, **kwargs):
+        if "--lr" in flags and flags[flags.index("--lr") + 1] == repr(3e-2) and not kwargs.get("dry_run"):
+            raise FloatingPointError("step 1: the loss is nan")
+        return real(flags, *args, **kwargs)
+    monkeypatch.setattr(compare_module, "train", train)
+    rows = compare(CompareConfig(methods="lora", seeds=1, lrs="1e-3,3e-2", out_dir=str(tmp_path)), flags(base, steps=3))
+    assert rows[0]["lr"] == 1e-3 and "DIVERGED" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert [r.get("diverged", False) for r in saved["dev_runs"]] == [False, True]
