@@ -24,7 +24,7 @@ import tiktoken
 import torch
 
 from model import IGNORE_INDEX
-from plumbing import ConfigError, autocast_for, file_problems, in_range, option, positive, say
+from plumbing import ConfigError, autocast_for, file_problems, in_range, one_of, option, positive, say
 
 
 class DataError(ValueError):
@@ -171,7 +171,23 @@ class Task:
     dev: list  # a clean split for choosing hyperparameters (the lr in --compare), never the test split
 
 
-def make_default_task(tokenizer, n_train=1000, n_val=200, noise=0.2, seed=0, n_heldout=64, n_dev=200):
+NOISE_KINDS = ("random", "systematic")
+
+
+def wrong_answer(word, answer, kind, rng):
+    """A corrupted answer: random letters of the answer's length, or (systematic) what
+    another operation the base knows gives for the same word (rev, shift, copy): the label
+    confusion a real mixture carries. Never the right answer."""
+    if kind == "systematic":
+        others = [a for a in (PRETRAIN_OPS[op](word) for op in rng.sample(sorted(PRETRAIN_OPS), len(PRETRAIN_OPS))) if a != answer]
+        if others:
+            return others[0]
+    while (wrong := "".join(rng.choice(LETTERS) for _ in answer)) == answer:
+        pass
+    return wrong
+
+
+def make_default_task(tokenizer, n_train=1000, n_val=200, noise=0.2, seed=0, n_heldout=64, n_dev=200, noise_kind="random"):
     """The default task's Task, fully determined by the seed; every split has its own words.
 
     Exactly round(noise * n_train) training answers are corrupted, chosen at random; the
@@ -195,9 +211,7 @@ def make_default_task(tokenizer, n_train=1000, n_val=200, noise=0.2, seed=0, n_h
     for i, w in enumerate(train_words):
         answer = task_answer(w)
         if i in noisy:
-            while (wrong := "".join(rng.choice(LETTERS) for _ in w)) == answer:
-                pass
-            answer = wrong
+            answer = wrong_answer(w, answer, noise_kind, rng)
         train.append(task_example(tokenizer, w, answer, noisy=i in noisy))
 
     def clean(split):
@@ -313,12 +327,14 @@ class DataConfig:
     support_data: str = option("", "--support heldout: a trusted file for the held-out support set, same format as --data; empty: carved from --data")
     heldout_size: int = option(64, "--support heldout: samples in the trusted held-out set (default task: its own clean split; your data: carved from --data unless --support-data)")
     noise: float = option(0.2, "default task: fraction of fine-tuning answers corrupted (flagged noisy)")
+    noise_kind: str = option("random", "default task: a corrupted answer is random letters of the right length (random) or "
+                             "another operation's answer to the same word, a plausible wrong rule (systematic)")
     n_train: int = option(1000, "default task: fine-tuning samples")
     n_val: int = option(200, "default task: clean held-out samples")
 
     def problems(self):
         out = in_range(self, "noise", 0, 1, high_open=True) + in_range(self, "val_fraction", 0, 1, True, True)
-        out += positive(self, "n_train", "n_val", "heldout_size")
+        out += positive(self, "n_train", "n_val", "heldout_size") + one_of(self, "noise_kind", NOISE_KINDS)
         if not self.data and not out:
             words = self.n_train + 2 * self.n_val + self.heldout_size  # train, test, dev, held-out: distinct words
             if words > MAX_TASK_WORDS:
@@ -367,7 +383,7 @@ def load_task(config, tokenizer, block_size):
     """
     if not config.data:
         task = make_default_task(tokenizer, config.n_train, config.n_val, config.noise, config.seed,
-                                 n_heldout=config.heldout_size, n_dev=config.n_val)
+                                 n_heldout=config.heldout_size, n_dev=config.n_val, noise_kind=config.noise_kind)
         return task, True
     is_qa = config.data.endswith(".jsonl")
     examples = load_examples(config, config.data, tokenizer, block_size)

@@ -45,6 +45,7 @@ class BaseConfig:
     pretrain_steps: int = option(2500, "steps of pretraining the base (the default: about a minute on 2 CPU cores)")
     pretrain_batch_size: int = option(64, "sequences per pretraining step")
     pretrain_lr: float = option(3e-3, "peak pretraining learning rate (100 warm-up steps, then cosine to 0)")
+    pretrain_seed: int = option(0, "seed of the pretraining corpus, initialisation and batches (part of the base's hash): another seed, another base")
     out_dir: str = option("out", "the base, checkpoints, adapters and results go here")
     device: str = option("auto", "cpu, cuda, cuda:1 ...; auto: cuda when available")
     compile: bool = option(False, "torch.compile the model for pretraining (fine-tuning stays eager: torch.func transforms the module itself)")
@@ -95,7 +96,7 @@ def base_path(config, tokenizer):
         with open(config.pretrain_data, "rb") as f:
             corpus = hashlib.file_digest(f, "sha256").hexdigest()
     key = {"shape": asdict(base_shape(config, tokenizer.n_vocab)), "corpus": corpus, "tokenizer": config.tokenizer,
-           "steps": config.pretrain_steps, "batch": config.pretrain_batch_size, "lr": config.pretrain_lr, "seed": PRETRAIN_SEED}
+           "steps": config.pretrain_steps, "batch": config.pretrain_batch_size, "lr": config.pretrain_lr, "seed": PRETRAIN_SEED + config.pretrain_seed}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return os.path.join(config.out_dir, f"base-{digest}.pt")
 
@@ -110,7 +111,7 @@ def pretraining_batches(config, tokenizer, block_size):
     The built-in corpus: one 'op word=answer' line per sample. A text file: random windows
     of block_size + 1 tokens from its first 95% (as nanoGPT samples), the last 5% held out."""
     if not config.pretrain_data:
-        lines = [encode(tokenizer, line) for line in pretrain_text(20000, seed=PRETRAIN_SEED).splitlines(keepends=True)]
+        lines = [encode(tokenizer, line) for line in pretrain_text(20000, seed=PRETRAIN_SEED + config.pretrain_seed).splitlines(keepends=True)]
         examples = [Example(t[: block_size + 1], 0) for t in lines]
 
         def next_batch(rng, device):
@@ -137,12 +138,13 @@ def pretraining_batches(config, tokenizer, block_size):
 
 def pretrain(config, tokenizer, device, path):
     """Pretrain a base GPT of base_shape(config) on the corpus and save it to path."""
-    torch.manual_seed(PRETRAIN_SEED)
+    seed = PRETRAIN_SEED + config.pretrain_seed  # seed 0 keeps the base every earlier version made
+    torch.manual_seed(seed)
     gpt_config = base_shape(config, tokenizer.n_vocab)
     model = GPT(gpt_config).to(device)
     next_batch, held_out, corpus = pretraining_batches(config, tokenizer, gpt_config.block_size)
     opt = torch.optim.AdamW(model.parameters(), lr=config.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1)
-    rng = random.Random(PRETRAIN_SEED)
+    rng = random.Random(seed)
     steps = config.pretrain_steps
     forward = torch.compile(model) if config.compile else model  # the fused attention path, compiled on request
     say(config, f"pretraining a base GPT ({model.num_params():,} parameters; {gpt_config.n_layer} blocks, width "

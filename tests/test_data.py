@@ -145,3 +145,17 @@ def test_a_prompt_that_fills_the_context_is_skipped_and_its_line_kept(tmp_path):
     examples, cut = load_jsonl(path, TOK, block_size=16)
     assert len(examples) == 2 and cut.skipped == [f"{path}:2"]
     assert [TOK.decode(e.completion) for e in examples] == ["b<|endoftext|>", "d<|endoftext|>"]
+
+
+def test_systematic_noise_is_another_operations_answer_and_random_noise_is_unchanged():
+    from data import PRETRAIN_OPS, task_answer
+    systematic = make_default_task(TOK, n_train=200, n_val=5, noise=0.25, seed=3, n_heldout=5, n_dev=5, noise_kind="systematic")
+    plain = make_default_task(TOK, n_train=200, n_val=5, noise=0.25, seed=3, n_heldout=5, n_dev=5)
+    again = make_default_task(TOK, n_train=200, n_val=5, noise=0.25, seed=3, n_heldout=5, n_dev=5, noise_kind="random")
+    assert [e.tokens for e in plain.train] == [e.tokens for e in again.train]  # random is the default, as before
+    noisy = [e for e in systematic.train if e.noisy]
+    assert len(noisy) == 50 and [e.noisy for e in systematic.train] == [e.noisy for e in plain.train]
+    for e in noisy:
+        word = TOK.decode(e.tokens[: e.n_prompt]).split(" ")[1].rstrip("=")
+        answer = TOK.decode(e.completion).rstrip("\n")
+        assert answer != task_answer(word) and answer in {op(word) for op in PRETRAIN_OPS.values()}

@@ -180,3 +180,18 @@ def test_bad_pretraining_settings_are_one_error_line_before_any_work(capsys, tmp
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err, err
     assert not list((tmp_path / "out").glob("base-*.pt")) if (tmp_path / "out").exists() else True
+
+
+def test_another_pretrain_seed_makes_another_base_and_seed_0_the_one_of_before(tmp_path):
+    from data import get_tokenizer
+    from pretrain import BaseConfig, base_path
+    tok = get_tokenizer()
+    default = base_path(BaseConfig(out_dir="out"), tok)
+    assert default == base_path(BaseConfig(out_dir="out", pretrain_seed=0), tok) == "out/base-67aea5f398.pt"  # unchanged
+    assert base_path(BaseConfig(out_dir="out", pretrain_seed=1), tok) != default
+    bases = []
+    for seed in (0, 1):
+        assert pretrain.main(["--out-dir", str(tmp_path), "--pretrain-steps", "2", "--pretrain-seed", str(seed), "--quiet"]) == 0
+    bases = sorted(tmp_path.glob("base-*.pt"))
+    a, b = (torch.load(p, weights_only=True)["model"] for p in bases)
+    assert len(bases) == 2 and not torch.equal(a["transformer.wte.weight"], b["transformer.wte.weight"])
