@@ -163,6 +163,9 @@ def compare(config, train_flags=()):
     runs = run_all([(label, method, chosen, chosen_lr.get(label, lrs[0]), seed, "test")
                     for label, method, chosen in rows_wanted for seed in range(config.seeds)])
     rows = [summarise(label, chosen_lr.get(label, lrs[0]), [r for r in runs if r["row"] == label]) for label, _, _ in rows_wanted]
+    if "lora" in chosen_lr or any(label == "lora" for label, _, _ in rows_wanted):
+        for row in rows:  # each row against lora, seed by seed (the same data and batches)
+            row.update(paired_difference([r for r in runs if r["row"] == row["row"]], [r for r in runs if r["row"] == "lora"]))
     steps = runs[0]["config"]["steps"]
     say(f"\n{len(rows)} methods, lr from {config.lrs} by dev loss, then {config.seeds} seeds on the test split, "
         f"{steps} steps each, {time.time() - progress['t0']:.0f}s in all\n{format_table(rows)}")
@@ -170,9 +173,25 @@ def compare(config, train_flags=()):
         path = os.path.join(config.out_dir, "compare")
         write_json(path + ".json", {"config": {**asdict(config), "train": runs[0]["config"]}, "rows": rows, "runs": runs,
                                     "dev_runs": dev_runs})
-        write_csv(path + ".csv", rows)
+        write_csv(path + ".csv", [{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in rows])
         plot_comparison(rows, path + ".png")
     return rows
+
+
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}  # Student's t, 97.5%
+
+
+def paired_difference(runs, lora_runs):
+    """Mean per-seed difference of exact match (and of held-out loss) to lora's run of the
+    same seed, with a 95% interval from Student's t over the seeds (None with one seed)."""
+    out = {}
+    for key in ("exact_match", "val_loss"):
+        by_seed = {r["seed"]: r[key] for r in lora_runs if r.get(key) is not None}
+        diffs = [r[key] - by_seed[r["seed"]] for r in runs if r.get(key) is not None and r["seed"] in by_seed]
+        mean = statistics.fmean(diffs) if diffs else None
+        half = (T_975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))) if len(diffs) > 1 else None
+        out[f"{key}_vs_lora"], out[f"{key}_vs_lora_ci95"] = mean, half
+    return out
 
 
 def summarise(label, lr, runs):
@@ -185,11 +204,24 @@ def summarise(label, lr, runs):
 
     em, em_sd = spread([r["exact_match"] for r in runs])
     loss, loss_sd = spread([r["val_loss"] for r in runs])
+    tasks = sorted({name for r in runs for name in r.get("per_task", {})})
+    per_task = {name: spread([r["per_task"][name]["exact_match"] for r in runs if name in r.get("per_task", {})])[0] for name in tasks}
     return {"row": label, "method": runs[0]["method"], "selection": runs[0]["selection"], "support": runs[0]["support"],
             "lr": lr, "seeds": len(runs), "exact_match": em, "exact_match_sd": em_sd, "val_loss": loss, "val_loss_sd": loss_sd,
+            "per_task_exact_match": per_task, "curve": mean_curve(runs),
             "diverged": sum(bool(r.get("diverged")) for r in runs),
             **{k: nanmean([r.get(k, float("nan")) for r in runs]) for k in ("coverage", "noisy_selected", "clean_selected",
                                                                              "noisy_probability", "clean_probability", "ms_per_step")}}
+
+
+def mean_curve(runs):
+    """Held-out loss at each evaluation step: mean, min and max over the seeds' runs."""
+    steps = sorted({e["step"] for r in runs for e in r.get("evals", [])})
+    curve = []
+    for step in steps:
+        losses = [e["loss"] for r in runs for e in r.get("evals", []) if e["step"] == step]
+        curve.append({"step": step, "mean": statistics.fmean(losses), "min": min(losses), "max": max(losses)})
+    return curve
 
 
 def format_table(rows):
@@ -198,11 +230,14 @@ def format_table(rows):
 
     def rate(value):  # nan: the data carries no noisy flags
         return "-" if math.isnan(value) else f"{value:.2f}"
-    lines = ["| row | selection | support | lr | exact match | held-out loss | coverage | noisy taken | clean taken | ms/step |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    def versus(r):  # the paired difference to lora, with its 95% interval
+        mean, half = r.get("exact_match_vs_lora"), r.get("exact_match_vs_lora_ci95")
+        return "-" if mean is None or r["row"] == "lora" else f"{mean:+.3f}" + ("" if half is None else f" ± {half:.3f}")
+    lines = ["| row | selection | support | lr | exact match | vs lora (paired, 95%) | held-out loss | coverage | noisy taken | "
+             "clean taken | ms/step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['row']} | {r['selection'] or '-'} | {r['support'] or '-'} | {r['lr']:g} | "
-                     f"{pm(r['exact_match'], r['exact_match_sd'], 3)} | {pm(r['val_loss'], r['val_loss_sd'], 3)} | "
+                     f"{pm(r['exact_match'], r['exact_match_sd'], 3)} | {versus(r)} | {pm(r['val_loss'], r['val_loss_sd'], 3)} | "
                      f"{r['coverage']:.2f} | {rate(r['noisy_selected'])} | {rate(r['clean_selected'])} | {r['ms_per_step']:.0f} |")
     return "\n".join(lines)
 
@@ -214,7 +249,15 @@ def plot_comparison(rows, path):
         return
     panels = [(k, t) for k, t in [("exact_match", "exact match (test)"), ("val_loss", "held-out loss (test)")]
               if all(r[k] is not None for r in rows)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 3.5), squeeze=False)
+    curves = axes[0][-1]  # every row's learning curve: the mean over seeds, the band from min to max
+    for r in rows:
+        steps = [p["step"] for p in r["curve"]]
+        line, = curves.plot(steps, [p["mean"] for p in r["curve"]], "o-", markersize=3, label=r["row"])
+        curves.fill_between(steps, [p["min"] for p in r["curve"]], [p["max"] for p in r["curve"]], color=line.get_color(), alpha=0.15)
+    curves.set_xlabel("step")
+    curves.set_title("held-out loss while training (mean, min-max over seeds)", fontsize=9)
+    curves.legend(fontsize=7)
     labels = [r["row"] for r in rows]
     for ax, (key, title) in zip(axes[0], panels):
         ax.bar(range(len(rows)), [r[key] for r in rows], yerr=[r[key + "_sd"] for r in rows], capsize=4, color="tab:blue")

@@ -324,7 +324,8 @@ def train(config, split="test", summary=True, dry_run=False):
                             f"{history.ms[-1]:.0f} ms/step | eta {eta:.0f}s")
             if (step + 1) % config.eval_interval == 0 or step == end - 1:
                 result = evaluate(model, eval_set, tokenizer, device, is_qa)
-                history.evals.append({"step": step + 1, "loss": result["loss"], "exact_match": result["exact_match"]})
+                history.evals.append({"step": step + 1, "loss": result["loss"], "exact_match": result["exact_match"],
+                                      "per_task": result["per_task"]})
                 em = "" if result["exact_match"] is None else f" | exact match {result['exact_match']:.3f}"
                 say(config, f"eval at step {step + 1}: held-out loss {result['loss']:.4f}{em}")
                 if is_main():
@@ -340,7 +341,7 @@ def train(config, split="test", summary=True, dry_run=False):
     scored = config.method in SCORED
     metrics = {"method": config.method, "selection": config.selection if scored else None, "support": config.support if scored else None,
                "lr": config.lr, "seed": config.seed, "steps": end, "split": split, "base": base_path,
-               "exact_match": final["exact_match"], "val_loss": final["loss"], "answers": final["answers"],
+               "exact_match": final["exact_match"], "val_loss": final["loss"], "per_task": final["per_task"], "answers": final["answers"],
                "sample": sample, **history.summary(), "config": asdict(config)}
     if is_main():
         save_adapter(model, config.lora(), os.path.join(config.out_dir, "adapter.pt"))

@@ -18,7 +18,7 @@ def test_compare_prints_a_table_and_writes_json_and_csv(base, tmp_path, capsys):
     config = CompareConfig(methods="lora,gast,gast:topk+heldout,data:batch", seeds=2, lrs="1e-2", out_dir=str(tmp_path))
     rows = compare(config, flags(base, steps=3, noise=0.0))
     out = capsys.readouterr().out
-    assert "| row | selection | support | lr | exact match | held-out loss |" in out
+    assert "| row | selection | support | lr | exact match | vs lora (paired, 95%) | held-out loss |" in out
     assert "| lora | - | - | 0.01 |" in out and "| gast | softmax | train | 0.01 |" in out
     assert "| gast:topk+heldout | topk | heldout | 0.01 |" in out and "| data:batch | softmax | batch | 0.01 |" in out
     assert "| 1.00 | - | - |" in out  # lora's coverage; no noisy flags, so no rates
@@ -32,9 +32,14 @@ def test_compare_prints_a_table_and_writes_json_and_csv(base, tmp_path, capsys):
     for run in saved["runs"]:  # each run's metrics carry the settings that made it
         assert (run["config"]["method"], run["config"]["selection"], run["config"]["support"]) == (
             run["method"], run["selection"] or "softmax", run["support"] or "train")
+    lora = {r["seed"]: r for r in saved["runs"] if r["row"] == "lora"}
     for row in saved["rows"]:
-        mine = [r["val_loss"] for r in saved["runs"] if r["row"] == row["row"]]
-        assert row["val_loss"] == pytest.approx(sum(mine) / 2)
+        mine = [r for r in saved["runs"] if r["row"] == row["row"]]
+        assert row["val_loss"] == pytest.approx(sum(r["val_loss"] for r in mine) / 2)
+        diffs = [r["val_loss"] - lora[r["seed"]]["val_loss"] for r in mine]  # paired by seed, t with 1 degree of freedom
+        assert row["val_loss_vs_lora"] == pytest.approx(sum(diffs) / 2)
+        assert row["val_loss_vs_lora_ci95"] == pytest.approx(12.706 * abs(diffs[0] - diffs[1]) / 2 ** 0.5 / 2 ** 0.5)
+        assert [p["step"] for p in row["curve"]] == [3] and row["per_task_exact_match"].keys() == {"revshift"}
     with open(tmp_path / "compare.csv") as f:
         table = list(csv.DictReader(f))
     assert [r["row"] for r in table] == ["lora", "gast", "gast:topk+heldout", "data:batch"]
