@@ -168,7 +168,7 @@ class Task:
     train: list  # fine-tuning samples
     val: list  # the clean evaluation (test) split: what results are reported on
     heldout: list  # a trusted held-out set for GAST's support mini-batches (--support heldout), never trained or evaluated on
-    dev: list  # a clean split for choosing hyperparameters (the lr in --compare), never the test split
+    dev: list  # a clean split for choosing hyperparameters (the lr in compare.py), never the test split
 
 
 NOISE_KINDS = ("random", "systematic")
