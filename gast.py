@@ -72,12 +72,13 @@ def per_sample_grads(model, inputs, targets, chunk_size=None):
 
 
 def per_sample_grads_by_hooks(model, inputs, targets):
-    """The same gradients and losses from one ordinary forward and backward (the fast path).
+    """The same gradients and losses from one ordinary forward and backward (fused attention,
+    about half vmap's extra memory; README "Cost" has the times).
 
     A LoRA parameter's per-sample gradient is a sum over the sample's positions of outer
     products that the batched backward forms anyway (recording_per_sample_grads below
-    writes them out), so this costs about one plain LoRA step. Tests hold it to the
-    torch.func path above.
+    writes them out), so it costs little more than one plain LoRA step. Tests hold it to
+    the torch.func path above.
     """
     model.zero_grad(set_to_none=True)
     with recording_per_sample_grads(model) as grads:
