@@ -487,9 +487,10 @@ class SparseTuner:
     """
 
     def __init__(self, model, config: SelectionConfig, seed=0, support_set=None):
-        """support_set: (inputs (N, T), targets (N, T)) the support mini-batches are drawn
-        from: the training set for support="train", the trusted set for "heldout"; data and
-        gast need it unless support="batch"."""
+        """support_set: what the support mini-batches are drawn from (the training set for
+        support="train", the trusted set for "heldout"; data and gast need it unless
+        support="batch"): (inputs (N, T), targets (N, T)), or a pool with len() that,
+        called with a list of indices, returns their (inputs, targets)."""
         if config.problems():
             raise ValueError("; ".join(config.problems()))
         if config.method in SCORED and config.support != "batch" and support_set is None:
@@ -546,14 +547,16 @@ class SparseTuner:
         c = self.config
         if c.support == "batch" or (self.support_grad is not None and self.steps - self.support_step < c.support_interval):
             return None
-        inputs, targets = self.support_set
-        n = len(inputs)
+        n = len(self.support_set) if callable(self.support_set) else len(self.support_set[0])
         if 0 < c.support_size < n:  # a fresh mini-batch, independent of the batch's draw
             indices = torch.randperm(n, generator=self.generator)[: c.support_size].sort().values
         else:  # support_size 0: the whole support set
             indices = torch.arange(n)
-        inputs, targets = inputs[indices.to(inputs.device)], targets[indices.to(inputs.device)]
-        T = int((targets != IGNORE_INDEX).any(dim=0).nonzero().max()) + 1  # the pool's padding beyond its longest row
+        if callable(self.support_set):  # a pool that makes the rows it is asked for (train.py's: no tensor of the whole set)
+            inputs, targets = self.support_set(indices.tolist())
+        else:
+            inputs, targets = (t[indices.to(t.device)] for t in self.support_set)
+        T = int((targets != IGNORE_INDEX).any(dim=0).nonzero().max()) + 1  # padding beyond the drawn rows' longest
         return indices.tolist(), inputs[:, :T].to(device), targets[:, :T].to(device)
 
     # --- one step ---

@@ -227,6 +227,20 @@ def lr_at(config, step):
 RUN_OUTPUTS = ("ckpt.pt", "adapter.pt", "metrics.json", "selection.png")
 
 
+class SupportPool:
+    """The examples GAST's support mini-batches are drawn from; called with indices, their
+    (inputs, targets), batched then (a large training set is never one padded tensor)."""
+
+    def __init__(self, examples, pad_id):
+        self.examples, self.pad_id = examples, pad_id
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __call__(self, indices):
+        return collate([self.examples[i] for i in indices], self.pad_id)[:2]
+
+
 # ---------------------------------------------------------------------------------------
 # The run
 
@@ -266,7 +280,7 @@ def train(config, split="test", summary=True, dry_run=False):
         say(config, "support: the batch's own mean gradient")
     elif config.method in SCORED:
         pool = task.train if config.support == "train" else task.heldout
-        support_set = collate(pool, tokenizer.eot_token)[:2]  # (N, T) on the CPU; each step's rows go to the device
+        support_set = SupportPool(pool, tokenizer.eot_token)  # each step's rows are batched when drawn
         size = f"{config.support_size} samples" if 0 < config.support_size < len(pool) else "the whole set"
         say(config, f"support: {size} drawn every {config.support_interval} step(s) from the "
                     f"{'training set' if config.support == 'train' else 'trusted held-out set'} ({len(pool)} samples); "

@@ -754,3 +754,19 @@ def test_blocks_falls_back_to_the_whole_hooks_path_where_a_layer_needs_the_other
     for kw in (dict(method="data"), dict(method="gast", layer_ratio=0.5)):
         a = train_steps(kw.pop("method"), steps=2, data_ratio=0.5, **kw, per_sample="blocks")[2]
     assert all(r.mask.sum(1).max() == 3 for r in a)
+
+
+def test_a_pool_that_makes_its_rows_when_drawn_gives_the_tensors_results():
+    class Pool:  # as train.py's SupportPool: len() and rows on demand
+        def __len__(self):
+            return len(SUPPORT_SET[0])
+
+        def __call__(self, indices):
+            return SUPPORT_SET[0][indices], SUPPORT_SET[1][indices]
+
+    runs = []
+    for support_set in (SUPPORT_SET, Pool()):
+        model = lora_model(dtype=torch.float64)
+        tuner = SparseTuner(model, SelectionConfig(method="gast", support_size=3), seed=2, support_set=support_set)
+        runs.append([tuner.step(*batch(6, seed=s)) for s in range(2)])
+    assert all(a.support == b.support and torch.equal(a.mask, b.mask) for a, b in zip(*runs))
