@@ -671,7 +671,8 @@ class SparseTuner:
         (mask (L, B), scores (L, B), this process's batch losses)."""
         c, n_procs = self.config, world()[1]
         noise = None if c.selection == "topk" else gumbel((self.L, B), self.generator)  # as choose() would draw it
-        scores = torch.zeros(self.L, B, device=x.device)
+        dtype = next(p for p in self.model.parameters() if p.requires_grad).dtype  # the per-sample gradients' (and scores') dtype
+        scores = torch.zeros(self.L, B, dtype=dtype, device=x.device)
         mask = torch.zeros(self.L, B, dtype=torch.bool, device=x.device)
         update, support = {}, {}
 
