@@ -299,17 +299,17 @@ def select(scores, K, k):
     return mask
 
 
-def choose(scores, K, k, selection="softmax", temperature=1.0, generator=None):
+def choose(scores, K, k, selection="softmax", temperature=1.0, generator=None, noise=None):
     """Step 4 as configured: the mask (L, B).
 
     softmax: draw(); random: k uniformly per row (draw() on equal scores, from the same
     generator); topk: select(). With K < L (our layer budget) only the K rows whose drawn
-    samples have the largest summed score stay active.
+    samples have the largest summed score stay active. noise: draw()'s, drawn earlier.
     """
     L, B = scores.shape
     if selection == "topk":
         return select(scores, K, k)
-    mask = draw(scores if selection == "softmax" else torch.zeros_like(scores), k, temperature, generator)
+    mask = draw(scores if selection == "softmax" else torch.zeros_like(scores), k, temperature, generator, noise)
     if K < L:
         mask[[l for l in range(L) if l not in top((scores * mask).sum(dim=1), K).tolist()]] = False
     return mask
@@ -686,12 +686,8 @@ class SparseTuner:
                 s = self._batch_mean(g, B) if c.support == "batch" else self.support_grad
             a = sum(g[n].flatten(1) @ s[n].flatten() for n in names)  # (B_local,)
             scores[l] = all_gather_columns(a) if n_procs > 1 else a
-            if c.selection == "topk":
-                row = top(scores[l], k)
-            else:
-                logits = standardise(scores[l]).cpu() / c.temperature if c.selection == "softmax" else 0.0
-                row = top(logits + noise[l], k)
-            mask[l, row.to(mask.device)] = True
+            mask[l] = choose(scores[l : l + 1], 1, k, c.selection, c.temperature,
+                             noise=None if noise is None else noise[l : l + 1])[0]  # this block's row of step 4
             weights = (mask[l].float() / k)[mine]  # 1/k on this process's drawn samples
             for n in names:
                 update[n] = torch.tensordot(weights.to(g[n].dtype), g[n], dims=1)
