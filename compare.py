@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from data import DataError, TokenizerUnavailable, get_tokenizer
+from data import NOISE_KINDS, DataError, TokenizerUnavailable, get_tokenizer
 from gast import METHODS, SCORED, SELECTIONS, SUPPORTS
 from plumbing import (check_out_dir, is_main, nanmean, option, parse_args, pick_device, positive, pyplot, refuse, run_main,
                       save_figure, write_csv, write_json)
@@ -41,6 +41,8 @@ class CompareConfig:
     overwrite: bool = option(False, "replace the compare results already in --out-dir")
     resume: bool = option(False, "continue a comparison: a run recorded in --out-dir/compare/ with the same settings is read back, not run again")
     jobs: int = option(1, "independent runs in this many processes, one thread each (results equal those of --jobs 1 at one thread)")
+    check_testbed: bool = option(False, "instead of the comparison, check that the testbed measures methods, not luck: lora at "
+                                 "train.py's settings on seeds 0-4, two bases, 1 and 2 threads, and noise of each kind (about 30 minutes on 2 CPU cores)")
 
 
 def rows_of(config):
@@ -169,6 +171,8 @@ def compare(config, train_flags=()):
     steps = runs[0]["config"]["steps"]
     say(f"\n{len(rows)} methods, lr from {config.lrs} by dev loss, then {config.seeds} seeds on the test split, "
         f"{steps} steps each, {time.time() - progress['t0']:.0f}s in all\n{format_table(rows)}")
+    if format_task_table(rows):
+        say(f"\nexact match per task (test split, mean over seeds):\n{format_task_table(rows)}")
     if is_main():
         path = os.path.join(config.out_dir, "compare")
         write_json(path + ".json", {"config": {**asdict(config), "train": runs[0]["config"]}, "rows": rows, "runs": runs,
@@ -176,6 +180,123 @@ def compare(config, train_flags=()):
         write_csv(path + ".csv", [{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in rows])
         plot_comparison(rows, path + ".png")
     return rows
+
+
+# ---------------------------------------------------------------------------------------
+# The testbed's own check: does plain LoRA learn on every seed, base and thread count, and
+# does the noise matter? A comparison means nothing on a testbed where it does not.
+
+TESTBED_SEEDS = (0, 1, 2, 3, 4)
+TESTBED_BASES = (0, 1)  # pretrain seeds
+TESTBED_THREADS = (1, 2)
+TESTBED_NOISE = 0.2  # each kind against noise 0, at 2 threads
+LEARNS = 0.95  # exact match every clean lora run must reach
+NOISE_MATTERS = 2.0  # how many times the clean held-out loss must rise under noise
+DEFAULT_RUN_SECONDS = 180  # python train.py with no arguments, pretraining included
+
+
+def testbed_specs():
+    """(pretrain seed, threads, noise, noise kind, seed) of every run the check makes."""
+    specs = []
+    for base in TESTBED_BASES:
+        specs += [(base, threads, 0.0, "random", seed) for threads in TESTBED_THREADS for seed in TESTBED_SEEDS]
+        specs += [(base, 2, TESTBED_NOISE, kind, seed) for kind in NOISE_KINDS for seed in TESTBED_SEEDS]
+    return specs
+
+
+def check_testbed(config, train_flags=(), specs=None, time_default_run=True):
+    """Run the testbed's check and print its table; True when every check holds. Every other
+    flag is train.py's and goes to every run, so another recipe can be checked the same way."""
+    train([*train_flags, "--out-dir", config.out_dir], dry_run=True)  # train.py's flags, checked before any run
+    check_out_dir(config.out_dir, ("testbed.json",), resume=config.resume, overwrite=config.overwrite)
+    specs = testbed_specs() if specs is None else specs
+    bases = {}
+    for pretrain_seed in sorted({spec[0] for spec in specs}):
+        base_config = replace(parse_args(BaseConfig, [*train_flags, "--pretrain-seed", str(pretrain_seed)], known_only=True)[0],
+                              out_dir=config.out_dir)
+        bases[pretrain_seed] = load_base(base_config, get_tokenizer(base_config.tokenizer), pick_device(base_config.device))[1]
+    t0, runs, threads_before = time.time(), [], torch.get_num_threads()
+    for i, (base, threads, noise, kind, seed) in enumerate(specs):
+        name = f"base{base}-threads{threads}-noise{noise:g}-{kind}-seed{seed}"
+        flags = [*train_flags, "--method", "lora", "--noise", repr(noise), "--noise-kind", kind, "--seed", str(seed),
+                 "--init-from", bases[base], "--quiet", "--no-resume", "--no-picture", "--overwrite",
+                 "--out-dir", os.path.join(config.out_dir, "testbed", name)]
+        metrics = config.resume and recorded_run(flags, "test")
+        if not metrics:
+            torch.set_num_threads(threads)
+            try:
+                metrics = one_run(flags, "test")
+            finally:
+                torch.set_num_threads(threads_before)
+        runs.append({**metrics, "pretrain_seed": base, "threads": threads, "noise": noise, "noise_kind": kind})
+        elapsed = time.time() - t0
+        print(f"  [{i + 1}/{len(specs)}] {name}: exact match {metrics['exact_match'] or 0:.3f} loss {metrics['val_loss']:.4f} "
+              f"({elapsed:.0f}s so far, eta {elapsed / (i + 1) * (len(specs) - i - 1):.0f}s)", flush=True)
+    checks = testbed_checks(runs)
+    if time_default_run:
+        checks.append(time_python_train())
+    steps = runs[0]["config"]["steps"]
+    print(f"\nthe testbed: lora at train.py's settings ({steps} steps), {time.time() - t0:.0f}s in all\n{format_testbed(runs)}\n")
+    for ok, text in checks:
+        print(f"  {'PASS' if ok else 'FAIL'}  {text}")
+    write_json(os.path.join(config.out_dir, "testbed.json"),
+               {"config": asdict(config), "train_flags": list(train_flags), "runs": runs,
+                "checks": [{"ok": ok, "check": text} for ok, text in checks]})
+    return all(ok for ok, _ in checks)
+
+
+def testbed_groups(runs):
+    """{(pretrain seed, threads, noise, kind): [runs, by seed]}"""
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["pretrain_seed"], r["threads"], r["noise"], r["noise_kind"] if r["noise"] else "-"), []).append(r)
+    return groups
+
+
+def format_testbed(runs):
+    lines = ["| base (pretrain seed) | threads | noise | exact match, seed by seed | lowest | clean held-out loss (mean) |",
+             "|---|---|---|---|---|---|"]
+    for (base, threads, noise, kind), group in testbed_groups(runs).items():
+        scores = [r["exact_match"] or 0.0 for r in group]
+        lines.append(f"| {base} | {threads} | {'0' if not noise else f'{noise:g} {kind}'} | "
+                     f"{' '.join(f'{v:.3f}' for v in scores)} | {min(scores):.3f} | {statistics.fmean(r['val_loss'] for r in group):.4f} |")
+    return "\n".join(lines)
+
+
+def testbed_checks(runs):
+    """[(ok, what was checked and found)]: every clean run learns; each noise kind raises the clean loss."""
+    checks = []
+    clean = [r for r in runs if not r["noise"]]
+    if clean:
+        worst = min(clean, key=lambda r: r["exact_match"] or 0.0)
+        checks.append((all((r["exact_match"] or 0.0) >= LEARNS for r in clean),
+                       f"noise 0: exact match >= {LEARNS} on all {len(clean)} runs (lowest {worst['exact_match'] or 0.0:.3f}: "
+                       f"base {worst['pretrain_seed']}, {worst['threads']} threads, seed {worst['seed']})"))
+    groups = testbed_groups(runs)
+    for (base, threads, noise, kind), group in groups.items():
+        plain = groups.get((base, threads, 0.0, "-"))
+        if noise and plain:
+            ratio = statistics.fmean(r["val_loss"] for r in group) / statistics.fmean(r["val_loss"] for r in plain)
+            checks.append((ratio >= NOISE_MATTERS, f"noise {noise:g} {kind} raises lora's clean held-out loss {ratio:.1f}x "
+                                                   f"over noise 0 (base {base}, {threads} threads; needs {NOISE_MATTERS:g}x)"))
+    return checks
+
+
+def time_python_train():
+    """(ok, text): the wall time of `python train.py` with no arguments in a fresh directory
+    (so the base is pretrained too), as a user first runs it."""
+    import subprocess
+    import sys
+    import tempfile
+    with tempfile.TemporaryDirectory() as work:
+        here = os.path.dirname(os.path.abspath(__file__))
+        t0 = time.time()
+        done = subprocess.run([sys.executable, os.path.join(here, "train.py"), "--quiet"], cwd=work, capture_output=True, text=True)
+        seconds = time.time() - t0
+    if done.returncode:
+        return False, f"python train.py failed (exit {done.returncode}): {done.stderr.strip()[-300:]}"
+    return seconds < DEFAULT_RUN_SECONDS, (f"python train.py (no arguments, pretraining included, quiet) took {seconds:.0f}s "
+                                           f"on {os.cpu_count()} CPU threads; needs < {DEFAULT_RUN_SECONDS}s")
 
 
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}  # Student's t, 97.5%
@@ -242,6 +363,20 @@ def format_table(rows):
     return "\n".join(lines)
 
 
+def format_task_table(rows):
+    """Exact match per task and its average over tasks, one line per row (the paper's Table 1)."""
+    tasks = sorted({name for r in rows for name in r["per_task_exact_match"]})
+    if len(tasks) < 2:
+        return ""
+    cell = lambda v: "n/a" if v is None else f"{v:.3f}"
+    lines = ["| row | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]
+    for r in rows:
+        scores = [r["per_task_exact_match"].get(name) for name in tasks]
+        average = None if None in scores else statistics.fmean(scores)
+        lines.append(f"| {r['row']} | " + " | ".join(map(cell, scores)) + f" | {cell(average)} |")
+    return "\n".join(lines)
+
+
 def plot_comparison(rows, path):
     """Exact match and held-out loss per row, mean +/- sd over seeds."""
     plt = pyplot()
@@ -272,8 +407,13 @@ def main(argv=None):
     def work():
         config, train_flags = parse_args(CompareConfig, argv, description=__doc__.strip(), known_only=True,
                                          epilog="Every other flag is train.py's (python train.py --help) and goes to every run.")
-        compare(config, train_flags)
-    return run_main(work, (DataError, TokenizerUnavailable))
+        if config.check_testbed:
+            failed.append(not check_testbed(config, train_flags))
+        else:
+            compare(config, train_flags)
+    failed = []
+    code = run_main(work, (DataError, TokenizerUnavailable))
+    return 1 if code == 0 and any(failed) else code
 
 
 if __name__ == "__main__":

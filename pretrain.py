@@ -42,7 +42,7 @@ class BaseConfig:
     n_embd: int = option(0, "width of the residual stream (0: 64, or --init-from's); must divide by --n-head")
     block_size: int = option(0, "context length in tokens (0: 32, or --init-from's); prompt + completion beyond it are cut")
     pretrain_data: str = option("", "a plain-text corpus (UTF-8) to pretrain the base on; its last 5%% is held out; empty: the built-in corpus")
-    pretrain_steps: int = option(2500, "steps of pretraining the base (the default: about a minute on 2 CPU cores)")
+    pretrain_steps: int = option(2000, "steps of pretraining the base (the default: under 2 minutes on 2 CPU cores)")
     pretrain_batch_size: int = option(64, "sequences per pretraining step")
     pretrain_lr: float = option(3e-3, "peak pretraining learning rate (100 warm-up steps, then cosine to 0)")
     pretrain_seed: int = option(0, "seed of the pretraining corpus, initialisation and batches (part of the base's hash): another seed, another base")

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from data import DataConfig, DataError, TokenizerUnavailable, encode, evaluate, get_tokenizer, load_examples, load_task
+from data import DataConfig, DataError, TokenizerUnavailable, encode, evaluate, get_tokenizer, load_examples, load_task, per_task_lines
 from lora import load_adapter, merge_lora
 from plumbing import (atomic_save, autocast_for, check_device, fingerprint, like, not_negative, option,
                       parse_args, pick_device, read_checkpoint, refuse, run_main)
@@ -113,10 +113,8 @@ def sample(config):
             print(f"  {prompt!r} -> {answer!r} " + ("(right)" if hit else f"(wrong; the reference: {reference!r})"))
         em = "" if result["exact_match"] is None else f", exact match {result['exact_match']:.3f}"
         print(f"{where}: {len(examples)} samples, loss {result['loss']:.4f}{em}")
-        if len(result["per_task"]) > 1:
-            for name, scores in result["per_task"].items():
-                em = "" if scores["exact_match"] is None else f", exact match {scores['exact_match']:.3f}"
-                print(f"  task {name or '(none)'}: {scores['n']} samples, loss {scores['loss']:.4f}{em}")
+        for line in per_task_lines(result["per_task"]):
+            print(line)
         return result
 
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from data import DataConfig, DataError, TokenizerUnavailable, collate, evaluate, get_tokenizer, greedy_sample, load_task
+from data import DataConfig, DataError, TokenizerUnavailable, collate, evaluate, get_tokenizer, greedy_sample, load_task, per_task_lines
 from gast import SCORED, SelectionConfig, SparseTuner
 from lora import LoRAConfig, add_lora, adapter_state_dict, save_adapter
 from plumbing import (ConfigError, Interrupted, atomic_save, autocast_for, check_out_dir, config_from_dict, fingerprint, in_range,
@@ -397,6 +397,8 @@ def print_summary(metrics):
         rates = "" if not metrics["noisy_rate_per_layer"] or share == 0 else (
             f"; took {metrics['noisy_rate_per_layer'][l]:.2f} of noisy and {metrics['clean_rate_per_layer'][l]:.2f} of clean samples")
         print(f"  block {l}: updated in {share:.0%} of steps{rates}")
+    for line in per_task_lines(metrics["per_task"]):
+        print(line)
     for prompt, answer, reference, hit in metrics["answers"]:
         print(f"  {prompt!r} -> {answer!r} " + ("(right)" if hit else f"(wrong; the reference: {reference!r})"))
     if metrics["sample"]:

@@ -7,6 +7,7 @@ import compare as compare_module
 import data
 from compare import CompareConfig, compare, main
 from conftest import TINY_FLAGS
+from data import TASKS
 
 
 def flags(base, **overrides):
@@ -39,7 +40,7 @@ def test_compare_prints_a_table_and_writes_json_and_csv(base, tmp_path, capsys):
         diffs = [r["val_loss"] - lora[r["seed"]]["val_loss"] for r in mine]  # paired by seed, t with 1 degree of freedom
         assert row["val_loss_vs_lora"] == pytest.approx(sum(diffs) / 2)
         assert row["val_loss_vs_lora_ci95"] == pytest.approx(12.706 * abs(diffs[0] - diffs[1]) / 2 ** 0.5 / 2 ** 0.5)
-        assert [p["step"] for p in row["curve"]] == [3] and row["per_task_exact_match"].keys() == {"revshift"}
+        assert [p["step"] for p in row["curve"]] == [3] and row["per_task_exact_match"].keys() == set(TASKS)
     with open(tmp_path / "compare.csv") as f:
         table = list(csv.DictReader(f))
     assert [r["row"] for r in table] == ["lora", "gast", "gast:topk+heldout", "data:batch"]
@@ -162,3 +163,26 @@ def test_a_diverged_dev_run_loses_its_lr_and_the_comparison_goes_on(base, tmp_pa
     assert rows[0]["lr"] == 1e-3 and "DIVERGED" in capsys.readouterr().out
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert [r.get("diverged", False) for r in saved["dev_runs"]] == [False, True]
+
+
+def test_the_testbed_check_runs_lora_per_base_thread_count_and_noise_and_judges_what_it_measured(base, tmp_path, monkeypatch, capsys):
+    import torch
+    specs = [(0, 1, 0.0, "random", 0), (0, 2, 0.0, "random", 0), (0, 2, 0.2, "systematic", 0), (0, 2, 0.2, "random", 0)]
+    monkeypatch.setattr(compare_module, "testbed_specs", lambda: specs)
+    monkeypatch.setattr(compare_module, "time_python_train", lambda: (True, "python train.py: not timed in the tests"))
+    threads = torch.get_num_threads()
+    assert main(["--check-testbed", "--out-dir", str(tmp_path), *flags(base)]) == 1  # tiny runs do not learn: a check fails
+    assert torch.get_num_threads() == threads
+    saved = json.loads((tmp_path / "testbed.json").read_text())
+    runs = saved["runs"]
+    assert [(r["threads"], r["noise"], r["noise_kind"], r["config"]["noise_kind"], r["method"]) for r in runs] == [
+        (1, 0.0, "random", "random", "lora"), (2, 0.0, "random", "random", "lora"),
+        (2, 0.2, "systematic", "systematic", "lora"), (2, 0.2, "random", "random", "lora")]
+    checks = saved["checks"]
+    assert checks[0]["ok"] is False and "noise 0: exact match >= 0.95 on all 2 runs" in checks[0]["check"]
+    for check, run in zip(checks[1:3], runs[2:]):  # each noise kind against noise 0 at the same base and threads
+        ratio = run["val_loss"] / runs[1]["val_loss"]
+        assert f"{ratio:.1f}x" in check["check"] and check["ok"] == (ratio >= 2.0)
+    assert checks[-1] == {"ok": True, "check": "python train.py: not timed in the tests"}
+    out = capsys.readouterr().out
+    assert "FAIL  noise 0" in out and "| 0 | 1 | 0 |" in out and "[4/4]" in out

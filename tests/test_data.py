@@ -5,8 +5,8 @@ import tiktoken
 from hypothesis import given, settings, strategies as st
 
 import data
-from data import (DataError, Example, collate, encode, get_tokenizer, load_jsonl, load_text, make_default_task,
-                  pretrain_text, task_answer)
+from data import (TASKS, DataError, Example, collate, encode, get_tokenizer, load_jsonl, load_text, make_default_task,
+                  parse_tasks, pretrain_text, task_answer)
 
 TOK = get_tokenizer()
 
@@ -45,22 +45,48 @@ def test_default_task_is_determined_by_its_seed_with_the_stated_noise():
     assert sum(e.noisy for e in train) == 50
     assert not any(e.noisy for e in val + task.heldout + task.dev)
 
-    def parts(e):
-        prompt, answer = TOK.decode(e.tokens[: e.n_prompt]), TOK.decode(e.completion)
-        return prompt.removeprefix("revshift ").removesuffix("="), answer.removesuffix("\n")
-
     for e in train + val + task.heldout + task.dev:
-        word, answer = parts(e)
-        assert (answer == task_answer(word)) != e.noisy and len(answer) == len(word)
-    words = [{parts(e)[0] for e in getattr(task, split)} for split in ("train", "val", "heldout", "dev")]
+        name, word, answer = parts(e)
+        assert name == e.task and (answer == task_answer(word, name)) != e.noisy and len(answer) == len(word)
+    words = [{parts(e)[1] for e in getattr(task, split)} for split in ("train", "val", "heldout", "dev")]
     assert sum(map(len, words)) == len(set().union(*words))  # the four splits share no word
-    assert task_answer("abz") == "acb"  # reverse, then each letter + 1
+    assert task_answer("abz", "revshift") == "acb"  # reverse, then each letter + 1
+    assert [task_answer("abz", name) for name in TASKS] == ["abz", "cdb", "acb", "bdc"]
+
+
+def parts(e):
+    """(task, word, answer) of a default-task example, read back from its text."""
+    prompt, answer = TOK.decode(e.tokens[: e.n_prompt]), TOK.decode(e.completion)
+    name, word = prompt.removesuffix("=").split(" ")
+    return name, word, answer.removesuffix("\n")
+
+
+def test_every_split_of_the_mixture_shares_its_samples_evenly_among_the_tasks():
+    task = make_default_task(TOK, n_train=201, n_val=40, noise=0.0, seed=1, n_heldout=9, n_dev=40)
+    for split in ("train", "val", "heldout", "dev"):
+        counts = [sum(e.task == name for e in getattr(task, split)) for name in TASKS]
+        assert max(counts) - min(counts) <= 1, (split, counts)
+    names = [e.task for e in task.train]
+    assert names[:8] != [list(TASKS)[i % 4] for i in range(8)]  # the tasks are shuffled, not in turn
+
+
+def test_tasks_chooses_a_subset_and_refuses_unknown_names():
+    assert parse_tasks("all") == tuple(TASKS)
+    assert parse_tasks("revshift2, shift2") == ("shift2", "revshift2")  # in TASKS' order
+    task = make_default_task(TOK, n_train=50, n_val=10, noise=0.2, seed=0, n_heldout=4, n_dev=4, tasks=("shift2",))
+    assert {e.task for e in task.train + task.val + task.heldout + task.dev} == {"shift2"}
+    for bad in ("revshift3", "", "shift2,nope"):
+        with pytest.raises(ValueError, match="revrev, shift2, revshift, revshift2"):
+            parse_tasks(bad)
+    from data import DataConfig
+    assert any("--tasks nope" in p for p in DataConfig(tasks="nope").problems())
+    assert DataConfig(tasks="shift2,revshift").problems() == []
 
 
 def test_pretraining_corpus_teaches_the_known_operations_only():
     lines = pretrain_text(300, seed=0).splitlines()
     ops = {line.split()[0] for line in lines}
-    assert ops == set(data.PRETRAIN_OPS) and "revshift" not in ops
+    assert ops == set(data.PRETRAIN_OPS) and not ops & set(TASKS)
     for line in lines:
         op, rest = line.split(" ")
         word, answer = rest.split("=")
@@ -147,8 +173,7 @@ def test_a_prompt_that_fills_the_context_is_skipped_and_its_line_kept(tmp_path):
     assert [TOK.decode(e.completion) for e in examples] == ["b<|endoftext|>", "d<|endoftext|>"]
 
 
-def test_systematic_noise_is_another_operations_answer_and_random_noise_is_unchanged():
-    from data import PRETRAIN_OPS, task_answer
+def test_systematic_noise_is_another_tasks_answer_and_random_noise_is_unchanged():
     systematic = make_default_task(TOK, n_train=200, n_val=5, noise=0.25, seed=3, n_heldout=5, n_dev=5, noise_kind="systematic")
     plain = make_default_task(TOK, n_train=200, n_val=5, noise=0.25, seed=3, n_heldout=5, n_dev=5)
     again = make_default_task(TOK, n_train=200, n_val=5, noise=0.25, seed=3, n_heldout=5, n_dev=5, noise_kind="random")
@@ -156,6 +181,12 @@ def test_systematic_noise_is_another_operations_answer_and_random_noise_is_uncha
     noisy = [e for e in systematic.train if e.noisy]
     assert len(noisy) == 50 and [e.noisy for e in systematic.train] == [e.noisy for e in plain.train]
     for e in noisy:
-        word = TOK.decode(e.tokens[: e.n_prompt]).split(" ")[1].rstrip("=")
-        answer = TOK.decode(e.completion).rstrip("\n")
-        assert answer != task_answer(word) and answer in {op(word) for op in PRETRAIN_OPS.values()}
+        name, word, answer = parts(e)
+        assert answer != task_answer(word, name) and answer in {TASKS[other](word) for other in TASKS if other != name}
+    for e in (e for e in plain.train if e.noisy):
+        name, word, answer = parts(e)
+        assert answer != task_answer(word, name) and len(answer) == len(word)
+    one = make_default_task(TOK, n_train=40, n_val=5, noise=0.5, seed=3, n_heldout=5, n_dev=5, noise_kind="systematic", tasks=("shift2",))
+    for e in (e for e in one.train if e.noisy):  # a mixture of one: another pretraining skill's answer
+        name, word, answer = parts(e)
+        assert answer != task_answer(word, name) and answer in {op(word) for op in data.PRETRAIN_OPS.values()}

@@ -187,7 +187,9 @@ def test_another_pretrain_seed_makes_another_base_and_seed_0_the_one_of_before(t
     from pretrain import BaseConfig, base_path
     tok = get_tokenizer()
     default = base_path(BaseConfig(out_dir="out"), tok)
-    assert default == base_path(BaseConfig(out_dir="out", pretrain_seed=0), tok) == "out/base-67aea5f398.pt"  # unchanged
+    assert default == base_path(BaseConfig(out_dir="out", pretrain_seed=0), tok)
+    before = BaseConfig(out_dir="out", pretrain_steps=2500)  # seed 0 at the old step count: the base of before, unchanged
+    assert base_path(before, tok) == "out/base-67aea5f398.pt"
     assert base_path(BaseConfig(out_dir="out", pretrain_seed=1), tok) != default
     bases = []
     for seed in (0, 1):

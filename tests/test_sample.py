@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import sample
+from data import TASKS
 from lora import load_adapter
 from pretrain import read_base
 from train import train
@@ -19,7 +20,9 @@ def run(tiny, tmp_path):
 def test_after_a_run_sample_prints_answers_of_its_test_split(run, capsys):
     assert sample.main(["--out-dir", str(run), "--n", "4"]) == 0
     out = capsys.readouterr().out
-    assert out.count("'revshift ") == 4 and "the test split of" in out and "exact match" in out
+    answers = [line for line in out.splitlines() if " -> " in line]
+    assert len(answers) == 4 and all(line.strip().split(" ")[0].strip("'") in TASKS for line in answers)
+    assert "the test split of" in out and "exact match" in out
 
 
 def test_a_prompt_is_answered_greedily_and_the_same_twice(run, capsys):
