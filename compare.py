@@ -3,12 +3,18 @@ The comparison protocol: every method on the same base, data, batches and budget
 
     python compare.py                                  # the default rows, lr chosen on dev, seeds on test
     python compare.py --methods lora,gast --seeds 3 --steps 300 --noise 0
+    python compare.py --noise 0 --lrs-from out/compare.json --out-dir out/clean   # the lrs chosen before
+    python compare.py --check-testbed                  # does plain LoRA learn on every seed, base and thread count?
 
 For each row, one run per lr in --lrs (seed 0) is scored on the dev split and the lr with
 the lowest dev loss wins; then --seeds runs with that lr are reported on the test split,
 which the lr choice never sees. Every other flag is train.py's and goes to every run
 (python train.py --help lists them). Writes compare.json (every run), compare.csv (the
 table) and compare.png (the picture) to --out-dir.
+
+A comparison only means something on a testbed where every method can learn on every
+seed; --check-testbed measures that for plain LoRA (see check_testbed) and writes
+testbed.json.
 """
 
 import concurrent.futures
@@ -36,7 +42,9 @@ class CompareConfig:
                           "rows, comma-separated: a method, or a scored method with options joined by + after a colon: "
                           f"a selection ({', '.join(SELECTIONS)}) and/or a support ({', '.join(SUPPORTS)}), e.g. gast:topk+heldout")
     seeds: int = option(5, "seeds per row, on the test split")
-    lrs: str = option("1e-3,3e-3,1e-2", "each row's lr is chosen from these by the dev split's loss (seed 0); one value: no choice")
+    lrs: str = option("1e-3,3e-3,1e-2,3e-2", "each row's lr is chosen from these by the dev split's loss (seed 0); one value: no choice")
+    lrs_from: str = option("", "an earlier comparison's compare.json: each row takes the lr chosen there (no dev runs), "
+                           "so the lr chosen at one noise level is reused at the others")
     out_dir: str = option("out", "compare.json, compare.csv, compare.png and every run's directory (compare/) go here")
     overwrite: bool = option(False, "replace the compare results already in --out-dir")
     resume: bool = option(False, "continue a comparison: a run recorded in --out-dir/compare/ with the same settings is read back, not run again")
@@ -72,7 +80,21 @@ def problems(config):
             out.append(f"--lrs must all be positive, got {config.lrs}")
     except ValueError:
         out.append(f"--lrs must be comma-separated numbers, got {config.lrs!r}")
+    if config.lrs_from:
+        try:
+            chosen = lrs_chosen_in(config.lrs_from)
+            missing = [spec for spec, _, _ in rows_of(config) if spec not in chosen]
+            if missing:
+                out.append(f"--lrs-from {config.lrs_from} has no row {', '.join(missing)} (it has {', '.join(chosen)})")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            out.append(f"--lrs-from {config.lrs_from}: not a compare.json we can read ({type(e).__name__}: {e})")
     return out
+
+
+def lrs_chosen_in(path):
+    """{row: lr} of an earlier comparison's compare.json."""
+    with open(path) as f:
+        return {row["row"]: float(row["lr"]) for row in json.load(f)["rows"]}
 
 
 def one_run(flags, split):
@@ -109,7 +131,7 @@ def compare(config, train_flags=()):
     train_flags = [*train_flags, "--init-from", base]
     say = print if is_main() else (lambda *args, **kwargs: None)
     lrs = [float(v) for v in config.lrs.split(",")]
-    n_runs = len(rows_of(config)) * ((len(lrs) if len(lrs) > 1 else 0) + config.seeds)
+    n_runs = len(rows_of(config)) * ((len(lrs) if len(lrs) > 1 and not config.lrs_from else 0) + config.seeds)
     progress = {"t0": time.time(), "done": 0, "ran": 0}
 
     def flags_of(label, method, chosen, lr, seed, split):
@@ -157,7 +179,9 @@ def compare(config, train_flags=()):
 
     rows_wanted = rows_of(config)
     dev_runs, chosen_lr = [], {}
-    if len(lrs) > 1:  # every row's lr on the dev split first (seed 0); a diverged run's lr loses
+    if config.lrs_from:  # each row's lr as an earlier comparison chose it
+        chosen_lr = {label: lr for label, lr in lrs_chosen_in(config.lrs_from).items() if label in {r[0] for r in rows_wanted}}
+    elif len(lrs) > 1:  # every row's lr on the dev split first (seed 0); a diverged run's lr loses
         dev_runs = run_all([(label, method, chosen, lr, 0, "dev") for label, method, chosen in rows_wanted for lr in lrs])
         for label, _, _ in rows_wanted:
             tried = [m for m in dev_runs if m["row"] == label]
@@ -169,7 +193,8 @@ def compare(config, train_flags=()):
         for row in rows:  # each row against lora, seed by seed (the same data and batches)
             row.update(paired_difference([r for r in runs if r["row"] == row["row"]], [r for r in runs if r["row"] == "lora"]))
     steps = runs[0]["config"]["steps"]
-    say(f"\n{len(rows)} methods, lr from {config.lrs} by dev loss, then {config.seeds} seeds on the test split, "
+    how = f"lr as chosen in {config.lrs_from}" if config.lrs_from else f"lr from {config.lrs} by dev loss"
+    say(f"\n{len(rows)} methods, {how}, then {config.seeds} seeds on the test split, "
         f"{steps} steps each, {time.time() - progress['t0']:.0f}s in all\n{format_table(rows)}")
     if format_task_table(rows):
         say(f"\nexact match per task (test split, mean over seeds):\n{format_task_table(rows)}")

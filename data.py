@@ -121,17 +121,19 @@ def n_targets(example):
 # and fine-tuning asks for a mixture of four tasks it never saw as wholes, each composed
 # from those skills, of different difficulty (as the paper trains eight commonsense
 # tasks as one set and reports each):
-#     revrev abc=abc    shift2 abc=cde    revshift abc=dcb    revshift2 abc=edc
+#     rev2 abc=abc    plus2 abc=cde    revshift abc=dcb    revshift2 abc=edc
 # so the base knows the format and the skills, and LoRA must learn, from the task's name
-# alone, which composition each prompt asks for. (Tasks with answers twice the word's
-# length, w + w and w + rev(w), were tried and left out: they need attention over
-# distances and positions that no pretraining line reaches, and were still at 0.76 exact
-# match after 1,200 steps of LoRA.) A `noise` fraction of the fine-tuning answers is
-# corrupted, flagged noisy: random letters of the right length, or (systematic) another
-# task's answer to the same word, the label confusion a real mixture carries. The
-# evaluation splits are clean and their words never occur in fine-tuning. Which method
-# copes best with the noise is an empirical question: dropping noisy samples helps, but
-# so does seeing more data, and the scores only see gradients.
+# alone, which composition each prompt asks for. The base's position embeddings are not
+# adapted, so answers stay within the positions pretraining reaches: names no longer
+# than "shift" where the answer copies the word in order (as "revrev" and "shift2" the
+# last letter of long words failed on some seeds), and no answers longer than the word
+# (w + w and w + rev(w) were still at 0.76 and 0.78 after 1,200 steps).
+# A `noise` fraction of the fine-tuning answers is corrupted, flagged noisy: random
+# letters of the right length, or (systematic) another task's answer to the same word,
+# the label confusion a real mixture carries. The evaluation splits are clean and their
+# words never occur in fine-tuning. Which method copes best with the noise is an
+# empirical question: dropping noisy samples helps, but so does seeing more data, and the
+# scores only see gradients.
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 WORD_SPACE = sum(26**n for n in range(3, 7))  # distinct words of 3 to 6 letters
@@ -148,8 +150,8 @@ def shift(word, by=1):
 
 PRETRAIN_OPS = {"copy": lambda w: w, "rev": rev, "shift": shift}
 TASKS = {  # the fine-tuning mixture, easiest first; none is a pretraining line
-    "revrev": lambda w: rev(rev(w)),  # rev undone: a copy by another name
-    "shift2": lambda w: shift(w, 2),  # one skill, twice
+    "rev2": lambda w: rev(rev(w)),  # rev undone: a copy by another name
+    "plus2": lambda w: shift(w, 2),  # shift, twice: each letter + 2
     "revshift": lambda w: shift(rev(w)),  # two skills composed
     "revshift2": lambda w: shift(rev(w), 2),  # two skills, three steps
 }
@@ -504,7 +506,7 @@ def per_task_lines(per_task, indent="  "):
     tasks (the paper's Table 1 reports each task and the mean of the tasks)."""
     if len(per_task) < 2:
         return []
-    width = max(len(name) for name in per_task)
+    width = max(len(name) for name in [*per_task, "average"])
     has_em = all(s["exact_match"] is not None for s in per_task.values())
     lines = [f"{indent}{'task':<{width}} | samples | held-out loss" + (" | exact match" if has_em else "")]
     for name, s in per_task.items():

@@ -186,3 +186,16 @@ def test_the_testbed_check_runs_lora_per_base_thread_count_and_noise_and_judges_
     assert checks[-1] == {"ok": True, "check": "python train.py: not timed in the tests"}
     out = capsys.readouterr().out
     assert "FAIL  noise 0" in out and "| 0 | 1 | 0 |" in out and "[4/4]" in out
+
+
+def test_lrs_from_reuses_the_lr_each_row_chose_in_an_earlier_comparison(base, tmp_path, capsys):
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"rows": [{"row": "lora", "lr": 0.003}, {"row": "gast:topk", "lr": 0.03}]}))
+    config = CompareConfig(methods="lora,gast:topk", seeds=1, lrs="1e-3,1e-2", lrs_from=str(earlier), out_dir=str(tmp_path / "c"))
+    compare(config, flags(base, steps=2))
+    saved = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert saved["dev_runs"] == [] and [(r["row"], r["lr"]) for r in saved["runs"]] == [("lora", 0.003), ("gast:topk", 0.03)]
+    assert [r["lr"] for r in saved["rows"]] == [0.003, 0.03] and "lr as chosen in" in capsys.readouterr().out
+    assert main(["--methods", "lora,ist", "--lrs-from", str(earlier), "--out-dir", str(tmp_path / "d"), *flags(base)]) == 2
+    err = capsys.readouterr().err
+    assert f"--lrs-from {earlier} has no row ist" in err and not (tmp_path / "d" / "compare.json").exists()

@@ -72,15 +72,15 @@ def test_every_split_of_the_mixture_shares_its_samples_evenly_among_the_tasks():
 
 def test_tasks_chooses_a_subset_and_refuses_unknown_names():
     assert parse_tasks("all") == tuple(TASKS)
-    assert parse_tasks("revshift2, shift2") == ("shift2", "revshift2")  # in TASKS' order
-    task = make_default_task(TOK, n_train=50, n_val=10, noise=0.2, seed=0, n_heldout=4, n_dev=4, tasks=("shift2",))
-    assert {e.task for e in task.train + task.val + task.heldout + task.dev} == {"shift2"}
-    for bad in ("revshift3", "", "shift2,nope"):
-        with pytest.raises(ValueError, match="revrev, shift2, revshift, revshift2"):
+    assert parse_tasks("revshift2, plus2") == ("plus2", "revshift2")  # in TASKS' order
+    task = make_default_task(TOK, n_train=50, n_val=10, noise=0.2, seed=0, n_heldout=4, n_dev=4, tasks=("plus2",))
+    assert {e.task for e in task.train + task.val + task.heldout + task.dev} == {"plus2"}
+    for bad in ("revshift3", "", "plus2,nope", "shift2"):
+        with pytest.raises(ValueError, match="rev2, plus2, revshift, revshift2"):
             parse_tasks(bad)
     from data import DataConfig
     assert any("--tasks nope" in p for p in DataConfig(tasks="nope").problems())
-    assert DataConfig(tasks="shift2,revshift").problems() == []
+    assert DataConfig(tasks="plus2,revshift").problems() == []
 
 
 def test_pretraining_corpus_teaches_the_known_operations_only():
@@ -186,7 +186,18 @@ def test_systematic_noise_is_another_tasks_answer_and_random_noise_is_unchanged(
     for e in (e for e in plain.train if e.noisy):
         name, word, answer = parts(e)
         assert answer != task_answer(word, name) and len(answer) == len(word)
-    one = make_default_task(TOK, n_train=40, n_val=5, noise=0.5, seed=3, n_heldout=5, n_dev=5, noise_kind="systematic", tasks=("shift2",))
+    one = make_default_task(TOK, n_train=40, n_val=5, noise=0.5, seed=3, n_heldout=5, n_dev=5, noise_kind="systematic", tasks=("plus2",))
     for e in (e for e in one.train if e.noisy):  # a mixture of one: another pretraining skill's answer
         name, word, answer = parts(e)
         assert answer != task_answer(word, name) and answer in {op(word) for op in data.PRETRAIN_OPS.values()}
+
+
+def test_the_per_task_table_gives_each_task_and_the_average_over_tasks():
+    per_task = {"a": {"n": 10, "loss": 1.0, "exact_match": 0.5}, "b": {"n": 30, "loss": 3.0, "exact_match": 1.0}}
+    lines = data.per_task_lines(per_task)
+    assert len(lines) == 4 and lines[1].split("|")[0].strip() == "a"
+    average = [cell.strip() for cell in lines[-1].split("|")]
+    assert average == ["average", "40", "2.0000", "0.750"]  # the mean over tasks (over samples: 2.5 and 0.875)
+    assert data.per_task_lines({"a": per_task["a"]}) == []  # one task: nothing beyond the overall line
+    no_em = data.per_task_lines({k: {**v, "exact_match": None} for k, v in per_task.items()})
+    assert "exact match" not in no_em[0] and no_em[-1].count("|") == 2

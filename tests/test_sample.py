@@ -40,7 +40,8 @@ def test_a_jsonl_file_is_scored_overall_and_per_task(run, tmp_path, capsys):
     result = sample.sample(sample.SampleConfig(out_dir=str(run), data=str(tmp_path / "mine.jsonl")))
     assert {name: s["n"] for name, s in result["per_task"].items()} == {"copy": 2, "rev": 3}
     out = capsys.readouterr().out
-    assert "task copy: 2 samples" in out and "task rev: 3 samples" in out
+    rows = {cells[0]: cells[1] for cells in ([c.strip() for c in line.split("|")] for line in out.splitlines() if "|" in line)}
+    assert rows["copy"] == "2" and rows["rev"] == "3" and rows["average"] == "5"
     overall = (2 * result["per_task"]["copy"]["loss"] + 3 * result["per_task"]["rev"]["loss"]) / 5
     assert result["loss"] == pytest.approx(overall)
 
