@@ -235,6 +235,8 @@ def check_testbed(config, train_flags=(), specs=None, time_default_run=True):
     train([*train_flags, "--out-dir", config.out_dir], dry_run=True)  # train.py's flags, checked before any run
     check_out_dir(config.out_dir, ("testbed.json",), resume=config.resume, overwrite=config.overwrite)
     specs = testbed_specs() if specs is None else specs
+    if "--init-from" in " ".join(train_flags):
+        print("note: --init-from is given, so every base of the check is that one model (no second base)")
     bases = {}
     for pretrain_seed in sorted({spec[0] for spec in specs}):
         base_config = replace(parse_args(BaseConfig, [*train_flags, "--pretrain-seed", str(pretrain_seed)], known_only=True)[0],

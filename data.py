@@ -365,7 +365,7 @@ class DataConfig:
     heldout_size: int = option(64, "--support heldout: samples in the trusted held-out set (default task: its own clean split; your data: carved from --data unless --support-data)")
     noise: float = option(0.2, "default task: fraction of fine-tuning answers corrupted (flagged noisy)")
     noise_kind: str = option("random", "default task: a corrupted answer is random letters of the right length (random) or "
-                             "another operation's answer to the same word, a plausible wrong rule (systematic)")
+                             "another task's answer to the same word, a plausible wrong rule (systematic)")
     tasks: str = option("all", f"default task: the tasks mixed, comma-separated ({', '.join(TASKS)}); all: every one")
     n_train: int = option(1000, "default task: fine-tuning samples")
     n_val: int = option(200, "default task: clean held-out samples")
