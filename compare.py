@@ -23,6 +23,9 @@ import math
 import multiprocessing
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -235,13 +238,12 @@ def check_testbed(config, train_flags=(), specs=None, time_default_run=True):
     train([*train_flags, "--out-dir", config.out_dir], dry_run=True)  # train.py's flags, checked before any run
     check_out_dir(config.out_dir, ("testbed.json",), resume=config.resume, overwrite=config.overwrite)
     specs = testbed_specs() if specs is None else specs
-    if "--init-from" in " ".join(train_flags):
+    base_config = replace(parse_args(BaseConfig, train_flags, known_only=True)[0], out_dir=config.out_dir)
+    if base_config.init_from:
         print("note: --init-from is given, so every base of the check is that one model (no second base)")
-    bases = {}
-    for pretrain_seed in sorted({spec[0] for spec in specs}):
-        base_config = replace(parse_args(BaseConfig, [*train_flags, "--pretrain-seed", str(pretrain_seed)], known_only=True)[0],
-                              out_dir=config.out_dir)
-        bases[pretrain_seed] = load_base(base_config, get_tokenizer(base_config.tokenizer), pick_device(base_config.device))[1]
+    tokenizer, device = get_tokenizer(base_config.tokenizer), pick_device(base_config.device)
+    bases = {seed: load_base(replace(base_config, pretrain_seed=seed), tokenizer, device)[1]  # {pretrain seed: its base's path}
+             for seed in sorted({spec[0] for spec in specs})}
     t0, runs, threads_before = time.time(), [], torch.get_num_threads()
     for i, (base, threads, noise, kind, seed) in enumerate(specs):
         name = f"base{base}-threads{threads}-noise{noise:g}-{kind}-seed{seed}"
@@ -312,9 +314,6 @@ def testbed_checks(runs):
 def time_python_train():
     """(ok, text): the wall time of `python train.py` with no arguments in a fresh directory
     (so the base is pretrained too), as a user first runs it."""
-    import subprocess
-    import sys
-    import tempfile
     with tempfile.TemporaryDirectory() as work:
         here = os.path.dirname(os.path.abspath(__file__))
         t0 = time.time()

@@ -157,7 +157,7 @@ TASKS = {  # the fine-tuning mixture, easiest first; none is a pretraining line
 }
 
 
-def task_answer(word, task="revshift"):
+def task_answer(word, task):
     return TASKS[task](word)
 
 
@@ -229,7 +229,7 @@ def make_default_task(tokenizer, n_train=1000, n_val=200, noise=0.2, seed=0, n_h
         raise ValueError(f"noise must be in [0, 1), got {noise}")
     if n_train + n_val + n_heldout + n_dev > MAX_TASK_WORDS:  # never an endless search for distinct words
         raise ValueError(f"the default task makes at most {MAX_TASK_WORDS:,} distinct words")
-    tasks = parse_tasks(",".join(tasks))
+    tasks = parse_tasks(",".join(tasks))  # known names only, in TASKS' order
     rng = random.Random(seed + 1)  # not the pretraining corpus's stream
     sizes = (n_train, n_val, n_heldout, n_dev)
     words = set()
