@@ -118,16 +118,20 @@ def n_targets(example):
 #
 # A word is 3 to 6 lowercase letters. The pretraining corpus teaches three skills,
 #     copy abc=abc    rev abc=cba    shift abc=bcd     (shift: each letter +1, z -> a)
-# and fine-tuning asks for a mixture of four tasks it never saw as wholes, each composed
+# and fine-tuning asks for a mixture of four tasks it never saw as wholes, each built
 # from those skills, of different difficulty (as the paper trains eight commonsense
 # tasks as one set and reports each):
-#     rev2 abc=abc    plus2 abc=cde    revshift abc=dcb    revshift2 abc=edc
-# so the base knows the format and the skills, and LoRA must learn, from the task's name
-# alone, which composition each prompt asks for. The base's position embeddings are not
-# adapted, so answers stay within the positions pretraining reaches: names no longer
-# than "shift" where the answer copies the word in order (as "revrev" and "shift2" the
-# last letter of long words failed on some seeds), and no answers longer than the word
-# (w + w and w + rev(w) were still at 0.76 and 0.78 after 1,200 steps).
+#     echo abc=abc    inv abc=cba    plus2 abc=cde    rsh abc=dcb
+# a skill under a new name (echo, inv), a skill applied twice (plus2), and two skills
+# composed (rsh: rev, then shift), so the base knows the format and the skills and LoRA
+# must learn, from the task's name alone, what each prompt asks for. Each name is as long
+# as the skill whose circuit its answer reuses (echo as copy, inv and rsh as rev, plus2
+# as shift): the base's skills are tied to the absolute positions pretraining put them
+# at, and LoRA does not adapt the position embeddings. Measured (lora, 600 steps): rev
+# under the 4-letter name "back" stayed at 0.00-0.08, and "revshift" (8 letters) did not
+# leave the starting plateau on a second base (pretrain seed 1) where "rsh" reaches 1.000;
+# names that differ only in their last letter ("rs1", "rs2") were confused with each
+# other; answers longer than the word (w + w) were still at 0.76 after 1,200 steps.
 # A `noise` fraction of the fine-tuning answers is corrupted, flagged noisy: random
 # letters of the right length, or (systematic) another task's answer to the same word,
 # the label confusion a real mixture carries. The evaluation splits are clean and their
@@ -150,10 +154,10 @@ def shift(word, by=1):
 
 PRETRAIN_OPS = {"copy": lambda w: w, "rev": rev, "shift": shift}
 TASKS = {  # the fine-tuning mixture, easiest first; none is a pretraining line
-    "rev2": lambda w: rev(rev(w)),  # rev undone: a copy by another name
+    "echo": lambda w: w,  # copy, renamed
+    "inv": rev,  # rev, renamed
     "plus2": lambda w: shift(w, 2),  # shift, twice: each letter + 2
-    "revshift": lambda w: shift(rev(w)),  # two skills composed
-    "revshift2": lambda w: shift(rev(w), 2),  # two skills, three steps
+    "rsh": lambda w: shift(rev(w)),  # two skills composed: rev, then shift
 }
 
 

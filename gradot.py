@@ -453,8 +453,8 @@ def run(config):
     except ValueError as e:
         raise ConfigError(f"invalid settings:\n  {e}") from None
     skills = skill_examples(tokenizer, config.eval_samples)
-    # one task of the mixture, revshift: the task this experiment was measured on (the mixture came later)
-    tasks = [make_default_task(tokenizer, noise=config.noise, seed=seed, tasks=("revshift",)) for seed in range(config.seeds)]
+    # one task of the mixture, rsh (rev, then shift): the task this experiment was measured on (the mixture came later)
+    tasks = [make_default_task(tokenizer, noise=config.noise, seed=seed, tasks=("rsh",)) for seed in range(config.seeds)]
     score = lambda model, examples: evaluate(model.to(device), examples, tokenizer, device, is_qa=True)
     print(f"GradOT on {base_path} ({base.config.n_layer} blocks; {config.adapter_blocks} adapter block(s) per side, "
           f"trained as {'whole blocks' if config.adapter == 'blocks' else 'LoRA'}), "

@@ -2,7 +2,7 @@
 Use a fine-tuned adapter: answer prompts, score a file, or merge it into the base.
 
     python sample.py                          # a few answers of the run's own test split (out/)
-    python sample.py --prompt "revshift abc="
+    python sample.py --prompt "rsh abc="
     python sample.py --prompt "Once upon" --temperature 0.8 --max-new-tokens 40
     python sample.py --data mine.jsonl        # exact match and loss on a JSONL of prompt/completion
     python sample.py --merge merged.pt        # the base with the adapters folded in: --init-from takes it

@@ -26,10 +26,10 @@ def test_after_a_run_sample_prints_answers_of_its_test_split(run, capsys):
 
 
 def test_a_prompt_is_answered_greedily_and_the_same_twice(run, capsys):
-    assert sample.main(["--out-dir", str(run), "--prompt", "revshift abc=", "--max-new-tokens", "5"]) == 0
+    assert sample.main(["--out-dir", str(run), "--prompt", "rsh abc=", "--max-new-tokens", "5"]) == 0
     first = capsys.readouterr().out
-    assert first.startswith("'revshift abc=' -> '") and len(eval(first.split(" -> ")[1])) <= 5
-    sample.main(["--out-dir", str(run), "--prompt", "revshift abc=", "--max-new-tokens", "5"])
+    assert first.startswith("'rsh abc=' -> '") and len(eval(first.split(" -> ")[1])) <= 5
+    sample.main(["--out-dir", str(run), "--prompt", "rsh abc=", "--max-new-tokens", "5"])
     assert capsys.readouterr().out == first
 
 
