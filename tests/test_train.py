@@ -30,14 +30,14 @@ def test_every_method_runs_end_to_end(tiny, tmp_path, method, per_sample):
         assert 0.5 <= metrics["coverage"] <= 1.0  # k = 4 of 8 per active layer at least
 
 
-def test_fine_tuning_lowers_the_held_out_loss_below_the_bases(tiny, tmp_path):
+def test_fine_tuning_lowers_the_held_out_loss_below_the_bases(tiny, taught_base, tmp_path):
     from data import evaluate, load_task
     from pretrain import read_base
-    config = tiny(method="lora", steps=30, eval_interval=10, noise=0.0, warmup_steps=0, lr=3e-2)
+    config = tiny(init_from=taught_base, method="lora", steps=30, eval_interval=10, noise=0.0, warmup_steps=0, lr=1e-2)
     metrics = train(config)
     tok = get_tokenizer()
     base_loss = evaluate(read_base(config.init_from), load_task(config, tok, 32)[0].val[: config.eval_samples], tok, "cpu", False)["loss"]
-    assert metrics["evals"][-1]["loss"] < base_loss - 0.02 and metrics["val_loss"] == metrics["evals"][-1]["loss"]
+    assert metrics["evals"][-1]["loss"] < base_loss - 0.05 and metrics["val_loss"] == metrics["evals"][-1]["loss"]
 
 
 def adapter(path):
