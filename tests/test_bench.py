@@ -16,7 +16,8 @@ def test_ratios_are_medians_of_ratios_to_the_plain_steps_around_each_measurement
         def make(what):
             def fn():
                 clock["calls"] += 1
-                busy = 3.0 if 35 <= clock["calls"] <= 49 else 1.0  # 17 warm-up calls, 17 in round 1, 15 in round 2
+                n = len(bench.WHATS)  # 2n - 1 warm-up calls, 2n - 1 in round 1, 2n - 3 in round 2 (no loop)
+                busy = 3.0 if 4 * n - 1 <= clock["calls"] <= 6 * n - 5 else 1.0
                 clock["now"] += busy * cost.get(what, 0.020) * bench.STEPS_PER_CALL.get(what, 1)
             return fn
         return {what: make(what) for what in bench.WHATS}, 1000, 16
@@ -32,6 +33,28 @@ def test_ratios_are_medians_of_ratios_to_the_plain_steps_around_each_measurement
     assert row["vmap_speedup_over_loop"] == pytest.approx(1.0)
     assert row["plain_spread"] > 2 and row["busy"]  # the warning still sees the load
     assert row["per_sample_grad_mib"] == pytest.approx(4 * 1000 * 4 / 2**20)
+
+
+def test_the_papers_two_pass_variant_writes_the_torch_func_paths_gradients():
+    import torch
+    from gast import SelectionConfig, SparseTuner
+    from lora import LoRAConfig, add_lora
+    from model import GPT, IGNORE_INDEX
+    torch.manual_seed(0)
+    model = add_lora(GPT(GPTConfig(block_size=8, vocab_size=40, n_layer=3, n_head=2, n_embd=16)), LoRAConfig(), verbose=False)
+    for p in model.parameters():  # B away from zero, so that every block's gradient differs by sample
+        if p.requires_grad:
+            p.data.normal_(0, 0.3)
+    x = torch.randint(0, 40, (12, 8))
+    y = x.roll(-1, dims=1)
+    y[:3, :4] = IGNORE_INDEX  # some positions without loss, as a prompt has
+    pool = (torch.randint(0, 40, (20, 8)), torch.randint(0, 40, (20, 8)))
+    record = SparseTuner(model, SelectionConfig(method="gast", per_sample="vmap"), seed=3, support_set=pool).step(x, y)
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert record.mask.any(dim=1).all() and not record.mask.all(dim=1).any()  # each block drew, none took all
+    bench.second_pass(model, x, y, record.mask)
+    for name, g in reference.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, g, rtol=1e-4, atol=1e-6)
 
 
 def test_a_tiny_model_end_to_end_writes_every_field(tmp_path, monkeypatch, capsys):
