@@ -48,7 +48,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from data import DataError, Example, TokenizerUnavailable, collate, encode, evaluate, get_tokenizer, make_default_task, pretrain_text
+from data import (DataError, Example, TokenizerUnavailable, collate, encode, evaluate, get_tokenizer, lexicon, make_default_task,
+                  make_knowledge_task, pretrain_text)
 from lora import LoRAConfig, add_lora
 from model import IGNORE_INDEX
 from plumbing import (ConfigError, check_out_dir, not_negative, option, parse_args, pick_device, positive, refuse, run_main, write_csv,
@@ -368,10 +369,11 @@ def plug_in(original, emulator, adapter_blocks):
     return plugged
 
 
-def support_batches(tokenizer, n_sequences, batch_size, device, block_size):
+def support_batches(tokenizer, n_sequences, batch_size, device, block_size, facts=None):
     """A held-out slice of the pretraining corpus: lines of the built-in corpus drawn with
-    another seed than the base's (the fine-tuning data is never used)."""
-    lines = pretrain_text(n_sequences, seed=PRETRAIN_SEED + 1).splitlines(keepends=True)
+    another seed than the base's (the fine-tuning data is never used); with a lexicon,
+    half of them state its facts, as the base's corpus did."""
+    lines = pretrain_text(n_sequences, seed=PRETRAIN_SEED + 1, facts=facts).splitlines(keepends=True)
     examples = [Example(encode(tokenizer, line)[: block_size + 1], 0) for line in lines]
     return [collate(examples[i : i + batch_size], tokenizer.eot_token, device)[:2] for i in range(0, len(examples), batch_size)]
 
@@ -431,6 +433,8 @@ def validate(config):
     problems += positive(config, "lr") + not_negative(config, "lam_attn", "lam_mlp")
     if not 0 <= config.noise < 1:
         problems.append(f"--noise must be in [0, 1), got {config.noise}")
+    if config.lexicon and config.noise:
+        problems.append("--noise corrupts the default task's answers; the knowledge task (--lexicon) has none to corrupt")
     refuse(problems + base_problems(config))
 
 
@@ -452,9 +456,15 @@ def run(config):
         emulator_config.check(base.config.n_layer)
     except ValueError as e:
         raise ConfigError(f"invalid settings:\n  {e}") from None
-    skills = skill_examples(tokenizer, config.eval_samples)
-    # one task of the mixture, rsh (rev, then shift): the task this experiment was measured on (the mixture came later)
-    tasks = [make_default_task(tokenizer, noise=config.noise, seed=seed, tasks=("rsh",)) for seed in range(config.seeds)]
+    facts = lexicon(config.lexicon) if config.lexicon else None
+    if facts:  # the knowledge task: the base's facts in a new template, evaluated on words never fine-tuned on
+        tasks = [make_knowledge_task(tokenizer, facts, n_val=min(config.eval_samples, len(facts) // 3), n_dev=len(facts) // 6, seed=seed)
+                 for seed in range(config.seeds)]
+        skills = tasks[0].heldout  # zero-shot: the test words' facts in the pretraining template (what the model recalls)
+    else:
+        skills = skill_examples(tokenizer, config.eval_samples)
+        # one task of the mixture, rsh (rev, then shift): the task this experiment was measured on (the mixture came later)
+        tasks = [make_default_task(tokenizer, noise=config.noise, seed=seed, tasks=("rsh",)) for seed in range(config.seeds)]
     score = lambda model, examples: evaluate(model.to(device), examples, tokenizer, device, is_qa=True)
     print(f"GradOT on {base_path} ({base.config.n_layer} blocks; {config.adapter_blocks} adapter block(s) per side, "
           f"trained as {'whole blocks' if config.adapter == 'blocks' else 'LoRA'}), "
@@ -473,7 +483,7 @@ def run(config):
                          "emulator_loss": on_emulator["loss"], "plug_in_loss": plugged["loss"]})
         row = {"method": method, "zero_shot": score(emulator, skills)["exact_match"],
                "zero_shot_task": score(emulator, tasks[0].val[: config.eval_samples])["exact_match"]}
-        for key in ("emulator_fine_tuned", "plug_in", "plug_in_loss"):
+        for key in ("emulator_fine_tuned", "plug_in", "emulator_loss", "plug_in_loss"):
             row[key], row[key + "_sd"] = mean_sd([r[key] for r in runs])
         row["gap"], row["gap_sd"] = mean_sd([r["plug_in"] - r["emulator_fine_tuned"] for r in runs])
         row.update(middle_share=share, compress_s=seconds, runs=runs)
@@ -489,14 +499,14 @@ def run(config):
         stats = None
         if method.startswith("gradot"):
             _, middle = split_blocks(base.config.n_layer, config.adapter_blocks)
-            support = support_batches(tokenizer, config.support_size, 32, device, base.config.block_size)
+            support = support_batches(tokenizer, config.support_size, 32, device, base.config.block_size, facts)
             stats = collect_stats(base, middle, support)
         emulator = make_emulator(base, method, emulator_config, stats)
         seconds = time.time() - started
         rows.append(offsite_tuning(emulator, method, middle_parameters(emulator, config.adapter_blocks) / middle_size, seconds))
     for row in rows:
         row["full_fine_tuning"] = rows[0]["plug_in"]
-    print(f"\n{format_table(rows)}\n({time.time() - t0:.0f}s in all)")
+    print(f"\n{format_table(rows, 'recall, test words' if facts else 'base skills')}\n({time.time() - t0:.0f}s in all)")
     path = os.path.join(config.out_dir, "gradot")
     write_json(path + ".json", {"config": asdict(config), "base": base_path, "rows": rows})
     write_csv(path + ".csv", [{k: v for k, v in row.items() if k != "runs"} for row in rows])
@@ -504,15 +514,15 @@ def run(config):
     return rows
 
 
-def format_table(rows):
+def format_table(rows, zero_shot="base skills"):
     pm = lambda row, key: f"{row[key]:.3f} ± {row[key + '_sd']:.3f}"
-    lines = ["| emulator | zero-shot (base skills) | emulator fine-tuned | plug-in | full fine-tuning | gap (plug-in - emulator) | "
-             "plug-in loss | middle kept | compression s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| emulator | zero-shot ({zero_shot}) | emulator fine-tuned | plug-in | full fine-tuning | gap (plug-in - emulator) | "
+             "emulator loss | plug-in loss | middle kept | compression s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = "none (the original)" if r["method"] == "none" else r["method"]
         lines.append(f"| {name} | {r['zero_shot']:.3f} | {pm(r, 'emulator_fine_tuned')} | {pm(r, 'plug_in')} | "
-                     f"{r['full_fine_tuning']:.3f} | {r['gap']:+.3f} ± {r['gap_sd']:.3f} | {pm(r, 'plug_in_loss')} | "
-                     f"{r['middle_share']:.0%} | {r['compress_s']:.2f} |")
+                     f"{r['full_fine_tuning']:.3f} | {r['gap']:+.3f} ± {r['gap_sd']:.3f} | {pm(r, 'emulator_loss')} | "
+                     f"{pm(r, 'plug_in_loss')} | {r['middle_share']:.0%} | {r['compress_s']:.2f} |")
     return "\n".join(lines)
 
 

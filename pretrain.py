@@ -23,7 +23,7 @@ import tiktoken
 import torch
 import torch.distributed as dist
 
-from data import DataError, Example, TokenizerUnavailable, collate, encode, get_tokenizer, pretrain_text, read_text_file
+from data import DataError, Example, TokenizerUnavailable, collate, encode, get_tokenizer, lexicon, pretrain_text, read_text_file
 from model import GPT, GPTConfig, training_memory
 from plumbing import (ConfigError, atomic_save, autocast_for, check_device, check_out_dir, file_problems, flag, init_distributed,
                       is_main, memory_problems, option, parse_args, pick_device, positive, read_checkpoint, refuse, run_main,
@@ -46,6 +46,7 @@ class BaseConfig:
     pretrain_batch_size: int = option(64, "sequences per pretraining step")
     pretrain_lr: float = option(3e-3, "peak pretraining learning rate (100 warm-up steps, then cosine to 0)")
     pretrain_seed: int = option(0, "seed of the pretraining corpus, initialisation and batches (part of the base's hash): another seed, another base")
+    lexicon: int = option(0, "made-up facts (word -> code) that half the built-in corpus states, for gradot.py's knowledge task; 0: none")
     out_dir: str = option("out", "the base, checkpoints, adapters and results go here")
     device: str = option("auto", "cpu, cuda, cuda:1 ...; auto: cuda when available")
     compile: bool = option(False, "torch.compile the model for pretraining (fine-tuning stays eager: torch.func transforms the module itself)")
@@ -69,6 +70,10 @@ def base_problems(config):
     if config.init_from and not os.path.exists(config.init_from):
         problems.append(f"--init-from {config.init_from}: no such file or directory")
     problems += file_problems("--pretrain-data", config.pretrain_data)
+    if not 0 <= config.lexicon <= 10000:  # half of the built-in corpus's 20,000 lines state them
+        problems.append(f"--lexicon must be in [0, 10000], got {config.lexicon}")
+    if config.lexicon and config.pretrain_data:
+        problems.append("--lexicon states its facts in the built-in corpus; it cannot be added to --pretrain-data")
     if not config.init_from and not problems:  # the base that would be pretrained: can a step of it fit?
         estimate = training_memory(GPTConfig(**shape_values(config)), config.pretrain_batch_size)
         problems += memory_problems("pretraining this base", estimate, pick_device(config.device),
@@ -97,6 +102,8 @@ def base_path(config, tokenizer):
             corpus = hashlib.file_digest(f, "sha256").hexdigest()
     key = {"shape": asdict(base_shape(config, tokenizer.n_vocab)), "corpus": corpus, "tokenizer": config.tokenizer,
            "steps": config.pretrain_steps, "batch": config.pretrain_batch_size, "lr": config.pretrain_lr, "seed": PRETRAIN_SEED + config.pretrain_seed}
+    if config.lexicon:  # only then: every earlier base keeps its hash
+        key["lexicon"] = config.lexicon
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return os.path.join(config.out_dir, f"base-{digest}.pt")
 
@@ -111,12 +118,13 @@ def pretraining_batches(config, tokenizer, block_size):
     The built-in corpus: one 'op word=answer' line per sample. A text file: random windows
     of block_size + 1 tokens from its first 95% (as nanoGPT samples), the last 5% held out."""
     if not config.pretrain_data:
-        lines = [encode(tokenizer, line) for line in pretrain_text(20000, seed=PRETRAIN_SEED + config.pretrain_seed).splitlines(keepends=True)]
-        examples = [Example(t[: block_size + 1], 0) for t in lines]
+        facts = lexicon(config.lexicon) if config.lexicon else None
+        text = pretrain_text(20000, seed=PRETRAIN_SEED + config.pretrain_seed, facts=facts)
+        examples = [Example(encode(tokenizer, line)[: block_size + 1], 0) for line in text.splitlines(keepends=True)]
 
         def next_batch(rng, device):
             return collate(rng.sample(examples, config.pretrain_batch_size), tokenizer.eot_token, device)[:2]
-        return next_batch, None, "the built-in corpus (20,000 lines)"
+        return next_batch, None, "the built-in corpus (20,000 lines" + (f", half of them stating {config.lexicon:,} facts)" if facts else ")")
     tokens = torch.tensor(encode(tokenizer, read_text_file(config.pretrain_data)), dtype=torch.long)
     n_held = max(block_size + 1, len(tokens) // 20)
     if len(tokens) - n_held < block_size + 1:

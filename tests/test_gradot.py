@@ -274,3 +274,38 @@ def test_more_bad_settings_are_one_error_line(tmp_path, capsys, flags, message):
     assert gradot.main(["--out-dir", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+
+
+# --- the knowledge task: facts that live in the middle ---
+
+@pytest.fixture(scope="module")
+def lexicon_base(tmp_path_factory):
+    """A base of the default shape whose corpus states 30 facts (400 steps of 32, a few seconds)."""
+    from pretrain import BaseConfig, load_base
+    out = tmp_path_factory.mktemp("lexicon_base")
+    _, path = load_base(BaseConfig(out_dir=str(out), lexicon=30, pretrain_steps=400, pretrain_batch_size=32, quiet=True), get_tokenizer(), "cpu")
+    return path
+
+
+def test_the_base_recalls_its_lexicon_and_without_its_middle_does_not(lexicon_base):
+    from data import FACT, evaluate, fact_example, lexicon
+    from pretrain import read_base
+    tok = get_tokenizer()
+    facts = [fact_example(tok, FACT, w, code) for w, code in lexicon(30).items()]
+    base = read_base(lexicon_base)
+    assert evaluate(base, facts, tok, "cpu", True)["exact_match"] >= 0.9
+    no_middle = copy.deepcopy(base)
+    no_middle.transformer.h = nn.ModuleList([base.transformer.h[0], base.transformer.h[-1]])  # blocks 1 and 2 removed
+    assert evaluate(no_middle, facts, tok, "cpu", True)["exact_match"] <= 0.1
+
+
+def test_with_a_lexicon_the_experiment_scores_recall_and_the_knowledge_task(lexicon_base, tmp_path):
+    argv = ["--init-from", lexicon_base, "--lexicon", "30", "--out-dir", str(tmp_path), "--steps", "2", "--batch-size", "4",
+            "--support-size", "8", "--seeds", "1", "--methods", "layer-drop"]
+    assert gradot.main(argv) == 0
+    rows = json.loads((tmp_path / "gradot.json").read_text())["rows"]
+    original, dropped = rows
+    assert original["zero_shot"] >= 0.9 > dropped["zero_shot"]  # recall of the 10 test words' facts; half the middle dropped loses some
+    assert original["zero_shot_task"] < original["zero_shot"]  # the new template is not known before fine-tuning
+    assert {"emulator_loss", "plug_in_loss"} <= original.keys()
+    assert gradot.main(argv[:-2] + ["--overwrite", "--noise", "0.2"]) == 2
