@@ -34,6 +34,8 @@ lambda = 0 (utility only).
 
     python gradot.py                    # every method on the default base and task, a table
     python gradot.py --adapter lora     # LoRA inside the adapter blocks instead of whole blocks
+    python gradot.py --lexicon 300 --adapter lora --lr 1e-3 --steps 600
+                                        # knowledge in the middle: a base that states 300 facts, the facts asked in a new template
 """
 
 import copy
