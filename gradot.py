@@ -45,7 +45,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -406,6 +406,8 @@ class GradOTConfig(BaseConfig):  # the base's settings (--init-from, --n-layer, 
     layer_keep: float = option(0.5, "layer-drop: share of the middle blocks kept, evenly spaced")
     lam_attn: float = option(1.0, "GCS lambda for attention (each term normalised by its median in the matrix)")
     lam_mlp: float = option(1.0, "GCS lambda for the MLP")
+    lams: str = option("", "lambdas to choose gradot's from, comma-separated (one lambda for attention and MLP): each is tried on "
+                           "seed 0's dev split and the largest dev gap (plug-in - emulator fine-tuned) wins; empty: --lam-attn, --lam-mlp")
     support_size: int = option(128, "sequences of held-out pretraining text in the support set")
     eval_samples: int = option(200, "held-out samples each model is scored on (exact match), of the task and of the base's skills")
     steps: int = option(1500, "fine-tuning steps on the emulator (and on the original, for full fine-tuning); "
@@ -435,9 +437,18 @@ def validate(config):
     problems += positive(config, "lr") + not_negative(config, "lam_attn", "lam_mlp")
     if not 0 <= config.noise < 1:
         problems.append(f"--noise must be in [0, 1), got {config.noise}")
+    try:
+        if any(lam < 0 or not math.isfinite(lam) for lam in lambdas(config)):
+            problems.append(f"--lams must be finite and not negative, got {config.lams}")
+    except ValueError:
+        problems.append(f"--lams must be comma-separated numbers, got {config.lams!r}")
     if config.lexicon and config.noise:
         problems.append("--noise corrupts the default task's answers; the knowledge task (--lexicon) has none to corrupt")
     refuse(problems + base_problems(config))
+
+
+def lambdas(config):
+    return [float(v) for v in config.lams.split(",") if v.strip()]
 
 
 def mean_sd(values):
@@ -493,6 +504,22 @@ def run(config):
               f"plugged in {row['plug_in']:.3f} (mean of {len(runs)}; {time.time() - t0:.0f}s so far)", flush=True)
         return row
 
+    def choose_lambda(stats):
+        """--lams: gradot's lambda by the dev split of seed 0, never the test split: the largest
+        gap (plug-in minus emulator fine-tuned), then the higher plug-in (our criterion: the
+        gap is what the owner wants, and it needs both utility and privacy)."""
+        trials = []
+        dev = tasks[0].dev[: config.eval_samples]
+        for lam in lambdas(config):
+            emulator = make_emulator(base, "gradot", replace(emulator_config, lam_attn=lam, lam_mlp=lam), stats)
+            tuned = fine_tune(copy.deepcopy(emulator), config, tasks[0].train, tokenizer, device, seed=0)
+            on_emulator, plugged = score(tuned, dev)["exact_match"], score(plug_in(base, tuned, config.adapter_blocks), dev)["exact_match"]
+            trials.append({"lambda": lam, "emulator_fine_tuned": on_emulator, "plug_in": plugged, "gap": plugged - on_emulator})
+            print(f"  gradot lambda {lam:g} on dev (seed 0): fine-tuned on the emulator {on_emulator:.3f}, plugged in {plugged:.3f}", flush=True)
+        best = max(trials, key=lambda t: (t["gap"], t["plug_in"]))
+        print(f"  gradot: lambda {best['lambda']:g} chosen on dev", flush=True)
+        return best["lambda"], trials
+
     # "none": the original itself is the emulator, so its fine-tuning is full adapter fine-tuning
     rows = [offsite_tuning(base, "none", 1.0, 0.0)]
     middle_size = middle_parameters(base, config.adapter_blocks)
@@ -503,15 +530,23 @@ def run(config):
             _, middle = split_blocks(base.config.n_layer, config.adapter_blocks)
             support = support_batches(tokenizer, config.support_size, 32, device, base.config.block_size, facts)
             stats = collect_stats(base, middle, support)
-        emulator = make_emulator(base, method, emulator_config, stats)
-        seconds = time.time() - started
-        rows.append(offsite_tuning(emulator, method, middle_parameters(emulator, config.adapter_blocks) / middle_size, seconds))
+        chosen, choosing_s = {}, 0.0
+        if method == "gradot" and config.lams:
+            t_choose = time.time()
+            lam, trials = choose_lambda(stats)
+            choosing_s = time.time() - t_choose  # not the compression's time
+            chosen = {"lambda": lam, "lambda_trials": trials}
+            emulator = make_emulator(base, method, replace(emulator_config, lam_attn=lam, lam_mlp=lam), stats)
+        else:
+            emulator = make_emulator(base, method, emulator_config, stats)
+        seconds = time.time() - started - choosing_s
+        rows.append({**offsite_tuning(emulator, method, middle_parameters(emulator, config.adapter_blocks) / middle_size, seconds), **chosen})
     for row in rows:
         row["full_fine_tuning"] = rows[0]["plug_in"]
     print(f"\n{format_table(rows, 'recall, test words' if facts else 'base skills')}\n({time.time() - t0:.0f}s in all)")
     path = os.path.join(config.out_dir, "gradot")
     write_json(path + ".json", {"config": asdict(config), "base": base_path, "rows": rows})
-    write_csv(path + ".csv", [{k: v for k, v in row.items() if k != "runs"} for row in rows])
+    write_csv(path + ".csv", [{**{k: v for k, v in row.items() if k not in ("runs", "lambda_trials")}, "lambda": row.get("lambda", "")} for row in rows])
     print(f"written to {path}.json and {path}.csv")
     return rows
 
@@ -522,6 +557,8 @@ def format_table(rows, zero_shot="base skills"):
              "emulator loss | plug-in loss | middle kept | compression s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = "none (the original)" if r["method"] == "none" else r["method"]
+        if "lambda" in r:
+            name += f" (lambda {r['lambda']:g}, chosen on dev)"
         lines.append(f"| {name} | {r['zero_shot']:.3f} | {pm(r, 'emulator_fine_tuned')} | {pm(r, 'plug_in')} | "
                      f"{r['full_fine_tuning']:.3f} | {r['gap']:+.3f} ± {r['gap_sd']:.3f} | {pm(r, 'emulator_loss')} | "
                      f"{pm(r, 'plug_in_loss')} | {r['middle_share']:.0%} | {r['compress_s']:.2f} |")

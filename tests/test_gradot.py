@@ -309,3 +309,26 @@ def test_with_a_lexicon_the_experiment_scores_recall_and_the_knowledge_task(lexi
     assert original["zero_shot_task"] < original["zero_shot"]  # the new template is not known before fine-tuning
     assert {"emulator_loss", "plug_in_loss"} <= original.keys()
     assert gradot.main(argv[:-2] + ["--overwrite", "--noise", "0.2"]) == 2
+
+
+def test_lambda_is_chosen_on_the_dev_split_by_the_largest_gap(base, tmp_path, capsys, monkeypatch):
+    scored = []
+    real_evaluate = gradot.evaluate
+
+    def watching(model, examples, *args, **kwargs):
+        scored.append(examples)
+        return real_evaluate(model, examples, *args, **kwargs)
+    monkeypatch.setattr(gradot, "evaluate", watching)
+    argv = ["--init-from", base, "--out-dir", str(tmp_path), "--steps", "2", "--batch-size", "4", "--support-size", "8",
+            "--eval-samples", "8", "--seeds", "1", "--methods", "gradot", "--lams", "0,3"]
+    assert gradot.main(argv) == 0
+    row = json.loads((tmp_path / "gradot.json").read_text())["rows"][1]
+    trials = row["lambda_trials"]
+    assert [t["lambda"] for t in trials] == [0.0, 3.0]
+    best = max(trials, key=lambda t: (t["gap"], t["plug_in"]))
+    assert row["lambda"] == best["lambda"] and all(t["gap"] == pytest.approx(t["plug_in"] - t["emulator_fine_tuned"]) for t in trials)
+    from data import make_default_task
+    dev = make_default_task(get_tokenizer(), seed=0, tasks=("rsh",)).dev[:8]
+    assert sum(examples == dev for examples in scored) == 4  # two lambdas, each scored on the emulator and plugged in
+    assert f"gradot (lambda {row['lambda']:g}, chosen on dev)" in capsys.readouterr().out
+    assert gradot.main(argv[:-1] + ["0,x", "--overwrite"]) == 2 and "--lams must be comma-separated numbers" in capsys.readouterr().err
