@@ -50,8 +50,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn as nn
 
-from data import (DataError, Example, TokenizerUnavailable, collate, encode, evaluate, get_tokenizer, lexicon, make_default_task,
-                  make_knowledge_task, pretrain_text)
+from data import (FACT, DataError, Example, TokenizerUnavailable, collate, encode, evaluate, fact_example, get_tokenizer, lexicon,
+                  make_default_task, make_knowledge_task, pretrain_text)
 from lora import LoRAConfig, add_lora
 from model import IGNORE_INDEX
 from plumbing import (ConfigError, check_out_dir, not_negative, option, parse_args, pick_device, positive, refuse, run_main, write_csv,
@@ -482,6 +482,10 @@ def run(config):
     print(f"GradOT on {base_path} ({base.config.n_layer} blocks; {config.adapter_blocks} adapter block(s) per side, "
           f"trained as {'whole blocks' if config.adapter == 'blocks' else 'LoRA'}), "
           f"{config.seeds} seeds x {config.steps} fine-tuning steps, on {device}", flush=True)
+    recall = None
+    if facts:  # what the base holds: every fact of the lexicon, asked in the pretraining template
+        recall = score(base, [fact_example(tokenizer, FACT, w, code) for w, code in facts.items()])["exact_match"]
+        print(f"the base recalls {recall:.3f} of its lexicon's {len(facts):,} facts", flush=True)
     t0 = time.time()
 
     def offsite_tuning(emulator, method, share, seconds):
@@ -545,7 +549,7 @@ def run(config):
         row["full_fine_tuning"] = rows[0]["plug_in"]
     print(f"\n{format_table(rows, 'recall, test words' if facts else 'base skills')}\n({time.time() - t0:.0f}s in all)")
     path = os.path.join(config.out_dir, "gradot")
-    write_json(path + ".json", {"config": asdict(config), "base": base_path, "rows": rows})
+    write_json(path + ".json", {"config": asdict(config), "base": base_path, "lexicon_recall": recall, "rows": rows})
     write_csv(path + ".csv", [{**{k: v for k, v in row.items() if k not in ("runs", "lambda_trials")}, "lambda": row.get("lambda", "")} for row in rows])
     print(f"written to {path}.json and {path}.csv")
     return rows
