@@ -34,8 +34,8 @@ lambda = 0 (utility only).
 
     python gradot.py                    # every method on the default base and task, a table
     python gradot.py --adapter lora     # LoRA inside the adapter blocks instead of whole blocks
-    python gradot.py --lexicon 300 --adapter lora --lr 1e-3 --steps 600
-                                        # knowledge in the middle: a base that states 300 facts, the facts asked in a new template
+    python gradot.py --lexicon 600 --pretrain-steps 4000 --adapter lora --lr 1e-3 --steps 600 --lams 0,0.3,1,3
+                                        # knowledge in the middle: a base that states 600 facts, asked in a new template
 """
 
 import copy
