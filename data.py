@@ -8,6 +8,8 @@ Tokenizer and data: everything here works offline.
    transformations with an exact-match metric per task, a pretraining corpus that teaches the
    format and the basic skills, and a fine-tuning set with a known fraction of
    corrupted answers, each flagged as noisy.
+2b. A lexicon of made-up facts for the pretraining corpus, and a knowledge task that
+   asks for them in a new template (gradot.py's testbed).
 3. Real data from files: plain text for language modelling, JSONL prompt/completion
    pairs with the loss on completion tokens only. Bad input raises DataError naming
    the file and line.
