@@ -209,7 +209,8 @@ class Task:
     """The splits of a fine-tuning task. Only train may carry noisy samples."""
     train: list  # fine-tuning samples
     val: list  # the clean evaluation (test) split: what results are reported on
-    heldout: list  # a trusted held-out set for GAST's support mini-batches (--support heldout), never trained or evaluated on
+    heldout: list  # a trusted held-out set for GAST's support mini-batches (--support heldout), never trained or evaluated on;
+    #                the knowledge task's: its test words in the pretraining template, for the recall before fine-tuning
     dev: list  # a clean split for choosing hyperparameters (the lr in compare.py), never the test split
 
 

@@ -534,16 +534,14 @@ def run(config):
             _, middle = split_blocks(base.config.n_layer, config.adapter_blocks)
             support = support_batches(tokenizer, config.support_size, 32, device, base.config.block_size, facts)
             stats = collect_stats(base, middle, support)
-        chosen, choosing_s = {}, 0.0
+        settings, chosen = emulator_config, {}
         if method == "gradot" and config.lams:
-            t_choose = time.time()
+            paused = time.time()
             lam, trials = choose_lambda(stats)
-            choosing_s = time.time() - t_choose  # not the compression's time
-            chosen = {"lambda": lam, "lambda_trials": trials}
-            emulator = make_emulator(base, method, replace(emulator_config, lam_attn=lam, lam_mlp=lam), stats)
-        else:
-            emulator = make_emulator(base, method, emulator_config, stats)
-        seconds = time.time() - started - choosing_s
+            started += time.time() - paused  # the trials' fine-tuning is not the compression's time
+            settings, chosen = replace(emulator_config, lam_attn=lam, lam_mlp=lam), {"lambda": lam, "lambda_trials": trials}
+        emulator = make_emulator(base, method, settings, stats)
+        seconds = time.time() - started
         rows.append({**offsite_tuning(emulator, method, middle_parameters(emulator, config.adapter_blocks) / middle_size, seconds), **chosen})
     for row in rows:
         row["full_fine_tuning"] = rows[0]["plug_in"]
