@@ -1,7 +1,7 @@
 """
 What GAST costs over a plain LoRA step, as ratios that hold on a shared machine.
 
-    python bench.py                      # default model at B = 8, 32, 128, and the mid model at B = 32
+    python bench.py                      # default model at B = 8, 32, 128; mid model at B = 32
     python bench.py --batches 32 --repeats 20 --models default,mid --device cpu
 
 For each model and batch size it times:
@@ -13,10 +13,11 @@ For each model and batch size it times:
   gast_hooks     the same step, per-sample gradients of every block from backward hooks
   gast_blocks    the same step formed block by block inside the backward (one block's per-sample
                  gradients held at a time)
-  gast_twopass   the paper's "memory-efficient" variant (its Table 6): score and draw (block by block),
-                 drop those gradients, then a second forward and backward over the drawn samples only
+  gast_twopass   the paper's "memory-efficient" variant (its Table 6): score and draw (block
+                 by block), drop those gradients, then a second forward and backward over the
+                 drawn samples only
                  (gast_vmap, which keeps every per-sample gradient, is its "compute-efficient" one)
-  gast_ref1      the revision-2 default: a whole trusted held-out set (64) as support every step (vmap)
+  gast_ref1      a whole trusted held-out set (64) as support every step (vmap)
   vmap        per-sample gradients through torch.func alone
   hooks       per-sample gradients through backward hooks alone
   loop        B single-sample forward/backward passes (what vmap replaces)
@@ -51,7 +52,13 @@ import time
 import torch
 
 from data import collate, get_tokenizer, make_default_task
-from gast import SelectionConfig, SparseTuner, per_sample_grads, per_sample_grads_by_hooks, recording_per_sample_grads
+from gast import (
+    SelectionConfig,
+    SparseTuner,
+    per_sample_grads,
+    per_sample_grads_by_hooks,
+    recording_per_sample_grads,
+)
 from lora import LoRAConfig, add_lora
 from model import GPT, IGNORE_INDEX, GPTConfig, training_memory
 from plumbing import check_device, memory_problems, output_problems, pick_device, write_json
@@ -59,16 +66,43 @@ from plumbing import check_device, memory_problems, output_problems, pick_device
 ATTENTION = ("attn.c_attn", "attn.c_proj")
 ATTENTION_AND_MLP = ATTENTION + ("mlp.c_fc", "mlp.c_proj")
 MODELS = {  # name: (model shape, LoRA targets, batch sizes by default)
-    "default": (GPTConfig(), ATTENTION, (8, 32, 128)),  # the model train.py pretrains: 4 blocks, width 64
+    "default": (
+        GPTConfig(),
+        ATTENTION,
+        (8, 32, 128),
+    ),  # the model train.py pretrains: 4 blocks, width 64
     "mid": (GPTConfig(n_layer=8, n_head=8, n_embd=256, block_size=64), ATTENTION_AND_MLP, (32,)),
-    "gpt2-small": (GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=128, vocab_size=50257), ATTENTION, (8, 32)),
+    "gpt2-small": (
+        GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=128, vocab_size=50257),
+        ATTENTION,
+        (8, 32),
+    ),
 }
-WHATS = ("plain", "gast_default", "gast_vmap", "gast_hooks", "gast_blocks", "gast_twopass", "gast_ref1", "vmap", "hooks", "loop")
-PATHS = ("gast_default", "gast_vmap", "gast_hooks", "gast_blocks", "gast_twopass", "gast_ref1")  # the GAST steps, in the table's order
+WHATS = (
+    "plain",
+    "gast_default",
+    "gast_vmap",
+    "gast_hooks",
+    "gast_blocks",
+    "gast_twopass",
+    "gast_ref1",
+    "vmap",
+    "hooks",
+    "loop",
+)
+PATHS = (
+    "gast_default",
+    "gast_vmap",
+    "gast_hooks",
+    "gast_blocks",
+    "gast_twopass",
+    "gast_ref1",
+)  # the GAST steps, in the table's order
 SUPPORT_SET_SIZE = 64  # the pool the support rows are drawn from (train.py: the training set)
 
 
 # --- memory -----------------------------------------------------------------------------
+
 
 def _rss_kib(field):
     with open("/proc/self/status") as f:
@@ -98,12 +132,15 @@ def memory_peak(device):
 
 # --- the measured computations -----------------------------------------------------------
 
+
 def make_batch(config, B, device, seed=0):
     """A batch of the default task for the default model; random tokens of the full context
     (the first half prompt, no loss there) for the others."""
     if config == MODELS["default"][0]:
         tok = get_tokenizer()
-        train = make_default_task(tok, n_train=max(B, 8), n_val=1, noise=0.2, seed=seed, n_heldout=0, n_dev=0).train
+        train = make_default_task(
+            tok, n_train=max(B, 8), n_val=1, noise=0.2, seed=seed, n_heldout=0, n_dev=0
+        ).train
         return collate(train[:B], tok.eot_token, device)[:2]
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g)
@@ -127,12 +164,16 @@ def second_pass(model, x, y, mask):
     kept since pass 1. Here each block's per-sample gradients are reduced as soon as the
     backward has finished that block (the block-by-block hooks), so none outlive it."""
     drawn = mask.any(dim=0)  # (B,): the rows pass 2 runs
-    weights = mask[:, drawn].float() / mask.sum(dim=1, keepdim=True).clamp(min=1)  # (L, B_drawn), 1/k on each draw
+    weights = mask[:, drawn].float() / mask.sum(dim=1, keepdim=True).clamp(
+        min=1
+    )  # (L, B_drawn), 1/k on each draw
     update = {}
 
     def on_block(l, grads):
         for name, g in grads.items():  # g: (B_drawn, *p.shape)
-            update[name] = torch.tensordot(weights[l].to(g.dtype), g, dims=1) if mask[l].any() else None
+            update[name] = (
+                torch.tensordot(weights[l].to(g.dtype), g, dims=1) if mask[l].any() else None
+            )
 
     model.zero_grad(set_to_none=True)
     with recording_per_sample_grads(model, on_block):
@@ -146,8 +187,15 @@ def second_pass(model, x, y, mask):
 def runners(model, opt, x, y, support_set):
     def tuner(**kw):
         return SparseTuner(model, SelectionConfig(method="gast", **kw), support_set=support_set)
-    tuners = {"gast_default": tuner(), "gast_vmap": tuner(per_sample="vmap"), "gast_hooks": tuner(per_sample="hooks"),
-              "gast_blocks": tuner(per_sample="blocks"), "gast_twopass": tuner(per_sample="blocks"), "gast_ref1": tuner(support="heldout", support_size=0, per_sample="vmap")}
+
+    tuners = {
+        "gast_default": tuner(),
+        "gast_vmap": tuner(per_sample="vmap"),
+        "gast_hooks": tuner(per_sample="hooks"),
+        "gast_blocks": tuner(per_sample="blocks"),
+        "gast_twopass": tuner(per_sample="blocks"),
+        "gast_ref1": tuner(support="heldout", support_size=0, per_sample="vmap"),
+    }
 
     def plain():
         opt.zero_grad(set_to_none=True)
@@ -161,6 +209,7 @@ def runners(model, opt, x, y, support_set):
                 if what == "gast_twopass":  # pass 1 only chose the mask; its gradients are dropped
                     second_pass(model, x, y, record.mask.to(x.device))
                 opt.step()
+
         return run
 
     def vmap():
@@ -174,7 +223,13 @@ def runners(model, opt, x, y, support_set):
             model.zero_grad(set_to_none=True)
             model(x[i : i + 1], y[i : i + 1])[1].backward()
 
-    return {"plain": plain, **{what: gast_step(what) for what in tuners}, "vmap": vmap, "hooks": hooks, "loop": loop}
+    return {
+        "plain": plain,
+        **{what: gast_step(what) for what in tuners},
+        "vmap": vmap,
+        "hooks": hooks,
+        "loop": loop,
+    }
 
 
 STEPS_PER_CALL = {}  # computations timed over several steps (none today), per step
@@ -245,7 +300,9 @@ def memory_all(spec, B, device, threads):
         return {what: memory_one(spec, B, what, device, threads) for what in WHATS}
     spawn = multiprocessing.get_context("spawn")
     peaks = {}
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn, max_tasks_per_child=1) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=1, mp_context=spawn, max_tasks_per_child=1
+    ) as pool:
         for what in WHATS:
             peaks[what] = pool.submit(memory_one, spec, B, what, device, threads).result()
     return peaks
@@ -268,23 +325,53 @@ def summarise(name, B, times, ratios, peaks, n_lora, seq):
     row["busy"] = row["plain_spread"] > 2
     # the memory target: per-sample gradients may add B x (LoRA parameters) x 4 bytes
     row["per_sample_grad_mib"] = B * n_lora * 4 / 2**20
-    # the block-by-block target: (B + the support rows) x one block's LoRA parameters x 4 bytes over plain
-    row["block_bound_mib"] = (B + SelectionConfig.support_size) * n_lora / MODELS[name][0].n_layer * 4 / 2**20
+    # the block-by-block target: (B + the support rows) x one block's LoRA parameters x 4 bytes over
+    # plain
+    row["block_bound_mib"] = (
+        (B + SelectionConfig.support_size) * n_lora / MODELS[name][0].n_layer * 4 / 2**20
+    )
     return row
 
 
 # --- command line ------------------------------------------------------------------------
 
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--device", default="auto", help="cpu, cuda ...; auto: cuda when available")
-    parser.add_argument("--models", default="", help="comma-separated from: " + ", ".join(MODELS) + " (default: default,mid; and gpt2-small on CUDA)")
-    parser.add_argument("--batches", default="", help="comma-separated batch sizes (default: each model's own)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (medians over rounds reported)")
-    parser.add_argument("--loop-repeats", type=int, default=2, help="rounds that also time the slow single-sample loop")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads (default: the cores torch sees)")
-    parser.add_argument("--clock", default="wall", choices=list(CLOCKS), help="wall time, or this process's CPU time "
-                        "(cpu: other processes' load is not counted; use it with --threads 1 on a shared CPU machine)")
+    parser.add_argument(
+        "--models",
+        default="",
+        help="comma-separated from: "
+        + ", ".join(MODELS)
+        + " (default: default,mid; and gpt2-small on CUDA)",
+    )
+    parser.add_argument(
+        "--batches", default="", help="comma-separated batch sizes (default: each model's own)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=7, help="timed rounds (medians over rounds reported)"
+    )
+    parser.add_argument(
+        "--loop-repeats",
+        type=int,
+        default=2,
+        help="rounds that also time the slow single-sample loop",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch intra-op threads (default: the cores torch sees)",
+    )
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=list(CLOCKS),
+        help="wall time, or this process's CPU time "
+        "(cpu: other processes' load is not counted; use it with --threads 1 on a shared CPU "
+        "machine)",
+    )
     parser.add_argument("--out", default="out/bench.json", help="where the JSON goes")
     args = parser.parse_args(argv)
     problems = []
@@ -299,15 +386,24 @@ def parse_args(argv=None):
         problems.append(f"--batches must be comma-separated integers, got {args.batches!r}")
     for flag in ("repeats", "loop_repeats", "threads"):
         if getattr(args, flag) <= 0:
-            problems.append(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+            problems.append(
+                f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}"
+            )
     if check_device(args.device):
         problems.append(check_device(args.device))
-    problems += output_problems("--out", args.out)  # found now, not after the whole benchmark has run
+    problems += output_problems(
+        "--out", args.out
+    )  # found now, not after the whole benchmark has run
     if not problems:  # each model at each batch: can its per-sample step fit?
-        for name in (args.models.split(",") if args.models else MODELS):
+        for name in args.models.split(",") if args.models else MODELS:
             for B in args.batch_sizes or MODELS[name][2]:
                 estimate = 2 * training_memory(MODELS[name][0], B + SUPPORT_SET_SIZE, full=False)
-                problems += memory_problems(f"the {name} model at batch {B}", estimate, pick_device(args.device), "--models, --batches")
+                problems += memory_problems(
+                    f"the {name} model at batch {B}",
+                    estimate,
+                    pick_device(args.device),
+                    "--models, --batches",
+                )
     args.device = pick_device(args.device)
     if problems:
         parser.exit(2, "error: " + "\n  ".join(problems) + "\n")
@@ -318,35 +414,94 @@ def main(argv=None):
     args = parse_args(argv)
     device = args.device
     torch.set_num_threads(args.threads)
-    names = args.models.split(",") if args.models else (["default", "mid", "gpt2-small"] if device.startswith("cuda") else ["default", "mid"])
-    machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else (platform.processor() or platform.machine())
+    names = (
+        args.models.split(",")
+        if args.models
+        else (["default", "mid", "gpt2-small"] if device.startswith("cuda") else ["default", "mid"])
+    )
+    machine = (
+        torch.cuda.get_device_name(device)
+        if device.startswith("cuda")
+        else (platform.processor() or platform.machine())
+    )
     if args.clock == "cpu" and device.startswith("cuda"):
         parser_error = "--clock cpu measures the CPU's time; on a GPU use the wall clock"
         print(f"error: {parser_error}", file=sys.stderr)
         return 2
-    print(f"bench on {device} ({machine}), {args.threads} torch threads of {os.cpu_count()} cores, {args.clock} clock, "
-          f"torch {torch.__version__}", flush=True)
+    print(
+        f"bench on {device} ({machine}), {args.threads} torch threads of {os.cpu_count()} cores, "
+        f"{args.clock} clock, "
+        f"torch {torch.__version__}",
+        flush=True,
+    )
     rows = []
     for name in names:
         for B in args.batch_sizes or MODELS[name][2]:
-            repeats = args.repeats if name == "default" else max(3, args.repeats // 2)  # larger models: fewer rounds
-            times, ratios, n_lora, seq = paired_times(MODELS[name], B, device, repeats, min(args.loop_repeats, repeats), clock=args.clock)
-            row = summarise(name, B, times, ratios, memory_all(MODELS[name], B, device, args.threads), n_lora, seq)
+            repeats = (
+                args.repeats if name == "default" else max(3, args.repeats // 2)
+            )  # larger models: fewer rounds
+            times, ratios, n_lora, seq = paired_times(
+                MODELS[name], B, device, repeats, min(args.loop_repeats, repeats), clock=args.clock
+            )
+            row = summarise(
+                name,
+                B,
+                times,
+                ratios,
+                memory_all(MODELS[name], B, device, args.threads),
+                n_lora,
+                seq,
+            )
             rows.append(row)
-            print(f"  {name} B={B}: plain {row['plain_ms']:.1f} ms, " + ", ".join(f"{w} {row[w + '_x']:.2f}x" for w in PATHS), flush=True)
+            print(
+                f"  {name} B={B}: plain {row['plain_ms']:.1f} ms, "
+                + ", ".join(f"{w} {row[w + '_x']:.2f}x" for w in PATHS),
+                flush=True,
+            )
             if row["busy"]:
-                print(f"  warning: plain's own time varied {row['plain_spread']:.1f}x across rounds: the machine was busy "
-                      "and these ratios are suspect (on a shared CPU, --threads 1 --clock cpu holds up better)", flush=True)
-    print("\ntime: median over rounds of the ratio to that round's plain step [min-max]; memory: peak MiB above the start")
-    print("| model | B | plain ms | " + " | ".join(PATHS) + " | vmap | hooks | loop | vmap vs loop | plain MiB | "
-          + " | ".join(f"{w} MiB" for w in PATHS) + " | (B + 4) x one block's LoRA x 4 B (MiB) |")
+                print(
+                    f"  warning: plain's own time varied {row['plain_spread']:.1f}x across "
+                    "rounds: the machine was busy "
+                    "and these ratios are suspect (on a shared CPU, --threads 1 --clock cpu holds "
+                    "up better)",
+                    flush=True,
+                )
+    print(
+        "\ntime: median over rounds of the ratio to that round's plain step [min-max]; memory: "
+        "peak MiB above the start"
+    )
+    print(
+        "| model | B | plain ms | "
+        + " | ".join(PATHS)
+        + " | vmap | hooks | loop | vmap vs loop | plain MiB | "
+        + " | ".join(f"{w} MiB" for w in PATHS)
+        + " | (B + 4) x one block's LoRA x 4 B (MiB) |"
+    )
     print("|---" * (9 + 2 * len(PATHS)) + "|")
     for r in rows:
-        cells = [f"{r[f'{w}_x']:.2f}x [{r[f'{w}_x_spread'][0]:.2f}-{r[f'{w}_x_spread'][1]:.2f}]" for w in PATHS + ("vmap", "hooks", "loop")]
-        print(f"| {r['model']} | {r['batch']} | {r['plain_ms']:.1f} | " + " | ".join(cells) + f" | {r['vmap_speedup_over_loop']:.1f}x | "
-              + " | ".join(f"{r[f'{w}_mem_mib']:.1f}" for w in ("plain",) + PATHS) + f" | {r['block_bound_mib']:.2f} |")
-    write_json(args.out, {"device": device, "machine": machine, "torch": torch.__version__, "threads": args.threads,  # atomically
-                          "clock": args.clock, "busy": any(r["busy"] for r in rows), "rows": rows})
+        cells = [
+            f"{r[f'{w}_x']:.2f}x [{r[f'{w}_x_spread'][0]:.2f}-{r[f'{w}_x_spread'][1]:.2f}]"
+            for w in PATHS + ("vmap", "hooks", "loop")
+        ]
+        print(
+            f"| {r['model']} | {r['batch']} | {r['plain_ms']:.1f} | "
+            + " | ".join(cells)
+            + f" | {r['vmap_speedup_over_loop']:.1f}x | "
+            + " | ".join(f"{r[f'{w}_mem_mib']:.1f}" for w in ("plain",) + PATHS)
+            + f" | {r['block_bound_mib']:.2f} |"
+        )
+    write_json(
+        args.out,
+        {
+            "device": device,
+            "machine": machine,
+            "torch": torch.__version__,
+            "threads": args.threads,  # atomically
+            "clock": args.clock,
+            "busy": any(r["busy"] for r in rows),
+            "rows": rows,
+        },
+    )
     print(f"\nwritten to {args.out}")
     return 0
 

@@ -1,10 +1,10 @@
 """
 The comparison protocol: every method on the same base, data, batches and budgets.
 
-    python compare.py                                  # the default rows, lr chosen on dev, seeds on test
+    python compare.py                    # the default rows, lr chosen on dev, seeds on test
     python compare.py --methods lora,gast --seeds 3 --steps 300 --noise 0
-    python compare.py --noise 0 --lrs-from out/compare.json --out-dir out/clean   # the lrs chosen before
-    python compare.py --check-testbed                  # does plain LoRA learn on every seed, base and thread count?
+    python compare.py --noise 0 --lrs-from out/compare.json --out-dir out/clean  # lrs as before
+    python compare.py --check-testbed    # does plain LoRA learn on every seed, base and thread?
 
 For each row, one run per lr in --lrs (seed 0) is scored on the dev split and the lr with
 the lowest dev loss wins; then --seeds runs with that lr are reported on the test split,
@@ -33,37 +33,81 @@ import torch
 
 from data import NOISE_KINDS, DataError, TokenizerUnavailable, get_tokenizer
 from gast import METHODS, SCORED, SELECTIONS, SUPPORTS
-from plumbing import (check_out_dir, is_main, nanmean, option, parse_args, pick_device, positive, pyplot, refuse, run_main,
-                      save_figure, write_csv, write_json)
+from plumbing import (
+    check_out_dir,
+    is_main,
+    nanmean,
+    option,
+    parse_args,
+    pick_device,
+    positive,
+    pyplot,
+    refuse,
+    run_main,
+    save_figure,
+    write_csv,
+    write_json,
+)
 from pretrain import BaseConfig, load_base
 from train import train
 
 
 @dataclass
 class CompareConfig:
-    methods: str = option("lora,lisa,ist,data,gast,gast:random,gast:topk,gast:heldout",
-                          "rows, comma-separated: a method, or a scored method with options joined by + after a colon: "
-                          f"a selection ({', '.join(SELECTIONS)}) and/or a support ({', '.join(SUPPORTS)}), e.g. gast:topk+heldout")
+    methods: str = option(
+        "lora,lisa,ist,data,gast,gast:random,gast:topk,gast:heldout",
+        "rows, comma-separated: a method, or a scored method with options joined by + after a "
+        "colon: "
+        f"a selection ({', '.join(SELECTIONS)}) and/or a support ({', '.join(SUPPORTS)}), e.g. "
+        "gast:topk+heldout",
+    )
     seeds: int = option(5, "seeds per row, on the test split")
-    lrs: str = option("1e-3,3e-3,1e-2,3e-2", "each row's lr is chosen from these by the dev split's loss (seed 0); one value: no choice")
-    lrs_from: str = option("", "an earlier comparison's compare.json: each row takes the lr chosen there (no dev runs), "
-                           "so the lr chosen at one noise level is reused at the others")
-    out_dir: str = option("out", "compare.json, compare.csv, compare.png and every run's directory (compare/) go here")
+    lrs: str = option(
+        "1e-3,3e-3,1e-2,3e-2",
+        "each row's lr is chosen from these by the dev split's loss (seed 0); one value: no choice",
+    )
+    lrs_from: str = option(
+        "",
+        "an earlier comparison's compare.json: each row takes the lr chosen there (no dev runs), "
+        "so the lr chosen at one noise level is reused at the others",
+    )
+    out_dir: str = option(
+        "out", "compare.json, compare.csv, compare.png and every run's directory (compare/) go here"
+    )
     overwrite: bool = option(False, "replace the compare results already in --out-dir")
-    resume: bool = option(False, "continue a comparison: a run recorded in --out-dir/compare/ with the same settings is read back, not run again")
-    jobs: int = option(1, "independent runs in this many processes, one thread each (results equal those of --jobs 1 at one thread)")
-    check_testbed: bool = option(False, "instead of the comparison, check that the testbed measures methods, not luck: lora at "
-                                 "train.py's settings on seeds 0-4, two bases, 1 and 2 threads, and noise of each kind (about 30 minutes on 2 CPU cores)")
+    resume: bool = option(
+        False,
+        "continue a comparison: a run recorded in --out-dir/compare/ with the same settings is "
+        "read back, not run again",
+    )
+    jobs: int = option(
+        1,
+        "independent runs in this many processes, one thread each (results equal those of --jobs "
+        "1 at one thread)",
+    )
+    check_testbed: bool = option(
+        False,
+        "instead of the comparison, check that the testbed measures methods, not luck: lora at "
+        "train.py's settings on seeds 0-4, two bases, 1 and 2 threads, and noise of each kind "
+        "(about 30 minutes on 2 CPU cores)",
+    )
 
 
 def rows_of(config):
-    """[(row name, method, {"selection": ..., "support": ...} as the row sets them)] from --methods."""
+    """[(row name, method, {"selection": ..., "support": ...} as the row sets them)]
+    from --methods."""
     rows = []
     for spec in config.methods.split(","):
         method, _, options = spec.partition(":")
         chosen = {}
         for option_name in filter(None, options.split("+")):
-            kind = "selection" if option_name in SELECTIONS else "support" if option_name in SUPPORTS else "unknown"
+            kind = (
+                "selection"
+                if option_name in SELECTIONS
+                else "support"
+                if option_name in SUPPORTS
+                else "unknown"
+            )
             chosen[kind] = chosen.get(kind, ()) + (option_name,)
         rows.append((spec, method, chosen))
     return rows
@@ -71,13 +115,21 @@ def rows_of(config):
 
 def problems(config):
     out = positive(config, "seeds", "jobs")
-    unknown = [spec for spec, method, chosen in rows_of(config)
-               if method not in METHODS or "unknown" in chosen or any(len(v) > 1 for v in chosen.values())
-               or (chosen and method not in SCORED)]
+    unknown = [
+        spec
+        for spec, method, chosen in rows_of(config)
+        if method not in METHODS
+        or "unknown" in chosen
+        or any(len(v) > 1 for v in chosen.values())
+        or (chosen and method not in SCORED)
+    ]
     if unknown:
-        out.append(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}, and for "
-                   f"{' and '.join(SCORED)} options after a colon joined by +: one of {', '.join(SELECTIONS)} "
-                   f"and/or one of {', '.join(SUPPORTS)}")
+        out.append(
+            f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}, and for "
+            f"{' and '.join(SCORED)} options after a colon joined by +: one of "
+            f"{', '.join(SELECTIONS)} "
+            f"and/or one of {', '.join(SUPPORTS)}"
+        )
     try:
         if not all(float(v) > 0 and math.isfinite(float(v)) for v in config.lrs.split(",")):
             out.append(f"--lrs must all be positive, got {config.lrs}")
@@ -88,9 +140,15 @@ def problems(config):
             chosen = lrs_chosen_in(config.lrs_from)
             missing = [spec for spec, _, _ in rows_of(config) if spec not in chosen]
             if missing:
-                out.append(f"--lrs-from {config.lrs_from} has no row {', '.join(missing)} (it has {', '.join(chosen)})")
+                out.append(
+                    f"--lrs-from {config.lrs_from} has no row {', '.join(missing)} (it has "
+                    f"{', '.join(chosen)})"
+                )
         except (OSError, ValueError, KeyError, TypeError) as e:
-            out.append(f"--lrs-from {config.lrs_from}: not a compare.json we can read ({type(e).__name__}: {e})")
+            out.append(
+                f"--lrs-from {config.lrs_from}: not a compare.json we can read "
+                f"({type(e).__name__}: {e})"
+            )
     return out
 
 
@@ -107,13 +165,24 @@ def one_run(flags, split):
         return train(flags, split=split, summary=False)
     except FloatingPointError as e:
         config = train(flags, dry_run=True)
-        return {"method": config["method"], "selection": config["selection"], "support": config["support"], "lr": config["lr"],
-                "seed": config["seed"], "split": split, "exact_match": None, "val_loss": float("inf"), "diverged": True,
-                "error": str(e), "config": config}
+        return {
+            "method": config["method"],
+            "selection": config["selection"],
+            "support": config["support"],
+            "lr": config["lr"],
+            "seed": config["seed"],
+            "split": split,
+            "exact_match": None,
+            "val_loss": float("inf"),
+            "diverged": True,
+            "error": str(e),
+            "config": config,
+        }
 
 
 def recorded_run(flags, split):
-    """The metrics of a run recorded earlier with exactly these settings (its metrics.json), or None."""
+    """The metrics of a run recorded earlier with exactly these settings (its metrics.json),
+    or None."""
     config = train(flags, dry_run=True)
     path = os.path.join(config["out_dir"], "metrics.json")
     try:
@@ -127,21 +196,47 @@ def recorded_run(flags, split):
 def compare(config, train_flags=()):
     """The table's rows. train_flags: train.py's flags, given to every run."""
     refuse(problems(config))
-    train([*train_flags, "--out-dir", config.out_dir], dry_run=True)  # train.py's flags, checked before any run
-    base_config = replace(parse_args(BaseConfig, train_flags, known_only=True)[0], out_dir=config.out_dir)
-    check_out_dir(config.out_dir, ("compare.json", "compare.csv", "compare.png"), resume=config.resume, overwrite=config.overwrite)
-    _, base = load_base(base_config, get_tokenizer(base_config.tokenizer), pick_device(base_config.device))  # made once, here
+    train(
+        [*train_flags, "--out-dir", config.out_dir], dry_run=True
+    )  # train.py's flags, checked before any run
+    base_config = replace(
+        parse_args(BaseConfig, train_flags, known_only=True)[0], out_dir=config.out_dir
+    )
+    check_out_dir(
+        config.out_dir,
+        ("compare.json", "compare.csv", "compare.png"),
+        resume=config.resume,
+        overwrite=config.overwrite,
+    )
+    _, base = load_base(
+        base_config, get_tokenizer(base_config.tokenizer), pick_device(base_config.device)
+    )  # made once, here
     train_flags = [*train_flags, "--init-from", base]
     say = print if is_main() else (lambda *args, **kwargs: None)
     lrs = [float(v) for v in config.lrs.split(",")]
-    n_runs = len(rows_of(config)) * ((len(lrs) if len(lrs) > 1 and not config.lrs_from else 0) + config.seeds)
+    n_runs = len(rows_of(config)) * (
+        (len(lrs) if len(lrs) > 1 and not config.lrs_from else 0) + config.seeds
+    )
     progress = {"t0": time.time(), "done": 0, "ran": 0}
 
     def flags_of(label, method, chosen, lr, seed, split):
         name = label.replace(":", "-").replace("+", "-")
         name = f"{name}-lr{lr:g}-dev" if split == "dev" else f"{name}-seed{seed}"
-        flags = [*train_flags, "--method", method, "--lr", repr(lr), "--seed", str(seed), "--quiet", "--no-resume", "--no-picture",
-                 "--overwrite", "--out-dir", os.path.join(config.out_dir, "compare", name)]
+        flags = [
+            *train_flags,
+            "--method",
+            method,
+            "--lr",
+            repr(lr),
+            "--seed",
+            str(seed),
+            "--quiet",
+            "--no-resume",
+            "--no-picture",
+            "--overwrite",
+            "--out-dir",
+            os.path.join(config.out_dir, "compare", name),
+        ]
         return flags + [f"--{kind}={value[0]}" for kind, value in chosen.items()]
 
     def finished(label, split, metrics, reused):
@@ -152,9 +247,13 @@ def compare(config, train_flags=()):
         left = (n_runs - progress["done"]) * elapsed / max(progress["ran"], 1)
         em = "" if metrics["exact_match"] is None else f" exact match {metrics['exact_match']:.3f}"
         how = " (recorded before, not run again)" if reused else ""
-        say(f"  [{progress['done']}/{n_runs}] {label} lr {metrics['lr']:g} seed {metrics['seed']} on {split}:{em} "
+        say(
+            f"  [{progress['done']}/{n_runs}] {label} lr {metrics['lr']:g} seed {metrics['seed']} "
+            f"on {split}:{em} "
             f"loss {metrics['val_loss']:.4f}{' DIVERGED' if metrics.get('diverged') else ''}{how} "
-            f"({elapsed:.0f}s so far, eta {left:.0f}s)", flush=True)
+            f"({elapsed:.0f}s so far, eta {left:.0f}s)",
+            flush=True,
+        )
         return metrics
 
     def run_all(specs):
@@ -169,11 +268,17 @@ def compare(config, train_flags=()):
                 todo.append(i)
         if config.jobs == 1:
             for i in todo:
-                results[i] = finished(specs[i][0], specs[i][-1], one_run(flags_of(*specs[i]), specs[i][-1]), reused=False)
+                results[i] = finished(
+                    specs[i][0],
+                    specs[i][-1],
+                    one_run(flags_of(*specs[i]), specs[i][-1]),
+                    reused=False,
+                )
             return results
         spawn = multiprocessing.get_context("spawn")  # fresh processes, one thread each
-        with concurrent.futures.ProcessPoolExecutor(config.jobs, mp_context=spawn, initializer=torch.set_num_threads,
-                                                    initargs=(1,)) as pool:
+        with concurrent.futures.ProcessPoolExecutor(
+            config.jobs, mp_context=spawn, initializer=torch.set_num_threads, initargs=(1,)
+        ) as pool:
             futures = {pool.submit(one_run, flags_of(*specs[i]), specs[i][-1]): i for i in todo}
             for future in concurrent.futures.as_completed(futures):
                 i = futures[future]
@@ -183,29 +288,70 @@ def compare(config, train_flags=()):
     rows_wanted = rows_of(config)
     dev_runs, chosen_lr = [], {}
     if config.lrs_from:  # each row's lr as an earlier comparison chose it
-        chosen_lr = {label: lr for label, lr in lrs_chosen_in(config.lrs_from).items() if label in {r[0] for r in rows_wanted}}
+        chosen_lr = {
+            label: lr
+            for label, lr in lrs_chosen_in(config.lrs_from).items()
+            if label in {r[0] for r in rows_wanted}
+        }
     elif len(lrs) > 1:  # every row's lr on the dev split first (seed 0); a diverged run's lr loses
-        dev_runs = run_all([(label, method, chosen, lr, 0, "dev") for label, method, chosen in rows_wanted for lr in lrs])
+        dev_runs = run_all(
+            [
+                (label, method, chosen, lr, 0, "dev")
+                for label, method, chosen in rows_wanted
+                for lr in lrs
+            ]
+        )
         for label, _, _ in rows_wanted:
             tried = [m for m in dev_runs if m["row"] == label]
-            chosen_lr[label] = min(tried, key=lambda m: (m.get("diverged", False), m["val_loss"]))["lr"]
-    runs = run_all([(label, method, chosen, chosen_lr.get(label, lrs[0]), seed, "test")
-                    for label, method, chosen in rows_wanted for seed in range(config.seeds)])
-    rows = [summarise(label, chosen_lr.get(label, lrs[0]), [r for r in runs if r["row"] == label]) for label, _, _ in rows_wanted]
+            chosen_lr[label] = min(tried, key=lambda m: (m.get("diverged", False), m["val_loss"]))[
+                "lr"
+            ]
+    runs = run_all(
+        [
+            (label, method, chosen, chosen_lr.get(label, lrs[0]), seed, "test")
+            for label, method, chosen in rows_wanted
+            for seed in range(config.seeds)
+        ]
+    )
+    rows = [
+        summarise(label, chosen_lr.get(label, lrs[0]), [r for r in runs if r["row"] == label])
+        for label, _, _ in rows_wanted
+    ]
     if "lora" in chosen_lr or any(label == "lora" for label, _, _ in rows_wanted):
         for row in rows:  # each row against lora, seed by seed (the same data and batches)
-            row.update(paired_difference([r for r in runs if r["row"] == row["row"]], [r for r in runs if r["row"] == "lora"]))
+            row.update(
+                paired_difference(
+                    [r for r in runs if r["row"] == row["row"]],
+                    [r for r in runs if r["row"] == "lora"],
+                )
+            )
     steps = runs[0]["config"]["steps"]
-    how = f"lr as chosen in {config.lrs_from}" if config.lrs_from else f"lr from {config.lrs} by dev loss"
-    say(f"\n{len(rows)} methods, {how}, then {config.seeds} seeds on the test split, "
-        f"{steps} steps each, {time.time() - progress['t0']:.0f}s in all\n{format_table(rows)}")
+    how = (
+        f"lr as chosen in {config.lrs_from}"
+        if config.lrs_from
+        else f"lr from {config.lrs} by dev loss"
+    )
+    say(
+        f"\n{len(rows)} methods, {how}, then {config.seeds} seeds on the test split, "
+        f"{steps} steps each, {time.time() - progress['t0']:.0f}s in all\n{format_table(rows)}"
+    )
     if format_task_table(rows):
         say(f"\nexact match per task (test split, mean over seeds):\n{format_task_table(rows)}")
     if is_main():
         path = os.path.join(config.out_dir, "compare")
-        write_json(path + ".json", {"config": {**asdict(config), "train": runs[0]["config"]}, "rows": rows, "runs": runs,
-                                    "dev_runs": dev_runs})
-        write_csv(path + ".csv", [{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in rows])
+        write_json(
+            path + ".json",
+            {
+                "config": {**asdict(config), "train": runs[0]["config"]},
+                "rows": rows,
+                "runs": runs,
+                "dev_runs": dev_runs,
+            },
+        )
+        write_csv(
+            path + ".csv",
+            [{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in rows],
+        )
         plot_comparison(rows, path + ".png")
     return rows
 
@@ -227,29 +373,64 @@ def testbed_specs():
     """(pretrain seed, threads, noise, noise kind, seed) of every run the check makes."""
     specs = []
     for base in TESTBED_BASES:
-        specs += [(base, threads, 0.0, "random", seed) for threads in TESTBED_THREADS for seed in TESTBED_SEEDS]
-        specs += [(base, 2, TESTBED_NOISE, kind, seed) for kind in NOISE_KINDS for seed in TESTBED_SEEDS]
+        specs += [
+            (base, threads, 0.0, "random", seed)
+            for threads in TESTBED_THREADS
+            for seed in TESTBED_SEEDS
+        ]
+        specs += [
+            (base, 2, TESTBED_NOISE, kind, seed) for kind in NOISE_KINDS for seed in TESTBED_SEEDS
+        ]
     return specs
 
 
 def check_testbed(config, train_flags=(), specs=None, time_default_run=True):
     """Run the testbed's check and print its table; True when every check holds. Every other
     flag is train.py's and goes to every run, so another recipe can be checked the same way."""
-    train([*train_flags, "--out-dir", config.out_dir], dry_run=True)  # train.py's flags, checked before any run
-    check_out_dir(config.out_dir, ("testbed.json",), resume=config.resume, overwrite=config.overwrite)
+    train(
+        [*train_flags, "--out-dir", config.out_dir], dry_run=True
+    )  # train.py's flags, checked before any run
+    check_out_dir(
+        config.out_dir, ("testbed.json",), resume=config.resume, overwrite=config.overwrite
+    )
     specs = testbed_specs() if specs is None else specs
-    base_config = replace(parse_args(BaseConfig, train_flags, known_only=True)[0], out_dir=config.out_dir)
+    base_config = replace(
+        parse_args(BaseConfig, train_flags, known_only=True)[0], out_dir=config.out_dir
+    )
     if base_config.init_from:
-        print("note: --init-from is given, so every base of the check is that one model (no second base)")
+        print(
+            "note: --init-from is given, so every base of the check is that one model (no second "
+            "base)"
+        )
     tokenizer, device = get_tokenizer(base_config.tokenizer), pick_device(base_config.device)
-    bases = {seed: load_base(replace(base_config, pretrain_seed=seed), tokenizer, device)[1]  # {pretrain seed: its base's path}
-             for seed in sorted({spec[0] for spec in specs})}
+    bases = {
+        seed: load_base(replace(base_config, pretrain_seed=seed), tokenizer, device)[
+            1
+        ]  # {pretrain seed: its base's path}
+        for seed in sorted({spec[0] for spec in specs})
+    }
     t0, runs, threads_before = time.time(), [], torch.get_num_threads()
     for i, (base, threads, noise, kind, seed) in enumerate(specs):
         name = f"base{base}-threads{threads}-noise{noise:g}-{kind}-seed{seed}"
-        flags = [*train_flags, "--method", "lora", "--noise", repr(noise), "--noise-kind", kind, "--seed", str(seed),
-                 "--init-from", bases[base], "--quiet", "--no-resume", "--no-picture", "--overwrite",
-                 "--out-dir", os.path.join(config.out_dir, "testbed", name)]
+        flags = [
+            *train_flags,
+            "--method",
+            "lora",
+            "--noise",
+            repr(noise),
+            "--noise-kind",
+            kind,
+            "--seed",
+            str(seed),
+            "--init-from",
+            bases[base],
+            "--quiet",
+            "--no-resume",
+            "--no-picture",
+            "--overwrite",
+            "--out-dir",
+            os.path.join(config.out_dir, "testbed", name),
+        ]
         metrics = config.resume and recorded_run(flags, "test")
         if not metrics:
             torch.set_num_threads(threads)
@@ -257,20 +438,41 @@ def check_testbed(config, train_flags=(), specs=None, time_default_run=True):
                 metrics = one_run(flags, "test")
             finally:
                 torch.set_num_threads(threads_before)
-        runs.append({**metrics, "pretrain_seed": base, "threads": threads, "noise": noise, "noise_kind": kind})
+        runs.append(
+            {
+                **metrics,
+                "pretrain_seed": base,
+                "threads": threads,
+                "noise": noise,
+                "noise_kind": kind,
+            }
+        )
         elapsed = time.time() - t0
-        print(f"  [{i + 1}/{len(specs)}] {name}: exact match {metrics['exact_match'] or 0:.3f} loss {metrics['val_loss']:.4f} "
-              f"({elapsed:.0f}s so far, eta {elapsed / (i + 1) * (len(specs) - i - 1):.0f}s)", flush=True)
+        print(
+            f"  [{i + 1}/{len(specs)}] {name}: exact match {metrics['exact_match'] or 0:.3f} loss "
+            f"{metrics['val_loss']:.4f} "
+            f"({elapsed:.0f}s so far, eta {elapsed / (i + 1) * (len(specs) - i - 1):.0f}s)",
+            flush=True,
+        )
     checks = testbed_checks(runs)
     if time_default_run:
         checks.append(time_python_train())
     steps = runs[0]["config"]["steps"]
-    print(f"\nthe testbed: lora at train.py's settings ({steps} steps), {time.time() - t0:.0f}s in all\n{format_testbed(runs)}\n")
+    print(
+        f"\nthe testbed: lora at train.py's settings ({steps} steps), {time.time() - t0:.0f}s in "
+        f"all\n{format_testbed(runs)}\n"
+    )
     for ok, text in checks:
         print(f"  {'PASS' if ok else 'FAIL'}  {text}")
-    write_json(os.path.join(config.out_dir, "testbed.json"),
-               {"config": asdict(config), "train_flags": list(train_flags), "runs": runs,
-                "checks": [{"ok": ok, "check": text} for ok, text in checks]})
+    write_json(
+        os.path.join(config.out_dir, "testbed.json"),
+        {
+            "config": asdict(config),
+            "train_flags": list(train_flags),
+            "runs": runs,
+            "checks": [{"ok": ok, "check": text} for ok, text in checks],
+        },
+    )
     return all(ok for ok, _ in checks)
 
 
@@ -278,36 +480,58 @@ def testbed_groups(runs):
     """{(pretrain seed, threads, noise, kind): [runs, by seed]}"""
     groups = {}
     for r in runs:
-        groups.setdefault((r["pretrain_seed"], r["threads"], r["noise"], r["noise_kind"] if r["noise"] else "-"), []).append(r)
+        groups.setdefault(
+            (r["pretrain_seed"], r["threads"], r["noise"], r["noise_kind"] if r["noise"] else "-"),
+            [],
+        ).append(r)
     return groups
 
 
 def format_testbed(runs):
-    lines = ["| base (pretrain seed) | threads | noise | exact match, seed by seed | lowest | clean held-out loss (mean) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| base (pretrain seed) | threads | noise | exact match, seed by seed | lowest | clean "
+        "held-out loss (mean) |",
+        "|---|---|---|---|---|---|",
+    ]
     for (base, threads, noise, kind), group in testbed_groups(runs).items():
         scores = [r["exact_match"] or 0.0 for r in group]
-        lines.append(f"| {base} | {threads} | {'0' if not noise else f'{noise:g} {kind}'} | "
-                     f"{' '.join(f'{v:.3f}' for v in scores)} | {min(scores):.3f} | {statistics.fmean(r['val_loss'] for r in group):.4f} |")
+        lines.append(
+            f"| {base} | {threads} | {'0' if not noise else f'{noise:g} {kind}'} | "
+            f"{' '.join(f'{v:.3f}' for v in scores)} | {min(scores):.3f} | "
+            f"{statistics.fmean(r['val_loss'] for r in group):.4f} |"
+        )
     return "\n".join(lines)
 
 
 def testbed_checks(runs):
-    """[(ok, what was checked and found)]: every clean run learns; each noise kind raises the clean loss."""
+    """[(ok, what was checked and found)]: every clean run learns; each noise kind raises
+    the clean loss."""
     checks = []
     clean = [r for r in runs if not r["noise"]]
     if clean:
         worst = min(clean, key=lambda r: r["exact_match"] or 0.0)
-        checks.append((all((r["exact_match"] or 0.0) >= LEARNS for r in clean),
-                       f"noise 0: exact match >= {LEARNS} on all {len(clean)} runs (lowest {worst['exact_match'] or 0.0:.3f}: "
-                       f"base {worst['pretrain_seed']}, {worst['threads']} threads, seed {worst['seed']})"))
+        checks.append(
+            (
+                all((r["exact_match"] or 0.0) >= LEARNS for r in clean),
+                f"noise 0: exact match >= {LEARNS} on all {len(clean)} runs (lowest "
+                f"{worst['exact_match'] or 0.0:.3f}: "
+                f"base {worst['pretrain_seed']}, {worst['threads']} threads, seed {worst['seed']})",
+            )
+        )
     groups = testbed_groups(runs)
     for (base, threads, noise, kind), group in groups.items():
         plain = groups.get((base, threads, 0.0, "-"))
         if noise and plain:
-            ratio = statistics.fmean(r["val_loss"] for r in group) / statistics.fmean(r["val_loss"] for r in plain)
-            checks.append((ratio >= NOISE_MATTERS, f"noise {noise:g} {kind} raises lora's clean held-out loss {ratio:.1f}x "
-                                                   f"over noise 0 (base {base}, {threads} threads; needs {NOISE_MATTERS:g}x)"))
+            ratio = statistics.fmean(r["val_loss"] for r in group) / statistics.fmean(
+                r["val_loss"] for r in plain
+            )
+            checks.append(
+                (
+                    ratio >= NOISE_MATTERS,
+                    f"noise {noise:g} {kind} raises lora's clean held-out loss {ratio:.1f}x "
+                    f"over noise 0 (base {base}, {threads} threads; needs {NOISE_MATTERS:g}x)",
+                )
+            )
     return checks
 
 
@@ -317,15 +541,36 @@ def time_python_train():
     with tempfile.TemporaryDirectory() as work:
         here = os.path.dirname(os.path.abspath(__file__))
         t0 = time.time()
-        done = subprocess.run([sys.executable, os.path.join(here, "train.py"), "--quiet"], cwd=work, capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, os.path.join(here, "train.py"), "--quiet"],
+            cwd=work,
+            capture_output=True,
+            text=True,
+        )
         seconds = time.time() - t0
     if done.returncode:
-        return False, f"python train.py failed (exit {done.returncode}): {done.stderr.strip()[-300:]}"
-    return seconds < DEFAULT_RUN_SECONDS, (f"python train.py (no arguments, pretraining included, quiet) took {seconds:.0f}s "
-                                           f"on {os.cpu_count()} CPU threads; needs < {DEFAULT_RUN_SECONDS}s")
+        return (
+            False,
+            f"python train.py failed (exit {done.returncode}): {done.stderr.strip()[-300:]}",
+        )
+    return seconds < DEFAULT_RUN_SECONDS, (
+        f"python train.py (no arguments, pretraining included, quiet) took {seconds:.0f}s "
+        f"on {os.cpu_count()} CPU threads; needs < {DEFAULT_RUN_SECONDS}s"
+    )
 
 
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}  # Student's t, 97.5%
+T_975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+}  # Student's t, 97.5%
 
 
 def paired_difference(runs, lora_runs):
@@ -334,15 +579,24 @@ def paired_difference(runs, lora_runs):
     out = {}
     for key in ("exact_match", "val_loss"):
         by_seed = {r["seed"]: r[key] for r in lora_runs if r.get(key) is not None}
-        diffs = [r[key] - by_seed[r["seed"]] for r in runs if r.get(key) is not None and r["seed"] in by_seed]
+        diffs = [
+            r[key] - by_seed[r["seed"]]
+            for r in runs
+            if r.get(key) is not None and r["seed"] in by_seed
+        ]
         mean = statistics.fmean(diffs) if diffs else None
-        half = (T_975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))) if len(diffs) > 1 else None
+        half = (
+            (T_975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs)))
+            if len(diffs) > 1
+            else None
+        )
         out[f"{key}_vs_lora"], out[f"{key}_vs_lora_ci95"] = mean, half
     return out
 
 
 def summarise(label, lr, runs):
     """One table row: mean and sd over seeds of the test-split figures."""
+
     def spread(values):
         values = [v for v in values if v is not None]
         if not values:
@@ -352,13 +606,38 @@ def summarise(label, lr, runs):
     em, em_sd = spread([r["exact_match"] for r in runs])
     loss, loss_sd = spread([r["val_loss"] for r in runs])
     tasks = sorted({name for r in runs for name in r.get("per_task", {})})
-    per_task = {name: spread([r["per_task"][name]["exact_match"] for r in runs if name in r.get("per_task", {})])[0] for name in tasks}
-    return {"row": label, "method": runs[0]["method"], "selection": runs[0]["selection"], "support": runs[0]["support"],
-            "lr": lr, "seeds": len(runs), "exact_match": em, "exact_match_sd": em_sd, "val_loss": loss, "val_loss_sd": loss_sd,
-            "per_task_exact_match": per_task, "curve": mean_curve(runs),
-            "diverged": sum(bool(r.get("diverged")) for r in runs),
-            **{k: nanmean([r.get(k, float("nan")) for r in runs]) for k in ("coverage", "noisy_selected", "clean_selected",
-                                                                             "noisy_probability", "clean_probability", "ms_per_step")}}
+    per_task = {
+        name: spread(
+            [r["per_task"][name]["exact_match"] for r in runs if name in r.get("per_task", {})]
+        )[0]
+        for name in tasks
+    }
+    return {
+        "row": label,
+        "method": runs[0]["method"],
+        "selection": runs[0]["selection"],
+        "support": runs[0]["support"],
+        "lr": lr,
+        "seeds": len(runs),
+        "exact_match": em,
+        "exact_match_sd": em_sd,
+        "val_loss": loss,
+        "val_loss_sd": loss_sd,
+        "per_task_exact_match": per_task,
+        "curve": mean_curve(runs),
+        "diverged": sum(bool(r.get("diverged")) for r in runs),
+        **{
+            k: nanmean([r.get(k, float("nan")) for r in runs])
+            for k in (
+                "coverage",
+                "noisy_selected",
+                "clean_selected",
+                "noisy_probability",
+                "clean_probability",
+                "ms_per_step",
+            )
+        },
+    }
 
 
 def mean_curve(runs):
@@ -367,7 +646,9 @@ def mean_curve(runs):
     curve = []
     for step in steps:
         losses = [e["loss"] for r in runs for e in r.get("evals", []) if e["step"] == step]
-        curve.append({"step": step, "mean": statistics.fmean(losses), "min": min(losses), "max": max(losses)})
+        curve.append(
+            {"step": step, "mean": statistics.fmean(losses), "min": min(losses), "max": max(losses)}
+        )
     return curve
 
 
@@ -377,15 +658,29 @@ def format_table(rows):
 
     def rate(value):  # nan: the data carries no noisy flags
         return "-" if math.isnan(value) else f"{value:.2f}"
+
     def versus(r):  # the paired difference to lora, with its 95% interval
         mean, half = r.get("exact_match_vs_lora"), r.get("exact_match_vs_lora_ci95")
-        return "-" if mean is None or r["row"] == "lora" else f"{mean:+.3f}" + ("" if half is None else f" ± {half:.3f}")
-    lines = ["| row | selection | support | lr | exact match | vs lora (paired, 95%) | held-out loss | coverage | noisy taken | "
-             "clean taken | ms/step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        return (
+            "-"
+            if mean is None or r["row"] == "lora"
+            else f"{mean:+.3f}" + ("" if half is None else f" ± {half:.3f}")
+        )
+
+    lines = [
+        "| row | selection | support | lr | exact match | vs lora (paired, 95%) | held-out loss | "
+        "coverage | noisy taken | "
+        "clean taken | ms/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['row']} | {r['selection'] or '-'} | {r['support'] or '-'} | {r['lr']:g} | "
-                     f"{pm(r['exact_match'], r['exact_match_sd'], 3)} | {versus(r)} | {pm(r['val_loss'], r['val_loss_sd'], 3)} | "
-                     f"{r['coverage']:.2f} | {rate(r['noisy_selected'])} | {rate(r['clean_selected'])} | {r['ms_per_step']:.0f} |")
+        lines.append(
+            f"| {r['row']} | {r['selection'] or '-'} | {r['support'] or '-'} | {r['lr']:g} | "
+            f"{pm(r['exact_match'], r['exact_match_sd'], 3)} | {versus(r)} | "
+            f"{pm(r['val_loss'], r['val_loss_sd'], 3)} | "
+            f"{r['coverage']:.2f} | {rate(r['noisy_selected'])} | {rate(r['clean_selected'])} | "
+            f"{r['ms_per_step']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -408,20 +703,41 @@ def plot_comparison(rows, path):
     plt = pyplot()
     if plt is None:
         return
-    panels = [(k, t) for k, t in [("exact_match", "exact match (test)"), ("val_loss", "held-out loss (test)")]
-              if all(r[k] is not None for r in rows)]
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 3.5), squeeze=False)
-    curves = axes[0][-1]  # every row's learning curve: the mean over seeds, the band from min to max
+    panels = [
+        (k, t)
+        for k, t in [("exact_match", "exact match (test)"), ("val_loss", "held-out loss (test)")]
+        if all(r[k] is not None for r in rows)
+    ]
+    fig, axes = plt.subplots(
+        1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 3.5), squeeze=False
+    )
+    curves = axes[0][
+        -1
+    ]  # every row's learning curve: the mean over seeds, the band from min to max
     for r in rows:
         steps = [p["step"] for p in r["curve"]]
-        line, = curves.plot(steps, [p["mean"] for p in r["curve"]], "o-", markersize=3, label=r["row"])
-        curves.fill_between(steps, [p["min"] for p in r["curve"]], [p["max"] for p in r["curve"]], color=line.get_color(), alpha=0.15)
+        (line,) = curves.plot(
+            steps, [p["mean"] for p in r["curve"]], "o-", markersize=3, label=r["row"]
+        )
+        curves.fill_between(
+            steps,
+            [p["min"] for p in r["curve"]],
+            [p["max"] for p in r["curve"]],
+            color=line.get_color(),
+            alpha=0.15,
+        )
     curves.set_xlabel("step")
     curves.set_title("held-out loss while training (mean, min-max over seeds)", fontsize=9)
     curves.legend(fontsize=7)
     labels = [r["row"] for r in rows]
     for ax, (key, title) in zip(axes[0], panels):
-        ax.bar(range(len(rows)), [r[key] for r in rows], yerr=[r[key + "_sd"] for r in rows], capsize=4, color="tab:blue")
+        ax.bar(
+            range(len(rows)),
+            [r[key] for r in rows],
+            yerr=[r[key + "_sd"] for r in rows],
+            capsize=4,
+            color="tab:blue",
+        )
         ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
         ax.set_title(f"{title}, mean ± sd over {rows[0]['seeds']} seeds", fontsize=9)
     fig.tight_layout()
@@ -431,12 +747,18 @@ def plot_comparison(rows, path):
 
 def main(argv=None):
     def work():
-        config, train_flags = parse_args(CompareConfig, argv, description=__doc__.strip(), known_only=True,
-                                         epilog="Every other flag is train.py's (python train.py --help) and goes to every run.")
+        config, train_flags = parse_args(
+            CompareConfig,
+            argv,
+            description=__doc__.strip(),
+            known_only=True,
+            epilog="Every other flag is train.py's (python train.py --help) and goes to every run.",
+        )
         if config.check_testbed:
             failed.append(not check_testbed(config, train_flags))
         else:
             compare(config, train_flags)
+
     failed = []
     code = run_main(work, (DataError, TokenizerUnavailable))
     return 1 if code == 0 and any(failed) else code

@@ -26,7 +26,16 @@ import tiktoken
 import torch
 
 from model import IGNORE_INDEX
-from plumbing import ConfigError, autocast_for, file_problems, in_range, one_of, option, positive, say
+from plumbing import (
+    ConfigError,
+    autocast_for,
+    file_problems,
+    in_range,
+    one_of,
+    option,
+    positive,
+    say,
+)
 
 
 class DataError(ValueError):
@@ -63,10 +72,14 @@ def get_tokenizer(name="bytes"):
         raise  # an unknown name: tiktoken's message lists the known ones
     except Exception as e:
         raise TokenizerUnavailable(
-            f"tokenizer {name!r}: tiktoken could not load its vocabulary ({type(e).__name__}: {e}). "
-            f"It is downloaded on first use and cached: run `python -c \"import tiktoken; tiktoken.get_encoding('{name}')\"` "
-            f"once on a machine with network access, with TIKTOKEN_CACHE_DIR set to a directory you keep, "
-            f"then set TIKTOKEN_CACHE_DIR to that directory here. Or use --tokenizer bytes, which needs no file."
+            f"tokenizer {name!r}: tiktoken could not load its vocabulary ({type(e).__name__}: "
+            f"{e}). "
+            "It is downloaded on first use and cached: run `python -c \"import tiktoken; "
+            f"tiktoken.get_encoding('{name}')\"` "
+            "once on a machine with network access, with TIKTOKEN_CACHE_DIR set to a directory "
+            "you keep, "
+            "then set TIKTOKEN_CACHE_DIR to that directory here. Or use --tokenizer bytes, which "
+            "needs no file."
         ) from None
 
 
@@ -84,7 +97,9 @@ class Example:
     tokens: list  # prompt then completion, token ids
     n_prompt: int  # how many leading tokens are prompt (no loss on predicting them)
     noisy: bool = False  # known to carry a corrupted answer (default task only)
-    task: str = ""  # the task it belongs to, where the data names one (scores are also given per task)
+    task: str = (
+        ""  # the task it belongs to, where the data names one (scores are also given per task)
+    )
 
     @property
     def completion(self):
@@ -143,7 +158,8 @@ def n_targets(example):
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 WORD_SPACE = sum(26**n for n in range(3, 7))  # distinct words of 3 to 6 letters
-MAX_TASK_WORDS = 1_000_000  # beyond this, drawing distinct words takes minutes; your own --data has no such limit
+# beyond this, drawing distinct words takes minutes; your own --data has no such limit
+MAX_TASK_WORDS = 1_000_000
 
 
 def rev(word):
@@ -169,10 +185,15 @@ def task_answer(word, task):
 
 def parse_tasks(text):
     """'all' or comma-separated names -> a tuple of TASKS' names, in TASKS' order."""
-    names = list(TASKS) if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    names = (
+        list(TASKS) if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    )
     unknown = [n for n in names if n not in TASKS]
     if unknown or not names:
-        raise ValueError(f"{', '.join(map(repr, unknown)) or 'no task'}: the default task's tasks are {', '.join(TASKS)} (or all)")
+        raise ValueError(
+            f"{', '.join(map(repr, unknown)) or 'no task'}: the default task's tasks are "
+            f"{', '.join(TASKS)} (or all)"
+        )
     return tuple(n for n in TASKS if n in names)
 
 
@@ -194,7 +215,9 @@ def pretrain_text(n_lines=20000, seed=0, facts=None):
     if facts:
         stated = list(facts.items())
         rng.shuffle(stated)
-        lines += [f"{FACT} {w}={code}\n" for w, code in (stated[i % len(stated)] for i in range(n_facts))]
+        lines += [
+            f"{FACT} {w}={code}\n" for w, code in (stated[i % len(stated)] for i in range(n_facts))
+        ]
         rng.shuffle(lines)
     return "".join(lines)
 
@@ -207,11 +230,16 @@ def task_example(tokenizer, task, word, answer, noisy=False):
 @dataclass
 class Task:
     """The splits of a fine-tuning task. Only train may carry noisy samples."""
+
     train: list  # fine-tuning samples
     val: list  # the clean evaluation (test) split: what results are reported on
-    heldout: list  # a trusted held-out set for GAST's support mini-batches (--support heldout), never trained or evaluated on;
-    #                the knowledge task's: its test words in the pretraining template, for the recall before fine-tuning
-    dev: list  # a clean split for choosing hyperparameters (the lr in compare.py), never the test split
+    # a trusted held-out set for GAST's support mini-batches (--support heldout), never trained or
+    # evaluated on;
+    heldout: list
+    # the knowledge task's: its test words in the pretraining template, for the recall before
+    # fine-tuning
+    # a clean split for choosing hyperparameters (the lr in compare.py), never the test split
+    dev: list
 
 
 NOISE_KINDS = ("random", "systematic")
@@ -232,8 +260,17 @@ def wrong_answer(word, task, kind, rng, tasks=tuple(TASKS)):
     return wrong
 
 
-def make_default_task(tokenizer, n_train=1000, n_val=200, noise=0.2, seed=0, n_heldout=64, n_dev=200, noise_kind="random",
-                      tasks=tuple(TASKS)):
+def make_default_task(
+    tokenizer,
+    n_train=1000,
+    n_val=200,
+    noise=0.2,
+    seed=0,
+    n_heldout=64,
+    n_dev=200,
+    noise_kind="random",
+    tasks=tuple(TASKS),
+):
     """The default task's Task, fully determined by the seed; every split has its own words,
     and each split is shared among the tasks as evenly as its size allows.
 
@@ -242,7 +279,9 @@ def make_default_task(tokenizer, n_train=1000, n_val=200, noise=0.2, seed=0, n_h
     """
     if not 0.0 <= noise < 1.0:
         raise ValueError(f"noise must be in [0, 1), got {noise}")
-    if n_train + n_val + n_heldout + n_dev > MAX_TASK_WORDS:  # never an endless search for distinct words
+    if (
+        n_train + n_val + n_heldout + n_dev > MAX_TASK_WORDS
+    ):  # never an endless search for distinct words
         raise ValueError(f"the default task makes at most {MAX_TASK_WORDS:,} distinct words")
     tasks = parse_tasks(",".join(tasks))  # known names only, in TASKS' order
     rng = random.Random(seed + 1)  # not the pretraining corpus's stream
@@ -259,15 +298,20 @@ def make_default_task(tokenizer, n_train=1000, n_val=200, noise=0.2, seed=0, n_h
         rng.shuffle(names)
         return list(zip(names, words[a:b]))
 
-    train_pairs, val_pairs, heldout_pairs, dev_pairs = (split(a, b) for a, b in zip(starts, starts[1:]))
+    train_pairs, val_pairs, heldout_pairs, dev_pairs = (
+        split(a, b) for a, b in zip(starts, starts[1:])
+    )
     noisy = set(rng.sample(range(n_train), round(noise * n_train)))
     train = []
     for i, (task, w) in enumerate(train_pairs):
-        answer = wrong_answer(w, task, noise_kind, rng, tasks) if i in noisy else task_answer(w, task)
+        answer = (
+            wrong_answer(w, task, noise_kind, rng, tasks) if i in noisy else task_answer(w, task)
+        )
         train.append(task_example(tokenizer, task, w, answer, noisy=i in noisy))
 
     def clean(pairs):
         return [task_example(tokenizer, task, w, task_answer(w, task)) for task, w in pairs]
+
     return Task(train, clean(val_pairs), clean(heldout_pairs), clean(dev_pairs))
 
 
@@ -312,11 +356,16 @@ def make_knowledge_task(tokenizer, facts, n_val=200, n_dev=200, seed=0):
     what the model recalls before any fine-tuning."""
     words = sorted(facts)
     if len(words) < n_val + n_dev + 1:
-        raise ValueError(f"a lexicon of {len(words)} facts cannot give {n_val} test and {n_dev} dev words and leave some to fine-tune on")
+        raise ValueError(
+            f"a lexicon of {len(words)} facts cannot give {n_val} test and {n_dev} dev words and "
+            "leave some to fine-tune on"
+        )
     random.Random(seed + 1).shuffle(words)
     test, dev, train = words[:n_val], words[n_val : n_val + n_dev], words[n_val + n_dev :]
     ask = lambda ws: [fact_example(tokenizer, ASK, w, facts[w]) for w in ws]
-    return Task(ask(train), ask(test), [fact_example(tokenizer, FACT, w, facts[w]) for w in test], ask(dev))
+    return Task(
+        ask(train), ask(test), [fact_example(tokenizer, FACT, w, facts[w]) for w in test], ask(dev)
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -339,7 +388,9 @@ def read_text_file(path):
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})"
+        ) from None
 
 
 def load_text(path, tokenizer, block_size):
@@ -348,17 +399,25 @@ def load_text(path, tokenizer, block_size):
     if len(tokens) < 2:
         raise DataError(f"{path}: too short to train on ({len(tokens)} token)")
     # consecutive windows share one token, so every token but the first is a target once
-    return [Example(tokens[i : i + block_size + 1], 0) for i in range(0, len(tokens) - 1, block_size)]
+    return [
+        Example(tokens[i : i + block_size + 1], 0) for i in range(0, len(tokens) - 1, block_size)
+    ]
 
 
 @dataclass
 class TruncationStats:
     samples: int = 0  # samples longer than block_size + 1 tokens
     tokens: int = 0  # tokens cut from their ends
-    skipped: list = field(default_factory=list)  # "file:line" of samples whose prompt leaves no completion token
+    skipped: list = field(
+        default_factory=list
+    )  # "file:line" of samples whose prompt leaves no completion token
 
 
-MAX_LINE = 1 << 20  # characters in one JSONL line: far beyond any context, and it keeps a bad file from filling memory
+MAX_LINE = (
+    1 << 20
+    # characters in one JSONL line: far beyond any context, and it keeps a bad file from
+    # filling memory
+)
 
 
 def load_jsonl(path, tokenizer, block_size, prompt_field="prompt", completion_field="completion"):
@@ -376,7 +435,10 @@ def load_jsonl(path, tokenizer, block_size, prompt_field="prompt", completion_fi
             continue
         where = f"{path}:{lineno}"
         if len(line) > MAX_LINE:
-            raise DataError(f"{where}: a line of {len(line):,} characters, over the {MAX_LINE:,} a sample may have")
+            raise DataError(
+                f"{where}: a line of {len(line):,} characters, over the {MAX_LINE:,} a sample may "
+                "have"
+            )
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
@@ -389,7 +451,9 @@ def load_jsonl(path, tokenizer, block_size, prompt_field="prompt", completion_fi
             if name not in record:
                 raise DataError(f"{where}: no field {name!r} (fields here: {sorted(record)})")
             if not isinstance(record[name], str):
-                raise DataError(f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}")
+                raise DataError(
+                    f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}"
+                )
         prompt = encode(tokenizer, record[prompt_field])
         tokens = prompt + encode(tokenizer, record[completion_field]) + [tokenizer.eot_token]
         if len(tokens) > block_size + 1:
@@ -405,9 +469,12 @@ def load_jsonl(path, tokenizer, block_size, prompt_field="prompt", completion_fi
             continue
         examples.append(example)
     if not examples and cut.skipped:
-        raise DataError(f"{path}: every prompt leaves no completion token within the model's context of {block_size} "
-                        f"tokens (first: {cut.skipped[0]}); shorten the prompts or use a base with a longer "
-                        "context (--block-size when train.py pretrains it)")
+        raise DataError(
+            f"{path}: every prompt leaves no completion token within the model's context of "
+            f"{block_size} "
+            f"tokens (first: {cut.skipped[0]}); shorten the prompts or use a base with a longer "
+            "context (--block-size when train.py pretrains it)"
+        )
     if not examples:
         raise DataError(f"{path}: no samples (only blank lines)")
     return examples, cut
@@ -419,64 +486,132 @@ def load_jsonl(path, tokenizer, block_size, prompt_field="prompt", completion_fi
 
 @dataclass
 class DataConfig:
-    data: str = option("", "a .jsonl file (prompt/completion) or a plain-text corpus; empty: the default task")
+    data: str = option(
+        "", "a .jsonl file (prompt/completion) or a plain-text corpus; empty: the default task"
+    )
     prompt_field: str = option("prompt", "JSONL field holding the prompt")
-    completion_field: str = option("completion", "JSONL field holding the completion (the loss falls on it)")
-    val_fraction: float = option(0.1, "share of --data held out for evaluation (unless --val-data); half of it is the dev split, half the test split")
-    val_data: str = option("", "a separate clean evaluation file, same format as --data; half dev split, half test split")
-    support_data: str = option("", "--support heldout: a trusted file for the held-out support set, same format as --data; empty: carved from --data")
-    heldout_size: int = option(64, "--support heldout: samples in the trusted held-out set (default task: its own clean split; your data: carved from --data unless --support-data)")
-    noise: float = option(0.2, "default task: fraction of fine-tuning answers corrupted (flagged noisy)")
-    noise_kind: str = option("random", "default task: a corrupted answer is random letters of the right length (random) or "
-                             "another task's answer to the same word, a plausible wrong rule (systematic)")
-    tasks: str = option("all", f"default task: the tasks mixed, comma-separated ({', '.join(TASKS)}); all: every one")
+    completion_field: str = option(
+        "completion", "JSONL field holding the completion (the loss falls on it)"
+    )
+    val_fraction: float = option(
+        0.1,
+        "share of --data held out for evaluation (unless --val-data); half of it is the dev "
+        "split, half the test split",
+    )
+    val_data: str = option(
+        "",
+        "a separate clean evaluation file, same format as --data; half dev split, half test split",
+    )
+    support_data: str = option(
+        "",
+        "--support heldout: a trusted file for the held-out support set, same format as --data; "
+        "empty: carved from --data",
+    )
+    heldout_size: int = option(
+        64,
+        "--support heldout: samples in the trusted held-out set (default task: its own clean "
+        "split; your data: carved from --data unless --support-data)",
+    )
+    noise: float = option(
+        0.2, "default task: fraction of fine-tuning answers corrupted (flagged noisy)"
+    )
+    noise_kind: str = option(
+        "random",
+        "default task: a corrupted answer is random letters of the right length (random) or "
+        "another task's answer to the same word, a plausible wrong rule (systematic)",
+    )
+    tasks: str = option(
+        "all",
+        f"default task: the tasks mixed, comma-separated ({', '.join(TASKS)}); all: every one",
+    )
     n_train: int = option(1000, "default task: fine-tuning samples")
     n_val: int = option(200, "default task: clean held-out samples")
 
     def problems(self):
-        out = in_range(self, "noise", 0, 1, high_open=True) + in_range(self, "val_fraction", 0, 1, True, True)
-        out += positive(self, "n_train", "n_val", "heldout_size") + one_of(self, "noise_kind", NOISE_KINDS)
+        out = in_range(self, "noise", 0, 1, high_open=True) + in_range(
+            self, "val_fraction", 0, 1, True, True
+        )
+        out += positive(self, "n_train", "n_val", "heldout_size") + one_of(
+            self, "noise_kind", NOISE_KINDS
+        )
         try:
             parse_tasks(self.tasks)
         except ValueError as e:
             out.append(f"--tasks {self.tasks}: {e}")
         if self.data and self.tasks != "all":
-            out.append("--tasks chooses among the default task's tasks; it does nothing with --data")
+            out.append(
+                "--tasks chooses among the default task's tasks; it does nothing with --data"
+            )
         if not self.data and not out:
-            words = self.n_train + 2 * self.n_val + self.heldout_size  # train, test, dev, held-out: distinct words
+            words = (
+                self.n_train + 2 * self.n_val + self.heldout_size
+            )  # train, test, dev, held-out: distinct words
             if words > MAX_TASK_WORDS:
-                out.append(f"--n-train, --n-val, --heldout-size: the default task would need {words:,} distinct words, more than "
-                           f"the {MAX_TASK_WORDS:,} it makes (its word space holds {WORD_SPACE:,}); use --data for more")
+                out.append(
+                    f"--n-train, --n-val, --heldout-size: the default task would need {words:,} "
+                    "distinct words, more than "
+                    f"the {MAX_TASK_WORDS:,} it makes (its word space holds {WORD_SPACE:,}); use "
+                    "--data for more"
+                )
         out += file_problems("--data", self.data)
         for name in ("val_data", "support_data"):
             path = getattr(self, name)
             if path and not self.data:
-                out.append(f"--{name.replace('_', '-')} needs --data (the default task has its own splits)")
+                out.append(
+                    f"--{name.replace('_', '-')} needs --data (the default task has its own splits)"
+                )
             elif path:
                 out += file_problems(f"--{name.replace('_', '-')}", path)
                 if path.endswith(".jsonl") != self.data.endswith(".jsonl"):
-                    kinds = lambda p: "JSONL prompt/completion pairs" if p.endswith(".jsonl") else "plain text"
-                    out.append(f"--{name.replace('_', '-')} {path} would be read as {kinds(path)}, but --data {self.data} "
-                               f"as {kinds(self.data)}: give both in one format (the name's .jsonl decides)")
+                    kinds = lambda p: (
+                        "JSONL prompt/completion pairs" if p.endswith(".jsonl") else "plain text"
+                    )
+                    out.append(
+                        f"--{name.replace('_', '-')} {path} would be read as {kinds(path)}, but "
+                        f"--data {self.data} "
+                        f"as {kinds(self.data)}: give both in one format (the name's .jsonl "
+                        "decides)"
+                    )
         return out
 
 
 def load_examples(config, path, tokenizer, block_size):
     """Examples of one file: JSONL prompt/completion pairs, or plain text cut into windows."""
     if path.endswith(".json"):
-        raise DataError(f"{path}: .json files are not read. Prompt/completion pairs go one JSON object per line "
-                        "in a .jsonl file; a plain-text corpus goes in any other file (.txt)")
+        raise DataError(
+            f"{path}: .json files are not read. Prompt/completion pairs go one JSON object per "
+            "line "
+            "in a .jsonl file; a plain-text corpus goes in any other file (.txt)"
+        )
     if path.endswith(".jsonl"):
-        say(config, f"reading {path} as JSONL prompt/completion pairs (fields {config.prompt_field!r}, {config.completion_field!r})")
-        examples, cut = load_jsonl(path, tokenizer, block_size, config.prompt_field, config.completion_field)
+        say(
+            config,
+            f"reading {path} as JSONL prompt/completion pairs (fields {config.prompt_field!r}, "
+            f"{config.completion_field!r})",
+        )
+        examples, cut = load_jsonl(
+            path, tokenizer, block_size, config.prompt_field, config.completion_field
+        )
         if cut.skipped:
             first = ", ".join(cut.skipped[:3]) + (", ..." if len(cut.skipped) > 3 else "")
-            say(config, f"{path}: skipped {len(cut.skipped)} samples whose prompt leaves no completion token within "
-                        f"the context of {block_size} tokens ({first})")
+            say(
+                config,
+                f"{path}: skipped {len(cut.skipped)} samples whose prompt leaves no completion "
+                "token within "
+                f"the context of {block_size} tokens ({first})",
+            )
         if cut.samples:
-            say(config, f"{path}: {cut.samples} samples longer than {block_size + 1} tokens were cut ({cut.tokens} tokens)")
+            say(
+                config,
+                f"{path}: {cut.samples} samples longer than {block_size + 1} tokens were cut "
+                f"({cut.tokens} tokens)",
+            )
         return examples
-    say(config, f"reading {path} as plain text for language modelling (a .jsonl name would read prompt/completion pairs)")
+    say(
+        config,
+        f"reading {path} as plain text for language modelling (a .jsonl name would read "
+        "prompt/completion pairs)",
+    )
     return load_text(path, tokenizer, block_size)
 
 
@@ -489,9 +624,17 @@ def load_task(config, tokenizer, block_size):
     --heldout-size samples carved from the training split (then assumed trustworthy).
     """
     if not config.data:
-        task = make_default_task(tokenizer, config.n_train, config.n_val, config.noise, config.seed,
-                                 n_heldout=config.heldout_size, n_dev=config.n_val, noise_kind=config.noise_kind,
-                                 tasks=parse_tasks(config.tasks))
+        task = make_default_task(
+            tokenizer,
+            config.n_train,
+            config.n_val,
+            config.noise,
+            config.seed,
+            n_heldout=config.heldout_size,
+            n_dev=config.n_val,
+            noise_kind=config.noise_kind,
+            tasks=parse_tasks(config.tasks),
+        )
         return task, True
     is_qa = config.data.endswith(".jsonl")
     examples = load_examples(config, config.data, tokenizer, block_size)
@@ -509,12 +652,23 @@ def load_task(config, tokenizer, block_size):
         heldout = load_examples(config, config.support_data, tokenizer, block_size)
     elif config.support == "heldout":
         heldout, examples = examples[: config.heldout_size], examples[config.heldout_size :]
-        say(config, f"held-out support set: {len(heldout)} samples carved from {config.data}'s training split "
-                    "and assumed trustworthy (--support-data FILE gives a trusted set of your own)")
+        say(
+            config,
+            f"held-out support set: {len(heldout)} samples carved from {config.data}'s training "
+            "split "
+            "and assumed trustworthy (--support-data FILE gives a trusted set of your own)",
+        )
     if len(examples) < config.batch_size:
-        carved = f" and the {len(heldout)} held-out support samples (--heldout-size)" if heldout and not config.support_data else ""
-        raise ConfigError(f"invalid settings:\n  --batch-size {config.batch_size} is larger than the "
-                          f"{len(examples)} training samples left in {config.data} after the evaluation split{carved}")
+        carved = (
+            f" and the {len(heldout)} held-out support samples (--heldout-size)"
+            if heldout and not config.support_data
+            else ""
+        )
+        raise ConfigError(
+            f"invalid settings:\n  --batch-size {config.batch_size} is larger than the "
+            f"{len(examples)} training samples left in {config.data} after the evaluation "
+            f"split{carved}"
+        )
     return Task(examples, test, heldout, dev), is_qa
 
 
@@ -542,26 +696,46 @@ def evaluate(model, examples, tokenizer, device, is_qa, batch_size=64, n_answers
         for n_prompt, group in sorted(by_prompt_length.items()):
             for i in range(0, len(group), batch_size):
                 chunk = group[i : i + batch_size]
-                prompts = torch.tensor([examples[j].tokens[:n_prompt] for j in chunk], device=device)
+                prompts = torch.tensor(
+                    [examples[j].tokens[:n_prompt] for j in chunk], device=device
+                )
                 n_new = max(len(examples[j].completion) for j in chunk)
                 with autocast_for(device):
                     out = model.generate(prompts, n_new, temperature=0)[:, n_prompt:].tolist()
                 for j, generated in zip(chunk, out):
                     e = examples[j]
-                    # the answer's text must match; a JSONL completion's closing <|endoftext|> is not asked for
-                    reference = e.completion[:-1] if e.completion[-1:] == [tokenizer.eot_token] else e.completion
+                    # the answer's text must match; a JSONL completion's closing <|endoftext|> is
+                    # not asked for
+                    reference = (
+                        e.completion[:-1]
+                        if e.completion[-1:] == [tokenizer.eot_token]
+                        else e.completion
+                    )
                     hits[j] = generated[: len(reference)] == reference
                     if len(answers) < n_answers:
-                        answers.append((tokenizer.decode(e.tokens[:n_prompt]), tokenizer.decode(generated[: len(reference)]),
-                                        tokenizer.decode(reference), hits[j]))
+                        answers.append(
+                            (
+                                tokenizer.decode(e.tokens[:n_prompt]),
+                                tokenizer.decode(generated[: len(reference)]),
+                                tokenizer.decode(reference),
+                                hits[j],
+                            )
+                        )
     per_task = {}
     for name in sorted({e.task for e in examples}):
         mine = [j for j, e in enumerate(examples) if e.task == name]
-        per_task[name] = {"n": len(mine), "loss": float(losses[mine].mean()),
-                          "exact_match": sum(hits[j] for j in mine) / len(mine) if is_qa else None}
+        per_task[name] = {
+            "n": len(mine),
+            "loss": float(losses[mine].mean()),
+            "exact_match": sum(hits[j] for j in mine) / len(mine) if is_qa else None,
+        }
     model.train()
-    return {"loss": float(losses.mean()), "exact_match": sum(hits.values()) / len(examples) if is_qa else None,
-            "answers": answers, "per_task": per_task}
+    return {
+        "loss": float(losses.mean()),
+        "exact_match": sum(hits.values()) / len(examples) if is_qa else None,
+        "answers": answers,
+        "per_task": per_task,
+    }
 
 
 def per_task_lines(per_task, indent="  "):
@@ -571,12 +745,20 @@ def per_task_lines(per_task, indent="  "):
         return []
     width = max(len(name) for name in [*per_task, "average"])
     has_em = all(s["exact_match"] is not None for s in per_task.values())
-    lines = [f"{indent}{'task':<{width}} | samples | held-out loss" + (" | exact match" if has_em else "")]
+    lines = [
+        f"{indent}{'task':<{width}} | samples | held-out loss"
+        + (" | exact match" if has_em else "")
+    ]
     for name, s in per_task.items():
-        lines.append(f"{indent}{name:<{width}} | {s['n']:7d} | {s['loss']:13.4f}" + (f" | {s['exact_match']:11.3f}" if has_em else ""))
+        lines.append(
+            f"{indent}{name:<{width}} | {s['n']:7d} | {s['loss']:13.4f}"
+            + (f" | {s['exact_match']:11.3f}" if has_em else "")
+        )
     mean = lambda key: sum(s[key] for s in per_task.values()) / len(per_task)
-    lines.append(f"{indent}{'average':<{width}} | {sum(s['n'] for s in per_task.values()):7d} | {mean('loss'):13.4f}"
-                 + (f" | {mean('exact_match'):11.3f}" if has_em else ""))
+    lines.append(
+        f"{indent}{'average':<{width}} | {sum(s['n'] for s in per_task.values()):7d} | "
+        f"{mean('loss'):13.4f}" + (f" | {mean('exact_match'):11.3f}" if has_em else "")
+    )
     return lines
 
 

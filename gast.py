@@ -35,7 +35,10 @@ from model import IGNORE_INDEX
 from plumbing import in_range, not_negative, one_of, option, positive, world
 
 METHODS = ("lora", "lisa", "ist", "data", "gast")
-SCORED = ("data", "gast")  # the methods that compute alignment scores, and so need a support gradient
+SCORED = (
+    "data",
+    "gast",
+)  # the methods that compute alignment scores, and so need a support gradient
 SELECTIONS = ("softmax", "topk", "random")  # the paper's rule, and its two ablations
 SUPPORTS = ("train", "heldout", "batch")  # where the support mini-batch comes from
 PER_SAMPLE = ("vmap", "hooks", "blocks")  # how step 1 is computed (torch.func is the reference)
@@ -62,7 +65,12 @@ def per_sample_grads_and_losses(model, inputs, targets, chunk_size=None):
         _, loss = functional_call(model, params, (x.unsqueeze(0), y.unsqueeze(0)), {"fused": False})
         return loss
 
-    compute = vmap(grad_and_value(sample_loss), in_dims=(None, 0, 0), randomness="different", chunk_size=chunk_size)
+    compute = vmap(
+        grad_and_value(sample_loss),
+        in_dims=(None, 0, 0),
+        randomness="different",
+        chunk_size=chunk_size,
+    )
     return compute(params, inputs, targets)
 
 
@@ -118,16 +126,22 @@ def recording_per_sample_grads(model, on_block=None):
         def on_output(module, args, out):
             if out.requires_grad and "h" in seen:  # a merged adapter has no h: nothing to record
                 out.register_hook(lambda grad_out: record(name, module, seen.pop("h"), grad_out))
+
         handles.append(module.lora_dropout.register_forward_hook(keep_input))
         handles.append(module.register_forward_hook(on_output))
 
     def record(name, m, h, grad_out):
-        B, dtype = grad_out.shape[0], m.lora_A.dtype  # under autocast activations may be bf16; gradients are not
+        B, dtype = (
+            grad_out.shape[0],
+            m.lora_A.dtype,
+        )  # under autocast activations may be bf16; gradients are not
         g = grad_out.reshape(B, -1, m.out_features).to(dtype)  # (B, T, out)
         h = h.reshape(B, -1, m.in_features).to(dtype)  # (B, T, in)
         u = h @ m.lora_A.detach().t()  # (B, T, r)
         store[f"{name}.lora_B"] = m.scaling * torch.einsum("bto,btr->bor", g, u)  # (B, out, r)
-        store[f"{name}.lora_A"] = m.scaling * torch.einsum("btr,bti->bri", g @ m.lora_B.detach(), h)  # (B, r, in)
+        store[f"{name}.lora_A"] = m.scaling * torch.einsum(
+            "btr,bti->bri", g @ m.lora_B.detach(), h
+        )  # (B, r, in)
         l = block_index(name + ".")
         if on_block is not None and names_of_block[l] <= store.keys():
             on_block(l, {n: store.pop(n) for n in names_of_block[l]})
@@ -188,10 +202,12 @@ def alignment_scores(grads, layers, support=None):
     """
     if support is None:
         support = {name: g.mean(dim=0) for name, g in grads.items()}
-    return torch.stack([
-        sum(grads[name].flatten(1) @ support[name].flatten() for name in names)  # (B,)
-        for names in layers
-    ])  # (L, B)
+    return torch.stack(
+        [
+            sum(grads[name].flatten(1) @ support[name].flatten() for name in names)  # (B,)
+            for names in layers
+        ]
+    )  # (L, B)
 
 
 # ---------------------------------------------------------------------------------------
@@ -240,7 +256,9 @@ def draw(scores, k, temperature=1.0, generator=None, noise=None):
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if noise is None:
-        noise = gumbel(scores.shape, generator if generator is not None else torch.Generator().manual_seed(0))
+        noise = gumbel(
+            scores.shape, generator if generator is not None else torch.Generator().manual_seed(0)
+        )
     keys = standardise(scores).cpu() / temperature + noise  # (L, B)
     mask = torch.zeros(scores.shape, dtype=torch.bool)
     mask.scatter_(-1, top(keys, k), True)
@@ -309,7 +327,13 @@ def choose(scores, K, k, selection="softmax", temperature=1.0, generator=None, n
     L, B = scores.shape
     if selection == "topk":
         return select(scores, K, k)
-    mask = draw(scores if selection == "softmax" else torch.zeros_like(scores), k, temperature, generator, noise)
+    mask = draw(
+        scores if selection == "softmax" else torch.zeros_like(scores),
+        k,
+        temperature,
+        generator,
+        noise,
+    )
     if K < L:
         mask[[l for l in range(L) if l not in top((scores * mask).sum(dim=1), K).tolist()]] = False
     return mask
@@ -339,12 +363,16 @@ def write_selected_gradients(model, layers, grads, mask, columns=slice(None)):
     p.grad, one all-reduce, is the mean over S_l).
     """
     params = dict(model.named_parameters())
-    weights = mask.to(torch.float32) / mask.sum(dim=1, keepdim=True).clamp(min=1)  # (L, B), 1/k on S_l
+    weights = mask.to(torch.float32) / mask.sum(dim=1, keepdim=True).clamp(
+        min=1
+    )  # (L, B), 1/k on S_l
     weights = weights[:, columns]  # (L, B_local)
     for l, names in enumerate(layers):
         for name in names:
             if mask[l].any():
-                params[name].grad = torch.tensordot(weights[l].to(grads[name].dtype), grads[name], dims=1)
+                params[name].grad = torch.tensordot(
+                    weights[l].to(grads[name].dtype), grads[name], dims=1
+                )
             else:
                 params[name].grad = None
 
@@ -387,33 +415,76 @@ def all_reduce_grads(params, mean):
 @dataclass
 class SelectionConfig:
     method: str = option("gast", f"selection rule: one of {', '.join(METHODS)}")
-    selection: str = option("softmax", "how data and gast pick k samples per layer from the scores: softmax "
-                            "(the paper's rule: drawn from the softmax of the standardised scores), topk or random (its ablations)")
-    temperature: float = option(1.0, "softmax selection: the logits are z / temperature (ours; 1 is the paper's plain softmax, "
-                                "-> 0 is top-k, -> infinity uniform)")
-    support: str = option("train", "where the support gradient s_l comes from: a mini-batch drawn from the training set "
-                          "(train, the paper's default), from a trusted held-out set (heldout, ours) or the batch mean (batch, ours)")
-    support_size: int = option(4, "samples in the support mini-batch, drawn afresh every step (the paper's 4); 0: the whole support set")
-    support_interval: int = option(1, "draw the support mini-batch and recompute s_l every this many steps (kept in between)")
-    layer_ratio: float = option(0.0, "layer budget K = ceil(ratio * n_layer); 0: each method's own (gast and data: every "
-                                "block, as the paper; lisa and ist: half); below 1 for gast, our option")
-    data_ratio: float = option(0.5, "k = ceil(ratio * batch) samples per layer for data and gast (the paper's 8 of 16)")
-    lisa_interval: int = option(20, "lisa redraws its layers every this many steps (LISA's default)")
+    selection: str = option(
+        "softmax",
+        "how data and gast pick k samples per layer from the scores: softmax "
+        "(the paper's rule: drawn from the softmax of the standardised scores), topk or random "
+        "(its ablations)",
+    )
+    temperature: float = option(
+        1.0,
+        "softmax selection: the logits are z / temperature (ours; 1 is the paper's plain softmax, "
+        "-> 0 is top-k, -> infinity uniform)",
+    )
+    support: str = option(
+        "train",
+        "where the support gradient s_l comes from: a mini-batch drawn from the training set "
+        "(train, the paper's default), from a trusted held-out set (heldout, ours) or the batch "
+        "mean (batch, ours)",
+    )
+    support_size: int = option(
+        4,
+        "samples in the support mini-batch, drawn afresh every step (the paper's 4); 0: the whole "
+        "support set",
+    )
+    support_interval: int = option(
+        1, "draw the support mini-batch and recompute s_l every this many steps (kept in between)"
+    )
+    layer_ratio: float = option(
+        0.0,
+        "layer budget K = ceil(ratio * n_layer); 0: each method's own (gast and data: every "
+        "block, as the paper; lisa and ist: half); below 1 for gast, our option",
+    )
+    data_ratio: float = option(
+        0.5, "k = ceil(ratio * batch) samples per layer for data and gast (the paper's 8 of 16)"
+    )
+    lisa_interval: int = option(
+        20, "lisa redraws its layers every this many steps (LISA's default)"
+    )
     ist_interval: int = option(10, "ist updates its layer importance every this many steps")
     ist_trials: int = option(3, "ist's suppression trials per importance update")
     ist_suppress: float = option(0.25, "ist multiplies a suppressed layer's LoRA scaling by this")
     ist_lr: float = option(10.0, "ist's step size on the importance scores")
-    per_sample: str = option("vmap", "per-sample gradients by torch.func (vmap, the reference), by backward hooks (hooks: the same numbers, "
-                             "about a plain step's cost), or by hooks block by block inside the backward (blocks: gast with every "
-                             "layer; at most one block's per-sample gradients held)")
-    chunk_size: int = option(0, "vmap's per-sample gradients this many samples at a time (0: whole batch); bounds memory")
+    per_sample: str = option(
+        "vmap",
+        "per-sample gradients by torch.func (vmap, the reference), by backward hooks (hooks: the "
+        "same numbers, "
+        "about a plain step's cost), or by hooks block by block inside the backward (blocks: gast "
+        "with every "
+        "layer; at most one block's per-sample gradients held)",
+    )
+    chunk_size: int = option(
+        0, "vmap's per-sample gradients this many samples at a time (0: whole batch); bounds memory"
+    )
 
     def problems(self):
         """Every problem with these settings, naming the flags."""
-        out = [] if self.method in METHODS else [f"--method {self.method!r} is unknown; choose one of {', '.join(METHODS)}"]
-        out += one_of(self, "selection", SELECTIONS) + one_of(self, "support", SUPPORTS) + one_of(self, "per_sample", PER_SAMPLE)
-        out += in_range(self, "layer_ratio", 0, 1) + in_range(self, "data_ratio", 0, 1, low_open=True)
-        out += positive(self, "temperature", "lisa_interval", "ist_interval", "ist_trials", "support_interval")
+        out = (
+            []
+            if self.method in METHODS
+            else [f"--method {self.method!r} is unknown; choose one of {', '.join(METHODS)}"]
+        )
+        out += (
+            one_of(self, "selection", SELECTIONS)
+            + one_of(self, "support", SUPPORTS)
+            + one_of(self, "per_sample", PER_SAMPLE)
+        )
+        out += in_range(self, "layer_ratio", 0, 1) + in_range(
+            self, "data_ratio", 0, 1, low_open=True
+        )
+        out += positive(
+            self, "temperature", "lisa_interval", "ist_interval", "ist_trials", "support_interval"
+        )
         out += not_negative(self, "chunk_size", "support_size")
         return out
 
@@ -430,10 +501,16 @@ class StepRecord:
     active_layers: list  # blocks updated this step
     coverage: float  # fraction of the batch selected by at least one active block
     scores: torch.Tensor = None  # (L, B) alignment scores, for the methods that compute them
-    support: list = None  # indices into the support set of this step's support mini-batch (None: none drawn)
-    noisy_rate: torch.Tensor = None  # (L,) fraction of the batch's noisy samples each block took; nan if inactive
+    support: list = (
+        None  # indices into the support set of this step's support mini-batch (None: none drawn)
+    )
+    noisy_rate: torch.Tensor = (
+        None  # (L,) fraction of the batch's noisy samples each block took; nan if inactive
+    )
     clean_rate: torch.Tensor = None  # (L,) the same for clean samples
-    noisy_intended: torch.Tensor = None  # (L,) mean inclusion probability of the noisy samples under the law drawn from
+    noisy_intended: torch.Tensor = (
+        None  # (L,) mean inclusion probability of the noisy samples under the law drawn from
+    )
     clean_intended: torch.Tensor = None  # (L,) the same for clean samples
 
     @property
@@ -465,11 +542,21 @@ def selection_rates(mask, noisy):
     """Per block: the mean of mask's rows over the noisy, and over the clean, samples; nan
     where the block is inactive or the batch has no sample of that kind. mask (L, B) bool
     (the rates taken) or float (inclusion probabilities: the rates intended), noisy (B,)."""
-    active = mask.bool().any(dim=1) if mask.dtype == torch.bool else torch.ones(mask.shape[0], dtype=torch.bool)
+    active = (
+        mask.bool().any(dim=1)
+        if mask.dtype == torch.bool
+        else torch.ones(mask.shape[0], dtype=torch.bool)
+    )
+
     def rate(kind):
         n = kind.sum()
-        r = (mask.double() * kind).sum(dim=1).float() / n if n > 0 else torch.full((mask.shape[0],), float("nan"))
+        r = (
+            (mask.double() * kind).sum(dim=1).float() / n
+            if n > 0
+            else torch.full((mask.shape[0],), float("nan"))
+        )
         return torch.where(active, r, torch.full_like(r, float("nan")))
+
     return rate(noisy), rate(~noisy)
 
 
@@ -494,8 +581,11 @@ class SparseTuner:
         if config.problems():
             raise ValueError("; ".join(config.problems()))
         if config.method in SCORED and config.support != "batch" and support_set is None:
-            raise ValueError(f"{config.method} with support={config.support!r} needs support_set=(inputs, targets) to draw "
-                             "support mini-batches from; or use support='batch' (the batch mean)")
+            raise ValueError(
+                f"{config.method} with support={config.support!r} needs support_set=(inputs, "
+                "targets) to draw "
+                "support mini-batches from; or use support='batch' (the batch mean)"
+            )
         self.model, self.config = model, config
         self.support_set = support_set
         self.layers = lora_names_by_block(model)  # L lists of parameter names
@@ -510,7 +600,9 @@ class SparseTuner:
     # --- the mask rules that do not look at gradients ---
 
     def _draw(self, weights, n):
-        return torch.multinomial(weights, n, replacement=False, generator=self.generator).sort().values
+        return (
+            torch.multinomial(weights, n, replacement=False, generator=self.generator).sort().values
+        )
 
     def _lisa_layers(self, K):
         if self.lisa_active is None or self.steps % self.config.lisa_interval == 0:
@@ -545,18 +637,24 @@ class SparseTuner:
         """(indices, inputs, targets on device) of this step's support mini-batch, or None
         when s is kept from an earlier step (support_interval) or is the batch mean."""
         c = self.config
-        if c.support == "batch" or (self.support_grad is not None and self.steps - self.support_step < c.support_interval):
+        if c.support == "batch" or (
+            self.support_grad is not None and self.steps - self.support_step < c.support_interval
+        ):
             return None
         n = len(self.support_set) if callable(self.support_set) else len(self.support_set[0])
         if 0 < c.support_size < n:  # a fresh mini-batch, independent of the batch's draw
             indices = torch.randperm(n, generator=self.generator)[: c.support_size].sort().values
         else:  # support_size 0: the whole support set
             indices = torch.arange(n)
-        if callable(self.support_set):  # a pool that makes the rows it is asked for (train.py's: no tensor of the whole set)
+        if callable(
+            self.support_set
+        ):  # a pool that makes the rows it is asked for (train.py's: no tensor of the whole set)
             inputs, targets = self.support_set(indices.tolist())
         else:
             inputs, targets = (t[indices.to(t.device)] for t in self.support_set)
-        T = int((targets != IGNORE_INDEX).any(dim=0).nonzero().max()) + 1  # padding beyond the drawn rows' longest
+        T = (
+            int((targets != IGNORE_INDEX).any(dim=0).nonzero().max()) + 1
+        )  # padding beyond the drawn rows' longest
         return indices.tolist(), inputs[:, :T].to(device), targets[:, :T].to(device)
 
     # --- one step ---
@@ -581,21 +679,31 @@ class SparseTuner:
         scores = support = None
 
         if c.method in SCORED:
-            # steps 1 and 2: per-sample gradients of the batch rows, and of the support rows riding along
+            # steps 1 and 2: per-sample gradients of the batch rows, and of the support rows riding
+            # along
             support = self._support_rows(x.device)
-            whole_set = support is not None and c.support_size == 0  # its own batched pass: no per-sample gradients held
+            whole_set = (
+                support is not None and c.support_size == 0
+            )  # its own batched pass: no per-sample gradients held
             riding, rows = support is not None and not whole_set, len(x)
             if riding:
                 x, y = side_by_side(x, support[1], 0), side_by_side(y, support[2], IGNORE_INDEX)
             if whole_set:
-                self.support_grad, self.support_step = support_gradient(self.model, *support[1:]), self.steps
+                self.support_grad, self.support_step = (
+                    support_gradient(self.model, *support[1:]),
+                    self.steps,
+                )
             if c.per_sample == "blocks" and c.method == "gast" and K == self.L:
-                mask, scores, losses = self._gast_by_blocks(x, y, rows, riding, k, B, mine)  # steps 1-5, block by block
+                mask, scores, losses = self._gast_by_blocks(
+                    x, y, rows, riding, k, B, mine
+                )  # steps 1-5, block by block
             else:
                 if c.per_sample in ("hooks", "blocks"):
                     grads, losses = per_sample_grads_by_hooks(self.model, x, y)
                 else:
-                    grads, losses = per_sample_grads_and_losses(self.model, x, y, c.chunk_size or None)
+                    grads, losses = per_sample_grads_and_losses(
+                        self.model, x, y, c.chunk_size or None
+                    )
                 if riding:
                     self.support_grad = {name: g[rows:].mean(dim=0) for name, g in grads.items()}
                     self.support_step = self.steps
@@ -608,7 +716,14 @@ class SparseTuner:
                 if c.method == "gast":
                     mask = choose(scores, K, k, c.selection, c.temperature, self.generator)
                 else:  # data: one global set, by the summed alignment over layers
-                    mask[:] = choose(scores.sum(dim=0, keepdim=True), 1, k, c.selection, c.temperature, self.generator)
+                    mask[:] = choose(
+                        scores.sum(dim=0, keepdim=True),
+                        1,
+                        k,
+                        c.selection,
+                        c.temperature,
+                        self.generator,
+                    )
                 # step 5: each layer's gradient is the mean over its own selected samples
                 write_selected_gradients(self.model, self.layers, grads, mask, columns=mine)
             loss = (all_gather_columns(losses) if n_procs > 1 else losses).mean()
@@ -620,7 +735,9 @@ class SparseTuner:
             else:  # ist
                 if self.steps % c.ist_interval == 0:
                     if probe is None:
-                        raise ValueError("the ist method needs probe=callable returning a fresh training batch")
+                        raise ValueError(
+                            "the ist method needs probe=callable returning a fresh training batch"
+                        )
                     self._ist_update_importance(*probe())
                 active = self._draw(torch.sigmoid(-self.importance), K)
             mask[active] = True
@@ -642,9 +759,13 @@ class SparseTuner:
         self.steps += 1
         mask = mask.cpu()
         record = StepRecord(
-            loss=float(loss.detach()), mask=mask, active_layers=mask.any(dim=1).nonzero().flatten().tolist(),
-            coverage=float(mask.any(dim=0).float().mean()), support=None if support is None else support[0],
-            scores=None if scores is None else scores.detach().float().cpu())
+            loss=float(loss.detach()),
+            mask=mask,
+            active_layers=mask.any(dim=1).nonzero().flatten().tolist(),
+            coverage=float(mask.any(dim=0).float().mean()),
+            support=None if support is None else support[0],
+            scores=None if scores is None else scores.detach().float().cpu(),
+        )
         if noisy is not None:
             record.noisy_rate, record.clean_rate = selection_rates(mask, noisy.cpu())
         return record
@@ -658,8 +779,14 @@ class SparseTuner:
             return record
         c, (L, B) = self.config, record.scores.shape
         k = budgets(L, B, 1.0, c.data_ratio)[1]
-        scores = record.scores if c.method == "gast" else record.scores.sum(dim=0, keepdim=True).expand(L, -1)
-        record.noisy_intended, record.clean_intended = selection_rates(law(scores, k, c.selection, c.temperature), noisy.cpu())
+        scores = (
+            record.scores
+            if c.method == "gast"
+            else record.scores.sum(dim=0, keepdim=True).expand(L, -1)
+        )
+        record.noisy_intended, record.clean_intended = selection_rates(
+            law(scores, k, c.selection, c.temperature), noisy.cpu()
+        )
         return record
 
     def _gast_by_blocks(self, x, y, rows, riding, k, B, mine):
@@ -670,8 +797,12 @@ class SparseTuner:
         take the same noise, drawn before the backward), at about one plain step's cost.
         (mask (L, B), scores (L, B), this process's batch losses)."""
         c, n_procs = self.config, world()[1]
-        noise = None if c.selection == "topk" else gumbel((self.L, B), self.generator)  # as choose() would draw it
-        dtype = next(p for p in self.model.parameters() if p.requires_grad).dtype  # the per-sample gradients' (and scores') dtype
+        noise = (
+            None if c.selection == "topk" else gumbel((self.L, B), self.generator)
+        )  # as choose() would draw it
+        dtype = next(
+            p for p in self.model.parameters() if p.requires_grad
+        ).dtype  # the per-sample gradients' (and scores') dtype
         scores = torch.zeros(self.L, B, dtype=dtype, device=x.device)
         mask = torch.zeros(self.L, B, dtype=torch.bool, device=x.device)
         update, support = {}, {}
@@ -686,8 +817,14 @@ class SparseTuner:
                 s = self._batch_mean(g, B) if c.support == "batch" else self.support_grad
             a = sum(g[n].flatten(1) @ s[n].flatten() for n in names)  # (B_local,)
             scores[l] = all_gather_columns(a) if n_procs > 1 else a
-            mask[l] = choose(scores[l : l + 1], 1, k, c.selection, c.temperature,
-                             noise=None if noise is None else noise[l : l + 1])[0]  # this block's row of step 4
+            mask[l] = choose(
+                scores[l : l + 1],
+                1,
+                k,
+                c.selection,
+                c.temperature,
+                noise=None if noise is None else noise[l : l + 1],
+            )[0]  # this block's row of step 4
             weights = (mask[l].float() / k)[mine]  # 1/k on this process's drawn samples
             for n in names:
                 update[n] = torch.tensordot(weights.to(g[n].dtype), g[n], dims=1)
@@ -715,10 +852,19 @@ class SparseTuner:
 
     def state_dict(self):
         """Everything the next step depends on; with it, a resumed run is exact."""
-        support = None if self.support_grad is None else {n: g.cpu() for n, g in self.support_grad.items()}
-        return {"generator": self.generator.get_state(), "importance": self.importance.clone(),
-                "lisa_active": self.lisa_active, "steps": self.steps,
-                "support_grad": support, "support_step": self.support_step}
+        support = (
+            None
+            if self.support_grad is None
+            else {n: g.cpu() for n, g in self.support_grad.items()}
+        )
+        return {
+            "generator": self.generator.get_state(),
+            "importance": self.importance.clone(),
+            "lisa_active": self.lisa_active,
+            "steps": self.steps,
+            "support_grad": support,
+            "support_step": self.support_step,
+        }
 
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
@@ -726,5 +872,9 @@ class SparseTuner:
         self.lisa_active = state["lisa_active"]
         self.steps = state["steps"]
         device = next(self.model.parameters()).device
-        self.support_grad = None if state["support_grad"] is None else {n: g.to(device) for n, g in state["support_grad"].items()}
+        self.support_grad = (
+            None
+            if state["support_grad"] is None
+            else {n: g.to(device) for n, g in state["support_grad"].items()}
+        )
         self.support_step = state["support_step"]

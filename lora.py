@@ -23,26 +23,49 @@ import torch.nn.functional as F
 from plumbing import atomic_save, option
 
 
-LINEAR_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # GPT-2's names, in every block
+LINEAR_MODULES = (
+    "attn.c_attn",
+    "attn.c_proj",
+    "mlp.c_fc",
+    "mlp.c_proj",
+)  # GPT-2's names, in every block
 
 
 @dataclass
 class LoRAConfig:
     r: int = option(8, "LoRA rank; the adapter has r * (in + out) parameters")
-    alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / r, so changing r keeps its size")
+    alpha: float = option(
+        16.0, "LoRA alpha; the update is scaled by alpha / r, so changing r keeps its size"
+    )
     dropout: float = option(0.0, "dropout on the adapters' input only; the base path is untouched")
     # every Linear of a block by default: the default task needs the MLP ones to learn in minutes
-    targets: tuple = option(LINEAR_MODULES, "module names (suffixes) that get adapters, comma-separated on the command line")
+    targets: tuple = option(
+        LINEAR_MODULES,
+        "module names (suffixes) that get adapters, comma-separated on the command line",
+    )
 
     def problems(self):
         """Every problem with these settings, naming the flags train.py gives them."""
         out = [f"--lora-r must be positive, got {self.r}"] if self.r <= 0 else []
-        out += [] if self.alpha > 0 and math.isfinite(self.alpha) else [f"--lora-alpha must be positive, got {self.alpha}"]
-        out += [] if 0 <= self.dropout < 1 else [f"--lora-dropout must be in [0, 1), got {self.dropout}"]
-        unknown = [t for t in self.targets if not t or not any(m.endswith(t) for m in LINEAR_MODULES)]
+        out += (
+            []
+            if self.alpha > 0 and math.isfinite(self.alpha)
+            else [f"--lora-alpha must be positive, got {self.alpha}"]
+        )
+        out += (
+            []
+            if 0 <= self.dropout < 1
+            else [f"--lora-dropout must be in [0, 1), got {self.dropout}"]
+        )
+        unknown = [
+            t for t in self.targets if not t or not any(m.endswith(t) for m in LINEAR_MODULES)
+        ]
         if unknown:
-            out.append(f"--lora-targets: {', '.join(map(repr, unknown))} matches no Linear module of a block; "
-                       f"choose from {', '.join(LINEAR_MODULES)}")
+            out.append(
+                f"--lora-targets: {', '.join(map(repr, unknown))} matches no Linear module of a "
+                "block; "
+                f"choose from {', '.join(LINEAR_MODULES)}"
+            )
         return out
 
 
@@ -75,7 +98,9 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         h = self.lora_dropout(x)  # (B, T, in)
-        return y + (h @ self.lora_A.t() @ self.lora_B.t()) * self.scaling  # (B, T, in) -> (B, T, r) -> (B, T, out)
+        return (
+            y + (h @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+        )  # (B, T, in) -> (B, T, r) -> (B, T, out)
 
     @torch.no_grad()
     def merge(self):
@@ -92,7 +117,10 @@ class LoRALinear(nn.Module):
             self.merged = False
 
     def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
+        return (
+            f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
+            f"merged={self.merged}"
+        )
 
 
 def add_lora(model: nn.Module, config: LoRAConfig, verbose=True):
@@ -105,19 +133,32 @@ def add_lora(model: nn.Module, config: LoRAConfig, verbose=True):
         p.requires_grad_(False)
     wrapped = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and not isinstance(module, LoRALinear) and name.endswith(tuple(config.targets)):
+        if (
+            isinstance(module, nn.Linear)
+            and not isinstance(module, LoRALinear)
+            and name.endswith(tuple(config.targets))
+        ):
             if name == "lm_head":
                 continue
             parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, LoRALinear(module, config.r, config.alpha, config.dropout))
+            setattr(
+                model.get_submodule(parent_name),
+                child,
+                LoRALinear(module, config.r, config.alpha, config.dropout),
+            )
             wrapped.append(name)
     if not wrapped:
-        raise ValueError(f"no nn.Linear in the model matches the LoRA targets {list(config.targets)}")
+        raise ValueError(
+            f"no nn.Linear in the model matches the LoRA targets {list(config.targets)}"
+        )
     if verbose:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-        print(f"LoRA r={config.r} alpha={config.alpha} on {len(wrapped)} modules: "
-              f"{trainable:,} trainable, {frozen:,} frozen parameters ({100 * trainable / (trainable + frozen):.2f}% trainable)")
+        print(
+            f"LoRA r={config.r} alpha={config.alpha} on {len(wrapped)} modules: "
+            f"{trainable:,} trainable, {frozen:,} frozen parameters "
+            f"({100 * trainable / (trainable + frozen):.2f}% trainable)"
+        )
     return model
 
 
@@ -159,7 +200,11 @@ def lora_names_by_block(model):
 def scaled_adapters(model, blocks, factor):
     """Temporarily multiply the LoRA scaling of the given blocks by factor (IST's probe)."""
     blocks = set(blocks)
-    touched = [m for name, m in model.named_modules() if isinstance(m, LoRALinear) and block_index(name) in blocks]
+    touched = [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, LoRALinear) and block_index(name) in blocks
+    ]
     saved = [m.scaling for m in touched]
     for m in touched:
         m.scaling *= factor
@@ -171,7 +216,9 @@ def scaled_adapters(model, blocks, factor):
 
 
 def adapter_state_dict(model):
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if ".lora_" in name}
+    return {
+        name: p.detach().cpu().clone() for name, p in model.named_parameters() if ".lora_" in name
+    }
 
 
 def save_adapter(model, config: LoRAConfig, path):
@@ -192,6 +239,9 @@ def load_adapter(model, path):
     with torch.no_grad():
         for name, value in ckpt["adapter"].items():
             if own[name].shape != value.shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, the model's is {tuple(own[name].shape)}")
+                raise ValueError(
+                    f"{path}: {name} has shape {tuple(value.shape)}, the model's is "
+                    f"{tuple(own[name].shape)}"
+                )
             own[name].copy_(value)
     return config

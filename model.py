@@ -2,8 +2,8 @@
 A small GPT-2-style decoder, written to be read.
 
 The shape of nanoGPT's model.py, with three things GAST needs:
-  1. the loss of GAST's rule (README, "The rule"): each sample's mean token loss, then the mean over
-     samples, with the per-sample losses available (reduction="none");
+  1. the loss of GAST's rule (README, "The rule"): each sample's mean token loss, then the mean
+     over samples, with the per-sample losses available (reduction="none");
   2. an attention path that torch.func.vmap can batch (fused=False), beside the fused
      scaled_dot_product_attention used for ordinary passes;
   3. GPT-2 parameter names, so a locally stored Hugging Face GPT-2 checkpoint loads
@@ -119,7 +119,8 @@ def per_sample_loss(logits, targets):
     """Mean cross-entropy over each sample's target tokens: (B, T, V), (B, T) -> (B,).
 
     Positions with target IGNORE_INDEX carry no loss. The batch loss of GAST's rule
-    (README, "The rule") is the mean of these, so the batch gradient is exactly the mean of per-sample gradients.
+    (README, "The rule") is the mean of these, so the batch gradient is exactly the mean of
+    per-sample gradients.
     A sample with no target token gets loss 0 (data.py never makes one).
     """
     token_loss = F.cross_entropy(
@@ -171,9 +172,13 @@ class GPT(nn.Module):
         """
         B, T = idx.size()
         if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+            raise ValueError(
+                f"sequence of length {T} is longer than block_size {self.config.block_size}"
+            )
         pos = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.drop(
+            self.transformer.wte(idx) + self.transformer.wpe(pos)
+        )  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, fused=fused)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
@@ -234,20 +239,37 @@ class GPT(nn.Module):
         # GPT2LMHeadModel prefixes its keys with "transformer."; GPT2Model does not
         sd_hf = {k.removeprefix("transformer."): v for k, v in sd_hf.items()}
         # drop the causal-mask buffers and the head (tied to wte)
-        sd_hf = {k: v for k, v in sd_hf.items()
-                 if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
+        sd_hf = {
+            k: v
+            for k, v in sd_hf.items()
+            if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"
+        }
 
         cfg_file = os.path.join(directory, "config.json")
         if os.path.exists(cfg_file):
             with open(cfg_file) as f:
                 hf = json.load(f)
-            config = GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                               block_size=hf["n_positions"], vocab_size=hf["vocab_size"], dropout=dropout, bias=True)
+            config = GPTConfig(
+                n_layer=hf["n_layer"],
+                n_head=hf["n_head"],
+                n_embd=hf["n_embd"],
+                block_size=hf["n_positions"],
+                vocab_size=hf["vocab_size"],
+                dropout=dropout,
+                bias=True,
+            )
         else:  # every GPT-2 size has 64-dimensional heads
             vocab_size, n_embd = sd_hf["wte.weight"].shape
             n_layer = 1 + max(int(k.split(".")[1]) for k in sd_hf if k.startswith("h."))
-            config = GPTConfig(n_layer=n_layer, n_head=n_embd // 64, n_embd=n_embd,
-                               block_size=sd_hf["wpe.weight"].shape[0], vocab_size=vocab_size, dropout=dropout, bias=True)
+            config = GPTConfig(
+                n_layer=n_layer,
+                n_head=n_embd // 64,
+                n_embd=n_embd,
+                block_size=sd_hf["wpe.weight"].shape[0],
+                vocab_size=vocab_size,
+                dropout=dropout,
+                bias=True,
+            )
 
         model = cls(config)
         sd = model.state_dict()
@@ -255,12 +277,19 @@ class GPT(nn.Module):
         mismatched = sorted(set("transformer." + k for k in sd_hf) ^ set(ours))  # missing or extra
         if mismatched:
             raise ValueError(f"{weights}: keys do not match GPT-2's layout: {mismatched[:8]}")
-        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        conv1d = (
+            "attn.c_attn.weight",
+            "attn.c_proj.weight",
+            "mlp.c_fc.weight",
+            "mlp.c_proj.weight",
+        )
         with torch.no_grad():
             for k, v in sd_hf.items():
                 target = sd["transformer." + k]
                 v = v.t() if k.endswith(conv1d) else v
                 if v.shape != target.shape:
-                    raise ValueError(f"{weights}: {k} has shape {tuple(v.shape)}, expected {tuple(target.shape)}")
+                    raise ValueError(
+                        f"{weights}: {k} has shape {tuple(v.shape)}, expected {tuple(target.shape)}"
+                    )
                 target.copy_(v)
         return model

@@ -53,28 +53,44 @@ def flag(name):
 
 def positive(config, *names):
     """A problem line for every listed setting that is not > 0 (nan and inf included)."""
-    return [f"{flag(n)} must be positive, got {getattr(config, n)}" for n in names
-            if not (getattr(config, n) > 0 and math.isfinite(getattr(config, n)))]
+    return [
+        f"{flag(n)} must be positive, got {getattr(config, n)}"
+        for n in names
+        if not (getattr(config, n) > 0 and math.isfinite(getattr(config, n)))
+    ]
 
 
 def not_negative(config, *names):
-    return [f"{flag(n)} must not be negative, got {getattr(config, n)}" for n in names
-            if not (getattr(config, n) >= 0 and math.isfinite(getattr(config, n)))]
+    return [
+        f"{flag(n)} must not be negative, got {getattr(config, n)}"
+        for n in names
+        if not (getattr(config, n) >= 0 and math.isfinite(getattr(config, n)))
+    ]
 
 
 def in_range(config, name, low, high, low_open=False, high_open=False):
     value = getattr(config, name)
-    ok = math.isfinite(value) and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    ok = (
+        math.isfinite(value)
+        and (low < value if low_open else low <= value)
+        and (value < high if high_open else value <= high)
+    )
     bounds = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     return [] if ok else [f"{flag(name)} must be in {bounds}, got {value}"]
 
 
 def one_of(config, name, choices):
     value = getattr(config, name)
-    return [] if value in choices else [f"{flag(name)} must be one of {', '.join(choices)}, got {value!r}"]
+    return (
+        []
+        if value in choices
+        else [f"{flag(name)} must be one of {', '.join(choices)}, got {value!r}"]
+    )
 
 
-def parse_args(config_type, argv=None, description=None, renamed=None, known_only=False, epilog=None):
+def parse_args(
+    config_type, argv=None, description=None, renamed=None, known_only=False, epilog=None
+):
     """config_type from the command line: one flag per field (--layer-ratio for layer_ratio),
     its help the field's. renamed: {old flag: new flag}; an old spelling is refused by name.
     known_only: (config, the flags that are not config_type's), for a script that passes
@@ -83,10 +99,17 @@ def parse_args(config_type, argv=None, description=None, renamed=None, known_onl
     for old, new in (renamed or {}).items():
         if any(a == old or a.startswith(old + "=") for a in argv):
             raise ConfigError(f"invalid settings:\n  {old} is now {new}")
-    parser = Parser(description=description, epilog=epilog, allow_abbrev=False, formatter_class=HelpFormatter)
+    parser = Parser(
+        description=description, epilog=epilog, allow_abbrev=False, formatter_class=HelpFormatter
+    )
     for f in fields(config_type):
         if f.type is bool or f.type == "bool":
-            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            parser.add_argument(
+                flag(f.name),
+                action=argparse.BooleanOptionalAction,
+                default=f.default,
+                help=f.metadata["help"],
+            )
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             parser.add_argument(flag(f.name), type=kind, default=f.default, help=f.metadata["help"])
@@ -139,7 +162,10 @@ def check_device(name):
     if device.type != "cuda":
         return f"--device {name!r}: only cpu and cuda are supported"
     if not torch.cuda.is_available():
-        return f"--device {name}: no CUDA GPU is available here (torch {torch.__version__}); use --device cpu or auto"
+        return (
+            f"--device {name}: no CUDA GPU is available here (torch {torch.__version__}); "
+            "use --device cpu or auto"
+        )
     if device.index is not None and device.index >= torch.cuda.device_count():
         return f"--device {name}: there are only {torch.cuda.device_count()} GPU(s)"
     return None
@@ -171,7 +197,12 @@ def pick_device(name):
 def init_distributed(device_name):
     """Under torchrun (its environment names WORLD_SIZE, RANK, MASTER_ADDR ...), join the
     process group: nccl on CUDA, gloo on the CPU. True if this call created it."""
-    if "WORLD_SIZE" not in os.environ or not dist.is_available() or dist.is_initialized() or check_device(device_name):
+    if (
+        "WORLD_SIZE" not in os.environ
+        or not dist.is_available()
+        or dist.is_initialized()
+        or check_device(device_name)
+    ):
         return False
     cuda = pick_device(device_name).startswith("cuda")
     if cuda:
@@ -232,6 +263,7 @@ def write_csv(path, rows):
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
+
     atomic_write(path, write)
 
 
@@ -242,19 +274,30 @@ def read_checkpoint(path, flag_name, keys):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         reason = (str(e).strip().splitlines() or [""])[0][:160]
-        raise ConfigError(f"invalid settings:\n  {flag_name} {path}: not a checkpoint that torch.load(weights_only=True) "
-                          f"reads ({type(e).__name__}: {reason})") from None
+        raise ConfigError(
+            f"invalid settings:\n  {flag_name} {path}: not a checkpoint that "
+            "torch.load(weights_only=True) "
+            f"reads ({type(e).__name__}: {reason})"
+        ) from None
     missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        raise ConfigError(f"invalid settings:\n  {flag_name} {path}: not a checkpoint of train.py (no {', '.join(missing)})")
+        raise ConfigError(
+            f"invalid settings:\n  {flag_name} {path}: not a checkpoint of train.py (no "
+            f"{', '.join(missing)})"
+        )
     return ckpt
 
 
 def fingerprint(path):
     """A short hash of a file (or of the files in a directory): a base model, a data file."""
     digest = hashlib.sha256()
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(path, f) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
+    files = (
+        [path]
+        if os.path.isfile(path)
+        else sorted(
+            os.path.join(path, f) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f))
+        )
+    )
     for name in files:
         with open(name, "rb") as f:
             digest.update(hashlib.file_digest(f, "sha256").digest())
@@ -262,7 +305,8 @@ def fingerprint(path):
 
 
 def cannot_write(folder):
-    """Why files cannot be written in folder (made if missing), or None if they can: a probe file is written and removed."""
+    """Why files cannot be written in folder (made if missing), or None if they can: a probe
+    file is written and removed."""
     try:
         os.makedirs(folder, exist_ok=True)
         probe = os.path.join(folder, f".write-test{os.getpid()}")
@@ -281,11 +325,16 @@ def check_out_dir(out_dir, outputs, resume=False, overwrite=False):
         refuse([f"--out-dir {out_dir}: cannot write there ({cannot_write(out_dir)})"])
     for name in outputs:
         if os.path.isdir(os.path.join(out_dir, name)):
-            raise ConfigError(f"invalid settings:\n  --out-dir {out_dir}: {name} is a directory; move it away")
+            raise ConfigError(
+                f"invalid settings:\n  --out-dir {out_dir}: {name} is a directory; move it away"
+            )
     earlier = [name for name in outputs if os.path.exists(os.path.join(out_dir, name))]
     if earlier and not resume and not overwrite:
-        raise ConfigError(f"invalid settings:\n  --out-dir {out_dir} already holds {', '.join(earlier)} of an earlier run: "
-                          "continue it with --resume, replace it with --overwrite, or pick another --out-dir")
+        raise ConfigError(
+            f"invalid settings:\n  --out-dir {out_dir} already holds {', '.join(earlier)} of an "
+            "earlier run: "
+            "continue it with --resume, replace it with --overwrite, or pick another --out-dir"
+        )
 
 
 def file_problems(flag_name, path):
@@ -335,8 +384,11 @@ def memory_problems(what, estimate, device, flags):
     available = memory_available(device)
     if available is None or estimate / 2 <= available:
         return []
-    return [f"{flags}: {what} needs at least about {gib(estimate / 2)} and {device} has {gib(available)} available; "
-            "choose a smaller shape or batch"]
+    return [
+        f"{flags}: {what} needs at least about {gib(estimate / 2)} and {device} has "
+        f"{gib(available)} available; "
+        "choose a smaller shape or batch"
+    ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -347,8 +399,10 @@ def pyplot(config=None):
     """pyplot, or None with a one-line note: the code runs without matplotlib."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")  # files only, no display
         import matplotlib.pyplot as plt
+
         return plt
     except ImportError:
         say(config, "no picture: matplotlib is not installed (pip install matplotlib)")
@@ -361,9 +415,9 @@ def save_figure(plt, fig, path):
 
 
 def plot_run(history, path, config):
-    """train.py's picture of a run (its History): the learning curve (held-out loss and exact match at each
-    evaluation); which blocks were updated at each step, unless every block always was;
-    each block's noisy and clean selection rates over training (smoothed), where the data
+    """train.py's picture of a run (its History): the learning curve (held-out loss and exact
+    match at each evaluation); which blocks were updated at each step, unless every block
+    always was; each block's noisy and clean selection rates over training (smoothed), where the data
     carries noisy flags."""
     plt = pyplot(config)
     if plt is None or not history.active:
@@ -371,20 +425,37 @@ def plot_run(history, path, config):
     active = torch.tensor(history.active, dtype=torch.float32).T.tolist()  # (L, steps)
     L, every_block = len(active), all(all(row) for row in history.active)
     rows = 2 if every_block else 3
-    fig, axes = plt.subplots(rows, 1, figsize=(9, 2.6 * rows), gridspec_kw={"height_ratios": [1.2] + [1] * (rows - 2) + [2]})
+    fig, axes = plt.subplots(
+        rows,
+        1,
+        figsize=(9, 2.6 * rows),
+        gridspec_kw={"height_ratios": [1.2] + [1] * (rows - 2) + [2]},
+    )
     curve, bottom = axes[0], axes[-1]
     steps = [e["step"] for e in history.evals]
-    curve.plot(steps, [e["loss"] for e in history.evals], "o-", color="tab:red", label="held-out loss")
+    curve.plot(
+        steps, [e["loss"] for e in history.evals], "o-", color="tab:red", label="held-out loss"
+    )
     curve.set_ylabel("held-out loss")
     if history.evals and history.evals[0]["exact_match"] is not None:
         twin = curve.twinx()
         twin.plot(steps, [e["exact_match"] for e in history.evals], "s--", color="tab:blue")
         twin.set_ylim(-0.02, 1.02)
         twin.set_ylabel("exact match", color="tab:blue")
-    curve.set_title(f"{config.method}: the learning curve" + (", every block updated at every step" if every_block else ""))
+    curve.set_title(
+        f"{config.method}: the learning curve"
+        + (", every block updated at every step" if every_block else "")
+    )
     if not every_block:
-        axes[1].imshow(active, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=1,
-                       extent=(-0.5, len(active[0]) - 0.5, L - 0.5, -0.5))
+        axes[1].imshow(
+            active,
+            aspect="auto",
+            interpolation="nearest",
+            cmap="Greys",
+            vmin=0,
+            vmax=1,
+            extent=(-0.5, len(active[0]) - 0.5, L - 0.5, -0.5),
+        )
         axes[1].set_yticks(range(L))
         axes[1].set_ylabel("block")
         axes[1].set_title("blocks updated at each step (black)")
@@ -398,7 +469,14 @@ def plot_run(history, path, config):
         bottom.set_ylabel("share of the batch's samples taken\n(when updated; 50-step mean)")
         bottom.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
-        bottom.text(0.5, 0.5, "no noisy flags in this data: no rates", ha="center", va="center", transform=bottom.transAxes)
+        bottom.text(
+            0.5,
+            0.5,
+            "no noisy flags in this data: no rates",
+            ha="center",
+            va="center",
+            transform=bottom.transAxes,
+        )
     for ax in axes:
         ax.set_xlim(-0.5, max(len(history.active), max(steps, default=0)) + 0.5)
     bottom.set_xlabel("step")

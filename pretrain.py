@@ -23,11 +23,39 @@ import tiktoken
 import torch
 import torch.distributed as dist
 
-from data import DataError, Example, TokenizerUnavailable, collate, encode, get_tokenizer, lexicon, pretrain_text, read_text_file
+from data import (
+    DataError,
+    Example,
+    TokenizerUnavailable,
+    collate,
+    encode,
+    get_tokenizer,
+    lexicon,
+    pretrain_text,
+    read_text_file,
+)
 from model import GPT, GPTConfig, training_memory
-from plumbing import (ConfigError, atomic_save, autocast_for, check_device, check_out_dir, file_problems, flag, init_distributed,
-                      is_main, memory_problems, option, parse_args, pick_device, positive, read_checkpoint, refuse, run_main,
-                      say, world)
+from plumbing import (
+    ConfigError,
+    atomic_save,
+    autocast_for,
+    check_device,
+    check_out_dir,
+    file_problems,
+    flag,
+    init_distributed,
+    is_main,
+    memory_problems,
+    option,
+    parse_args,
+    pick_device,
+    positive,
+    read_checkpoint,
+    refuse,
+    run_main,
+    say,
+    world,
+)
 
 PRETRAIN_SEED = 1234  # the base model does not depend on the fine-tuning seed
 SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
@@ -35,21 +63,58 @@ SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
 
 @dataclass
 class BaseConfig:
-    init_from: str = option("", "base model: our checkpoint (.pt) or a local GPT-2 directory; empty: out_dir/base-<hash of the settings below>.pt, pretrained on first use")
-    tokenizer: str = option("bytes", "tiktoken encoding: bytes (built in, offline) or a named one such as gpt2 (needs its cached file)")
-    n_layer: int = option(0, "blocks of the base that is pretrained (0: the default model's 4; with --init-from, its own, and a flag that differs is refused)")
+    init_from: str = option(
+        "",
+        "base model: our checkpoint (.pt) or a local GPT-2 directory; empty: out_dir/base-<hash "
+        "of the settings below>.pt, pretrained on first use",
+    )
+    tokenizer: str = option(
+        "bytes",
+        "tiktoken encoding: bytes (built in, offline) or a named one such as gpt2 (needs its "
+        "cached file)",
+    )
+    n_layer: int = option(
+        0,
+        "blocks of the base that is pretrained (0: the default model's 4; with --init-from, its "
+        "own, and a flag that differs is refused)",
+    )
     n_head: int = option(0, "attention heads per block (0: 4, or --init-from's)")
-    n_embd: int = option(0, "width of the residual stream (0: 64, or --init-from's); must divide by --n-head")
-    block_size: int = option(0, "context length in tokens (0: 32, or --init-from's); prompt + completion beyond it are cut")
-    pretrain_data: str = option("", "a plain-text corpus (UTF-8) to pretrain the base on; its last 5%% is held out; empty: the built-in corpus")
-    pretrain_steps: int = option(2000, "steps of pretraining the base (the default: under 2 minutes on 2 CPU cores)")
+    n_embd: int = option(
+        0, "width of the residual stream (0: 64, or --init-from's); must divide by --n-head"
+    )
+    block_size: int = option(
+        0,
+        "context length in tokens (0: 32, or --init-from's); prompt + completion beyond it are cut",
+    )
+    pretrain_data: str = option(
+        "",
+        "a plain-text corpus (UTF-8) to pretrain the base on; its last 5%% is held out; empty: "
+        "the built-in corpus",
+    )
+    pretrain_steps: int = option(
+        2000, "steps of pretraining the base (the default: under 2 minutes on 2 CPU cores)"
+    )
     pretrain_batch_size: int = option(64, "sequences per pretraining step")
-    pretrain_lr: float = option(3e-3, "peak pretraining learning rate (100 warm-up steps, then cosine to 0)")
-    pretrain_seed: int = option(0, "seed of the pretraining corpus, initialisation and batches (part of the base's hash): another seed, another base")
-    lexicon: int = option(0, "made-up facts (word -> code) that half the built-in corpus states, for gradot.py's knowledge task; 0: none")
+    pretrain_lr: float = option(
+        3e-3, "peak pretraining learning rate (100 warm-up steps, then cosine to 0)"
+    )
+    pretrain_seed: int = option(
+        0,
+        "seed of the pretraining corpus, initialisation and batches (part of the base's hash): "
+        "another seed, another base",
+    )
+    lexicon: int = option(
+        0,
+        "made-up facts (word -> code) that half the built-in corpus states, for gradot.py's "
+        "knowledge task; 0: none",
+    )
     out_dir: str = option("out", "the base, checkpoints, adapters and results go here")
     device: str = option("auto", "cpu, cuda, cuda:1 ...; auto: cuda when available")
-    compile: bool = option(False, "torch.compile the model for pretraining (fine-tuning stays eager: torch.func transforms the module itself)")
+    compile: bool = option(
+        False,
+        "torch.compile the model for pretraining (fine-tuning stays eager: torch.func transforms "
+        "the module itself)",
+    )
     quiet: bool = option(False, "print only the summary (no progress lines)")
 
 
@@ -59,11 +124,16 @@ def base_problems(config):
     if config.pretrain_steps < 0:
         problems.append(f"--pretrain-steps must not be negative, got {config.pretrain_steps}")
     if config.tokenizer != "bytes" and config.tokenizer not in tiktoken.list_encoding_names():
-        problems.append(f"--tokenizer {config.tokenizer!r} is unknown; choose bytes or one of {', '.join(tiktoken.list_encoding_names())}")
+        problems.append(
+            f"--tokenizer {config.tokenizer!r} is unknown; choose bytes or one of "
+            f"{', '.join(tiktoken.list_encoding_names())}"
+        )
     problems += [check_device(config.device)] if check_device(config.device) else []
     for name in SHAPE_FLAGS:
         if getattr(config, name) < 0:
-            problems.append(f"{flag(name)} must not be negative (0: the default), got {getattr(config, name)}")
+            problems.append(
+                f"{flag(name)} must not be negative (0: the default), got {getattr(config, name)}"
+            )
     shape = shape_values(config)
     if shape["n_head"] > 0 and shape["n_embd"] % shape["n_head"]:
         problems.append(f"--n-embd {shape['n_embd']} does not divide by --n-head {shape['n_head']}")
@@ -73,22 +143,35 @@ def base_problems(config):
     if not 0 <= config.lexicon <= 10000:  # half of the built-in corpus's 20,000 lines state them
         problems.append(f"--lexicon must be in [0, 10000], got {config.lexicon}")
     if config.lexicon and config.pretrain_data:
-        problems.append("--lexicon states its facts in the built-in corpus; it cannot be added to --pretrain-data")
-    if not config.init_from and not problems:  # the base that would be pretrained: can a step of it fit?
+        problems.append(
+            "--lexicon states its facts in the built-in corpus; it cannot be added to "
+            "--pretrain-data"
+        )
+    if (
+        not config.init_from and not problems
+    ):  # the base that would be pretrained: can a step of it fit?
         estimate = training_memory(GPTConfig(**shape_values(config)), config.pretrain_batch_size)
-        problems += memory_problems("pretraining this base", estimate, pick_device(config.device),
-                                    "--n-layer, --n-embd, --block-size, --pretrain-batch-size")
+        problems += memory_problems(
+            "pretraining this base",
+            estimate,
+            pick_device(config.device),
+            "--n-layer, --n-embd, --block-size, --pretrain-batch-size",
+        )
     return problems
 
 
 def shape_values(config):
     """{flag name: value} of the base's shape: each flag set (> 0), else the default model's."""
     default = GPTConfig()
-    return {name: getattr(config, name) if getattr(config, name) > 0 else getattr(default, name) for name in SHAPE_FLAGS}
+    return {
+        name: getattr(config, name) if getattr(config, name) > 0 else getattr(default, name)
+        for name in SHAPE_FLAGS
+    }
 
 
 def base_shape(config, vocab_size=GPTConfig.vocab_size):
-    """The GPTConfig of the base that is pretrained: the default model's, changed by the flags set."""
+    """The GPTConfig of the base that is pretrained: the default model's, changed by the
+    flags set."""
     return GPTConfig(vocab_size=vocab_size, **shape_values(config))
 
 
@@ -100,8 +183,15 @@ def base_path(config, tokenizer):
     if config.pretrain_data:
         with open(config.pretrain_data, "rb") as f:
             corpus = hashlib.file_digest(f, "sha256").hexdigest()
-    key = {"shape": asdict(base_shape(config, tokenizer.n_vocab)), "corpus": corpus, "tokenizer": config.tokenizer,
-           "steps": config.pretrain_steps, "batch": config.pretrain_batch_size, "lr": config.pretrain_lr, "seed": PRETRAIN_SEED + config.pretrain_seed}
+    key = {
+        "shape": asdict(base_shape(config, tokenizer.n_vocab)),
+        "corpus": corpus,
+        "tokenizer": config.tokenizer,
+        "steps": config.pretrain_steps,
+        "batch": config.pretrain_batch_size,
+        "lr": config.pretrain_lr,
+        "seed": PRETRAIN_SEED + config.pretrain_seed,
+    }
     if config.lexicon:  # only then: every earlier base keeps its hash
         key["lexicon"] = config.lexicon
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
@@ -120,28 +210,52 @@ def pretraining_batches(config, tokenizer, block_size):
     if not config.pretrain_data:
         facts = lexicon(config.lexicon) if config.lexicon else None
         text = pretrain_text(20000, seed=PRETRAIN_SEED + config.pretrain_seed, facts=facts)
-        examples = [Example(encode(tokenizer, line)[: block_size + 1], 0) for line in text.splitlines(keepends=True)]
+        examples = [
+            Example(encode(tokenizer, line)[: block_size + 1], 0)
+            for line in text.splitlines(keepends=True)
+        ]
 
         def next_batch(rng, device):
-            return collate(rng.sample(examples, config.pretrain_batch_size), tokenizer.eot_token, device)[:2]
-        return next_batch, None, "the built-in corpus (20,000 lines" + (f", half of them stating {config.lexicon:,} facts)" if facts else ")")
+            return collate(
+                rng.sample(examples, config.pretrain_batch_size), tokenizer.eot_token, device
+            )[:2]
+
+        return (
+            next_batch,
+            None,
+            "the built-in corpus (20,000 lines"
+            + (f", half of them stating {config.lexicon:,} facts)" if facts else ")"),
+        )
     tokens = torch.tensor(encode(tokenizer, read_text_file(config.pretrain_data)), dtype=torch.long)
     n_held = max(block_size + 1, len(tokens) // 20)
     if len(tokens) - n_held < block_size + 1:
-        raise DataError(f"{config.pretrain_data}: {len(tokens)} tokens are too few to pretrain on with a context of "
-                        f"{block_size} (5% held out); give a longer corpus or a smaller --block-size")
+        raise DataError(
+            f"{config.pretrain_data}: {len(tokens)} tokens are too few to pretrain on with a "
+            "context of "
+            f"{block_size} (5% held out); give a longer corpus or a smaller --block-size"
+        )
     train_tokens, held = tokens[:-n_held], tokens[-n_held:]
 
     def windows(source, starts):  # (B, T) inputs and their next tokens
-        return (torch.stack([source[i : i + block_size] for i in starts]),
-                torch.stack([source[i + 1 : i + block_size + 1] for i in starts]))
+        return (
+            torch.stack([source[i : i + block_size] for i in starts]),
+            torch.stack([source[i + 1 : i + block_size + 1] for i in starts]),
+        )
 
     def next_batch(rng, device):
-        starts = [rng.randrange(len(train_tokens) - block_size) for _ in range(config.pretrain_batch_size)]
+        starts = [
+            rng.randrange(len(train_tokens) - block_size) for _ in range(config.pretrain_batch_size)
+        ]
         return tuple(t.to(device) for t in windows(train_tokens, starts))
-    held_starts = list(range(0, len(held) - block_size, block_size))[:64]  # up to 64 windows, evaluated in one pass
-    return next_batch, windows(held, held_starts), (f"{config.pretrain_data} ({len(train_tokens):,} tokens, "
-                                                    f"{len(held):,} held out)")
+
+    held_starts = list(range(0, len(held) - block_size, block_size))[
+        :64
+    ]  # up to 64 windows, evaluated in one pass
+    return (
+        next_batch,
+        windows(held, held_starts),
+        (f"{config.pretrain_data} ({len(train_tokens):,} tokens, {len(held):,} held out)"),
+    )
 
 
 def pretrain(config, tokenizer, device, path):
@@ -151,15 +265,29 @@ def pretrain(config, tokenizer, device, path):
     gpt_config = base_shape(config, tokenizer.n_vocab)
     model = GPT(gpt_config).to(device)
     next_batch, held_out, corpus = pretraining_batches(config, tokenizer, gpt_config.block_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=config.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1
+    )
     rng = random.Random(seed)
     steps = config.pretrain_steps
-    forward = torch.compile(model) if config.compile else model  # the fused attention path, compiled on request
-    say(config, f"pretraining a base GPT ({model.num_params():,} parameters; {gpt_config.n_layer} blocks, width "
-                f"{gpt_config.n_embd}, context {gpt_config.block_size}) on {corpus} for {steps} steps on {device}")
+    forward = (
+        torch.compile(model) if config.compile else model
+    )  # the fused attention path, compiled on request
+    say(
+        config,
+        f"pretraining a base GPT ({model.num_params():,} parameters; {gpt_config.n_layer} blocks, "
+        "width "
+        f"{gpt_config.n_embd}, context {gpt_config.block_size}) on {corpus} for {steps} steps on "
+        f"{device}",
+    )
     t0, tokens = time.time(), 0
     for step in range(steps):
-        lr = config.pretrain_lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        lr = (
+            config.pretrain_lr
+            * min(1.0, (step + 1) / 100)
+            * 0.5
+            * (1 + math.cos(math.pi * step / steps))
+        )
         for group in opt.param_groups:
             group["lr"] = lr
         x, y = next_batch(rng, device)
@@ -175,8 +303,13 @@ def pretrain(config, tokenizer, device, path):
             held = ""
             if held_out is not None and (step % 500 == 0 or step == steps - 1):
                 held = f" | held-out loss {held_out_loss(model, held_out, device):.3f}"
-            say(config, f"  pretrain step {step:5d}/{steps} | loss {loss.item():.3f}{held} | {1000 * elapsed / (step + 1):.0f} ms/step | "
-                        f"{tokens / elapsed:,.0f} tokens/s | eta {elapsed / (step + 1) * (steps - step - 1):.0f}s")
+            say(
+                config,
+                f"  pretrain step {step:5d}/{steps} | loss {loss.item():.3f}{held} | "
+                f"{1000 * elapsed / (step + 1):.0f} ms/step | "
+                f"{tokens / elapsed:,.0f} tokens/s | eta "
+                f"{elapsed / (step + 1) * (steps - step - 1):.0f}s",
+            )
     atomic_save({"model_config": asdict(gpt_config), "model": model.state_dict()}, path)
     say(config, f"saved the base model to {path}")
     return model
@@ -197,21 +330,28 @@ def held_out_loss(model, held_out, device):
 
 
 def read_base(path):
-    """Our checkpoint (.pt) or a local GPT-2 directory (or .bin) as a GPT; a ConfigError naming --init-from otherwise."""
+    """Our checkpoint (.pt) or a local GPT-2 directory (or .bin) as a GPT; a ConfigError
+    naming --init-from otherwise."""
     if os.path.isdir(path) or path.endswith(".bin"):
         try:
             return GPT.from_pretrained(path)
-        except Exception as e:  # missing or truncated files, a config that does not match the weights, wrong shapes
+        # missing or truncated files, a config that does not match the weights, wrong shapes
+        except Exception as e:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise ConfigError(f"invalid settings:\n  --init-from {path}: not a GPT-2 checkpoint we can load "
-                              f"({type(e).__name__}: {reason})") from None
+            raise ConfigError(
+                f"invalid settings:\n  --init-from {path}: not a GPT-2 checkpoint we can load "
+                f"({type(e).__name__}: {reason})"
+            ) from None
     ckpt = read_checkpoint(path, "--init-from", ("model_config", "model"))
     try:
         model = GPT(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as e:
         reason = (str(e).strip().splitlines() or [""])[0][:160]
-        raise ConfigError(f"invalid settings:\n  --init-from {path}: its model_config or weights do not make a GPT ({reason})") from None
+        raise ConfigError(
+            f"invalid settings:\n  --init-from {path}: its model_config or weights do not make a "
+            f"GPT ({reason})"
+        ) from None
     return model
 
 
@@ -227,10 +367,18 @@ def load_base(config, tokenizer, device):
             pretrain(config, tokenizer, device, path)
     model = read_base(path)
     if tokenizer.n_vocab > model.config.vocab_size:
-        raise ConfigError(f"invalid settings:\n  --tokenizer {config.tokenizer} has {tokenizer.n_vocab} tokens, "
-                          f"more than the base model's vocabulary ({model.config.vocab_size})")
-    refuse([f"{flag(name)} {getattr(config, name)} contradicts the base model's {getattr(model.config, name)} ({path})"
-            for name in SHAPE_FLAGS if getattr(config, name) and getattr(config, name) != getattr(model.config, name)])
+        raise ConfigError(
+            f"invalid settings:\n  --tokenizer {config.tokenizer} has {tokenizer.n_vocab} tokens, "
+            f"more than the base model's vocabulary ({model.config.vocab_size})"
+        )
+    refuse(
+        [
+            f"{flag(name)} {getattr(config, name)} contradicts the base model's "
+            f"{getattr(model.config, name)} ({path})"
+            for name in SHAPE_FLAGS
+            if getattr(config, name) and getattr(config, name) != getattr(model.config, name)
+        ]
+    )
     return model.to(device), path
 
 
@@ -245,8 +393,13 @@ def main(argv=None):
         existed = os.path.exists(path)
         model, path = load_base(config, tokenizer, pick_device(config.device))
         if is_main():
-            print(f"{'already there' if existed else 'made'}: {path} ({model.num_params():,} parameters; "
-                  f"{model.config.n_layer} blocks, width {model.config.n_embd}, context {model.config.block_size})")
+            print(
+                f"{'already there' if existed else 'made'}: {path} ({model.num_params():,} "
+                "parameters; "
+                f"{model.config.n_layer} blocks, width {model.config.n_embd}, context "
+                f"{model.config.block_size})"
+            )
+
     return run_main(work, (DataError, TokenizerUnavailable))
 
 

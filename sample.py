@@ -4,8 +4,8 @@ Use a fine-tuned adapter: answer prompts, score a file, or merge it into the bas
     python sample.py                          # a few answers of the run's own test split (out/)
     python sample.py --prompt "rsh abc="
     python sample.py --prompt "Once upon" --temperature 0.8 --max-new-tokens 40
-    python sample.py --data mine.jsonl        # exact match and loss on a JSONL of prompt/completion
-    python sample.py --merge merged.pt        # the base with the adapters folded in: --init-from takes it
+    python sample.py --data mine.jsonl        # exact match and loss on prompt/completion pairs
+    python sample.py --merge merged.pt        # the base with the adapters folded in
 
 A run is found by its --out-dir: ckpt.pt names the base it was trained on (whose hash must
 still match) and its settings; adapter.pt holds the adapters it ended with.
@@ -17,10 +17,32 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from data import DataConfig, DataError, TokenizerUnavailable, encode, evaluate, get_tokenizer, load_examples, load_task, per_task_lines
+from data import (
+    DataConfig,
+    DataError,
+    TokenizerUnavailable,
+    encode,
+    evaluate,
+    get_tokenizer,
+    load_examples,
+    load_task,
+    per_task_lines,
+)
 from lora import load_adapter, merge_lora
-from plumbing import (atomic_save, autocast_for, check_device, fingerprint, like, not_negative, option,
-                      parse_args, pick_device, read_checkpoint, refuse, run_main)
+from plumbing import (
+    atomic_save,
+    autocast_for,
+    check_device,
+    fingerprint,
+    like,
+    not_negative,
+    option,
+    parse_args,
+    pick_device,
+    read_checkpoint,
+    refuse,
+    run_main,
+)
 from pretrain import read_base
 
 
@@ -28,20 +50,36 @@ from pretrain import read_base
 class SampleConfig:
     out_dir: str = option("out", "the run to use: its ckpt.pt (base and settings) and adapter.pt")
     prompt: str = option("", "answer this prompt and stop")
-    data: str = option("", "score the adapter on this file (JSONL prompt/completion, per task where lines carry a 'task'; or plain text: loss only)")
+    data: str = option(
+        "",
+        "score the adapter on this file (JSONL prompt/completion, per task where lines carry a "
+        "'task'; or plain text: loss only)",
+    )
     prompt_field: str = like(DataConfig, "prompt_field")
     completion_field: str = like(DataConfig, "completion_field")
-    n: int = option(5, "answers of the run's own test split to show (without --prompt, --data or --merge)")
+    n: int = option(
+        5, "answers of the run's own test split to show (without --prompt, --data or --merge)"
+    )
     temperature: float = option(0.0, "0: greedy (the default); above 0: sampled, from --seed")
-    max_new_tokens: int = option(32, "tokens to generate after --prompt (fewer at the context's end or at <|endoftext|>)")
+    max_new_tokens: int = option(
+        32, "tokens to generate after --prompt (fewer at the context's end or at <|endoftext|>)"
+    )
     seed: int = option(0, "seed of a sampled answer")
-    merge: str = option("", "write the base with the adapters merged to this .pt file (our checkpoint format)")
+    merge: str = option(
+        "", "write the base with the adapters merged to this .pt file (our checkpoint format)"
+    )
     device: str = option("auto", "cpu, cuda ...; auto: cuda when available")
 
 
 def problems(config):
-    out = not_negative(config, "temperature") + ([] if config.n > 0 else [f"--n must be positive, got {config.n}"])
-    out += [] if config.max_new_tokens > 0 else [f"--max-new-tokens must be positive, got {config.max_new_tokens}"]
+    out = not_negative(config, "temperature") + (
+        [] if config.n > 0 else [f"--n must be positive, got {config.n}"]
+    )
+    out += (
+        []
+        if config.max_new_tokens > 0
+        else [f"--max-new-tokens must be positive, got {config.max_new_tokens}"]
+    )
     out += [check_device(config.device)] if check_device(config.device) else []
     if config.data and not os.path.isfile(config.data):
         out.append(f"--data {config.data}: no such file")
@@ -54,18 +92,31 @@ def load_run(out_dir, device):
     """(model with the run's adapters, the run's settings as a namespace, tokenizer)."""
     ckpt_path, adapter_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "adapter.pt")
     if not os.path.exists(ckpt_path):
-        refuse([f"--out-dir {out_dir}: no ckpt.pt there; run python train.py --out-dir {out_dir} first"])
-    ckpt = read_checkpoint(ckpt_path, "--out-dir", ("config", "base", "base_hash", "adapter", "lora_config"))
+        refuse(
+            [
+                f"--out-dir {out_dir}: no ckpt.pt there; run python train.py --out-dir {out_dir} "
+                "first"
+            ]
+        )
+    ckpt = read_checkpoint(
+        ckpt_path, "--out-dir", ("config", "base", "base_hash", "adapter", "lora_config")
+    )
     base = ckpt["base"]
     if not os.path.exists(base):
         refuse([f"the base model {base} that {ckpt_path} was trained on is gone"])
     if fingerprint(base) != ckpt["base_hash"]:
-        refuse([f"the base model {base} has changed since {ckpt_path} was trained on it "
-                f"(hash {fingerprint(base)}, the checkpoint's {ckpt['base_hash']})"])
+        refuse(
+            [
+                f"the base model {base} has changed since {ckpt_path} was trained on it "
+                f"(hash {fingerprint(base)}, the checkpoint's {ckpt['base_hash']})"
+            ]
+        )
     model = read_base(base)
     if not os.path.exists(adapter_path):  # the run stopped early: its last checkpoint's adapters
         adapter_path = ckpt_path
-    read_checkpoint(adapter_path, "--out-dir", ("lora_config", "adapter"))  # a broken file: one line, not a traceback
+    read_checkpoint(
+        adapter_path, "--out-dir", ("lora_config", "adapter")
+    )  # a broken file: one line, not a traceback
     try:
         load_adapter(model, adapter_path)
     except (ValueError, KeyError) as e:
@@ -87,13 +138,23 @@ def sample(config):
     model, run, tokenizer = load_run(config.out_dir, device)
     torch.manual_seed(config.seed)
     if config.merge:
-        atomic_save({"model_config": asdict(model.config), "model": merged_state(model)}, config.merge)
-        print(f"wrote {config.merge}: the base of {config.out_dir} with its adapters merged (python train.py --init-from {config.merge})")
+        atomic_save(
+            {"model_config": asdict(model.config), "model": merged_state(model)}, config.merge
+        )
+        print(
+            f"wrote {config.merge}: the base of {config.out_dir} with its adapters merged (python "
+            f"train.py --init-from {config.merge})"
+        )
     elif config.prompt:
         prompt = encode(tokenizer, config.prompt)[-model.config.block_size :]
         n_new = max(1, min(config.max_new_tokens, model.config.block_size - len(prompt)))
         with autocast_for(device):
-            out = model.generate(torch.tensor([prompt], device=device), n_new, config.temperature, stop_token=tokenizer.eot_token)
+            out = model.generate(
+                torch.tensor([prompt], device=device),
+                n_new,
+                config.temperature,
+                stop_token=tokenizer.eot_token,
+            )
         answer = out[0, len(prompt) :].tolist()
         if tokenizer.eot_token in answer:
             answer = answer[: answer.index(tokenizer.eot_token)]
@@ -110,7 +171,10 @@ def sample(config):
             examples, where = task.val[: config.n], f"the test split of {config.out_dir}'s task"
         result = evaluate(model, examples, tokenizer, device, is_qa, n_answers=config.n)
         for prompt, answer, reference, hit in result["answers"]:
-            print(f"  {prompt!r} -> {answer!r} " + ("(right)" if hit else f"(wrong; the reference: {reference!r})"))
+            print(
+                f"  {prompt!r} -> {answer!r} "
+                + ("(right)" if hit else f"(wrong; the reference: {reference!r})")
+            )
         em = "" if result["exact_match"] is None else f", exact match {result['exact_match']:.3f}"
         print(f"{where}: {len(examples)} samples, loss {result['loss']:.4f}{em}")
         for line in per_task_lines(result["per_task"]):
@@ -119,8 +183,10 @@ def sample(config):
 
 
 def main(argv=None):
-    return run_main(lambda: sample(parse_args(SampleConfig, argv, description=__doc__.strip())),
-                    (DataError, TokenizerUnavailable))
+    return run_main(
+        lambda: sample(parse_args(SampleConfig, argv, description=__doc__.strip())),
+        (DataError, TokenizerUnavailable),
+    )
 
 
 if __name__ == "__main__":

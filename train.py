@@ -21,12 +21,48 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from data import DataConfig, DataError, TokenizerUnavailable, collate, evaluate, get_tokenizer, greedy_sample, load_task, per_task_lines
+from data import (
+    DataConfig,
+    DataError,
+    TokenizerUnavailable,
+    collate,
+    evaluate,
+    get_tokenizer,
+    greedy_sample,
+    load_task,
+    per_task_lines,
+)
 from gast import SCORED, SelectionConfig, SparseTuner
 from lora import LoRAConfig, add_lora, adapter_state_dict, save_adapter
-from plumbing import (ConfigError, Interrupted, atomic_save, autocast_for, check_out_dir, config_from_dict, fingerprint, in_range,
-                      init_distributed, is_main, like, memory_problems, nanmean, not_negative, one_of, option, parse_args,
-                      pick_device, plot_run, positive, read_checkpoint, refuse, run_main, say, subset, world, write_json)
+from plumbing import (
+    ConfigError,
+    Interrupted,
+    atomic_save,
+    autocast_for,
+    check_out_dir,
+    config_from_dict,
+    fingerprint,
+    in_range,
+    init_distributed,
+    is_main,
+    like,
+    memory_problems,
+    nanmean,
+    not_negative,
+    one_of,
+    option,
+    parse_args,
+    pick_device,
+    plot_run,
+    positive,
+    read_checkpoint,
+    refuse,
+    run_main,
+    say,
+    subset,
+    world,
+    write_json,
+)
 from model import GPTConfig, training_memory
 from pretrain import BaseConfig, base_problems, load_base, shape_values
 
@@ -42,47 +78,92 @@ class TrainConfig(BaseConfig, DataConfig, SelectionConfig):
     steps: int = option(600, "fine-tuning steps; the schedule spans them")
     batch_size: int = option(32, "samples per step")
     lr: float = option(1e-2, "peak learning rate (AdamW); LoRA on a small model likes it high")
-    schedule: str = option("cosine", "learning-rate schedule after warm-up: cosine (down to lr/10) or constant")
+    schedule: str = option(
+        "cosine", "learning-rate schedule after warm-up: cosine (down to lr/10) or constant"
+    )
     warmup_steps: int = option(20, "linear warm-up from 0 to lr")
     weight_decay: float = option(0.0, "AdamW weight decay on the adapters")
-    grad_clip: float = option(1.0, "clip the global gradient norm of the adapters to this before AdamW (0: off); "
-                              "as Hugging Face's Trainer does, which the paper's authors' IST code trains through")
-    seed: int = option(0, "seed of the task data, adapter init, batch order and draws: the run is reproducible")
+    grad_clip: float = option(
+        1.0,
+        "clip the global gradient norm of the adapters to this before AdamW (0: off); "
+        "as Hugging Face's Trainer does, which the paper's authors' IST code trains through",
+    )
+    seed: int = option(
+        0, "seed of the task data, adapter init, batch order and draws: the run is reproducible"
+    )
     # evaluation and output
     eval_interval: int = option(200, "evaluate (and checkpoint) every this many steps")
     eval_samples: int = option(200, "held-out samples per evaluation (exact match and loss)")
     log_interval: int = option(20, "a progress line every this many steps")
     resume: bool = option(False, "continue from out_dir/ckpt.pt")
-    overwrite: bool = option(False, "replace a run already in --out-dir (ckpt.pt, adapter.pt, metrics.json) instead of refusing")
-    stop_at: int = option(0, "end this run at this step (the schedule still spans --steps); 0: at --steps")
-    picture: bool = option(True, "draw out_dir/selection.png: the learning curve and the selection rates (needs matplotlib)")
+    overwrite: bool = option(
+        False,
+        "replace a run already in --out-dir (ckpt.pt, adapter.pt, metrics.json) instead of "
+        "refusing",
+    )
+    stop_at: int = option(
+        0, "end this run at this step (the schedule still spans --steps); 0: at --steps"
+    )
+    picture: bool = option(
+        True,
+        "draw out_dir/selection.png: the learning curve and the selection rates (needs matplotlib)",
+    )
 
     def lora(self):
-        return LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets.split(",")))
+        return LoRAConfig(
+            self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets.split(","))
+        )
 
 
 # flags that were renamed (revision 3 of the rule calls the reference the support) or moved
-RENAMED = {"--reference": "--support", "--reference-size": "--heldout-size", "--reference-interval": "--support-interval",
-           "--reference-data": "--support-data", "--compare": "python compare.py (the comparison has its own script)"}
+RENAMED = {
+    "--reference": "--support",
+    "--reference-size": "--heldout-size",
+    "--reference-interval": "--support-interval",
+    "--reference-data": "--support-data",
+    "--compare": "python compare.py (the comparison has its own script)",
+}
 
 
 def validate(config, n_procs=1):
     """Raise ConfigError listing every problem; n_procs: processes under torchrun."""
-    problems = SelectionConfig.problems(config) + DataConfig.problems(config) + base_problems(config) + config.lora().problems()
-    problems += positive(config, "steps", "batch_size", "eval_interval", "log_interval", "eval_samples", "lr")
-    problems += one_of(config, "schedule", ("cosine", "constant")) + not_negative(config, "grad_clip")
+    problems = (
+        SelectionConfig.problems(config)
+        + DataConfig.problems(config)
+        + base_problems(config)
+        + config.lora().problems()
+    )
+    problems += positive(
+        config, "steps", "batch_size", "eval_interval", "log_interval", "eval_samples", "lr"
+    )
+    problems += one_of(config, "schedule", ("cosine", "constant")) + not_negative(
+        config, "grad_clip"
+    )
     problems += in_range(config, "weight_decay", 0, 1)
     if config.lr > 1 and math.isfinite(config.lr):
-        problems.append(f"--lr {config.lr} is above 1: AdamW steps that large wreck any model (LoRA here likes 1e-3 to 3e-2)")
+        problems.append(
+            f"--lr {config.lr} is above 1: AdamW steps that large wreck any model (LoRA here "
+            "likes 1e-3 to 3e-2)"
+        )
     if config.stop_at < 0 or config.warmup_steps < 0:
         problems.append("--stop-at and --warmup-steps must not be negative")
     if config.warmup_steps > config.steps > 0:
-        problems.append(f"--warmup-steps {config.warmup_steps} is longer than the run (--steps {config.steps})")
+        problems.append(
+            f"--warmup-steps {config.warmup_steps} is longer than the run (--steps {config.steps})"
+        )
     if not config.data and config.batch_size > config.n_train:
-        problems.append(f"--batch-size {config.batch_size} is larger than the {config.n_train} training samples (--n-train)")
+        problems.append(
+            f"--batch-size {config.batch_size} is larger than the {config.n_train} training "
+            "samples (--n-train)"
+        )
     if config.batch_size % n_procs:
-        problems.append(f"--batch-size {config.batch_size} (the global batch) does not divide by the {n_procs} processes")
-    if not config.init_from and not problems:  # the base train.py would pretrain: can a fine-tuning step of it fit?
+        problems.append(
+            f"--batch-size {config.batch_size} (the global batch) does not divide by the "
+            f"{n_procs} processes"
+        )
+    if (
+        not config.init_from and not problems
+    ):  # the base train.py would pretrain: can a fine-tuning step of it fit?
         problems += step_memory_problems(config, GPTConfig(**shape_values(config)))
     refuse(problems)
 
@@ -90,10 +171,19 @@ def validate(config, n_procs=1):
 def step_memory_problems(config, shape):
     """A problem line if a fine-tuning step on a base of this shape clearly cannot fit."""
     rows = config.batch_size + config.support_size
-    lora = 16 * config.lora_r * shape.n_embd * shape.n_layer  # r * (in + out) over the four Linear of every block, at most
-    estimate = training_memory(shape, rows, full=False) + 4 * lora * (rows + 4)  # + per-sample gradients, AdamW's moments
-    return memory_problems("a fine-tuning step", estimate, pick_device(config.device),
-                           "--batch-size, --lora-r" + ("" if config.init_from else ", --n-layer, --n-embd, --block-size"))
+    lora = (
+        16 * config.lora_r * shape.n_embd * shape.n_layer
+    )  # r * (in + out) over the four Linear of every block, at most
+    estimate = training_memory(shape, rows, full=False) + 4 * lora * (
+        rows + 4
+    )  # + per-sample gradients, AdamW's moments
+    return memory_problems(
+        "a fine-tuning step",
+        estimate,
+        pick_device(config.device),
+        "--batch-size, --lora-r"
+        + ("" if config.init_from else ", --n-layer, --n-embd, --block-size"),
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -103,15 +193,26 @@ def step_memory_problems(config, shape):
 @dataclass
 class History:
     """What a run records step by step; saved in checkpoints, so a resumed run continues it."""
+
     ms: list = field(default_factory=list)  # time of each step
     coverage: list = field(default_factory=list)  # share of the batch selected by an active block
-    grad_norm: list = field(default_factory=list)  # the adapters' global gradient norm before clipping
-    noisy_selected: list = field(default_factory=list)  # over active blocks, share of noisy samples taken (nan: none)
+    grad_norm: list = field(
+        default_factory=list
+    )  # the adapters' global gradient norm before clipping
+    noisy_selected: list = field(
+        default_factory=list
+    )  # over active blocks, share of noisy samples taken (nan: none)
     clean_selected: list = field(default_factory=list)
-    noisy_probability: list = field(default_factory=list)  # on logged steps, over active blocks, the noisy samples' mean inclusion probability (nan: not logged)
+    noisy_probability: list = field(
+        default_factory=list
+        # on logged steps, over active blocks, the noisy samples' mean inclusion probability (nan: not
+        # logged)
+    )
     clean_probability: list = field(default_factory=list)
     active: list = field(default_factory=list)  # per step, per block: updated or not
-    noisy_rate: list = field(default_factory=list)  # per step with noisy flags, per block (nan: block off)
+    noisy_rate: list = field(
+        default_factory=list
+    )  # per step with noisy flags, per block (nan: block off)
     clean_rate: list = field(default_factory=list)
     evals: list = field(default_factory=list)  # {"step", "loss", "exact_match"} at each evaluation
 
@@ -132,61 +233,119 @@ class History:
         """Means over steps; per block, the share of steps it was updated and, when
         updated, the share of the batch's noisy and clean samples it learned from."""
         return {
-            "coverage": nanmean(self.coverage), "noisy_selected": nanmean(self.noisy_selected),
-            "clean_selected": nanmean(self.clean_selected), "noisy_probability": nanmean(self.noisy_probability),
+            "coverage": nanmean(self.coverage),
+            "noisy_selected": nanmean(self.noisy_selected),
+            "clean_selected": nanmean(self.clean_selected),
+            "noisy_probability": nanmean(self.noisy_probability),
             "clean_probability": nanmean(self.clean_probability),
-            "ms_per_step": statistics.median(self.ms) if self.ms else float("nan"), "evals": self.evals,
+            "ms_per_step": statistics.median(self.ms) if self.ms else float("nan"),
+            "evals": self.evals,
             "active_per_layer": [statistics.fmean(col) for col in zip(*self.active)],
             "noisy_rate_per_layer": [nanmean(col) for col in zip(*self.noisy_rate)],
             "clean_rate_per_layer": [nanmean(col) for col in zip(*self.clean_rate)],
         }
 
 
-# settings that may differ on --resume: they change where and how loudly a run goes, not what it computes
-FREE_ON_RESUME = {"resume", "overwrite", "stop_at", "out_dir", "quiet", "device", "log_interval", "eval_interval", "compile", "init_from",
-                  "picture"}
+# settings that may differ on --resume: they change where and how loudly a run goes, not what it
+# computes
+FREE_ON_RESUME = {
+    "resume",
+    "overwrite",
+    "stop_at",
+    "out_dir",
+    "quiet",
+    "device",
+    "log_interval",
+    "eval_interval",
+    "compile",
+    "init_from",
+    "picture",
+}
 
 
 def read_resume(config, ckpt_path):
     """The checkpoint to resume from, refused if anything it was made with has changed."""
     if not os.path.exists(ckpt_path):
         refuse([f"--resume: no checkpoint at {ckpt_path}"])
-    resume = read_checkpoint(ckpt_path, "--resume", ("config", "step", "base", "base_hash", "adapter", "optimizer", "tuner", "rng", "progress"))
-    changed = [f"--{k.replace('_', '-')} is {getattr(config, k)!r}, the checkpoint's {v!r}"
-               for k, v in resume["config"].items() if k not in FREE_ON_RESUME and getattr(config, k, v) != v]
+    resume = read_checkpoint(
+        ckpt_path,
+        "--resume",
+        ("config", "step", "base", "base_hash", "adapter", "optimizer", "tuner", "rng", "progress"),
+    )
+    changed = [
+        f"--{k.replace('_', '-')} is {getattr(config, k)!r}, the checkpoint's {v!r}"
+        for k, v in resume["config"].items()
+        if k not in FREE_ON_RESUME and getattr(config, k, v) != v
+    ]
     base = resume["base"]
     if config.init_from and os.path.abspath(config.init_from) != os.path.abspath(base):
-        changed.append(f"--init-from is {config.init_from!r}, but the checkpoint's adapters were trained on {base!r} "
-                       "(drop --init-from to resume on it)")
+        changed.append(
+            f"--init-from is {config.init_from!r}, but the checkpoint's adapters were trained on "
+            f"{base!r} "
+            "(drop --init-from to resume on it)"
+        )
     elif not os.path.exists(base):
-        changed.append(f"the checkpoint's base model {base} is gone; a new base would not match its adapters")
+        changed.append(
+            f"the checkpoint's base model {base} is gone; a new base would not match its adapters"
+        )
     elif fingerprint(base) != resume["base_hash"]:
-        changed.append(f"the checkpoint's base model {base} has changed since (hash {fingerprint(base)}, "
-                       f"the checkpoint's {resume['base_hash']})")
-    for name, digest in resume.get("data_hash", {}).items():  # the files the run trained and evaluated on
+        changed.append(
+            f"the checkpoint's base model {base} has changed since (hash {fingerprint(base)}, "
+            f"the checkpoint's {resume['base_hash']})"
+        )
+    for name, digest in resume.get(
+        "data_hash", {}
+    ).items():  # the files the run trained and evaluated on
         path = getattr(config, name)
         now = fingerprint(path) if path and os.path.isfile(path) else None
         if now != digest:
-            changed.append(f"--{name.replace('_', '-')} {path}: the file has changed since the checkpoint was written "
-                           f"(hash {now}, the checkpoint's {digest}); start afresh with --overwrite")
+            changed.append(
+                f"--{name.replace('_', '-')} {path}: the file has changed since the checkpoint "
+                "was written "
+                f"(hash {now}, the checkpoint's {digest}); start afresh with --overwrite"
+            )
     if changed:
-        raise ConfigError("invalid settings:\n  --resume with other settings than the checkpoint's:\n  " + "\n  ".join(changed))
+        raise ConfigError(
+            "invalid settings:\n  --resume with other settings than the checkpoint's:\n  "
+            + "\n  ".join(changed)
+        )
     return resume
 
 
-DATA_FILES = ("data", "val_data", "support_data")  # hashed into checkpoints: a resume on changed data is refused
+DATA_FILES = (
+    "data",
+    "val_data",
+    "support_data",
+)  # hashed into checkpoints: a resume on changed data is refused
 
 
 def save_checkpoint(path, config, step, model, opt, tuner, rngs, base, history):
     (data_rng, probe_rng), (base_path, base_hash) = rngs, base
-    atomic_save({
-        "config": asdict(config), "step": step, "base": base_path, "base_hash": base_hash, "lora_config": asdict(config.lora()),
-        "data_hash": {name: fingerprint(getattr(config, name)) for name in DATA_FILES if getattr(config, name)},
-        "adapter": adapter_state_dict(model), "optimizer": opt.state_dict(), "tuner": tuner.state_dict(),
-        "rng": {"python": data_rng.getstate(), "probe": probe_rng.getstate(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-        "progress": asdict(history),
-    }, path)
+    atomic_save(
+        {
+            "config": asdict(config),
+            "step": step,
+            "base": base_path,
+            "base_hash": base_hash,
+            "lora_config": asdict(config.lora()),
+            "data_hash": {
+                name: fingerprint(getattr(config, name))
+                for name in DATA_FILES
+                if getattr(config, name)
+            },
+            "adapter": adapter_state_dict(model),
+            "optimizer": opt.state_dict(),
+            "tuner": tuner.state_dict(),
+            "rng": {
+                "python": data_rng.getstate(),
+                "probe": probe_rng.getstate(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+            "progress": asdict(history),
+        },
+        path,
+    )
 
 
 def restore(resume, model, opt, tuner, rngs):
@@ -246,7 +405,8 @@ class SupportPool:
 
 
 def train(config, split="test", summary=True, dry_run=False):
-    """Fine-tune as config says (a TrainConfig, a dict of its fields or a list of flags); the metrics dict.
+    """Fine-tune as config says (a TrainConfig, a dict of its fields or a list of flags);
+    the metrics dict.
 
     split: the evaluation split, "test" (the reported results) or "dev" (compare.py's lr
     choice, which must never see the test split; only its loss is computed).
@@ -266,58 +426,103 @@ def train(config, split="test", summary=True, dry_run=False):
     resume = read_resume(config, ckpt_path) if config.resume else None
 
     # the base and the task
-    model, base_path = load_base(config if resume is None else replace(config, init_from=resume["base"]), tokenizer, device)
+    model, base_path = load_base(
+        config if resume is None else replace(config, init_from=resume["base"]), tokenizer, device
+    )
     base_hash = fingerprint(base_path)
-    refuse(step_memory_problems(config, model.config) if config.init_from else [])  # a base of its own shape
+    refuse(
+        step_memory_problems(config, model.config) if config.init_from else []
+    )  # a base of its own shape
     task, is_qa = load_task(config, tokenizer, model.config.block_size)
     show_sample = not is_qa and split == "test"  # text data: a greedy sample at the end
     is_qa = is_qa and split == "test"  # exact match (greedy decoding) on the test split only
     train_set = task.train
     eval_set = (task.val if split == "test" else task.dev)[: config.eval_samples]
-    refuse([] if eval_set else [f"the {split} split is empty: give more evaluation data (--val-data, --val-fraction, --n-val)"])
+    refuse(
+        []
+        if eval_set
+        else [
+            f"the {split} split is empty: give more evaluation data (--val-data, --val-fraction, "
+            "--n-val)"
+        ]
+    )
     support_set = None  # the pool GAST's support mini-batches are drawn from
     if config.method in SCORED and config.support == "batch":
         say(config, "support: the batch's own mean gradient")
     elif config.method in SCORED:
         pool = task.train if config.support == "train" else task.heldout
-        support_set = SupportPool(pool, tokenizer.eot_token)  # each step's rows are batched when drawn
-        size = f"{config.support_size} samples" if 0 < config.support_size < len(pool) else "the whole set"
-        say(config, f"support: {size} drawn every {config.support_interval} step(s) from the "
-                    f"{'training set' if config.support == 'train' else 'trusted held-out set'} ({len(pool)} samples); "
-                    f"selection: {config.selection}" + (f" at temperature {config.temperature:g}" if config.selection == "softmax" else ""))
+        support_set = SupportPool(
+            pool, tokenizer.eot_token
+        )  # each step's rows are batched when drawn
+        size = (
+            f"{config.support_size} samples"
+            if 0 < config.support_size < len(pool)
+            else "the whole set"
+        )
+        say(
+            config,
+            f"support: {size} drawn every {config.support_interval} step(s) from the "
+            f"{'training set' if config.support == 'train' else 'trusted held-out set'} "
+            f"({len(pool)} samples); "
+            f"selection: {config.selection}"
+            + (f" at temperature {config.temperature:g}" if config.selection == "softmax" else ""),
+        )
 
     # adapters, optimizer, tuner
     torch.manual_seed(config.seed)
     add_lora(model, config.lora(), verbose=not config.quiet and is_main())
     model.to(device).train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay)
-    tuner = SparseTuner(model, subset(SelectionConfig, config), seed=config.seed, support_set=support_set)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+    )
+    tuner = SparseTuner(
+        model, subset(SelectionConfig, config), seed=config.seed, support_set=support_set
+    )
     data_rng = random.Random(config.seed)  # the training batches
-    probe_rng = random.Random(f"ist-probe-{config.seed}")  # ist's probe batches: its own stream, so ist trains on the others' batches
+    probe_rng = random.Random(
+        f"ist-probe-{config.seed}"
+    )  # ist's probe batches: its own stream, so ist trains on the others' batches
     start, history = 0, History()
     if resume is not None:
         start, history = restore(resume, model, opt, tuner, (data_rng, probe_rng))
         say(config, f"resumed from {ckpt_path} at step {start}")
 
     def probe():  # ist's fresh batch of 16 training samples
-        return collate(probe_rng.sample(train_set, min(16, len(train_set))), tokenizer.eot_token, device)[:2]
+        return collate(
+            probe_rng.sample(train_set, min(16, len(train_set))), tokenizer.eot_token, device
+        )[:2]
 
     # the loop
     end = min(config.stop_at or config.steps, config.steps)
-    say(config, f"fine-tuning with {config.method} on {len(train_set)} samples for steps {start}..{end} on {device}")
+    say(
+        config,
+        f"fine-tuning with {config.method} on {len(train_set)} samples for steps {start}..{end} "
+        f"on {device}",
+    )
     t_start, saved_at, step = time.time(), (start if resume is not None else None), start
     try:
         for step in range(start, end):
             for group in opt.param_groups:
                 group["lr"] = lr_at(config, step)
-            x, y, noisy = collate(data_rng.sample(train_set, config.batch_size), tokenizer.eot_token, device)
+            x, y, noisy = collate(
+                data_rng.sample(train_set, config.batch_size), tokenizer.eot_token, device
+            )
             t0 = time.time()
             with autocast_for(device):
-                record = tuner.step(x, y, noisy if noisy.any() else None, probe=probe)  # the method writes .grad
+                record = tuner.step(
+                    x, y, noisy if noisy.any() else None, probe=probe
+                )  # the method writes .grad
             if not math.isfinite(record.loss):
-                raise FloatingPointError(f"step {step}: the loss is {record.loss}; stopped without updating. "
-                                         f"The last good checkpoint is {ckpt_path}" + ("" if os.path.exists(ckpt_path) else " (none written yet)"))
-            grad_norm = clip_gradients(opt, config.grad_clip)  # after the method (and torchrun's all-reduce) wrote .grad
+                raise FloatingPointError(
+                    f"step {step}: the loss is {record.loss}; stopped without updating. "
+                    f"The last good checkpoint is {ckpt_path}"
+                    + ("" if os.path.exists(ckpt_path) else " (none written yet)")
+                )
+            grad_norm = clip_gradients(
+                opt, config.grad_clip
+            )  # after the method (and torchrun's all-reduce) wrote .grad
             opt.step()
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
@@ -330,20 +535,50 @@ def train(config, split="test", summary=True, dry_run=False):
                 say(config, f"step {step}: " + selection_picture(record, noisy.cpu()))
             if logged:
                 eta = (time.time() - t_start) / (step - start + 1) * (end - step - 1)
-                rates = "" if noisy.sum() == 0 else f" | noisy/clean taken {record.noisy_selected:.2f}/{record.clean_selected:.2f}"
+                rates = (
+                    ""
+                    if noisy.sum() == 0
+                    else f" | noisy/clean taken {record.noisy_selected:.2f}/{record.clean_selected:.2f}"
+                )
                 if noisy.sum() and record.noisy_intended is not None:
-                    rates += f" (intended {record.noisy_probability:.2f}/{record.clean_probability:.2f})"
-                say(config, f"step {step:5d}/{config.steps} | loss {record.loss:.4f} | grad norm {grad_norm:.3f} | lr {lr_at(config, step):.2e} | "
-                            f"layers {record.active_layers} | coverage {record.coverage:.2f}{rates} | "
-                            f"{history.ms[-1]:.0f} ms/step | eta {eta:.0f}s")
+                    rates += (
+                        f" (intended {record.noisy_probability:.2f}/{record.clean_probability:.2f})"
+                    )
+                say(
+                    config,
+                    f"step {step:5d}/{config.steps} | loss {record.loss:.4f} | grad norm "
+                    f"{grad_norm:.3f} | lr {lr_at(config, step):.2e} | "
+                    f"layers {record.active_layers} | coverage {record.coverage:.2f}{rates} | "
+                    f"{history.ms[-1]:.0f} ms/step | eta {eta:.0f}s",
+                )
             if (step + 1) % config.eval_interval == 0 or step == end - 1:
                 result = evaluate(model, eval_set, tokenizer, device, is_qa)
-                history.evals.append({"step": step + 1, "loss": result["loss"], "exact_match": result["exact_match"],
-                                      "per_task": result["per_task"]})
-                em = "" if result["exact_match"] is None else f" | exact match {result['exact_match']:.3f}"
+                history.evals.append(
+                    {
+                        "step": step + 1,
+                        "loss": result["loss"],
+                        "exact_match": result["exact_match"],
+                        "per_task": result["per_task"],
+                    }
+                )
+                em = (
+                    ""
+                    if result["exact_match"] is None
+                    else f" | exact match {result['exact_match']:.3f}"
+                )
                 say(config, f"eval at step {step + 1}: held-out loss {result['loss']:.4f}{em}")
                 if is_main():
-                    save_checkpoint(ckpt_path, config, step + 1, model, opt, tuner, (data_rng, probe_rng), (base_path, base_hash), history)
+                    save_checkpoint(
+                        ckpt_path,
+                        config,
+                        step + 1,
+                        model,
+                        opt,
+                        tuner,
+                        (data_rng, probe_rng),
+                        (base_path, base_hash),
+                        history,
+                    )
                 saved_at = step + 1
     except KeyboardInterrupt:
         last = f"{ckpt_path} (step {saved_at})" if saved_at is not None else "none written yet"
@@ -353,10 +588,23 @@ def train(config, split="test", summary=True, dry_run=False):
     final = evaluate(model, eval_set, tokenizer, device, is_qa)
     sample = greedy_sample(model, eval_set[0], tokenizer, device) if show_sample else None
     scored = config.method in SCORED
-    metrics = {"method": config.method, "selection": config.selection if scored else None, "support": config.support if scored else None,
-               "lr": config.lr, "seed": config.seed, "steps": end, "split": split, "base": base_path,
-               "exact_match": final["exact_match"], "val_loss": final["loss"], "per_task": final["per_task"], "answers": final["answers"],
-               "sample": sample, **history.summary(), "config": asdict(config)}
+    metrics = {
+        "method": config.method,
+        "selection": config.selection if scored else None,
+        "support": config.support if scored else None,
+        "lr": config.lr,
+        "seed": config.seed,
+        "steps": end,
+        "split": split,
+        "base": base_path,
+        "exact_match": final["exact_match"],
+        "val_loss": final["loss"],
+        "per_task": final["per_task"],
+        "answers": final["answers"],
+        "sample": sample,
+        **history.summary(),
+        "config": asdict(config),
+    }
     if is_main():
         save_adapter(model, config.lora(), os.path.join(config.out_dir, "adapter.pt"))
         if config.picture:
@@ -380,29 +628,58 @@ def selection_picture(record, noisy):
     if noisy is not None and bool(noisy.any()):
         lines.append("  noisy    | " + "".join("^" if n else " " for n in noisy.tolist()))
     if record.support is not None:
-        lines.append(f"  support: rows {', '.join(map(str, record.support[:16]))}" + (" ..." if len(record.support) > 16 else "")
-                     + " of the support set")
+        lines.append(
+            f"  support: rows {', '.join(map(str, record.support[:16]))}"
+            + (" ..." if len(record.support) > 16 else "")
+            + " of the support set"
+        )
     return "\n".join(lines)
 
 
 def print_summary(metrics):
-    rule = "" if metrics["selection"] is None else f" ({metrics['selection']}, support {metrics['support']})"
-    print(f"\n{metrics['method']}{rule}: held-out loss {metrics['val_loss']:.4f}"
-          + ("" if metrics["exact_match"] is None else f", exact match {metrics['exact_match']:.3f}")
-          + f", coverage {metrics['coverage']:.2f}"
-          + ("" if math.isnan(metrics["noisy_selected"]) else f", noisy/clean taken {metrics['noisy_selected']:.2f}/{metrics['clean_selected']:.2f}")
-          + ("" if math.isnan(metrics["noisy_probability"]) else f" (intended {metrics['noisy_probability']:.2f}/{metrics['clean_probability']:.2f})")
-          + f", {metrics['ms_per_step']:.0f} ms/step (median)")
+    rule = (
+        ""
+        if metrics["selection"] is None
+        else f" ({metrics['selection']}, support {metrics['support']})"
+    )
+    print(
+        f"\n{metrics['method']}{rule}: held-out loss {metrics['val_loss']:.4f}"
+        + ("" if metrics["exact_match"] is None else f", exact match {metrics['exact_match']:.3f}")
+        + f", coverage {metrics['coverage']:.2f}"
+        + (
+            ""
+            if math.isnan(metrics["noisy_selected"])
+            else f", noisy/clean taken {metrics['noisy_selected']:.2f}/{metrics['clean_selected']:.2f}"
+        )
+        + (
+            ""
+            if math.isnan(metrics["noisy_probability"])
+            else f" (intended {metrics['noisy_probability']:.2f}/{metrics['clean_probability']:.2f})"
+        )
+        + f", {metrics['ms_per_step']:.0f} ms/step (median)"
+    )
     for l, share in enumerate(metrics["active_per_layer"]):
-        rates = "" if not metrics["noisy_rate_per_layer"] or share == 0 else (
-            f"; took {metrics['noisy_rate_per_layer'][l]:.2f} of noisy and {metrics['clean_rate_per_layer'][l]:.2f} of clean samples")
+        rates = (
+            ""
+            if not metrics["noisy_rate_per_layer"] or share == 0
+            else (
+                f"; took {metrics['noisy_rate_per_layer'][l]:.2f} of noisy and "
+                f"{metrics['clean_rate_per_layer'][l]:.2f} of clean samples"
+            )
+        )
         print(f"  block {l}: updated in {share:.0%} of steps{rates}")
     for line in per_task_lines(metrics["per_task"]):
         print(line)
     for prompt, answer, reference, hit in metrics["answers"]:
-        print(f"  {prompt!r} -> {answer!r} " + ("(right)" if hit else f"(wrong; the reference: {reference!r})"))
+        print(
+            f"  {prompt!r} -> {answer!r} "
+            + ("(right)" if hit else f"(wrong; the reference: {reference!r})")
+        )
     if metrics["sample"]:
-        print(f"  a greedy sample from a held-out prompt: {metrics['sample'][0]!r} -> {metrics['sample'][1]!r}")
+        print(
+            f"  a greedy sample from a held-out prompt: {metrics['sample'][0]!r} -> "
+            f"{metrics['sample'][1]!r}"
+        )
 
 
 def main(argv=None):
@@ -413,6 +690,7 @@ def main(argv=None):
         config = parse_args(TrainConfig, argv, description=__doc__.strip(), renamed=RENAMED)
         distributed = init_distributed(config.device)
         train(config)
+
     try:
         return run_main(work, (DataError, TokenizerUnavailable))
     finally:

@@ -13,10 +13,26 @@ import pytest  # noqa: E402
 
 # The one tiny run of the suite: the default task at a size that runs in about a second.
 # No picture (drawing it costs about as much as the run); the tests of the picture ask for it.
-TINY = dict(steps=6, warmup_steps=2, batch_size=8, n_train=48, n_val=16, eval_interval=3, log_interval=2, quiet=True, lisa_interval=2,
-            picture=False)
-TINY_FLAGS = [f"--{k.replace('_', '-')}" if v is True else f"--no-{k.replace('_', '-')}" if v is False
-              else f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+TINY = dict(
+    steps=6,
+    warmup_steps=2,
+    batch_size=8,
+    n_train=48,
+    n_val=16,
+    eval_interval=3,
+    log_interval=2,
+    quiet=True,
+    lisa_interval=2,
+    picture=False,
+)
+TINY_FLAGS = [
+    f"--{k.replace('_', '-')}"
+    if v is True
+    else f"--no-{k.replace('_', '-')}"
+    if v is False
+    else f"--{k.replace('_', '-')}={v}"
+    for k, v in TINY.items()
+]
 
 
 @pytest.fixture(scope="session")
@@ -25,8 +41,11 @@ def base(tmp_path_factory):
     tests that run train.py."""
     from data import get_tokenizer
     from pretrain import BaseConfig, load_base
+
     out = tmp_path_factory.mktemp("base")
-    _, path = load_base(BaseConfig(out_dir=str(out), pretrain_steps=20, quiet=True), get_tokenizer(), "cpu")
+    _, path = load_base(
+        BaseConfig(out_dir=str(out), pretrain_steps=20, quiet=True), get_tokenizer(), "cpu"
+    )
     return path
 
 
@@ -37,8 +56,13 @@ def taught_base(tmp_path_factory):
     fine-tuning on 48 examples cannot move the held-out loss."""
     from data import get_tokenizer
     from pretrain import BaseConfig, load_base
+
     out = tmp_path_factory.mktemp("taught_base")
-    _, path = load_base(BaseConfig(out_dir=str(out), pretrain_steps=300, pretrain_batch_size=16, quiet=True), get_tokenizer(), "cpu")
+    _, path = load_base(
+        BaseConfig(out_dir=str(out), pretrain_steps=300, pretrain_batch_size=16, quiet=True),
+        get_tokenizer(),
+        "cpu",
+    )
     return path
 
 
@@ -48,12 +72,19 @@ def tiny(base, tmp_path):
     from train import TrainConfig
 
     def make(out=None, **overrides):
-        return TrainConfig(**{**TINY, "init_from": base, "out_dir": str(out or tmp_path), **overrides})
+        return TrainConfig(
+            **{**TINY, "init_from": base, "out_dir": str(out or tmp_path), **overrides}
+        )
+
     return make
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "distributed: runs several processes with torch.distributed (deselect with -m 'not distributed')")
+    config.addinivalue_line(
+        "markers",
+        "distributed: runs several processes with torch.distributed (deselect with -m 'not "
+        "distributed')",
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -61,4 +92,5 @@ def a_16_gib_machine(monkeypatch):
     """The memory checks see 16 GiB whatever the machine has, so that a shape refused here is
     refused everywhere (a large machine would otherwise start pretraining it)."""
     import plumbing
+
     monkeypatch.setattr(plumbing, "memory_available", lambda device: 16 * 2**30)

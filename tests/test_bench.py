@@ -16,10 +16,14 @@ def test_ratios_are_medians_of_ratios_to_the_plain_steps_around_each_measurement
         def make(what):
             def fn():
                 clock["calls"] += 1
-                n = len(bench.WHATS)  # 2n - 1 warm-up calls, 2n - 1 in round 1, 2n - 3 in round 2 (no loop)
+                n = len(
+                    bench.WHATS
+                )  # 2n - 1 warm-up calls, 2n - 1 in round 1, 2n - 3 in round 2 (no loop)
                 busy = 3.0 if 4 * n - 1 <= clock["calls"] <= 6 * n - 5 else 1.0
                 clock["now"] += busy * cost.get(what, 0.020) * bench.STEPS_PER_CALL.get(what, 1)
+
             return fn
+
         return {what: make(what) for what in bench.WHATS}, 1000, 16
 
     monkeypatch.setattr(bench, "build", fake_build)
@@ -29,7 +33,9 @@ def test_ratios_are_medians_of_ratios_to_the_plain_steps_around_each_measurement
     row = bench.summarise("default", 4, times, ratios, peaks, n_lora=1000, seq=16)
     assert row["gast_default_x"] == pytest.approx(1.5) and row["vmap_x"] == pytest.approx(2.0)
     assert len(ratios["loop"]) == 1 and len(ratios["gast_default"]) == 3
-    assert row["block_bound_mib"] == pytest.approx((4 + 4) * 1000 / 4 * 4 / 2**20)  # the default model: 4 blocks
+    assert row["block_bound_mib"] == pytest.approx(
+        (4 + 4) * 1000 / 4 * 4 / 2**20
+    )  # the default model: 4 blocks
     assert row["vmap_speedup_over_loop"] == pytest.approx(1.0)
     assert row["plain_spread"] > 2 and row["busy"]  # the warning still sees the load
     assert row["per_sample_grad_mib"] == pytest.approx(4 * 1000 * 4 / 2**20)
@@ -40,21 +46,34 @@ def test_the_papers_two_pass_variant_writes_the_torch_func_paths_gradients():
     from gast import SelectionConfig, SparseTuner
     from lora import LoRAConfig, add_lora
     from model import GPT, IGNORE_INDEX
+
     torch.manual_seed(0)
-    model = add_lora(GPT(GPTConfig(block_size=8, vocab_size=40, n_layer=3, n_head=2, n_embd=16)), LoRAConfig(), verbose=False)
-    for p in model.parameters():  # B away from zero, so that every block's gradient differs by sample
+    model = add_lora(
+        GPT(GPTConfig(block_size=8, vocab_size=40, n_layer=3, n_head=2, n_embd=16)),
+        LoRAConfig(),
+        verbose=False,
+    )
+    for (
+        p
+    ) in model.parameters():  # B away from zero, so that every block's gradient differs by sample
         if p.requires_grad:
             p.data.normal_(0, 0.3)
     x = torch.randint(0, 40, (12, 8))
     y = x.roll(-1, dims=1)
     y[:3, :4] = IGNORE_INDEX  # some positions without loss, as a prompt has
     pool = (torch.randint(0, 40, (20, 8)), torch.randint(0, 40, (20, 8)))
-    record = SparseTuner(model, SelectionConfig(method="gast", per_sample="vmap"), seed=3, support_set=pool).step(x, y)
+    record = SparseTuner(
+        model, SelectionConfig(method="gast", per_sample="vmap"), seed=3, support_set=pool
+    ).step(x, y)
     reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert record.mask.any(dim=1).all() and not record.mask.all(dim=1).any()  # each block drew, none took all
+    assert (
+        record.mask.any(dim=1).all() and not record.mask.all(dim=1).any()
+    )  # each block drew, none took all
     bench.second_pass(model, x, y, record.mask)
     for name, g in reference.items():
-        torch.testing.assert_close(dict(model.named_parameters())[name].grad, g, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            dict(model.named_parameters())[name].grad, g, rtol=1e-4, atol=1e-6
+        )
 
 
 def test_a_tiny_model_end_to_end_writes_every_field(tmp_path, monkeypatch, capsys):
@@ -62,10 +81,33 @@ def test_a_tiny_model_end_to_end_writes_every_field(tmp_path, monkeypatch, capsy
     monkeypatch.setitem(bench.MODELS, "tiny", (tiny, bench.ATTENTION, (4,)))
     monkeypatch.setattr(bench, "SUPPORT_SET_SIZE", 6)
     # memory in this process: fresh processes would not see the tiny model patched in
-    monkeypatch.setattr(bench, "memory_all", lambda spec, B, device, threads: {
-        what: bench.memory_one(spec, B, what, device, threads) for what in bench.WHATS})
+    monkeypatch.setattr(
+        bench,
+        "memory_all",
+        lambda spec, B, device, threads: {
+            what: bench.memory_one(spec, B, what, device, threads) for what in bench.WHATS
+        },
+    )
     out = tmp_path / "bench.json"
-    assert bench.main(["--models", "tiny", "--repeats", "2", "--loop-repeats", "1", "--threads", "1", "--out", str(out), "--device", "cpu"]) == 0
+    assert (
+        bench.main(
+            [
+                "--models",
+                "tiny",
+                "--repeats",
+                "2",
+                "--loop-repeats",
+                "1",
+                "--threads",
+                "1",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     saved = json.loads(out.read_text())
     assert saved["threads"] == 1 and len(saved["rows"]) == 1
     row = saved["rows"][0]
@@ -75,13 +117,19 @@ def test_a_tiny_model_end_to_end_writes_every_field(tmp_path, monkeypatch, capsy
     assert "1 torch threads" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--batches", "abc"], "--batches must be comma-separated integers, got 'abc'"),
-    (["--models", "foo"], "--models: unknown foo"),
-    (["--repeats", "0"], "--repeats must be positive, got 0"),
-    (["--device", "banana"], "--device 'banana' is not a device"),
-    (["--batches", "100000000", "--models", "default"], "the default model at batch 100000000 needs at least about"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--batches", "abc"], "--batches must be comma-separated integers, got 'abc'"),
+        (["--models", "foo"], "--models: unknown foo"),
+        (["--repeats", "0"], "--repeats must be positive, got 0"),
+        (["--device", "banana"], "--device 'banana' is not a device"),
+        (
+            ["--batches", "100000000", "--models", "default"],
+            "the default model at batch 100000000 needs at least about",
+        ),
+    ],
+)
 def test_bad_flags_are_refused_with_the_flag_named(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         bench.parse_args(argv)
@@ -92,7 +140,11 @@ def test_an_unwritable_out_is_found_before_the_benchmark_runs(tmp_path, capsys):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(SystemExit) as e:
         bench.parse_args(["--out", str(tmp_path / "a-file" / "bench.json")])
-    assert e.value.code == 2 and f"--out {tmp_path / 'a-file' / 'bench.json'}: cannot write there" in capsys.readouterr().err
+    assert (
+        e.value.code == 2
+        and f"--out {tmp_path / 'a-file' / 'bench.json'}: cannot write there"
+        in capsys.readouterr().err
+    )
     with pytest.raises(SystemExit):
         bench.parse_args(["--out", str(tmp_path)])  # a directory
     assert "is a directory; give a file name" in capsys.readouterr().err

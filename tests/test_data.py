@@ -5,8 +5,24 @@ import tiktoken
 from hypothesis import given, settings, strategies as st
 
 import data
-from data import (ASK, FACT, TASKS, DataError, Example, collate, encode, get_tokenizer, lexicon, load_jsonl, load_text,
-                  make_default_task, make_knowledge_task, parse_tasks, pretrain_text, task_answer)
+from data import (
+    ASK,
+    FACT,
+    TASKS,
+    DataError,
+    Example,
+    collate,
+    encode,
+    get_tokenizer,
+    lexicon,
+    load_jsonl,
+    load_text,
+    make_default_task,
+    make_knowledge_task,
+    parse_tasks,
+    pretrain_text,
+    task_answer,
+)
 
 TOK = get_tokenizer()
 
@@ -36,8 +52,12 @@ def test_a_named_encoding_that_cannot_be_fetched_says_how_to_make_it_available(m
 def test_default_task_is_determined_by_its_seed_with_the_stated_noise():
     task = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=7, n_heldout=30, n_dev=40)
     train, val = task.train, task.val
-    again = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=7, n_heldout=30, n_dev=40)
-    other = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=8, n_heldout=30, n_dev=40)
+    again = make_default_task(
+        TOK, n_train=200, n_val=50, noise=0.25, seed=7, n_heldout=30, n_dev=40
+    )
+    other = make_default_task(
+        TOK, n_train=200, n_val=50, noise=0.25, seed=8, n_heldout=30, n_dev=40
+    )
     for split in ("train", "val", "heldout", "dev"):
         assert [e.tokens for e in getattr(task, split)] == [e.tokens for e in getattr(again, split)]
         assert [e.tokens for e in getattr(task, split)] != [e.tokens for e in getattr(other, split)]
@@ -47,8 +67,14 @@ def test_default_task_is_determined_by_its_seed_with_the_stated_noise():
 
     for e in train + val + task.heldout + task.dev:
         name, word, answer = parts(e)
-        assert name == e.task and (answer == task_answer(word, name)) != e.noisy and len(answer) == len(word)
-    words = [{parts(e)[1] for e in getattr(task, split)} for split in ("train", "val", "heldout", "dev")]
+        assert (
+            name == e.task
+            and (answer == task_answer(word, name)) != e.noisy
+            and len(answer) == len(word)
+        )
+    words = [
+        {parts(e)[1] for e in getattr(task, split)} for split in ("train", "val", "heldout", "dev")
+    ]
     assert sum(map(len, words)) == len(set().union(*words))  # the four splits share no word
     assert task_answer("abz", "rsh") == "acb"  # reverse, then each letter + 1
     assert [task_answer("abz", name) for name in TASKS] == ["abz", "zba", "cdb", "acb"]
@@ -69,18 +95,23 @@ def test_every_split_of_the_mixture_shares_its_samples_evenly_among_the_tasks():
         counts = [sum(e.task == name for e in getattr(task, split)) for name in TASKS]
         assert max(counts) - min(counts) <= 1, (split, counts)
     names = [e.task for e in task.train]
-    assert names[:8] != [list(TASKS)[i % 4] for i in range(8)]  # the tasks are shuffled, not in turn
+    assert names[:8] != [
+        list(TASKS)[i % 4] for i in range(8)
+    ]  # the tasks are shuffled, not in turn
 
 
 def test_tasks_chooses_a_subset_and_refuses_unknown_names():
     assert parse_tasks("all") == tuple(TASKS)
     assert parse_tasks("rsh, plus2") == ("plus2", "rsh")  # in TASKS' order
-    task = make_default_task(TOK, n_train=50, n_val=10, noise=0.2, seed=0, n_heldout=4, n_dev=4, tasks=("plus2",))
+    task = make_default_task(
+        TOK, n_train=50, n_val=10, noise=0.2, seed=0, n_heldout=4, n_dev=4, tasks=("plus2",)
+    )
     assert {e.task for e in task.train + task.val + task.heldout + task.dev} == {"plus2"}
     for bad in ("revshift", "", "plus2,nope", "shift"):
         with pytest.raises(ValueError, match="echo, inv, plus2, rsh"):
             parse_tasks(bad)
     from data import DataConfig
+
     assert any("--tasks nope" in p for p in DataConfig(tasks="nope").problems())
     assert DataConfig(tasks="plus2,rsh").problems() == []
 
@@ -97,8 +128,12 @@ def test_pretraining_corpus_teaches_the_known_operations_only():
 
 def test_a_lexicon_is_fixed_by_its_size_and_half_the_corpus_states_it_evenly():
     facts = lexicon(50)
-    assert facts == lexicon(50) and list(lexicon(20).items()) == list(facts.items())[:20]  # a larger lexicon extends a smaller one
-    assert len(facts) == 50 and all(len(w) == 4 and len(c) == 3 and (w + c).isalpha() for w, c in facts.items())
+    assert (
+        facts == lexicon(50) and list(lexicon(20).items()) == list(facts.items())[:20]
+    )  # a larger lexicon extends a smaller one
+    assert len(facts) == 50 and all(
+        len(w) == 4 and len(c) == 3 and (w + c).isalpha() for w, c in facts.items()
+    )
     lines = pretrain_text(400, seed=3, facts=facts).splitlines()
     stated = [line for line in lines if line.startswith(FACT + " ")]
     assert len(lines) == 400 and len(stated) == 200
@@ -110,8 +145,13 @@ def test_a_lexicon_is_fixed_by_its_size_and_half_the_corpus_states_it_evenly():
     assert set(counts.values()) == {4}  # 200 lines, 50 facts: each stated as often as the others
     others = [line for line in lines if not line.startswith(FACT + " ")]
     assert {line.split()[0] for line in others} == set(data.PRETRAIN_OPS)
-    assert pretrain_text(300, seed=0) == pretrain_text(300, seed=0, facts=None)  # without facts: the corpus of before
-    assert len([x for x in pretrain_text(20, seed=0, facts=facts).splitlines() if x.startswith(FACT)]) == 10  # a short corpus: a subset
+    assert pretrain_text(300, seed=0) == pretrain_text(
+        300, seed=0, facts=None
+    )  # without facts: the corpus of before
+    assert (
+        len([x for x in pretrain_text(20, seed=0, facts=facts).splitlines() if x.startswith(FACT)])
+        == 10
+    )  # a short corpus: a subset
 
 
 def test_the_knowledge_task_asks_for_the_facts_in_a_new_template_on_unseen_words():
@@ -119,14 +159,23 @@ def test_the_knowledge_task_asks_for_the_facts_in_a_new_template_on_unseen_words
     task = make_knowledge_task(TOK, facts, n_val=20, n_dev=10, seed=1)
     words = lambda split: [TOK.decode(e.tokens[: e.n_prompt]).split()[1].rstrip("=") for e in split]
     train, test, dev = words(task.train), words(task.val), words(task.dev)
-    assert (len(train), len(test), len(dev)) == (30, 20, 10) and set(train + test + dev) == set(facts)
+    assert (len(train), len(test), len(dev)) == (30, 20, 10) and set(train + test + dev) == set(
+        facts
+    )
     assert not set(train) & set(test) and not set(train) & set(dev) and not set(test) & set(dev)
     for split, name in ((task.train, ASK), (task.val, ASK), (task.dev, ASK), (task.heldout, FACT)):
         for e in split:
             prompt, answer = TOK.decode(e.tokens[: e.n_prompt]), TOK.decode(e.completion)
-            assert prompt.startswith(name + " ") and answer == facts[prompt.split()[1].rstrip("=")] + "\n"
-    assert words(task.heldout) == test  # recall before fine-tuning: the test words in the pretraining template
-    assert test != words(make_knowledge_task(TOK, facts, n_val=20, n_dev=10, seed=2).val)  # the seed splits
+            assert (
+                prompt.startswith(name + " ")
+                and answer == facts[prompt.split()[1].rstrip("=")] + "\n"
+            )
+    assert (
+        words(task.heldout) == test
+    )  # recall before fine-tuning: the test words in the pretraining template
+    assert test != words(
+        make_knowledge_task(TOK, facts, n_val=20, n_dev=10, seed=2).val
+    )  # the seed splits
     with pytest.raises(ValueError, match="cannot give 40 test and 20 dev words"):
         make_knowledge_task(TOK, facts, n_val=40, n_dev=20)
 
@@ -147,9 +196,14 @@ def write(tmp_path, name, content):
 
 
 def test_jsonl_with_custom_field_names_puts_the_loss_on_completions_only(tmp_path):
-    rows = [{"question": "2+2?", "answer": " 4"}, {"question": "why?", "answer": " because it is so, truly"}]
+    rows = [
+        {"question": "2+2?", "answer": " 4"},
+        {"question": "why?", "answer": " because it is so, truly"},
+    ]
     path = write(tmp_path, "qa.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
-    examples, cut = load_jsonl(path, TOK, block_size=12, prompt_field="question", completion_field="answer")
+    examples, cut = load_jsonl(
+        path, TOK, block_size=12, prompt_field="question", completion_field="answer"
+    )
     assert len(examples) == 2
     assert TOK.decode(examples[0].tokens) == "2+2? 4<|endoftext|>" and examples[0].n_prompt == 4
     x, y, _ = collate(examples, pad_id=TOK.eot_token)
@@ -167,17 +221,39 @@ def test_text_file_becomes_windows_that_cover_every_token(tmp_path):
     assert TOK.decode(joined) == text
 
 
-@pytest.mark.parametrize("content,message", [
-    ('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n', r"bad.jsonl:2: malformed JSON"),
-    ('{"prompt": "a", "completion": "b"}\n\n{"prompt": "a"}\n', r"bad.jsonl:3: no field 'completion'"),
-    ('{"prompt": "a", "completion": 3}\n', r"bad.jsonl:1: field 'completion' must be a string, got int"),
-    ('["prompt", "completion"]\n', r"bad.jsonl:1: expected a JSON object"),
-    ("", r"bad.jsonl: file is empty"),
-    ("\n  \n", r"bad.jsonl: file is empty"),
-    ('{"prompt": "' + "p" * 17 + '", "completion": "b"}\n{"prompt": "' + "p" * 40 + '", "completion": "b"}\n',
-     r"bad.jsonl: every prompt leaves no completion token within the model's context of 16 tokens \(first: .*bad.jsonl:1\)"),
-    (b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff", "completion": "b"}\n', r"bad.jsonl:2: not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (
+            '{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n',
+            r"bad.jsonl:2: malformed JSON",
+        ),
+        (
+            '{"prompt": "a", "completion": "b"}\n\n{"prompt": "a"}\n',
+            r"bad.jsonl:3: no field 'completion'",
+        ),
+        (
+            '{"prompt": "a", "completion": 3}\n',
+            r"bad.jsonl:1: field 'completion' must be a string, got int",
+        ),
+        ('["prompt", "completion"]\n', r"bad.jsonl:1: expected a JSON object"),
+        ("", r"bad.jsonl: file is empty"),
+        ("\n  \n", r"bad.jsonl: file is empty"),
+        (
+            '{"prompt": "'
+            + "p" * 17
+            + '", "completion": "b"}\n{"prompt": "'
+            + "p" * 40
+            + '", "completion": "b"}\n',
+            r"bad.jsonl: every prompt leaves no completion token within the model's context of 16 "
+            r"tokens \(first: .*bad.jsonl:1\)",
+        ),
+        (
+            b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff", "completion": "b"}\n',
+            r"bad.jsonl:2: not valid UTF-8",
+        ),
+    ],
+)
 def test_bad_jsonl_gets_a_clear_error_naming_file_and_line(tmp_path, content, message):
     path = write(tmp_path, "bad.jsonl", content)
     with pytest.raises(DataError, match=message):
@@ -195,16 +271,26 @@ def test_bad_text_files_get_clear_errors(tmp_path):
 
 def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
     path = tmp_path / "bom.jsonl"
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "completion": " c"}).encode() + b"\n\xff\n")
-    with pytest.raises(DataError, match=r"bom.jsonl:2: not valid UTF-8"):  # lines still count from the file's start
+    path.write_bytes(
+        b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "completion": " c"}).encode() + b"\n\xff\n"
+    )
+    with pytest.raises(
+        DataError, match=r"bom.jsonl:2: not valid UTF-8"
+    ):  # lines still count from the file's start
         load_jsonl(str(path), TOK, 32)
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "completion": " c"}).encode() + b"\n")
+    path.write_bytes(
+        b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "completion": " c"}).encode() + b"\n"
+    )
     examples, _ = load_jsonl(str(path), TOK, 32)
     assert TOK.decode(examples[0].tokens[: examples[0].n_prompt]) == "p"
 
 
 def test_a_prompt_that_fills_the_context_is_skipped_and_its_line_kept(tmp_path):
-    lines = [{"prompt": "a", "completion": "b"}, {"prompt": "p" * 40, "completion": "b"}, {"prompt": "c", "completion": "d"}]
+    lines = [
+        {"prompt": "a", "completion": "b"},
+        {"prompt": "p" * 40, "completion": "b"},
+        {"prompt": "c", "completion": "d"},
+    ]
     path = write(tmp_path, "mixed.jsonl", "\n".join(json.dumps(r) for r in lines))
     examples, cut = load_jsonl(path, TOK, block_size=16)
     assert len(examples) == 2 and cut.skipped == [f"{path}:2"]
@@ -212,30 +298,64 @@ def test_a_prompt_that_fills_the_context_is_skipped_and_its_line_kept(tmp_path):
 
 
 def test_systematic_noise_is_another_tasks_answer_and_random_noise_is_unchanged():
-    systematic = make_default_task(TOK, n_train=200, n_val=5, noise=0.25, seed=3, n_heldout=5, n_dev=5, noise_kind="systematic")
+    systematic = make_default_task(
+        TOK, n_train=200, n_val=5, noise=0.25, seed=3, n_heldout=5, n_dev=5, noise_kind="systematic"
+    )
     plain = make_default_task(TOK, n_train=200, n_val=5, noise=0.25, seed=3, n_heldout=5, n_dev=5)
-    again = make_default_task(TOK, n_train=200, n_val=5, noise=0.25, seed=3, n_heldout=5, n_dev=5, noise_kind="random")
-    assert [e.tokens for e in plain.train] == [e.tokens for e in again.train]  # random is the default, as before
+    again = make_default_task(
+        TOK, n_train=200, n_val=5, noise=0.25, seed=3, n_heldout=5, n_dev=5, noise_kind="random"
+    )
+    assert [e.tokens for e in plain.train] == [
+        e.tokens for e in again.train
+    ]  # random is the default, as before
     noisy = [e for e in systematic.train if e.noisy]
-    assert len(noisy) == 50 and [e.noisy for e in systematic.train] == [e.noisy for e in plain.train]
+    assert len(noisy) == 50 and [e.noisy for e in systematic.train] == [
+        e.noisy for e in plain.train
+    ]
     for e in noisy:
         name, word, answer = parts(e)
-        assert answer != task_answer(word, name) and answer in {TASKS[other](word) for other in TASKS if other != name}
+        assert answer != task_answer(word, name) and answer in {
+            TASKS[other](word) for other in TASKS if other != name
+        }
     for e in (e for e in plain.train if e.noisy):
         name, word, answer = parts(e)
         assert answer != task_answer(word, name) and len(answer) == len(word)
-    one = make_default_task(TOK, n_train=40, n_val=5, noise=0.5, seed=3, n_heldout=5, n_dev=5, noise_kind="systematic", tasks=("plus2",))
-    for e in (e for e in one.train if e.noisy):  # a mixture of one: another pretraining skill's answer
+    one = make_default_task(
+        TOK,
+        n_train=40,
+        n_val=5,
+        noise=0.5,
+        seed=3,
+        n_heldout=5,
+        n_dev=5,
+        noise_kind="systematic",
+        tasks=("plus2",),
+    )
+    for e in (
+        e for e in one.train if e.noisy
+    ):  # a mixture of one: another pretraining skill's answer
         name, word, answer = parts(e)
-        assert answer != task_answer(word, name) and answer in {op(word) for op in data.PRETRAIN_OPS.values()}
+        assert answer != task_answer(word, name) and answer in {
+            op(word) for op in data.PRETRAIN_OPS.values()
+        }
 
 
 def test_the_per_task_table_gives_each_task_and_the_average_over_tasks():
-    per_task = {"a": {"n": 10, "loss": 1.0, "exact_match": 0.5}, "b": {"n": 30, "loss": 3.0, "exact_match": 1.0}}
+    per_task = {
+        "a": {"n": 10, "loss": 1.0, "exact_match": 0.5},
+        "b": {"n": 30, "loss": 3.0, "exact_match": 1.0},
+    }
     lines = data.per_task_lines(per_task)
     assert len(lines) == 4 and lines[1].split("|")[0].strip() == "a"
     average = [cell.strip() for cell in lines[-1].split("|")]
-    assert average == ["average", "40", "2.0000", "0.750"]  # the mean over tasks (over samples: 2.5 and 0.875)
-    assert data.per_task_lines({"a": per_task["a"]}) == []  # one task: nothing beyond the overall line
+    assert average == [
+        "average",
+        "40",
+        "2.0000",
+        "0.750",
+    ]  # the mean over tasks (over samples: 2.5 and 0.875)
+    assert (
+        data.per_task_lines({"a": per_task["a"]}) == []
+    )  # one task: nothing beyond the overall line
     no_em = data.per_task_lines({k: {**v, "exact_match": None} for k, v in per_task.items()})
     assert "exact match" not in no_em[0] and no_em[-1].count("|") == 2

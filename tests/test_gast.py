@@ -6,9 +6,22 @@ from hypothesis import assume, given, settings, strategies as st
 
 from data import collate, get_tokenizer, make_default_task
 import gast
-from gast import (SelectionConfig, SparseTuner, alignment_scores, budgets, draw, inclusion_probabilities, law,
-                  per_sample_grads, per_sample_grads_by_hooks, per_sample_grads_and_losses, select, selection_rates,
-                  standardise, support_gradient)
+from gast import (
+    SelectionConfig,
+    SparseTuner,
+    alignment_scores,
+    budgets,
+    draw,
+    inclusion_probabilities,
+    law,
+    per_sample_grads,
+    per_sample_grads_by_hooks,
+    per_sample_grads_and_losses,
+    select,
+    selection_rates,
+    standardise,
+    support_gradient,
+)
 from lora import LoRAConfig, add_lora, lora_names_by_block, lora_modules
 from model import GPT, GPTConfig, IGNORE_INDEX
 
@@ -40,8 +53,13 @@ def batch(B, T=10, seed=0, device="cpu"):
     return x.to(device), y.to(device)
 
 
-scores_strategy = st.integers(1, 5).flatmap(lambda L: st.integers(1, 6).flatmap(lambda B: st.lists(
-    st.lists(st.integers(-3, 3).map(float), min_size=B, max_size=B), min_size=L, max_size=L)))
+scores_strategy = st.integers(1, 5).flatmap(
+    lambda L: st.integers(1, 6).flatmap(
+        lambda B: st.lists(
+            st.lists(st.integers(-3, 3).map(float), min_size=B, max_size=B), min_size=L, max_size=L
+        )
+    )
+)
 
 
 def sizes(scores, data):
@@ -50,6 +68,7 @@ def sizes(scores, data):
 
 
 # --- the topk option (select, with our layer budget K): budget and order ---
+
 
 @settings(max_examples=200, deadline=None)
 @given(scores_strategy, st.data())
@@ -68,11 +87,16 @@ def test_topk_budget_and_order(scores, data):
 
 # --- topk: optimality against brute force over every feasible mask ---
 
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 3), st.integers(1, 4), st.data())
 def test_topk_selection_is_the_brute_force_optimum(L, B, data):
-    a = torch.tensor(data.draw(st.lists(st.lists(st.floats(-5, 5), min_size=B, max_size=B), min_size=L, max_size=L)),
-                     dtype=torch.float64)
+    a = torch.tensor(
+        data.draw(
+            st.lists(st.lists(st.floats(-5, 5), min_size=B, max_size=B), min_size=L, max_size=L)
+        ),
+        dtype=torch.float64,
+    )
     K, k = data.draw(st.integers(1, L)), data.draw(st.integers(1, B))
     best = -float("inf")
     for rows in itertools.combinations(range(L), K):
@@ -98,6 +122,7 @@ def test_budgets_round_before_ceiling():
 
 # --- topk: nesting ---
 
+
 @settings(max_examples=150, deadline=None)
 @given(scores_strategy, st.data())
 def test_topk_larger_budgets_never_drop_a_sample_or_a_layer(scores, data):
@@ -113,13 +138,20 @@ def test_topk_larger_budgets_never_drop_a_sample_or_a_layer(scores, data):
 
 # --- topk: equivariance ---
 
+
 @settings(max_examples=150, deadline=None)
 @given(st.integers(1, 5), st.integers(1, 6), st.data())
 def test_topk_permuting_samples_or_layers_permutes_the_mask(L, B, data):
-    values = data.draw(st.lists(st.integers(-1000, 1000), min_size=L * B, max_size=L * B, unique=True))
-    a = torch.tensor(values, dtype=torch.float64).view(L, B)  # distinct integers: no ties, exact sums
+    values = data.draw(
+        st.lists(st.integers(-1000, 1000), min_size=L * B, max_size=L * B, unique=True)
+    )
+    a = torch.tensor(values, dtype=torch.float64).view(
+        L, B
+    )  # distinct integers: no ties, exact sums
     K, k = data.draw(st.integers(1, L)), data.draw(st.integers(1, B))
-    assume(len(set(a.sort(dim=1, descending=True).values[:, :k].sum(1).tolist())) == L)  # no tie in v_l
+    assume(
+        len(set(a.sort(dim=1, descending=True).values[:, :k].sum(1).tolist())) == L
+    )  # no tie in v_l
     M = select(a, K, k)
     cols = torch.tensor(data.draw(st.permutations(range(B))))
     rows = torch.tensor(data.draw(st.permutations(range(L))))
@@ -128,6 +160,7 @@ def test_topk_permuting_samples_or_layers_permutes_the_mask(L, B, data):
 
 
 # --- I8: per-sample gradients ---
+
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_I8_per_sample_grads_match_single_sample_backward_and_the_batch_gradient(device):
@@ -161,6 +194,7 @@ def test_per_sample_losses_are_the_models_per_sample_losses():
 
 # --- I4 for topk: alignment ---
 
+
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 1000), layer_ratio=st.floats(0.1, 1.0), data_ratio=st.floats(0.1, 1.0))
 def test_I4_topk_update_is_at_least_as_aligned_as_the_dense_one(seed, layer_ratio, data_ratio):
@@ -189,7 +223,9 @@ def test_I4_topk_with_a_held_out_support(seed, layer_ratio, data_ratio):
     grads = per_sample_grads(model, x, y)
     layers = lora_names_by_block(model)
     r = support_gradient(model, *batch(5, seed=seed + 1))
-    M = select(alignment_scores(grads, layers, r), *budgets(len(layers), 6, layer_ratio, data_ratio))
+    M = select(
+        alignment_scores(grads, layers, r), *budgets(len(layers), 6, layer_ratio, data_ratio)
+    )
     for l in M.any(dim=1).nonzero().flatten().tolist():
         sparse = sum(float((grads[n][M[l]].mean(0) * r[n]).sum()) for n in layers[l])
         dense = sum(float((grads[n].mean(0) * r[n]).sum()) for n in layers[l])
@@ -211,15 +247,21 @@ def test_alignment_scores_against_a_given_support():
 
 # --- I7: reduction to plain LoRA ---
 
-SUPPORT_SET = batch(8, seed=123)  # the pool support mini-batches are drawn from (a stand-in for the training set)
+SUPPORT_SET = batch(
+    8, seed=123
+)  # the pool support mini-batches are drawn from (a stand-in for the training set)
 
 
 def train_steps(method, steps=3, layer_ratio=1.0, data_ratio=1.0, seed=0, **kw):
     model = lora_model(dtype=torch.float64)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=0.01, weight_decay=0.1)
-    tuner = SparseTuner(model, SelectionConfig(method=method, layer_ratio=layer_ratio, data_ratio=data_ratio, **kw),
-                        seed=seed, support_set=SUPPORT_SET)
+    tuner = SparseTuner(
+        model,
+        SelectionConfig(method=method, layer_ratio=layer_ratio, data_ratio=data_ratio, **kw),
+        seed=seed,
+        support_set=SUPPORT_SET,
+    )
     probe = lambda: batch(4, seed=99)
     records = []
     for s in range(steps):
@@ -229,13 +271,17 @@ def train_steps(method, steps=3, layer_ratio=1.0, data_ratio=1.0, seed=0, **kw):
     return model, opt, records
 
 
-@pytest.mark.parametrize("selection,support", [("softmax", "train"), ("topk", "heldout"), ("random", "batch")])
+@pytest.mark.parametrize(
+    "selection,support", [("softmax", "train"), ("topk", "heldout"), ("random", "batch")]
+)
 def test_I7_gast_with_data_ratio_one_is_a_plain_lora_step(selection, support):
     one_step, _, _ = train_steps("gast", steps=1, selection=selection, support=support)
     gast_model, _, records = train_steps("gast", selection=selection, support=support)
     assert all(r.mask.all() for r in records)
     plain = lora_model(dtype=torch.float64)
-    opt = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=0.01, weight_decay=0.1)
+    opt = torch.optim.AdamW(
+        [p for p in plain.parameters() if p.requires_grad], lr=0.01, weight_decay=0.1
+    )
     for s in range(3):
         x, y = batch(6, seed=s)
         opt.zero_grad()
@@ -253,10 +299,15 @@ def test_I7_gast_with_data_ratio_one_is_a_plain_lora_step(selection, support):
 
 # --- I9: determinism ---
 
+
 @pytest.mark.parametrize("method", ["gast", "data", "lisa", "ist"])
 def test_I9_same_inputs_and_seed_give_the_same_masks_and_parameters(method):
-    a_model, _, a_rec = train_steps(method, steps=4, layer_ratio=0.5, data_ratio=0.5, lisa_interval=2, ist_interval=2)
-    b_model, _, b_rec = train_steps(method, steps=4, layer_ratio=0.5, data_ratio=0.5, lisa_interval=2, ist_interval=2)
+    a_model, _, a_rec = train_steps(
+        method, steps=4, layer_ratio=0.5, data_ratio=0.5, lisa_interval=2, ist_interval=2
+    )
+    b_model, _, b_rec = train_steps(
+        method, steps=4, layer_ratio=0.5, data_ratio=0.5, lisa_interval=2, ist_interval=2
+    )
     assert all(torch.equal(r.mask, s.mask) for r, s in zip(a_rec, b_rec))
     for p, q in zip(a_model.parameters(), b_model.parameters()):
         assert torch.equal(p, q)
@@ -264,17 +315,25 @@ def test_I9_same_inputs_and_seed_give_the_same_masks_and_parameters(method):
 
 # --- the baselines' rules ---
 
+
 @pytest.mark.parametrize("method", ["lisa", "ist", "gast"])
 def test_layers_outside_the_draw_get_no_grad_and_keep_their_adamw_state(method):
     model = lora_model()
     trainable = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
     opt = torch.optim.AdamW(trainable.values(), lr=0.01, weight_decay=0.1)
-    tuner = SparseTuner(model, SelectionConfig(method=method, layer_ratio=0.5, data_ratio=0.5, lisa_interval=3), seed=1,
-                        support_set=SUPPORT_SET)
+    tuner = SparseTuner(
+        model,
+        SelectionConfig(method=method, layer_ratio=0.5, data_ratio=0.5, lisa_interval=3),
+        seed=1,
+        support_set=SUPPORT_SET,
+    )
     layers = lora_names_by_block(model)
     seen_sets = set()
     for s in range(7):
-        before = {n: (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}) for n, p in trainable.items()}
+        before = {
+            n: (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+            for n, p in trainable.items()
+        }
         x, y = batch(6, seed=s)
         record = tuner.step(x, y, probe=lambda: batch(4, seed=50))
         opt.step()
@@ -307,11 +366,15 @@ def test_lisa_keeps_its_layers_between_redraws():
 def test_data_selects_one_global_set_by_summed_alignment(selection):
     _, _, records = train_steps("data", steps=2, data_ratio=0.5, selection=selection)
     for r in records:
-        assert r.mask.sum(1).tolist() == [3] * 4 and torch.equal(r.mask, r.mask[:1].expand_as(r.mask))
+        assert r.mask.sum(1).tolist() == [3] * 4 and torch.equal(
+            r.mask, r.mask[:1].expand_as(r.mask)
+        )
     _, _, records = train_steps("data", steps=2, data_ratio=0.5, selection="topk")
     for r in records:
         assert r.mask.all(dim=1).sum() == 0 and torch.equal(r.mask, r.mask[:1].expand_as(r.mask))
-        assert set(r.mask[0].nonzero().flatten().tolist()) == set(r.scores.sum(0).topk(3).indices.tolist())
+        assert set(r.mask[0].nonzero().flatten().tolist()) == set(
+            r.scores.sum(0).topk(3).indices.tolist()
+        )
 
 
 def test_ist_importance_rises_where_suppression_costs_little():
@@ -325,7 +388,9 @@ def test_ist_importance_rises_where_suppression_costs_little():
                 m.lora_B.normal_(std=3.0)
     x = torch.randint(0, TINY.vocab_size, (16, 10))
     y = model(x)[0].argmax(-1)  # targets the adapted model predicts: low loss with block 0 on
-    tuner = SparseTuner(model, SelectionConfig(method="ist", layer_ratio=0.25, ist_interval=1), seed=0)
+    tuner = SparseTuner(
+        model, SelectionConfig(method="ist", layer_ratio=0.25, ist_interval=1), seed=0
+    )
     for _ in range(12):
         tuner._ist_update_importance(x, y)
     s = tuner.importance
@@ -348,15 +413,22 @@ def test_unknown_method_is_refused():
 
 # --- the record ---
 
+
 def test_record_coverage_and_rates_agree_with_mask_and_flags():
     _, _, records = train_steps("gast", steps=3, layer_ratio=0.5, data_ratio=0.34)
     noisy = torch.arange(6) % 3 == 0
     for r in records:
-        assert r.coverage == pytest.approx(len({i for l in r.active_layers for i in r.mask[l].nonzero().flatten().tolist()}) / 6)
+        assert r.coverage == pytest.approx(
+            len({i for l in r.active_layers for i in r.mask[l].nonzero().flatten().tolist()}) / 6
+        )
         for l in range(4):
             if l in r.active_layers:
-                assert float(r.noisy_rate[l]) == pytest.approx(float(r.mask[l, noisy].float().mean()))
-                assert float(r.clean_rate[l]) == pytest.approx(float(r.mask[l, ~noisy].float().mean()))
+                assert float(r.noisy_rate[l]) == pytest.approx(
+                    float(r.mask[l, noisy].float().mean())
+                )
+                assert float(r.clean_rate[l]) == pytest.approx(
+                    float(r.mask[l, ~noisy].float().mean())
+                )
             else:
                 assert torch.isnan(r.noisy_rate[l]) and torch.isnan(r.clean_rate[l])
         pairs = r.mask[r.active_layers][:, noisy]
@@ -375,8 +447,15 @@ def test_a_gast_step_on_the_default_gpt_at_batch_32():
     x, y, noisy = collate(task.train, tok.eot_token)
     torch.manual_seed(0)
     model = add_lora(GPT(GPTConfig()), LoRAConfig(targets=ATTENTION), verbose=False)
-    record = SparseTuner(model, SelectionConfig(), support_set=collate(task.train, tok.eot_token)[:2]).step(x, y, noisy)
-    assert record.mask.shape == (4, 32) and record.active_layers == [0, 1, 2, 3]  # the paper's rule: every layer
+    record = SparseTuner(
+        model, SelectionConfig(), support_set=collate(task.train, tok.eot_token)[:2]
+    ).step(x, y, noisy)
+    assert record.mask.shape == (4, 32) and record.active_layers == [
+        0,
+        1,
+        2,
+        3,
+    ]  # the paper's rule: every layer
     assert record.mask.sum(1).tolist() == [16] * 4 and len(record.support) == 4
     layers = lora_names_by_block(model)
     params = dict(model.named_parameters())
@@ -384,6 +463,7 @@ def test_a_gast_step_on_the_default_gpt_at_batch_32():
 
 
 # --- the fast path: per-sample gradients from backward hooks ---
+
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_hooked_per_sample_grads_equal_the_torch_func_reference(device):
@@ -396,7 +476,9 @@ def test_hooked_per_sample_grads_equal_the_torch_func_reference(device):
         torch.testing.assert_close(fast[n].double(), reference[n], msg=n)
     torch.testing.assert_close(fast_losses, losses)
     # recording ends with the context: no hook is left on the adapters
-    assert all(not m._forward_hooks and not m.lora_dropout._forward_hooks for m in lora_modules(model))
+    assert all(
+        not m._forward_hooks and not m.lora_dropout._forward_hooks for m in lora_modules(model)
+    )
 
 
 def test_gast_steps_by_hooks_and_by_vmap_leave_the_same_parameters():
@@ -409,9 +491,14 @@ def test_gast_steps_by_hooks_and_by_vmap_leave_the_same_parameters():
 
 # --- step 2: the support gradient ---
 
+
 def test_a_whole_held_out_support_set_gives_support_gradient_on_it_and_the_scores_use_it():
     model, fresh = lora_model(dtype=torch.float64), lora_model(dtype=torch.float64)
-    tuner = SparseTuner(model, SelectionConfig(method="gast", support="heldout", support_size=0), support_set=SUPPORT_SET)
+    tuner = SparseTuner(
+        model,
+        SelectionConfig(method="gast", support="heldout", support_size=0),
+        support_set=SUPPORT_SET,
+    )
     x, y = batch(6)
     record = tuner.step(x, y)
     expected = support_gradient(fresh, *SUPPORT_SET)  # the same parameters as before the step
@@ -428,7 +515,12 @@ def test_support_rows_riding_in_the_per_sample_pass_give_their_own_mean_gradient
     of their mean loss; the batch's own gradients and losses are untouched by them."""
     model, fresh = lora_model(dtype=torch.float64), lora_model(dtype=torch.float64)
     pool = batch(8, T=14, seed=7)  # longer rows than the batch's 10
-    tuner = SparseTuner(model, SelectionConfig(method="gast", support_size=3, per_sample=per_sample), seed=5, support_set=pool)
+    tuner = SparseTuner(
+        model,
+        SelectionConfig(method="gast", support_size=3, per_sample=per_sample),
+        seed=5,
+        support_set=pool,
+    )
     x, y = batch(6)
     record = tuner.step(x, y)
     rows = record.support
@@ -437,7 +529,9 @@ def test_support_rows_riding_in_the_per_sample_pass_give_their_own_mean_gradient
     for n in expected:
         torch.testing.assert_close(tuner.support_grad[n], expected[n])
     grads, losses = per_sample_grads_and_losses(fresh, x, y)
-    torch.testing.assert_close(record.scores.double(), alignment_scores(grads, lora_names_by_block(fresh), expected))
+    torch.testing.assert_close(
+        record.scores.double(), alignment_scores(grads, lora_names_by_block(fresh), expected)
+    )
     assert record.loss == pytest.approx(float(losses.mean()))
 
 
@@ -449,7 +543,9 @@ def test_the_support_is_drawn_from_the_tuners_generator_alone_and_never_from_the
     def run(disturb):
         model = lora_model(dtype=torch.float64)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
-        tuner = SparseTuner(model, SelectionConfig(method="gast", support_size=2), seed=3, support_set=SUPPORT_SET)
+        tuner = SparseTuner(
+            model, SelectionConfig(method="gast", support_size=2), seed=3, support_set=SUPPORT_SET
+        )
         out = []
         for s in range(5):
             if disturb:
@@ -470,7 +566,10 @@ def test_the_batch_support_scores_against_the_batch_mean():
     x, y = batch(6)
     record = SparseTuner(model, SelectionConfig(method="gast", support="batch")).step(x, y)
     assert record.support is None
-    torch.testing.assert_close(record.scores.double(), alignment_scores(per_sample_grads(fresh, x, y), lora_names_by_block(fresh)))
+    torch.testing.assert_close(
+        record.scores.double(),
+        alignment_scores(per_sample_grads(fresh, x, y), lora_names_by_block(fresh)),
+    )
 
 
 def test_the_support_is_refreshed_every_interval_and_kept_in_between(monkeypatch):
@@ -487,7 +586,10 @@ def test_the_support_is_refreshed_every_interval_and_kept_in_between(monkeypatch
         tuner.step(*batch(6, seed=s))
         opt.step()
         refreshed_at.append(tuner.support_step)
-        kept.append(before is not None and all(torch.equal(before[n], tuner.support_grad[n]) for n in before))
+        kept.append(
+            before is not None
+            and all(torch.equal(before[n], tuner.support_grad[n]) for n in before)
+        )
     assert refreshed_at == [0, 0, 0, 3, 3, 3, 6] and len(calls) == 3
     assert kept == [False, True, True, False, True, True, False]  # new values only at a refresh
 
@@ -518,18 +620,24 @@ def test_a_support_without_a_support_set_and_unknown_settings_are_refused():
         for support in ("train", "heldout"):
             with pytest.raises(ValueError, match="needs support_set"):
                 SparseTuner(lora_model(), SelectionConfig(method=method, support=support))
-        SparseTuner(lora_model(), SelectionConfig(method=method, support="batch"))  # the batch mean needs none
+        SparseTuner(
+            lora_model(), SelectionConfig(method=method, support="batch")
+        )  # the batch mean needs none
     SparseTuner(lora_model(), SelectionConfig(method="lora"))  # no scores, no support needed
-    for bad, message in [(dict(support="val"), "--support must be one of train, heldout, batch"),
-                         (dict(selection="best"), "--selection must be one of softmax, topk, random"),
-                         (dict(temperature=0.0), "--temperature must be positive"),
-                         (dict(support_size=-1), "--support-size must not be negative")]:
+    for bad, message in [
+        (dict(support="val"), "--support must be one of train, heldout, batch"),
+        (dict(selection="best"), "--selection must be one of softmax, topk, random"),
+        (dict(temperature=0.0), "--temperature must be positive"),
+        (dict(support_size=-1), "--support-size must not be negative"),
+    ]:
         with pytest.raises(ValueError, match=message):
             SparseTuner(lora_model(), SelectionConfig(**bad), support_set=SUPPORT_SET)
 
 
 @pytest.mark.parametrize("selection,support_size", [("softmax", 0), ("topk", 4)])
-def test_with_a_clean_held_out_support_gast_takes_corrupted_samples_less_often(selection, support_size):
+def test_with_a_clean_held_out_support_gast_takes_corrupted_samples_less_often(
+    selection, support_size
+):
     """A task the model can learn (next token = this token + 1); 4 of 12 samples per batch
     have random targets. The support set is clean. GAST aligned with it takes the corrupted
     ones less: the draw and the law it draws from (softmax: with the whole clean set as
@@ -543,8 +651,17 @@ def test_with_a_clean_held_out_support_gast_takes_corrupted_samples_less_often(s
         x = torch.randint(0, TINY.vocab_size, (n, 8), generator=g)
         return x, (x + 1) % TINY.vocab_size
 
-    tuner = SparseTuner(model, SelectionConfig(method="gast", data_ratio=0.5, selection=selection, support="heldout",
-                                               support_size=support_size), support_set=clean(16))
+    tuner = SparseTuner(
+        model,
+        SelectionConfig(
+            method="gast",
+            data_ratio=0.5,
+            selection=selection,
+            support="heldout",
+            support_size=support_size,
+        ),
+        support_set=clean(16),
+    )
     noisy = torch.arange(12) < 4
     taken = {"noisy": [], "clean": [], "noisy_intended": [], "clean_intended": []}
     for _ in range(20):
@@ -563,19 +680,26 @@ def test_with_a_clean_held_out_support_gast_takes_corrupted_samples_less_often(s
 def test_ist_trials_suppress_distinct_sets_of_layers(monkeypatch):
     seen = []
     real = gast.scaled_adapters
-    monkeypatch.setattr(gast, "scaled_adapters", lambda model, blocks, factor: seen.append(tuple(blocks)) or real(model, blocks, factor))
+    monkeypatch.setattr(
+        gast,
+        "scaled_adapters",
+        lambda model, blocks, factor: seen.append(tuple(blocks)) or real(model, blocks, factor),
+    )
     tuner = SparseTuner(lora_model(), SelectionConfig(method="ist", ist_trials=3))
     for _ in range(5):
         seen.clear()
         tuner._ist_update_importance(*batch(4))
         assert len(seen) == 3 and len(set(seen)) == 3
-    tuner = SparseTuner(lora_model(), SelectionConfig(method="ist", ist_trials=10))  # C(4, 2) = 6 sets exist
+    tuner = SparseTuner(
+        lora_model(), SelectionConfig(method="ist", ist_trials=10)
+    )  # C(4, 2) = 6 sets exist
     seen.clear()
     tuner._ist_update_importance(*batch(4))
     assert len(seen) == 6 and len(set(seen)) == 6
 
 
 # --- the paper's rule: the softmax draw (spec revision 3, I1-I6, I10) ---
+
 
 def enumerated_inclusion(z, k):
     """Each sample's inclusion probability by enumerating every ordered draw of k without
@@ -592,7 +716,9 @@ def enumerated_inclusion(z, k):
     return torch.tensor(inclusion, dtype=torch.float64)
 
 
-row_strategy = st.integers(2, 6).flatmap(lambda B: st.lists(st.floats(-4, 4), min_size=B, max_size=B))
+row_strategy = st.integers(2, 6).flatmap(
+    lambda B: st.lists(st.floats(-4, 4), min_size=B, max_size=B)
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -601,18 +727,38 @@ def test_I1_every_row_draws_exactly_k_distinct_samples(row, data):
     L = data.draw(st.integers(1, 4))
     k = data.draw(st.integers(1, len(row)))
     scores = torch.tensor([row] * L) + torch.arange(L).unsqueeze(1)
-    mask = draw(scores, k, data.draw(st.floats(0.05, 20)), torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
-    assert mask.dtype == torch.bool and mask.shape == scores.shape and mask.sum(dim=1).tolist() == [k] * L
+    mask = draw(
+        scores,
+        k,
+        data.draw(st.floats(0.05, 20)),
+        torch.Generator().manual_seed(data.draw(st.integers(0, 99))),
+    )
+    assert (
+        mask.dtype == torch.bool
+        and mask.shape == scores.shape
+        and mask.sum(dim=1).tolist() == [k] * L
+    )
 
 
 def test_I1_with_layer_ratio_one_every_layer_is_updated_each_from_its_own_draw():
-    _, _, records = train_steps("gast", steps=4, data_ratio=0.5, layer_ratio=0.0)  # 0: gast's own, every layer
-    assert all(r.active_layers == [0, 1, 2, 3] and r.mask.sum(1).tolist() == [3] * 4 for r in records)
-    assert any(len({tuple(row.tolist()) for row in r.mask}) > 1 for r in records)  # layers draw different samples
+    _, _, records = train_steps(
+        "gast", steps=4, data_ratio=0.5, layer_ratio=0.0
+    )  # 0: gast's own, every layer
+    assert all(
+        r.active_layers == [0, 1, 2, 3] and r.mask.sum(1).tolist() == [3] * 4 for r in records
+    )
+    assert any(
+        len({tuple(row.tolist()) for row in r.mask}) > 1 for r in records
+    )  # layers draw different samples
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(3, 6).flatmap(lambda B: st.lists(st.integers(-50, 50), min_size=B, max_size=B, unique=True)), st.data())
+@given(
+    st.integers(3, 6).flatmap(
+        lambda B: st.lists(st.integers(-50, 50), min_size=B, max_size=B, unique=True)
+    ),
+    st.data(),
+)
 def test_I2_temperature_to_zero_is_top_k(row, data):
     k = data.draw(st.integers(1, len(row)))
     scores = torch.tensor([row], dtype=torch.float64)
@@ -623,10 +769,16 @@ def test_I2_temperature_to_zero_is_top_k(row, data):
 
 def test_I2_constant_scores_give_every_sample_k_over_B():
     scores = torch.full((3, 5), 2.5)
-    assert torch.allclose(inclusion_probabilities(scores, 2), torch.full((3, 5), 0.4, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(
+        inclusion_probabilities(scores, 2), torch.full((3, 5), 0.4, dtype=torch.float64), atol=1e-6
+    )
     generator = torch.Generator().manual_seed(0)
     counts = sum(draw(scores, 2, 1.0, generator).double() for _ in range(4000))
-    assert torch.allclose(counts / 4000, torch.full((3, 5), 0.4, dtype=torch.float64), atol=5 * (0.4 * 0.6 / 4000) ** 0.5)
+    assert torch.allclose(
+        counts / 4000,
+        torch.full((3, 5), 0.4, dtype=torch.float64),
+        atol=5 * (0.4 * 0.6 / 4000) ** 0.5,
+    )
 
 
 @settings(max_examples=25, deadline=None)
@@ -637,10 +789,19 @@ def test_I3_the_law_is_the_enumerated_one_and_the_draws_follow_it(row, data):
     temperature = data.draw(st.sampled_from([0.5, 1.0, 2.0]))
     scores = torch.tensor([row], dtype=torch.float64)
     exact = enumerated_inclusion((standardise(scores)[0] / temperature).tolist(), k)
-    torch.testing.assert_close(inclusion_probabilities(scores, k, temperature)[0], exact, rtol=0, atol=1e-6)
-    n = 3000  # draws from a fixed seed: the same counts every run, within 5 standard errors of the law
+    torch.testing.assert_close(
+        inclusion_probabilities(scores, k, temperature)[0], exact, rtol=0, atol=1e-6
+    )
+    # draws from a fixed seed: the same counts every run, within 5 standard errors of the law
+    n = 3000
     generator = torch.Generator().manual_seed(12345)
-    frequency = sum(draw(scores.expand(n // 300, B), k, temperature, generator).double().sum(0) for _ in range(300)) / n
+    frequency = (
+        sum(
+            draw(scores.expand(n // 300, B), k, temperature, generator).double().sum(0)
+            for _ in range(300)
+        )
+        / n
+    )
     tolerance = 5 * (exact * (1 - exact) / n).clamp(min=0).sqrt() + 1e-9
     assert ((frequency - exact).abs() <= tolerance).all(), (frequency, exact)
 
@@ -648,7 +809,8 @@ def test_I3_the_law_is_the_enumerated_one_and_the_draws_follow_it(row, data):
 @settings(max_examples=40, deadline=None)
 @given(row_strategy, st.data())
 def test_I4_softmax_update_is_at_least_as_aligned_as_the_dense_one_in_expectation(row, data):
-    """E[ghat] = sum_i pi_i g_i / k, so <E ghat, s> = sum_i pi_i a_i / k >= mean_i a_i when pi rises with a."""
+    """E[ghat] = sum_i pi_i g_i / k, so <E ghat, s> = sum_i pi_i a_i / k >= mean_i a_i
+    when pi rises with a."""
     k = data.draw(st.integers(1, len(row)))
     a = torch.tensor([row], dtype=torch.float64)
     pi = inclusion_probabilities(a, k, data.draw(st.floats(0.1, 10)))
@@ -683,8 +845,12 @@ def test_I10_permuting_the_batch_permutes_the_law(row, data):
     k = data.draw(st.integers(1, len(row)))
     scores = torch.tensor([row, row[::-1]], dtype=torch.float64)
     perm = torch.tensor(data.draw(st.permutations(range(len(row)))))
-    torch.testing.assert_close(inclusion_probabilities(scores[:, perm], k), inclusion_probabilities(scores, k)[:, perm],
-                               rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        inclusion_probabilities(scores[:, perm], k),
+        inclusion_probabilities(scores, k)[:, perm],
+        rtol=0,
+        atol=1e-9,
+    )
 
 
 def test_the_draw_never_reads_the_global_rng_and_refuses_a_non_positive_temperature():
@@ -702,35 +868,63 @@ def test_the_draw_never_reads_the_global_rng_and_refuses_a_non_positive_temperat
 def test_random_selection_draws_uniformly_whatever_the_scores_from_the_tuners_generator():
     scores = torch.randn(4, 6, generator=torch.Generator().manual_seed(2)) * 10
     generator = torch.Generator().manual_seed(0)
-    frequency = sum(gast.choose(scores, 4, 3, "random", 1.0, generator).double() for _ in range(2000)) / 2000
+    frequency = (
+        sum(gast.choose(scores, 4, 3, "random", 1.0, generator).double() for _ in range(2000))
+        / 2000
+    )
     assert ((frequency - 0.5).abs() <= 5 * (0.25 / 2000) ** 0.5).all()  # every sample k / B = 0.5
     assert torch.equal(law(scores, 3, "random"), torch.full((4, 6), 0.5, dtype=torch.float64))
-    a, b = train_steps("gast", steps=2, data_ratio=0.5, selection="random")[2], train_steps("gast", steps=2, data_ratio=0.5, selection="random", seed=1)[2]
-    assert any(not torch.equal(r.mask, s.mask) for r, s in zip(a, b))  # the run's seed seeds the draws
+    a, b = (
+        train_steps("gast", steps=2, data_ratio=0.5, selection="random")[2],
+        train_steps("gast", steps=2, data_ratio=0.5, selection="random", seed=1)[2],
+    )
+    assert any(
+        not torch.equal(r.mask, s.mask) for r, s in zip(a, b)
+    )  # the run's seed seeds the draws
 
 
 # --- the block-by-block path: the same numbers as the torch.func reference ---
 
-@pytest.mark.parametrize("selection,support", [("softmax", "train"), ("softmax", "batch"), ("topk", "heldout"),
-                                               ("random", "train")])
+
+@pytest.mark.parametrize(
+    "selection,support",
+    [("softmax", "train"), ("softmax", "batch"), ("topk", "heldout"), ("random", "train")],
+)
 def test_gast_by_blocks_equals_the_torch_func_path(selection, support):
-    """Masks equal, scores and gradients allclose, the support rows' gradient the same, step after step."""
-    config = dict(method="gast", selection=selection, support=support, support_size=0 if support == "heldout" else 3,
-                  data_ratio=0.5)
+    """Masks equal, scores and gradients allclose, the support rows' gradient the same,
+    step after step."""
+    config = dict(
+        method="gast",
+        selection=selection,
+        support=support,
+        support_size=0 if support == "heldout" else 3,
+        data_ratio=0.5,
+    )
     runs = {}
     for per_sample in ("vmap", "blocks"):
         model = lora_model(dtype=torch.float64)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
-        tuner = SparseTuner(model, SelectionConfig(**config, per_sample=per_sample), seed=4, support_set=SUPPORT_SET)
+        tuner = SparseTuner(
+            model, SelectionConfig(**config, per_sample=per_sample), seed=4, support_set=SUPPORT_SET
+        )
         records, grads = [], []
         for s in range(3):
             records.append(tuner.step(*batch(6, seed=s)))
-            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+            grads.append(
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+            )
             opt.step()
         runs[per_sample] = records, grads, tuner.support_grad
-    (ref_records, ref_grads, ref_support), (records, grads, support_grad) = runs["vmap"], runs["blocks"]
+    (ref_records, ref_grads, ref_support), (records, grads, support_grad) = (
+        runs["vmap"],
+        runs["blocks"],
+    )
     for a, b in zip(ref_records, records):
-        assert torch.equal(a.mask, b.mask) and a.support == b.support and a.loss == pytest.approx(b.loss)
+        assert (
+            torch.equal(a.mask, b.mask)
+            and a.support == b.support
+            and a.loss == pytest.approx(b.loss)
+        )
         torch.testing.assert_close(b.scores, a.scores)
     for a, b in zip(ref_grads, grads):
         for n in a:
@@ -746,7 +940,9 @@ def test_blocks_hands_over_each_block_once_from_the_last_to_the_first():
     with gast.recording_per_sample_grads(model, lambda l, grads: seen.append((l, sorted(grads)))):
         model(*batch(4), reduction="none")[1].sum().backward()
     layers = lora_names_by_block(model)
-    assert [l for l, _ in seen] == [3, 2, 1, 0] and all(names == sorted(layers[l]) for l, names in seen)
+    assert [l for l, _ in seen] == [3, 2, 1, 0] and all(
+        names == sorted(layers[l]) for l, names in seen
+    )
 
 
 def test_blocks_falls_back_to_the_whole_hooks_path_where_a_layer_needs_the_others():
@@ -767,6 +963,8 @@ def test_a_pool_that_makes_its_rows_when_drawn_gives_the_tensors_results():
     runs = []
     for support_set in (SUPPORT_SET, Pool()):
         model = lora_model(dtype=torch.float64)
-        tuner = SparseTuner(model, SelectionConfig(method="gast", support_size=3), seed=2, support_set=support_set)
+        tuner = SparseTuner(
+            model, SelectionConfig(method="gast", support_size=3), seed=2, support_set=support_set
+        )
         runs.append([tuner.step(*batch(6, seed=s)) for s in range(2)])
     assert all(a.support == b.support and torch.equal(a.mask, b.mask) for a, b in zip(*runs))

@@ -7,8 +7,19 @@ import torch.nn as nn
 
 import gradot
 from data import PRETRAIN_OPS, get_tokenizer
-from gradot import (EmulatorConfig, channel_terms, choose_components, collect_stats, gcs, kept_rank, make_emulator,
-                    middle_parameters, plug_in, support_batches, svd_component_terms)
+from gradot import (
+    EmulatorConfig,
+    channel_terms,
+    choose_components,
+    collect_stats,
+    gcs,
+    kept_rank,
+    make_emulator,
+    middle_parameters,
+    plug_in,
+    support_batches,
+    svd_component_terms,
+)
 from model import GPT, GPTConfig
 
 TINY = GPTConfig(block_size=32, vocab_size=257, n_layer=4, n_head=2, n_embd=16)
@@ -26,6 +37,7 @@ def psd(n, seed):
 
 
 # --- K-FAC ---
+
 
 def test_kfac_G_delta_A_is_the_fisher_vector_product_of_per_token_gradients():
     torch.manual_seed(0)
@@ -61,34 +73,54 @@ def test_collect_stats_gives_the_mean_loss_gradient_and_the_input_second_moment(
     model.zero_grad()
     for x, y in batches:
         logits, _ = model(x)
-        (nn.functional.cross_entropy(logits.transpose(1, 2), y, ignore_index=-100, reduction="sum") / n_tokens).backward()
-    torch.testing.assert_close(stats["h.1.mlp.c_fc"].grad.float(), model.transformer.h[1].mlp.c_fc.weight.grad)
+        (
+            nn.functional.cross_entropy(
+                logits.transpose(1, 2), y, ignore_index=-100, reduction="sum"
+            )
+            / n_tokens
+        ).backward()
+    torch.testing.assert_close(
+        stats["h.1.mlp.c_fc"].grad.float(), model.transformer.h[1].mlp.c_fc.weight.grad
+    )
     A = stats["h.1.attn.c_attn"].A
     torch.testing.assert_close(A, A.T)
-    assert torch.linalg.eigvalsh(A).min() > -1e-9  # a second moment: symmetric, positive semi-definite
+    assert (
+        torch.linalg.eigvalsh(A).min() > -1e-9
+    )  # a second moment: symmetric, positive semi-definite
     with pytest.raises(ValueError, match="the support set is empty"):
         collect_stats(model, [1], [])
 
 
 # --- GCS closed forms against the definition ---
 
+
 def test_gcs_of_one_singular_component_matches_the_definition():
     g = torch.Generator().manual_seed(1)
-    W, D = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
+    W, D = (
+        torch.randn(5, 4, generator=g, dtype=torch.float64),
+        torch.randn(5, 4, generator=g, dtype=torch.float64),
+    )
     A, G = psd(4, 2), psd(5, 3)
     U, S, Vh, shift, loss_change = svd_component_terms(W, A, G, D)
     for lam in (0.0, 0.7):
         for j in range(4):
             delta = -S[j] * torch.outer(U[:, j], Vh[j])
-            assert float(shift[j] - lam * loss_change[j]) == pytest.approx(gcs(A, G, D, delta, lam), rel=1e-9)
-            assert float(loss_change[j]) == pytest.approx(float((D * delta).sum()))  # <dL/dW, delta>: + means the loss rises
+            assert float(shift[j] - lam * loss_change[j]) == pytest.approx(
+                gcs(A, G, D, delta, lam), rel=1e-9
+            )
+            assert float(loss_change[j]) == pytest.approx(
+                float((D * delta).sum())
+            )  # <dL/dW, delta>: + means the loss rises
 
 
 def test_gcs_of_one_mlp_channel_matches_the_definition():
     torch.manual_seed(0)
     fc, proj = nn.Linear(3, 6).double(), nn.Linear(6, 3).double()
-    stats = lambda n_in, n_out, seed: gradot.LayerStats(A=psd(n_in, seed), G=psd(n_out, seed + 1),
-                                                        grad=torch.randn(n_out, n_in, dtype=torch.float64))
+    stats = lambda n_in, n_out, seed: gradot.LayerStats(
+        A=psd(n_in, seed),
+        G=psd(n_out, seed + 1),
+        grad=torch.randn(n_out, n_in, dtype=torch.float64),
+    )
     fc_stats, proj_stats = stats(3, 6, 10), stats(6, 3, 20)
     shift_fc, shift_proj, change_fc, change_proj = channel_terms(fc, proj, fc_stats, proj_stats)
     for k in range(6):
@@ -96,16 +128,22 @@ def test_gcs_of_one_mlp_channel_matches_the_definition():
         delta_fc[k] = -fc.weight[k].detach()
         delta_proj = torch.zeros(3, 6, dtype=torch.float64)
         delta_proj[:, k] = -proj.weight[:, k].detach()
-        assert float(shift_fc[k] - 0.5 * change_fc[k]) == pytest.approx(gcs(fc_stats.A, fc_stats.G, fc_stats.grad, delta_fc, 0.5))
+        assert float(shift_fc[k] - 0.5 * change_fc[k]) == pytest.approx(
+            gcs(fc_stats.A, fc_stats.G, fc_stats.grad, delta_fc, 0.5)
+        )
         assert float(shift_proj[k] - 0.5 * change_proj[k]) == pytest.approx(
-            gcs(proj_stats.A, proj_stats.G, proj_stats.grad, delta_proj, 0.5))
+            gcs(proj_stats.A, proj_stats.G, proj_stats.grad, delta_proj, 0.5)
+        )
 
 
 # --- the emulator ---
 
+
 @pytest.fixture(scope="module")
 def stats():
-    return collect_stats(tiny_gpt(), [1, 2], support_batches(get_tokenizer(), 16, 8, "cpu", TINY.block_size))
+    return collect_stats(
+        tiny_gpt(), [1, 2], support_batches(get_tokenizer(), 16, 8, "cpu", TINY.block_size)
+    )
 
 
 def test_with_keep_ratios_of_one_the_emulator_is_the_original(stats):
@@ -121,14 +159,23 @@ def test_with_keep_ratios_of_one_the_emulator_is_the_original(stats):
 def test_keep_ratios_shrink_the_middle_by_the_stated_amount(stats, method):
     model = tiny_gpt()
     for keep in (0.3, 0.5, 0.7):
-        emulator = make_emulator(model, method, EmulatorConfig(attn_keep=keep, mlp_keep=keep), stats)
+        emulator = make_emulator(
+            model, method, EmulatorConfig(attn_keep=keep, mlp_keep=keep), stats
+        )
         share = middle_parameters(emulator, 1) / middle_parameters(model, 1)
-        assert abs(share - keep) < 0.06, (keep, share)  # whole ranks and channels, LayerNorms and biases kept
+        assert abs(share - keep) < 0.06, (
+            keep,
+            share,
+        )  # whole ranks and channels, LayerNorms and biases kept
         block = emulator.transformer.h[1]
         assert block.mlp.c_fc.out_features == round(keep * 4 * TINY.n_embd)
         assert [d.shape[0] for d in block.attn.c_attn.down] == [kept_rank(16, 16, keep)] * 3
-        assert emulator.transformer.h[0] is not model.transformer.h[0]  # a copy: the original is untouched
-        assert torch.equal(emulator.transformer.h[0].attn.c_attn.weight, model.transformer.h[0].attn.c_attn.weight)
+        assert (
+            emulator.transformer.h[0] is not model.transformer.h[0]
+        )  # a copy: the original is untouched
+        assert torch.equal(
+            emulator.transformer.h[0].attn.c_attn.weight, model.transformer.h[0].attn.c_attn.weight
+        )
     dropped = make_emulator(model, "layer-drop", EmulatorConfig(layer_keep=0.5))
     assert len(dropped.transformer.h) == 3
 
@@ -147,9 +194,13 @@ def test_drd_removes_the_components_of_lowest_gcs(stats, lam):
     linear, s = model.transformer.h[1].attn.c_proj, stats["h.1.attn.c_proj"]
     W = linear.weight.detach().double()
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    score = brute_force_gcs(s.A, s.G, s.grad, [-S[j] * torch.outer(U[:, j], Vh[j]) for j in range(len(S))], lam)
+    score = brute_force_gcs(
+        s.A, s.G, s.grad, [-S[j] * torch.outer(U[:, j], Vh[j]) for j in range(len(S))], lam
+    )
     rank = kept_rank(16, 16, 0.3)  # 4 of 16 components; the largest singular value is protected
-    expected = [0] + [j for j in torch.argsort(score, descending=True).tolist() if j != 0][: rank - 1]
+    expected = [0] + [j for j in torch.argsort(score, descending=True).tolist() if j != 0][
+        : rank - 1
+    ]
     compressed = gradot.compress_attention_matrix(linear, s, 1, 0.3, lam, "gcs")
     expected_W = sum(S[j] * torch.outer(U[:, j], Vh[j]) for j in expected)
     torch.testing.assert_close(compressed.weight_of().double(), expected_W, atol=1e-5, rtol=1e-4)
@@ -169,8 +220,10 @@ def test_scp_removes_the_channels_of_lowest_gcs(stats, lam):
         d = torch.zeros_like(W)
         d.select(dim, k).copy_(-W.select(dim, k))
         return d
-    score = (brute_force_gcs(fc_s.A, fc_s.G, fc_s.grad, [without(W1, k, 0) for k in range(H)], lam)
-             + brute_force_gcs(proj_s.A, proj_s.G, proj_s.grad, [without(W2, k, 1) for k in range(H)], lam))
+
+    score = brute_force_gcs(
+        fc_s.A, fc_s.G, fc_s.grad, [without(W1, k, 0) for k in range(H)], lam
+    ) + brute_force_gcs(proj_s.A, proj_s.G, proj_s.grad, [without(W2, k, 1) for k in range(H)], lam)
     expected = torch.argsort(score, descending=True)[: round(0.5 * H)].sort().values
     pruned = copy.deepcopy(mlp)
     gradot.prune_mlp(pruned, fc_s, proj_s, 0.5, lam, "gcs")
@@ -181,14 +234,20 @@ def test_scp_removes_the_channels_of_lowest_gcs(stats, lam):
 
 def test_the_top_five_percent_by_singular_value_are_always_kept():
     S = torch.arange(40, 0, -1).double()  # 40 components, largest first
-    kept = choose_components(S, score=S.flip(0) * 0 + torch.arange(40).double(), rank=10)  # scores favour the smallest
-    assert {0, 1} <= set(kept) and len(kept) == 10  # ceil(5% of 40) = 2 protected, the other 8 by score
+    kept = choose_components(
+        S, score=S.flip(0) * 0 + torch.arange(40).double(), rank=10
+    )  # scores favour the smallest
+    assert {0, 1} <= set(kept) and len(
+        kept
+    ) == 10  # ceil(5% of 40) = 2 protected, the other 8 by score
     assert set(kept) - {0, 1} == set(range(32, 40))
 
 
 def test_a_compressed_attention_matrix_keeps_its_largest_singular_value(stats):
     model = tiny_gpt()
-    emulator = make_emulator(model, "gradot", EmulatorConfig(attn_keep=0.3, mlp_keep=1.0, lam_attn=50.0), stats)
+    emulator = make_emulator(
+        model, "gradot", EmulatorConfig(attn_keep=0.3, mlp_keep=1.0, lam_attn=50.0), stats
+    )
     W = model.transformer.h[1].attn.c_attn.weight.detach()
     for part, up in enumerate(emulator.transformer.h[1].attn.c_attn.up):
         top = torch.linalg.svdvals(W[part * 16 : (part + 1) * 16].double())[0]
@@ -197,45 +256,88 @@ def test_a_compressed_attention_matrix_keeps_its_largest_singular_value(stats):
 
 # --- plug-in ---
 
-@pytest.mark.parametrize("kind,method", [("blocks", "gradot"), ("lora", "gradot"), ("blocks", "layer-drop")])
-def test_plug_in_puts_the_tuned_adapter_blocks_on_the_original_middle_bit_for_bit(stats, kind, method):
+
+@pytest.mark.parametrize(
+    "kind,method", [("blocks", "gradot"), ("lora", "gradot"), ("blocks", "layer-drop")]
+)
+def test_plug_in_puts_the_tuned_adapter_blocks_on_the_original_middle_bit_for_bit(
+    stats, kind, method
+):
     model = tiny_gpt()
     emulator = make_emulator(model, method, EmulatorConfig(), stats)
     config = gradot.GradOTConfig(steps=3, batch_size=4, adapter=kind, lr=1e-2)
     tok = get_tokenizer()
     from data import make_default_task
-    gradot.fine_tune(emulator, config, make_default_task(tok, n_train=16, n_val=1, n_heldout=0, n_dev=0).train, tok, "cpu")
+
+    gradot.fine_tune(
+        emulator,
+        config,
+        make_default_task(tok, n_train=16, n_val=1, n_heldout=0, n_dev=0).train,
+        tok,
+        "cpu",
+    )
     plugged = plug_in(model, emulator, 1)
-    same = lambda a, b: a.state_dict().keys() == b.state_dict().keys() and all(
-        torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
-    assert same(plugged.transformer.h[0], emulator.transformer.h[0]) and same(plugged.transformer.h[3], emulator.transformer.h[-1])
-    assert same(plugged.transformer.h[1], model.transformer.h[1]) and same(plugged.transformer.h[2], model.transformer.h[2])
-    assert not same(emulator.transformer.h[0], model.transformer.h[0]) or kind == "lora"  # the adapters did change
+    same = lambda a, b: (
+        a.state_dict().keys() == b.state_dict().keys()
+        and all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    )
+    assert same(plugged.transformer.h[0], emulator.transformer.h[0]) and same(
+        plugged.transformer.h[3], emulator.transformer.h[-1]
+    )
+    assert same(plugged.transformer.h[1], model.transformer.h[1]) and same(
+        plugged.transformer.h[2], model.transformer.h[2]
+    )
+    assert (
+        not same(emulator.transformer.h[0], model.transformer.h[0]) or kind == "lora"
+    )  # the adapters did change
 
 
 # --- bad input and the whole experiment ---
 
-@pytest.mark.parametrize("flags,message", [
-    (["--attn-keep", "0"], "--attn-keep must be in (0, 1], got 0.0"),
-    (["--mlp-keep", "1.5"], "--mlp-keep must be in (0, 1], got 1.5"),
-    (["--adapter-blocks", "2"], "--adapter-blocks 2: a model of 4 blocks needs 1 to 1 adapter blocks per side"),
-    (["--methods", "gradot,best"], "--methods: unknown best"),
-])
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--attn-keep", "0"], "--attn-keep must be in (0, 1], got 0.0"),
+        (["--mlp-keep", "1.5"], "--mlp-keep must be in (0, 1], got 1.5"),
+        (
+            ["--adapter-blocks", "2"],
+            "--adapter-blocks 2: a model of 4 blocks needs 1 to 1 adapter blocks per side",
+        ),
+        (["--methods", "gradot,best"], "--methods: unknown best"),
+    ],
+)
 def test_bad_settings_are_refused_clearly(base, tmp_path, capsys, flags, message):
     assert gradot.main(["--init-from", base, "--out-dir", str(tmp_path), *flags]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_the_experiment_writes_its_table_json_and_csv(base, tmp_path, capsys):
-    argv = ["--init-from", base, "--out-dir", str(tmp_path), "--steps", "2", "--batch-size", "4", "--support-size", "8",
-            "--eval-samples", "8", "--seeds", "2"]
+    argv = [
+        "--init-from",
+        base,
+        "--out-dir",
+        str(tmp_path),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--support-size",
+        "8",
+        "--eval-samples",
+        "8",
+        "--seeds",
+        "2",
+    ]
     assert gradot.main(argv) == 0
     out = capsys.readouterr().out
     assert "| emulator | zero-shot (base skills) | emulator fine-tuned | plug-in |" in out
     rows = json.loads((tmp_path / "gradot.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["none", *gradot.EMULATORS]
     original = rows[0]
-    assert original["middle_share"] == 1 and original["gap"] == 0  # the original: plug-in is its own fine-tuning
+    assert (
+        original["middle_share"] == 1 and original["gap"] == 0
+    )  # the original: plug-in is its own fine-tuning
     for r in rows:
         assert [run["seed"] for run in r["runs"]] == [0, 1]
         assert r["plug_in"] == pytest.approx(sum(run["plug_in"] for run in r["runs"]) / 2)
@@ -243,7 +345,9 @@ def test_the_experiment_writes_its_table_json_and_csv(base, tmp_path, capsys):
         assert r["full_fine_tuning"] == original["plug_in"]
         assert 0 < r["middle_share"] < 1 or r is original
     assert (tmp_path / "gradot.csv").read_text().startswith("method,zero_shot,zero_shot_task")
-    assert gradot.main(argv) == 2 and "--overwrite" in capsys.readouterr().err  # results are not overwritten by accident
+    assert (
+        gradot.main(argv) == 2 and "--overwrite" in capsys.readouterr().err
+    )  # results are not overwritten by accident
 
 
 def test_the_base_models_skills_are_fresh_corpus_lines_split_at_the_equals_sign():
@@ -259,17 +363,29 @@ def test_the_base_models_skills_are_fresh_corpus_lines_split_at_the_equals_sign(
 def test_ctrl_c_is_one_line_and_exit_130(base, tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(gradot, "fine_tune", interrupted)
-    assert gradot.main(["--init-from", base, "--out-dir", str(tmp_path), "--steps", "2", "--seeds", "1"]) == 130
+    assert (
+        gradot.main(
+            ["--init-from", base, "--out-dir", str(tmp_path), "--steps", "2", "--seeds", "1"]
+        )
+        == 130
+    )
     err = capsys.readouterr().err
-    assert err.strip() == "interrupted; nothing was saved by this run" and not (tmp_path / "gradot.json").exists()
+    assert (
+        err.strip() == "interrupted; nothing was saved by this run"
+        and not (tmp_path / "gradot.json").exists()
+    )
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--lr", "inf"], "--lr must be positive"),
-    (["--steps", "x"], "argument --steps: invalid int value: 'x'"),
-    (["--n-layer", "1000000"], "pretraining this base needs at least about"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--lr", "inf"], "--lr must be positive"),
+        (["--steps", "x"], "argument --steps: invalid int value: 'x'"),
+        (["--n-layer", "1000000"], "pretraining this base needs at least about"),
+    ],
+)
 def test_more_bad_settings_are_one_error_line(tmp_path, capsys, flags, message):
     assert gradot.main(["--out-dir", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err
@@ -278,36 +394,67 @@ def test_more_bad_settings_are_one_error_line(tmp_path, capsys, flags, message):
 
 # --- the knowledge task: facts that live in the middle ---
 
+
 @pytest.fixture(scope="module")
 def lexicon_base(tmp_path_factory):
     """A base of the default shape whose corpus states 30 facts (400 steps of 32, a few seconds)."""
     from pretrain import BaseConfig, load_base
+
     out = tmp_path_factory.mktemp("lexicon_base")
-    _, path = load_base(BaseConfig(out_dir=str(out), lexicon=30, pretrain_steps=400, pretrain_batch_size=32, quiet=True), get_tokenizer(), "cpu")
+    _, path = load_base(
+        BaseConfig(
+            out_dir=str(out), lexicon=30, pretrain_steps=400, pretrain_batch_size=32, quiet=True
+        ),
+        get_tokenizer(),
+        "cpu",
+    )
     return path
 
 
 def test_the_base_recalls_its_lexicon_and_without_its_middle_does_not(lexicon_base):
     from data import FACT, evaluate, fact_example, lexicon
     from pretrain import read_base
+
     tok = get_tokenizer()
     facts = [fact_example(tok, FACT, w, code) for w, code in lexicon(30).items()]
     base = read_base(lexicon_base)
     assert evaluate(base, facts, tok, "cpu", True)["exact_match"] >= 0.9
     no_middle = copy.deepcopy(base)
-    no_middle.transformer.h = nn.ModuleList([base.transformer.h[0], base.transformer.h[-1]])  # blocks 1 and 2 removed
+    no_middle.transformer.h = nn.ModuleList(
+        [base.transformer.h[0], base.transformer.h[-1]]
+    )  # blocks 1 and 2 removed
     assert evaluate(no_middle, facts, tok, "cpu", True)["exact_match"] <= 0.1
 
 
 def test_with_a_lexicon_the_experiment_scores_recall_and_the_knowledge_task(lexicon_base, tmp_path):
-    argv = ["--init-from", lexicon_base, "--lexicon", "30", "--out-dir", str(tmp_path), "--steps", "2", "--batch-size", "4",
-            "--support-size", "8", "--seeds", "1", "--methods", "layer-drop"]
+    argv = [
+        "--init-from",
+        lexicon_base,
+        "--lexicon",
+        "30",
+        "--out-dir",
+        str(tmp_path),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--support-size",
+        "8",
+        "--seeds",
+        "1",
+        "--methods",
+        "layer-drop",
+    ]
     assert gradot.main(argv) == 0
     saved = json.loads((tmp_path / "gradot.json").read_text())
     original, dropped = saved["rows"]
     assert saved["lexicon_recall"] >= 0.9  # all 30 facts in the pretraining template
-    assert original["zero_shot"] >= 0.9 > dropped["zero_shot"]  # recall of the 10 test words' facts; half the middle dropped loses some
-    assert original["zero_shot_task"] < original["zero_shot"]  # the new template is not known before fine-tuning
+    assert (
+        original["zero_shot"] >= 0.9 > dropped["zero_shot"]
+    )  # recall of the 10 test words' facts; half the middle dropped loses some
+    assert (
+        original["zero_shot_task"] < original["zero_shot"]
+    )  # the new template is not known before fine-tuning
     assert {"emulator_loss", "plug_in_loss"} <= original.keys()
     assert gradot.main(argv[:-2] + ["--overwrite", "--noise", "0.2"]) == 2
 
@@ -319,17 +466,44 @@ def test_lambda_is_chosen_on_the_dev_split_by_the_largest_gap(base, tmp_path, ca
     def watching(model, examples, *args, **kwargs):
         scored.append(examples)
         return real_evaluate(model, examples, *args, **kwargs)
+
     monkeypatch.setattr(gradot, "evaluate", watching)
-    argv = ["--init-from", base, "--out-dir", str(tmp_path), "--steps", "2", "--batch-size", "4", "--support-size", "8",
-            "--eval-samples", "8", "--seeds", "1", "--methods", "gradot", "--lams", "0,3"]
+    argv = [
+        "--init-from",
+        base,
+        "--out-dir",
+        str(tmp_path),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--support-size",
+        "8",
+        "--eval-samples",
+        "8",
+        "--seeds",
+        "1",
+        "--methods",
+        "gradot",
+        "--lams",
+        "0,3",
+    ]
     assert gradot.main(argv) == 0
     row = json.loads((tmp_path / "gradot.json").read_text())["rows"][1]
     trials = row["lambda_trials"]
     assert [t["lambda"] for t in trials] == [0.0, 3.0]
     best = max(trials, key=lambda t: (t["gap"], t["plug_in"]))
-    assert row["lambda"] == best["lambda"] and all(t["gap"] == pytest.approx(t["plug_in"] - t["emulator_fine_tuned"]) for t in trials)
+    assert row["lambda"] == best["lambda"] and all(
+        t["gap"] == pytest.approx(t["plug_in"] - t["emulator_fine_tuned"]) for t in trials
+    )
     from data import make_default_task
+
     dev = make_default_task(get_tokenizer(), seed=0, tasks=("rsh",)).dev[:8]
-    assert sum(examples == dev for examples in scored) == 4  # two lambdas, each scored on the emulator and plugged in
+    assert (
+        sum(examples == dev for examples in scored) == 4
+    )  # two lambdas, each scored on the emulator and plugged in
     assert f"gradot (lambda {row['lambda']:g}, chosen on dev)" in capsys.readouterr().out
-    assert gradot.main(argv[:-1] + ["0,x", "--overwrite"]) == 2 and "--lams must be comma-separated numbers" in capsys.readouterr().err
+    assert (
+        gradot.main(argv[:-1] + ["0,x", "--overwrite"]) == 2
+        and "--lams must be comma-separated numbers" in capsys.readouterr().err
+    )

@@ -34,15 +34,19 @@ def test_an_error_while_writing_keeps_the_old_file(tmp_path):
     def broken(tmp):
         open(tmp, "w").write("half")
         raise RuntimeError("disk full")
+
     with pytest.raises(RuntimeError):
         plumbing.atomic_write(str(path), broken)
-    assert path.read_text().replace(" ", "").replace("\n", "") == '{"a":1}' and os.listdir(tmp_path) == ["results.json"]
+    assert path.read_text().replace(" ", "").replace("\n", "") == '{"a":1}' and os.listdir(
+        tmp_path
+    ) == ["results.json"]
 
 
 def test_flags_come_from_fields_with_their_defaults_and_help_declared_once():
     config = parse_args(Outer, ["--rate", "0.25", "--flag"])
     assert config == Outer(rate=0.25, flag=True) and config.copied == "a,b" and config.seeds == 3
     from dataclasses import fields
+
     helps = {f.name: f.metadata["help"] for f in fields(Outer)}
     assert helps["copied"] == helps["names"]
 
@@ -64,7 +68,10 @@ def test_range_checks_name_the_flag_and_catch_nan_and_inf():
     class C:
         lr: float = 1.0
         ratio: float = 0.5
+
     assert plumbing.positive(C(lr=float("nan")), "lr") == ["--lr must be positive, got nan"]
     assert plumbing.positive(C(lr=float("inf")), "lr") == ["--lr must be positive, got inf"]
-    assert plumbing.in_range(C(ratio=0.0), "ratio", 0, 1, low_open=True) == ["--ratio must be in (0, 1], got 0.0"]
+    assert plumbing.in_range(C(ratio=0.0), "ratio", 0, 1, low_open=True) == [
+        "--ratio must be in (0, 1], got 0.0"
+    ]
     assert plumbing.in_range(C(ratio=1.0), "ratio", 0, 1, low_open=True) == []

@@ -13,12 +13,30 @@ import torch
 import pretrain
 from train import main
 
-CORPUS = "".join(f"Line {i}: the {w} fox jumps over the lazy dog near {v} trees.\n"
-                 for i, (w, v) in enumerate(zip(["quick", "slow", "red", "brown"] * 30, ["two", "three", "five"] * 40)))
+CORPUS = "".join(
+    f"Line {i}: the {w} fox jumps over the lazy dog near {v} trees.\n"
+    for i, (w, v) in enumerate(
+        zip(["quick", "slow", "red", "brown"] * 30, ["two", "three", "five"] * 40)
+    )
+)
 SHAPE = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "48"]
 PRETRAIN = ["--pretrain-steps", "3", "--pretrain-batch-size", "4"]
-FINE_TUNE = ["--steps", "3", "--warmup-steps", "1", "--batch-size", "4", "--eval-interval", "3", "--heldout-size", "4",
-             "--prompt-field", "question", "--completion-field", "answer"]
+FINE_TUNE = [
+    "--steps",
+    "3",
+    "--warmup-steps",
+    "1",
+    "--batch-size",
+    "4",
+    "--eval-interval",
+    "3",
+    "--heldout-size",
+    "4",
+    "--prompt-field",
+    "question",
+    "--completion-field",
+    "answer",
+]
 
 
 def write_jsonl(path, rows):
@@ -27,60 +45,139 @@ def write_jsonl(path, rows):
 
 
 def qa_rows(n, long_at=()):
-    return [{"question": ("why " * 40 if i in long_at else f"what is {i} plus one?"), "answer": f" {i + 1}"} for i in range(n)]
+    return [
+        {
+            "question": ("why " * 40 if i in long_at else f"what is {i} plus one?"),
+            "answer": f" {i + 1}",
+        }
+        for i in range(n)
+    ]
 
 
-def test_pretrain_on_your_corpus_then_fine_tune_and_reuse_the_base_only_when_nothing_changed(tmp_path, capsys):
+def test_pretrain_on_your_corpus_then_fine_tune_and_reuse_the_base_only_when_nothing_changed(
+    tmp_path, capsys
+):
     (tmp_path / "corpus.txt").write_text(CORPUS)
     data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(40))
     out = tmp_path / "out"
-    argv = ["--out-dir", str(out), "--pretrain-data", str(tmp_path / "corpus.txt"), "--data", data, *SHAPE, *PRETRAIN, *FINE_TUNE]
+    argv = [
+        "--out-dir",
+        str(out),
+        "--pretrain-data",
+        str(tmp_path / "corpus.txt"),
+        "--data",
+        data,
+        *SHAPE,
+        *PRETRAIN,
+        *FINE_TUNE,
+    ]
     assert main(argv) == 0
     first = capsys.readouterr().out
-    assert "pretraining a base GPT" in first and "blocks 2" not in first and "2 blocks, width 32, context 48" in first
-    assert "held-out loss" in first and "tokens/s" in first  # the corpus's last 5%, evaluated during pretraining
-    assert "'what is" in first and "reference" in first or "(right)" in first  # answers shown at the end
+    assert (
+        "pretraining a base GPT" in first
+        and "blocks 2" not in first
+        and "2 blocks, width 32, context 48" in first
+    )
+    assert (
+        "held-out loss" in first and "tokens/s" in first
+    )  # the corpus's last 5%, evaluated during pretraining
+    assert (
+        "'what is" in first and "reference" in first or "(right)" in first
+    )  # answers shown at the end
     bases = glob.glob(str(out / "base-*.pt"))
     assert len(bases) == 1
     shape = torch.load(bases[0], weights_only=True)["model_config"]
-    assert (shape["n_layer"], shape["n_head"], shape["n_embd"], shape["block_size"]) == (2, 2, 32, 48)
+    assert (shape["n_layer"], shape["n_head"], shape["n_embd"], shape["block_size"]) == (
+        2,
+        2,
+        32,
+        48,
+    )
     stamp = os.stat(bases[0]).st_mtime_ns
 
-    assert main(argv + ["--overwrite"]) == 0  # the same settings: the same base, not pretrained again
+    assert (
+        main(argv + ["--overwrite"]) == 0
+    )  # the same settings: the same base, not pretrained again
     assert "pretraining" not in capsys.readouterr().out and os.stat(bases[0]).st_mtime_ns == stamp
-    assert main(argv + ["--overwrite", "--pretrain-steps", "4"]) == 0  # other settings: another base
-    assert "pretraining a base GPT" in capsys.readouterr().out and len(glob.glob(str(out / "base-*.pt"))) == 2
-    (tmp_path / "corpus.txt").write_text(CORPUS + "One more line.\n")  # another corpus: another base
+    assert (
+        main(argv + ["--overwrite", "--pretrain-steps", "4"]) == 0
+    )  # other settings: another base
+    assert (
+        "pretraining a base GPT" in capsys.readouterr().out
+        and len(glob.glob(str(out / "base-*.pt"))) == 2
+    )
+    (tmp_path / "corpus.txt").write_text(
+        CORPUS + "One more line.\n"
+    )  # another corpus: another base
     assert main(argv + ["--overwrite"]) == 0 and len(glob.glob(str(out / "base-*.pt"))) == 3
 
 
 def test_a_prompt_longer_than_the_context_is_skipped_and_named(base, tmp_path, capsys):
     data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(40, long_at={2}))
-    assert main(["--init-from", base, "--out-dir", str(tmp_path / "a"), "--data", data, *FINE_TUNE]) == 0
-    assert f"{data}: skipped 1 samples whose prompt leaves no completion token within the context of 32 tokens ({data}:3)" \
-        in capsys.readouterr().out
+    assert (
+        main(["--init-from", base, "--out-dir", str(tmp_path / "a"), "--data", data, *FINE_TUNE])
+        == 0
+    )
+    assert (
+        f"{data}: skipped 1 samples whose prompt leaves no completion token within the context of "
+        f"32 tokens ({data}:3)" in capsys.readouterr().out
+    )
     data = write_jsonl(tmp_path / "long.jsonl", qa_rows(5, long_at=range(5)))
-    assert main(["--init-from", base, "--out-dir", str(tmp_path / "b"), "--data", data, *FINE_TUNE]) == 2
-    assert f"error: {data}: every prompt leaves no completion token within the model's context of 32 tokens" in capsys.readouterr().err
+    assert (
+        main(["--init-from", base, "--out-dir", str(tmp_path / "b"), "--data", data, *FINE_TUNE])
+        == 2
+    )
+    assert (
+        f"error: {data}: every prompt leaves no completion token within the model's context of 32 "
+        "tokens" in capsys.readouterr().err
+    )
 
 
 def test_text_data_ends_with_a_greedy_sample(base, tmp_path, capsys):
     (tmp_path / "corpus.txt").write_text(CORPUS)
-    argv = ["--init-from", base, "--out-dir", str(tmp_path / "out"), "--data", str(tmp_path / "corpus.txt"),
-            "--steps", "2", "--warmup-steps", "1", "--batch-size", "4", "--support", "batch"]
+    argv = [
+        "--init-from",
+        base,
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--data",
+        str(tmp_path / "corpus.txt"),
+        "--steps",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--support",
+        "batch",
+    ]
     assert main(argv) == 0
-    line = [l for l in capsys.readouterr().out.splitlines() if "a greedy sample from a held-out prompt: " in l]
+    line = [
+        l
+        for l in capsys.readouterr().out.splitlines()
+        if "a greedy sample from a held-out prompt: " in l
+    ]
     assert len(line) == 1
     prompt = line[0].split("prompt: ")[1].split(" -> ")[0]
-    assert ast.literal_eval(prompt) in CORPUS and len(ast.literal_eval(prompt)) >= 8  # a piece of the corpus, then the model's words
+    assert (
+        ast.literal_eval(prompt) in CORPUS and len(ast.literal_eval(prompt)) >= 8
+    )  # a piece of the corpus, then the model's words
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--n-layer", "6", "--block-size", "64"], ["--n-layer 6 contradicts the base model's 4",
-                                                 "--block-size 64 contradicts the base model's 32"]),
-    (["--n-embd", "100", "--n-head", "3"], ["--n-embd 100 does not divide by --n-head 3"]),
-    (["--n-layer", "-1"], ["--n-layer must not be negative"]),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (
+            ["--n-layer", "6", "--block-size", "64"],
+            [
+                "--n-layer 6 contradicts the base model's 4",
+                "--block-size 64 contradicts the base model's 32",
+            ],
+        ),
+        (["--n-embd", "100", "--n-head", "3"], ["--n-embd 100 does not divide by --n-head 3"]),
+        (["--n-layer", "-1"], ["--n-layer must not be negative"]),
+    ],
+)
 def test_shape_flags_that_cannot_hold_are_refused(base, tmp_path, capsys, flags, message):
     assert main(["--init-from", base, "--out-dir", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err
@@ -92,7 +189,9 @@ def bad_bases(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     torch.save({"model_config": {"n_embd": 10, "n_head": 3}, "model": {}}, tmp_path / "config.pt")
-    torch.save(argparse.Namespace(payload="anything"), tmp_path / "pickle.pt")  # a class weights_only refuses
+    torch.save(
+        argparse.Namespace(payload="anything"), tmp_path / "pickle.pt"
+    )  # a class weights_only refuses
     (tmp_path / "emptydir").mkdir()
     return {
         "text.pt": "not a checkpoint that torch.load(weights_only=True) reads",
@@ -106,7 +205,10 @@ def bad_bases(tmp_path):
 
 def test_a_base_that_is_not_a_model_is_refused_with_its_name(capsys, tmp_path):
     for name, message in bad_bases(tmp_path).items():
-        assert pretrain.main(["--init-from", str(tmp_path / name), "--out-dir", str(tmp_path / "out")]) == 2
+        assert (
+            pretrain.main(["--init-from", str(tmp_path / name), "--out-dir", str(tmp_path / "out")])
+            == 2
+        )
         err = capsys.readouterr().err
         assert f"--init-from {tmp_path / name}" in err and message in err, err
         assert len(err.strip().splitlines()) == 2  # "error: invalid settings:" and the one reason
@@ -125,12 +227,13 @@ def test_python_pretrain_py_makes_the_base_once_with_progress_and_an_eta(capsys,
     assert torch.load(made[0], weights_only=True)["model_config"]["n_layer"] == 2
 
 
-
 # --- bad input to pretrain.py, one table; the local GPT-2 directory loader's faults ---
+
 
 def gpt2_directory(path, fault):
     """A tiny GPT-2 checkpoint in Hugging Face's layout, broken as `fault` says."""
     from test_model import tiny_model, write_hf_checkpoint
+
     path.mkdir()
     source = tiny_model(n_embd=128, n_head=2)
     write_hf_checkpoint(source, path)
@@ -150,33 +253,48 @@ def gpt2_directory(path, fault):
     return str(path)
 
 
-@pytest.mark.parametrize("fault,message", [
-    ("no weights", "pytorch_model.bin: no GPT-2 checkpoint there"),
-    ("truncated weights", "not a GPT-2 checkpoint we can load"),
-    ("wrong shape", "h.0.mlp.c_fc.weight has shape"),
-    ("config of another model", "keys do not match GPT-2's layout"),
-    ("config not json", "JSONDecodeError"),
-])
+@pytest.mark.parametrize(
+    "fault,message",
+    [
+        ("no weights", "pytorch_model.bin: no GPT-2 checkpoint there"),
+        ("truncated weights", "not a GPT-2 checkpoint we can load"),
+        ("wrong shape", "h.0.mlp.c_fc.weight has shape"),
+        ("config of another model", "keys do not match GPT-2's layout"),
+        ("config not json", "JSONDecodeError"),
+    ],
+)
 def test_a_broken_gpt2_directory_is_one_error_line(capsys, tmp_path, fault, message):
     path = gpt2_directory(tmp_path / "gpt2", fault)
     assert pretrain.main(["--init-from", path, "--out-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert f"--init-from {path}: not a GPT-2 checkpoint we can load" in err and message in err and "Traceback" not in err, err
+    assert (
+        f"--init-from {path}: not a GPT-2 checkpoint we can load" in err
+        and message in err
+        and "Traceback" not in err
+    ), err
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--pretrain-steps", "-1"], "--pretrain-steps must not be negative"),
-    (["--pretrain-lr", "nan"], "--pretrain-lr must be positive, got nan"),
-    (["--n-embd", "100", "--n-head", "3"], "--n-embd 100 does not divide by --n-head 3"),
-    (["--n-layer", "1000000"], "pretraining this base needs at least about"),
-    (["--pretrain-data", "{tmp}"], "is a directory, not a file"),
-    (["--pretrain-data", "{tmp}/nowhere.txt"], "no such file"),
-    (["--tokenizer", "foo"], "--tokenizer 'foo' is unknown"),
-    (["--n-layer", "x"], "argument --n-layer: invalid int value: 'x'"),
-    (["--lexicon", "10001"], "--lexicon must be in [0, 10000], got 10001"),
-    (["--lexicon", "5", "--pretrain-data", "{tmp}/corpus.txt"], "--lexicon states its facts in the built-in corpus"),
-])
-def test_bad_pretraining_settings_are_one_error_line_before_any_work(capsys, tmp_path, flags, message):
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--pretrain-steps", "-1"], "--pretrain-steps must not be negative"),
+        (["--pretrain-lr", "nan"], "--pretrain-lr must be positive, got nan"),
+        (["--n-embd", "100", "--n-head", "3"], "--n-embd 100 does not divide by --n-head 3"),
+        (["--n-layer", "1000000"], "pretraining this base needs at least about"),
+        (["--pretrain-data", "{tmp}"], "is a directory, not a file"),
+        (["--pretrain-data", "{tmp}/nowhere.txt"], "no such file"),
+        (["--tokenizer", "foo"], "--tokenizer 'foo' is unknown"),
+        (["--n-layer", "x"], "argument --n-layer: invalid int value: 'x'"),
+        (["--lexicon", "10001"], "--lexicon must be in [0, 10000], got 10001"),
+        (
+            ["--lexicon", "5", "--pretrain-data", "{tmp}/corpus.txt"],
+            "--lexicon states its facts in the built-in corpus",
+        ),
+    ],
+)
+def test_bad_pretraining_settings_are_one_error_line_before_any_work(
+    capsys, tmp_path, flags, message
+):
     flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
     (tmp_path / "corpus.txt").write_text("some text to pretrain on\n" * 50)
     assert pretrain.main(["--out-dir", str(tmp_path / "out"), *flags]) == 2
@@ -188,17 +306,46 @@ def test_bad_pretraining_settings_are_one_error_line_before_any_work(capsys, tmp
 def test_another_pretrain_seed_makes_another_base_and_seed_0_the_one_of_before(tmp_path):
     from data import get_tokenizer
     from pretrain import BaseConfig, base_path
+
     tok = get_tokenizer()
     default = base_path(BaseConfig(out_dir="out"), tok)
     assert default == base_path(BaseConfig(out_dir="out", pretrain_seed=0), tok)
-    before = BaseConfig(out_dir="out", pretrain_steps=2500)  # seed 0 at the old step count: the base of before, unchanged
+    before = BaseConfig(
+        out_dir="out", pretrain_steps=2500
+    )  # seed 0 at the old step count: the base of before, unchanged
     assert base_path(before, tok) == "out/base-67aea5f398.pt"
     assert base_path(BaseConfig(out_dir="out", pretrain_seed=1), tok) != default
-    assert base_path(BaseConfig(out_dir="out", lexicon=0), tok) == default  # no lexicon: the hash of before
-    assert len({default, base_path(BaseConfig(out_dir="out", lexicon=30), tok), base_path(BaseConfig(out_dir="out", lexicon=40), tok)}) == 3
+    assert (
+        base_path(BaseConfig(out_dir="out", lexicon=0), tok) == default
+    )  # no lexicon: the hash of before
+    assert (
+        len(
+            {
+                default,
+                base_path(BaseConfig(out_dir="out", lexicon=30), tok),
+                base_path(BaseConfig(out_dir="out", lexicon=40), tok),
+            }
+        )
+        == 3
+    )
     bases = []
     for seed in (0, 1):
-        assert pretrain.main(["--out-dir", str(tmp_path), "--pretrain-steps", "2", "--pretrain-seed", str(seed), "--quiet"]) == 0
+        assert (
+            pretrain.main(
+                [
+                    "--out-dir",
+                    str(tmp_path),
+                    "--pretrain-steps",
+                    "2",
+                    "--pretrain-seed",
+                    str(seed),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
     bases = sorted(tmp_path.glob("base-*.pt"))
     a, b = (torch.load(p, weights_only=True)["model"] for p in bases)
-    assert len(bases) == 2 and not torch.equal(a["transformer.wte.weight"], b["transformer.wte.weight"])
+    assert len(bases) == 2 and not torch.equal(
+        a["transformer.wte.weight"], b["transformer.wte.weight"]
+    )

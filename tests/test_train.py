@@ -13,16 +13,24 @@ from data import get_tokenizer
 from train import ConfigError, main, selection_picture, train
 
 
-@pytest.mark.parametrize("method,per_sample", [(m, "vmap") for m in gast.METHODS] + [("gast", "hooks")])
+@pytest.mark.parametrize(
+    "method,per_sample", [(m, "vmap") for m in gast.METHODS] + [("gast", "hooks")]
+)
 def test_every_method_runs_end_to_end(tiny, tmp_path, method, per_sample):
     metrics = train(tiny(method=method, per_sample=per_sample))
     assert metrics["method"] == method and metrics["steps"] == 6
     assert 0 <= metrics["exact_match"] <= 1 and math.isfinite(metrics["val_loss"])
     assert [e["step"] for e in metrics["evals"]] == [3, 6]
     assert (tmp_path / "adapter.pt").exists() and (tmp_path / "ckpt.pt").exists()
-    assert len(metrics["active_per_layer"]) == 4 and sum(metrics["active_per_layer"]) == pytest.approx(
-        2 if method in ("lisa", "ist") else 4)  # lisa and ist: K = 2 of 4 blocks per step; the others every block
-    assert all(0 <= r <= 1 or math.isnan(r) for r in metrics["noisy_rate_per_layer"] + metrics["clean_rate_per_layer"])
+    assert len(metrics["active_per_layer"]) == 4 and sum(
+        metrics["active_per_layer"]
+    ) == pytest.approx(
+        2 if method in ("lisa", "ist") else 4
+    )  # lisa and ist: K = 2 of 4 blocks per step; the others every block
+    assert all(
+        0 <= r <= 1 or math.isnan(r)
+        for r in metrics["noisy_rate_per_layer"] + metrics["clean_rate_per_layer"]
+    )
     expected_coverage = {"lora": 1.0, "lisa": 1.0, "ist": 1.0}.get(method)
     if expected_coverage:
         assert metrics["coverage"] == expected_coverage
@@ -33,19 +41,41 @@ def test_every_method_runs_end_to_end(tiny, tmp_path, method, per_sample):
 def test_fine_tuning_lowers_the_held_out_loss_below_the_bases(tiny, taught_base, tmp_path):
     from data import evaluate, load_task
     from pretrain import read_base
-    config = tiny(init_from=taught_base, method="lora", steps=30, eval_interval=10, noise=0.0, warmup_steps=0, lr=1e-2)
+
+    config = tiny(
+        init_from=taught_base,
+        method="lora",
+        steps=30,
+        eval_interval=10,
+        noise=0.0,
+        warmup_steps=0,
+        lr=1e-2,
+    )
     metrics = train(config)
     tok = get_tokenizer()
-    base_loss = evaluate(read_base(config.init_from), load_task(config, tok, 32)[0].val[: config.eval_samples], tok, "cpu", False)["loss"]
-    assert metrics["evals"][-1]["loss"] < base_loss - 0.05 and metrics["val_loss"] == metrics["evals"][-1]["loss"]
+    base_loss = evaluate(
+        read_base(config.init_from),
+        load_task(config, tok, 32)[0].val[: config.eval_samples],
+        tok,
+        "cpu",
+        False,
+    )["loss"]
+    assert (
+        metrics["evals"][-1]["loss"] < base_loss - 0.05
+        and metrics["val_loss"] == metrics["evals"][-1]["loss"]
+    )
 
 
 def adapter(path):
     return torch.load(path / "adapter.pt", weights_only=True)["adapter"]
 
 
-@pytest.mark.parametrize("method,support_interval", [("gast", 1), ("gast", 3), ("ist", 1), ("lisa", 1)])
-def test_k_steps_then_resume_then_n_steps_equals_k_plus_n_straight(tiny, tmp_path, method, support_interval):
+@pytest.mark.parametrize(
+    "method,support_interval", [("gast", 1), ("gast", 3), ("ist", 1), ("lisa", 1)]
+)
+def test_k_steps_then_resume_then_n_steps_equals_k_plus_n_straight(
+    tiny, tmp_path, method, support_interval
+):
     straight = tmp_path / "straight"
     split = tmp_path / "split"
     kw = dict(method=method, steps=8, eval_interval=2, support_interval=support_interval)
@@ -63,12 +93,20 @@ def test_k_steps_then_resume_then_n_steps_equals_k_plus_n_straight(tiny, tmp_pat
 
 
 def test_invalid_settings_are_all_reported_at_once(tiny, tmp_path):
-    config = tiny(method="best", layer_ratio=-0.5, data_ratio=1.5, lora_r=0, steps=0, batch_size=100)
+    config = tiny(
+        method="best", layer_ratio=-0.5, data_ratio=1.5, lora_r=0, steps=0, batch_size=100
+    )
     with pytest.raises(ConfigError) as e:
         train(config)
     message = str(e.value)
-    for expected in ("--method 'best' is unknown", "--layer-ratio must be in [0, 1]", "--data-ratio must be in (0, 1]",
-                     "--lora-r must be positive", "--steps must be positive", "--batch-size 100 is larger than the 48"):
+    for expected in (
+        "--method 'best' is unknown",
+        "--layer-ratio must be in [0, 1]",
+        "--data-ratio must be in (0, 1]",
+        "--lora-r must be positive",
+        "--steps must be positive",
+        "--batch-size 100 is larger than the 48",
+    ):
         assert expected in message
     assert not (tmp_path / "ckpt.pt").exists()  # refused before any work
 
@@ -83,12 +121,24 @@ def test_unknown_fields_and_bad_flags_are_refused(base, tmp_path, capsys):
 
 
 def test_bad_support_and_selection_flags_are_refused(tiny, tmp_path):
-    config = tiny(support="val", heldout_size=0, support_interval=0, val_data="v.jsonl", selection="best", temperature=0.0)
+    config = tiny(
+        support="val",
+        heldout_size=0,
+        support_interval=0,
+        val_data="v.jsonl",
+        selection="best",
+        temperature=0.0,
+    )
     with pytest.raises(ConfigError) as e:
         train(config)
-    for expected in ("--support must be one of train, heldout, batch, got 'val'", "--heldout-size must be positive, got 0",
-                     "--support-interval must be positive, got 0", "--val-data needs --data",
-                     "--selection must be one of softmax, topk, random, got 'best'", "--temperature must be positive, got 0.0"):
+    for expected in (
+        "--support must be one of train, heldout, batch, got 'val'",
+        "--heldout-size must be positive, got 0",
+        "--support-interval must be positive, got 0",
+        "--val-data needs --data",
+        "--selection must be one of softmax, topk, random, got 'best'",
+        "--temperature must be positive, got 0.0",
+    ):
         assert expected in str(e.value)
     with pytest.raises(ConfigError, match="--support-data nowhere.jsonl: no such file"):
         train(tiny(data=__file__, support_data="nowhere.jsonl"))
@@ -101,21 +151,42 @@ def test_your_own_held_out_support_and_evaluation_files(tiny, tmp_path, capsys):
         return str(tmp_path / name)
 
     tok = get_tokenizer()
-    config = tiny(data=write("train.jsonl", 30, 0), val_data=write("val.jsonl", 10, 100),
-                  support_data=write("ref.jsonl", 6, 200), quiet=False)
+    config = tiny(
+        data=write("train.jsonl", 30, 0),
+        val_data=write("val.jsonl", 10, 100),
+        support_data=write("ref.jsonl", 6, 200),
+        quiet=False,
+    )
     task, is_qa = train_module.load_task(config, tok, 32)
     words = lambda split: {tok.decode(e.tokens[: e.n_prompt]) for e in split}
-    assert is_qa and len(task.train) == 30 and words(task.heldout) == {f"q{i}?" for i in range(200, 206)}
-    assert words(task.dev) | words(task.val) == {f"q{i}?" for i in range(100, 110)} and len(task.dev) == len(task.val) == 5
-    carved, _ = train_module.load_task(replace(config, support_data="", heldout_size=7, support="heldout"), tok, 32)
-    assert len(carved.train) == 23 and len(carved.heldout) == 7 and not words(carved.train) & words(carved.heldout)
+    assert (
+        is_qa
+        and len(task.train) == 30
+        and words(task.heldout) == {f"q{i}?" for i in range(200, 206)}
+    )
+    assert (
+        words(task.dev) | words(task.val) == {f"q{i}?" for i in range(100, 110)}
+        and len(task.dev) == len(task.val) == 5
+    )
+    carved, _ = train_module.load_task(
+        replace(config, support_data="", heldout_size=7, support="heldout"), tok, 32
+    )
+    assert (
+        len(carved.train) == 23
+        and len(carved.heldout) == 7
+        and not words(carved.train) & words(carved.heldout)
+    )
     assert "held-out support set: 7 samples carved from" in capsys.readouterr().out
     for support in ("train", "batch"):  # nothing carved
-        uncarved, _ = train_module.load_task(replace(config, support_data="", support=support), tok, 32)
+        uncarved, _ = train_module.load_task(
+            replace(config, support_data="", support=support), tok, 32
+        )
         assert len(uncarved.train) == 30 and uncarved.heldout == []
 
 
-def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(tiny, tmp_path, monkeypatch):
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(
+    tiny, tmp_path, monkeypatch
+):
     real_step = gast.SparseTuner.step
 
     def step(self, *args, **kwargs):
@@ -134,15 +205,41 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoin
 def test_jsonl_and_text_files_through_data(tiny, tmp_path):
     rows = [{"question": f"q{i}?", "answer": f" a{i % 3}"} for i in range(40)]
     (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    metrics = train(tiny(tmp_path / "qa", data=str(tmp_path / "qa.jsonl"), prompt_field="question",
-                         completion_field="answer", batch_size=4, val_fraction=0.25, heldout_size=8, support="heldout"))
+    metrics = train(
+        tiny(
+            tmp_path / "qa",
+            data=str(tmp_path / "qa.jsonl"),
+            prompt_field="question",
+            completion_field="answer",
+            batch_size=4,
+            val_fraction=0.25,
+            heldout_size=8,
+            support="heldout",
+        )
+    )
     assert metrics["exact_match"] is not None and math.isfinite(metrics["val_loss"])
     (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
-    metrics = train(tiny(tmp_path / "txt", data=str(tmp_path / "corpus.txt"), batch_size=4, support="batch"))
+    metrics = train(
+        tiny(tmp_path / "txt", data=str(tmp_path / "corpus.txt"), batch_size=4, support="batch")
+    )
     assert metrics["exact_match"] is None and math.isfinite(metrics["val_loss"])
-    with pytest.raises(ConfigError, match="--batch-size 40 is larger than the 22 training samples left in .* and the 8 held-out support"):
-        train(tiny(tmp_path / "qa2", data=str(tmp_path / "qa.jsonl"), batch_size=40, val_fraction=0.25,
-                   prompt_field="question", completion_field="answer", heldout_size=8, support="heldout"))
+    with pytest.raises(
+        ConfigError,
+        match="--batch-size 40 is larger than the 22 training samples left in .* "
+        "and the 8 held-out support",
+    ):
+        train(
+            tiny(
+                tmp_path / "qa2",
+                data=str(tmp_path / "qa.jsonl"),
+                batch_size=40,
+                val_fraction=0.25,
+                prompt_field="question",
+                completion_field="answer",
+                heldout_size=8,
+                support="heldout",
+            )
+        )
 
 
 def test_selection_picture_shows_the_mask_and_the_noisy_samples():
@@ -167,11 +264,17 @@ def test_a_run_draws_its_selection_picture(tiny, tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
-def test_without_matplotlib_a_run_says_so_in_one_line_and_draws_nothing(tiny, tmp_path, monkeypatch, capsys):
+def test_without_matplotlib_a_run_says_so_in_one_line_and_draws_nothing(
+    tiny, tmp_path, monkeypatch, capsys
+):
     import sys
+
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     train(tiny(quiet=False, picture=True))
-    assert "no picture: matplotlib is not installed (pip install matplotlib)" in capsys.readouterr().out
+    assert (
+        "no picture: matplotlib is not installed (pip install matplotlib)"
+        in capsys.readouterr().out
+    )
     assert not (tmp_path / "selection.png").exists()
 
 
@@ -193,12 +296,18 @@ def refused(capsys, base, out, *extra):
     return err
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--tokenizer", "foo"], "--tokenizer 'foo' is unknown; choose bytes or one of"),
-    (["--device", "banana"], "--device 'banana' is not a device"),
-    (["--lora-targets", "attn.c_attn,foo.bar"], "--lora-targets: 'foo.bar' matches no Linear module"),
-    (["--n-val", "0"], "--n-val must be positive, got 0"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--tokenizer", "foo"], "--tokenizer 'foo' is unknown; choose bytes or one of"),
+        (["--device", "banana"], "--device 'banana' is not a device"),
+        (
+            ["--lora-targets", "attn.c_attn,foo.bar"],
+            "--lora-targets: 'foo.bar' matches no Linear module",
+        ),
+        (["--n-val", "0"], "--n-val must be positive, got 0"),
+    ],
+)
 def test_bad_flags_are_refused_before_any_work(capsys, base, tmp_path, flags, message):
     assert message in refused(capsys, base, tmp_path / "out", *flags)
     assert not (tmp_path / "out").exists()
@@ -206,7 +315,9 @@ def test_bad_flags_are_refused_before_any_work(capsys, base, tmp_path, flags, me
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_cuda_without_a_gpu_is_refused(capsys, base, tmp_path):
-    assert "--device cuda: no CUDA GPU is available here" in refused(capsys, base, tmp_path, "--device", "cuda")
+    assert "--device cuda: no CUDA GPU is available here" in refused(
+        capsys, base, tmp_path, "--device", "cuda"
+    )
 
 
 @pytest.mark.parametrize("content", [b"", os.urandom(300), "truncated"])
@@ -236,7 +347,11 @@ def test_a_second_run_into_the_same_out_dir_is_refused_unless_asked(capsys, base
     assert run(capsys, base, out)[0] == 0
     before = {name: (out / name).read_bytes() for name in ("ckpt.pt", "adapter.pt", "metrics.json")}
     err = refused(capsys, base, out, "--lr", "0.05")
-    assert "already holds ckpt.pt, adapter.pt, metrics.json" in err and "--resume" in err and "--overwrite" in err
+    assert (
+        "already holds ckpt.pt, adapter.pt, metrics.json" in err
+        and "--resume" in err
+        and "--overwrite" in err
+    )
     assert all((out / name).read_bytes() == data for name, data in before.items())
     assert run(capsys, base, out, "--lr", "0.05", "--overwrite")[0] == 0
     assert (out / "adapter.pt").read_bytes() != before["adapter.pt"]
@@ -247,14 +362,20 @@ def test_resume_refuses_a_missing_changed_or_other_base(capsys, base, tmp_path):
     own_base.write_bytes(open(base, "rb").read())
     out = tmp_path / "out"
     assert run(capsys, str(own_base), out, "--stop-at", "3")[0] == 0
-    assert f"--init-from is '{base}', but the checkpoint's adapters were trained on '{own_base}'" in refused(
-        capsys, base, out, "--resume")
+    assert (
+        f"--init-from is '{base}', but the checkpoint's adapters were trained on '{own_base}'"
+        in refused(capsys, base, out, "--resume")
+    )
     state = torch.load(own_base, weights_only=True)
     state["model"]["transformer.wte.weight"] += 1
     torch.save(state, own_base)
-    assert f"the checkpoint's base model {own_base} has changed since" in refused(capsys, str(own_base), out, "--resume")
+    assert f"the checkpoint's base model {own_base} has changed since" in refused(
+        capsys, str(own_base), out, "--resume"
+    )
     own_base.unlink()
-    assert main(["--out-dir", str(out), *TINY_RUN, "--resume"]) == 2  # no --init-from: the checkpoint's base
+    assert (
+        main(["--out-dir", str(out), *TINY_RUN, "--resume"]) == 2
+    )  # no --init-from: the checkpoint's base
     assert f"the checkpoint's base model {own_base} is gone" in capsys.readouterr().err
 
 
@@ -268,15 +389,29 @@ def test_ctrl_c_says_where_it_stopped_and_what_was_saved(capsys, base, tmp_path,
 
     monkeypatch.setattr(gast.SparseTuner, "step", step)
     code, _, err = run(capsys, base, tmp_path)
-    assert code == 130 and err.strip() == f"interrupted at step 4; last checkpoint: {tmp_path / 'ckpt.pt'} (step 3)"
+    assert (
+        code == 130
+        and err.strip()
+        == f"interrupted at step 4; last checkpoint: {tmp_path / 'ckpt.pt'} (step 3)"
+    )
 
 
 def test_quiet_prints_the_summary_alone_and_every_run_writes_metrics_json(capsys, base, tmp_path):
     code, out, _ = run(capsys, base, tmp_path)
-    assert code == 0 and "gast (softmax, support train): held-out loss" in out and "block 0: updated in" in out
-    assert "step     0/6" not in out and "eval at" not in out and "LoRA r=" not in out  # no progress lines
+    assert (
+        code == 0
+        and "gast (softmax, support train): held-out loss" in out
+        and "block 0: updated in" in out
+    )
+    assert (
+        "step     0/6" not in out and "eval at" not in out and "LoRA r=" not in out
+    )  # no progress lines
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["method"] == "gast" and metrics["steps"] == 6 and f"held-out loss {metrics['val_loss']:.4f}" in out
+    assert (
+        metrics["method"] == "gast"
+        and metrics["steps"] == 6
+        and f"held-out loss {metrics['val_loss']:.4f}" in out
+    )
 
 
 def test_a_json_file_is_refused_with_a_hint_and_the_reader_is_named(capsys, base, tmp_path):
@@ -285,30 +420,40 @@ def test_a_json_file_is_refused_with_a_hint_and_the_reader_is_named(capsys, base
     (tmp_path / "pairs.jsonl").write_text("\n".join(rows))
     err = refused(capsys, base, tmp_path / "a", "--data", str(tmp_path / "pairs.json"))
     assert f"{tmp_path / 'pairs.json'}: .json files are not read" in err and ".jsonl" in err
-    code, out, _ = run(capsys, base, tmp_path / "b", "--data", str(tmp_path / "pairs.jsonl"), "--no-quiet")
-    assert code == 0 and f"reading {tmp_path / 'pairs.jsonl'} as JSONL prompt/completion pairs" in out
-
-
+    code, out, _ = run(
+        capsys, base, tmp_path / "b", "--data", str(tmp_path / "pairs.jsonl"), "--no-quiet"
+    )
+    assert (
+        code == 0 and f"reading {tmp_path / 'pairs.jsonl'} as JSONL prompt/completion pairs" in out
+    )
 
 
 # --- gradient clipping ---
+
 
 def params_with_grads(*grads):
     params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
     for p, g in zip(params, grads):
         p.grad = g.clone()
-    return torch.optim.AdamW(params + [torch.nn.Parameter(torch.zeros(2))])  # one parameter without grad (an inactive layer)
+    return torch.optim.AdamW(
+        params + [torch.nn.Parameter(torch.zeros(2))]
+    )  # one parameter without grad (an inactive layer)
 
 
 def test_clipping_leaves_a_small_gradient_alone_and_scales_a_large_one_to_the_threshold():
     from train import clip_gradients
+
     grads = (torch.tensor([3.0, 0.0]), torch.tensor([[4.0]]))  # global norm 5
     for max_norm, expected_norm in [(10.0, 5.0), (0.0, 5.0), (5.0, 5.0), (1.0, 1.0), (0.5, 0.5)]:
         opt = params_with_grads(*grads)
         assert clip_gradients(opt, max_norm) == pytest.approx(5.0)  # the norm before clipping
         after = [p.grad for p in opt.param_groups[0]["params"] if p.grad is not None]
-        assert float(torch.cat([g.flatten() for g in after]).norm()) == pytest.approx(expected_norm, rel=1e-5)
-        assert torch.allclose(after[0] / after[0].norm(), grads[0] / grads[0].norm())  # the direction is kept
+        assert float(torch.cat([g.flatten() for g in after]).norm()) == pytest.approx(
+            expected_norm, rel=1e-5
+        )
+        assert torch.allclose(
+            after[0] / after[0].norm(), grads[0] / grads[0].norm()
+        )  # the direction is kept
 
 
 def test_a_run_records_the_norm_before_clipping_and_clips_at_its_setting(tiny, tmp_path, capsys):
@@ -320,14 +465,18 @@ def test_a_run_records_the_norm_before_clipping_and_clips_at_its_setting(tiny, t
     assert loose["val_loss"] != metrics["val_loss"]  # clipping at 1e-3 changed the updates
 
 
-# --- bad input, one table: every kind ends in one `error:` line naming the flag, file or line, exit 2 ---
+# --- bad input, one table: every kind ends in one `error:` line naming the flag, file or line, exit
+# 2 ---
+
 
 def bad_files(tmp_path):
     """Files a new user might hand over, by kind; each the --data (or --val-data) of one run."""
     good = "\n".join(json.dumps({"prompt": f"q{i}?", "completion": f" a{i}"}) for i in range(40))
     (tmp_path / "good.jsonl").write_text(good)
     (tmp_path / "nested.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
-    (tmp_path / "huge.jsonl").write_text(json.dumps({"prompt": "x" * (2 << 20), "completion": "y"}) + "\n")
+    (tmp_path / "huge.jsonl").write_text(
+        json.dumps({"prompt": "x" * (2 << 20), "completion": "y"}) + "\n"
+    )
     (tmp_path / "blank.jsonl").write_text("\n\n  \n")
     (tmp_path / "latin1.txt").write_bytes("café au lait\n".encode("latin-1") * 20)
     (tmp_path / "text.txt").write_text("plain text " * 200)
@@ -348,18 +497,36 @@ BAD_INPUTS = [  # (flags, the fragment its error names); {tmp} is the test's fol
     (["--noise", "1"], "--noise must be in [0, 1), got 1.0"),
     (["--grad-clip", "-1"], "--grad-clip must not be negative, got -1.0"),
     (["--temperature", "0"], "--temperature must be positive, got 0.0"),
-    (["--batch-size", "1000000000"], "--batch-size 1000000000 is larger than the 48 training samples"),
-    (["--lora-r", "1000000"], "--batch-size, --lora-r: a fine-tuning step needs at least about"),  # on the given base's shape
+    (
+        ["--batch-size", "1000000000"],
+        "--batch-size 1000000000 is larger than the 48 training samples",
+    ),
+    (
+        ["--lora-r", "1000000"],
+        "--batch-size, --lora-r: a fine-tuning step needs at least about",
+    ),  # on the given base's shape
     (["--n-train", "2000000000"], "the default task would need 2,000,000,"),
-    (["--heldout-size", "900000", "--n-train", "200000"], "distinct words, more than the 1,000,000 it makes"),
+    (
+        ["--heldout-size", "900000", "--n-train", "200000"],
+        "distinct words, more than the 1,000,000 it makes",
+    ),
     (["--data", "{tmp}/nested.jsonl"], "nested.jsonl:1: JSON nested too deeply to read"),
     (["--data", "{tmp}/huge.jsonl"], "huge.jsonl:1: a line of 2,097,"),
     (["--data", "{tmp}/blank.jsonl"], "blank.jsonl: file is empty"),
     (["--data", "{tmp}/latin1.txt"], "latin1.txt:1: not valid UTF-8"),
     (["--data", "{tmp}/folder.jsonl"], "--data {tmp}/folder.jsonl: is a directory, not a file"),
-    (["--data", "{tmp}/good.jsonl", "--val-data", "{tmp}/text.txt"], "--val-data {tmp}/text.txt would be read as plain text, but --data"),
-    (["--data", "{tmp}/text.txt", "--val-data", "{tmp}/good.jsonl"], "would be read as JSONL prompt/completion pairs, but --data"),
-    (["--data", "{tmp}/good.jsonl", "--support-data", "{tmp}/folder.jsonl"], "--support-data {tmp}/folder.jsonl: is a directory"),
+    (
+        ["--data", "{tmp}/good.jsonl", "--val-data", "{tmp}/text.txt"],
+        "--val-data {tmp}/text.txt would be read as plain text, but --data",
+    ),
+    (
+        ["--data", "{tmp}/text.txt", "--val-data", "{tmp}/good.jsonl"],
+        "would be read as JSONL prompt/completion pairs, but --data",
+    ),
+    (
+        ["--data", "{tmp}/good.jsonl", "--support-data", "{tmp}/folder.jsonl"],
+        "--support-data {tmp}/folder.jsonl: is a directory",
+    ),
 ]
 
 
@@ -373,26 +540,49 @@ def test_bad_input_is_one_error_line_before_any_training(capsys, base, tmp_path,
     assert not (out / "ckpt.pt").exists()
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--n-layer", "1000000"], "pretraining this base needs at least about"),
-    (["--n-embd", "200000", "--n-head", "1"], "needs at least about"),
-    (["--block-size", "100000000"], "needs at least about"),
-    (["--batch-size", "1000", "--n-train", "1000", "--n-embd", "1024", "--n-head", "8", "--block-size", "256",
-      "--pretrain-batch-size", "1"],
-     "a fine-tuning step needs at least about"),
-])
-def test_a_shape_the_machine_cannot_hold_is_refused_before_pretraining(capsys, tmp_path, flags, message):
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--n-layer", "1000000"], "pretraining this base needs at least about"),
+        (["--n-embd", "200000", "--n-head", "1"], "needs at least about"),
+        (["--block-size", "100000000"], "needs at least about"),
+        (
+            [
+                "--batch-size",
+                "1000",
+                "--n-train",
+                "1000",
+                "--n-embd",
+                "1024",
+                "--n-head",
+                "8",
+                "--block-size",
+                "256",
+                "--pretrain-batch-size",
+                "1",
+            ],
+            "a fine-tuning step needs at least about",
+        ),
+    ],
+)
+def test_a_shape_the_machine_cannot_hold_is_refused_before_pretraining(
+    capsys, tmp_path, flags, message
+):
     assert main(["--out-dir", str(tmp_path), "--quiet", *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "available" in err
     assert not list(tmp_path.glob("base-*.pt"))
 
 
-def test_under_torchrun_only_the_first_process_prints_a_bad_flag_and_every_process_exits_2(capsys, monkeypatch):
+def test_under_torchrun_only_the_first_process_prints_a_bad_flag_and_every_process_exits_2(
+    capsys, monkeypatch
+):
     monkeypatch.setenv("RANK", "1")
     assert main(["--steps", "abc"]) == 2 and capsys.readouterr().err == ""
     monkeypatch.setenv("RANK", "0")
-    assert main(["--steps", "abc"]) == 2 and capsys.readouterr().err.startswith("error: argument --steps")
+    assert main(["--steps", "abc"]) == 2 and capsys.readouterr().err.startswith(
+        "error: argument --steps"
+    )
 
 
 def test_resume_on_changed_data_is_refused_naming_the_file(capsys, base, tmp_path):
@@ -402,8 +592,13 @@ def test_resume_on_changed_data_is_refused_naming_the_file(capsys, base, tmp_pat
     out = tmp_path / "out"
     flags = ["--data", str(data), "--batch-size", "4"]
     assert run(capsys, base, out, *flags, "--stop-at", "3")[0] == 0
-    data.write_text("\n".join(rows[:-1] + [json.dumps({"prompt": "q39?", "completion": " changed"})]))
+    data.write_text(
+        "\n".join(rows[:-1] + [json.dumps({"prompt": "q39?", "completion": " changed"})])
+    )
     err = refused(capsys, base, out, *flags, "--resume")
-    assert f"--data {data}: the file has changed since the checkpoint was written" in err and "--overwrite" in err
+    assert (
+        f"--data {data}: the file has changed since the checkpoint was written" in err
+        and "--overwrite" in err
+    )
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3  # nothing lost
     assert run(capsys, base, out, *flags, "--overwrite")[0] == 0  # afresh
