@@ -52,25 +52,22 @@ import time
 import torch
 
 from data import collate, get_tokenizer, make_default_task
-from gast import (
-    SelectionConfig,
-    SparseTuner,
-    per_sample_grads,
-    per_sample_grads_by_hooks,
-    recording_per_sample_grads,
-)
+from gast import per_sample_grads
+from methods import SelectionConfig, SparseTuner
+from per_sample import per_sample_grads_by_hooks, second_pass
 from lora import LoRAConfig, add_lora
 from model import GPT, IGNORE_INDEX, GPTConfig, training_memory
 from plumbing import check_device, memory_problems, output_problems, pick_device, write_json
 
 ATTENTION = ("attn.c_attn", "attn.c_proj")
 ATTENTION_AND_MLP = ATTENTION + ("mlp.c_fc", "mlp.c_proj")
+# the model train.py pretrains: 4 blocks, width 64
 MODELS = {  # name: (model shape, LoRA targets, batch sizes by default)
     "default": (
         GPTConfig(),
         ATTENTION,
         (8, 32, 128),
-    ),  # the model train.py pretrains: 4 blocks, width 64
+    ),
     "mid": (GPTConfig(n_layer=8, n_head=8, n_embd=256, block_size=64), ATTENTION_AND_MLP, (32,)),
     "gpt2-small": (
         GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=128, vocab_size=50257),
@@ -90,6 +87,7 @@ WHATS = (
     "hooks",
     "loop",
 )
+# the GAST steps, in the table's order
 PATHS = (
     "gast_default",
     "gast_vmap",
@@ -97,7 +95,7 @@ PATHS = (
     "gast_blocks",
     "gast_twopass",
     "gast_ref1",
-)  # the GAST steps, in the table's order
+)
 SUPPORT_SET_SIZE = 64  # the pool the support rows are drawn from (train.py: the training set)
 
 
@@ -155,33 +153,6 @@ def setup(spec, device):
     model = add_lora(GPT(config), LoRAConfig(targets=targets), verbose=False).to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, opt
-
-
-def second_pass(model, x, y, mask):
-    """Pass 2 of the paper's "memory-efficient" variant: one more forward and backward over
-    the samples some block drew, each block's adapters given the mean gradient over its own
-    draw (mask (L, B)): the gradient write_selected_gradients forms from per-sample gradients
-    kept since pass 1. Here each block's per-sample gradients are reduced as soon as the
-    backward has finished that block (the block-by-block hooks), so none outlive it."""
-    drawn = mask.any(dim=0)  # (B,): the rows pass 2 runs
-    weights = mask[:, drawn].float() / mask.sum(dim=1, keepdim=True).clamp(
-        min=1
-    )  # (L, B_drawn), 1/k on each draw
-    update = {}
-
-    def on_block(l, grads):
-        for name, g in grads.items():  # g: (B_drawn, *p.shape)
-            update[name] = (
-                torch.tensordot(weights[l].to(g.dtype), g, dims=1) if mask[l].any() else None
-            )
-
-    model.zero_grad(set_to_none=True)
-    with recording_per_sample_grads(model, on_block):
-        _, losses = model(x[drawn], y[drawn], reduction="none")
-        losses.sum().backward()
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            p.grad = update[name]
 
 
 def runners(model, opt, x, y, support_set):
@@ -391,9 +362,8 @@ def parse_args(argv=None):
             )
     if check_device(args.device):
         problems.append(check_device(args.device))
-    problems += output_problems(
-        "--out", args.out
-    )  # found now, not after the whole benchmark has run
+    # found now, not after the whole benchmark has run
+    problems += output_problems("--out", args.out)
     if not problems:  # each model at each batch: can its per-sample step fit?
         for name in args.models.split(",") if args.models else MODELS:
             for B in args.batch_sizes or MODELS[name][2]:
@@ -437,9 +407,8 @@ def main(argv=None):
     rows = []
     for name in names:
         for B in args.batch_sizes or MODELS[name][2]:
-            repeats = (
-                args.repeats if name == "default" else max(3, args.repeats // 2)
-            )  # larger models: fewer rounds
+            # larger models: fewer rounds
+            repeats = args.repeats if name == "default" else max(3, args.repeats // 2)
             times, ratios, n_lora, seq = paired_times(
                 MODELS[name], B, device, repeats, min(args.loop_repeats, repeats), clock=args.clock
             )

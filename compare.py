@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from data import NOISE_KINDS, DataError, TokenizerUnavailable, get_tokenizer
-from gast import METHODS, SCORED, SELECTIONS, SUPPORTS
+from gast import SELECTIONS, SUPPORTS
+from methods import METHODS, SCORED
 from plumbing import (
     check_out_dir,
     is_main,
@@ -196,9 +197,8 @@ def recorded_run(flags, split):
 def compare(config, train_flags=()):
     """The table's rows. train_flags: train.py's flags, given to every run."""
     refuse(problems(config))
-    train(
-        [*train_flags, "--out-dir", config.out_dir], dry_run=True
-    )  # train.py's flags, checked before any run
+    # train.py's flags, checked before any run
+    train([*train_flags, "--out-dir", config.out_dir], dry_run=True)
     base_config = replace(
         parse_args(BaseConfig, train_flags, known_only=True)[0], out_dir=config.out_dir
     )
@@ -208,9 +208,10 @@ def compare(config, train_flags=()):
         resume=config.resume,
         overwrite=config.overwrite,
     )
+    # made once, here
     _, base = load_base(
         base_config, get_tokenizer(base_config.tokenizer), pick_device(base_config.device)
-    )  # made once, here
+    )
     train_flags = [*train_flags, "--init-from", base]
     say = print if is_main() else (lambda *args, **kwargs: None)
     lrs = [float(v) for v in config.lrs.split(",")]
@@ -387,9 +388,8 @@ def testbed_specs():
 def check_testbed(config, train_flags=(), specs=None, time_default_run=True):
     """Run the testbed's check and print its table; True when every check holds. Every other
     flag is train.py's and goes to every run, so another recipe can be checked the same way."""
-    train(
-        [*train_flags, "--out-dir", config.out_dir], dry_run=True
-    )  # train.py's flags, checked before any run
+    # train.py's flags, checked before any run
+    train([*train_flags, "--out-dir", config.out_dir], dry_run=True)
     check_out_dir(
         config.out_dir, ("testbed.json",), resume=config.resume, overwrite=config.overwrite
     )
@@ -403,10 +403,9 @@ def check_testbed(config, train_flags=(), specs=None, time_default_run=True):
             "base)"
         )
     tokenizer, device = get_tokenizer(base_config.tokenizer), pick_device(base_config.device)
+    # {pretrain seed: its base's path}
     bases = {
-        seed: load_base(replace(base_config, pretrain_seed=seed), tokenizer, device)[
-            1
-        ]  # {pretrain seed: its base's path}
+        seed: load_base(replace(base_config, pretrain_seed=seed), tokenizer, device)[1]
         for seed in sorted({spec[0] for spec in specs})
     }
     t0, runs, threads_before = time.time(), [], torch.get_num_threads()
@@ -559,6 +558,7 @@ def time_python_train():
     )
 
 
+# Student's t, 97.5%
 T_975 = {
     1: 12.706,
     2: 4.303,
@@ -570,7 +570,7 @@ T_975 = {
     8: 2.306,
     9: 2.262,
     10: 2.228,
-}  # Student's t, 97.5%
+}
 
 
 def paired_difference(runs, lora_runs):
@@ -711,9 +711,8 @@ def plot_comparison(rows, path):
     fig, axes = plt.subplots(
         1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 3.5), squeeze=False
     )
-    curves = axes[0][
-        -1
-    ]  # every row's learning curve: the mean over seeds, the band from min to max
+    # every row's learning curve: the mean over seeds, the band from min to max
+    curves = axes[0][-1]
     for r in rows:
         steps = [p["step"] for p in r["curve"]]
         (line,) = curves.plot(

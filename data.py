@@ -279,9 +279,8 @@ def make_default_task(
     """
     if not 0.0 <= noise < 1.0:
         raise ValueError(f"noise must be in [0, 1), got {noise}")
-    if (
-        n_train + n_val + n_heldout + n_dev > MAX_TASK_WORDS
-    ):  # never an endless search for distinct words
+    # never an endless search for distinct words
+    if n_train + n_val + n_heldout + n_dev > MAX_TASK_WORDS:
         raise ValueError(f"the default task makes at most {MAX_TASK_WORDS:,} distinct words")
     tasks = parse_tasks(",".join(tasks))  # known names only, in TASKS' order
     rng = random.Random(seed + 1)  # not the pretraining corpus's stream
@@ -408,9 +407,8 @@ def load_text(path, tokenizer, block_size):
 class TruncationStats:
     samples: int = 0  # samples longer than block_size + 1 tokens
     tokens: int = 0  # tokens cut from their ends
-    skipped: list = field(
-        default_factory=list
-    )  # "file:line" of samples whose prompt leaves no completion token
+    # "file:line" of samples whose prompt leaves no completion token
+    skipped: list = field(default_factory=list)
 
 
 MAX_LINE = (
@@ -543,9 +541,8 @@ class DataConfig:
                 "--tasks chooses among the default task's tasks; it does nothing with --data"
             )
         if not self.data and not out:
-            words = (
-                self.n_train + 2 * self.n_val + self.heldout_size
-            )  # train, test, dev, held-out: distinct words
+            # train, test, dev, held-out: distinct words
+            words = self.n_train + 2 * self.n_val + self.heldout_size
             if words > MAX_TASK_WORDS:
                 out.append(
                     f"--n-train, --n-val, --heldout-size: the default task would need {words:,} "

@@ -160,9 +160,8 @@ def collect_stats(model, blocks, batches):
             keep = (y != IGNORE_INDEX).flatten()  # tokens that carry a loss
             for (key, m), wg in zip(modules.items(), weight_grads):
                 x_in = saved[key].flatten(0, 1)[keep].double()  # (N, in)
-                g_out = (
-                    saved[key + ":g"].flatten(0, 1)[keep].double() * n_tokens
-                )  # (N, out): each token's own gradient
+                # (N, out): each token's own gradient
+                g_out = saved[key + ":g"].flatten(0, 1)[keep].double() * n_tokens
                 sums[key][0] = sums[key][0] + x_in.T @ x_in
                 sums[key][1] = sums[key][1] + g_out.T @ g_out
                 grads[key] = grads[key] + wg.double()
@@ -374,9 +373,8 @@ def make_emulator(model, method, config, stats=None):
     for b in middle:
         block = emulator.transformer.h[b]
         s = (lambda name: stats[f"h.{b}.{name}"]) if rule == "gcs" else (lambda name: None)
-        if (
-            config.attn_keep < 1
-        ):  # at 1 the dense matrix is kept: factors would hold more parameters
+        # at 1 the dense matrix is kept: factors would hold more parameters
+        if config.attn_keep < 1:
             block.attn.c_attn = compress_attention_matrix(
                 block.attn.c_attn, s("attn.c_attn"), 3, config.attn_keep, lam_attn, rule
             )
@@ -481,9 +479,8 @@ def skill_examples(tokenizer, n):
 
 
 @dataclass
-class GradOTConfig(
-    BaseConfig
-):  # the base's settings (--init-from, --n-layer, --out-dir, --device ...) are pretrain.py's
+# the base's settings (--init-from, --n-layer, --out-dir, --device ...) are pretrain.py's
+class GradOTConfig(BaseConfig):
     methods: str = option(",".join(EMULATORS), f"emulators to build, from {', '.join(EMULATORS)}")
     adapter_blocks: int = option(
         1,
@@ -613,9 +610,8 @@ def run(config):
             )
             for seed in range(config.seeds)
         ]
-        skills = (
-            tasks[0].heldout
-        )  # zero-shot: the test words' facts in the pretraining template (what the model recalls)
+        # zero-shot: the test words' facts in the pretraining template (what the model recalls)
+        skills = tasks[0].heldout
     else:
         skills = skill_examples(tokenizer, config.eval_samples)
         # one task of the mixture, rsh (rev, then shift): the task this experiment was measured on

@@ -23,12 +23,13 @@ import torch.nn.functional as F
 from plumbing import atomic_save, option
 
 
+# GPT-2's names, in every block
 LINEAR_MODULES = (
     "attn.c_attn",
     "attn.c_proj",
     "mlp.c_fc",
     "mlp.c_proj",
-)  # GPT-2's names, in every block
+)
 
 
 @dataclass
@@ -98,9 +99,8 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         h = self.lora_dropout(x)  # (B, T, in)
-        return (
-            y + (h @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
-        )  # (B, T, in) -> (B, T, r) -> (B, T, out)
+        # (B, T, in) -> (B, T, r) -> (B, T, out)
+        return y + (h @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
 
     @torch.no_grad()
     def merge(self):

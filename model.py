@@ -123,9 +123,10 @@ def per_sample_loss(logits, targets):
     per-sample gradients.
     A sample with no target token gets loss 0 (data.py never makes one).
     """
+    # (B, T)
     token_loss = F.cross_entropy(
         logits.transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX, reduction="none"
-    )  # (B, T)
+    )
     n_targets = (targets != IGNORE_INDEX).sum(dim=1)  # (B,)
     return token_loss.sum(dim=1) / n_targets.clamp(min=1)
 
@@ -176,9 +177,8 @@ class GPT(nn.Module):
                 f"sequence of length {T} is longer than block_size {self.config.block_size}"
             )
         pos = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(
-            self.transformer.wte(idx) + self.transformer.wpe(pos)
-        )  # (B, T, C)
+        # (B, T, C)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x, fused=fused)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)

@@ -88,17 +88,11 @@ def one_of(config, name, choices):
     )
 
 
-def parse_args(
-    config_type, argv=None, description=None, renamed=None, known_only=False, epilog=None
-):
+def parse_args(config_type, argv=None, description=None, known_only=False, epilog=None):
     """config_type from the command line: one flag per field (--layer-ratio for layer_ratio),
-    its help the field's. renamed: {old flag: new flag}; an old spelling is refused by name.
-    known_only: (config, the flags that are not config_type's), for a script that passes
-    the rest on; flags are never abbreviated, so --seed is never taken for --seeds."""
+    its help the field's. known_only: (config, the flags that are not config_type's), for a
+    script that passes the rest on; flags are never abbreviated, so --seed is never taken for --seeds."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    for old, new in (renamed or {}).items():
-        if any(a == old or a.startswith(old + "=") for a in argv):
-            raise ConfigError(f"invalid settings:\n  {old} is now {new}")
     parser = Parser(
         description=description, epilog=epilog, allow_abbrev=False, formatter_class=HelpFormatter
     )
@@ -417,8 +411,8 @@ def save_figure(plt, fig, path):
 def plot_run(history, path, config):
     """train.py's picture of a run (its History): the learning curve (held-out loss and exact
     match at each evaluation); which blocks were updated at each step, unless every block
-    always was; each block's noisy and clean selection rates over training (smoothed), where the data
-    carries noisy flags."""
+    always was; each block's noisy and clean selection rates over training (smoothed), where
+    the data carries noisy flags."""
     plt = pyplot(config)
     if plt is None or not history.active:
         return

@@ -147,9 +147,8 @@ def base_problems(config):
             "--lexicon states its facts in the built-in corpus; it cannot be added to "
             "--pretrain-data"
         )
-    if (
-        not config.init_from and not problems
-    ):  # the base that would be pretrained: can a step of it fit?
+    # the base that would be pretrained: can a step of it fit?
+    if not config.init_from and not problems:
         estimate = training_memory(GPTConfig(**shape_values(config)), config.pretrain_batch_size)
         problems += memory_problems(
             "pretraining this base",
@@ -248,9 +247,8 @@ def pretraining_batches(config, tokenizer, block_size):
         ]
         return tuple(t.to(device) for t in windows(train_tokens, starts))
 
-    held_starts = list(range(0, len(held) - block_size, block_size))[
-        :64
-    ]  # up to 64 windows, evaluated in one pass
+    # up to 64 windows, evaluated in one pass
+    held_starts = list(range(0, len(held) - block_size, block_size))[:64]
     return (
         next_batch,
         windows(held, held_starts),
@@ -270,9 +268,8 @@ def pretrain(config, tokenizer, device, path):
     )
     rng = random.Random(seed)
     steps = config.pretrain_steps
-    forward = (
-        torch.compile(model) if config.compile else model
-    )  # the fused attention path, compiled on request
+    # the fused attention path, compiled on request
+    forward = torch.compile(model) if config.compile else model
     say(
         config,
         f"pretraining a base GPT ({model.num_params():,} parameters; {gpt_config.n_layer} blocks, "

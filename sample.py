@@ -114,9 +114,8 @@ def load_run(out_dir, device):
     model = read_base(base)
     if not os.path.exists(adapter_path):  # the run stopped early: its last checkpoint's adapters
         adapter_path = ckpt_path
-    read_checkpoint(
-        adapter_path, "--out-dir", ("lora_config", "adapter")
-    )  # a broken file: one line, not a traceback
+    # a broken file: one line, not a traceback
+    read_checkpoint(adapter_path, "--out-dir", ("lora_config", "adapter"))
     try:
         load_adapter(model, adapter_path)
     except (ValueError, KeyError) as e:

@@ -32,7 +32,7 @@ from data import (
     load_task,
     per_task_lines,
 )
-from gast import SCORED, SelectionConfig, SparseTuner
+from methods import SCORED, SelectionConfig, SparseTuner
 from lora import LoRAConfig, add_lora, adapter_state_dict, save_adapter
 from plumbing import (
     ConfigError,
@@ -81,7 +81,9 @@ class TrainConfig(BaseConfig, DataConfig, SelectionConfig):
     schedule: str = option(
         "cosine", "learning-rate schedule after warm-up: cosine (down to lr/10) or constant"
     )
-    warmup_steps: int = option(20, "linear warm-up from 0 to lr")
+    warmup_steps: int = option(
+        -1, "linear warm-up from 0 to lr over this many steps; -1: 20, or a tenth of a shorter run"
+    )
     weight_decay: float = option(0.0, "AdamW weight decay on the adapters")
     grad_clip: float = option(
         1.0,
@@ -115,16 +117,6 @@ class TrainConfig(BaseConfig, DataConfig, SelectionConfig):
         )
 
 
-# flags that were renamed (revision 3 of the rule calls the reference the support) or moved
-RENAMED = {
-    "--reference": "--support",
-    "--reference-size": "--heldout-size",
-    "--reference-interval": "--support-interval",
-    "--reference-data": "--support-data",
-    "--compare": "python compare.py (the comparison has its own script)",
-}
-
-
 def validate(config, n_procs=1):
     """Raise ConfigError listing every problem; n_procs: processes under torchrun."""
     problems = (
@@ -145,8 +137,8 @@ def validate(config, n_procs=1):
             f"--lr {config.lr} is above 1: AdamW steps that large wreck any model (LoRA here "
             "likes 1e-3 to 3e-2)"
         )
-    if config.stop_at < 0 or config.warmup_steps < 0:
-        problems.append("--stop-at and --warmup-steps must not be negative")
+    if config.stop_at < 0 or config.warmup_steps < -1:
+        problems.append("--stop-at must not be negative, nor --warmup-steps below -1 (the default)")
     if config.warmup_steps > config.steps > 0:
         problems.append(
             f"--warmup-steps {config.warmup_steps} is longer than the run (--steps {config.steps})"
@@ -161,9 +153,8 @@ def validate(config, n_procs=1):
             f"--batch-size {config.batch_size} (the global batch) does not divide by the "
             f"{n_procs} processes"
         )
-    if (
-        not config.init_from and not problems
-    ):  # the base train.py would pretrain: can a fine-tuning step of it fit?
+    # the base train.py would pretrain: can a fine-tuning step of it fit?
+    if not config.init_from and not problems:
         problems += step_memory_problems(config, GPTConfig(**shape_values(config)))
     refuse(problems)
 
@@ -171,12 +162,10 @@ def validate(config, n_procs=1):
 def step_memory_problems(config, shape):
     """A problem line if a fine-tuning step on a base of this shape clearly cannot fit."""
     rows = config.batch_size + config.support_size
-    lora = (
-        16 * config.lora_r * shape.n_embd * shape.n_layer
-    )  # r * (in + out) over the four Linear of every block, at most
-    estimate = training_memory(shape, rows, full=False) + 4 * lora * (
-        rows + 4
-    )  # + per-sample gradients, AdamW's moments
+    # r * (in + out) over the four Linear of every block, at most
+    lora = 16 * config.lora_r * shape.n_embd * shape.n_layer
+    # + per-sample gradients, AdamW's moments
+    estimate = training_memory(shape, rows, full=False) + 4 * lora * (rows + 4)
     return memory_problems(
         "a fine-tuning step",
         estimate,
@@ -196,23 +185,18 @@ class History:
 
     ms: list = field(default_factory=list)  # time of each step
     coverage: list = field(default_factory=list)  # share of the batch selected by an active block
-    grad_norm: list = field(
-        default_factory=list
-    )  # the adapters' global gradient norm before clipping
-    noisy_selected: list = field(
-        default_factory=list
-    )  # over active blocks, share of noisy samples taken (nan: none)
+    # the adapters' global gradient norm before clipping
+    grad_norm: list = field(default_factory=list)
+    # over active blocks, share of noisy samples taken (nan: none)
+    noisy_selected: list = field(default_factory=list)
     clean_selected: list = field(default_factory=list)
-    noisy_probability: list = field(
-        default_factory=list
-        # on logged steps, over active blocks, the noisy samples' mean inclusion probability (nan: not
-        # logged)
-    )
+    # on logged steps, over active blocks, the noisy samples' mean inclusion probability
+    # (nan: not logged)
+    noisy_probability: list = field(default_factory=list)
     clean_probability: list = field(default_factory=list)
     active: list = field(default_factory=list)  # per step, per block: updated or not
-    noisy_rate: list = field(
-        default_factory=list
-    )  # per step with noisy flags, per block (nan: block off)
+    # per step with noisy flags, per block (nan: block off)
+    noisy_rate: list = field(default_factory=list)
     clean_rate: list = field(default_factory=list)
     evals: list = field(default_factory=list)  # {"step", "loss", "exact_match"} at each evaluation
 
@@ -293,9 +277,8 @@ def read_resume(config, ckpt_path):
             f"the checkpoint's base model {base} has changed since (hash {fingerprint(base)}, "
             f"the checkpoint's {resume['base_hash']})"
         )
-    for name, digest in resume.get(
-        "data_hash", {}
-    ).items():  # the files the run trained and evaluated on
+    # the files the run trained and evaluated on
+    for name, digest in resume.get("data_hash", {}).items():
         path = getattr(config, name)
         now = fingerprint(path) if path and os.path.isfile(path) else None
         if now != digest:
@@ -312,11 +295,12 @@ def read_resume(config, ckpt_path):
     return resume
 
 
+# hashed into checkpoints: a resume on changed data is refused
 DATA_FILES = (
     "data",
     "val_data",
     "support_data",
-)  # hashed into checkpoints: a resume on changed data is refused
+)
 
 
 def save_checkpoint(path, config, step, model, opt, tuner, rngs, base, history):
@@ -374,12 +358,18 @@ def clip_gradients(opt, max_norm):
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf")))
 
 
+def warmup_steps(config):
+    """--warmup-steps, or by default 20 steps (a tenth of a run shorter than 200 steps)."""
+    return config.warmup_steps if config.warmup_steps >= 0 else min(20, config.steps // 10)
+
+
 def lr_at(config, step):
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
+    warmup = warmup_steps(config)
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
     if config.schedule == "constant":
         return config.lr
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    progress = (step - warmup) / max(1, config.steps - warmup)
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -414,7 +404,7 @@ def train(config, split="test", summary=True, dry_run=False):
     bad) and return them as a dict, doing no work (compare.py checks its runs' flags so).
     """
     if isinstance(config, (list, tuple)):  # command-line flags, as compare.py passes them
-        config = parse_args(TrainConfig, config, renamed=RENAMED)
+        config = parse_args(TrainConfig, config)
     elif isinstance(config, dict):
         config = config_from_dict(TrainConfig, config)
     validate(config, n_procs=world()[1])
@@ -430,9 +420,8 @@ def train(config, split="test", summary=True, dry_run=False):
         config if resume is None else replace(config, init_from=resume["base"]), tokenizer, device
     )
     base_hash = fingerprint(base_path)
-    refuse(
-        step_memory_problems(config, model.config) if config.init_from else []
-    )  # a base of its own shape
+    # a base of its own shape
+    refuse(step_memory_problems(config, model.config) if config.init_from else [])
     task, is_qa = load_task(config, tokenizer, model.config.block_size)
     show_sample = not is_qa and split == "test"  # text data: a greedy sample at the end
     is_qa = is_qa and split == "test"  # exact match (greedy decoding) on the test split only
@@ -451,9 +440,8 @@ def train(config, split="test", summary=True, dry_run=False):
         say(config, "support: the batch's own mean gradient")
     elif config.method in SCORED:
         pool = task.train if config.support == "train" else task.heldout
-        support_set = SupportPool(
-            pool, tokenizer.eot_token
-        )  # each step's rows are batched when drawn
+        # each step's rows are batched when drawn
+        support_set = SupportPool(pool, tokenizer.eot_token)
         size = (
             f"{config.support_size} samples"
             if 0 < config.support_size < len(pool)
@@ -481,9 +469,8 @@ def train(config, split="test", summary=True, dry_run=False):
         model, subset(SelectionConfig, config), seed=config.seed, support_set=support_set
     )
     data_rng = random.Random(config.seed)  # the training batches
-    probe_rng = random.Random(
-        f"ist-probe-{config.seed}"
-    )  # ist's probe batches: its own stream, so ist trains on the others' batches
+    # ist's probe batches: its own stream, so ist trains on the others' batches
+    probe_rng = random.Random(f"ist-probe-{config.seed}")
     start, history = 0, History()
     if resume is not None:
         start, history = restore(resume, model, opt, tuner, (data_rng, probe_rng))
@@ -498,59 +485,39 @@ def train(config, split="test", summary=True, dry_run=False):
     end = min(config.stop_at or config.steps, config.steps)
     say(
         config,
-        f"fine-tuning with {config.method} on {len(train_set)} samples for steps {start}..{end} "
-        f"on {device}",
+        f"fine-tuning with {config.method} on {len(train_set)} samples, "
+        f"steps {start}..{end}, on {device}",
     )
-    t_start, saved_at, step = time.time(), (start if resume is not None else None), start
+    saved_at, step = (start if resume is not None else None), start
     try:
         for step in range(start, end):
+            lr = lr_at(config, step)
             for group in opt.param_groups:
-                group["lr"] = lr_at(config, step)
-            x, y, noisy = collate(
-                data_rng.sample(train_set, config.batch_size), tokenizer.eot_token, device
-            )
+                group["lr"] = lr
+            batch = data_rng.sample(train_set, config.batch_size)
+            x, y, noisy = collate(batch, tokenizer.eot_token, device)
+            flagged = noisy if noisy.any() else None
             t0 = time.time()
             with autocast_for(device):
-                record = tuner.step(
-                    x, y, noisy if noisy.any() else None, probe=probe
-                )  # the method writes .grad
+                record = tuner.step(x, y, flagged, probe=probe)  # the method writes .grad
             if not math.isfinite(record.loss):
                 raise FloatingPointError(
                     f"step {step}: the loss is {record.loss}; stopped without updating. "
-                    f"The last good checkpoint is {ckpt_path}"
-                    + ("" if os.path.exists(ckpt_path) else " (none written yet)")
+                    f"The last good checkpoint: {last_checkpoint(ckpt_path, saved_at)}"
                 )
-            grad_norm = clip_gradients(
-                opt, config.grad_clip
-            )  # after the method (and torchrun's all-reduce) wrote .grad
+            grad_norm = clip_gradients(opt, config.grad_clip)  # after torchrun's all-reduce too
             opt.step()
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             ms = 1000 * (time.time() - t0)
             logged = step % config.log_interval == 0 or step == end - 1
-            if logged and noisy.any():
+            if logged and flagged is not None:
                 tuner.intended(record, noisy)  # what the draw meant to take, beside what it took
             history.add(record, tuner.L, ms, grad_norm)
-            if step == start or step == end - 1:
+            if step in (start, end - 1):
                 say(config, f"step {step}: " + selection_picture(record, noisy.cpu()))
             if logged:
-                eta = (time.time() - t_start) / (step - start + 1) * (end - step - 1)
-                rates = (
-                    ""
-                    if noisy.sum() == 0
-                    else f" | noisy/clean taken {record.noisy_selected:.2f}/{record.clean_selected:.2f}"
-                )
-                if noisy.sum() and record.noisy_intended is not None:
-                    rates += (
-                        f" (intended {record.noisy_probability:.2f}/{record.clean_probability:.2f})"
-                    )
-                say(
-                    config,
-                    f"step {step:5d}/{config.steps} | loss {record.loss:.4f} | grad norm "
-                    f"{grad_norm:.3f} | lr {lr_at(config, step):.2e} | "
-                    f"layers {record.active_layers} | coverage {record.coverage:.2f}{rates} | "
-                    f"{history.ms[-1]:.0f} ms/step | eta {eta:.0f}s",
-                )
+                say(config, progress_line(step, record, lr, ms, flagged is not None))
             if (step + 1) % config.eval_interval == 0 or step == end - 1:
                 result = evaluate(model, eval_set, tokenizer, device, is_qa)
                 history.evals.append(
@@ -581,7 +548,7 @@ def train(config, split="test", summary=True, dry_run=False):
                     )
                 saved_at = step + 1
     except KeyboardInterrupt:
-        last = f"{ckpt_path} (step {saved_at})" if saved_at is not None else "none written yet"
+        last = last_checkpoint(ckpt_path, saved_at)
         raise Interrupted(f"interrupted at step {step}; last checkpoint: {last}") from None
 
     # evaluation and save
@@ -619,6 +586,22 @@ def train(config, split="test", summary=True, dry_run=False):
 # What a reader sees: the selection as text and the summary (the picture: plumbing.plot_run)
 
 
+def progress_line(step, record, lr, ms, flagged):
+    """nanoGPT's line: step, loss, lr, time; and where samples are flagged noisy, the shares
+    of noisy and clean samples the blocks took. The rest is in metrics.json and the picture."""
+    line = f"step {step:5d} | loss {record.loss:.4f} | lr {lr:.2e} | {ms:.0f} ms"
+    if flagged:
+        line += f" | noisy/clean taken {record.noisy_selected:.2f}/{record.clean_selected:.2f}"
+    return line
+
+
+def last_checkpoint(ckpt_path, saved_at):
+    """What a checkpoint on disk holds, for the messages of a stopped run."""
+    if saved_at is not None:
+        return f"{ckpt_path} (step {saved_at}); --resume continues from it"
+    return "none written yet"
+
+
 def selection_picture(record, noisy):
     """A text heatmap of one step: rows are blocks, columns samples; # took it, . did not."""
     lines = ["which block learned from which sample (# selected, . not; ^ marks noisy samples):"]
@@ -637,27 +620,21 @@ def selection_picture(record, noisy):
 
 
 def print_summary(metrics):
-    rule = (
-        ""
-        if metrics["selection"] is None
-        else f" ({metrics['selection']}, support {metrics['support']})"
-    )
-    print(
-        f"\n{metrics['method']}{rule}: held-out loss {metrics['val_loss']:.4f}"
-        + ("" if metrics["exact_match"] is None else f", exact match {metrics['exact_match']:.3f}")
-        + f", coverage {metrics['coverage']:.2f}"
-        + (
-            ""
-            if math.isnan(metrics["noisy_selected"])
-            else f", noisy/clean taken {metrics['noisy_selected']:.2f}/{metrics['clean_selected']:.2f}"
-        )
-        + (
-            ""
-            if math.isnan(metrics["noisy_probability"])
-            else f" (intended {metrics['noisy_probability']:.2f}/{metrics['clean_probability']:.2f})"
-        )
-        + f", {metrics['ms_per_step']:.0f} ms/step (median)"
-    )
+    rule = "" if metrics["selection"] is None else f" ({metrics['selection']}, support "
+    rule += "" if metrics["selection"] is None else f"{metrics['support']})"
+    parts = [f"held-out loss {metrics['val_loss']:.4f}"]
+    if metrics["exact_match"] is not None:
+        parts.append(f"exact match {metrics['exact_match']:.3f}")
+    parts.append(f"coverage {metrics['coverage']:.2f}")
+    if not math.isnan(metrics["noisy_selected"]):
+        taken = f"noisy/clean taken {metrics['noisy_selected']:.2f}/{metrics['clean_selected']:.2f}"
+        if not math.isnan(metrics["noisy_probability"]):
+            taken += (
+                f" (intended {metrics['noisy_probability']:.2f}/{metrics['clean_probability']:.2f})"
+            )
+        parts.append(taken)
+    parts.append(f"{metrics['ms_per_step']:.0f} ms/step (median)")
+    print(f"\n{metrics['method']}{rule}: " + ", ".join(parts))
     for l, share in enumerate(metrics["active_per_layer"]):
         rates = (
             ""
@@ -687,7 +664,7 @@ def main(argv=None):
 
     def work():
         nonlocal distributed
-        config = parse_args(TrainConfig, argv, description=__doc__.strip(), renamed=RENAMED)
+        config = parse_args(TrainConfig, argv, description=__doc__.strip())
         distributed = init_distributed(config.device)
         train(config)
 

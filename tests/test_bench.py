@@ -16,9 +16,8 @@ def test_ratios_are_medians_of_ratios_to_the_plain_steps_around_each_measurement
         def make(what):
             def fn():
                 clock["calls"] += 1
-                n = len(
-                    bench.WHATS
-                )  # 2n - 1 warm-up calls, 2n - 1 in round 1, 2n - 3 in round 2 (no loop)
+                # 2n - 1 warm-up calls, 2n - 1 in round 1, 2n - 3 in round 2 (no loop)
+                n = len(bench.WHATS)
                 busy = 3.0 if 4 * n - 1 <= clock["calls"] <= 6 * n - 5 else 1.0
                 clock["now"] += busy * cost.get(what, 0.020) * bench.STEPS_PER_CALL.get(what, 1)
 
@@ -33,9 +32,8 @@ def test_ratios_are_medians_of_ratios_to_the_plain_steps_around_each_measurement
     row = bench.summarise("default", 4, times, ratios, peaks, n_lora=1000, seq=16)
     assert row["gast_default_x"] == pytest.approx(1.5) and row["vmap_x"] == pytest.approx(2.0)
     assert len(ratios["loop"]) == 1 and len(ratios["gast_default"]) == 3
-    assert row["block_bound_mib"] == pytest.approx(
-        (4 + 4) * 1000 / 4 * 4 / 2**20
-    )  # the default model: 4 blocks
+    # the default model: 4 blocks
+    assert row["block_bound_mib"] == pytest.approx((4 + 4) * 1000 / 4 * 4 / 2**20)
     assert row["vmap_speedup_over_loop"] == pytest.approx(1.0)
     assert row["plain_spread"] > 2 and row["busy"]  # the warning still sees the load
     assert row["per_sample_grad_mib"] == pytest.approx(4 * 1000 * 4 / 2**20)
@@ -43,7 +41,7 @@ def test_ratios_are_medians_of_ratios_to_the_plain_steps_around_each_measurement
 
 def test_the_papers_two_pass_variant_writes_the_torch_func_paths_gradients():
     import torch
-    from gast import SelectionConfig, SparseTuner
+    from methods import SelectionConfig, SparseTuner
     from lora import LoRAConfig, add_lora
     from model import GPT, IGNORE_INDEX
 
@@ -53,9 +51,8 @@ def test_the_papers_two_pass_variant_writes_the_torch_func_paths_gradients():
         LoRAConfig(),
         verbose=False,
     )
-    for (
-        p
-    ) in model.parameters():  # B away from zero, so that every block's gradient differs by sample
+    # B away from zero, so that every block's gradient differs by sample
+    for p in model.parameters():
         if p.requires_grad:
             p.data.normal_(0, 0.3)
     x = torch.randint(0, 40, (12, 8))
@@ -66,9 +63,8 @@ def test_the_papers_two_pass_variant_writes_the_torch_func_paths_gradients():
         model, SelectionConfig(method="gast", per_sample="vmap"), seed=3, support_set=pool
     ).step(x, y)
     reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert (
-        record.mask.any(dim=1).all() and not record.mask.all(dim=1).any()
-    )  # each block drew, none took all
+    # each block drew, none took all
+    assert record.mask.any(dim=1).all() and not record.mask.all(dim=1).any()
     bench.second_pass(model, x, y, record.mask)
     for name, g in reference.items():
         torch.testing.assert_close(

@@ -60,9 +60,8 @@ def test_compare_prints_a_table_and_writes_json_and_csv(base, tmp_path, capsys):
     for row in saved["rows"]:
         mine = [r for r in saved["runs"] if r["row"] == row["row"]]
         assert row["val_loss"] == pytest.approx(sum(r["val_loss"] for r in mine) / 2)
-        diffs = [
-            r["val_loss"] - lora[r["seed"]]["val_loss"] for r in mine
-        ]  # paired by seed, t with 1 degree of freedom
+        # paired by seed, t with 1 degree of freedom
+        diffs = [r["val_loss"] - lora[r["seed"]]["val_loss"] for r in mine]
         assert row["val_loss_vs_lora"] == pytest.approx(sum(diffs) / 2)
         assert row["val_loss_vs_lora_ci95"] == pytest.approx(
             12.706 * abs(diffs[0] - diffs[1]) / 2**0.5 / 2**0.5
@@ -145,23 +144,6 @@ def test_bad_comparison_flags_are_refused_before_any_run(base, tmp_path, capsys)
     assert "--lrs must all be positive" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    "old,new",
-    [
-        ("--compare", "python compare.py"),
-        ("--reference", "--support"),
-        ("--reference-size=8", "--heldout-size"),
-        ("--reference-interval", "--support-interval"),
-        ("--reference-data", "--support-data"),
-    ],
-)
-def test_an_old_flag_names_its_new_spelling(old, new, capsys):
-    import train
-
-    assert train.main([old, "x"] if "=" not in old else [old]) == 2
-    assert f"{old.split('=')[0]} is now {new}" in capsys.readouterr().err
-
-
 def test_the_default_rows_are_the_papers_rule_and_its_ablations():
     rows = compare_module.rows_of(CompareConfig())
     assert [spec for spec, _, _ in rows] == [
@@ -176,6 +158,7 @@ def test_the_default_rows_are_the_papers_rule_and_its_ablations():
     ]
 
 
+# train.py's flags are checked before the first run
 @pytest.mark.parametrize(
     "flags,message",
     [
@@ -185,7 +168,7 @@ def test_the_default_rows_are_the_papers_rule_and_its_ablations():
         (
             ["--steps", "-3"],
             "--steps must be positive, got -3",
-        ),  # train.py's flags are checked before the first run
+        ),
         (["--n-layer", "1000000"], "pretraining this base needs at least about"),
         (["--seeds", "two"], "argument --seeds: invalid int value: 'two'"),
     ],
@@ -214,23 +197,24 @@ def test_a_continued_comparison_equals_an_uninterrupted_one_and_runs_only_what_i
     whole = compare(
         CompareConfig(seeds=2, out_dir=str(tmp_path / "whole"), **settings), flags(base, steps=3)
     )
+    # stopped after seed 0
     compare(
         CompareConfig(seeds=1, out_dir=str(tmp_path / "parts"), **settings), flags(base, steps=3)
-    )  # stopped after seed 0
+    )
     capsys.readouterr()
     continued = compare(
         CompareConfig(seeds=2, out_dir=str(tmp_path / "parts"), resume=True, **settings),
         flags(base, steps=3),
     )
     out = capsys.readouterr().out
+    # 4 dev + 2 test read back
     assert (
         out.count("(recorded before, not run again)") == 6
         and out.count("[") - out.count("(recorded") >= 2
-    )  # 4 dev + 2 test read back
+    )
     assert same_figures(whole, continued)
-    with pytest.raises(
-        Exception, match="already holds compare.json"
-    ):  # without --resume or --overwrite: refused
+    # without --resume or --overwrite: refused
+    with pytest.raises(Exception, match="already holds compare.json"):
         compare(
             CompareConfig(seeds=2, out_dir=str(tmp_path / "parts"), **settings),
             flags(base, steps=3),
@@ -300,9 +284,8 @@ def test_the_testbed_check_runs_lora_per_base_thread_count_and_noise_and_judges_
         lambda: (True, "python train.py: not timed in the tests"),
     )
     threads = torch.get_num_threads()
-    assert (
-        main(["--check-testbed", "--out-dir", str(tmp_path), *flags(base)]) == 1
-    )  # tiny runs do not learn: a check fails
+    # tiny runs do not learn: a check fails
+    assert main(["--check-testbed", "--out-dir", str(tmp_path), *flags(base)]) == 1
     assert torch.get_num_threads() == threads
     saved = json.loads((tmp_path / "testbed.json").read_text())
     runs = saved["runs"]
@@ -320,9 +303,8 @@ def test_the_testbed_check_runs_lora_per_base_thread_count_and_noise_and_judges_
         checks[0]["ok"] is False
         and "noise 0: exact match >= 0.95 on all 2 runs" in checks[0]["check"]
     )
-    for check, run in zip(
-        checks[1:3], runs[2:]
-    ):  # each noise kind against noise 0 at the same base and threads
+    # each noise kind against noise 0 at the same base and threads
+    for check, run in zip(checks[1:3], runs[2:]):
         ratio = run["val_loss"] / runs[1]["val_loss"]
         assert f"{ratio:.1f}x" in check["check"] and check["ok"] == (ratio >= 2.0)
     assert checks[-1] == {"ok": True, "check": "python train.py: not timed in the tests"}

@@ -95,9 +95,8 @@ def test_every_split_of_the_mixture_shares_its_samples_evenly_among_the_tasks():
         counts = [sum(e.task == name for e in getattr(task, split)) for name in TASKS]
         assert max(counts) - min(counts) <= 1, (split, counts)
     names = [e.task for e in task.train]
-    assert names[:8] != [
-        list(TASKS)[i % 4] for i in range(8)
-    ]  # the tasks are shuffled, not in turn
+    # the tasks are shuffled, not in turn
+    assert names[:8] != [list(TASKS)[i % 4] for i in range(8)]
 
 
 def test_tasks_chooses_a_subset_and_refuses_unknown_names():
@@ -128,9 +127,8 @@ def test_pretraining_corpus_teaches_the_known_operations_only():
 
 def test_a_lexicon_is_fixed_by_its_size_and_half_the_corpus_states_it_evenly():
     facts = lexicon(50)
-    assert (
-        facts == lexicon(50) and list(lexicon(20).items()) == list(facts.items())[:20]
-    )  # a larger lexicon extends a smaller one
+    # a larger lexicon extends a smaller one
+    assert facts == lexicon(50) and list(lexicon(20).items()) == list(facts.items())[:20]
     assert len(facts) == 50 and all(
         len(w) == 4 and len(c) == 3 and (w + c).isalpha() for w, c in facts.items()
     )
@@ -145,13 +143,13 @@ def test_a_lexicon_is_fixed_by_its_size_and_half_the_corpus_states_it_evenly():
     assert set(counts.values()) == {4}  # 200 lines, 50 facts: each stated as often as the others
     others = [line for line in lines if not line.startswith(FACT + " ")]
     assert {line.split()[0] for line in others} == set(data.PRETRAIN_OPS)
-    assert pretrain_text(300, seed=0) == pretrain_text(
-        300, seed=0, facts=None
-    )  # without facts: the corpus of before
+    # without facts: the corpus of before
+    assert pretrain_text(300, seed=0) == pretrain_text(300, seed=0, facts=None)
+    # a short corpus: a subset
     assert (
         len([x for x in pretrain_text(20, seed=0, facts=facts).splitlines() if x.startswith(FACT)])
         == 10
-    )  # a short corpus: a subset
+    )
 
 
 def test_the_knowledge_task_asks_for_the_facts_in_a_new_template_on_unseen_words():
@@ -170,12 +168,10 @@ def test_the_knowledge_task_asks_for_the_facts_in_a_new_template_on_unseen_words
                 prompt.startswith(name + " ")
                 and answer == facts[prompt.split()[1].rstrip("=")] + "\n"
             )
-    assert (
-        words(task.heldout) == test
-    )  # recall before fine-tuning: the test words in the pretraining template
-    assert test != words(
-        make_knowledge_task(TOK, facts, n_val=20, n_dev=10, seed=2).val
-    )  # the seed splits
+    # recall before fine-tuning: the test words in the pretraining template
+    assert words(task.heldout) == test
+    # the seed splits
+    assert test != words(make_knowledge_task(TOK, facts, n_val=20, n_dev=10, seed=2).val)
     with pytest.raises(ValueError, match="cannot give 40 test and 20 dev words"):
         make_knowledge_task(TOK, facts, n_val=40, n_dev=20)
 
@@ -274,9 +270,8 @@ def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
     path.write_bytes(
         b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "completion": " c"}).encode() + b"\n\xff\n"
     )
-    with pytest.raises(
-        DataError, match=r"bom.jsonl:2: not valid UTF-8"
-    ):  # lines still count from the file's start
+    # lines still count from the file's start
+    with pytest.raises(DataError, match=r"bom.jsonl:2: not valid UTF-8"):
         load_jsonl(str(path), TOK, 32)
     path.write_bytes(
         b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "completion": " c"}).encode() + b"\n"
@@ -305,9 +300,8 @@ def test_systematic_noise_is_another_tasks_answer_and_random_noise_is_unchanged(
     again = make_default_task(
         TOK, n_train=200, n_val=5, noise=0.25, seed=3, n_heldout=5, n_dev=5, noise_kind="random"
     )
-    assert [e.tokens for e in plain.train] == [
-        e.tokens for e in again.train
-    ]  # random is the default, as before
+    # random is the default, as before
+    assert [e.tokens for e in plain.train] == [e.tokens for e in again.train]
     noisy = [e for e in systematic.train if e.noisy]
     assert len(noisy) == 50 and [e.noisy for e in systematic.train] == [
         e.noisy for e in plain.train
@@ -331,9 +325,8 @@ def test_systematic_noise_is_another_tasks_answer_and_random_noise_is_unchanged(
         noise_kind="systematic",
         tasks=("plus2",),
     )
-    for e in (
-        e for e in one.train if e.noisy
-    ):  # a mixture of one: another pretraining skill's answer
+    # a mixture of one: another pretraining skill's answer
+    for e in (e for e in one.train if e.noisy):
         name, word, answer = parts(e)
         assert answer != task_answer(word, name) and answer in {
             op(word) for op in data.PRETRAIN_OPS.values()
@@ -348,14 +341,14 @@ def test_the_per_task_table_gives_each_task_and_the_average_over_tasks():
     lines = data.per_task_lines(per_task)
     assert len(lines) == 4 and lines[1].split("|")[0].strip() == "a"
     average = [cell.strip() for cell in lines[-1].split("|")]
+    # the mean over tasks (over samples: 2.5 and 0.875)
     assert average == [
         "average",
         "40",
         "2.0000",
         "0.750",
-    ]  # the mean over tasks (over samples: 2.5 and 0.875)
-    assert (
-        data.per_task_lines({"a": per_task["a"]}) == []
-    )  # one task: nothing beyond the overall line
+    ]
+    # one task: nothing beyond the overall line
+    assert data.per_task_lines({"a": per_task["a"]}) == []
     no_em = data.per_task_lines({k: {**v, "exact_match": None} for k, v in per_task.items()})
     assert "exact match" not in no_em[0] and no_em[-1].count("|") == 2

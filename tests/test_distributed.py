@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import TINY as TINY_RUN
-from gast import METHODS, SelectionConfig, SparseTuner
+from methods import METHODS, SelectionConfig, SparseTuner
 from lora import LoRAConfig, add_lora, lora_modules
 from model import GPT, GPTConfig, IGNORE_INDEX
 
@@ -49,9 +49,8 @@ def _worker(rank, n_procs, port, job, kwargs, result_path):
 def in_processes(n_procs, job, tmp_path, **kwargs):
     """Run JOBS[job](**kwargs) in n_procs processes; rank 0's result."""
     result_path = tmp_path / f"{job}-result.pt"
-    store = dist.TCPStore(
-        "127.0.0.1", 0, is_master=True, wait_for_workers=False
-    )  # port 0: a free one
+    # port 0: a free one
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     context = mp.start_processes(
         _worker,
         args=(n_procs, store.port, job, kwargs, str(result_path)),

@@ -6,22 +6,19 @@ from hypothesis import assume, given, settings, strategies as st
 
 from data import collate, get_tokenizer, make_default_task
 import gast
+import methods
+import per_sample
 from gast import (
-    SelectionConfig,
-    SparseTuner,
     alignment_scores,
-    budgets,
     draw,
-    inclusion_probabilities,
-    law,
     per_sample_grads,
-    per_sample_grads_by_hooks,
     per_sample_grads_and_losses,
-    select,
-    selection_rates,
     standardise,
     support_gradient,
 )
+from methods import SelectionConfig, SparseTuner, budgets, select, selection_rates
+from per_sample import per_sample_grads_by_hooks
+from selection_law import inclusion_probabilities, law
 from lora import LoRAConfig, add_lora, lora_names_by_block, lora_modules
 from model import GPT, GPTConfig, IGNORE_INDEX
 
@@ -145,13 +142,11 @@ def test_topk_permuting_samples_or_layers_permutes_the_mask(L, B, data):
     values = data.draw(
         st.lists(st.integers(-1000, 1000), min_size=L * B, max_size=L * B, unique=True)
     )
-    a = torch.tensor(values, dtype=torch.float64).view(
-        L, B
-    )  # distinct integers: no ties, exact sums
+    # distinct integers: no ties, exact sums
+    a = torch.tensor(values, dtype=torch.float64).view(L, B)
     K, k = data.draw(st.integers(1, L)), data.draw(st.integers(1, B))
-    assume(
-        len(set(a.sort(dim=1, descending=True).values[:, :k].sum(1).tolist())) == L
-    )  # no tie in v_l
+    # no tie in v_l
+    assume(len(set(a.sort(dim=1, descending=True).values[:, :k].sum(1).tolist())) == L)
     M = select(a, K, k)
     cols = torch.tensor(data.draw(st.permutations(range(B))))
     rows = torch.tensor(data.draw(st.permutations(range(L))))
@@ -247,9 +242,8 @@ def test_alignment_scores_against_a_given_support():
 
 # --- I7: reduction to plain LoRA ---
 
-SUPPORT_SET = batch(
-    8, seed=123
-)  # the pool support mini-batches are drawn from (a stand-in for the training set)
+# the pool support mini-batches are drawn from (a stand-in for the training set)
+SUPPORT_SET = batch(8, seed=123)
 
 
 def train_steps(method, steps=3, layer_ratio=1.0, data_ratio=1.0, seed=0, **kw):
@@ -450,12 +444,13 @@ def test_a_gast_step_on_the_default_gpt_at_batch_32():
     record = SparseTuner(
         model, SelectionConfig(), support_set=collate(task.train, tok.eot_token)[:2]
     ).step(x, y, noisy)
+    # the paper's rule: every layer
     assert record.mask.shape == (4, 32) and record.active_layers == [
         0,
         1,
         2,
         3,
-    ]  # the paper's rule: every layer
+    ]
     assert record.mask.sum(1).tolist() == [16] * 4 and len(record.support) == 4
     layers = lora_names_by_block(model)
     params = dict(model.named_parameters())
@@ -574,8 +569,8 @@ def test_the_batch_support_scores_against_the_batch_mean():
 
 def test_the_support_is_refreshed_every_interval_and_kept_in_between(monkeypatch):
     calls = []
-    real = gast.support_gradient
-    monkeypatch.setattr(gast, "support_gradient", lambda *a: calls.append(1) or real(*a))
+    real = methods.support_gradient
+    monkeypatch.setattr(methods, "support_gradient", lambda *a: calls.append(1) or real(*a))
     model = lora_model(dtype=torch.float64)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
     config = SelectionConfig(method="gast", support="heldout", support_size=0, support_interval=3)
@@ -620,9 +615,8 @@ def test_a_support_without_a_support_set_and_unknown_settings_are_refused():
         for support in ("train", "heldout"):
             with pytest.raises(ValueError, match="needs support_set"):
                 SparseTuner(lora_model(), SelectionConfig(method=method, support=support))
-        SparseTuner(
-            lora_model(), SelectionConfig(method=method, support="batch")
-        )  # the batch mean needs none
+        # the batch mean needs none
+        SparseTuner(lora_model(), SelectionConfig(method=method, support="batch"))
     SparseTuner(lora_model(), SelectionConfig(method="lora"))  # no scores, no support needed
     for bad, message in [
         (dict(support="val"), "--support must be one of train, heldout, batch"),
@@ -679,9 +673,9 @@ def test_with_a_clean_held_out_support_gast_takes_corrupted_samples_less_often(
 
 def test_ist_trials_suppress_distinct_sets_of_layers(monkeypatch):
     seen = []
-    real = gast.scaled_adapters
+    real = methods.scaled_adapters
     monkeypatch.setattr(
-        gast,
+        methods,
         "scaled_adapters",
         lambda model, blocks, factor: seen.append(tuple(blocks)) or real(model, blocks, factor),
     )
@@ -690,9 +684,8 @@ def test_ist_trials_suppress_distinct_sets_of_layers(monkeypatch):
         seen.clear()
         tuner._ist_update_importance(*batch(4))
         assert len(seen) == 3 and len(set(seen)) == 3
-    tuner = SparseTuner(
-        lora_model(), SelectionConfig(method="ist", ist_trials=10)
-    )  # C(4, 2) = 6 sets exist
+    # C(4, 2) = 6 sets exist
+    tuner = SparseTuner(lora_model(), SelectionConfig(method="ist", ist_trials=10))
     seen.clear()
     tuner._ist_update_importance(*batch(4))
     assert len(seen) == 6 and len(set(seen)) == 6
@@ -741,15 +734,13 @@ def test_I1_every_row_draws_exactly_k_distinct_samples(row, data):
 
 
 def test_I1_with_layer_ratio_one_every_layer_is_updated_each_from_its_own_draw():
-    _, _, records = train_steps(
-        "gast", steps=4, data_ratio=0.5, layer_ratio=0.0
-    )  # 0: gast's own, every layer
+    # 0: gast's own, every layer
+    _, _, records = train_steps("gast", steps=4, data_ratio=0.5, layer_ratio=0.0)
     assert all(
         r.active_layers == [0, 1, 2, 3] and r.mask.sum(1).tolist() == [3] * 4 for r in records
     )
-    assert any(
-        len({tuple(row.tolist()) for row in r.mask}) > 1 for r in records
-    )  # layers draw different samples
+    # layers draw different samples
+    assert any(len({tuple(row.tolist()) for row in r.mask}) > 1 for r in records)
 
 
 @settings(max_examples=40, deadline=None)
@@ -802,7 +793,9 @@ def test_I3_the_law_is_the_enumerated_one_and_the_draws_follow_it(row, data):
         )
         / n
     )
-    tolerance = 5 * (exact * (1 - exact) / n).clamp(min=0).sqrt() + 1e-9
+    # plus 4 draws' worth: near 0 or 1 the normal bound is too tight (an expected 0.01 misses
+    # can come out as one)
+    tolerance = 5 * (exact * (1 - exact) / n).clamp(min=0).sqrt() + 4 / n
     assert ((frequency - exact).abs() <= tolerance).all(), (frequency, exact)
 
 
@@ -869,8 +862,7 @@ def test_random_selection_draws_uniformly_whatever_the_scores_from_the_tuners_ge
     scores = torch.randn(4, 6, generator=torch.Generator().manual_seed(2)) * 10
     generator = torch.Generator().manual_seed(0)
     frequency = (
-        sum(gast.choose(scores, 4, 3, "random", 1.0, generator).double() for _ in range(2000))
-        / 2000
+        sum(gast.choose(scores, 3, "random", 1.0, generator).double() for _ in range(2000)) / 2000
     )
     assert ((frequency - 0.5).abs() <= 5 * (0.25 / 2000) ** 0.5).all()  # every sample k / B = 0.5
     assert torch.equal(law(scores, 3, "random"), torch.full((4, 6), 0.5, dtype=torch.float64))
@@ -878,9 +870,8 @@ def test_random_selection_draws_uniformly_whatever_the_scores_from_the_tuners_ge
         train_steps("gast", steps=2, data_ratio=0.5, selection="random")[2],
         train_steps("gast", steps=2, data_ratio=0.5, selection="random", seed=1)[2],
     )
-    assert any(
-        not torch.equal(r.mask, s.mask) for r, s in zip(a, b)
-    )  # the run's seed seeds the draws
+    # the run's seed seeds the draws
+    assert any(not torch.equal(r.mask, s.mask) for r, s in zip(a, b))
 
 
 # --- the block-by-block path: the same numbers as the torch.func reference ---
@@ -937,7 +928,9 @@ def test_gast_by_blocks_equals_the_torch_func_path(selection, support):
 def test_blocks_hands_over_each_block_once_from_the_last_to_the_first():
     model = lora_model()
     seen = []
-    with gast.recording_per_sample_grads(model, lambda l, grads: seen.append((l, sorted(grads)))):
+    with per_sample.recording_per_sample_grads(
+        model, lambda l, grads: seen.append((l, sorted(grads)))
+    ):
         model(*batch(4), reduction="none")[1].sum().backward()
     layers = lora_names_by_block(model)
     assert [l for l, _ in seen] == [3, 2, 1, 0] and all(

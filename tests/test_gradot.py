@@ -84,9 +84,8 @@ def test_collect_stats_gives_the_mean_loss_gradient_and_the_input_second_moment(
     )
     A = stats["h.1.attn.c_attn"].A
     torch.testing.assert_close(A, A.T)
-    assert (
-        torch.linalg.eigvalsh(A).min() > -1e-9
-    )  # a second moment: symmetric, positive semi-definite
+    # a second moment: symmetric, positive semi-definite
+    assert torch.linalg.eigvalsh(A).min() > -1e-9
     with pytest.raises(ValueError, match="the support set is empty"):
         collect_stats(model, [1], [])
 
@@ -108,9 +107,8 @@ def test_gcs_of_one_singular_component_matches_the_definition():
             assert float(shift[j] - lam * loss_change[j]) == pytest.approx(
                 gcs(A, G, D, delta, lam), rel=1e-9
             )
-            assert float(loss_change[j]) == pytest.approx(
-                float((D * delta).sum())
-            )  # <dL/dW, delta>: + means the loss rises
+            # <dL/dW, delta>: + means the loss rises
+            assert float(loss_change[j]) == pytest.approx(float((D * delta).sum()))
 
 
 def test_gcs_of_one_mlp_channel_matches_the_definition():
@@ -163,16 +161,16 @@ def test_keep_ratios_shrink_the_middle_by_the_stated_amount(stats, method):
             model, method, EmulatorConfig(attn_keep=keep, mlp_keep=keep), stats
         )
         share = middle_parameters(emulator, 1) / middle_parameters(model, 1)
+        # whole ranks and channels, LayerNorms and biases kept
         assert abs(share - keep) < 0.06, (
             keep,
             share,
-        )  # whole ranks and channels, LayerNorms and biases kept
+        )
         block = emulator.transformer.h[1]
         assert block.mlp.c_fc.out_features == round(keep * 4 * TINY.n_embd)
         assert [d.shape[0] for d in block.attn.c_attn.down] == [kept_rank(16, 16, keep)] * 3
-        assert (
-            emulator.transformer.h[0] is not model.transformer.h[0]
-        )  # a copy: the original is untouched
+        # a copy: the original is untouched
+        assert emulator.transformer.h[0] is not model.transformer.h[0]
         assert torch.equal(
             emulator.transformer.h[0].attn.c_attn.weight, model.transformer.h[0].attn.c_attn.weight
         )
@@ -234,12 +232,10 @@ def test_scp_removes_the_channels_of_lowest_gcs(stats, lam):
 
 def test_the_top_five_percent_by_singular_value_are_always_kept():
     S = torch.arange(40, 0, -1).double()  # 40 components, largest first
-    kept = choose_components(
-        S, score=S.flip(0) * 0 + torch.arange(40).double(), rank=10
-    )  # scores favour the smallest
-    assert {0, 1} <= set(kept) and len(
-        kept
-    ) == 10  # ceil(5% of 40) = 2 protected, the other 8 by score
+    # scores favour the smallest
+    kept = choose_components(S, score=S.flip(0) * 0 + torch.arange(40).double(), rank=10)
+    # ceil(5% of 40) = 2 protected, the other 8 by score
+    assert {0, 1} <= set(kept) and len(kept) == 10
     assert set(kept) - {0, 1} == set(range(32, 40))
 
 
@@ -287,9 +283,8 @@ def test_plug_in_puts_the_tuned_adapter_blocks_on_the_original_middle_bit_for_bi
     assert same(plugged.transformer.h[1], model.transformer.h[1]) and same(
         plugged.transformer.h[2], model.transformer.h[2]
     )
-    assert (
-        not same(emulator.transformer.h[0], model.transformer.h[0]) or kind == "lora"
-    )  # the adapters did change
+    # the adapters did change
+    assert not same(emulator.transformer.h[0], model.transformer.h[0]) or kind == "lora"
 
 
 # --- bad input and the whole experiment ---
@@ -335,9 +330,8 @@ def test_the_experiment_writes_its_table_json_and_csv(base, tmp_path, capsys):
     rows = json.loads((tmp_path / "gradot.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["none", *gradot.EMULATORS]
     original = rows[0]
-    assert (
-        original["middle_share"] == 1 and original["gap"] == 0
-    )  # the original: plug-in is its own fine-tuning
+    # the original: plug-in is its own fine-tuning
+    assert original["middle_share"] == 1 and original["gap"] == 0
     for r in rows:
         assert [run["seed"] for run in r["runs"]] == [0, 1]
         assert r["plug_in"] == pytest.approx(sum(run["plug_in"] for run in r["runs"]) / 2)
@@ -345,9 +339,8 @@ def test_the_experiment_writes_its_table_json_and_csv(base, tmp_path, capsys):
         assert r["full_fine_tuning"] == original["plug_in"]
         assert 0 < r["middle_share"] < 1 or r is original
     assert (tmp_path / "gradot.csv").read_text().startswith("method,zero_shot,zero_shot_task")
-    assert (
-        gradot.main(argv) == 2 and "--overwrite" in capsys.readouterr().err
-    )  # results are not overwritten by accident
+    # results are not overwritten by accident
+    assert gradot.main(argv) == 2 and "--overwrite" in capsys.readouterr().err
 
 
 def test_the_base_models_skills_are_fresh_corpus_lines_split_at_the_equals_sign():
@@ -420,9 +413,8 @@ def test_the_base_recalls_its_lexicon_and_without_its_middle_does_not(lexicon_ba
     base = read_base(lexicon_base)
     assert evaluate(base, facts, tok, "cpu", True)["exact_match"] >= 0.9
     no_middle = copy.deepcopy(base)
-    no_middle.transformer.h = nn.ModuleList(
-        [base.transformer.h[0], base.transformer.h[-1]]
-    )  # blocks 1 and 2 removed
+    # blocks 1 and 2 removed
+    no_middle.transformer.h = nn.ModuleList([base.transformer.h[0], base.transformer.h[-1]])
     assert evaluate(no_middle, facts, tok, "cpu", True)["exact_match"] <= 0.1
 
 
@@ -449,12 +441,10 @@ def test_with_a_lexicon_the_experiment_scores_recall_and_the_knowledge_task(lexi
     saved = json.loads((tmp_path / "gradot.json").read_text())
     original, dropped = saved["rows"]
     assert saved["lexicon_recall"] >= 0.9  # all 30 facts in the pretraining template
-    assert (
-        original["zero_shot"] >= 0.9 > dropped["zero_shot"]
-    )  # recall of the 10 test words' facts; half the middle dropped loses some
-    assert (
-        original["zero_shot_task"] < original["zero_shot"]
-    )  # the new template is not known before fine-tuning
+    # recall of the 10 test words' facts; half the middle dropped loses some
+    assert original["zero_shot"] >= 0.9 > dropped["zero_shot"]
+    # the new template is not known before fine-tuning
+    assert original["zero_shot_task"] < original["zero_shot"]
     assert {"emulator_loss", "plug_in_loss"} <= original.keys()
     assert gradot.main(argv[:-2] + ["--overwrite", "--noise", "0.2"]) == 2
 
@@ -499,9 +489,8 @@ def test_lambda_is_chosen_on_the_dev_split_by_the_largest_gap(base, tmp_path, ca
     from data import make_default_task
 
     dev = make_default_task(get_tokenizer(), seed=0, tasks=("rsh",)).dev[:8]
-    assert (
-        sum(examples == dev for examples in scored) == 4
-    )  # two lambdas, each scored on the emulator and plugged in
+    # two lambdas, each scored on the emulator and plugged in
+    assert sum(examples == dev for examples in scored) == 4
     assert f"gradot (lambda {row['lambda']:g}, chosen on dev)" in capsys.readouterr().out
     assert (
         gradot.main(argv[:-1] + ["0,x", "--overwrite"]) == 2

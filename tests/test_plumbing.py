@@ -58,11 +58,6 @@ def test_flags_are_never_abbreviated_and_the_rest_can_be_passed_on():
         parse_args(Outer, ["--see", "2"])
 
 
-def test_a_renamed_flag_names_its_new_spelling():
-    with pytest.raises(ConfigError, match="--old-rate is now --rate"):
-        parse_args(Outer, ["--old-rate=0.1"], renamed={"--old-rate": "--rate"})
-
-
 def test_range_checks_name_the_flag_and_catch_nan_and_inf():
     @dataclass
     class C:

@@ -78,12 +78,10 @@ def test_pretrain_on_your_corpus_then_fine_tune_and_reuse_the_base_only_when_not
         and "blocks 2" not in first
         and "2 blocks, width 32, context 48" in first
     )
-    assert (
-        "held-out loss" in first and "tokens/s" in first
-    )  # the corpus's last 5%, evaluated during pretraining
-    assert (
-        "'what is" in first and "reference" in first or "(right)" in first
-    )  # answers shown at the end
+    # the corpus's last 5%, evaluated during pretraining
+    assert "held-out loss" in first and "tokens/s" in first
+    # answers shown at the end
+    assert "'what is" in first and "reference" in first or "(right)" in first
     bases = glob.glob(str(out / "base-*.pt"))
     assert len(bases) == 1
     shape = torch.load(bases[0], weights_only=True)["model_config"]
@@ -95,20 +93,17 @@ def test_pretrain_on_your_corpus_then_fine_tune_and_reuse_the_base_only_when_not
     )
     stamp = os.stat(bases[0]).st_mtime_ns
 
-    assert (
-        main(argv + ["--overwrite"]) == 0
-    )  # the same settings: the same base, not pretrained again
+    # the same settings: the same base, not pretrained again
+    assert main(argv + ["--overwrite"]) == 0
     assert "pretraining" not in capsys.readouterr().out and os.stat(bases[0]).st_mtime_ns == stamp
-    assert (
-        main(argv + ["--overwrite", "--pretrain-steps", "4"]) == 0
-    )  # other settings: another base
+    # other settings: another base
+    assert main(argv + ["--overwrite", "--pretrain-steps", "4"]) == 0
     assert (
         "pretraining a base GPT" in capsys.readouterr().out
         and len(glob.glob(str(out / "base-*.pt"))) == 2
     )
-    (tmp_path / "corpus.txt").write_text(
-        CORPUS + "One more line.\n"
-    )  # another corpus: another base
+    # another corpus: another base
+    (tmp_path / "corpus.txt").write_text(CORPUS + "One more line.\n")
     assert main(argv + ["--overwrite"]) == 0 and len(glob.glob(str(out / "base-*.pt"))) == 3
 
 
@@ -159,9 +154,8 @@ def test_text_data_ends_with_a_greedy_sample(base, tmp_path, capsys):
     ]
     assert len(line) == 1
     prompt = line[0].split("prompt: ")[1].split(" -> ")[0]
-    assert (
-        ast.literal_eval(prompt) in CORPUS and len(ast.literal_eval(prompt)) >= 8
-    )  # a piece of the corpus, then the model's words
+    # a piece of the corpus, then the model's words
+    assert ast.literal_eval(prompt) in CORPUS and len(ast.literal_eval(prompt)) >= 8
 
 
 @pytest.mark.parametrize(
@@ -189,9 +183,8 @@ def bad_bases(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     torch.save({"model_config": {"n_embd": 10, "n_head": 3}, "model": {}}, tmp_path / "config.pt")
-    torch.save(
-        argparse.Namespace(payload="anything"), tmp_path / "pickle.pt"
-    )  # a class weights_only refuses
+    # a class weights_only refuses
+    torch.save(argparse.Namespace(payload="anything"), tmp_path / "pickle.pt")
     (tmp_path / "emptydir").mkdir()
     return {
         "text.pt": "not a checkpoint that torch.load(weights_only=True) reads",
@@ -310,14 +303,12 @@ def test_another_pretrain_seed_makes_another_base_and_seed_0_the_one_of_before(t
     tok = get_tokenizer()
     default = base_path(BaseConfig(out_dir="out"), tok)
     assert default == base_path(BaseConfig(out_dir="out", pretrain_seed=0), tok)
-    before = BaseConfig(
-        out_dir="out", pretrain_steps=2500
-    )  # seed 0 at the old step count: the base of before, unchanged
+    # seed 0 at the old step count: the base of before, unchanged
+    before = BaseConfig(out_dir="out", pretrain_steps=2500)
     assert base_path(before, tok) == "out/base-67aea5f398.pt"
     assert base_path(BaseConfig(out_dir="out", pretrain_seed=1), tok) != default
-    assert (
-        base_path(BaseConfig(out_dir="out", lexicon=0), tok) == default
-    )  # no lexicon: the hash of before
+    # no lexicon: the hash of before
+    assert base_path(BaseConfig(out_dir="out", lexicon=0), tok) == default
     assert (
         len(
             {

@@ -74,9 +74,8 @@ def test_the_merged_base_gives_the_outputs_of_base_plus_adapters_and_init_from_t
     torch.testing.assert_close(
         merged.eval()(x)[0], with_adapters.eval()(x)[0], rtol=1e-5, atol=1e-5
     )
-    assert not torch.equal(
-        read_base(ckpt["base"]).eval()(x)[0], merged(x)[0]
-    )  # the adapters did move it
+    # the adapters did move it
+    assert not torch.equal(read_base(ckpt["base"]).eval()(x)[0], merged(x)[0])
     metrics = train(tiny(tmp_path / "on-merged", init_from=str(merged_path), steps=2))
     assert metrics["base"] == str(merged_path)
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-import gast
+import methods
 import train as train_module
 from conftest import TINY_FLAGS
 from data import get_tokenizer
@@ -14,7 +14,7 @@ from train import ConfigError, main, selection_picture, train
 
 
 @pytest.mark.parametrize(
-    "method,per_sample", [(m, "vmap") for m in gast.METHODS] + [("gast", "hooks")]
+    "method,per_sample", [(m, "vmap") for m in methods.METHODS] + [("gast", "hooks")]
 )
 def test_every_method_runs_end_to_end(tiny, tmp_path, method, per_sample):
     metrics = train(tiny(method=method, per_sample=per_sample))
@@ -22,11 +22,10 @@ def test_every_method_runs_end_to_end(tiny, tmp_path, method, per_sample):
     assert 0 <= metrics["exact_match"] <= 1 and math.isfinite(metrics["val_loss"])
     assert [e["step"] for e in metrics["evals"]] == [3, 6]
     assert (tmp_path / "adapter.pt").exists() and (tmp_path / "ckpt.pt").exists()
+    # lisa and ist: K = 2 of 4 blocks per step; the others every block
     assert len(metrics["active_per_layer"]) == 4 and sum(
         metrics["active_per_layer"]
-    ) == pytest.approx(
-        2 if method in ("lisa", "ist") else 4
-    )  # lisa and ist: K = 2 of 4 blocks per step; the others every block
+    ) == pytest.approx(2 if method in ("lisa", "ist") else 4)
     assert all(
         0 <= r <= 1 or math.isnan(r)
         for r in metrics["noisy_rate_per_layer"] + metrics["clean_rate_per_layer"]
@@ -187,7 +186,7 @@ def test_your_own_held_out_support_and_evaluation_files(tiny, tmp_path, capsys):
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(
     tiny, tmp_path, monkeypatch
 ):
-    real_step = gast.SparseTuner.step
+    real_step = methods.SparseTuner.step
 
     def step(self, *args, **kwargs):
         record = real_step(self, *args, **kwargs)
@@ -195,7 +194,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoin
             record.loss = float("nan")
         return record
 
-    monkeypatch.setattr(gast.SparseTuner, "step", step)
+    monkeypatch.setattr(methods.SparseTuner, "step", step)
     with pytest.raises(FloatingPointError, match="step 4: the loss is nan"):
         train(tiny(eval_interval=3))
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
@@ -244,7 +243,7 @@ def test_jsonl_and_text_files_through_data(tiny, tmp_path):
 
 def test_selection_picture_shows_the_mask_and_the_noisy_samples():
     mask = torch.tensor([[True, False, True], [False, False, False]])
-    record = gast.StepRecord(loss=1.0, mask=mask, active_layers=[0], coverage=2 / 3)
+    record = methods.StepRecord(loss=1.0, mask=mask, active_layers=[0], coverage=2 / 3)
     picture = selection_picture(record, torch.tensor([False, True, False]))
     assert "block  0 | #.#" in picture and "block  1 | ...   (not updated)" in picture
     assert "noisy    |  ^ " in picture
@@ -373,26 +372,26 @@ def test_resume_refuses_a_missing_changed_or_other_base(capsys, base, tmp_path):
         capsys, str(own_base), out, "--resume"
     )
     own_base.unlink()
-    assert (
-        main(["--out-dir", str(out), *TINY_RUN, "--resume"]) == 2
-    )  # no --init-from: the checkpoint's base
+    # no --init-from: the checkpoint's base
+    assert main(["--out-dir", str(out), *TINY_RUN, "--resume"]) == 2
     assert f"the checkpoint's base model {own_base} is gone" in capsys.readouterr().err
 
 
 def test_ctrl_c_says_where_it_stopped_and_what_was_saved(capsys, base, tmp_path, monkeypatch):
-    real_step = gast.SparseTuner.step
+    real_step = methods.SparseTuner.step
 
     def step(self, *args, **kwargs):
         if self.steps == 4:
             raise KeyboardInterrupt
         return real_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(gast.SparseTuner, "step", step)
+    monkeypatch.setattr(methods.SparseTuner, "step", step)
     code, _, err = run(capsys, base, tmp_path)
     assert (
         code == 130
         and err.strip()
-        == f"interrupted at step 4; last checkpoint: {tmp_path / 'ckpt.pt'} (step 3)"
+        == f"interrupted at step 4; last checkpoint: {tmp_path / 'ckpt.pt'} (step 3); "
+        "--resume continues from it"
     )
 
 
@@ -403,9 +402,8 @@ def test_quiet_prints_the_summary_alone_and_every_run_writes_metrics_json(capsys
         and "gast (softmax, support train): held-out loss" in out
         and "block 0: updated in" in out
     )
-    assert (
-        "step     0/6" not in out and "eval at" not in out and "LoRA r=" not in out
-    )  # no progress lines
+    # no progress lines
+    assert "step     0/6" not in out and "eval at" not in out and "LoRA r=" not in out
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert (
         metrics["method"] == "gast"
@@ -435,9 +433,8 @@ def params_with_grads(*grads):
     params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
     for p, g in zip(params, grads):
         p.grad = g.clone()
-    return torch.optim.AdamW(
-        params + [torch.nn.Parameter(torch.zeros(2))]
-    )  # one parameter without grad (an inactive layer)
+    # one parameter without grad (an inactive layer)
+    return torch.optim.AdamW(params + [torch.nn.Parameter(torch.zeros(2))])
 
 
 def test_clipping_leaves_a_small_gradient_alone_and_scales_a_large_one_to_the_threshold():
@@ -451,14 +448,13 @@ def test_clipping_leaves_a_small_gradient_alone_and_scales_a_large_one_to_the_th
         assert float(torch.cat([g.flatten() for g in after]).norm()) == pytest.approx(
             expected_norm, rel=1e-5
         )
-        assert torch.allclose(
-            after[0] / after[0].norm(), grads[0] / grads[0].norm()
-        )  # the direction is kept
+        # the direction is kept
+        assert torch.allclose(after[0] / after[0].norm(), grads[0] / grads[0].norm())
 
 
 def test_a_run_records_the_norm_before_clipping_and_clips_at_its_setting(tiny, tmp_path, capsys):
     metrics = train(tiny(method="lora", quiet=False, grad_clip=1e-3))
-    assert "grad norm" in capsys.readouterr().out
+    assert "step     0 | loss " in capsys.readouterr().out
     history = torch.load(tmp_path / "ckpt.pt", weights_only=True)["progress"]
     assert len(history["grad_norm"]) == 6 and all(n > 1e-3 for n in history["grad_norm"])
     loose = train(tiny(tmp_path / "loose", method="lora", grad_clip=0.0))
@@ -483,6 +479,7 @@ def bad_files(tmp_path):
     (tmp_path / "folder.jsonl").mkdir()
 
 
+# on the given base's shape
 BAD_INPUTS = [  # (flags, the fragment its error names); {tmp} is the test's folder of bad files
     (["--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
@@ -504,7 +501,7 @@ BAD_INPUTS = [  # (flags, the fragment its error names); {tmp} is the test's fol
     (
         ["--lora-r", "1000000"],
         "--batch-size, --lora-r: a fine-tuning step needs at least about",
-    ),  # on the given base's shape
+    ),
     (["--n-train", "2000000000"], "the default task would need 2,000,000,"),
     (
         ["--heldout-size", "900000", "--n-train", "200000"],

@@ -1,0 +1,436 @@
+"""
+The five methods train.py drives, on one code path: lora, lisa, ist, data and gast.
+
+gast.py holds GAST's rule; this file holds what a run needs around it: the baselines'
+masks, the support set and how often s is redrawn, our layer budget, torchrun's slicing,
+the state a resume needs, and what each step records.
+
+| method | layers updated                               | data each layer learns from          |
+|--------|----------------------------------------------|--------------------------------------|
+| lora   | all                                          | all                                  |
+| lisa   | K drawn uniformly, redrawn every 20 steps    | all                                  |
+| ist    | K drawn by importance (IST's official rule)  | all                                  |
+| data   | all                                          | one global set of k, by summed a     |
+| gast   | all (our option: the K best)                 | its own k samples, by the rule       |
+
+data and gast take per-sample gradients for their scores; lora, lisa and ist, whose
+active blocks learn from the whole batch, take the ordinary batch gradient (equal to the
+mean of the per-sample gradients, I8) from one plain backward.
+"""
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from collectives import all_gather_columns, all_reduce_grads, batch_mean
+from gast import (
+    GASTConfig,
+    alignment_scores,
+    choose,
+    gast_step,
+    per_sample_grads_and_losses,
+    samples_per_layer,
+    side_by_side,
+    support_gradient,
+    top,
+    write_selected_gradients,
+)
+from lora import lora_names_by_block, scaled_adapters
+from model import IGNORE_INDEX
+from per_sample import gast_by_blocks, per_sample_grads_by_hooks
+from plumbing import in_range, not_negative, one_of, option, positive, world
+from selection_law import law
+
+METHODS = ("lora", "lisa", "ist", "data", "gast")
+SCORED = ("data", "gast")  # the methods that compute alignment scores, and so need a support
+PER_SAMPLE = ("vmap", "hooks", "blocks")  # how step 1 is computed (torch.func is the reference)
+
+
+@dataclass
+class SelectionConfig(GASTConfig):
+    method: str = option("gast", f"selection rule: one of {', '.join(METHODS)}")
+    support_interval: int = option(
+        1, "draw the support mini-batch and recompute s_l every this many steps (kept between)"
+    )
+    layer_ratio: float = option(
+        0.0,
+        "layer budget K = ceil(ratio * n_layer); 0: each method's own (gast and data: every "
+        "block, as the paper; lisa and ist: half); below 1 for gast, our option",
+    )
+    lisa_interval: int = option(20, "lisa redraws its layers every this many steps (LISA's)")
+    ist_interval: int = option(10, "ist updates its layer importance every this many steps")
+    ist_trials: int = option(3, "ist's suppression trials per importance update")
+    ist_suppress: float = option(0.25, "ist multiplies a suppressed layer's LoRA scaling by this")
+    ist_lr: float = option(10.0, "ist's step size on the importance scores")
+    per_sample: str = option(
+        "vmap",
+        "per-sample gradients by torch.func (vmap, the reference), by backward hooks (hooks: "
+        "the same numbers, about a plain step's cost), or block by block inside the backward "
+        "(blocks: gast with every layer; one block's per-sample gradients held at a time)",
+    )
+    chunk_size: int = option(0, "vmap's per-sample gradients this many samples at a time (0: all)")
+
+    def problems(self):
+        """Every problem with these settings, naming the flags."""
+        known = self.method in METHODS
+        out = (
+            []
+            if known
+            else [f"--method {self.method!r} is unknown; choose one of {', '.join(METHODS)}"]
+        )
+        out += GASTConfig.problems(self) + one_of(self, "per_sample", PER_SAMPLE)
+        out += in_range(self, "layer_ratio", 0, 1)
+        out += positive(self, "lisa_interval", "ist_interval", "ist_trials", "support_interval")
+        return out + not_negative(self, "chunk_size")
+
+    def layers_per_step(self, L):
+        """K: --layer-ratio of the L blocks, or the method's own share when it is 0."""
+        ratio = self.layer_ratio or (0.5 if self.method in ("lisa", "ist") else 1.0)
+        return budgets(L, 1, ratio, 1.0)[0]
+
+
+def budgets(L, B, layer_ratio, data_ratio):
+    """K = max(1, ceil(layer_ratio * L)) layers, k = max(1, ceil(data_ratio * B)) samples,
+    each product rounded first, so 0.3 * 10 is 3, not the 4 of its float error."""
+    return samples_per_layer(L, layer_ratio), samples_per_layer(B, data_ratio)
+
+
+# ---------------------------------------------------------------------------------------
+# Our layer budget (K < L): only the K layers whose drawn samples score highest learn
+
+
+def select(scores, K, k):
+    """The top-k rule with a layer budget: the mask M (L, B) maximising sum(M * scores)
+    with exactly K non-empty rows, each with exactly k ones (the paper's top-k ablation
+    when K = L).
+
+    Exact: once a row is active its best content is its top-k samples, worth
+    v_l = their summed score, whatever the other rows hold; so the best rows are the
+    top-K by v. Ties break toward the lower index (stable sorts), so it is deterministic.
+    """
+    L, B = scores.shape
+    chosen = top(scores, k)  # (L, k): S_l for every layer
+    layer_value = scores.gather(1, chosen).sum(dim=1)  # (L,): v_l
+    active = top(layer_value, K)  # (K,)
+    mask = torch.zeros(L, B, dtype=torch.bool, device=scores.device)
+    mask[active.unsqueeze(1), chosen[active]] = True
+    return mask
+
+
+def choose_layers(scores, K, k, selection="softmax", temperature=1.0, generator=None):
+    """gast.choose, then (K < L) only the K rows whose drawn samples' summed score is
+    largest stay active."""
+    L = scores.shape[0]
+    if selection == "topk":
+        return select(scores, K, k)
+    mask = choose(scores, k, selection, temperature, generator)
+    if K < L:
+        kept = top((scores * mask).sum(dim=1), K).tolist()
+        mask[[l for l in range(L) if l not in kept]] = False
+    return mask
+
+
+# ---------------------------------------------------------------------------------------
+# What a step records
+
+
+@dataclass
+class StepRecord:
+    loss: float  # mean per-sample loss of the batch, before the update
+    mask: torch.Tensor  # (L, B) bool: which block learned from which sample
+    active_layers: list  # blocks updated this step
+    coverage: float  # fraction of the batch selected by at least one active block
+    scores: torch.Tensor = None  # (L, B) alignment scores, for the methods that compute them
+    support: list = None  # indices into the support set of this step's support mini-batch
+    noisy_rate: torch.Tensor = None  # (L,) share of the noisy samples each block took; nan: off
+    clean_rate: torch.Tensor = None  # (L,) the same for clean samples
+    noisy_intended: torch.Tensor = None  # (L,) the noisy samples' mean inclusion probability
+    clean_intended: torch.Tensor = None  # (L,) the same for clean samples
+
+    @property
+    def noisy_selected(self):
+        """Over active blocks, the fraction of (block, noisy sample) pairs selected."""
+        return _mean_active(self.noisy_rate, self.active_layers)
+
+    @property
+    def clean_selected(self):
+        return _mean_active(self.clean_rate, self.active_layers)
+
+    @property
+    def noisy_probability(self):
+        """Over active blocks, what the draw intended for the noisy samples."""
+        return _mean_active(self.noisy_intended, self.active_layers)
+
+    @property
+    def clean_probability(self):
+        return _mean_active(self.clean_intended, self.active_layers)
+
+
+def _mean_active(rate, active):
+    return float("nan") if rate is None else float(rate[active].mean())
+
+
+def selection_rates(mask, noisy):
+    """Per block: the mean of mask's rows over the noisy, and over the clean, samples; nan
+    where the block is inactive or the batch has no sample of that kind. mask (L, B) bool
+    (the rates taken) or float (inclusion probabilities: the rates intended), noisy (B,)."""
+    L = mask.shape[0]
+    active = mask.any(dim=1) if mask.dtype == torch.bool else torch.ones(L, dtype=torch.bool)
+
+    def rate(kind):
+        n = kind.sum()
+        r = (mask.double() * kind).sum(dim=1).float() / n if n > 0 else torch.full((L,), math.nan)
+        return torch.where(active, r, torch.full_like(r, math.nan))
+
+    return rate(noisy), rate(~noisy)
+
+
+# ---------------------------------------------------------------------------------------
+# The tuner
+
+
+class SparseTuner:
+    """Computes one method's mask each step and writes the matching gradients into .grad.
+
+    The caller owns the optimizer: tuner.step(...), then optimizer.step(). Every draw (the
+    support mini-batch, the selection, lisa's and ist's layers) comes from one generator
+    seeded by `seed` and kept in state_dict(), so a resumed run is exact and every process
+    under torchrun draws the same.
+    """
+
+    def __init__(self, model, config: SelectionConfig, seed=0, support_set=None):
+        """support_set: what the support mini-batches are drawn from (the training set for
+        support="train", the trusted set for "heldout"; data and gast need it unless
+        support="batch"): (inputs (N, T), targets (N, T)), or a pool with len() that,
+        called with a list of indices, returns their (inputs, targets)."""
+        if config.problems():
+            raise ValueError("; ".join(config.problems()))
+        if config.method in SCORED and config.support != "batch" and support_set is None:
+            raise ValueError(
+                f"{config.method} with support={config.support!r} needs support_set=(inputs, "
+                "targets) to draw support mini-batches from; or use support='batch'"
+            )
+        self.model, self.config, self.support_set = model, config, support_set
+        self.layers = lora_names_by_block(model)  # L lists of parameter names
+        self.L = len(self.layers)  # blocks
+        self.generator = torch.Generator().manual_seed(seed)  # every draw of the run
+        self.importance = torch.zeros(self.L)  # IST's s_l
+        self.lisa_active = None
+        self.support_grad = None  # s: {name: tensor like p} at the last refresh
+        self.support_step = None  # the step at which s was last computed
+        self.steps = 0
+
+    # --- the masks that do not look at gradients: lisa and ist ---
+
+    def _draw(self, weights, n):
+        return torch.multinomial(weights, n, replacement=False, generator=self.generator).sort()[0]
+
+    def _lisa_layers(self, K):
+        if self.lisa_active is None or self.steps % self.config.lisa_interval == 0:
+            self.lisa_active = self._draw(torch.ones(self.L), K)
+        return self.lisa_active
+
+    def _ist_update_importance(self, probe_inputs, probe_targets):
+        """IST's response suppression: suppress random halves of the layers, reward the
+        trials whose loss stayed low, and raise those layers' s_l (their updates matter less)."""
+        c = self.config
+        sig = torch.sigmoid(self.importance)
+        n_suppressed = max(1, self.L // 2)
+        # the trials are distinct sets of layers (as many as there are, if fewer than asked)
+        n_trials = min(c.ist_trials, math.comb(self.L, n_suppressed))
+        trials, losses = [], []
+        with torch.no_grad():
+            while len(trials) < n_trials:
+                suppressed = self._draw(sig, n_suppressed)
+                if any(torch.equal(suppressed, t) for t in trials):
+                    continue
+                with scaled_adapters(self.model, suppressed.tolist(), c.ist_suppress):
+                    losses.append(float(self.model(probe_inputs, probe_targets)[1]))
+                trials.append(suppressed)
+        rewards = torch.exp(-torch.tensor(losses))
+        rewards -= rewards.mean()
+        for suppressed, r in zip(trials, rewards):
+            self.importance[suppressed] += c.ist_lr * r * sig[suppressed] * (1 - sig[suppressed])
+
+    # --- step 2: the support ---
+
+    def _support(self, device):
+        """(indices drawn or None, support): this step's support mini-batch as (inputs,
+        targets) on device; or s itself, kept from an earlier step (support_interval) or
+        computed here over the whole support set (support_size 0); or None (the batch)."""
+        c = self.config
+        if c.support == "batch":
+            return None, None
+        if self.support_grad is not None and self.steps - self.support_step < c.support_interval:
+            return None, self.support_grad
+        pool = self.support_set
+        n = len(pool) if callable(pool) else len(pool[0])
+        if 0 < c.support_size < n:  # a fresh mini-batch, independent of the batch's draw
+            indices = torch.randperm(n, generator=self.generator)[: c.support_size].sort()[0]
+        else:  # support_size 0: the whole support set
+            indices = torch.arange(n)
+        if callable(pool):  # a pool that makes the rows it is asked for (train.py's)
+            inputs, targets = pool(indices.tolist())
+        else:
+            inputs, targets = (t[indices.to(t.device)] for t in pool)
+        T = int((targets != IGNORE_INDEX).any(dim=0).nonzero().max()) + 1  # the rows' longest
+        rows = inputs[:, :T].to(device), targets[:, :T].to(device)
+        if c.support_size == 0:  # its own batched pass: no per-sample gradients held for it
+            self.support_grad, self.support_step = support_gradient(self.model, *rows), self.steps
+            return indices.tolist(), self.support_grad
+        return indices.tolist(), rows
+
+    # --- one step ---
+
+    def step(self, inputs, targets, noisy=None, probe=None):
+        """Compute the mask, write .grad, return the StepRecord.
+
+        inputs, targets (B, T); noisy (B,) bool or None; probe: a callable returning a
+        fresh (inputs, targets) batch, needed by ist for its importance update. Under
+        torchrun every process passes the same global batch, works on its own slice, and
+        gets the same gradients and the same (global) record.
+        """
+        c = self.config
+        B = inputs.shape[0]
+        rank, n_procs = world()
+        if B % n_procs:
+            raise ValueError(f"the batch of {B} does not split evenly over {n_procs} processes")
+        mine = slice(rank * B // n_procs, (rank + 1) * B // n_procs)  # this process's samples
+        x, y = inputs[mine], targets[mine]
+        K = c.layers_per_step(self.L)
+        scores = indices = None
+        if c.method in SCORED:
+            indices, support = self._support(x.device)
+            mask, scores, losses, s = self._scored_step(x, y, support, K, B, mine)
+            if isinstance(support, tuple):  # s from this step's support rows
+                self.support_grad, self.support_step = s, self.steps
+            loss = (all_gather_columns(losses) if n_procs > 1 else losses).mean()
+        else:
+            mask, loss = self._dense_step(x, y, K, probe)
+        if n_procs > 1:  # the same active layers on every process, so the same tensors
+            active_params = [p for p in self.model.parameters() if p.grad is not None]
+            all_reduce_grads(active_params, mean=c.method not in SCORED)
+
+        self.steps += 1
+        mask = mask.cpu()
+        record = StepRecord(
+            loss=float(loss.detach()),
+            mask=mask,
+            active_layers=mask.any(dim=1).nonzero().flatten().tolist(),
+            coverage=float(mask.any(dim=0).float().mean()),
+            support=indices,
+            scores=None if scores is None else scores.detach().float().cpu(),
+        )
+        if noisy is not None:
+            record.noisy_rate, record.clean_rate = selection_rates(mask, noisy.cpu())
+        return record
+
+    def _scored_step(self, x, y, support, K, B, mine):
+        """data and gast: (mask (L, B), scores (L, B), this process's losses, s)."""
+        c, n_procs = self.config, world()[1]
+        if c.per_sample == "vmap":
+            per_sample = partial(per_sample_grads_and_losses, chunk_size=c.chunk_size or None)
+        else:
+            per_sample = per_sample_grads_by_hooks
+        gast_every_layer = c.method == "gast" and K == self.L
+        if gast_every_layer and c.per_sample == "blocks":
+            return gast_by_blocks(self.model, x, y, support, c, self.generator, B, mine)
+        if gast_every_layer and n_procs == 1:  # the paper's rule as gast.py writes it
+            return gast_step(self.model, x, y, support, c, self.generator, per_sample)
+        # data, our layer budget, or torchrun: gast.py's steps, composed here
+        rows, riding = len(x), isinstance(support, tuple)
+        if riding:
+            x, y = side_by_side(x, support[0], 0), side_by_side(y, support[1], IGNORE_INDEX)
+        grads, losses = per_sample(self.model, x, y)
+        batch = {name: g[:rows] for name, g in grads.items()}
+        if riding:
+            support = {name: g[rows:].mean(dim=0) for name, g in grads.items()}
+        s = batch_mean(batch, B) if support is None else support
+        scores = alignment_scores(batch, self.layers, s)  # (L, B_local)
+        if n_procs > 1:
+            scores = all_gather_columns(scores)  # (L, B)
+        k = samples_per_layer(B, c.data_ratio)
+        if c.method == "gast":
+            mask = choose_layers(scores, K, k, c.selection, c.temperature, self.generator)
+        else:  # data: one global set, by the summed alignment over layers
+            summed = scores.sum(dim=0, keepdim=True)
+            mask = choose(summed, k, c.selection, c.temperature, self.generator)
+            mask = mask.expand(self.L, -1).clone()
+        write_selected_gradients(self.model, self.layers, batch, mask, columns=mine)
+        return mask, scores, losses[:rows], support
+
+    def _dense_step(self, x, y, K, probe):
+        """lora, lisa and ist: the active blocks' ordinary batch gradient; (mask, loss)."""
+        c, n_procs = self.config, world()[1]
+        if c.method == "lora":
+            active = torch.arange(self.L)
+        elif c.method == "lisa":
+            active = self._lisa_layers(K)
+        else:  # ist
+            if self.steps % c.ist_interval == 0:
+                if probe is None:
+                    raise ValueError(
+                        "the ist method needs probe=callable returning a fresh training batch"
+                    )
+                self._ist_update_importance(*probe())
+            active = self._draw(torch.sigmoid(-self.importance), K)
+        mask = torch.zeros(self.L, x.shape[0] * n_procs, dtype=torch.bool, device=x.device)
+        mask[active] = True
+        self.model.zero_grad(set_to_none=True)
+        _, loss = self.model(x, y)
+        loss.backward()
+        params = dict(self.model.named_parameters())
+        for l in set(range(self.L)) - set(active.tolist()):
+            for name in self.layers[l]:
+                params[name].grad = None
+        loss = loss.detach()
+        if n_procs > 1:
+            dist.all_reduce(loss)
+            loss /= n_procs
+        return mask, loss
+
+    def intended(self, record, noisy):
+        """Add to a scored step's record what its law intended: the noisy and the clean
+        samples' mean inclusion probability per block (record.noisy_intended, clean_intended).
+        Apart from step(), because the law costs more than the draw (about 10 ms at L = 4,
+        B = 32); train.py asks for it on the steps it logs."""
+        if record.scores is None:
+            return record
+        c, (L, B) = self.config, record.scores.shape
+        k = samples_per_layer(B, c.data_ratio)
+        scores = record.scores
+        if c.method != "gast":
+            scores = scores.sum(dim=0, keepdim=True).expand(L, -1)
+        intended = law(scores, k, c.selection, c.temperature)
+        record.noisy_intended, record.clean_intended = selection_rates(intended, noisy.cpu())
+        return record
+
+    # --- resume ---
+
+    def state_dict(self):
+        """Everything the next step depends on; with it, a resumed run is exact."""
+        support = self.support_grad
+        support = None if support is None else {n: g.cpu() for n, g in support.items()}
+        return {
+            "generator": self.generator.get_state(),
+            "importance": self.importance.clone(),
+            "lisa_active": self.lisa_active,
+            "steps": self.steps,
+            "support_grad": support,
+            "support_step": self.support_step,
+        }
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+        self.importance = state["importance"].clone()
+        self.lisa_active = state["lisa_active"]
+        self.steps = state["steps"]
+        device = next(self.model.parameters()).device
+        support = state["support_grad"]
+        self.support_grad = (
+            None if support is None else {n: g.to(device) for n, g in support.items()}
+        )
+        self.support_step = state["support_step"]

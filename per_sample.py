@@ -1,0 +1,164 @@
+"""
+Faster ways to step 1 of GAST (gast.py), each tested equal to its torch.func path.
+
+  per_sample_grads_by_hooks   the per-sample gradients from one ordinary forward and
+                              backward, by hooks on every LoRALinear (fused attention)
+  gast_by_blocks              steps 1-5 inside that backward, block by block: at most one
+                              block's per-sample gradients are held at a time
+  second_pass                 pass 2 of the paper's "memory-efficient" variant (its
+                              Table 6): after the draw, one more forward and backward over
+                              the drawn samples only
+
+A LoRA parameter's per-sample gradient is a sum over the sample's positions of outer
+products that the batched backward forms anyway; recording_per_sample_grads writes them out.
+"""
+
+from contextlib import contextmanager
+
+import torch
+
+from collectives import all_gather_columns, batch_mean
+from gast import choose, gumbel, masked_mean, samples_per_layer, side_by_side
+from lora import LoRALinear, block_index, lora_names_by_block
+from model import IGNORE_INDEX
+
+
+@contextmanager
+def recording_per_sample_grads(model, on_block=None):
+    """Inside, a backward of the summed per-sample losses fills the yielded dict with
+    {name: (B, *p.shape)} per-sample gradients of every LoRA parameter.
+
+    Hooks watch each LoRALinear from outside: its dropout's output h (B, T, in) on the way
+    forward, and the gradient of its output on the way back. With out = y + s * h A^T B^T
+    and u = h A^T, summed over the sample's positions t:
+        dL_i/dB = s * sum_t grad_out[i, t]^T u[i, t]          (out, r)
+        dL_i/dA = s * sum_t (grad_out[i, t] B)^T h[i, t]       (r, in)
+    the batched backward's own arithmetic without its sum over samples.
+
+    on_block(l, {name: (B, *p.shape)}): called as soon as the backward has finished block
+    l's adapters (the backward finishes block L-1 first, then L-2, ...); those gradients
+    then leave the store, so at most one block's per-sample gradients are held at a time.
+    """
+    store, handles = {}, []
+    names_of_block = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            names_of_block.setdefault(block_index(name), set()).add(name)
+
+    def watch(name, module):
+        seen = {}
+
+        def keep_input(dropout, args, h):  # h: the adapter's input after dropout
+            seen["h"] = h.detach()
+
+        def on_output(module, args, out):
+            if out.requires_grad and "h" in seen:  # a merged adapter has no h: nothing to record
+                out.register_hook(lambda grad_out: record(name, module, seen.pop("h"), grad_out))
+
+        handles.append(module.lora_dropout.register_forward_hook(keep_input))
+        handles.append(module.register_forward_hook(on_output))
+
+    def record(name, m, h, grad_out):
+        # under autocast the activations may be bf16; the gradients are the adapters' dtype
+        B, dtype = grad_out.shape[0], m.lora_A.dtype
+        g = grad_out.reshape(B, -1, m.out_features).to(dtype)  # (B, T, out)
+        h = h.reshape(B, -1, m.in_features).to(dtype)  # (B, T, in)
+        u = h @ m.lora_A.detach().t()  # (B, T, r)
+        g_B = g @ m.lora_B.detach()  # (B, T, r)
+        store[f"{name}.lora_B"] = m.scaling * torch.einsum("bto,btr->bor", g, u)  # (B, out, r)
+        store[f"{name}.lora_A"] = m.scaling * torch.einsum("btr,bti->bri", g_B, h)  # (B, r, in)
+        l = block_index(name + ".")
+        if on_block is not None and names_of_block[l] <= store.keys():
+            on_block(l, {n: store.pop(n) for n in names_of_block[l]})
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            watch(name, module)
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def per_sample_grads_by_hooks(model, inputs, targets):
+    """gast.per_sample_grads_and_losses' gradients and losses, from one ordinary forward and
+    backward (fused attention; about half vmap's extra memory)."""
+    model.zero_grad(set_to_none=True)
+    with recording_per_sample_grads(model) as grads:
+        _, losses = model(inputs, targets, reduction="none")  # (B,)
+        losses.sum().backward()  # the sum: each sample's output gradient is its own loss's
+    return grads, losses.detach()
+
+
+def gast_by_blocks(model, inputs, targets, support, config, generator, B=None, columns=None):
+    """gast.gast_step's steps 1-5 inside one backward, block by block: when the backward has
+    finished block l's adapters, their per-sample gradients give s_l (from the support
+    rows), the scores, the draw and the masked mean, and are freed. The same numbers as
+    the torch.func path: the draws take the same noise, drawn before the backward.
+
+    Arguments and result as gast_step's; under torchrun inputs are this process's samples
+    `columns` of the global batch of B, and the scores are gathered across processes.
+    """
+    layers = lora_names_by_block(model)
+    rows = len(inputs)
+    B, columns = B or rows, columns or slice(None)
+    k = samples_per_layer(B, config.data_ratio)
+    riding = isinstance(support, tuple)
+    if riding:
+        inputs = side_by_side(inputs, support[0], 0)
+        targets = side_by_side(targets, support[1], IGNORE_INDEX)
+    L = len(layers)
+    noise = None if config.selection == "topk" else gumbel((L, B), generator)  # as choose()'s
+    dtype = next(p for p in model.parameters() if p.requires_grad).dtype
+    scores = torch.zeros(L, B, dtype=dtype, device=inputs.device)
+    mask = torch.zeros(L, B, dtype=torch.bool, device=inputs.device)
+    update, support_grad = {}, {}
+
+    def on_block(l, grads):
+        names = layers[l]  # summed in alignment_scores' order
+        g = {n: grads[n][:rows] for n in names}  # (B_local, *p.shape)
+        if riding:
+            s = {n: grads[n][rows:].mean(dim=0) for n in names}
+            support_grad.update(s)
+        else:
+            s = batch_mean(g, B) if support is None else support
+        a = sum(g[n].flatten(1) @ s[n].flatten() for n in names)  # (B_local,)
+        scores[l] = a if rows == B else all_gather_columns(a)
+        row_noise = None if noise is None else noise[l : l + 1]
+        mask[l] = choose(
+            scores[l : l + 1], k, config.selection, config.temperature, noise=row_noise
+        )[0]  # this block's row of step 4
+        for n in names:
+            update[n] = masked_mean(g[n], mask[l], columns)  # step 5
+
+    model.zero_grad(set_to_none=True)
+    with recording_per_sample_grads(model, on_block):
+        _, losses = model(inputs, targets, reduction="none")  # (B_local + support rows,)
+        losses.sum().backward()
+    params = dict(model.named_parameters())
+    for name, u in update.items():  # in place of the summed gradient autograd accumulated
+        params[name].grad = u
+    return mask, scores, losses.detach()[:rows], support_grad if riding else support
+
+
+def second_pass(model, inputs, targets, mask):
+    """Pass 2 of the paper's "memory-efficient" variant: one more forward and backward over
+    the samples some block drew, each block's adapters given the mean gradient over its own
+    draw (mask (L, B)), the gradient gast.write_selected_gradients forms from per-sample
+    gradients kept since pass 1. Each block's per-sample gradients are reduced as soon as
+    the backward has finished that block, so none outlive it."""
+    drawn = mask.any(dim=0)  # (B,): the rows pass 2 runs
+    update = {}
+
+    def on_block(l, grads):
+        for name, g in grads.items():  # g: (B_drawn, *p.shape)
+            update[name] = masked_mean(g, mask[l], drawn) if mask[l].any() else None
+
+    model.zero_grad(set_to_none=True)
+    with recording_per_sample_grads(model, on_block):
+        _, losses = model(inputs[drawn], targets[drawn], reduction="none")
+        losses.sum().backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.grad = update[name]
