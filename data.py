@@ -8,8 +8,6 @@ Tokenizer and data: everything here works offline.
    transformations with an exact-match metric per task, a pretraining corpus that teaches the
    format and the basic skills, and a fine-tuning set with a known fraction of
    corrupted answers, each flagged as noisy.
-2b. A lexicon of made-up facts for the pretraining corpus, and a knowledge task that
-   asks for them in a new template (gradot.py's testbed).
 3. Real data from files: plain text for language modelling, JSONL prompt/completion
    pairs with the loss on completion tokens only. Bad input raises DataError naming
    the file and line.
@@ -144,11 +142,9 @@ def n_targets(example):
 # must learn, from the task's name alone, what each prompt asks for. Each name is as long
 # as the skill whose circuit its answer reuses (echo as copy, inv and rsh as rev, plus2
 # as shift): the base's skills are tied to the absolute positions pretraining put them
-# at, and LoRA does not adapt the position embeddings. Measured (lora, 600 steps): rev
-# under the 4-letter name "back" stayed at 0.00-0.08, and "revshift" (8 letters) did not
-# leave the starting plateau on a second base (pretrain seed 1) where "rsh" reaches 1.000;
-# names that differ only in their last letter ("rs1", "rs2") were confused with each
-# other; answers longer than the word (w + w) were still at 0.76 after 1,200 steps.
+# at, and LoRA does not adapt the position embeddings; for the same reason no answer is
+# longer than its word, and no two names differ in their last letter alone (the README's
+# "The default task" gives what other names and tasks did).
 # A `noise` fraction of the fine-tuning answers is corrupted, flagged noisy: random
 # letters of the right length, or (systematic) another task's answer to the same word,
 # the label confusion a real mixture carries. The evaluation splits are clean and their
@@ -201,25 +197,19 @@ def _random_word(rng):
     return "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
 
 
-def pretrain_text(n_lines=20000, seed=0, facts=None):
-    """The pretraining corpus: one 'op word=answer' line per line, ops drawn uniformly.
-    With facts (a lexicon, {word: code}), half the lines state them instead ('def word=code'),
-    each fact as often as the others (a corpus too short for all of them: a random subset)."""
-    rng = random.Random(seed)
-    n_facts = n_lines // 2 if facts else 0
+def pretrain_lines(n_lines, rng):
+    """n_lines lines of the pretraining corpus, 'op word=answer', ops drawn uniformly."""
     lines = []
-    for _ in range(n_lines - n_facts):
+    for _ in range(n_lines):
         op = rng.choice(list(PRETRAIN_OPS))
         w = _random_word(rng)
         lines.append(f"{op} {w}={PRETRAIN_OPS[op](w)}\n")
-    if facts:
-        stated = list(facts.items())
-        rng.shuffle(stated)
-        lines += [
-            f"{FACT} {w}={code}\n" for w, code in (stated[i % len(stated)] for i in range(n_facts))
-        ]
-        rng.shuffle(lines)
-    return "".join(lines)
+    return lines
+
+
+def pretrain_text(n_lines=20000, seed=0):
+    """The pretraining corpus: n_lines of pretrain_lines, fixed by the seed."""
+    return "".join(pretrain_lines(n_lines, random.Random(seed)))
 
 
 def task_example(tokenizer, task, word, answer, noisy=False):
@@ -312,59 +302,6 @@ def make_default_task(
         return [task_example(tokenizer, task, w, task_answer(w, task)) for task, w in pairs]
 
     return Task(train, clean(val_pairs), clean(heldout_pairs), clean(dev_pairs))
-
-
-# ---------------------------------------------------------------------------------------
-# 2b. Knowledge that lives in the base: the lexicon (GradOT's testbed)
-#
-# Offsite tuning (gradot.py) sends the data owner a model whose middle is compressed. It
-# can only show its point on a task that needs what the middle holds: on the string
-# tasks above the adapters at both ends learn everything from the fine-tuning data. The
-# lexicon is a set of made-up facts, word -> code ("def abcd=xyz", 4-letter words, 3-letter
-# codes), drawn by a seed and stated in the pretraining corpus (pretrain.py --lexicon N).
-# The knowledge task asks for the same facts in a new template ("key abcd=xyz"; the name
-# as long as "def", see above), on fine-tuning words disjoint from the evaluation words:
-# fine-tuning can teach the template, but the facts of the evaluation words must come
-# from the base.
-
-FACT, ASK = "def", "key"  # the pretraining template's name and the knowledge task's
-LEXICON_SEED = 4321  # the lexicon is the same for every base that states n facts
-
-
-def lexicon(n):
-    """{word: code}: n made-up facts, 4-letter words, 3-letter codes, fixed by n."""
-    rng = random.Random(LEXICON_SEED)
-    if n > 26**4 // 2:
-        raise ValueError(f"a lexicon holds at most {26**4 // 2:,} facts, not {n:,}")
-    facts = {}
-    while len(facts) < n:
-        w = "".join(rng.choice(LETTERS) for _ in range(4))
-        facts.setdefault(w, "".join(rng.choice(LETTERS) for _ in range(3)))
-    return facts
-
-
-def fact_example(tokenizer, name, word, code):
-    prompt = encode(tokenizer, f"{name} {word}=")
-    return Example(prompt + encode(tokenizer, code + "\n"), len(prompt), task=name)
-
-
-def make_knowledge_task(tokenizer, facts, n_val=200, n_dev=200, seed=0):
-    """The knowledge task's Task: the lexicon's words split by the seed into test (n_val),
-    dev (n_dev) and the rest for fine-tuning, every answer in the new template (clean: no
-    noise). Task.heldout holds the test words in the pretraining template, to measure
-    what the model recalls before any fine-tuning."""
-    words = sorted(facts)
-    if len(words) < n_val + n_dev + 1:
-        raise ValueError(
-            f"a lexicon of {len(words)} facts cannot give {n_val} test and {n_dev} dev words and "
-            "leave some to fine-tune on"
-        )
-    random.Random(seed + 1).shuffle(words)
-    test, dev, train = words[:n_val], words[n_val : n_val + n_dev], words[n_val + n_dev :]
-    ask = lambda ws: [fact_example(tokenizer, ASK, w, facts[w]) for w in ws]
-    return Task(
-        ask(train), ask(test), [fact_example(tokenizer, FACT, w, facts[w]) for w in test], ask(dev)
-    )
 
 
 # ---------------------------------------------------------------------------------------

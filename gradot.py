@@ -52,19 +52,24 @@ import torch
 import torch.nn as nn
 
 from data import (
-    FACT,
     DataError,
     Example,
     TokenizerUnavailable,
     collate,
     encode,
     evaluate,
-    fact_example,
     get_tokenizer,
-    lexicon,
     make_default_task,
-    make_knowledge_task,
     pretrain_text,
+)
+from lexicon import (
+    FACT,
+    MAX_FACTS,
+    fact_example,
+    lexicon,
+    lexicon_corpus,
+    lexicon_text,
+    make_knowledge_task,
 )
 from lora import LoRAConfig, add_lora
 from model import IGNORE_INDEX
@@ -450,9 +455,9 @@ def support_batches(tokenizer, n_sequences, batch_size, device, block_size, fact
     """A held-out slice of the pretraining corpus: lines of the built-in corpus drawn with
     another seed than the base's (the fine-tuning data is never used); with a lexicon,
     half of them state its facts, as the base's corpus did."""
-    lines = pretrain_text(n_sequences, seed=PRETRAIN_SEED + 1, facts=facts).splitlines(
-        keepends=True
-    )
+    seed = PRETRAIN_SEED + 1
+    text = lexicon_text(n_sequences, seed, facts) if facts else pretrain_text(n_sequences, seed)
+    lines = text.splitlines(keepends=True)
     examples = [Example(encode(tokenizer, line)[: block_size + 1], 0) for line in lines]
     return [
         collate(examples[i : i + batch_size], tokenizer.eot_token, device)[:2]
@@ -531,6 +536,11 @@ class GradOTConfig(BaseConfig):
         "fine-tuning runs per emulator (seeds 0, 1, ...: task data, batch order, LoRA init); "
         "one run says little, since fine-tuning learns the task abruptly or not at all",
     )
+    lexicon: int = option(
+        0,
+        "made-up facts (word -> code) that half the base's built-in corpus states, and the "
+        "knowledge task on them; 0: none (the default task)",
+    )
     overwrite: bool = option(False, "replace gradot.json / gradot.csv already in --out-dir")
 
 
@@ -561,6 +571,13 @@ def validate(config):
             problems.append(f"--lams must be finite and not negative, got {config.lams}")
     except ValueError:
         problems.append(f"--lams must be comma-separated numbers, got {config.lams!r}")
+    if not 0 <= config.lexicon <= MAX_FACTS:
+        problems.append(f"--lexicon must be in [0, {MAX_FACTS}], got {config.lexicon}")
+    if config.lexicon and config.pretrain_data:
+        problems.append(
+            "--lexicon states its facts in the built-in corpus; it cannot be added to "
+            "--pretrain-data"
+        )
     if config.lexicon and config.noise:
         problems.append(
             "--noise corrupts the default task's answers; the knowledge task (--lexicon) has none "
@@ -584,7 +601,8 @@ def run(config):
     check_out_dir(config.out_dir, ("gradot.json", "gradot.csv"), overwrite=config.overwrite)
     device = pick_device(config.device)
     tokenizer = get_tokenizer(config.tokenizer)
-    base, base_path = load_base(config, tokenizer, device)
+    corpus = lexicon_corpus(config.lexicon) if config.lexicon else None
+    base, base_path = load_base(config, tokenizer, device, corpus)
     try:
         emulator_config = EmulatorConfig(
             config.adapter_blocks,
@@ -614,8 +632,7 @@ def run(config):
         skills = tasks[0].heldout
     else:
         skills = skill_examples(tokenizer, config.eval_samples)
-        # one task of the mixture, rsh (rev, then shift): the task this experiment was measured on
-        # (the mixture came later)
+        # one task of the mixture, rsh (rev, then shift), the protocol's fine-tuning task
         tasks = [
             make_default_task(tokenizer, noise=config.noise, seed=seed, tasks=("rsh",))
             for seed in range(config.seeds)

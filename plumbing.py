@@ -91,7 +91,8 @@ def one_of(config, name, choices):
 def parse_args(config_type, argv=None, description=None, known_only=False, epilog=None):
     """config_type from the command line: one flag per field (--layer-ratio for layer_ratio),
     its help the field's. known_only: (config, the flags that are not config_type's), for a
-    script that passes the rest on; flags are never abbreviated, so --seed is never taken for --seeds."""
+    script that passes the rest on; flags are never abbreviated, so --seed is never taken for
+    --seeds."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = Parser(
         description=description, epilog=epilog, allow_abbrev=False, formatter_class=HelpFormatter

@@ -30,7 +30,6 @@ from data import (
     collate,
     encode,
     get_tokenizer,
-    lexicon,
     pretrain_text,
     read_text_file,
 )
@@ -103,11 +102,6 @@ class BaseConfig:
         "seed of the pretraining corpus, initialisation and batches (part of the base's hash): "
         "another seed, another base",
     )
-    lexicon: int = option(
-        0,
-        "made-up facts (word -> code) that half the built-in corpus states, for gradot.py's "
-        "knowledge task; 0: none",
-    )
     out_dir: str = option("out", "the base, checkpoints, adapters and results go here")
     device: str = option("auto", "cpu, cuda, cuda:1 ...; auto: cuda when available")
     compile: bool = option(
@@ -140,13 +134,6 @@ def base_problems(config):
     if config.init_from and not os.path.exists(config.init_from):
         problems.append(f"--init-from {config.init_from}: no such file or directory")
     problems += file_problems("--pretrain-data", config.pretrain_data)
-    if not 0 <= config.lexicon <= 10000:  # half of the built-in corpus's 20,000 lines state them
-        problems.append(f"--lexicon must be in [0, 10000], got {config.lexicon}")
-    if config.lexicon and config.pretrain_data:
-        problems.append(
-            "--lexicon states its facts in the built-in corpus; it cannot be added to "
-            "--pretrain-data"
-        )
     # the base that would be pretrained: can a step of it fit?
     if not config.init_from and not problems:
         estimate = training_memory(GPTConfig(**shape_values(config)), config.pretrain_batch_size)
@@ -174,25 +161,34 @@ def base_shape(config, vocab_size=GPTConfig.vocab_size):
     return GPTConfig(vocab_size=vocab_size, **shape_values(config))
 
 
-def base_path(config, tokenizer):
+@dataclass
+class Corpus:
+    """A built-in corpus other than the default one, made by the caller (gradot.py's
+    lexicon): the base's settings stay the same, and key keeps its base apart."""
+
+    make: object  # (n_lines, seed) -> the corpus's text, one sample a line
+    key: dict  # what makes it, added to the base's hash
+    description: str  # what it holds, for the progress line
+
+
+def base_path(config, tokenizer, corpus=None):
     """--init-from, or out_dir/base-<hash>.pt keyed by everything that makes the base."""
     if config.init_from:
         return config.init_from
-    corpus = "built-in"
+    source = "built-in"
     if config.pretrain_data:
         with open(config.pretrain_data, "rb") as f:
-            corpus = hashlib.file_digest(f, "sha256").hexdigest()
+            source = hashlib.file_digest(f, "sha256").hexdigest()
     key = {
         "shape": asdict(base_shape(config, tokenizer.n_vocab)),
-        "corpus": corpus,
+        "corpus": source,
         "tokenizer": config.tokenizer,
         "steps": config.pretrain_steps,
         "batch": config.pretrain_batch_size,
         "lr": config.pretrain_lr,
         "seed": PRETRAIN_SEED + config.pretrain_seed,
     }
-    if config.lexicon:  # only then: every earlier base keeps its hash
-        key["lexicon"] = config.lexicon
+    key.update(corpus.key if corpus else {})  # no corpus: every earlier base keeps its hash
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return os.path.join(config.out_dir, f"base-{digest}.pt")
 
@@ -201,14 +197,14 @@ def base_path(config, tokenizer):
 # Pretraining
 
 
-def pretraining_batches(config, tokenizer, block_size):
+def pretraining_batches(config, tokenizer, block_size, corpus=None):
     """(next_batch(rng, device) -> (x, y), held_out (x, y) or None, description).
 
     The built-in corpus: one 'op word=answer' line per sample. A text file: random windows
     of block_size + 1 tokens from its first 95% (as nanoGPT samples), the last 5% held out."""
     if not config.pretrain_data:
-        facts = lexicon(config.lexicon) if config.lexicon else None
-        text = pretrain_text(20000, seed=PRETRAIN_SEED + config.pretrain_seed, facts=facts)
+        make = corpus.make if corpus else pretrain_text
+        text = make(20000, PRETRAIN_SEED + config.pretrain_seed)
         examples = [
             Example(encode(tokenizer, line)[: block_size + 1], 0)
             for line in text.splitlines(keepends=True)
@@ -222,8 +218,7 @@ def pretraining_batches(config, tokenizer, block_size):
         return (
             next_batch,
             None,
-            "the built-in corpus (20,000 lines"
-            + (f", half of them stating {config.lexicon:,} facts)" if facts else ")"),
+            "the built-in corpus (20,000 lines" + (f", {corpus.description})" if corpus else ")"),
         )
     tokens = torch.tensor(encode(tokenizer, read_text_file(config.pretrain_data)), dtype=torch.long)
     n_held = max(block_size + 1, len(tokens) // 20)
@@ -256,13 +251,15 @@ def pretraining_batches(config, tokenizer, block_size):
     )
 
 
-def pretrain(config, tokenizer, device, path):
+def pretrain(config, tokenizer, device, path, corpus=None):
     """Pretrain a base GPT of base_shape(config) on the corpus and save it to path."""
     seed = PRETRAIN_SEED + config.pretrain_seed  # seed 0 keeps the base every earlier version made
     torch.manual_seed(seed)
     gpt_config = base_shape(config, tokenizer.n_vocab)
     model = GPT(gpt_config).to(device)
-    next_batch, held_out, corpus = pretraining_batches(config, tokenizer, gpt_config.block_size)
+    next_batch, held_out, described = pretraining_batches(
+        config, tokenizer, gpt_config.block_size, corpus
+    )
     opt = torch.optim.AdamW(
         model.parameters(), lr=config.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1
     )
@@ -273,9 +270,8 @@ def pretrain(config, tokenizer, device, path):
     say(
         config,
         f"pretraining a base GPT ({model.num_params():,} parameters; {gpt_config.n_layer} blocks, "
-        "width "
-        f"{gpt_config.n_embd}, context {gpt_config.block_size}) on {corpus} for {steps} steps on "
-        f"{device}",
+        f"width {gpt_config.n_embd}, context {gpt_config.block_size}) on {described} for {steps} "
+        f"steps on {device}",
     )
     t0, tokens = time.time(), 0
     for step in range(steps):
@@ -352,16 +348,16 @@ def read_base(path):
     return model
 
 
-def load_base(config, tokenizer, device):
+def load_base(config, tokenizer, device, corpus=None):
     """(model on device, path): --init-from, or out_dir/base-<hash>.pt, pretrained on first use."""
-    path = base_path(config, tokenizer)
+    path = base_path(config, tokenizer, corpus)
     if not os.path.exists(path):
         if world()[1] > 1:  # under torchrun the first process pretrains, the others wait and load
             if is_main():
-                pretrain(config, tokenizer, device, path)
+                pretrain(config, tokenizer, device, path, corpus)
             dist.barrier()
         else:
-            pretrain(config, tokenizer, device, path)
+            pretrain(config, tokenizer, device, path, corpus)
     model = read_base(path)
     if tokenizer.n_vocab > model.config.vocab_size:
         raise ConfigError(

@@ -892,11 +892,11 @@ def test_gast_by_blocks_equals_the_torch_func_path(selection, support):
         data_ratio=0.5,
     )
     runs = {}
-    for per_sample in ("vmap", "blocks"):
+    for path in ("vmap", "blocks"):
         model = lora_model(dtype=torch.float64)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
         tuner = SparseTuner(
-            model, SelectionConfig(**config, per_sample=per_sample), seed=4, support_set=SUPPORT_SET
+            model, SelectionConfig(**config, per_sample=path), seed=4, support_set=SUPPORT_SET
         )
         records, grads = [], []
         for s in range(3):
@@ -905,7 +905,7 @@ def test_gast_by_blocks_equals_the_torch_func_path(selection, support):
                 {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
             )
             opt.step()
-        runs[per_sample] = records, grads, tuner.support_grad
+        runs[path] = records, grads, tuner.support_grad
     (ref_records, ref_grads, ref_support), (records, grads, support_grad) = (
         runs["vmap"],
         runs["blocks"],

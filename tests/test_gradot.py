@@ -300,9 +300,16 @@ def test_plug_in_puts_the_tuned_adapter_blocks_on_the_original_middle_bit_for_bi
             "--adapter-blocks 2: a model of 4 blocks needs 1 to 1 adapter blocks per side",
         ),
         (["--methods", "gradot,best"], "--methods: unknown best"),
+        (["--lexicon", "10001"], "--lexicon must be in [0, 10000], got 10001"),
+        (
+            ["--lexicon", "5", "--pretrain-data", "{tmp}/corpus.txt"],
+            "--lexicon states its facts in the built-in corpus",
+        ),
     ],
 )
 def test_bad_settings_are_refused_clearly(base, tmp_path, capsys, flags, message):
+    (tmp_path / "corpus.txt").write_text("some text to pretrain on\n" * 50)
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
     assert gradot.main(["--init-from", base, "--out-dir", str(tmp_path), *flags]) == 2
     assert message in capsys.readouterr().err
 
@@ -391,21 +398,18 @@ def test_more_bad_settings_are_one_error_line(tmp_path, capsys, flags, message):
 @pytest.fixture(scope="module")
 def lexicon_base(tmp_path_factory):
     """A base of the default shape whose corpus states 30 facts (400 steps of 32, a few seconds)."""
+    from lexicon import lexicon_corpus
     from pretrain import BaseConfig, load_base
 
     out = tmp_path_factory.mktemp("lexicon_base")
-    _, path = load_base(
-        BaseConfig(
-            out_dir=str(out), lexicon=30, pretrain_steps=400, pretrain_batch_size=32, quiet=True
-        ),
-        get_tokenizer(),
-        "cpu",
-    )
+    config = BaseConfig(out_dir=str(out), pretrain_steps=400, pretrain_batch_size=32, quiet=True)
+    _, path = load_base(config, get_tokenizer(), "cpu", lexicon_corpus(30))
     return path
 
 
 def test_the_base_recalls_its_lexicon_and_without_its_middle_does_not(lexicon_base):
-    from data import FACT, evaluate, fact_example, lexicon
+    from data import evaluate
+    from lexicon import FACT, fact_example, lexicon
     from pretrain import read_base
 
     tok = get_tokenizer()

@@ -278,11 +278,6 @@ def test_a_broken_gpt2_directory_is_one_error_line(capsys, tmp_path, fault, mess
         (["--pretrain-data", "{tmp}/nowhere.txt"], "no such file"),
         (["--tokenizer", "foo"], "--tokenizer 'foo' is unknown"),
         (["--n-layer", "x"], "argument --n-layer: invalid int value: 'x'"),
-        (["--lexicon", "10001"], "--lexicon must be in [0, 10000], got 10001"),
-        (
-            ["--lexicon", "5", "--pretrain-data", "{tmp}/corpus.txt"],
-            "--lexicon states its facts in the built-in corpus",
-        ),
     ],
 )
 def test_bad_pretraining_settings_are_one_error_line_before_any_work(
@@ -307,18 +302,6 @@ def test_another_pretrain_seed_makes_another_base_and_seed_0_the_one_of_before(t
     before = BaseConfig(out_dir="out", pretrain_steps=2500)
     assert base_path(before, tok) == "out/base-67aea5f398.pt"
     assert base_path(BaseConfig(out_dir="out", pretrain_seed=1), tok) != default
-    # no lexicon: the hash of before
-    assert base_path(BaseConfig(out_dir="out", lexicon=0), tok) == default
-    assert (
-        len(
-            {
-                default,
-                base_path(BaseConfig(out_dir="out", lexicon=30), tok),
-                base_path(BaseConfig(out_dir="out", lexicon=40), tok),
-            }
-        )
-        == 3
-    )
     bases = []
     for seed in (0, 1):
         assert (

@@ -599,3 +599,15 @@ def test_resume_on_changed_data_is_refused_naming_the_file(capsys, base, tmp_pat
     )
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3  # nothing lost
     assert run(capsys, base, out, *flags, "--overwrite")[0] == 0  # afresh
+
+
+def test_the_default_warm_up_fits_a_short_run_and_an_explicit_longer_one_is_refused():
+    from train import TrainConfig, lr_at, validate, warmup_steps
+
+    short = TrainConfig(steps=4)
+    validate(short)  # no error: python train.py --steps 4 runs
+    assert warmup_steps(short) == 0 and lr_at(short, 0) == short.lr
+    assert warmup_steps(TrainConfig()) == 20 and warmup_steps(TrainConfig(steps=100)) == 10
+    assert lr_at(TrainConfig(), 0) == pytest.approx(TrainConfig().lr / 20)
+    with pytest.raises(ConfigError, match="--warmup-steps 20 is longer than the run"):
+        validate(TrainConfig(steps=4, warmup_steps=20))
