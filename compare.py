@@ -49,7 +49,7 @@ from plumbing import (
     write_csv,
     write_json,
 )
-from pretrain import BaseConfig, load_base
+from pretrain import BaseConfig, base_skills, load_base, skill_line
 from train import train
 
 
@@ -89,8 +89,8 @@ class CompareConfig:
     check_testbed: bool = option(
         False,
         "instead of the comparison, check that the testbed measures methods, not luck: lora at "
-        "train.py's settings on seeds 0-4, two bases, 1 and 2 threads, and noise of each kind "
-        "(about 30 minutes on 2 CPU cores)",
+        "train.py's settings on seeds 0-4, on bases of two pretrain seeds each pretrained with "
+        "1, 2 and 4 threads, and noise of each kind (about 50 minutes on 2 CPU cores)",
     )
 
 
@@ -363,7 +363,7 @@ def compare(config, train_flags=()):
 
 TESTBED_SEEDS = (0, 1, 2, 3, 4)
 TESTBED_BASES = (0, 1)  # pretrain seeds
-TESTBED_THREADS = (1, 2)
+TESTBED_THREADS = (1, 2, 4)  # the threads each base is pretrained with (4 oversubscribe 2 cores)
 TESTBED_NOISE = 0.2  # each kind against noise 0, at 2 threads
 LEARNS = 0.95  # exact match every clean lora run must reach
 NOISE_MATTERS = 2.0  # how many times the clean held-out loss must rise under noise
@@ -371,7 +371,8 @@ DEFAULT_RUN_SECONDS = 180  # python train.py with no arguments, pretraining incl
 
 
 def testbed_specs():
-    """(pretrain seed, threads, noise, noise kind, seed) of every run the check makes."""
+    """(pretrain seed, pretraining threads, noise, noise kind, seed) of every run the check
+    makes; the fine-tuning runs at this process's threads."""
     specs = []
     for base in TESTBED_BASES:
         specs += [
@@ -403,12 +404,17 @@ def check_testbed(config, train_flags=(), specs=None, time_default_run=True):
             "base)"
         )
     tokenizer, device = get_tokenizer(base_config.tokenizer), pick_device(base_config.device)
-    # {pretrain seed: its base's path}
-    bases = {
-        seed: load_base(replace(base_config, pretrain_seed=seed), tokenizer, device)[1]
-        for seed in sorted({spec[0] for spec in specs})
-    }
     t0, runs, threads_before = time.time(), [], torch.get_num_threads()
+    bases = {}  # {(pretrain seed, threads): the path of the base pretrained so}
+    for seed, threads in sorted({spec[:2] for spec in specs}):
+        folder = os.path.join(config.out_dir, "testbed", f"bases-{threads}-threads")
+        torch.set_num_threads(threads)  # the float path the base is made on
+        try:
+            made = replace(base_config, pretrain_seed=seed, out_dir=folder)
+            bases[seed, threads] = load_base(made, tokenizer, device)[1]
+        finally:
+            torch.set_num_threads(threads_before)
+    print(format_bases(bases), flush=True)
     for i, (base, threads, noise, kind, seed) in enumerate(specs):
         name = f"base{base}-threads{threads}-noise{noise:g}-{kind}-seed{seed}"
         flags = [
@@ -422,7 +428,7 @@ def check_testbed(config, train_flags=(), specs=None, time_default_run=True):
             "--seed",
             str(seed),
             "--init-from",
-            bases[base],
+            bases[base, threads],
             "--quiet",
             "--no-resume",
             "--no-picture",
@@ -430,13 +436,7 @@ def check_testbed(config, train_flags=(), specs=None, time_default_run=True):
             "--out-dir",
             os.path.join(config.out_dir, "testbed", name),
         ]
-        metrics = config.resume and recorded_run(flags, "test")
-        if not metrics:
-            torch.set_num_threads(threads)
-            try:
-                metrics = one_run(flags, "test")
-            finally:
-                torch.set_num_threads(threads_before)
+        metrics = config.resume and recorded_run(flags, "test") or one_run(flags, "test")
         runs.append(
             {
                 **metrics,
@@ -475,6 +475,22 @@ def check_testbed(config, train_flags=(), specs=None, time_default_run=True):
     return all(ok for ok, _ in checks)
 
 
+def format_bases(bases):
+    """The skill table of every base of the check, as pretraining stored it."""
+    lines = [
+        "| base (pretrain seed) | pretrained with | steps | starts | skills on fresh words |",
+        "|---|---|---|---|---|",
+    ]
+    for (seed, threads), path in bases.items():
+        skills, made = base_skills(path)
+        how = "?" if made is None else f"{made['threads']} threads, {made['device']}"
+        steps = "?" if made is None else made["steps"]
+        starts = "?" if made is None else made.get("starts", 1)
+        known = "not measured" if skills is None else skill_line(skills)
+        lines.append(f"| {seed} | {how} | {steps} | {starts} | {known} |")
+    return "\n".join(lines)
+
+
 def testbed_groups(runs):
     """{(pretrain seed, threads, noise, kind): [runs, by seed]}"""
     groups = {}
@@ -488,7 +504,8 @@ def testbed_groups(runs):
 
 def format_testbed(runs):
     lines = [
-        "| base (pretrain seed) | threads | noise | exact match, seed by seed | lowest | clean "
+        "| base (pretrain seed) | its pretraining threads | noise | exact match, seed by seed | "
+        "lowest | clean "
         "held-out loss (mean) |",
         "|---|---|---|---|---|---|",
     ]

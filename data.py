@@ -193,7 +193,7 @@ def parse_tasks(text):
     return tuple(n for n in TASKS if n in names)
 
 
-def _random_word(rng):
+def random_word(rng):
     return "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
 
 
@@ -202,7 +202,7 @@ def pretrain_lines(n_lines, rng):
     lines = []
     for _ in range(n_lines):
         op = rng.choice(list(PRETRAIN_OPS))
-        w = _random_word(rng)
+        w = random_word(rng)
         lines.append(f"{op} {w}={PRETRAIN_OPS[op](w)}\n")
     return lines
 
@@ -277,7 +277,7 @@ def make_default_task(
     sizes = (n_train, n_val, n_heldout, n_dev)
     words = set()
     while len(words) < sum(sizes):
-        words.add(_random_word(rng))
+        words.add(random_word(rng))
     words = sorted(words)
     rng.shuffle(words)
     starts = [sum(sizes[:i]) for i in range(5)]

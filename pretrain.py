@@ -24,13 +24,16 @@ import torch
 import torch.distributed as dist
 
 from data import (
+    PRETRAIN_OPS,
     DataError,
     Example,
     TokenizerUnavailable,
     collate,
     encode,
+    evaluate,
     get_tokenizer,
     pretrain_text,
+    random_word,
     read_text_file,
 )
 from model import GPT, GPTConfig, training_memory
@@ -42,6 +45,7 @@ from plumbing import (
     check_out_dir,
     file_problems,
     flag,
+    in_range,
     init_distributed,
     is_main,
     memory_problems,
@@ -56,6 +60,8 @@ from plumbing import (
     world,
 )
 
+SKILL_LEVEL = 0.98  # greedy exact match on fresh words a base must reach on every skill
+SKILL_EVERY = 250  # pretraining steps between two measurements of the skills
 PRETRAIN_SEED = 1234  # the base model does not depend on the fine-tuning seed
 SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
 
@@ -91,7 +97,18 @@ class BaseConfig:
         "the built-in corpus",
     )
     pretrain_steps: int = option(
-        2000, "steps of pretraining the base (the default: under 2 minutes on 2 CPU cores)"
+        2000,
+        "pretraining steps at the peak lr a start gets to learn its skills (then the decay adds "
+        "half the steps it took); with --pretrain-until 0, the whole run",
+    )
+    pretrain_starts: int = option(
+        3, "fresh starts (the next seed) when a start has not learnt its skills in time"
+    )
+    pretrain_until: float = option(
+        SKILL_LEVEL,
+        "pretrain at the peak lr until every skill of the built-in corpus (copy, rev, shift) "
+        "reaches this greedy exact match on fresh words, then decay it over half as many steps "
+        "again; 0: exactly --pretrain-steps on a cosine (so on a corpus of your own)",
     )
     pretrain_batch_size: int = option(64, "sequences per pretraining step")
     pretrain_lr: float = option(
@@ -114,7 +131,8 @@ class BaseConfig:
 
 def base_problems(config):
     """Every problem with the base's settings, naming the flags."""
-    problems = positive(config, "pretrain_batch_size", "pretrain_lr")
+    problems = positive(config, "pretrain_batch_size", "pretrain_lr", "pretrain_starts")
+    problems += in_range(config, "pretrain_until", 0, 1)
     if config.pretrain_steps < 0:
         problems.append(f"--pretrain-steps must not be negative, got {config.pretrain_steps}")
     if config.tokenizer != "bytes" and config.tokenizer not in tiktoken.list_encoding_names():
@@ -189,8 +207,43 @@ def base_path(config, tokenizer, corpus=None):
         "seed": PRETRAIN_SEED + config.pretrain_seed,
     }
     key.update(corpus.key if corpus else {})  # no corpus: every earlier base keeps its hash
+    if config.pretrain_until and not config.pretrain_data:  # pretrained until it knows its skills
+        key.update(until=config.pretrain_until, starts=config.pretrain_starts)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return os.path.join(config.out_dir, f"base-{digest}.pt")
+
+
+# ---------------------------------------------------------------------------------------
+# What a base knows: its skills on fresh words
+#
+# The default task composes the pretraining skills (copy, rev, shift), so a base that has
+# not learnt them leaves LoRA nothing to compose. Float rounding (threads, CPU, GPU, torch
+# version) moves a pretraining run's weights, so the steps that suffice on one machine
+# need not suffice on another: what holds on any machine is the level the skills reach.
+
+
+def skill_examples(tokenizer, n, seed=0):
+    """n fresh prompts per pretraining skill ('rev abc=' -> 'cba'), each tagged with its
+    skill; the words come from a stream of their own, never the corpus's."""
+    rng = random.Random(f"skills-{seed}")
+    examples = []
+    for skill, rule in PRETRAIN_OPS.items():
+        for _ in range(n):
+            word = random_word(rng)
+            prompt = encode(tokenizer, f"{skill} {word}=")
+            answer = encode(tokenizer, rule(word) + "\n")
+            examples.append(Example(prompt + answer, len(prompt), task=skill))
+    return examples
+
+
+def measure_skills(model, examples, tokenizer, device):
+    """{skill: greedy exact match} of the model on skill_examples."""
+    per_task = evaluate(model, examples, tokenizer, device, is_qa=True)["per_task"]
+    return {skill: per_task[skill]["exact_match"] for skill in PRETRAIN_OPS}
+
+
+def skill_line(skills):
+    return " ".join(f"{skill} {score:.3f}" for skill, score in skills.items())
 
 
 # ---------------------------------------------------------------------------------------
@@ -251,38 +304,127 @@ def pretraining_batches(config, tokenizer, block_size, corpus=None):
     )
 
 
+class Schedule:
+    """The pretraining lr. With --pretrain-until: 100 warm-up steps, then the peak until the
+    base knows its skills, then a cosine decay to 0 over half as many steps again; a start
+    that has not learnt them in --pretrain-steps at the peak gives up (gave_up). Without
+    (or on a corpus of one's own): a cosine over exactly --pretrain-steps."""
+
+    def __init__(self, config, adaptive):
+        self.peak, self.patience = config.pretrain_lr, config.pretrain_steps
+        self.decay_from = None if adaptive else 0  # the step the decay starts at
+        self.end = config.pretrain_steps
+
+    def known_at(self, step):
+        """The skills reached their level after this step: decay from here."""
+        if self.decay_from is None:
+            self.decay_from = step + 1
+            self.end = self.decay_from + self.decay_from // 2
+
+    def decay_anyway(self):
+        """The last start, and still not known: decay over half the steps, and save it."""
+        self.known_at(self.patience - 1)
+
+    @property
+    def gave_up(self):
+        return self.decay_from is None
+
+    def lr(self, step):
+        warm = min(1.0, (step + 1) / 100)
+        if self.decay_from is None:
+            return self.peak * warm
+        progress = (step - self.decay_from) / max(1, self.end - self.decay_from)
+        return self.peak * warm * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def pretrain(config, tokenizer, device, path, corpus=None):
-    """Pretrain a base GPT of base_shape(config) on the corpus and save it to path."""
-    seed = PRETRAIN_SEED + config.pretrain_seed  # seed 0 keeps the base every earlier version made
-    torch.manual_seed(seed)
+    """Pretrain a base GPT of base_shape(config) on the corpus and save it to path, with
+    its skill table and the facts of the machine that made it.
+
+    With --pretrain-until on the built-in corpus, a start whose weights have not learnt
+    every skill in --pretrain-steps (its init and batch order, on this machine's floats,
+    can leave one out of reach: rev on 6-letter words, seen) is dropped, and pretraining
+    starts afresh from the next seed; the last of --pretrain-starts is kept whatever it
+    knows (train.py then refuses it for the default task)."""
     gpt_config = base_shape(config, tokenizer.n_vocab)
-    model = GPT(gpt_config).to(device)
     next_batch, held_out, described = pretraining_batches(
         config, tokenizer, gpt_config.block_size, corpus
     )
+    skills_known = not config.pretrain_data  # the built-in corpus teaches copy, rev and shift
+    adaptive = skills_known and config.pretrain_until > 0
+    starts = config.pretrain_starts if adaptive else 1
+    what = "until it knows its skills" if adaptive else f"for {config.pretrain_steps} steps"
+    say(
+        config,
+        f"pretraining a base GPT ({gpt_config.n_layer} blocks, width {gpt_config.n_embd}, "
+        f"context {gpt_config.block_size}) on {described} {what} on {device}",
+    )
+    for start in range(starts):
+        seed = PRETRAIN_SEED + config.pretrain_seed + 1000 * start  # start 0: the seed's own
+        model, schedule = pretrain_one_start(
+            config,
+            gpt_config,
+            next_batch,
+            held_out,
+            tokenizer,
+            device,
+            seed,
+            adaptive,
+            last=start == starts - 1,
+        )
+        if not schedule.gave_up:
+            break
+        say(
+            config,
+            f"  start {start + 1} has not learnt every skill in {config.pretrain_steps} "
+            "steps: pretraining starts again from the next seed",
+        )
+    skills = None
+    if skills_known:  # the table the base is judged by: more words, of another stream
+        skills = measure_skills(model, skill_examples(tokenizer, 200, seed + 1), tokenizer, device)
+    bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()  # as autocast_for
+    made_by = {
+        "torch": str(torch.__version__),
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "dtype": "bfloat16 autocast" if bf16 else "float32",
+        "steps": schedule.end,
+        "starts": start + 1,
+    }
+    atomic_save(
+        {
+            "model_config": asdict(gpt_config),
+            "model": model.state_dict(),
+            "skills": skills,
+            "made_by": made_by,
+        },
+        path,
+    )
+    if skills is not None:
+        say(config, f"the base's skills on fresh words: {skill_line(skills)}")
+    say(config, f"saved the base model to {path}")
+    return model
+
+
+def pretrain_one_start(
+    config, gpt_config, next_batch, held_out, tokenizer, device, seed, adaptive, last
+):
+    """(model, schedule) of one start from seed; schedule.gave_up if its skills were not
+    learnt in time (never on the last start, which decays and ends anyway)."""
+    torch.manual_seed(seed)
+    model = GPT(gpt_config).to(device)
     opt = torch.optim.AdamW(
         model.parameters(), lr=config.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1
     )
     rng = random.Random(seed)
-    steps = config.pretrain_steps
+    schedule = Schedule(config, adaptive)
+    probe = skill_examples(tokenizer, 100, seed) if adaptive else None  # while training
     # the fused attention path, compiled on request
     forward = torch.compile(model) if config.compile else model
-    say(
-        config,
-        f"pretraining a base GPT ({model.num_params():,} parameters; {gpt_config.n_layer} blocks, "
-        f"width {gpt_config.n_embd}, context {gpt_config.block_size}) on {described} for {steps} "
-        f"steps on {device}",
-    )
-    t0, tokens = time.time(), 0
-    for step in range(steps):
-        lr = (
-            config.pretrain_lr
-            * min(1.0, (step + 1) / 100)
-            * 0.5
-            * (1 + math.cos(math.pi * step / steps))
-        )
+    t0, tokens, step = time.time(), 0, 0
+    while step < schedule.end:
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = schedule.lr(step)
         x, y = next_batch(rng, device)
         with autocast_for(device):
             _, loss = forward(x, y)
@@ -291,21 +433,35 @@ def pretrain(config, tokenizer, device, path, corpus=None):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         tokens += x.numel()
-        if step % 100 == 0 or step == steps - 1:
+        final = step == schedule.end - 1
+        if step % 100 == 0 or final:
             elapsed = time.time() - t0
             held = ""
-            if held_out is not None and (step % 500 == 0 or step == steps - 1):
+            if held_out is not None and (step % 500 == 0 or final):
                 held = f" | held-out loss {held_out_loss(model, held_out, device):.3f}"
+            eta = elapsed / (step + 1) * (schedule.end - step - 1)
             say(
                 config,
-                f"  pretrain step {step:5d}/{steps} | loss {loss.item():.3f}{held} | "
-                f"{1000 * elapsed / (step + 1):.0f} ms/step | "
-                f"{tokens / elapsed:,.0f} tokens/s | eta "
-                f"{elapsed / (step + 1) * (steps - step - 1):.0f}s",
+                f"  pretrain step {step:5d} | loss {loss.item():.3f}{held} | "
+                f"{1000 * elapsed / (step + 1):.0f} ms/step | {tokens / elapsed:,.0f} tokens/s | "
+                f"eta {'at most ' if schedule.gave_up else ''}{eta:.0f}s",
             )
-    atomic_save({"model_config": asdict(gpt_config), "model": model.state_dict()}, path)
-    say(config, f"saved the base model to {path}")
-    return model
+        if schedule.gave_up and (step + 1) % SKILL_EVERY == 0:
+            skills = measure_skills(model, probe, tokenizer, device)
+            say(config, f"  pretrain step {step:5d} | skills {skill_line(skills)}")
+            if min(skills.values()) >= config.pretrain_until:
+                schedule.known_at(step)
+                say(
+                    config,
+                    f"  the skills reached {config.pretrain_until:g}: the lr decays to 0 "
+                    f"by step {schedule.end}",
+                )
+        step += 1
+        if schedule.gave_up and step == schedule.end:
+            if not last:
+                return model, schedule
+            schedule.decay_anyway()
+    return model, schedule
 
 
 @torch.no_grad()
@@ -346,6 +502,15 @@ def read_base(path):
             f"GPT ({reason})"
         ) from None
     return model
+
+
+def base_skills(path):
+    """(skills, made_by) that pretraining stored in our checkpoint at path, or (None, None)
+    (a GPT-2 directory, a base of one's own corpus, or one made before skills were kept)."""
+    if os.path.isdir(path) or path.endswith(".bin"):
+        return None, None
+    ckpt = read_checkpoint(path, "--init-from", ("model",))
+    return ckpt.get("skills"), ckpt.get("made_by")
 
 
 def load_base(config, tokenizer, device, corpus=None):

@@ -64,7 +64,17 @@ from plumbing import (
     write_json,
 )
 from model import GPTConfig, training_memory
-from pretrain import BaseConfig, base_problems, load_base, shape_values
+from pretrain import (
+    SKILL_LEVEL,
+    BaseConfig,
+    base_problems,
+    base_skills,
+    load_base,
+    measure_skills,
+    shape_values,
+    skill_examples,
+    skill_line,
+)
 
 
 @dataclass
@@ -109,6 +119,11 @@ class TrainConfig(BaseConfig, DataConfig, SelectionConfig):
     picture: bool = option(
         True,
         "draw out_dir/selection.png: the learning curve and the selection rates (needs matplotlib)",
+    )
+    weak_base: bool = option(
+        False,
+        "with --init-from, fine-tune on the default task even on a base whose skills are below "
+        f"{SKILL_LEVEL} (for studying weak bases)",
     )
 
     def lora(self):
@@ -157,6 +172,39 @@ def validate(config, n_procs=1):
     if not config.init_from and not problems:
         problems += step_memory_problems(config, GPTConfig(**shape_values(config)))
     refuse(problems)
+
+
+def check_skills(config, model, base_path, tokenizer, device):
+    """The default task composes the base's skills: print them, and refuse a base below
+    SKILL_LEVEL unless --weak-base (--init-from only). Your own data: printed, if known."""
+    skills, made_by = base_skills(base_path)
+    if skills is None and not config.data and config.tokenizer == "bytes":
+        skills = measure_skills(model, skill_examples(tokenizer, 200, 1), tokenizer, device)
+    if skills is None:
+        return
+    made = (
+        ""
+        if made_by is None
+        else (
+            f" (pretrained {made_by['steps']} steps with torch {made_by['torch']} on "
+            f"{made_by['device']}, {made_by['threads']} threads, {made_by['dtype']})"
+        )
+    )
+    say(config, f"the base's skills on fresh words: {skill_line(skills)}{made}")
+    weak = [f"{name} {score:.3f}" for name, score in skills.items() if score < SKILL_LEVEL]
+    if weak and not config.data and not (config.weak_base and config.init_from):
+        hint = (
+            "--weak-base uses it anyway"
+            if config.init_from
+            else "pretrain another (--pretrain-seed, --pretrain-steps), or --init-from it with "
+            "--weak-base"
+        )
+        refuse(
+            [
+                f"the base {base_path} knows too little for the default task, which composes "
+                f"its skills: {', '.join(weak)} (below {SKILL_LEVEL}); {hint}"
+            ]
+        )
 
 
 def step_memory_problems(config, shape):
@@ -420,6 +468,7 @@ def train(config, split="test", summary=True, dry_run=False):
         config if resume is None else replace(config, init_from=resume["base"]), tokenizer, device
     )
     base_hash = fingerprint(base_path)
+    check_skills(config, model, base_path, tokenizer, device)
     # a base of its own shape
     refuse(step_memory_problems(config, model.config) if config.init_from else [])
     task, is_qa = load_task(config, tokenizer, model.config.block_size)

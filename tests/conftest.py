@@ -24,6 +24,7 @@ TINY = dict(
     quiet=True,
     lisa_interval=2,
     picture=False,
+    weak_base=True,  # the suite's bases are pretrained for seconds: they know few skills
 )
 TINY_FLAGS = [
     f"--{k.replace('_', '-')}"

@@ -209,13 +209,13 @@ def test_a_base_that_is_not_a_model_is_refused_with_its_name(capsys, tmp_path):
 
 def test_python_pretrain_py_makes_the_base_once_with_progress_and_an_eta(capsys, tmp_path):
     argv = ["--out-dir", str(tmp_path), "--pretrain-steps", "3", "--n-layer", "2"]
-    assert pretrain.main(argv) == 0
+    assert pretrain.main([*argv, "--pretrain-until", "0"]) == 0  # exactly 3 steps
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if "pretrain step" in line]
     assert len(lines) == 2 and all("tokens/s" in line and "eta" in line for line in lines)
     made = glob.glob(str(tmp_path / "base-*.pt"))
     assert len(made) == 1 and f"made: {made[0]}" in out and "2 blocks" in out
-    assert pretrain.main(argv) == 0  # the same settings: found, not made again
+    assert pretrain.main([*argv, "--pretrain-until", "0"]) == 0  # found, not made again
     assert f"already there: {made[0]}" in capsys.readouterr().out
     assert torch.load(made[0], weights_only=True)["model_config"]["n_layer"] == 2
 
@@ -299,7 +299,7 @@ def test_another_pretrain_seed_makes_another_base_and_seed_0_the_one_of_before(t
     default = base_path(BaseConfig(out_dir="out"), tok)
     assert default == base_path(BaseConfig(out_dir="out", pretrain_seed=0), tok)
     # seed 0 at the old step count: the base of before, unchanged
-    before = BaseConfig(out_dir="out", pretrain_steps=2500)
+    before = BaseConfig(out_dir="out", pretrain_steps=2500, pretrain_until=0)
     assert base_path(before, tok) == "out/base-67aea5f398.pt"
     assert base_path(BaseConfig(out_dir="out", pretrain_seed=1), tok) != default
     bases = []
@@ -323,3 +323,92 @@ def test_another_pretrain_seed_makes_another_base_and_seed_0_the_one_of_before(t
     assert len(bases) == 2 and not torch.equal(
         a["transformer.wte.weight"], b["transformer.wte.weight"]
     )
+
+
+# --- what a base knows: its skills ---
+
+
+def test_pretraining_stores_its_skills_and_the_machine_that_made_it(tmp_path, capsys):
+    argv = ["--out-dir", str(tmp_path), "--pretrain-steps", "30", "--pretrain-batch-size", "8"]
+    assert pretrain.main(argv) == 0  # three starts of 30 steps
+    out = capsys.readouterr().out
+    (path,) = glob.glob(str(tmp_path / "base-*.pt"))
+    ckpt = torch.load(path, weights_only=True)
+    assert set(ckpt["skills"]) == {"copy", "rev", "shift"}
+    assert all(0 <= v <= 1 for v in ckpt["skills"].values())
+    made = ckpt["made_by"]
+    assert made["torch"] == torch.__version__ and made["threads"] == torch.get_num_threads()
+    assert made["device"] == "cpu" and made["dtype"] == "float32" and made["starts"] == 3
+    assert made["steps"] == 45  # no skills in 30 steps: the last start decays over 15 more
+    assert "the base's skills on fresh words: copy " in out
+    assert pretrain.base_skills(path) == (ckpt["skills"], made)
+
+
+def test_skill_prompts_are_fresh_words_with_the_skills_answers():
+    from data import PRETRAIN_OPS, get_tokenizer
+
+    tok = get_tokenizer()
+    examples = pretrain.skill_examples(tok, 20, seed=3)
+    assert [e.task for e in examples] == [s for s in PRETRAIN_OPS for _ in range(20)]
+    corpus_words = {line.split()[1].split("=")[0] for line in data_lines()}
+    for e in examples:
+        skill, word = tok.decode(e.tokens[: e.n_prompt]).rstrip("=").split()
+        assert tok.decode(e.completion) == PRETRAIN_OPS[skill](word) + "\n"
+    words = {tok.decode(e.tokens[: e.n_prompt]).split()[1] for e in examples}
+    assert len(words & corpus_words) <= 1  # another stream than the corpus's
+    assert examples != pretrain.skill_examples(tok, 20, seed=4)
+
+
+def data_lines():
+    from data import pretrain_text
+
+    return pretrain_text(20000, seed=pretrain.PRETRAIN_SEED).splitlines()
+
+
+def test_the_schedule_holds_the_peak_until_the_skills_then_decays_over_half_as_long():
+    config = pretrain.BaseConfig(pretrain_steps=2000, pretrain_lr=1.0)
+    schedule = pretrain.Schedule(config, adaptive=True)
+    assert schedule.lr(49) == pytest.approx(0.5) and schedule.lr(100) == schedule.lr(1999) == 1.0
+    assert schedule.gave_up and schedule.end == 2000  # not known: the start ends at 2000
+    schedule.known_at(999)  # known after 1,000 steps: 500 more, decaying to 0
+    assert not schedule.gave_up and schedule.end == 1500 and schedule.lr(1000) == 1.0
+    assert schedule.lr(1250) == pytest.approx(0.5) and schedule.lr(1499) < 1e-4
+    schedule.known_at(1200)  # only the first time counts
+    assert schedule.end == 1500
+    # the last start, never known: it decays over half its steps all the same
+    last = pretrain.Schedule(config, adaptive=True)
+    last.decay_anyway()
+    assert last.end == 3000 and last.lr(2500) == pytest.approx(0.5)
+    # --pretrain-until 0: the cosine over exactly --pretrain-steps of before
+    fixed = pretrain.Schedule(config, adaptive=False)
+    assert fixed.end == 2000 and fixed.lr(1000) == pytest.approx(0.5) and not fixed.gave_up
+
+
+def test_a_start_that_does_not_learn_its_skills_in_time_is_followed_by_a_fresh_one(
+    tmp_path, capsys
+):
+    argv = ["--out-dir", str(tmp_path), "--pretrain-steps", "250", "--pretrain-batch-size", "4"]
+    assert pretrain.main([*argv, "--pretrain-starts", "2"]) == 0  # 250 steps: nothing learnt
+    out = capsys.readouterr().out
+    assert out.count("has not learnt every skill in 250 steps") == 1
+    (path,) = glob.glob(str(tmp_path / "base-*.pt"))
+    made = torch.load(path, weights_only=True)["made_by"]
+    assert made["starts"] == 2 and made["steps"] == 375  # the last start decays all the same
+
+
+def test_a_base_below_the_skill_level_is_refused_for_the_default_task_unless_asked(
+    tmp_path, capsys
+):
+    argv = ["--out-dir", str(tmp_path), "--pretrain-steps", "20", "--steps", "2"]
+    assert main([*argv, "--no-weak-base"]) == 2  # pretrained here: its skills are near 0
+    err = capsys.readouterr().err
+    assert "knows too little for the default task" in err and "rev 0.0" in err
+    assert "--pretrain-seed" in err and "Traceback" not in err
+    (base,) = glob.glob(str(tmp_path / "base-*.pt"))
+    assert not os.path.exists(tmp_path / "ckpt.pt")
+    # --weak-base takes it only as --init-from
+    assert main([*argv, "--weak-base"]) == 2
+    assert "--weak-base uses it anyway" not in capsys.readouterr().err
+    assert main([*argv, "--init-from", base]) == 2
+    assert "--weak-base uses it anyway" in capsys.readouterr().err
+    assert main([*argv, "--init-from", base, "--weak-base", "--quiet"]) == 0
