@@ -124,6 +124,49 @@ def collate(examples, pad_id, device="cpu"):
     return inputs.to(device), targets.to(device), noisy.to(device)
 
 
+class Epochs:
+    """Which training samples each step takes: shuffled epochs, every sample once per epoch
+    in an order the seed fixes, as the usual trainers draw them. A batch that runs past the
+    end of an epoch takes the rest from the next epoch's order, so no batch is short and no
+    sample waits; with --epochs N the run's last batch is cut so that every sample is seen
+    exactly N times."""
+
+    def __init__(self, n, seed):
+        self.n, self.rng = n, random.Random(seed)
+        self.order, self.position, self.drawn = [], 0, 0  # drawn: samples taken so far
+
+    def take(self, size):
+        """The indices of the next `size` samples."""
+        out = []
+        while len(out) < size:
+            if self.position == len(self.order):  # a new epoch
+                self.order = list(range(self.n))
+                self.rng.shuffle(self.order)
+                self.position = 0
+            part = self.order[self.position : self.position + size - len(out)]
+            out += part
+            self.position += len(part)
+        self.drawn += size
+        return out
+
+    @property
+    def epoch(self):
+        """Epochs so far, fractional: 1.5 is halfway through the second."""
+        return self.drawn / self.n
+
+    def getstate(self):
+        return {
+            "rng": self.rng.getstate(),
+            "order": list(self.order),
+            "position": self.position,
+            "drawn": self.drawn,
+        }
+
+    def setstate(self, state):
+        self.rng.setstate(state["rng"])
+        self.order, self.position, self.drawn = state["order"], state["position"], state["drawn"]
+
+
 def n_targets(example):
     return len(example.tokens) - max(example.n_prompt, 1)
 

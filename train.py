@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from data import (
+    Epochs,
     DataConfig,
     DataError,
     TokenizerUnavailable,
@@ -86,6 +87,11 @@ class TrainConfig(BaseConfig, DataConfig, SelectionConfig):
     lora_targets: str = like(LoRAConfig, "targets", convert=",".join)
     # optimisation
     steps: int = option(600, "fine-tuning steps; the schedule spans them")
+    epochs: float = option(
+        0.0,
+        "passes over the training set (the paper trains 3): steps = ceil(epochs x samples / "
+        "batch), in place of --steps; 0: --steps",
+    )
     batch_size: int = option(32, "samples per step")
     lr: float = option(1e-2, "peak learning rate (AdamW); LoRA on a small model likes it high")
     schedule: str = option(
@@ -154,7 +160,9 @@ def validate(config, n_procs=1):
         )
     if config.stop_at < 0 or config.warmup_steps < -1:
         problems.append("--stop-at must not be negative, nor --warmup-steps below -1 (the default)")
-    if config.warmup_steps > config.steps > 0:
+    if config.epochs < 0 or not math.isfinite(config.epochs):
+        problems.append(f"--epochs must be positive (0: --steps), got {config.epochs}")
+    if config.warmup_steps > config.steps > 0 and not config.epochs:
         problems.append(
             f"--warmup-steps {config.warmup_steps} is longer than the run (--steps {config.steps})"
         )
@@ -292,6 +300,7 @@ FREE_ON_RESUME = {
     "compile",
     "init_from",
     "picture",
+    "weak_base",
 }
 
 
@@ -307,7 +316,9 @@ def read_resume(config, ckpt_path):
     changed = [
         f"--{k.replace('_', '-')} is {getattr(config, k)!r}, the checkpoint's {v!r}"
         for k, v in resume["config"].items()
-        if k not in FREE_ON_RESUME and getattr(config, k, v) != v
+        if k not in FREE_ON_RESUME
+        and getattr(config, k, v) != v
+        and not (k == "steps" and config.epochs)  # with --epochs, steps follow from the data
     ]
     base = resume["base"]
     if config.init_from and os.path.abspath(config.init_from) != os.path.abspath(base):
@@ -475,6 +486,18 @@ def train(config, split="test", summary=True, dry_run=False):
     show_sample = not is_qa and split == "test"  # text data: a greedy sample at the end
     is_qa = is_qa and split == "test"  # exact match (greedy decoding) on the test split only
     train_set = task.train
+    if config.epochs:  # the budget in passes over the training set
+        steps = math.ceil(config.epochs * len(train_set) / config.batch_size)
+        refuse(
+            []
+            if warmup_steps(config) <= steps
+            else [
+                f"--warmup-steps {config.warmup_steps} is longer than the run ({steps} steps: "
+                f"--epochs {config.epochs:g} of {len(train_set)} samples at --batch-size "
+                f"{config.batch_size})"
+            ]
+        )
+        config = replace(config, steps=steps)
     eval_set = (task.val if split == "test" else task.dev)[: config.eval_samples]
     refuse(
         []
@@ -517,7 +540,7 @@ def train(config, split="test", summary=True, dry_run=False):
     tuner = SparseTuner(
         model, subset(SelectionConfig, config), seed=config.seed, support_set=support_set
     )
-    data_rng = random.Random(config.seed)  # the training batches
+    data_rng = Epochs(len(train_set), config.seed)  # the training batches: shuffled epochs
     # ist's probe batches: its own stream, so ist trains on the others' batches
     probe_rng = random.Random(f"ist-probe-{config.seed}")
     start, history = 0, History()
@@ -543,7 +566,10 @@ def train(config, split="test", summary=True, dry_run=False):
             lr = lr_at(config, step)
             for group in opt.param_groups:
                 group["lr"] = lr
-            batch = data_rng.sample(train_set, config.batch_size)
+            size = config.batch_size
+            if config.epochs:  # the last batch ends the last epoch: each sample seen N times
+                size = min(size, round(config.epochs * len(train_set)) - data_rng.drawn)
+            batch = [train_set[i] for i in data_rng.take(size)]
             x, y, noisy = collate(batch, tokenizer.eot_token, device)
             flagged = noisy if noisy.any() else None
             t0 = time.time()
@@ -566,7 +592,9 @@ def train(config, split="test", summary=True, dry_run=False):
             if step in (start, end - 1):
                 say(config, f"step {step}: " + selection_picture(record, noisy.cpu()))
             if logged:
-                say(config, progress_line(step, record, lr, ms, flagged is not None))
+                say(
+                    config, progress_line(step, data_rng.epoch, record, lr, ms, flagged is not None)
+                )
             if (step + 1) % config.eval_interval == 0 or step == end - 1:
                 result = evaluate(model, eval_set, tokenizer, device, is_qa)
                 history.evals.append(
@@ -635,10 +663,12 @@ def train(config, split="test", summary=True, dry_run=False):
 # What a reader sees: the selection as text and the summary (the picture: plumbing.plot_run)
 
 
-def progress_line(step, record, lr, ms, flagged):
-    """nanoGPT's line: step, loss, lr, time; and where samples are flagged noisy, the shares
-    of noisy and clean samples the blocks took. The rest is in metrics.json and the picture."""
-    line = f"step {step:5d} | loss {record.loss:.4f} | lr {lr:.2e} | {ms:.0f} ms"
+def progress_line(step, epoch, record, lr, ms, flagged):
+    """nanoGPT's line: step, epoch, loss, lr, time; and where samples are flagged noisy, the
+    shares of noisy and clean samples the blocks took. The rest: metrics.json, the picture."""
+    line = (
+        f"step {step:5d} | epoch {epoch:.2f} | loss {record.loss:.4f} | lr {lr:.2e} | {ms:.0f} ms"
+    )
     if flagged:
         line += f" | noisy/clean taken {record.noisy_selected:.2f}/{record.clean_selected:.2f}"
     return line

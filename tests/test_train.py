@@ -454,7 +454,7 @@ def test_clipping_leaves_a_small_gradient_alone_and_scales_a_large_one_to_the_th
 
 def test_a_run_records_the_norm_before_clipping_and_clips_at_its_setting(tiny, tmp_path, capsys):
     metrics = train(tiny(method="lora", quiet=False, grad_clip=1e-3))
-    assert "step     0 | loss " in capsys.readouterr().out
+    assert "step     0 | epoch " in capsys.readouterr().out
     history = torch.load(tmp_path / "ckpt.pt", weights_only=True)["progress"]
     assert len(history["grad_norm"]) == 6 and all(n > 1e-3 for n in history["grad_norm"])
     loose = train(tiny(tmp_path / "loose", method="lora", grad_clip=0.0))
@@ -611,3 +611,37 @@ def test_the_default_warm_up_fits_a_short_run_and_an_explicit_longer_one_is_refu
     assert lr_at(TrainConfig(), 0) == pytest.approx(TrainConfig().lr / 20)
     with pytest.raises(ConfigError, match="--warmup-steps 20 is longer than the run"):
         validate(TrainConfig(steps=4, warmup_steps=20))
+
+
+def test_epochs_show_every_training_sample_exactly_n_times(tiny, monkeypatch, capsys):
+    from collections import Counter
+
+    seen = []
+    real = train_module.collate
+
+    def collate(examples, *args, **kwargs):  # lora's only batches are the loop's
+        seen.extend(map(id, examples))
+        return real(examples, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "collate", collate)
+    metrics = train(tiny(method="lora", epochs=2, batch_size=10, quiet=False))
+    assert metrics["steps"] == 10  # ceil(2 x 48 / 10): the last batch holds the 6 left
+    counts = Counter(seen)
+    assert len(counts) == 48 and set(counts.values()) == {2}
+    assert "| epoch 2.00 |" in capsys.readouterr().out
+
+
+def test_shuffled_epochs_take_each_sample_once_per_epoch_and_resume_exactly():
+    from data import Epochs
+
+    epochs = Epochs(7, seed=3)
+    first = epochs.take(5) + epochs.take(2)
+    assert sorted(first) == list(range(7)) and epochs.epoch == 1.0
+    crossing = epochs.take(10)  # the rest of epoch 2, then epoch 3's start
+    assert sorted(crossing[:7]) == list(range(7)) and len(set(crossing[7:])) == 3
+    state = epochs.getstate()
+    ahead = [epochs.take(4) for _ in range(3)]
+    again = Epochs(7, seed=99)
+    again.setstate(state)
+    assert [again.take(4) for _ in range(3)] == ahead
+    assert Epochs(7, seed=3).take(7) != Epochs(7, seed=4).take(7)
