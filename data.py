@@ -17,7 +17,9 @@ Batches are (inputs, targets, noisy), targets padded with -100.
 """
 
 import json
+import os
 import random
+import re
 from dataclasses import dataclass, field
 
 import tiktoken
@@ -95,9 +97,9 @@ class Example:
     tokens: list  # prompt then completion, token ids
     n_prompt: int  # how many leading tokens are prompt (no loss on predicting them)
     noisy: bool = False  # known to carry a corrupted answer (default task only)
-    task: str = (
-        ""  # the task it belongs to, where the data names one (scores are also given per task)
-    )
+    task: str = ""  # its task, where the data names one (scores are also given per task)
+    answer: str = ""  # the answer that answer accuracy looks for (--answer-field)
+    prompt_loss: bool = False  # the loss falls on the prompt too (--train-on-inputs)
 
     @property
     def completion(self):
@@ -119,7 +121,8 @@ def collate(examples, pad_id, device="cpu"):
         inputs[i, :n] = t[:-1]
         targets[i, :n] = t[1:]
         # targets[j] predicts tokens[j + 1]: the prompt tokens after the first carry no loss
-        targets[i, : max(e.n_prompt - 1, 0)] = IGNORE_INDEX
+        if not e.prompt_loss:
+            targets[i, : max(e.n_prompt - 1, 0)] = IGNORE_INDEX
     noisy = torch.tensor([e.noisy for e in examples], dtype=torch.bool)
     return inputs.to(device), targets.to(device), noisy.to(device)
 
@@ -391,23 +394,48 @@ class TruncationStats:
     skipped: list = field(default_factory=list)
 
 
-MAX_LINE = (
-    1 << 20
-    # characters in one JSONL line: far beyond any context, and it keeps a bad file from
-    # filling memory
+# characters in one JSONL line: far beyond any context, and it keeps a bad file from
+# filling memory
+MAX_LINE = 1 << 20
+
+# The Stanford Alpaca prompt, as LLM-Adapters fine-tunes and evaluates with it (its own
+# strings carry indentation that differs between the two; one clean template for both is
+# our choice). The completion is the record's "output".
+ALPACA = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+TEMPLATES = ("plain", "alpaca")
 
 
-def load_jsonl(path, tokenizer, block_size, prompt_field="prompt", completion_field="completion"):
-    """JSONL with one {prompt_field: str, completion_field: str} object per line.
+def is_records(path):
+    """Prompt/completion records (.jsonl, or .json: LLM-Adapters' arrays), not plain text."""
+    return path.lower().endswith((".jsonl", ".json"))
 
-    The completion is followed by <|endoftext|> so the model learns where to stop;
-    the loss falls on completion tokens only. Samples longer than block_size + 1 are
-    cut at the end; a sample whose prompt leaves no completion token within the context
-    is skipped (its file:line kept). Returns (examples, TruncationStats).
-    """
+
+def read_records(path):
+    """[(where, object)]: the objects of a .jsonl file, one a line, or of a .json file, a JSON
+    array of objects (or one object a line); where names the file and line, or element."""
     text = read_text_file(path)
-    examples, cut = [], TruncationStats()
+    head = text.lstrip()[:1]
+    if path.lower().endswith(".json") and head == "[":
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})"
+            ) from None
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply to read") from None
+        return [(f"{path}: element {i}", item) for i, item in enumerate(items)]
+    if path.lower().endswith(".json") and head != "{":
+        raise DataError(f"{path}: neither a JSON array of objects nor one JSON object per line")
+    records = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -418,30 +446,78 @@ def load_jsonl(path, tokenizer, block_size, prompt_field="prompt", completion_fi
                 "have"
             )
         try:
-            record = json.loads(line)
+            records.append((where, json.loads(line)))
         except json.JSONDecodeError as e:
-            raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            raise DataError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
         except RecursionError:
             raise DataError(f"{where}: JSON nested too deeply to read") from None
+    return records
+
+
+def text_field(record, name, where, default=None):
+    """record[name], a string; default where it is missing (None: it must be there)."""
+    if name not in record and default is not None:
+        return default
+    if name not in record:
+        raise DataError(f"{where}: field {name!r} is missing (fields here: {sorted(record)})")
+    if not isinstance(record[name], str):
+        raise DataError(
+            f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}"
+        )
+    return record[name]
+
+
+def prompt_and_completion(record, where, template, prompt_field, completion_field):
+    """The record's (prompt, completion) text: its two fields as they are (plain), or the
+    Alpaca prompt of its instruction and input, and its output (alpaca)."""
+    if template == "plain":
+        return text_field(record, prompt_field, where), text_field(record, completion_field, where)
+    instruction = text_field(record, "instruction", where)
+    context = text_field(record, "input", where, default="")
+    prompt = (ALPACA_WITH_INPUT if context.strip() else ALPACA).format(
+        instruction=instruction, input=context
+    )
+    return prompt, text_field(record, "output", where)
+
+
+def load_records(
+    path,
+    tokenizer,
+    block_size,
+    prompt_field="prompt",
+    completion_field="completion",
+    template="plain",
+    answer_field="",
+    train_on_inputs=False,
+    task="",
+):
+    """Prompt/completion records (read_records) as Examples.
+
+    The completion is followed by <|endoftext|> so the model learns where to stop; the loss
+    falls on completion tokens only (train_on_inputs: on the prompt too, as LLM-Adapters'
+    default). answer_field: the field holding the answer that answer accuracy compares
+    (LLM-Adapters' "answer"). task: the task of records that name none. Samples longer
+    than block_size + 1 are cut at the end; one whose prompt leaves no completion token
+    within the context is skipped (where kept). Returns (examples, TruncationStats).
+    """
+    examples, cut = [], TruncationStats()
+    for where, record in read_records(path):
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        for name in (prompt_field, completion_field):
-            if name not in record:
-                raise DataError(f"{where}: no field {name!r} (fields here: {sorted(record)})")
-            if not isinstance(record[name], str):
-                raise DataError(
-                    f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}"
-                )
-        prompt = encode(tokenizer, record[prompt_field])
-        tokens = prompt + encode(tokenizer, record[completion_field]) + [tokenizer.eot_token]
+        prompt_text, completion = prompt_and_completion(
+            record, where, template, prompt_field, completion_field
+        )
+        answer = text_field(record, answer_field, where) if answer_field else ""
+        prompt = encode(tokenizer, prompt_text)
+        tokens = prompt + encode(tokenizer, completion) + [tokenizer.eot_token]
         if len(tokens) > block_size + 1:
             cut.samples += 1
             cut.tokens += len(tokens) - (block_size + 1)
             tokens = tokens[: block_size + 1]
-        task = record.get("task", "")
-        if not isinstance(task, str):
-            raise DataError(f"{where}: field 'task' must be a string, got {type(task).__name__}")
-        example = Example(tokens, len(prompt), task=task)
+        name = text_field(record, "task", where, default=task)
+        example = Example(
+            tokens, len(prompt), task=name, answer=answer, prompt_loss=train_on_inputs
+        )
         if n_targets(example) < 1:
             cut.skipped.append(where)
             continue
@@ -449,9 +525,8 @@ def load_jsonl(path, tokenizer, block_size, prompt_field="prompt", completion_fi
     if not examples and cut.skipped:
         raise DataError(
             f"{path}: every prompt leaves no completion token within the model's context of "
-            f"{block_size} "
-            f"tokens (first: {cut.skipped[0]}); shorten the prompts or use a base with a longer "
-            "context (--block-size when train.py pretrains it)"
+            f"{block_size} tokens (first: {cut.skipped[0]}); shorten the prompts or use a base "
+            "with a longer context (--block-size when train.py pretrains it)"
         )
     if not examples:
         raise DataError(f"{path}: no samples (only blank lines)")
@@ -465,11 +540,30 @@ def load_jsonl(path, tokenizer, block_size, prompt_field="prompt", completion_fi
 @dataclass
 class DataConfig:
     data: str = option(
-        "", "a .jsonl file (prompt/completion) or a plain-text corpus; empty: the default task"
+        "",
+        "prompt/completion records (.jsonl, one object a line; .json, an array of objects, as "
+        "LLM-Adapters' files) or a plain-text corpus (any other name); empty: the default task",
     )
-    prompt_field: str = option("prompt", "JSONL field holding the prompt")
+    template: str = option(
+        "plain",
+        "how a record becomes prompt and completion: plain (--prompt-field, --completion-field "
+        "as they are) or alpaca (the Alpaca prompt of instruction and input; the completion: "
+        "output)",
+    )
+    prompt_field: str = option("prompt", "--template plain: the field holding the prompt")
     completion_field: str = option(
-        "completion", "JSONL field holding the completion (the loss falls on it)"
+        "completion", "--template plain: the field holding the completion (the loss falls on it)"
+    )
+    answer_field: str = option(
+        "",
+        "score answer accuracy: the first of a task's answers found in the generated response "
+        "must be this field's (LLM-Adapters: answer); empty: exact match of the completion",
+    )
+    train_on_inputs: bool = option(
+        False, "the loss falls on the prompt too (LLM-Adapters' default), not the completion only"
+    )
+    max_new_tokens: int = option(
+        32, "--answer-field: tokens generated per evaluation response (LLM-Adapters: 32)"
     )
     val_fraction: float = option(
         0.1,
@@ -478,7 +572,9 @@ class DataConfig:
     )
     val_data: str = option(
         "",
-        "a separate clean evaluation file, same format as --data; half dev split, half test split",
+        "clean evaluation files, comma-separated, same format as --data, each a task named by "
+        "its folder (boolq/test.json: boolq) or stem, or by the records' 'task'; each file "
+        "half dev split, half test split",
     )
     support_data: str = option(
         "",
@@ -530,52 +626,66 @@ class DataConfig:
                     f"the {MAX_TASK_WORDS:,} it makes (its word space holds {WORD_SPACE:,}); use "
                     "--data for more"
                 )
-        out += file_problems("--data", self.data)
+        out += file_problems("--data", self.data) + one_of(self, "template", TEMPLATES)
+        out += positive(self, "max_new_tokens")
+        if not self.data and (self.template != "plain" or self.answer_field):
+            out.append("--template and --answer-field read records of --data")
+        kinds = lambda p: "prompt/completion records" if is_records(p) else "plain text"
         for name in ("val_data", "support_data"):
-            path = getattr(self, name)
-            if path and not self.data:
+            paths = [p for p in getattr(self, name).split(",") if p.strip()]
+            if paths and not self.data:
                 out.append(
                     f"--{name.replace('_', '-')} needs --data (the default task has its own splits)"
                 )
-            elif path:
+                continue
+            for path in paths:
                 out += file_problems(f"--{name.replace('_', '-')}", path)
-                if path.endswith(".jsonl") != self.data.endswith(".jsonl"):
-                    kinds = lambda p: (
-                        "JSONL prompt/completion pairs" if p.endswith(".jsonl") else "plain text"
-                    )
+                if is_records(path) != is_records(self.data):
                     out.append(
                         f"--{name.replace('_', '-')} {path} would be read as {kinds(path)}, but "
-                        f"--data {self.data} "
-                        f"as {kinds(self.data)}: give both in one format (the name's .jsonl "
-                        "decides)"
+                        f"--data {self.data} as {kinds(self.data)}: give both in one format (a "
+                        ".jsonl or .json name reads records)"
                     )
         return out
 
 
-def load_examples(config, path, tokenizer, block_size):
-    """Examples of one file: JSONL prompt/completion pairs, or plain text cut into windows."""
-    if path.endswith(".json"):
-        raise DataError(
-            f"{path}: .json files are not read. Prompt/completion pairs go one JSON object per "
-            "line "
-            "in a .jsonl file; a plain-text corpus goes in any other file (.txt)"
+def task_name(path):
+    """A file's task: its folder for a file named test, dev, val or eval (LLM-Adapters' layout,
+    boolq/test.json), else its stem."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return folder if stem.lower() in ("test", "dev", "val", "valid", "eval") else stem
+
+
+def load_examples(config, path, tokenizer, block_size, task=""):
+    """Examples of one file: prompt/completion records, or plain text cut into windows."""
+    if is_records(path):
+        fields = (
+            "instruction, input, output"
+            if config.template == "alpaca"
+            else f"{config.prompt_field!r}, {config.completion_field!r}"
         )
-    if path.endswith(".jsonl"):
         say(
             config,
-            f"reading {path} as JSONL prompt/completion pairs (fields {config.prompt_field!r}, "
-            f"{config.completion_field!r})",
+            f"reading {path} as prompt/completion records (template {config.template}: {fields})",
         )
-        examples, cut = load_jsonl(
-            path, tokenizer, block_size, config.prompt_field, config.completion_field
+        examples, cut = load_records(
+            path,
+            tokenizer,
+            block_size,
+            config.prompt_field,
+            config.completion_field,
+            config.template,
+            config.answer_field,
+            getattr(config, "train_on_inputs", False),  # sample.py scores completions only
+            task,
         )
         if cut.skipped:
             first = ", ".join(cut.skipped[:3]) + (", ..." if len(cut.skipped) > 3 else "")
             say(
                 config,
                 f"{path}: skipped {len(cut.skipped)} samples whose prompt leaves no completion "
-                "token within "
-                f"the context of {block_size} tokens ({first})",
+                f"token within the context of {block_size} tokens ({first})",
             )
         if cut.samples:
             say(
@@ -586,8 +696,8 @@ def load_examples(config, path, tokenizer, block_size):
         return examples
     say(
         config,
-        f"reading {path} as plain text for language modelling (a .jsonl name would read "
-        "prompt/completion pairs)",
+        f"reading {path} as plain text for language modelling (a .jsonl or .json name would "
+        "read prompt/completion records)",
     )
     return load_text(path, tokenizer, block_size)
 
@@ -613,17 +723,23 @@ def load_task(config, tokenizer, block_size):
             tasks=parse_tasks(config.tasks),
         )
         return task, True
-    is_qa = config.data.endswith(".jsonl")
+    is_qa = is_records(config.data)
     examples = load_examples(config, config.data, tokenizer, block_size)
     order = list(range(len(examples)))
     random.Random(config.seed).shuffle(order)
     examples = [examples[i] for i in order]
-    if config.val_data:
-        evaluation = load_examples(config, config.val_data, tokenizer, block_size)
+    if config.val_data:  # each file a task, each halved into dev and test
+        dev, test = [], []
+        files = [p.strip() for p in config.val_data.split(",") if p.strip()]
+        for path in files:
+            part = load_examples(
+                config, path, tokenizer, block_size, task_name(path) if len(files) > 1 else ""
+            )
+            dev, test = dev + part[: len(part) // 2], test + part[len(part) // 2 :]
     else:
         n_val = max(1, round(config.val_fraction * len(examples)))
         evaluation, examples = examples[:n_val], examples[n_val:]
-    dev, test = evaluation[: len(evaluation) // 2], evaluation[len(evaluation) // 2 :]
+        dev, test = evaluation[: len(evaluation) // 2], evaluation[len(evaluation) // 2 :]
     heldout = []
     if config.support_data:
         heldout = load_examples(config, config.support_data, tokenizer, block_size)
@@ -654,9 +770,13 @@ def load_task(config, tokenizer, block_size):
 
 
 @torch.no_grad()
-def evaluate(model, examples, tokenizer, device, is_qa, batch_size=64, n_answers=3):
-    """Mean per-sample loss and (for prompt/completion data) greedy exact match, overall
-    and per task (examples carry their task's name), with the first n_answers answers."""
+def evaluate(
+    model, examples, tokenizer, device, is_qa, batch_size=64, n_answers=3, max_new_tokens=32
+):
+    """Mean per-sample loss and, for prompt/completion data, greedy exact match and (where
+    the examples carry answers) answer accuracy, overall and per task, with the first
+    n_answers answers. Generation is greedy and batched over prompts of equal length, so
+    no padding enters any prompt: a batch answers as each prompt alone would."""
     model.eval()
     losses = []
     for i in range(0, len(examples), batch_size):
@@ -664,8 +784,10 @@ def evaluate(model, examples, tokenizer, device, is_qa, batch_size=64, n_answers
         with autocast_for(device):
             losses.append(model(x, y, reduction="none")[1].float().cpu())
     losses = torch.cat(losses)  # (N,)
-    hits = {}  # example index -> exact match
+    hits, right = {}, {}  # example index -> exact match, answer found
     answers = []
+    with_answers = is_qa and any(e.answer for e in examples)
+    finders = answer_finders(examples) if with_answers else {}
     if is_qa:
         by_prompt_length = {}
         for index, e in enumerate(examples):
@@ -677,42 +799,97 @@ def evaluate(model, examples, tokenizer, device, is_qa, batch_size=64, n_answers
                     [examples[j].tokens[:n_prompt] for j in chunk], device=device
                 )
                 n_new = max(len(examples[j].completion) for j in chunk)
+                n_new = max_new_tokens if with_answers else n_new
                 with autocast_for(device):
                     out = model.generate(prompts, n_new, temperature=0)[:, n_prompt:].tolist()
                 for j, generated in zip(chunk, out):
                     e = examples[j]
-                    # the answer's text must match; a JSONL completion's closing <|endoftext|> is
-                    # not asked for
-                    reference = (
-                        e.completion[:-1]
-                        if e.completion[-1:] == [tokenizer.eot_token]
-                        else e.completion
-                    )
+                    # the answer's text must match; a completion's closing <|endoftext|> is not
+                    # asked for
+                    reference = e.completion
+                    if reference[-1:] == [tokenizer.eot_token]:
+                        reference = reference[:-1]
                     hits[j] = generated[: len(reference)] == reference
+                    response = decode(tokenizer, until_end(generated, tokenizer.eot_token))
+                    if with_answers:
+                        found = finders[e.task].search(response)
+                        right[j] = found is not None and found.group(1) == e.answer
                     if len(answers) < n_answers:
+                        shown = (
+                            response
+                            if with_answers
+                            else decode(tokenizer, generated[: len(reference)])
+                        )
                         answers.append(
                             (
-                                tokenizer.decode(e.tokens[:n_prompt]),
-                                tokenizer.decode(generated[: len(reference)]),
-                                tokenizer.decode(reference),
-                                hits[j],
+                                decode(tokenizer, e.tokens[:n_prompt]),
+                                shown,
+                                e.answer or decode(tokenizer, reference),
+                                right[j] if with_answers else hits[j],
                             )
                         )
+    share = lambda scores, mine: sum(scores[j] for j in mine) / len(mine)
     per_task = {}
     for name in sorted({e.task for e in examples}):
         mine = [j for j, e in enumerate(examples) if e.task == name]
         per_task[name] = {
             "n": len(mine),
             "loss": float(losses[mine].mean()),
-            "exact_match": sum(hits[j] for j in mine) / len(mine) if is_qa else None,
+            "exact_match": share(hits, mine) if is_qa else None,
+            "accuracy": share(right, mine) if with_answers else None,
         }
     model.train()
+    everyone = range(len(examples))
     return {
         "loss": float(losses.mean()),
-        "exact_match": sum(hits.values()) / len(examples) if is_qa else None,
+        "exact_match": share(hits, everyone) if is_qa else None,
+        "accuracy": share(right, everyone) if with_answers else None,
         "answers": answers,
         "per_task": per_task,
     }
+
+
+def answer_finders(examples):
+    """{task: a regex finding the first of the task's answers in a response}: the distinct
+    answers of the task's examples, as whole words, the longest first where two start at one
+    place. On LLM-Adapters' files this is their per-dataset patterns (true|false, answer1-5,
+    ...), with no dataset named in the code."""
+    by_task = {}
+    for e in examples:
+        if e.answer:
+            by_task.setdefault(e.task, set()).add(e.answer)
+    return {
+        task: re.compile(
+            r"\b(" + "|".join(map(re.escape, sorted(found, key=len, reverse=True))) + r")\b"
+        )
+        for task, found in by_task.items()
+    }
+
+
+def until_end(tokens, eot):
+    return tokens[: tokens.index(eot)] if eot in tokens else tokens
+
+
+def decode(tokenizer, tokens):
+    """The text of tokens; an id outside the tokenizer's vocabulary decodes as U+FFFD, so
+    decoding a model's output never raises."""
+    pieces = []
+    for t in tokens:
+        try:
+            pieces.append(tokenizer.decode_single_token_bytes(t))
+        except KeyError:
+            pieces.append("\ufffd".encode())
+    return b"".join(pieces).decode("utf-8", errors="replace")
+
+
+def per_task_head(examples, n):
+    """The first n examples of each task (--eval-samples), in their order."""
+    seen, out = {}, []
+    for e in examples:
+        seen[e.task] = seen.get(e.task, 0) + 1
+        if seen[e.task] <= n:
+            out.append(e)
+    return out
 
 
 def per_task_lines(per_task, indent="  "):
@@ -721,21 +898,22 @@ def per_task_lines(per_task, indent="  "):
     if len(per_task) < 2:
         return []
     width = max(len(name) for name in [*per_task, "average"])
-    has_em = all(s["exact_match"] is not None for s in per_task.values())
-    lines = [
-        f"{indent}{'task':<{width}} | samples | held-out loss"
-        + (" | exact match" if has_em else "")
+    scores = [
+        (key, label)
+        for key, label in (("exact_match", "exact match"), ("accuracy", "accuracy"))
+        if all(s.get(key) is not None for s in per_task.values())
     ]
+    head = "".join(f" | {label}" for _, label in scores)
+    lines = [f"{indent}{'task':<{width}} | samples | held-out loss{head}"]
+    cells = lambda s: "".join(f" | {s[key]:{len(label)}.3f}" for key, label in scores)
     for name, s in per_task.items():
-        lines.append(
-            f"{indent}{name:<{width}} | {s['n']:7d} | {s['loss']:13.4f}"
-            + (f" | {s['exact_match']:11.3f}" if has_em else "")
-        )
-    mean = lambda key: sum(s[key] for s in per_task.values()) / len(per_task)
-    lines.append(
-        f"{indent}{'average':<{width}} | {sum(s['n'] for s in per_task.values()):7d} | "
-        f"{mean('loss'):13.4f}" + (f" | {mean('exact_match'):11.3f}" if has_em else "")
-    )
+        lines.append(f"{indent}{name:<{width}} | {s['n']:7d} | {s['loss']:13.4f}" + cells(s))
+    mean = {
+        key: sum(s[key] for s in per_task.values()) / len(per_task)
+        for key in ("loss", *(k for k, _ in scores))
+    }
+    n = sum(s["n"] for s in per_task.values())
+    lines.append(f"{indent}{'average':<{width}} | {n:7d} | {mean['loss']:13.4f}" + cells(mean))
     return lines
 
 

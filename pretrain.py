@@ -61,7 +61,6 @@ from plumbing import (
 )
 
 SKILL_LEVEL = 0.98  # greedy exact match on fresh words a base must reach on every skill
-SKILL_EVERY = 250  # pretraining steps between two measurements of the skills
 PRETRAIN_SEED = 1234  # the base model does not depend on the fine-tuning seed
 SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
 
@@ -97,19 +96,15 @@ class BaseConfig:
         "the built-in corpus",
     )
     pretrain_steps: int = option(
-        2000,
-        "pretraining steps at the peak lr a start gets to learn its skills (then the decay adds "
-        "half the steps it took); with --pretrain-until 0, the whole run",
-    )
-    pretrain_starts: int = option(
-        3, "fresh starts (the next seed) when a start has not learnt its skills in time"
+        2000, "steps of one start of pretraining (under 2 minutes on 2 CPU cores)"
     )
     pretrain_until: float = option(
         SKILL_LEVEL,
-        "pretrain at the peak lr until every skill of the built-in corpus (copy, rev, shift) "
-        "reaches this greedy exact match on fresh words, then decay it over half as many steps "
-        "again; 0: exactly --pretrain-steps on a cosine (so on a corpus of your own)",
+        "on the built-in corpus, start pretraining afresh from the next seed until the base "
+        "knows every skill (copy, rev, shift) to this greedy exact match on fresh words; 0: "
+        "one start, whatever it knows",
     )
+    pretrain_starts: int = option(3, "the most starts --pretrain-until makes")
     pretrain_batch_size: int = option(64, "sequences per pretraining step")
     pretrain_lr: float = option(
         3e-3, "peak pretraining learning rate (100 warm-up steps, then cosine to 0)"
@@ -304,127 +299,80 @@ def pretraining_batches(config, tokenizer, block_size, corpus=None):
     )
 
 
-class Schedule:
-    """The pretraining lr. With --pretrain-until: 100 warm-up steps, then the peak until the
-    base knows its skills, then a cosine decay to 0 over half as many steps again; a start
-    that has not learnt them in --pretrain-steps at the peak gives up (gave_up). Without
-    (or on a corpus of one's own): a cosine over exactly --pretrain-steps."""
-
-    def __init__(self, config, adaptive):
-        self.peak, self.patience = config.pretrain_lr, config.pretrain_steps
-        self.decay_from = None if adaptive else 0  # the step the decay starts at
-        self.end = config.pretrain_steps
-
-    def known_at(self, step):
-        """The skills reached their level after this step: decay from here."""
-        if self.decay_from is None:
-            self.decay_from = step + 1
-            self.end = self.decay_from + self.decay_from // 2
-
-    def decay_anyway(self):
-        """The last start, and still not known: decay over half the steps, and save it."""
-        self.known_at(self.patience - 1)
-
-    @property
-    def gave_up(self):
-        return self.decay_from is None
-
-    def lr(self, step):
-        warm = min(1.0, (step + 1) / 100)
-        if self.decay_from is None:
-            return self.peak * warm
-        progress = (step - self.decay_from) / max(1, self.end - self.decay_from)
-        return self.peak * warm * 0.5 * (1 + math.cos(math.pi * progress))
+def lr_at(config, step):
+    """100 warm-up steps, then a cosine to 0 over --pretrain-steps."""
+    warm = min(1.0, (step + 1) / 100)
+    return config.pretrain_lr * warm * 0.5 * (1 + math.cos(math.pi * step / config.pretrain_steps))
 
 
 def pretrain(config, tokenizer, device, path, corpus=None):
     """Pretrain a base GPT of base_shape(config) on the corpus and save it to path, with
     its skill table and the facts of the machine that made it.
 
-    With --pretrain-until on the built-in corpus, a start whose weights have not learnt
-    every skill in --pretrain-steps (its init and batch order, on this machine's floats,
-    can leave one out of reach: rev on 6-letter words, seen) is dropped, and pretraining
-    starts afresh from the next seed; the last of --pretrain-starts is kept whatever it
-    knows (train.py then refuses it for the default task)."""
+    On the built-in corpus, with --pretrain-until, a start that ends below the level on any
+    skill (its init and batch order, on this machine's floats, can leave one out of reach:
+    rev, mostly) is dropped and pretraining starts afresh from the next seed; the last of
+    --pretrain-starts is kept whatever it knows (train.py then refuses it for the default
+    task). Start 1 is the seed's own base, the one every earlier version made."""
     gpt_config = base_shape(config, tokenizer.n_vocab)
     next_batch, held_out, described = pretraining_batches(
         config, tokenizer, gpt_config.block_size, corpus
     )
     skills_known = not config.pretrain_data  # the built-in corpus teaches copy, rev and shift
-    adaptive = skills_known and config.pretrain_until > 0
-    starts = config.pretrain_starts if adaptive else 1
-    what = "until it knows its skills" if adaptive else f"for {config.pretrain_steps} steps"
+    starts = config.pretrain_starts if skills_known and config.pretrain_until > 0 else 1
     say(
         config,
         f"pretraining a base GPT ({gpt_config.n_layer} blocks, width {gpt_config.n_embd}, "
-        f"context {gpt_config.block_size}) on {described} {what} on {device}",
+        f"context {gpt_config.block_size}) on {described} for {config.pretrain_steps} steps on "
+        f"{device}"
+        + (f", until it knows its skills (at most {starts} starts)" if starts > 1 else ""),
     )
+    skills = None
     for start in range(starts):
-        seed = PRETRAIN_SEED + config.pretrain_seed + 1000 * start  # start 0: the seed's own
-        model, schedule = pretrain_one_start(
-            config,
-            gpt_config,
-            next_batch,
-            held_out,
-            tokenizer,
-            device,
-            seed,
-            adaptive,
-            last=start == starts - 1,
-        )
-        if not schedule.gave_up:
+        seed = PRETRAIN_SEED + config.pretrain_seed + 1000 * start
+        model = pretrain_one_start(config, gpt_config, next_batch, held_out, device, seed)
+        if not skills_known:
+            break
+        # the table the base is judged by: fresh words, of a stream of their own
+        skills = measure_skills(model, skill_examples(tokenizer, 200, seed), tokenizer, device)
+        say(config, f"the base's skills on fresh words: {skill_line(skills)}")
+        if min(skills.values()) >= config.pretrain_until or start == starts - 1:
             break
         say(
             config,
-            f"  start {start + 1} has not learnt every skill in {config.pretrain_steps} "
-            "steps: pretraining starts again from the next seed",
+            f"  start {start + 1} ended below {config.pretrain_until:g}: pretraining "
+            "starts again from the next seed",
         )
-    skills = None
-    if skills_known:  # the table the base is judged by: more words, of another stream
-        skills = measure_skills(model, skill_examples(tokenizer, 200, seed + 1), tokenizer, device)
     bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()  # as autocast_for
     made_by = {
         "torch": str(torch.__version__),
         "device": device,
         "threads": torch.get_num_threads(),
         "dtype": "bfloat16 autocast" if bf16 else "float32",
-        "steps": schedule.end,
+        "steps": config.pretrain_steps * (start + 1),
         "starts": start + 1,
     }
-    atomic_save(
-        {
-            "model_config": asdict(gpt_config),
-            "model": model.state_dict(),
-            "skills": skills,
-            "made_by": made_by,
-        },
-        path,
-    )
-    if skills is not None:
-        say(config, f"the base's skills on fresh words: {skill_line(skills)}")
+    state = {"model_config": asdict(gpt_config), "model": model.state_dict()}
+    atomic_save({**state, "skills": skills, "made_by": made_by}, path)
     say(config, f"saved the base model to {path}")
     return model
 
 
-def pretrain_one_start(
-    config, gpt_config, next_batch, held_out, tokenizer, device, seed, adaptive, last
-):
-    """(model, schedule) of one start from seed; schedule.gave_up if its skills were not
-    learnt in time (never on the last start, which decays and ends anyway)."""
+def pretrain_one_start(config, gpt_config, next_batch, held_out, device, seed):
+    """A base pretrained from seed for --pretrain-steps (the cosine of lr_at)."""
     torch.manual_seed(seed)
     model = GPT(gpt_config).to(device)
     opt = torch.optim.AdamW(
         model.parameters(), lr=config.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1
     )
     rng = random.Random(seed)
-    schedule = Schedule(config, adaptive)
-    probe = skill_examples(tokenizer, 100, seed) if adaptive else None  # while training
+    steps = config.pretrain_steps
     # the fused attention path, compiled on request
     forward = torch.compile(model) if config.compile else model
-    t0, tokens, step = time.time(), 0, 0
-    while step < schedule.end:
+    t0, tokens = time.time(), 0
+    for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = schedule.lr(step)
+            group["lr"] = lr_at(config, step)
         x, y = next_batch(rng, device)
         with autocast_for(device):
             _, loss = forward(x, y)
@@ -433,35 +381,18 @@ def pretrain_one_start(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         tokens += x.numel()
-        final = step == schedule.end - 1
-        if step % 100 == 0 or final:
+        if step % 100 == 0 or step == steps - 1:
             elapsed = time.time() - t0
             held = ""
-            if held_out is not None and (step % 500 == 0 or final):
+            if held_out is not None and (step % 500 == 0 or step == steps - 1):
                 held = f" | held-out loss {held_out_loss(model, held_out, device):.3f}"
-            eta = elapsed / (step + 1) * (schedule.end - step - 1)
             say(
                 config,
-                f"  pretrain step {step:5d} | loss {loss.item():.3f}{held} | "
+                f"  pretrain step {step:5d}/{steps} | loss {loss.item():.3f}{held} | "
                 f"{1000 * elapsed / (step + 1):.0f} ms/step | {tokens / elapsed:,.0f} tokens/s | "
-                f"eta {'at most ' if schedule.gave_up else ''}{eta:.0f}s",
+                f"eta {elapsed / (step + 1) * (steps - step - 1):.0f}s",
             )
-        if schedule.gave_up and (step + 1) % SKILL_EVERY == 0:
-            skills = measure_skills(model, probe, tokenizer, device)
-            say(config, f"  pretrain step {step:5d} | skills {skill_line(skills)}")
-            if min(skills.values()) >= config.pretrain_until:
-                schedule.known_at(step)
-                say(
-                    config,
-                    f"  the skills reached {config.pretrain_until:g}: the lr decays to 0 "
-                    f"by step {schedule.end}",
-                )
-        step += 1
-        if schedule.gave_up and step == schedule.end:
-            if not last:
-                return model, schedule
-            schedule.decay_anyway()
-    return model, schedule
+    return model
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ Use a fine-tuned adapter: answer prompts, score a file, or merge it into the bas
     python sample.py --prompt "rsh abc="
     python sample.py --prompt "Once upon" --temperature 0.8 --max-new-tokens 40
     python sample.py --data mine.jsonl        # exact match and loss on prompt/completion pairs
+    python sample.py --data boolq/test.json --template alpaca --answer-field answer
     python sample.py --merge merged.pt        # the base with the adapters folded in
 
 A run is found by its --out-dir: ckpt.pt names the base it was trained on (whose hash must
@@ -24,6 +25,7 @@ from data import (
     encode,
     evaluate,
     get_tokenizer,
+    is_records,
     load_examples,
     load_task,
     per_task_lines,
@@ -52,11 +54,13 @@ class SampleConfig:
     prompt: str = option("", "answer this prompt and stop")
     data: str = option(
         "",
-        "score the adapter on this file (JSONL prompt/completion, per task where lines carry a "
-        "'task'; or plain text: loss only)",
+        "score the adapter on this file (prompt/completion records, .jsonl or .json, per task "
+        "where they carry a 'task'; or plain text: loss only)",
     )
+    template: str = like(DataConfig, "template")
     prompt_field: str = like(DataConfig, "prompt_field")
     completion_field: str = like(DataConfig, "completion_field")
+    answer_field: str = like(DataConfig, "answer_field")
     n: int = option(
         5, "answers of the run's own test split to show (without --prompt, --data or --merge)"
     )
@@ -164,17 +168,27 @@ def sample(config):
     else:
         if config.data:
             examples = load_examples(config, config.data, tokenizer, model.config.block_size)
-            where, is_qa = config.data, config.data.endswith(".jsonl")
+            where, is_qa = config.data, is_records(config.data)
         else:
             task, is_qa = load_task(run, tokenizer, model.config.block_size)
             examples, where = task.val[: config.n], f"the test split of {config.out_dir}'s task"
-        result = evaluate(model, examples, tokenizer, device, is_qa, n_answers=config.n)
+        result = evaluate(
+            model,
+            examples,
+            tokenizer,
+            device,
+            is_qa,
+            n_answers=config.n,
+            max_new_tokens=config.max_new_tokens,
+        )
         for prompt, answer, reference, hit in result["answers"]:
             print(
                 f"  {prompt!r} -> {answer!r} "
                 + ("(right)" if hit else f"(wrong; the reference: {reference!r})")
             )
         em = "" if result["exact_match"] is None else f", exact match {result['exact_match']:.3f}"
+        if result["accuracy"] is not None:
+            em += f", answer accuracy {result['accuracy']:.3f}"
         print(f"{where}: {len(examples)} samples, loss {result['loss']:.4f}{em}")
         for line in per_task_lines(result["per_task"]):
             print(line)

@@ -31,6 +31,7 @@ from data import (
     get_tokenizer,
     greedy_sample,
     load_task,
+    per_task_head,
     per_task_lines,
 )
 from methods import SCORED, SelectionConfig, SparseTuner
@@ -254,7 +255,8 @@ class History:
     # per step with noisy flags, per block (nan: block off)
     noisy_rate: list = field(default_factory=list)
     clean_rate: list = field(default_factory=list)
-    evals: list = field(default_factory=list)  # {"step", "loss", "exact_match"} at each evaluation
+    # {"step", "loss", "exact_match", "accuracy", "per_task"} at each evaluation
+    evals: list = field(default_factory=list)
 
     def add(self, record, L, ms, grad_norm):
         self.ms.append(ms)
@@ -339,7 +341,7 @@ def read_resume(config, ckpt_path):
     # the files the run trained and evaluated on
     for name, digest in resume.get("data_hash", {}).items():
         path = getattr(config, name)
-        now = fingerprint(path) if path and os.path.isfile(path) else None
+        now = files_fingerprint(path)
         if now != digest:
             changed.append(
                 f"--{name.replace('_', '-')} {path}: the file has changed since the checkpoint "
@@ -362,6 +364,14 @@ DATA_FILES = (
 )
 
 
+def files_fingerprint(paths):
+    """The hashes of a flag's comma-separated files (--val-data a,b), or None if one is gone."""
+    files = [p.strip() for p in paths.split(",") if p.strip()]
+    if not all(os.path.isfile(p) for p in files):
+        return None
+    return ",".join(fingerprint(p) for p in files)
+
+
 def save_checkpoint(path, config, step, model, opt, tuner, rngs, base, history):
     (data_rng, probe_rng), (base_path, base_hash) = rngs, base
     atomic_save(
@@ -372,7 +382,7 @@ def save_checkpoint(path, config, step, model, opt, tuner, rngs, base, history):
             "base_hash": base_hash,
             "lora_config": asdict(config.lora()),
             "data_hash": {
-                name: fingerprint(getattr(config, name))
+                name: files_fingerprint(getattr(config, name))
                 for name in DATA_FILES
                 if getattr(config, name)
             },
@@ -488,17 +498,22 @@ def train(config, split="test", summary=True, dry_run=False):
     train_set = task.train
     if config.epochs:  # the budget in passes over the training set
         steps = math.ceil(config.epochs * len(train_set) / config.batch_size)
-        refuse(
-            []
-            if warmup_steps(config) <= steps
-            else [
-                f"--warmup-steps {config.warmup_steps} is longer than the run ({steps} steps: "
-                f"--epochs {config.epochs:g} of {len(train_set)} samples at --batch-size "
-                f"{config.batch_size})"
-            ]
-        )
+        if warmup_steps(replace(config, steps=steps)) > steps:
+            refuse(
+                [
+                    f"--warmup-steps {config.warmup_steps} is longer than the run ({steps} steps: "
+                    f"--epochs {config.epochs:g} of {len(train_set)} samples at --batch-size "
+                    f"{config.batch_size})"
+                ]
+            )
         config = replace(config, steps=steps)
-    eval_set = (task.val if split == "test" else task.dev)[: config.eval_samples]
+    eval_set = per_task_head(task.val if split == "test" else task.dev, config.eval_samples)
+
+    def score(examples):
+        return evaluate(
+            model, examples, tokenizer, device, is_qa, max_new_tokens=config.max_new_tokens
+        )
+
     refuse(
         []
         if eval_set
@@ -596,21 +611,10 @@ def train(config, split="test", summary=True, dry_run=False):
                     config, progress_line(step, data_rng.epoch, record, lr, ms, flagged is not None)
                 )
             if (step + 1) % config.eval_interval == 0 or step == end - 1:
-                result = evaluate(model, eval_set, tokenizer, device, is_qa)
-                history.evals.append(
-                    {
-                        "step": step + 1,
-                        "loss": result["loss"],
-                        "exact_match": result["exact_match"],
-                        "per_task": result["per_task"],
-                    }
-                )
-                em = (
-                    ""
-                    if result["exact_match"] is None
-                    else f" | exact match {result['exact_match']:.3f}"
-                )
-                say(config, f"eval at step {step + 1}: held-out loss {result['loss']:.4f}{em}")
+                result = score(eval_set)
+                keep = ("loss", "exact_match", "accuracy", "per_task")
+                history.evals.append({"step": step + 1, **{k: result[k] for k in keep}})
+                say(config, f"eval at step {step + 1}: {score_line(result)}")
                 if is_main():
                     save_checkpoint(
                         ckpt_path,
@@ -629,7 +633,7 @@ def train(config, split="test", summary=True, dry_run=False):
         raise Interrupted(f"interrupted at step {step}; last checkpoint: {last}") from None
 
     # evaluation and save
-    final = evaluate(model, eval_set, tokenizer, device, is_qa)
+    final = score(eval_set)
     sample = greedy_sample(model, eval_set[0], tokenizer, device) if show_sample else None
     scored = config.method in SCORED
     metrics = {
@@ -642,6 +646,7 @@ def train(config, split="test", summary=True, dry_run=False):
         "split": split,
         "base": base_path,
         "exact_match": final["exact_match"],
+        "accuracy": final["accuracy"],
         "val_loss": final["loss"],
         "per_task": final["per_task"],
         "answers": final["answers"],
@@ -661,6 +666,16 @@ def train(config, split="test", summary=True, dry_run=False):
 
 # ---------------------------------------------------------------------------------------
 # What a reader sees: the selection as text and the summary (the picture: plumbing.plot_run)
+
+
+def score_line(result):
+    """An evaluation's figures: held-out loss, and exact match and answer accuracy if any."""
+    line = f"held-out loss {result['loss']:.4f}"
+    if result["exact_match"] is not None:
+        line += f" | exact match {result['exact_match']:.3f}"
+    if result["accuracy"] is not None:
+        line += f" | answer accuracy {result['accuracy']:.3f}"
+    return line
 
 
 def progress_line(step, epoch, record, lr, ms, flagged):
@@ -704,6 +719,8 @@ def print_summary(metrics):
     parts = [f"held-out loss {metrics['val_loss']:.4f}"]
     if metrics["exact_match"] is not None:
         parts.append(f"exact match {metrics['exact_match']:.3f}")
+    if metrics.get("accuracy") is not None:
+        parts.append(f"answer accuracy {metrics['accuracy']:.3f}")
     parts.append(f"coverage {metrics['coverage']:.2f}")
     if not math.isnan(metrics["noisy_selected"]):
         taken = f"noisy/clean taken {metrics['noisy_selected']:.2f}/{metrics['clean_selected']:.2f}"

@@ -12,7 +12,7 @@ from data import (
     collate,
     encode,
     get_tokenizer,
-    load_jsonl,
+    load_records,
     load_text,
     make_default_task,
     parse_tasks,
@@ -142,7 +142,7 @@ def test_jsonl_with_custom_field_names_puts_the_loss_on_completions_only(tmp_pat
         {"question": "why?", "answer": " because it is so, truly"},
     ]
     path = write(tmp_path, "qa.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
-    examples, cut = load_jsonl(
+    examples, cut = load_records(
         path, TOK, block_size=12, prompt_field="question", completion_field="answer"
     )
     assert len(examples) == 2
@@ -171,7 +171,7 @@ def test_text_file_becomes_windows_that_cover_every_token(tmp_path):
         ),
         (
             '{"prompt": "a", "completion": "b"}\n\n{"prompt": "a"}\n',
-            r"bad.jsonl:3: no field 'completion'",
+            r"bad.jsonl:3: field 'completion' is missing",
         ),
         (
             '{"prompt": "a", "completion": 3}\n',
@@ -198,7 +198,7 @@ def test_text_file_becomes_windows_that_cover_every_token(tmp_path):
 def test_bad_jsonl_gets_a_clear_error_naming_file_and_line(tmp_path, content, message):
     path = write(tmp_path, "bad.jsonl", content)
     with pytest.raises(DataError, match=message):
-        load_jsonl(path, TOK, block_size=16)
+        load_records(path, TOK, block_size=16)
 
 
 def test_bad_text_files_get_clear_errors(tmp_path):
@@ -217,11 +217,11 @@ def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
     )
     # lines still count from the file's start
     with pytest.raises(DataError, match=r"bom.jsonl:2: not valid UTF-8"):
-        load_jsonl(str(path), TOK, 32)
+        load_records(str(path), TOK, 32)
     path.write_bytes(
         b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "completion": " c"}).encode() + b"\n"
     )
-    examples, _ = load_jsonl(str(path), TOK, 32)
+    examples, _ = load_records(str(path), TOK, 32)
     assert TOK.decode(examples[0].tokens[: examples[0].n_prompt]) == "p"
 
 
@@ -232,7 +232,7 @@ def test_a_prompt_that_fills_the_context_is_skipped_and_its_line_kept(tmp_path):
         {"prompt": "c", "completion": "d"},
     ]
     path = write(tmp_path, "mixed.jsonl", "\n".join(json.dumps(r) for r in lines))
-    examples, cut = load_jsonl(path, TOK, block_size=16)
+    examples, cut = load_records(path, TOK, block_size=16)
     assert len(examples) == 2 and cut.skipped == [f"{path}:2"]
     assert [TOK.decode(e.completion) for e in examples] == ["b<|endoftext|>", "d<|endoftext|>"]
 

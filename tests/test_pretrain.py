@@ -209,7 +209,7 @@ def test_a_base_that_is_not_a_model_is_refused_with_its_name(capsys, tmp_path):
 
 def test_python_pretrain_py_makes_the_base_once_with_progress_and_an_eta(capsys, tmp_path):
     argv = ["--out-dir", str(tmp_path), "--pretrain-steps", "3", "--n-layer", "2"]
-    assert pretrain.main([*argv, "--pretrain-until", "0"]) == 0  # exactly 3 steps
+    assert pretrain.main([*argv, "--pretrain-until", "0"]) == 0  # one start
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if "pretrain step" in line]
     assert len(lines) == 2 and all("tokens/s" in line and "eta" in line for line in lines)
@@ -330,7 +330,7 @@ def test_another_pretrain_seed_makes_another_base_and_seed_0_the_one_of_before(t
 
 def test_pretraining_stores_its_skills_and_the_machine_that_made_it(tmp_path, capsys):
     argv = ["--out-dir", str(tmp_path), "--pretrain-steps", "30", "--pretrain-batch-size", "8"]
-    assert pretrain.main(argv) == 0  # three starts of 30 steps
+    assert pretrain.main(argv) == 0
     out = capsys.readouterr().out
     (path,) = glob.glob(str(tmp_path / "base-*.pt"))
     ckpt = torch.load(path, weights_only=True)
@@ -339,7 +339,7 @@ def test_pretraining_stores_its_skills_and_the_machine_that_made_it(tmp_path, ca
     made = ckpt["made_by"]
     assert made["torch"] == torch.__version__ and made["threads"] == torch.get_num_threads()
     assert made["device"] == "cpu" and made["dtype"] == "float32" and made["starts"] == 3
-    assert made["steps"] == 45  # no skills in 30 steps: the last start decays over 15 more
+    assert made["steps"] == 90  # no skills in 30 steps: three starts
     assert "the base's skills on fresh words: copy " in out
     assert pretrain.base_skills(path) == (ckpt["skills"], made)
 
@@ -365,35 +365,20 @@ def data_lines():
     return pretrain_text(20000, seed=pretrain.PRETRAIN_SEED).splitlines()
 
 
-def test_the_schedule_holds_the_peak_until_the_skills_then_decays_over_half_as_long():
-    config = pretrain.BaseConfig(pretrain_steps=2000, pretrain_lr=1.0)
-    schedule = pretrain.Schedule(config, adaptive=True)
-    assert schedule.lr(49) == pytest.approx(0.5) and schedule.lr(100) == schedule.lr(1999) == 1.0
-    assert schedule.gave_up and schedule.end == 2000  # not known: the start ends at 2000
-    schedule.known_at(999)  # known after 1,000 steps: 500 more, decaying to 0
-    assert not schedule.gave_up and schedule.end == 1500 and schedule.lr(1000) == 1.0
-    assert schedule.lr(1250) == pytest.approx(0.5) and schedule.lr(1499) < 1e-4
-    schedule.known_at(1200)  # only the first time counts
-    assert schedule.end == 1500
-    # the last start, never known: it decays over half its steps all the same
-    last = pretrain.Schedule(config, adaptive=True)
-    last.decay_anyway()
-    assert last.end == 3000 and last.lr(2500) == pytest.approx(0.5)
-    # --pretrain-until 0: the cosine over exactly --pretrain-steps of before
-    fixed = pretrain.Schedule(config, adaptive=False)
-    assert fixed.end == 2000 and fixed.lr(1000) == pytest.approx(0.5) and not fixed.gave_up
-
-
 def test_a_start_that_does_not_learn_its_skills_in_time_is_followed_by_a_fresh_one(
     tmp_path, capsys
 ):
-    argv = ["--out-dir", str(tmp_path), "--pretrain-steps", "250", "--pretrain-batch-size", "4"]
-    assert pretrain.main([*argv, "--pretrain-starts", "2"]) == 0  # 250 steps: nothing learnt
+    argv = ["--out-dir", str(tmp_path), "--pretrain-steps", "25", "--pretrain-batch-size", "4"]
+    assert pretrain.main([*argv, "--pretrain-starts", "2"]) == 0  # 25 steps: nothing learnt
     out = capsys.readouterr().out
-    assert out.count("has not learnt every skill in 250 steps") == 1
+    assert out.count("start 1 ended below 0.98: pretraining starts again") == 1
+    assert out.count("the base's skills on fresh words") == 2 and "start 2 ended" not in out
     (path,) = glob.glob(str(tmp_path / "base-*.pt"))
     made = torch.load(path, weights_only=True)["made_by"]
-    assert made["starts"] == 2 and made["steps"] == 375  # the last start decays all the same
+    assert made["starts"] == 2 and made["steps"] == 50  # the last start is kept all the same
+    # one start, whatever it knows
+    assert pretrain.main([*argv, "--pretrain-until", "0", "--out-dir", str(tmp_path / "one")]) == 0
+    assert "starts again" not in capsys.readouterr().out
 
 
 def test_a_base_below_the_skill_level_is_refused_for_the_default_task_unless_asked(

@@ -412,18 +412,13 @@ def test_quiet_prints_the_summary_alone_and_every_run_writes_metrics_json(capsys
     )
 
 
-def test_a_json_file_is_refused_with_a_hint_and_the_reader_is_named(capsys, base, tmp_path):
+def test_a_json_file_of_one_object_a_line_is_read_and_the_reader_is_named(capsys, base, tmp_path):
     rows = [json.dumps({"prompt": f"q{i}?", "completion": f" a{i}"}) for i in range(40)]
     (tmp_path / "pairs.json").write_text("\n".join(rows))
-    (tmp_path / "pairs.jsonl").write_text("\n".join(rows))
-    err = refused(capsys, base, tmp_path / "a", "--data", str(tmp_path / "pairs.json"))
-    assert f"{tmp_path / 'pairs.json'}: .json files are not read" in err and ".jsonl" in err
     code, out, _ = run(
-        capsys, base, tmp_path / "b", "--data", str(tmp_path / "pairs.jsonl"), "--no-quiet"
+        capsys, base, tmp_path / "b", "--data", str(tmp_path / "pairs.json"), "--no-quiet"
     )
-    assert (
-        code == 0 and f"reading {tmp_path / 'pairs.jsonl'} as JSONL prompt/completion pairs" in out
-    )
+    assert code == 0 and f"reading {tmp_path / 'pairs.json'} as prompt/completion records" in out
 
 
 # --- gradient clipping ---
@@ -518,7 +513,7 @@ BAD_INPUTS = [  # (flags, the fragment its error names); {tmp} is the test's fol
     ),
     (
         ["--data", "{tmp}/text.txt", "--val-data", "{tmp}/good.jsonl"],
-        "would be read as JSONL prompt/completion pairs, but --data",
+        "would be read as prompt/completion records, but --data",
     ),
     (
         ["--data", "{tmp}/good.jsonl", "--support-data", "{tmp}/folder.jsonl"],
