@@ -926,4 +926,6 @@ def greedy_sample(model, example, tokenizer, device):
     with autocast_for(device):
         out = model.generate(prompt, min(64, model.config.block_size - n_prompt), temperature=0)
     model.train()
-    return tokenizer.decode(example.tokens[:n_prompt]), tokenizer.decode(out[0, n_prompt:].tolist())
+    return decode(tokenizer, example.tokens[:n_prompt]), decode(
+        tokenizer, out[0, n_prompt:].tolist()
+    )

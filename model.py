@@ -31,10 +31,31 @@ class GPTConfig:
     n_embd: int = 64  # width of the residual stream
     dropout: float = 0.0  # off by default: fine-tuning small data rarely wants it
     bias: bool = True  # GPT-2 has biases in Linear and LayerNorm; keep for loading it
+    # the GPT-2 variants a config.json can ask for (from_pretrained); the defaults are GPT-2's
+    tie_word_embeddings: bool = True  # the head is the token embedding (GPT-2's own)
+    scale_attn_by_inverse_layer_idx: bool = False  # block l's scores also divided by l + 1
+    layer_norm_epsilon: float = 1e-5
+    activation: str = "gelu_new"  # gelu_new (tanh GELU, GPT-2's), gelu, relu, silu
+    n_inner: int = 0  # the MLP's hidden width; 0: 4 * n_embd
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}"
+            )
+
+
+# Hugging Face's names for GPT-2's activation_function, and the module each is
+ACTIVATIONS = {
+    "gelu_new": lambda: nn.GELU(approximate="tanh"),
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "gelu": lambda: nn.GELU(),
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+}
 
 
 def training_memory(config, batch_size, full=True):
@@ -50,7 +71,7 @@ def training_memory(config, batch_size, full=True):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer_idx=0):
         super().__init__()
         # one fused projection for query, key and value, as in GPT-2 (its name is c_attn)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
@@ -60,6 +81,11 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        hs = config.n_embd // config.n_head
+        # 1 / sqrt(head size), and for scale_attn_by_inverse_layer_idx 1 / (l + 1) too
+        self.scale = (
+            1.0 / math.sqrt(hs) / (layer_idx + 1 if config.scale_attn_by_inverse_layer_idx else 1)
+        )
         # lower-triangular mask for the explicit path; not saved with the weights
         mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
         self.register_buffer("causal_mask", mask, persistent=False)
@@ -74,12 +100,17 @@ class CausalSelfAttention(nn.Module):
         if fused:
             # fast kernel for ordinary passes; vmap has no batching rule for its backward
             y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+                q,
+                k,
+                v,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=True,
+                scale=self.scale,
             )
         else:
             # plain matmuls and softmax: every op has a vmap batching rule, so
             # per-sample gradients stay one batched computation (see gast.py)
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
+            att = (q @ k.transpose(-2, -1)) * self.scale  # (B, nh, T, T)
             att = att.masked_fill(~self.causal_mask[:T, :T], float("-inf"))
             att = self.attn_dropout(F.softmax(att, dim=-1))
             y = att @ v  # (B, nh, T, hs)
@@ -90,9 +121,10 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        hidden = config.n_inner or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.gelu = ACTIVATIONS[config.activation]()  # GPT-2's: the tanh GELU
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -102,11 +134,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, config):
+    def __init__(self, config, layer_idx=0):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        eps = config.layer_norm_epsilon
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, fused=True):
@@ -140,13 +173,13 @@ class GPT(nn.Module):
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+                h=nn.ModuleList([Block(config, l) for l in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # tied embedding and head (GPT-2); LoRA never touches them (lora.py)
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_word_embeddings:  # GPT-2's: the head is the embedding; LoRA never adapts it
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         # GPT-2's scaled init of the projections into the residual stream
         for name, p in self.named_parameters():
@@ -221,43 +254,24 @@ class GPT(nn.Module):
     def from_pretrained(cls, path, dropout=0.0):
         """Load a GPT-2 checkpoint stored locally in the Hugging Face layout.
 
-        path is a directory with pytorch_model.bin (and config.json, read when present)
-        or the .bin file itself. Nothing is downloaded: get the files once with any
-        Hugging Face tool, then point here. Hugging Face's GPT-2 stores its linear
-        weights as Conv1D, (in, out), so they are transposed into nn.Linear's (out, in).
+        path: a directory with model.safetensors (what transformers' save_pretrained writes
+        today), its sharded index, or pytorch_model.bin, and config.json; or the weights
+        file itself. Nothing is downloaded. Every config.json field is honoured or refused
+        (hf_config). Hugging Face's GPT-2 stores its linear weights as Conv1D, (in, out),
+        so they are transposed into nn.Linear's (out, in).
         """
-        if os.path.isdir(path):
-            directory, weights = path, os.path.join(path, "pytorch_model.bin")
-        else:
-            directory, weights = os.path.dirname(path), path
-        if not os.path.exists(weights):
-            hint = ""
-            if os.path.exists(os.path.join(directory, "model.safetensors")):
-                hint = " (model.safetensors is not read: save with safe_serialization=False)"
-            raise FileNotFoundError(f"{weights}: no GPT-2 checkpoint there{hint}")
-        sd_hf = torch.load(weights, map_location="cpu", weights_only=True)
+        directory = path if os.path.isdir(path) else os.path.dirname(path)
+        sd_hf, weights = read_hf_weights(path)
         # GPT2LMHeadModel prefixes its keys with "transformer."; GPT2Model does not
         sd_hf = {k.removeprefix("transformer."): v for k, v in sd_hf.items()}
-        # drop the causal-mask buffers and the head (tied to wte)
+        # the causal-mask buffers carry no weights
         sd_hf = {
-            k: v
-            for k, v in sd_hf.items()
-            if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"
+            k: v for k, v in sd_hf.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))
         }
-
         cfg_file = os.path.join(directory, "config.json")
         if os.path.exists(cfg_file):
             with open(cfg_file) as f:
-                hf = json.load(f)
-            config = GPTConfig(
-                n_layer=hf["n_layer"],
-                n_head=hf["n_head"],
-                n_embd=hf["n_embd"],
-                block_size=hf["n_positions"],
-                vocab_size=hf["vocab_size"],
-                dropout=dropout,
-                bias=True,
-            )
+                config = hf_config(json.load(f), dropout)
         else:  # every GPT-2 size has 64-dimensional heads
             vocab_size, n_embd = sd_hf["wte.weight"].shape
             n_layer = 1 + max(int(k.split(".")[1]) for k in sd_hf if k.startswith("h."))
@@ -269,12 +283,15 @@ class GPT(nn.Module):
                 vocab_size=vocab_size,
                 dropout=dropout,
                 bias=True,
+                tie_word_embeddings="lm_head.weight" not in sd_hf,
             )
-
+        if config.tie_word_embeddings:
+            sd_hf.pop("lm_head.weight", None)  # the same tensor as wte, when a file keeps it
         model = cls(config)
         sd = model.state_dict()
-        ours = [k for k in sd if k != "lm_head.weight"]  # the head is tied to wte
-        mismatched = sorted(set("transformer." + k for k in sd_hf) ^ set(ours))  # missing or extra
+        name = lambda k: k if k == "lm_head.weight" else "transformer." + k
+        ours = [k for k in sd if k != "lm_head.weight" or not config.tie_word_embeddings]
+        mismatched = sorted(set(map(name, sd_hf)) ^ set(ours))  # missing or extra
         if mismatched:
             raise ValueError(f"{weights}: keys do not match GPT-2's layout: {mismatched[:8]}")
         conv1d = (
@@ -285,7 +302,7 @@ class GPT(nn.Module):
         )
         with torch.no_grad():
             for k, v in sd_hf.items():
-                target = sd["transformer." + k]
+                target = sd[name(k)]
                 v = v.t() if k.endswith(conv1d) else v
                 if v.shape != target.shape:
                     raise ValueError(
@@ -293,3 +310,125 @@ class GPT(nn.Module):
                     )
                 target.copy_(v)
         return model
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def read_hf_weights(path):
+    """({name: tensor}, the file read) of a Hugging Face checkpoint: model.safetensors (by
+    the safetensors library), its sharded index, or pytorch_model.bin (weights_only)."""
+    if os.path.isdir(path):
+        found = [f for f in WEIGHT_FILES if os.path.exists(os.path.join(path, f))]
+        if not found:
+            raise FileNotFoundError(
+                f"{path}: no GPT-2 checkpoint there (neither model.safetensors nor "
+                "pytorch_model.bin)"
+            )
+        path = os.path.join(path, found[0])
+    elif not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no GPT-2 checkpoint there")
+    if path.endswith(".index.json"):  # sharded: the index names each tensor's file
+        from safetensors.torch import load_file
+
+        with open(path) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        weights = {}
+        for shard in shards:
+            weights.update(load_file(os.path.join(os.path.dirname(path), shard)))
+        return weights, path
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path), path
+    return torch.load(path, map_location="cpu", weights_only=True), path
+
+
+# config.json fields that change nothing we compute, or that fine-tuning sets itself:
+# GPT-2's dropouts (fine-tuning runs the base without dropout; LoRA has its own,
+# --lora-dropout), generation and tokenizer settings, and bookkeeping
+HF_IGNORED = {
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "summary_type",
+    "summary_use_proj",
+    "summary_activation",
+    "summary_proj_to_labels",
+    "summary_first_dropout",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "initializer_range",
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "task_specific_params",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "n_ctx",
+    "_name_or_path",
+    "output_past",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "return_dict",
+    "tokenizer_class",
+    "prefix",
+    "use_return_dict",
+    "output_attentions",
+    "output_hidden_states",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+}
+
+
+def hf_config(hf, dropout=0.0):
+    """The GPTConfig of a GPT-2 config.json: each field honoured, ignored for a reason
+    (HF_IGNORED), or refused with a ValueError naming it."""
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"config.json: model_type {hf['model_type']!r} is not gpt2")
+    refused = {
+        "reorder_and_upcast_attn": False,  # ours computes attention in the model's dtype
+        "add_cross_attention": False,
+        "scale_attn_weights": True,
+    }
+    for field, supported in refused.items():
+        if hf.get(field, supported) != supported:
+            raise ValueError(f"config.json: {field} {hf[field]!r} is not supported")
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"config.json: activation_function {activation!r} is not supported (we have "
+            f"{', '.join(ACTIVATIONS)})"
+        )
+    honoured = {
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "n_positions",
+        "vocab_size",
+        "tie_word_embeddings",
+        "scale_attn_by_inverse_layer_idx",
+        "layer_norm_epsilon",
+        "activation_function",
+        "n_inner",
+    }
+    unknown = sorted(set(hf) - honoured - HF_IGNORED - set(refused))
+    if unknown:
+        raise ValueError(f"config.json: field {unknown[0]!r} is not one we know how to honour")
+    return GPTConfig(
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_embd=hf["n_embd"],
+        block_size=hf["n_positions"],
+        vocab_size=hf["vocab_size"],
+        dropout=dropout,
+        bias=True,
+        tie_word_embeddings=hf.get("tie_word_embeddings", True),
+        scale_attn_by_inverse_layer_idx=hf.get("scale_attn_by_inverse_layer_idx", False),
+        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        activation=activation,
+        n_inner=hf.get("n_inner") or 0,
+    )

@@ -63,6 +63,8 @@ from plumbing import (
 SKILL_LEVEL = 0.98  # greedy exact match on fresh words a base must reach on every skill
 PRETRAIN_SEED = 1234  # the base model does not depend on the fine-tuning seed
 SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
+# the GPTConfig fields a pretrained base's hash holds (the GPT-2 variants keep their defaults)
+PRETRAINED_SHAPE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
 
 
 @dataclass
@@ -193,7 +195,11 @@ def base_path(config, tokenizer, corpus=None):
         with open(config.pretrain_data, "rb") as f:
             source = hashlib.file_digest(f, "sha256").hexdigest()
     key = {
-        "shape": asdict(base_shape(config, tokenizer.n_vocab)),
+        "shape": {
+            k: v
+            for k, v in asdict(base_shape(config, tokenizer.n_vocab)).items()
+            if k in PRETRAINED_SHAPE
+        },
         "corpus": source,
         "tokenizer": config.tokenizer,
         "steps": config.pretrain_steps,
@@ -455,6 +461,12 @@ def load_base(config, tokenizer, device, corpus=None):
         else:
             pretrain(config, tokenizer, device, path, corpus)
     model = read_base(path)
+    if config.tokenizer == "bytes" and model.config.vocab_size != tokenizer.n_vocab:
+        raise ConfigError(
+            f"invalid settings:\n  --tokenizer bytes ({tokenizer.n_vocab} tokens) does not fit "
+            f"{path}, whose vocabulary holds {model.config.vocab_size} (a real GPT-2: "
+            "--tokenizer gpt2, with its file cached)"
+        )
     if tokenizer.n_vocab > model.config.vocab_size:
         raise ConfigError(
             f"invalid settings:\n  --tokenizer {config.tokenizer} has {tokenizer.n_vocab} tokens, "

@@ -22,6 +22,7 @@ from data import (
     DataConfig,
     DataError,
     TokenizerUnavailable,
+    decode,
     encode,
     evaluate,
     get_tokenizer,
@@ -30,7 +31,8 @@ from data import (
     load_task,
     per_task_lines,
 )
-from lora import load_adapter, merge_lora
+from export import export_hf, export_peft, export_problems
+from lora import LoRAConfig, load_adapter, merge_lora
 from plumbing import (
     atomic_save,
     autocast_for,
@@ -72,6 +74,16 @@ class SampleConfig:
     merge: str = option(
         "", "write the base with the adapters merged to this .pt file (our checkpoint format)"
     )
+    export_peft: str = option(
+        "",
+        "write the adapter to this folder as PEFT saves a LoRA adapter (adapter_config.json, "
+        "adapter_model.safetensors), for PeftModel.from_pretrained on the base",
+    )
+    export_hf: str = option(
+        "",
+        "write the base with the adapters merged to this folder as a transformers GPT-2 "
+        "(config.json, model.safetensors)",
+    )
     device: str = option("auto", "cpu, cuda ...; auto: cuda when available")
 
 
@@ -89,6 +101,8 @@ def problems(config):
         out.append(f"--data {config.data}: no such file")
     if config.merge and (not config.merge.endswith(".pt") or os.path.isdir(config.merge)):
         out.append(f"--merge {config.merge}: give a .pt file name")
+    out += export_problems("--export-peft", config.export_peft) if config.export_peft else []
+    out += export_problems("--export-hf", config.export_hf) if config.export_hf else []
     return out
 
 
@@ -148,6 +162,14 @@ def sample(config):
             f"wrote {config.merge}: the base of {config.out_dir} with its adapters merged (python "
             f"train.py --init-from {config.merge})"
         )
+    elif config.export_peft or config.export_hf:
+        if config.export_peft:  # PEFT loads it onto the base as transformers holds it
+            lora = LoRAConfig(run.lora_r, run.lora_alpha, run.lora_dropout)
+            export_peft(model, lora, config.export_peft, run.init_from or "")
+            print(f"wrote {config.export_peft}: the adapter in PEFT's LoRA layout")
+        if config.export_hf:
+            export_hf(model, config.export_hf, tokenizer.eot_token)
+            print(f"wrote {config.export_hf}: the merged model as a transformers GPT-2 directory")
     elif config.prompt:
         prompt = encode(tokenizer, config.prompt)[-model.config.block_size :]
         n_new = max(1, min(config.max_new_tokens, model.config.block_size - len(prompt)))
@@ -161,7 +183,7 @@ def sample(config):
         answer = out[0, len(prompt) :].tolist()
         if tokenizer.eot_token in answer:
             answer = answer[: answer.index(tokenizer.eot_token)]
-        answer = tokenizer.decode(answer)
+        answer = decode(tokenizer, answer)
         if not run.data:  # the default task's answers end at their newline (no <|endoftext|>)
             answer = answer[: answer.index("\n") + 1] if "\n" in answer else answer
         print(f"{config.prompt!r} -> {answer!r}")

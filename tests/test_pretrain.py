@@ -249,7 +249,10 @@ def gpt2_directory(path, fault):
 @pytest.mark.parametrize(
     "fault,message",
     [
-        ("no weights", "pytorch_model.bin: no GPT-2 checkpoint there"),
+        (
+            "no weights",
+            "no GPT-2 checkpoint there (neither model.safetensors nor pytorch_model.bin)",
+        ),
         ("truncated weights", "not a GPT-2 checkpoint we can load"),
         ("wrong shape", "h.0.mlp.c_fc.weight has shape"),
         ("config of another model", "keys do not match GPT-2's layout"),

@@ -1,0 +1,110 @@
+"""
+Out to Hugging Face's tools: a fine-tuned adapter as PEFT saves a LoRA adapter, and the
+merged model as a transformers GPT-2 directory (sample.py --export-peft, --export-hf).
+
+Both write GPT-2's own names, and its linear weights as Conv1D, (in, out). PEFT's LoRA on a
+Conv1D keeps lora_A (r, in) and lora_B (out, r), as ours, and adds (B A)^T * alpha / r to
+the (in, out) weight (fan_in_fan_out); so the adapter's tensors go out as they are.
+"""
+
+import json
+import os
+
+from safetensors.torch import save_file
+
+from lora import LoRALinear, merge_lora
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def export_problems(flag, directory):
+    """A directory to export into: missing (made) or empty; one that holds files is kept."""
+    if os.path.isdir(directory) and os.listdir(directory):
+        return [f"{flag} {directory}: the folder holds files already; give a new or empty one"]
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        return [f"{flag} {directory}: not a folder"]
+    return []
+
+
+def write_safetensors(tensors, path):
+    """safetensors' file, written beside and renamed: an interrupted write leaves none."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(obj, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def export_peft(model, lora_config, directory, base=""):
+    """adapter_config.json and adapter_model.safetensors in PEFT's LoRA layout for GPT-2
+    (GPT2LMHeadModel's module names, under base_model.model)."""
+    os.makedirs(directory, exist_ok=True)
+    tensors, targets = {}, set()
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            tensors[f"base_model.model.{name}.lora_A.weight"] = module.lora_A  # (r, in)
+            tensors[f"base_model.model.{name}.lora_B.weight"] = module.lora_B  # (out, r)
+            targets.add(name.split(".", 3)[-1])  # transformer.h.0.attn.c_attn: attn.c_attn
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": lora_config.r,
+        "lora_alpha": lora_config.alpha,
+        "lora_dropout": lora_config.dropout,
+        "target_modules": sorted(targets),
+        "fan_in_fan_out": True,  # GPT-2's Conv1D
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    write_safetensors(tensors, os.path.join(directory, "adapter_model.safetensors"))
+    write_json(config, os.path.join(directory, "adapter_config.json"))
+
+
+def hf_state_dict(model):
+    """{name: tensor} of the model as GPT2LMHeadModel names it, Conv1D weights (in, out);
+    the head only where it is not the embedding."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if ".lora_" in k or (k == "lm_head.weight" and model.config.tie_word_embeddings):
+            continue
+        out[k] = v.t() if k.endswith(CONV1D) else v
+    return out
+
+
+def export_hf(model, directory, eot_token):
+    """The model with its adapters merged, as a transformers GPT-2 directory: config.json
+    and model.safetensors. transformers' GPT2LMHeadModel.from_pretrained reads it."""
+    os.makedirs(directory, exist_ok=True)
+    merge_lora(model)
+    c = model.config
+    config = {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": c.vocab_size,
+        "n_positions": c.block_size,
+        "n_embd": c.n_embd,
+        "n_layer": c.n_layer,
+        "n_head": c.n_head,
+        "n_inner": c.n_inner or None,
+        "activation_function": c.activation,
+        "layer_norm_epsilon": c.layer_norm_epsilon,
+        "scale_attn_by_inverse_layer_idx": c.scale_attn_by_inverse_layer_idx,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "resid_pdrop": c.dropout,
+        "embd_pdrop": c.dropout,
+        "attn_pdrop": c.dropout,
+        "bos_token_id": eot_token,
+        "eos_token_id": eot_token,
+    }
+    write_safetensors(hf_state_dict(model), os.path.join(directory, "model.safetensors"))
+    write_json(config, os.path.join(directory, "config.json"))
