@@ -18,6 +18,7 @@ testbed.json.
 """
 
 import concurrent.futures
+import glob
 import json
 import math
 import multiprocessing
@@ -35,6 +36,8 @@ from data import NOISE_KINDS, DataError, TokenizerUnavailable, get_tokenizer
 from gast import SELECTIONS, SUPPORTS
 from methods import METHODS, SCORED
 from plumbing import (
+    Interrupted,
+    file_problems,
     check_out_dir,
     is_main,
     nanmean,
@@ -124,9 +127,14 @@ def problems(config):
         or any(len(v) > 1 for v in chosen.values())
         or (chosen and method not in SCORED)
     ]
+    names = [spec for spec, _, _ in rows_of(config)]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        out.append(f"--methods: {', '.join(twice)} given twice (each row runs once)")
     if unknown:
+        shown = ", ".join(repr(u) if not u else u for u in unknown)
         out.append(
-            f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}, and for "
+            f"--methods: unknown {shown}; choose from {', '.join(METHODS)}, and for "
             f"{' and '.join(SCORED)} options after a colon joined by +: one of "
             f"{', '.join(SELECTIONS)} "
             f"and/or one of {', '.join(SUPPORTS)}"
@@ -136,10 +144,19 @@ def problems(config):
             out.append(f"--lrs must all be positive, got {config.lrs}")
     except ValueError:
         out.append(f"--lrs must be comma-separated numbers, got {config.lrs!r}")
-    if config.lrs_from:
+    if config.lrs_from and file_problems("--lrs-from", config.lrs_from):
+        out += file_problems("--lrs-from", config.lrs_from)
+    elif config.lrs_from:
         try:
             chosen = lrs_chosen_in(config.lrs_from)
             missing = [spec for spec, _, _ in rows_of(config) if spec not in chosen]
+            bad = [
+                f"{row} {lr}" for row, lr in chosen.items() if not (lr > 0 and math.isfinite(lr))
+            ]
+            if bad:
+                out.append(
+                    f"--lrs-from {config.lrs_from}: its lrs must be positive ({', '.join(bad)})"
+                )
             if missing:
                 out.append(
                     f"--lrs-from {config.lrs_from} has no row {', '.join(missing)} (it has "
@@ -770,10 +787,17 @@ def main(argv=None):
             known_only=True,
             epilog="Every other flag is train.py's (python train.py --help) and goes to every run.",
         )
-        if config.check_testbed:
-            failed.append(not check_testbed(config, train_flags))
-        else:
-            compare(config, train_flags)
+        try:
+            if config.check_testbed:
+                failed.append(not check_testbed(config, train_flags))
+            else:
+                compare(config, train_flags)
+        except KeyboardInterrupt:
+            done = glob.glob(os.path.join(config.out_dir, "**", "metrics.json"), recursive=True)
+            raise Interrupted(
+                f"interrupted; {len(done)} finished run(s) are recorded under {config.out_dir}: "
+                "python compare.py --resume with the same flags continues from them"
+            ) from None
 
     failed = []
     code = run_main(work, (DataError, TokenizerUnavailable))

@@ -364,6 +364,10 @@ def read_text_file(path):
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     raw = raw.removeprefix(b"\xef\xbb\xbf")
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise DataError(
+            f"{path}: UTF-16 (its byte-order mark says so), not UTF-8; save it as UTF-8"
+        )
     if not raw.strip():
         raise DataError(f"{path}: file is empty")
     try:
@@ -480,6 +484,32 @@ def prompt_and_completion(record, where, template, prompt_field, completion_fiel
     return prompt, text_field(record, "output", where)
 
 
+def record_texts(path, prompt_field, completion_field, template, answer_field, task):
+    """(where, prompt, completion, answer, task) of every record of the file, each field
+    checked: a DataError names the file and line or element at fault."""
+    for where, record in read_records(path):
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        prompt, completion = prompt_and_completion(
+            record, where, template, prompt_field, completion_field
+        )
+        answer = text_field(record, answer_field, where) if answer_field else ""
+        yield where, prompt, completion, answer, text_field(record, "task", where, default=task)
+
+
+def check_data(config):
+    """Read and check every data file a run names (--data, --val-data, --support-data)
+    before any work: a bad line 37 must not cost a pretraining first."""
+    paths = [config.data, config.support_data, *config.val_data.split(",")]
+    for path in filter(None, (p.strip() for p in paths)):
+        if is_records(path):
+            fields = (config.prompt_field, config.completion_field, config.template)
+            for _ in record_texts(path, *fields, config.answer_field, ""):
+                pass
+        else:
+            read_text_file(path)
+
+
 def load_records(
     path,
     tokenizer,
@@ -501,20 +531,14 @@ def load_records(
     within the context is skipped (where kept). Returns (examples, TruncationStats).
     """
     examples, cut = [], TruncationStats()
-    for where, record in read_records(path):
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        prompt_text, completion = prompt_and_completion(
-            record, where, template, prompt_field, completion_field
-        )
-        answer = text_field(record, answer_field, where) if answer_field else ""
+    fields = (prompt_field, completion_field, template, answer_field, task)
+    for where, prompt_text, completion, answer, name in record_texts(path, *fields):
         prompt = encode(tokenizer, prompt_text)
         tokens = prompt + encode(tokenizer, completion) + [tokenizer.eot_token]
         if len(tokens) > block_size + 1:
             cut.samples += 1
             cut.tokens += len(tokens) - (block_size + 1)
             tokens = tokens[: block_size + 1]
-        name = text_field(record, "task", where, default=task)
         example = Example(
             tokens, len(prompt), task=name, answer=answer, prompt_loss=train_on_inputs
         )

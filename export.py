@@ -7,12 +7,12 @@ Conv1D keeps lora_A (r, in) and lora_B (out, r), as ours, and adds (B A)^T * alp
 the (in, out) weight (fan_in_fan_out); so the adapter's tensors go out as they are.
 """
 
-import json
 import os
 
 from safetensors.torch import save_file
 
 from lora import LoRALinear, merge_lora
+from plumbing import atomic_write, write_json
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -27,17 +27,9 @@ def export_problems(flag, directory):
 
 
 def write_safetensors(tensors, path):
-    """safetensors' file, written beside and renamed: an interrupted write leaves none."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
-
-
-def write_json(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    """safetensors' file, written beside and renamed (plumbing.atomic_write)."""
+    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(contiguous, tmp))
 
 
 def export_peft(model, lora_config, directory, base=""):
@@ -67,7 +59,7 @@ def export_peft(model, lora_config, directory, base=""):
         "modules_to_save": None,
     }
     write_safetensors(tensors, os.path.join(directory, "adapter_model.safetensors"))
-    write_json(config, os.path.join(directory, "adapter_config.json"))
+    write_json(os.path.join(directory, "adapter_config.json"), config)
 
 
 def hf_state_dict(model):
@@ -107,4 +99,4 @@ def export_hf(model, directory, eot_token):
         "eos_token_id": eot_token,
     }
     write_safetensors(hf_state_dict(model), os.path.join(directory, "model.safetensors"))
-    write_json(config, os.path.join(directory, "config.json"))
+    write_json(os.path.join(directory, "config.json"), config)

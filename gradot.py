@@ -95,9 +95,11 @@ from pretrain import PRETRAIN_SEED, BaseConfig, base_problems, load_base
 def split_blocks(n_layer, adapter_blocks):
     """(adapter block indices, middle block indices): adapter_blocks at each end."""
     if adapter_blocks < 1 or 2 * adapter_blocks >= n_layer:
+        most = (n_layer - 1) // 2
+        allowed = "exactly 1" if most == 1 else f"1 to {most}"
         raise ValueError(
-            f"--adapter-blocks {adapter_blocks}: a model of {n_layer} blocks needs 1 to "
-            f"{(n_layer - 1) // 2} adapter blocks per side, leaving a middle"
+            f"--adapter-blocks {adapter_blocks}: a model of {n_layer} blocks takes {allowed} "
+            "adapter block(s) per side, leaving a middle"
         )
     adapters = list(range(adapter_blocks)) + list(range(n_layer - adapter_blocks, n_layer))
     return adapters, list(range(adapter_blocks, n_layer - adapter_blocks))
@@ -567,12 +569,25 @@ def validate(config):
     if not 0 <= config.noise < 1:
         problems.append(f"--noise must be in [0, 1), got {config.noise}")
     try:
+        if config.lams.strip() and not lambdas(config):
+            problems.append(f"--lams {config.lams!r} names no lambda")
         if any(lam < 0 or not math.isfinite(lam) for lam in lambdas(config)):
             problems.append(f"--lams must be finite and not negative, got {config.lams}")
     except ValueError:
         problems.append(f"--lams must be comma-separated numbers, got {config.lams!r}")
     if not 0 <= config.lexicon <= MAX_FACTS:
         problems.append(f"--lexicon must be in [0, {MAX_FACTS}], got {config.lexicon}")
+    if 0 < config.lexicon < 30:
+        problems.append(
+            f"--lexicon {config.lexicon}: give 0 or at least 30 facts (a third are "
+            "tested, a sixth are dev, the rest are fine-tuned on)"
+        )
+    n = config.lexicon
+    n_train = n - min(config.eval_samples, n // 3) - n // 6 if n else 1000  # as run() splits
+    if config.batch_size > n_train and (not n or n >= 30):
+        problems.append(
+            f"--batch-size {config.batch_size} is larger than the {n_train} fine-tuning samples"
+        )
     if config.lexicon and config.pretrain_data:
         problems.append(
             "--lexicon states its facts in the built-in corpus; it cannot be added to "

@@ -39,6 +39,13 @@ class GPTConfig:
     n_inner: int = 0  # the MLP's hidden width; 0: 4 * n_embd
 
     def __post_init__(self):
+        small = [
+            f"{k} {getattr(self, k)}"
+            for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
+            if getattr(self, k) < 1
+        ]
+        if small:
+            raise ValueError(f"{', '.join(small)}: must be at least 1")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.activation not in ACTIVATIONS:

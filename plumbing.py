@@ -8,10 +8,14 @@ Nothing here knows about GAST; model.py, lora.py, data.py and gast.py are the me
 
 import argparse
 import csv
+import errno
 import hashlib
 import json
 import math
 import os
+import re
+import socket
+import stat
 import statistics
 import sys
 from contextlib import nullcontext
@@ -333,13 +337,27 @@ def check_out_dir(out_dir, outputs, resume=False, overwrite=False):
 
 
 def file_problems(flag_name, path):
-    """The problem with an input file given by a flag (missing, a directory, unreadable), or []."""
+    """The problem with an input file given by a flag, or []: missing, a symlink loop, a
+    directory, not a regular file (a FIFO, a device, a socket would hang or never end), or
+    unreadable."""
     if not path:
         return []
-    if not os.path.exists(path):
-        return [f"{flag_name} {path}: no such file"]
-    if os.path.isdir(path):
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        gone = os.path.islink(path)
+        return [f"{flag_name} {path}: " + ("a symlink to nothing" if gone else "no such file")]
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return [f"{flag_name} {path}: a symlink loop, not a file"]
+        return [f"{flag_name} {path}: cannot be read ({e.strerror})"]
+    if stat.S_ISDIR(mode):
         return [f"{flag_name} {path}: is a directory, not a file"]
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        )
+        return [f"{flag_name} {path}: is {kind}, not a regular file; give a file"]
     if not os.access(path, os.R_OK):
         return [f"{flag_name} {path}: cannot be read (permissions)"]
     return []
@@ -505,7 +523,8 @@ class Interrupted(Exception):
 
 def run_main(work, errors=()):
     """work() with the shared endings: a clear `error:` line and exit 2 for bad settings or
-    data, exit 130 for Ctrl-C (the shell's code for it), 0 when it finished."""
+    data, exit 130 for Ctrl-C (the shell's code for it), 0 when it finished. The last guard
+    turns anything the checks missed into one line too (GAST_TRACEBACK=1 shows it whole)."""
     try:
         work()
     except (ConfigError, FloatingPointError, *errors) as e:
@@ -516,6 +535,78 @@ def run_main(work, errors=()):
         print(e, file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("interrupted; nothing was saved by this run", file=sys.stderr)
+        print("interrupted; what was written before stays on disk", file=sys.stderr)
         return 130
+    except Exception as e:
+        if os.environ.get("GAST_TRACEBACK"):
+            raise
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(
+            f"error: {type(e).__name__}: {reason}{where}. The checks missed this: please "
+            "report it with the command; GAST_TRACEBACK=1 shows the traceback",
+            file=sys.stderr,
+        )
+        return 2
     return 0
+
+
+class OutDirLock:
+    """One run at a time in an out-dir: run.lock holds the pid and host of the run that
+    writes there. A second run is refused at once; a lock whose process is gone (kill -9)
+    is named and taken over. Leftover temporary files of such a run are removed."""
+
+    def __init__(self, out_dir):
+        self.path = os.path.join(out_dir, "run.lock")
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        me = f"{os.getpid()} {socket.gethostname()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pid, host = self.holder()
+                if host == socket.gethostname() and pid is not None and not running(pid):
+                    print(f"note: {self.path} was left by pid {pid}, no longer running: taken over")
+                    os.remove(self.path)
+                    continue
+                raise ConfigError(
+                    f"invalid settings:\n  --out-dir {os.path.dirname(self.path)}: another run "
+                    f"(pid {pid} on {host}) is writing there; wait for it, or give another "
+                    f"--out-dir (a stale lock: remove {self.path})"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            remove_leftovers(os.path.dirname(self.path))
+            return self
+        raise ConfigError(f"invalid settings:\n  {self.path}: cannot take the lock")
+
+    def holder(self):
+        try:
+            pid, host = open(self.path).read().split()
+            return int(pid), host
+        except (OSError, ValueError):
+            return None, "?"
+
+    def __exit__(self, *exc):
+        if self.holder()[0] == os.getpid():
+            os.remove(self.path)
+
+
+def running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_leftovers(folder):
+    """Temporary files of an interrupted atomic_write (name.tmp<pid>.ext) whose process is gone."""
+    for name in os.listdir(folder):
+        found = re.search(r"\.tmp(\d+)(\.|$)", name)
+        if found and not running(int(found.group(1))):
+            os.remove(os.path.join(folder, name))

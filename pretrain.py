@@ -146,8 +146,8 @@ def base_problems(config):
     shape = shape_values(config)
     if shape["n_head"] > 0 and shape["n_embd"] % shape["n_head"]:
         problems.append(f"--n-embd {shape['n_embd']} does not divide by --n-head {shape['n_head']}")
-    if config.init_from and not os.path.exists(config.init_from):
-        problems.append(f"--init-from {config.init_from}: no such file or directory")
+    if config.init_from and not os.path.isdir(config.init_from):  # a GPT-2 folder, or a file
+        problems += file_problems("--init-from", config.init_from)
     problems += file_problems("--pretrain-data", config.pretrain_data)
     # the base that would be pretrained: can a step of it fit?
     if not config.init_from and not problems:
@@ -278,9 +278,9 @@ def pretraining_batches(config, tokenizer, block_size, corpus=None):
     n_held = max(block_size + 1, len(tokens) // 20)
     if len(tokens) - n_held < block_size + 1:
         raise DataError(
-            f"{config.pretrain_data}: {len(tokens)} tokens are too few to pretrain on with a "
-            "context of "
-            f"{block_size} (5% held out); give a longer corpus or a smaller --block-size"
+            f"{config.pretrain_data}: {len(tokens)} token(s), too few to pretrain on with a "
+            f"context of {block_size} (5% held out); give a longer corpus or a smaller "
+            "--block-size"
         )
     train_tokens, held = tokens[:-n_held], tokens[-n_held:]
 

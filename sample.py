@@ -37,10 +37,12 @@ from plumbing import (
     atomic_save,
     autocast_for,
     check_device,
+    file_problems,
     fingerprint,
     like,
     not_negative,
     option,
+    output_problems,
     parse_args,
     pick_device,
     read_checkpoint,
@@ -84,12 +86,22 @@ class SampleConfig:
         "write the base with the adapters merged to this folder as a transformers GPT-2 "
         "(config.json, model.safetensors)",
     )
+    overwrite: bool = option(False, "--merge may replace an existing file (never a run's base)")
     device: str = option("auto", "cpu, cuda ...; auto: cuda when available")
 
 
 def problems(config):
-    out = not_negative(config, "temperature") + (
-        [] if config.n > 0 else [f"--n must be positive, got {config.n}"]
+    out = (
+        not_negative(config, "temperature")
+        + (
+            [
+                f"--temperature {config.temperature:g}: 0 (greedy) or at least 0.001, where "
+                "sampling still has a distribution"
+            ]
+            if 0 < config.temperature < 1e-3
+            else []
+        )
+        + ([] if config.n > 0 else [f"--n must be positive, got {config.n}"])
     )
     out += (
         []
@@ -97,10 +109,13 @@ def problems(config):
         else [f"--max-new-tokens must be positive, got {config.max_new_tokens}"]
     )
     out += [check_device(config.device)] if check_device(config.device) else []
-    if config.data and not os.path.isfile(config.data):
-        out.append(f"--data {config.data}: no such file")
+    out += file_problems("--data", config.data)
     if config.merge and (not config.merge.endswith(".pt") or os.path.isdir(config.merge)):
         out.append(f"--merge {config.merge}: give a .pt file name")
+    elif config.merge:
+        out += output_problems("--merge", config.merge)
+        if os.path.exists(config.merge) and not config.overwrite:
+            out.append(f"--merge {config.merge}: the file exists; --overwrite replaces it")
     out += export_problems("--export-peft", config.export_peft) if config.export_peft else []
     out += export_problems("--export-hf", config.export_hf) if config.export_hf else []
     return out
@@ -136,10 +151,10 @@ def load_run(out_dir, device):
     read_checkpoint(adapter_path, "--out-dir", ("lora_config", "adapter"))
     try:
         load_adapter(model, adapter_path)
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError) as e:  # TypeError: LoRA settings we do not know
         refuse([f"{adapter_path}: does not fit the base model {base} ({e})"])
     settings = types.SimpleNamespace(**ckpt["config"])
-    settings.quiet = True
+    settings.quiet, settings.base = True, base
     return model.to(device).eval(), settings, get_tokenizer(settings.tokenizer)
 
 
@@ -155,6 +170,13 @@ def sample(config):
     model, run, tokenizer = load_run(config.out_dir, device)
     torch.manual_seed(config.seed)
     if config.merge:
+        if os.path.exists(config.merge) and os.path.samefile(config.merge, run.base):
+            refuse(
+                [
+                    f"--merge {config.merge} is the base {config.out_dir} was trained on; "
+                    "writing over it would break the run: give another file"
+                ]
+            )
         atomic_save(
             {"model_config": asdict(model.config), "model": merged_state(model)}, config.merge
         )

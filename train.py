@@ -17,6 +17,7 @@ import os
 import random
 import statistics
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -26,6 +27,7 @@ from data import (
     DataConfig,
     DataError,
     TokenizerUnavailable,
+    check_data,
     collate,
     evaluate,
     get_tokenizer,
@@ -39,6 +41,7 @@ from lora import LoRAConfig, add_lora, adapter_state_dict, save_adapter
 from plumbing import (
     ConfigError,
     Interrupted,
+    OutDirLock,
     atomic_save,
     autocast_for,
     check_out_dir,
@@ -477,10 +480,17 @@ def train(config, split="test", summary=True, dry_run=False):
     elif isinstance(config, dict):
         config = config_from_dict(TrainConfig, config)
     validate(config, n_procs=world()[1])
+    check_data(config)  # before the base is pretrained: bad data costs nothing
     if dry_run:
         return asdict(config)
     device, tokenizer = pick_device(config.device), get_tokenizer(config.tokenizer)
     check_out_dir(config.out_dir, RUN_OUTPUTS, config.resume, config.overwrite)
+    with OutDirLock(config.out_dir) if is_main() else nullcontext():  # one run per out-dir
+        return fine_tune(config, split, summary, device, tokenizer)
+
+
+def fine_tune(config, split, summary, device, tokenizer):
+    """train()'s work, once its settings are checked and its out-dir is its own."""
     ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
     resume = read_resume(config, ckpt_path) if config.resume else None
 

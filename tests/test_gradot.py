@@ -297,7 +297,7 @@ def test_plug_in_puts_the_tuned_adapter_blocks_on_the_original_middle_bit_for_bi
         (["--mlp-keep", "1.5"], "--mlp-keep must be in (0, 1], got 1.5"),
         (
             ["--adapter-blocks", "2"],
-            "--adapter-blocks 2: a model of 4 blocks needs 1 to 1 adapter blocks per side",
+            "--adapter-blocks 2: a model of 4 blocks takes exactly 1 adapter block(s) per side",
         ),
         (["--methods", "gradot,best"], "--methods: unknown best"),
         (["--lexicon", "10001"], "--lexicon must be in [0, 10000], got 10001"),
@@ -373,7 +373,7 @@ def test_ctrl_c_is_one_line_and_exit_130(base, tmp_path, capsys, monkeypatch):
     )
     err = capsys.readouterr().err
     assert (
-        err.strip() == "interrupted; nothing was saved by this run"
+        err.strip() == "interrupted; what was written before stays on disk"
         and not (tmp_path / "gradot.json").exists()
     )
 

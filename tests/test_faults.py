@@ -1,0 +1,184 @@
+"""Bad input and accidents: special files, concurrent runs, overwrites, interrupts and
+what the checks miss. Each case ends in one clear line and an exit code, with nothing
+lost, and a hang fails its test (SIGALRM) instead of stalling the suite."""
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import compare
+import gradot
+import sample
+from conftest import TINY_FLAGS
+from train import main, train
+
+
+@pytest.fixture(autouse=True)
+def at_most_two_minutes():
+    def hung(*_):
+        raise TimeoutError("the case hung")
+
+    signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+
+
+def refused(capsys, argv, runner=main, code=2):
+    assert runner(argv) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 2, err
+    return err
+
+
+def dead_pid():
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    return int(done.stdout)
+
+
+@pytest.mark.parametrize("flag", ["--data", "--pretrain-data", "--init-from"])
+def test_special_files_are_refused_by_name_before_any_work(tmp_path, capsys, flag):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)
+    for path, what in ((fifo, "is a FIFO"), ("/dev/zero", "is a device"), (loop, "symlink loop")):
+        err = refused(capsys, [flag, str(path), "--out-dir", str(tmp_path / "out")])
+        assert what in err and flag in err, err
+    assert not glob.glob(str(tmp_path / "out" / "base-*.pt"))
+
+
+def test_bad_data_is_refused_before_the_base_is_pretrained(tmp_path, capsys):
+    rows = [json.dumps({"prompt": f"q{i}", "completion": "a"}) for i in range(40)]
+    rows[36] = '{"prompt": "q36"}'
+    (tmp_path / "mine.jsonl").write_text("\n".join(rows))
+    err = refused(capsys, ["--data", str(tmp_path / "mine.jsonl"), "--out-dir", str(tmp_path)])
+    assert "mine.jsonl:37: field 'completion' is missing" in err
+    assert not glob.glob(str(tmp_path / "base-*.pt"))  # no pretraining spent on it
+    (tmp_path / "utf16.jsonl").write_bytes("hello".encode("utf-16"))
+    err = refused(capsys, ["--data", str(tmp_path / "utf16.jsonl"), "--out-dir", str(tmp_path)])
+    assert "UTF-16" in err and "save it as UTF-8" in err
+
+
+def test_one_run_per_out_dir_and_a_stale_lock_is_taken_over(tiny, tmp_path, capsys):
+    lock = tmp_path / "run.lock"
+    lock.write_text(f"{os.getpid()} {socket.gethostname()}")  # a live run holds it
+    err = refused(
+        capsys, ["--init-from", tiny().init_from, "--out-dir", str(tmp_path), *TINY_FLAGS]
+    )
+    assert f"another run (pid {os.getpid()} on {socket.gethostname()}) is writing there" in err
+    assert lock.exists() and not (tmp_path / "ckpt.pt").exists()
+    lock.write_text(f"{dead_pid()} {socket.gethostname()}")  # left by a kill -9
+    leftover = tmp_path / f"ckpt.tmp{dead_pid()}.pt"
+    leftover.write_bytes(b"")
+    train(tiny(quiet=False))
+    assert "no longer running: taken over" in capsys.readouterr().out
+    assert not lock.exists() and not leftover.exists() and (tmp_path / "metrics.json").exists()
+
+
+def test_merge_never_replaces_a_file_by_accident_nor_the_runs_base(tiny, tmp_path, capsys):
+    train(tiny(tmp_path / "run"))
+    run = str(tmp_path / "run")
+    existing = tmp_path / "merged.pt"
+    existing.write_bytes(b"mine")
+    err = refused(capsys, ["--out-dir", run, "--merge", str(existing)], sample.main)
+    assert "the file exists; --overwrite replaces it" in err and existing.read_bytes() == b"mine"
+    base = tiny().init_from
+    before = open(base, "rb").read()
+    err = refused(capsys, ["--out-dir", run, "--merge", base, "--overwrite"], sample.main)
+    assert "is the base" in err and open(base, "rb").read() == before
+    assert sample.main(["--out-dir", run, "--merge", str(existing), "--overwrite"]) == 0
+    err = refused(capsys, ["--out-dir", run, "--merge", "/proc/x.pt"], sample.main)
+    assert "--merge /proc/x.pt: cannot write there" in err
+
+
+def test_sample_refuses_a_temperature_with_no_distribution_and_odd_adapters(tiny, tmp_path, capsys):
+    train(tiny(tmp_path / "run"))
+    run = str(tmp_path / "run")
+    err = refused(
+        capsys, ["--out-dir", run, "--prompt", "x", "--temperature", "1e-300"], sample.main
+    )
+    assert "--temperature 1e-300: 0 (greedy) or at least 0.001" in err
+    adapter = torch.load(tmp_path / "run" / "adapter.pt", weights_only=True)
+    adapter["lora_config"]["rank_pattern"] = {}
+    torch.save(adapter, tmp_path / "run" / "adapter.pt")
+    err = refused(capsys, ["--out-dir", run], sample.main)
+    assert "adapter.pt: does not fit the base model" in err
+
+
+def test_what_the_checks_miss_is_one_line_with_a_hint_and_the_traceback_on_request(
+    tiny, tmp_path, capsys, monkeypatch
+):
+    import train as train_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something nobody foresaw")
+
+    monkeypatch.setattr(train_module, "load_task", broken)
+    argv = ["--init-from", tiny().init_from, "--out-dir", str(tmp_path), *TINY_FLAGS]
+    err = refused(capsys, argv)
+    assert "error: RuntimeError: something nobody foresaw" in err and "GAST_TRACEBACK=1" in err
+    monkeypatch.setenv("GAST_TRACEBACK", "1")
+    with pytest.raises(RuntimeError):
+        main(argv)
+    assert not (tmp_path / "run.lock").exists()  # the lock goes with the run
+
+
+def test_a_checkpoint_with_a_nonsense_shape_is_one_line(tmp_path, capsys):
+    torch.save({"model_config": {"n_head": 0, "n_embd": 64}, "model": {}}, tmp_path / "bad.pt")
+    err = refused(capsys, ["--init-from", str(tmp_path / "bad.pt"), "--out-dir", str(tmp_path)])
+    assert "n_head 0: must be at least 1" in err
+
+
+def test_compare_and_gradot_refuse_duplicate_rows_and_impossible_settings(base, tmp_path, capsys):
+    err = refused(capsys, ["--methods", "lora,lora", "--out-dir", str(tmp_path)], compare.main)
+    assert "--methods: lora given twice" in err
+    err = refused(capsys, ["--methods", "", "--out-dir", str(tmp_path)], compare.main)
+    assert "unknown ''" in err
+    for flags, message in [
+        (["--lexicon", "1"], "--lexicon 1: give 0 or at least 30 facts"),
+        (["--batch-size", "5000"], "--batch-size 5000 is larger than the 1000 fine-tuning"),
+        (["--lams", ","], "--lams ',' names no lambda"),
+    ]:
+        err = refused(
+            capsys, ["--init-from", base, "--out-dir", str(tmp_path), *flags], gradot.main
+        )
+        assert message in err, err
+    lrs = tmp_path / "lrs.json"
+    lrs.write_text(json.dumps({"rows": [{"row": "lora", "lr": -1}]}))
+    err = refused(
+        capsys,
+        ["--methods", "lora", "--lrs-from", str(lrs), "--out-dir", str(tmp_path)],
+        compare.main,
+    )
+    assert f"--lrs-from {lrs}: its lrs must be positive (lora -1.0)" in err
+    err = refused(capsys, ["--lrs-from", "/dev/zero", "--out-dir", str(tmp_path)], compare.main)
+    assert "is a device" in err
+
+
+def test_ctrl_c_in_compare_says_how_many_runs_are_recorded_and_how_to_go_on(
+    base, tmp_path, capsys, monkeypatch
+):
+    from test_compare import flags
+
+    real, calls = compare.one_run, []
+
+    def one_run(run_flags, split):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(split)
+        return real(run_flags, split)
+
+    monkeypatch.setattr(compare, "one_run", one_run)
+    argv = ["--methods", "lora", "--seeds", "2", "--lrs", "1e-2", "--out-dir", str(tmp_path)]
+    err = refused(capsys, [*argv, *flags(base)], compare.main, code=130)
+    assert "1 finished run(s) are recorded" in err and "compare.py --resume" in err
