@@ -61,18 +61,15 @@ from plumbing import check_device, memory_problems, output_problems, pick_device
 
 ATTENTION = ("attn.c_attn", "attn.c_proj")
 ATTENTION_AND_MLP = ATTENTION + ("mlp.c_fc", "mlp.c_proj")
-# the model train.py pretrains: 4 blocks, width 64
 MODELS = {  # name: (model shape, LoRA targets, batch sizes by default)
-    "default": (
-        GPTConfig(),
-        ATTENTION,
-        (8, 32, 128),
-    ),
+    # the model train.py pretrains (4 blocks, width 64), adapted as train.py adapts it
+    "default": (GPTConfig(), ATTENTION_AND_MLP, (8, 32, 128)),
     "mid": (GPTConfig(n_layer=8, n_head=8, n_embd=256, block_size=64), ATTENTION_AND_MLP, (32,)),
+    # the shape a one-GPU user runs: 12 blocks, width 768, context 128, the paper's batch
     "gpt2-small": (
         GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=128, vocab_size=50257),
-        ATTENTION,
-        (8, 32),
+        ATTENTION_AND_MLP,
+        (16, 32),
     ),
 }
 WHATS = (
@@ -304,6 +301,92 @@ def summarise(name, B, times, ratios, peaks, n_lora, seq):
     return row
 
 
+# --- where the time of the default step goes ------------------------------------------
+
+
+def profile(spec, B, device, repeats, clock="wall"):
+    """{phase: median ms} of train.py's default GAST step (gast.gast_step by torch.func,
+    4 support rows riding) taken apart, beside a plain LoRA step: the per-sample pass of
+    the batch rows alone and with the support rows, the scores, the draw, the update; the
+    rest (host syncs, Python, the optimizer's share) is the step less those."""
+    from gast import alignment_scores, choose, side_by_side, write_selected_gradients
+    from gast import per_sample_grads_and_losses as per_sample_pass
+    from lora import lora_names_by_block
+
+    model, opt = setup(spec, device)
+    x, y = make_batch(spec[0], B, device)
+    sx, sy = make_batch(spec[0], 4, device, seed=1)  # the support mini-batch
+    config, layers = SelectionConfig(), lora_names_by_block(model)
+    k = max(1, B // 2)
+    generator = torch.Generator().manual_seed(0)
+    bx, by = side_by_side(x, sx, 0), side_by_side(y, sy, IGNORE_INDEX)
+    grads, _ = per_sample_pass(model, bx, by)
+    batch = {n: g[:B] for n, g in grads.items()}
+    support = {n: g[B:].mean(0) for n, g in grads.items()}
+    scores = alignment_scores(batch, layers, support)
+    mask = choose(scores, k, "softmax", 1.0, generator)
+    tuner = SparseTuner(model, config, support_set=make_batch(spec[0], SUPPORT_SET_SIZE, device, 1))
+
+    def plain():
+        opt.zero_grad(set_to_none=True)
+        model(x, y)[1].backward()
+        opt.step()
+
+    def gast_step():
+        tuner.step(x, y)
+        opt.step()
+
+    phases = {
+        "plain LoRA step": plain,
+        "GAST step": gast_step,
+        "per-sample pass, batch rows": lambda: per_sample_pass(model, x, y),
+        "per-sample pass, batch and support rows": lambda: per_sample_pass(model, bx, by),
+        "scores": lambda: alignment_scores(batch, layers, support),
+        "draw": lambda: choose(scores, k, "softmax", 1.0, generator),
+        "update": lambda: write_selected_gradients(model, layers, batch, mask),
+    }
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times = {name: [] for name in phases}
+    for round in range(repeats + 2):  # two rounds of warm-up
+        for name, fn in phases.items():
+            t0 = CLOCKS[clock]()
+            fn()
+            sync()
+            if round >= 2:
+                times[name].append(1000 * (CLOCKS[clock]() - t0))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def format_profile(name, B, ms):
+    """The gap between the GAST step and a plain step, taken apart: the per-sample pass
+    over a plain step, the support rows' share of it, the scores, the draw, the update,
+    and the rest (host syncs, Python around them); the parts add up to the gap."""
+    plain, step = ms["plain LoRA step"], ms["GAST step"]
+    batch_rows = ms["per-sample pass, batch rows"]
+    parts = {
+        "per-sample pass (batch rows) over a plain step": batch_rows - plain,
+        "the 4 support rows in that pass": ms["per-sample pass, batch and support rows"]
+        - batch_rows,
+        "scores": ms["scores"],
+        "draw": ms["draw"],
+        "update": ms["update"],
+    }
+    parts["rest (host syncs, Python)"] = step - plain - sum(parts.values())
+    gap = step - plain
+    lines = [
+        f"\n{name} model, B {B}: plain {plain:.1f} ms, GAST {step:.1f} ms ({step / plain:.2f}x)",
+        "| part of the gap | ms | share of the gap |",
+        "|---|---|---|",
+    ]
+    for part, value in parts.items():
+        lines.append(
+            f"| {part} | {value:.1f} | {value / gap:.0%} |"
+            if gap > 0
+            else f"| {part} | {value:.1f} | - |"
+        )
+    return "\n".join(lines)
+
+
 # --- command line ------------------------------------------------------------------------
 
 
@@ -344,6 +427,11 @@ def parse_args(argv=None):
         "machine)",
     )
     parser.add_argument("--out", default="out/bench.json", help="where the JSON goes")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the ratios: where the default GAST step's time goes, against plain",
+    )
     args = parser.parse_args(argv)
     problems = []
     unknown = [m for m in args.models.split(",") if m and m not in MODELS]
@@ -404,6 +492,17 @@ def main(argv=None):
         f"torch {torch.__version__}",
         flush=True,
     )
+    if args.profile:
+        found = {}
+        for name in names:
+            for B in args.batch_sizes or MODELS[name][2]:
+                found[f"{name} B {B}"] = ms = profile(
+                    MODELS[name], B, device, args.repeats, args.clock
+                )
+                print(format_profile(name, B, ms), flush=True)
+        write_json(args.out, {"device": device, "machine": machine, "profile": found})
+        print(f"\nwrote {args.out}")
+        return 0
     rows = []
     for name in names:
         for B in args.batch_sizes or MODELS[name][2]:

@@ -144,3 +144,14 @@ def test_an_unwritable_out_is_found_before_the_benchmark_runs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--out", str(tmp_path)])  # a directory
     assert "is a directory; give a file name" in capsys.readouterr().err
+
+
+def test_the_profile_takes_the_default_step_apart_and_its_parts_add_up_to_the_gap():
+    ms = bench.profile(bench.MODELS["default"], 8, "cpu", repeats=1)
+    assert all(v > 0 for v in ms.values())
+    assert ms["per-sample pass, batch and support rows"] > 0 and ms["GAST step"] > 0
+    table = bench.format_profile("default", 8, ms)
+    rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| ")][1:]
+    parts = [float(ms_text) for _, ms_text in rows]
+    assert len(parts) == 6  # per-sample pass, support rows, scores, draw, update, rest
+    assert sum(parts) == pytest.approx(ms["GAST step"] - ms["plain LoRA step"], abs=0.35)
