@@ -272,3 +272,18 @@ def test_a_byte_tokenizer_on_a_gpt2_sized_vocabulary_is_refused_before_any_work(
     err = capsys.readouterr().err
     assert "--tokenizer bytes (257 tokens) does not fit" in err and "--tokenizer gpt2" in err
     assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(v) or "gpt2")
+def test_what_transformers_save_pretrained_writes_loads_to_its_logits_where_installed(
+    tmp_path, variant
+):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(**BASE, **variant, bos_token_id=0, eos_token_id=0)
+    theirs = transformers.GPT2LMHeadModel(config).eval()
+    theirs.save_pretrained(tmp_path)  # transformers 5: model.safetensors only
+    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(0, BASE["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[0], theirs(idx).logits, atol=1e-5, rtol=0)
