@@ -189,8 +189,8 @@ def n_targets(example):
 # as the skill whose circuit its answer reuses (echo as copy, inv and rsh as rev, plus2
 # as shift): the base's skills are tied to the absolute positions pretraining put them
 # at, and LoRA does not adapt the position embeddings; for the same reason no answer is
-# longer than its word, and no two names differ in their last letter alone (the README's
-# "The default task" gives what other names and tasks did).
+# longer than its word, and no two names differ in their last letter alone
+# (docs/default-task.md gives what other names and tasks did).
 # A `noise` fraction of the fine-tuning answers is corrupted, flagged noisy: random
 # letters of the right length, or (systematic) another task's answer to the same word,
 # the label confusion a real mixture carries. The evaluation splits are clean and their

@@ -4,7 +4,7 @@ GradOT: offsite tuning with a gradient-preserving emulator, on our small GPT.
 "Training-free Gradient-preserving Offsite-tuning for Large Language Models" (Yao, Tan,
 Gao et al., ACL 2025; arXiv 2507.04455), by GAST's authors. Its method section was not at
 hand; this file follows what third-party summaries and the original offsite-tuning code
-say, and every choice the sources leave open is ours and says so (README, "GradOT").
+say, and every choice the sources leave open is ours and says so (docs/gradot.md).
 
 Offsite tuning: the model owner keeps the model and sends the data owner an *emulator*,
 the model with its middle blocks compressed. The data owner fine-tunes the adapter
@@ -341,7 +341,7 @@ class EmulatorConfig:
     attn_keep: float = 0.5  # share of each middle attention matrix's parameters kept (rank)
     mlp_keep: float = 0.5  # share of each middle MLP's hidden channels kept
     lam_attn: float = (
-        1.0  # lambda for attention (ours; the sweep over 0, 0.3, 1, 3 is in the README)
+        1.0  # lambda for attention (ours; the sweep over 0, 0.3, 1, 3 is in docs/gradot.md)
     )
     lam_mlp: float = 1.0  # lambda for the MLP
     layer_keep: float = 0.5  # layer-drop: share of the middle blocks kept, evenly spaced
