@@ -55,7 +55,7 @@ from pretrain import read_base
 @dataclass
 class SampleConfig:
     out_dir: str = option("out", "the run to use: its ckpt.pt (base and settings) and adapter.pt")
-    prompt: str = option("", "answer this prompt and stop")
+    prompt: str = option(None, "answer this prompt and stop")
     data: str = option(
         "",
         "score the adapter on this file (prompt/completion records, .jsonl or .json, per task "
@@ -110,6 +110,8 @@ def problems(config):
     )
     out += [check_device(config.device)] if check_device(config.device) else []
     out += file_problems("--data", config.data)
+    if config.prompt == "":
+        out.append("--prompt is empty: give the text to continue")
     if config.merge and (not config.merge.endswith(".pt") or os.path.isdir(config.merge)):
         out.append(f"--merge {config.merge}: give a .pt file name")
     elif config.merge:

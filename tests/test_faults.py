@@ -108,6 +108,8 @@ def test_sample_refuses_a_temperature_with_no_distribution_and_odd_adapters(tiny
         capsys, ["--out-dir", run, "--prompt", "x", "--temperature", "1e-300"], sample.main
     )
     assert "--temperature 1e-300: 0 (greedy) or at least 0.001" in err
+    err = refused(capsys, ["--out-dir", run, "--prompt", ""], sample.main)
+    assert "--prompt is empty" in err
     adapter = torch.load(tmp_path / "run" / "adapter.pt", weights_only=True)
     adapter["lora_config"]["rank_pattern"] = {}
     torch.save(adapter, tmp_path / "run" / "adapter.pt")
