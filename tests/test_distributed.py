@@ -152,9 +152,27 @@ def train_straight_and_resumed(base, out):
     return adapters
 
 
+def exit_codes(argv, folder):
+    """train.py's main on every process; each process's exit code and stderr in folder."""
+    import contextlib
+    import io
+    import json
+
+    import train
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = train.main(argv)
+    record = {"code": code, "err": err.getvalue()}
+    with open(os.path.join(folder, f"rank{dist.get_rank()}.json"), "w") as f:
+        json.dump(record, f)
+    return code
+
+
 JOBS = {
     "steps_of_every_method": steps_of_every_method,
     "train_straight_and_resumed": train_straight_and_resumed,
+    "exit_codes": exit_codes,
 }
 
 
@@ -225,3 +243,15 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(base, tmp_pat
     ):
         train.validate(config, n_procs=2)
     train.validate(train.TrainConfig(batch_size=8), n_procs=2)
+
+
+def test_a_failing_check_fails_every_process_with_one_line_and_no_traceback(tmp_path):
+    import json
+
+    argv = ["--pretrain-data", "/dev/zero", "--out-dir", str(tmp_path / "out")]
+    in_processes(2, "exit_codes", tmp_path, argv=argv, folder=str(tmp_path))
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["code"] for r in records] == [2, 2]
+    assert "--pretrain-data /dev/zero: is a device" in records[0]["err"]
+    assert all("Traceback" not in r["err"] for r in records) and records[1]["err"] == ""
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("base-*.pt"))
