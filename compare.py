@@ -792,7 +792,7 @@ def main(argv=None):
                 failed.append(not check_testbed(config, train_flags))
             else:
                 compare(config, train_flags)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Interrupted):  # a run's own message names its ckpt.pt
             done = glob.glob(os.path.join(config.out_dir, "**", "metrics.json"), recursive=True)
             raise Interrupted(
                 f"interrupted; {len(done)} finished run(s) are recorded under {config.out_dir}: "

@@ -20,6 +20,7 @@ import statistics
 import sys
 from contextlib import nullcontext
 from dataclasses import field, fields
+from pickle import UnpicklingError
 
 import torch
 import torch.distributed as dist
@@ -272,11 +273,19 @@ def read_checkpoint(path, flag_name, keys):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        text = str(e)
+        named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if named:  # a pickle that would run code: never loaded, whatever it is
+            reason = (
+                f"it holds a Python object ({named.group(1)}) that is never loaded; only "
+                "tensors and plain data are read"
+            )
+        elif "central directory" in text or isinstance(e, (OSError, EOFError, UnpicklingError)):
+            reason = "the file is truncated or not a torch checkpoint"
+        else:
+            reason = f"{type(e).__name__}: {(text.strip().splitlines() or [''])[0][:160]}"
         raise ConfigError(
-            f"invalid settings:\n  {flag_name} {path}: not a checkpoint that "
-            "torch.load(weights_only=True) "
-            f"reads ({type(e).__name__}: {reason})"
+            f"invalid settings:\n  {flag_name} {path}: not a checkpoint we read ({reason})"
         ) from None
     missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:

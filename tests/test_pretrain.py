@@ -187,11 +187,11 @@ def bad_bases(tmp_path):
     torch.save(argparse.Namespace(payload="anything"), tmp_path / "pickle.pt")
     (tmp_path / "emptydir").mkdir()
     return {
-        "text.pt": "not a checkpoint that torch.load(weights_only=True) reads",
-        "empty.pt": "not a checkpoint that torch.load(weights_only=True) reads",
+        "text.pt": "not a checkpoint we read (the file is truncated or not a torch checkpoint)",
+        "empty.pt": "not a checkpoint we read",
         "tensor.pt": "not a checkpoint of train.py (no model_config, model)",
         "config.pt": "its model_config or weights do not make a GPT",
-        "pickle.pt": "not a checkpoint that torch.load(weights_only=True) reads (UnpicklingError",
+        "pickle.pt": "it holds a Python object (argparse.Namespace) that is never loaded",
         "emptydir": "not a GPT-2 checkpoint we can load",
     }
 
