@@ -184,3 +184,15 @@ def test_ctrl_c_in_compare_says_how_many_runs_are_recorded_and_how_to_go_on(
     argv = ["--methods", "lora", "--seeds", "2", "--lrs", "1e-2", "--out-dir", str(tmp_path)]
     err = refused(capsys, [*argv, *flags(base)], compare.main, code=130)
     assert "1 finished run(s) are recorded" in err and "compare.py --resume" in err
+
+
+def test_a_truncated_checkpoint_and_an_upper_case_suffix_are_understood(tiny, tmp_path, capsys):
+    data = open(tiny().init_from, "rb").read()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])  # as a kill -9 mid-copy leaves it
+    err = refused(capsys, ["--init-from", str(tmp_path / "cut.pt"), "--out-dir", str(tmp_path)])
+    assert "the file is truncated or not a torch checkpoint" in err
+    rows = [json.dumps({"prompt": f"q{i}=", "completion": f"a{i % 3}"}) for i in range(40)]
+    (tmp_path / "UPPER.JSONL").write_text("\n".join(rows))
+    argv = ["--init-from", tiny().init_from, "--out-dir", str(tmp_path / "run"), *TINY_FLAGS]
+    assert main([*argv, "--data", str(tmp_path / "UPPER.JSONL"), "--no-quiet"]) == 0
+    assert "UPPER.JSONL as prompt/completion records" in capsys.readouterr().out
