@@ -671,6 +671,8 @@ def fine_tune(config, split, summary, device, tokenizer):
         write_json(os.path.join(config.out_dir, "metrics.json"), metrics)
         if summary:
             print_summary(metrics)
+    if world()[1] > 1:  # no process leaves before the first has written the run's files
+        torch.distributed.barrier()
     return metrics
 
 
