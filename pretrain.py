@@ -500,6 +500,16 @@ def main(argv=None):
                 f"{model.config.n_layer} blocks, width {model.config.n_embd}, context "
                 f"{model.config.block_size})"
             )
+            skills, made_by = base_skills(path)
+            if skills is not None:  # the table the base is judged by, last
+                print("| skill | exact match on fresh words |\n|---|---|")
+                for skill, score in skills.items():
+                    print(f"| {skill} | {score:.3f} |")
+                print(
+                    f"(pretrained {made_by['steps']} steps in {made_by['starts']} start(s), "
+                    f"torch {made_by['torch']}, {made_by['device']}, {made_by['threads']} "
+                    f"threads, {made_by['dtype']})"
+                )
 
     return run_main(work, (DataError, TokenizerUnavailable))
 

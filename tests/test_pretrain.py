@@ -344,6 +344,9 @@ def test_pretraining_stores_its_skills_and_the_machine_that_made_it(tmp_path, ca
     assert made["device"] == "cpu" and made["dtype"] == "float32" and made["starts"] == 3
     assert made["steps"] == 90  # no skills in 30 steps: three starts
     assert "the base's skills on fresh words: copy " in out
+    table = out.strip().splitlines()[-6:]  # python pretrain.py ends with the skill table
+    assert table[0] == "| skill | exact match on fresh words |" and table[2].startswith("| copy |")
+    assert table[-1].startswith("(pretrained 90 steps in 3 start(s), torch ")
     assert pretrain.base_skills(path) == (ckpt["skills"], made)
 
 
