@@ -822,8 +822,9 @@ def evaluate(
                 prompts = torch.tensor(
                     [examples[j].tokens[:n_prompt] for j in chunk], device=device
                 )
-                n_new = max(len(examples[j].completion) for j in chunk)
-                n_new = max_new_tokens if with_answers else n_new
+                # a response to search for its answer, or just the reference's length
+                longest = max(len(examples[j].completion) for j in chunk)
+                n_new = max_new_tokens if with_answers else longest
                 with autocast_for(device):
                     out = model.generate(prompts, n_new, temperature=0)[:, n_prompt:].tolist()
                 for j, generated in zip(chunk, out):
@@ -834,8 +835,8 @@ def evaluate(
                     if reference[-1:] == [tokenizer.eot_token]:
                         reference = reference[:-1]
                     hits[j] = generated[: len(reference)] == reference
-                    response = decode(tokenizer, until_end(generated, tokenizer.eot_token))
-                    if with_answers:
+                    if with_answers:  # decoded only here: exact match compares token ids
+                        response = decode(tokenizer, until_end(generated, tokenizer.eot_token))
                         found = finders[e.task].search(response)
                         right[j] = found is not None and found.group(1) == e.answer
                     if len(answers) < n_answers:

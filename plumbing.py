@@ -571,7 +571,7 @@ class OutDirLock:
     def __enter__(self):
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         me = f"{os.getpid()} {socket.gethostname()}"
-        for _ in range(2):
+        for _ in range(2):  # a stale lock is removed once, then the lock is taken
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
