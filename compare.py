@@ -198,6 +198,21 @@ def one_run(flags, split):
         }
 
 
+def runs_in(calls, jobs):
+    """Yield (i, one_run(*calls[i])) as each run ends: here, one after another, with jobs 1;
+    else in `jobs` fresh processes of one thread each."""
+    if jobs == 1:
+        yield from ((i, one_run(*call)) for i, call in enumerate(calls))
+        return
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(
+        jobs, mp_context=spawn, initializer=torch.set_num_threads, initargs=(1,)
+    ) as pool:
+        futures = {pool.submit(one_run, *call): i for i, call in enumerate(calls)}
+        for future in concurrent.futures.as_completed(futures):
+            yield futures[future], future.result()
+
+
 def recorded_run(flags, split):
     """The metrics of a run recorded earlier with exactly these settings (its metrics.json),
     or None."""
@@ -284,23 +299,10 @@ def compare(config, train_flags=()):
                 results[i] = finished(spec[0], spec[-1], recorded, reused=True)
             else:
                 todo.append(i)
-        if config.jobs == 1:
-            for i in todo:
-                results[i] = finished(
-                    specs[i][0],
-                    specs[i][-1],
-                    one_run(flags_of(*specs[i]), specs[i][-1]),
-                    reused=False,
-                )
-            return results
-        spawn = multiprocessing.get_context("spawn")  # fresh processes, one thread each
-        with concurrent.futures.ProcessPoolExecutor(
-            config.jobs, mp_context=spawn, initializer=torch.set_num_threads, initargs=(1,)
-        ) as pool:
-            futures = {pool.submit(one_run, flags_of(*specs[i]), specs[i][-1]): i for i in todo}
-            for future in concurrent.futures.as_completed(futures):
-                i = futures[future]
-                results[i] = finished(specs[i][0], specs[i][-1], future.result(), reused=False)
+        calls = [(flags_of(*specs[i]), specs[i][-1]) for i in todo]
+        for j, metrics in runs_in(calls, config.jobs):
+            i = todo[j]
+            results[i] = finished(specs[i][0], specs[i][-1], metrics, reused=False)
         return results
 
     rows_wanted = rows_of(config)
@@ -389,7 +391,7 @@ DEFAULT_RUN_SECONDS = 180  # python train.py with no arguments, pretraining incl
 
 def testbed_specs():
     """(pretrain seed, pretraining threads, noise, noise kind, seed) of every run the check
-    makes; the fine-tuning runs at this process's threads."""
+    makes; the fine-tuning runs at this process's threads (--jobs 1) or at one thread each."""
     specs = []
     for base in TESTBED_BASES:
         specs += [
@@ -432,9 +434,10 @@ def check_testbed(config, train_flags=(), specs=None, time_default_run=True):
         finally:
             torch.set_num_threads(threads_before)
     print(format_bases(bases), flush=True)
+    flags_of, recorded, runs, todo = {}, {}, [None] * len(specs), []
     for i, (base, threads, noise, kind, seed) in enumerate(specs):
         name = f"base{base}-threads{threads}-noise{noise:g}-{kind}-seed{seed}"
-        flags = [
+        flags_of[i] = [
             *train_flags,
             "--method",
             "lora",
@@ -453,23 +456,32 @@ def check_testbed(config, train_flags=(), specs=None, time_default_run=True):
             "--out-dir",
             os.path.join(config.out_dir, "testbed", name),
         ]
-        metrics = config.resume and recorded_run(flags, "test") or one_run(flags, "test")
-        runs.append(
-            {
-                **metrics,
-                "pretrain_seed": base,
-                "threads": threads,
-                "noise": noise,
-                "noise_kind": kind,
-            }
-        )
+        recorded[i] = config.resume and recorded_run(flags_of[i], "test")
+        if not recorded[i]:
+            todo.append(i)
+
+    def finished(i, metrics):
+        base, threads, noise, kind, seed = specs[i]
+        runs[i] = {
+            **metrics,
+            "pretrain_seed": base,
+            "threads": threads,
+            "noise": noise,
+            "noise_kind": kind,
+        }
+        done = sum(r is not None for r in runs)
         elapsed = time.time() - t0
         print(
-            f"  [{i + 1}/{len(specs)}] {name}: exact match {metrics['exact_match'] or 0:.3f} loss "
-            f"{metrics['val_loss']:.4f} "
-            f"({elapsed:.0f}s so far, eta {elapsed / (i + 1) * (len(specs) - i - 1):.0f}s)",
+            f"  [{done}/{len(specs)}] {os.path.basename(flags_of[i][-1])}: exact match "
+            f"{metrics['exact_match'] or 0:.3f} loss {metrics['val_loss']:.4f} "
+            f"({elapsed:.0f}s so far)",
             flush=True,
         )
+
+    for i in sorted(set(range(len(specs))) - set(todo)):  # recorded before: read back
+        finished(i, recorded[i])
+    for j, metrics in runs_in([(flags_of[i], "test") for i in todo], config.jobs):
+        finished(todo[j], metrics)
     checks = testbed_checks(runs)
     if time_default_run:
         checks.append(time_python_train())

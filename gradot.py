@@ -331,6 +331,7 @@ def prune_mlp(mlp, fc_stats, proj_stats, keep, lam, rule):
 
 
 EMULATORS = ("gradot", "gradot-lambda0", "magnitude", "layer-drop")
+RSH_SAMPLES = 1000  # fine-tuning samples of the default protocol's task, rsh
 
 
 @dataclass
@@ -583,7 +584,7 @@ def validate(config):
             "tested, a sixth are dev, the rest are fine-tuned on)"
         )
     n = config.lexicon
-    n_train = n - min(config.eval_samples, n // 3) - n // 6 if n else 1000  # as run() splits
+    n_train = n - min(config.eval_samples, n // 3) - n // 6 if n else RSH_SAMPLES  # as run() splits
     if config.batch_size > n_train and (not n or n >= 30):
         problems.append(
             f"--batch-size {config.batch_size} is larger than the {n_train} fine-tuning samples"
@@ -649,7 +650,9 @@ def run(config):
         skills = skill_examples(tokenizer, config.eval_samples)
         # one task of the mixture, rsh (rev, then shift), the protocol's fine-tuning task
         tasks = [
-            make_default_task(tokenizer, noise=config.noise, seed=seed, tasks=("rsh",))
+            make_default_task(
+                tokenizer, n_train=RSH_SAMPLES, noise=config.noise, seed=seed, tasks=("rsh",)
+            )
             for seed in range(config.seeds)
         ]
     score = lambda model, examples: evaluate(

@@ -492,7 +492,9 @@ def test_lambda_is_chosen_on_the_dev_split_by_the_largest_gap(base, tmp_path, ca
     )
     from data import make_default_task
 
-    dev = make_default_task(get_tokenizer(), seed=0, tasks=("rsh",)).dev[:8]
+    dev = make_default_task(
+        get_tokenizer(), n_train=gradot.RSH_SAMPLES, seed=0, tasks=("rsh",)
+    ).dev[:8]
     # two lambdas, each scored on the emulator and plugged in
     assert sum(examples == dev for examples in scored) == 4
     assert f"gradot (lambda {row['lambda']:g}, chosen on dev)" in capsys.readouterr().out
