@@ -434,30 +434,34 @@ def check_testbed(config, train_flags=(), specs=None, time_default_run=True):
         finally:
             torch.set_num_threads(threads_before)
     print(format_bases(bases), flush=True)
-    flags_of, recorded, runs, todo = {}, {}, [None] * len(specs), []
+    flags_of, recorded, runs, todo = [], {}, [None] * len(specs), []
     for i, (base, threads, noise, kind, seed) in enumerate(specs):
         name = f"base{base}-threads{threads}-noise{noise:g}-{kind}-seed{seed}"
-        flags_of[i] = [
-            *train_flags,
-            "--method",
-            "lora",
-            "--noise",
-            repr(noise),
-            "--noise-kind",
-            kind,
-            "--seed",
-            str(seed),
-            "--init-from",
-            bases[base, threads],
-            "--quiet",
-            "--no-resume",
-            "--no-picture",
-            "--overwrite",
-            "--out-dir",
-            os.path.join(config.out_dir, "testbed", name),
-        ]
-        recorded[i] = config.resume and recorded_run(flags_of[i], "test")
-        if not recorded[i]:
+        flags_of.append(
+            [
+                *train_flags,
+                "--method",
+                "lora",
+                "--noise",
+                repr(noise),
+                "--noise-kind",
+                kind,
+                "--seed",
+                str(seed),
+                "--init-from",
+                bases[base, threads],
+                "--quiet",
+                "--no-resume",
+                "--no-picture",
+                "--overwrite",
+                "--out-dir",
+                os.path.join(config.out_dir, "testbed", name),
+            ]
+        )
+        metrics = config.resume and recorded_run(flags_of[i], "test")
+        if metrics:
+            recorded[i] = metrics
+        else:
             todo.append(i)
 
     def finished(i, metrics):
@@ -478,8 +482,8 @@ def check_testbed(config, train_flags=(), specs=None, time_default_run=True):
             flush=True,
         )
 
-    for i in sorted(set(range(len(specs))) - set(todo)):  # recorded before: read back
-        finished(i, recorded[i])
+    for i, metrics in recorded.items():  # recorded before: read back
+        finished(i, metrics)
     for j, metrics in runs_in([(flags_of[i], "test") for i in todo], config.jobs):
         finished(todo[j], metrics)
     checks = testbed_checks(runs)
