@@ -205,24 +205,29 @@ def choose(scores, k, selection="softmax", temperature=1.0, generator=None, nois
 # Step 5. The update: each layer's mean gradient over its own drawn samples
 
 
-def masked_mean(grad, row, columns=slice(None)):
-    """The mean of grad's samples where row (B,) is true: (B_local, *p.shape) -> like p.
+def selection_weights(mask):
+    """(L, B) float: 1/k on each block's drawn samples, 0 elsewhere, so that the update is
+    the mean over them, at the scale of a plain LoRA step (ours; the reading does not say)."""
+    return mask / mask.sum(dim=-1, keepdim=True).clamp(min=1)
 
-    The scale of a plain LoRA step (ours; the reading does not say). columns: which of the
-    B samples grad holds (under torchrun, this process's; the processes' sums add up).
-    """
-    weights = row.to(torch.float32) / row.sum().clamp(min=1)  # 1/k on the drawn samples
-    return torch.tensordot(weights[columns].to(grad.dtype), grad, dims=1)
+
+def masked_mean(grad, weights):
+    """sum_i weights[i] g[i]: (B_local, *p.shape) -> like p. weights: a row of
+    selection_weights, over the samples grad holds (under torchrun, this process's; the
+    processes' sums add up)."""
+    return torch.tensordot(weights.to(grad.dtype), grad, dims=1)
 
 
 def write_selected_gradients(model, layers, grads, mask, columns=slice(None)):
     """p.grad = the mean of g[l, i] over block l's drawn samples; None where it drew none
-    (AdamW then skips the parameter: no moment update, no weight decay)."""
+    (AdamW then skips the parameter: no moment update, no weight decay). columns: which of
+    the B samples grads hold."""
     params = dict(model.named_parameters())
+    weights = selection_weights(mask)[:, columns]  # (L, B_local), built once for all blocks
+    drew = mask.any(dim=-1).tolist()  # one host sync per step, not one per parameter
     for l, names in enumerate(layers):
         for name in names:
-            drew = bool(mask[l].any())
-            params[name].grad = masked_mean(grads[name], mask[l], columns) if drew else None
+            params[name].grad = masked_mean(grads[name], weights[l]) if drew[l] else None
 
 
 # ---------------------------------------------------------------------------------------

@@ -18,7 +18,14 @@ from contextlib import contextmanager
 import torch
 
 from collectives import all_gather_columns, batch_mean
-from gast import choose, gumbel, masked_mean, samples_per_layer, side_by_side
+from gast import (
+    choose,
+    gumbel,
+    masked_mean,
+    samples_per_layer,
+    selection_weights,
+    side_by_side,
+)
 from lora import LoRALinear, block_index, lora_names_by_block
 from model import IGNORE_INDEX
 
@@ -129,8 +136,9 @@ def gast_by_blocks(model, inputs, targets, support, config, generator, B=None, c
         mask[l] = choose(
             scores[l : l + 1], k, config.selection, config.temperature, noise=row_noise
         )[0]  # this block's row of step 4
+        weights = selection_weights(mask[l : l + 1])[0, columns]
         for n in names:
-            update[n] = masked_mean(g[n], mask[l], columns)  # step 5
+            update[n] = masked_mean(g[n], weights)  # step 5
 
     model.zero_grad(set_to_none=True)
     with recording_per_sample_grads(model, on_block):
@@ -149,11 +157,12 @@ def second_pass(model, inputs, targets, mask):
     gradients kept since pass 1. Each block's per-sample gradients are reduced as soon as
     the backward has finished that block, so none outlive it."""
     drawn = mask.any(dim=0)  # (B,): the rows pass 2 runs
+    weights, drew = selection_weights(mask)[:, drawn], mask.any(dim=-1).tolist()
     update = {}
 
     def on_block(l, grads):
         for name, g in grads.items():  # g: (B_drawn, *p.shape)
-            update[name] = masked_mean(g, mask[l], drawn) if mask[l].any() else None
+            update[name] = masked_mean(g, weights[l]) if drew[l] else None
 
     model.zero_grad(set_to_none=True)
     with recording_per_sample_grads(model, on_block):
