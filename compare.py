@@ -357,6 +357,15 @@ def compare(config, train_flags=()):
     )
     if format_task_table(rows):
         say(f"\nexact match per task (test split, mean over seeds):\n{format_task_table(rows)}")
+    say(f"\nheld-out loss while training (mean over seeds):\n{format_curves(rows)}")
+    if dev_runs:
+        say(f"\nthe lr choice (dev loss, seed 0; the lowest wins):\n{format_lr_choice(dev_runs)}")
+    pairs = ablation_pairs(rows, runs)
+    if pairs:
+        say(
+            f"\nthe ablation's pairs, seed by seed (the same data and batches):\n"
+            f"{format_pairs(pairs)}"
+        )
     if is_main():
         path = os.path.join(config.out_dir, "compare")
         write_json(
@@ -364,6 +373,7 @@ def compare(config, train_flags=()):
             {
                 "config": {**asdict(config), "train": runs[0]["config"]},
                 "rows": rows,
+                "pairs": pairs,
                 "runs": runs,
                 "dev_runs": dev_runs,
             },
@@ -623,9 +633,10 @@ T_975 = {
 }
 
 
-def paired_difference(runs, lora_runs):
+def paired_difference(runs, lora_runs, against="lora"):
     """Mean per-seed difference of exact match (and of held-out loss) to lora's run of the
-    same seed, with a 95% interval from Student's t over the seeds (None with one seed)."""
+    same seed (or another row's: against), with a 95% interval from Student's t over the
+    seeds (None with one seed)."""
     out = {}
     for key in ("exact_match", "val_loss"):
         by_seed = {r["seed"]: r[key] for r in lora_runs if r.get(key) is not None}
@@ -640,8 +651,56 @@ def paired_difference(runs, lora_runs):
             if len(diffs) > 1
             else None
         )
-        out[f"{key}_vs_lora"], out[f"{key}_vs_lora_ci95"] = mean, half
+        out[f"{key}_vs_{against}"], out[f"{key}_vs_{against}_ci95"] = mean, half
     return out
+
+
+# The ablation's questions, each a pair of rows compared seed by seed: the paper's softmax
+# against its two ablations, and what a trusted support adds to it.
+ABLATION_PAIRS = (("gast", "gast:random"), ("gast", "gast:topk"), ("gast:heldout", "gast"))
+
+
+def ablation_pairs(rows, runs):
+    """[{pair, lr, exact_match_vs, ..._ci95, val_loss_vs, ..._ci95}] for each of
+    ABLATION_PAIRS whose rows are both in the table; paired only where the two rows ran at
+    the same lr (else lr is None): a difference of lrs is not the rule's."""
+    lr_of = {r["row"]: r["lr"] for r in rows}
+    out = []
+    for a, b in ABLATION_PAIRS:
+        if a not in lr_of or b not in lr_of:
+            continue
+        pair = {"pair": f"{a} - {b}", "lrs": (lr_of[a], lr_of[b])}
+        if lr_of[a] == lr_of[b]:
+            diff = paired_difference(
+                [r for r in runs if r["row"] == a], [r for r in runs if r["row"] == b], "b"
+            )
+            pair.update({k.replace("_vs_b", "_vs"): v for k, v in diff.items()})
+        out.append(pair)
+    return out
+
+
+def format_pairs(pairs):
+    """The ablation pairs as a table: exact match and held-out loss, paired over seeds."""
+
+    def diff(p, key):
+        mean, half = p.get(f"{key}_vs"), p.get(f"{key}_vs_ci95")
+        return (
+            "n/a" if mean is None else f"{mean:+.4f}" + ("" if half is None else f" ± {half:.4f}")
+        )
+
+    lines = [
+        "| pair | lr | exact match (paired, 95%) | held-out loss (paired, 95%) |",
+        "|---|---|---|---|",
+    ]
+    for p in pairs:
+        a, b = p["lrs"]
+        if a != b:
+            lines.append(f"| {p['pair']} | {a:g} vs {b:g} | not paired: the lrs differ | - |")
+        else:
+            lines.append(
+                f"| {p['pair']} | {a:g} | {diff(p, 'exact_match')} | {diff(p, 'val_loss')} |"
+            )
+    return "\n".join(lines)
 
 
 def summarise(label, lr, runs):
@@ -709,28 +768,56 @@ def format_table(rows):
     def rate(value):  # nan: the data carries no noisy flags
         return "-" if math.isnan(value) else f"{value:.2f}"
 
-    def versus(r):  # the paired difference to lora, with its 95% interval
-        mean, half = r.get("exact_match_vs_lora"), r.get("exact_match_vs_lora_ci95")
+    def versus(r, key, digits):  # the paired difference to lora, with its 95% interval
+        mean, half = r.get(f"{key}_vs_lora"), r.get(f"{key}_vs_lora_ci95")
         return (
             "-"
             if mean is None or r["row"] == "lora"
-            else f"{mean:+.3f}" + ("" if half is None else f" ± {half:.3f}")
+            else f"{mean:+.{digits}f}" + ("" if half is None else f" ± {half:.{digits}f}")
         )
 
     lines = [
         "| row | selection | support | lr | exact match | vs lora (paired, 95%) | held-out loss | "
-        "coverage | noisy taken | "
-        "clean taken | ms/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "vs lora (paired, 95%) | coverage | noisy taken | clean taken | ms/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['row']} | {r['selection'] or '-'} | {r['support'] or '-'} | {r['lr']:g} | "
-            f"{pm(r['exact_match'], r['exact_match_sd'], 3)} | {versus(r)} | "
-            f"{pm(r['val_loss'], r['val_loss_sd'], 3)} | "
+            f"{pm(r['exact_match'], r['exact_match_sd'], 3)} | {versus(r, 'exact_match', 3)} | "
+            f"{pm(r['val_loss'], r['val_loss_sd'], 4)} | {versus(r, 'val_loss', 4)} | "
             f"{r['coverage']:.2f} | {rate(r['noisy_selected'])} | {rate(r['clean_selected'])} | "
             f"{r['ms_per_step']:.0f} |"
         )
+    return "\n".join(lines)
+
+
+def format_curves(rows):
+    """Each row's held-out loss at every evaluation step, the mean over seeds."""
+    steps = sorted({p["step"] for r in rows for p in r["curve"]})
+    lines = [
+        "| row | " + " | ".join(f"step {s}" for s in steps) + " |",
+        "|---" * (len(steps) + 1) + "|",
+    ]
+    for r in rows:
+        at = {p["step"]: p["mean"] for p in r["curve"]}
+        cells = [f"{at[s]:.4f}" if s in at else "-" for s in steps]
+        lines.append(f"| {r['row']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_lr_choice(dev_runs):
+    """Each row's dev loss at every lr tried; the chosen one in bold."""
+    lines = []
+    for label in dict.fromkeys(m["row"] for m in dev_runs):
+        tried = [m for m in dev_runs if m["row"] == label]
+        best = min(tried, key=lambda m: (m.get("diverged", False), m["val_loss"]))
+        cells = [
+            (f"**{m['val_loss']:.4f}**" if m is best else f"{m['val_loss']:.4f}")
+            + f" ({m['lr']:g})"
+            for m in tried
+        ]
+        lines.append(f"{label}: " + ", ".join(cells))
     return "\n".join(lines)
 
 

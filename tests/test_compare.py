@@ -353,3 +353,25 @@ def test_lrs_from_reuses_the_lr_each_row_chose_in_an_earlier_comparison(base, tm
         f"--lrs-from {earlier} has no row ist" in err
         and not (tmp_path / "d" / "compare.json").exists()
     )
+
+
+def test_the_ablation_pairs_are_paired_by_seed_and_only_at_one_lr():
+    def run(row, seed, em, loss):
+        return {"row": row, "seed": seed, "exact_match": em, "val_loss": loss}
+
+    runs = [run("gast", 0, 0.9, 0.20), run("gast", 1, 0.8, 0.30)]
+    runs += [run("gast:random", 0, 0.7, 0.25), run("gast:random", 1, 0.7, 0.31)]
+    runs += [run("gast:topk", s, 0.5, 0.5) for s in (0, 1)]
+    rows = [{"row": "gast", "lr": 1e-2}, {"row": "gast:random", "lr": 1e-2}]
+    rows += [{"row": "gast:topk", "lr": 3e-3}, {"row": "lora", "lr": 1e-2}]
+    pairs = compare_module.ablation_pairs(rows, runs)
+    # gast:heldout is not in the table, so its pair is left out
+    assert [p["pair"] for p in pairs] == ["gast - gast:random", "gast - gast:topk"]
+    softmax_random, softmax_topk = pairs
+    assert softmax_random["exact_match_vs"] == pytest.approx(0.15)  # (0.2 + 0.1) / 2
+    assert softmax_random["val_loss_vs"] == pytest.approx(-0.03)  # (-0.05 - 0.01) / 2
+    assert softmax_random["exact_match_vs_ci95"] == pytest.approx(12.706 * 0.1 / 2**0.5 / 2**0.5)
+    assert "exact_match_vs" not in softmax_topk  # 1e-2 against 3e-3: not the rule's doing
+    table = compare_module.format_pairs(pairs)
+    assert "| gast - gast:random | 0.01 | +0.1500 ± " in table
+    assert "| gast - gast:topk | 0.01 vs 0.003 | not paired: the lrs differ | - |" in table
