@@ -57,7 +57,15 @@ from methods import SelectionConfig, SparseTuner
 from per_sample import per_sample_grads_by_hooks, second_pass
 from lora import LoRAConfig, add_lora
 from model import GPT, IGNORE_INDEX, GPTConfig, training_memory
-from plumbing import check_device, memory_problems, output_problems, pick_device, write_json
+from plumbing import (
+    check_device,
+    memory_problems,
+    output_problems,
+    pick_device,
+    pyplot,
+    save_figure,
+    write_json,
+)
 
 ATTENTION = ("attn.c_attn", "attn.c_proj")
 ATTENTION_AND_MLP = ATTENTION + ("mlp.c_fc", "mlp.c_proj")
@@ -387,6 +395,39 @@ def format_profile(name, B, ms):
     return "\n".join(lines)
 
 
+# --- the picture --------------------------------------------------------------------------
+
+# The bars that the picture draws: train.py's default step, its faster paths, and the
+# floor (B + 4) / B that 4 support rows riding beside B batch rows set.
+PICTURED = ("gast_default", "gast_hooks", "gast_blocks", "gast_twopass")
+
+
+def plot_ratios(rows, path, title):
+    """Each row's GAST steps as bars of their ratio to a plain step (median, min-max), with
+    the (B + 4) / B floor marked."""
+    plt = pyplot()
+    if plt is None or not rows:
+        return
+    fig, ax = plt.subplots(figsize=(1.6 + 1.9 * len(rows), 3.4))
+    width = 0.8 / len(PICTURED)
+    for j, what in enumerate(PICTURED):
+        xs = [i + (j - (len(PICTURED) - 1) / 2) * width for i in range(len(rows))]
+        ratio = [r[f"{what}_x"] for r in rows]
+        low = [x - r[f"{what}_x_spread"][0] for x, r in zip(ratio, rows)]
+        high = [r[f"{what}_x_spread"][1] - x for x, r in zip(ratio, rows)]
+        ax.bar(xs, ratio, width, yerr=[low, high], capsize=3, label=what)
+    for i, r in enumerate(rows):
+        floor = (r["batch"] + 4) / r["batch"]
+        ax.hlines(floor, i - 0.45, i + 0.45, colors="k", linestyles="dotted")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(rows)), [f"{r['model']}, B {r['batch']}" for r in rows])
+    ax.set_ylabel("time over a plain LoRA step")
+    ax.set_title(f"{title} (dotted: the (B + 4) / B floor)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(plt, fig, path)
+
+
 # --- command line ------------------------------------------------------------------------
 
 
@@ -570,7 +611,9 @@ def main(argv=None):
             "rows": rows,
         },
     )
-    print(f"\nwritten to {args.out}")
+    picture = os.path.splitext(args.out)[0] + ".png"
+    plot_ratios(rows, picture, f"{machine}, {args.threads} threads, torch {torch.__version__}")
+    print(f"\nwritten to {args.out} and {picture}")
     return 0
 
 

@@ -111,6 +111,8 @@ def test_a_tiny_model_end_to_end_writes_every_field(tmp_path, monkeypatch, capsy
         assert row[f"{what}_x_spread"][0] <= row[f"{what}_x"] <= row[f"{what}_x_spread"][1]
         assert row[f"{what}_mem_mib"] >= 0
     assert "1 torch threads" in capsys.readouterr().out
+    picture = tmp_path / "bench.png"  # beside the JSON, a PNG of the ratios
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 1000
 
 
 @pytest.mark.parametrize(
