@@ -298,7 +298,7 @@ def wrong_answer(word, task, kind, rng, tasks=tuple(TASKS)):
 
 def make_default_task(
     tokenizer,
-    n_train=1000,
+    n_train=6400,
     n_val=200,
     noise=0.2,
     seed=0,
@@ -623,8 +623,9 @@ class DataConfig:
         f"default task: the tasks mixed, comma-separated ({', '.join(TASKS)}); all: every one",
     )
     n_train: int = option(
-        1000,
-        "default task: fine-tuning samples (6,400: --steps 600 of 32 are the paper's 3 epochs)",
+        6400,
+        "default task: fine-tuning samples (--steps 600 of 32 over 6,400 are the paper's 3 "
+        "epochs)",
     )
     n_val: int = option(200, "default task: clean held-out samples")
 
