@@ -1,7 +1,7 @@
 """
 GAST: Gradient-aligned Sparse Tuning (Yao et al., EACL 2026), the rule and nothing else.
 
-Read it beside the paper's Algorithm 1 (section 3.2) or the README's "The rule". Each
+Read it beside the paper's Algorithm 1 (section 3.2), or docs/rule.md (the rule in full). Each
 step every layer l (all LoRA parameters of block l) learns from its own k of the B samples:
 
   1. per-sample gradients g[l, i] of the adapters, by torch.func;

@@ -2,7 +2,7 @@
 A small GPT-2-style decoder, written to be read.
 
 The shape of nanoGPT's model.py, with three things GAST needs:
-  1. the loss of GAST's rule (README, "The rule"): each sample's mean token loss, then the mean
+  1. the loss of GAST's rule (docs/rule.md): each sample's mean token loss, then the mean
      over samples, with the per-sample losses available (reduction="none");
   2. an attention path that torch.func.vmap can batch (fused=False), beside the fused
      scaled_dot_product_attention used for ordinary passes;
@@ -159,7 +159,7 @@ def per_sample_loss(logits, targets):
     """Mean cross-entropy over each sample's target tokens: (B, T, V), (B, T) -> (B,).
 
     Positions with target IGNORE_INDEX carry no loss. The batch loss of GAST's rule
-    (README, "The rule") is the mean of these, so the batch gradient is exactly the mean of
+    (docs/rule.md) is the mean of these, so the batch gradient is exactly the mean of
     per-sample gradients.
     A sample with no target token gets loss 0 (data.py never makes one).
     """

@@ -691,7 +691,7 @@ def test_ist_trials_suppress_distinct_sets_of_layers(monkeypatch):
     assert len(seen) == 6 and len(set(seen)) == 6
 
 
-# --- the paper's rule: the softmax draw (README "The rule", invariants I1-I6, I10) ---
+# --- the paper's rule: the softmax draw (docs/rule.md, invariants I1-I6, I10) ---
 
 
 def enumerated_inclusion(z, k):
