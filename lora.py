@@ -88,7 +88,8 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.r, self.alpha = r, alpha
         self.scaling = alpha / r
-        self.lora_dropout = nn.Dropout(dropout)
+        # at p 0 no op at all: under vmap even a Dropout of p 0 draws a mask per sample
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
     def delta_weight(self):

@@ -77,14 +77,20 @@ def training_memory(config, batch_size, full=True):
     return 4 * (weights * (4 if full else 1) + batch_size * per_sample)
 
 
+def dropout(p):
+    """nn.Dropout(p), or nn.Identity at p 0: under vmap (randomness="different", gast.py's
+    per-sample pass) a Dropout even of p 0 draws a mask for every sample, a cost for nothing."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx=0):
         super().__init__()
         # one fused projection for query, key and value, as in GPT-2 (its name is c_attn)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = nn.Dropout(config.dropout)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.attn_dropout = dropout(config.dropout)
+        self.resid_dropout = dropout(config.dropout)
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
@@ -132,7 +138,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
         self.gelu = ACTIVATIONS[config.activation]()  # GPT-2's: the tanh GELU
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = dropout(config.dropout)
 
     def forward(self, x):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
@@ -179,7 +185,7 @@ class GPT(nn.Module):
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
+                drop=dropout(config.dropout),
                 h=nn.ModuleList([Block(config, l) for l in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
             )

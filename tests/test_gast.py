@@ -180,6 +180,22 @@ def test_I8_per_sample_grads_match_single_sample_backward_and_the_batch_gradient
         torch.testing.assert_close(chunked[n], grads[n])
 
 
+def test_without_dropout_the_per_sample_pass_draws_no_random_numbers():
+    # under vmap (randomness="different") a Dropout even of p 0 drew a mask per sample: a
+    # cost for nothing; at p 0 the model and the adapters hold no Dropout at all
+    model = lora_model().train()
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    x, y = batch(6)
+    before = torch.get_rng_state()
+    per_sample_grads_and_losses(model, x, y)
+    assert torch.equal(torch.get_rng_state(), before)
+    with_dropout = add_lora(
+        GPT(TINY), LoRAConfig(r=2, alpha=4, dropout=0.1, targets=ATTENTION), verbose=False
+    ).train()
+    per_sample_grads_and_losses(with_dropout, x, y)  # p 0.1: its masks are drawn
+    assert not torch.equal(torch.get_rng_state(), before)
+
+
 def test_per_sample_losses_are_the_models_per_sample_losses():
     model = lora_model()
     x, y = batch(4)
