@@ -508,7 +508,7 @@ def main(argv=None):
                 print(
                     f"(pretrained {made_by['steps']} steps in {made_by['starts']} start(s), "
                     f"torch {made_by['torch']}, {made_by['device']}, {made_by['threads']} "
-                    f"threads, {made_by['dtype']})"
+                    f"thread(s), {made_by['dtype']})"
                 )
 
     return run_main(work, (DataError, TokenizerUnavailable))

@@ -199,7 +199,7 @@ def check_skills(config, model, base_path, tokenizer, device):
         if made_by is None
         else (
             f" (pretrained {made_by['steps']} steps with torch {made_by['torch']} on "
-            f"{made_by['device']}, {made_by['threads']} threads, {made_by['dtype']})"
+            f"{made_by['device']}, {made_by['threads']} thread(s), {made_by['dtype']})"
         )
     )
     say(config, f"the base's skills on fresh words: {skill_line(skills)}{made}")
