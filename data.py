@@ -624,8 +624,7 @@ class DataConfig:
     )
     n_train: int = option(
         6400,
-        "default task: fine-tuning samples (--steps 600 of 32 over 6,400 are the paper's 3 "
-        "epochs)",
+        "default task: fine-tuning samples (--steps 600 of 32 over 6,400 are the paper's 3 epochs)",
     )
     n_val: int = option(200, "default task: clean held-out samples")
 
