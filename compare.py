@@ -93,7 +93,7 @@ class CompareConfig:
         False,
         "instead of the comparison, check that the testbed measures methods, not luck: lora at "
         "train.py's settings on seeds 0-4, on bases of two pretrain seeds each pretrained with "
-        "1, 2 and 4 threads, and noise of each kind (about 50 minutes on 2 CPU cores)",
+        "1, 2 and 4 threads, and noise of each kind (about 35 minutes on 2 CPU cores)",
     )
 
 
