@@ -18,6 +18,10 @@ For each model and batch size it times:
                  drawn samples only
                  (gast_vmap, which keeps every per-sample gradient, is its "compute-efficient" one)
   gast_ref1      a whole trusted held-out set (64) as support every step (vmap)
+  gast_compiled  with --compiled: gast_default's step, its torch.func pass compiled by
+                 torch.compile (per_sample_grads_compiled); compiled in the warm-up
+  plain_compiled with --compiled: the plain step with the model compiled by torch.compile,
+                 so that compiling is not credited to GAST alone
   vmap        per-sample gradients through torch.func alone
   hooks       per-sample gradients through backward hooks alone
   loop        B single-sample forward/backward passes (what vmap replaces)
@@ -101,6 +105,8 @@ PATHS = (
     "gast_twopass",
     "gast_ref1",
 )
+# with --compiled, after PATHS in the table
+COMPILED = ("gast_compiled", "plain_compiled")
 SUPPORT_SET_SIZE = 64  # the pool the support rows are drawn from (train.py: the training set)
 
 
@@ -171,11 +177,13 @@ def runners(model, opt, x, y, support_set):
         "gast_blocks": tuner(per_sample="blocks"),
         "gast_twopass": tuner(per_sample="blocks"),
         "gast_ref1": tuner(support="heldout", support_size=0, per_sample="vmap"),
+        "gast_compiled": tuner(per_sample="compiled"),
     }
+    compiled_model = torch.compile(model)  # compiles at its first call, if it is called
 
-    def plain():
+    def plain(forward=model):
         opt.zero_grad(set_to_none=True)
-        model(x, y)[1].backward()
+        forward(x, y)[1].backward()
         opt.step()
 
     def gast_step(what, steps=1):
@@ -205,6 +213,7 @@ def runners(model, opt, x, y, support_set):
         "vmap": vmap,
         "hooks": hooks,
         "loop": loop,
+        "plain_compiled": lambda: plain(compiled_model),
     }
 
 
@@ -223,7 +232,7 @@ def build(spec, B, device):
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def paired_times(spec, B, device, repeats, loop_repeats, warmup=2, clock="wall"):
+def paired_times(spec, B, device, repeats, loop_repeats, warmup=2, clock="wall", whats=WHATS):
     """({what: [seconds per step, one per round]}, {what: [its ratio to plain, one per round]}).
 
     Every computation runs in this one process, round-robin, and each one is bracketed by
@@ -232,9 +241,9 @@ def paired_times(spec, B, device, repeats, loop_repeats, warmup=2, clock="wall")
     round still lands on both sides of the ratio."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     run, n_lora, seq = build(spec, B, device)
-    for fn in run.values():
-        for _ in range(warmup if fn is not run["loop"] else 1):
-            fn()
+    for what in whats:
+        for _ in range(warmup if what != "loop" else 1):
+            run[what]()
 
     def timed(what):
         sync()
@@ -243,12 +252,12 @@ def paired_times(spec, B, device, repeats, loop_repeats, warmup=2, clock="wall")
         sync()
         return (CLOCKS[clock]() - t0) / STEPS_PER_CALL.get(what, 1)
 
-    times = {what: [] for what in WHATS}
-    ratios = {what: [] for what in WHATS if what != "plain"}
+    times = {what: [] for what in whats}
+    ratios = {what: [] for what in whats if what != "plain"}
     for r in range(repeats):
         before = timed("plain")
         plain_times = [before]
-        for what in WHATS[1:]:
+        for what in whats[1:]:
             if what == "loop" and r >= loop_repeats:
                 continue
             t = timed(what)
@@ -263,23 +272,38 @@ def paired_times(spec, B, device, repeats, loop_repeats, warmup=2, clock="wall")
 
 def memory_one(spec, B, what, device, threads, warmup=2):
     """Peak bytes above the start for one computation (run in a fresh process on the CPU)."""
+    if what in COMPILED and not device.startswith("cuda"):
+        # the peak RSS would be the compiler's, or, compiled first, hidden by the memory the
+        # compiler freed: not measured
+        return float("nan")
     torch.set_num_threads(threads)
     run, _, _ = build(spec, B, device)
+    if what in COMPILED:  # compiled first: the compiler's own memory is not the step's
+        run[what]()
     start = memory_start(device)
     for _ in range(1 if what == "loop" else warmup + 1):
         run[what]()
     return max(memory_peak(device) - start, 0)
 
 
-def memory_all(spec, B, device, threads):
+def mib(row, what):
+    """A row's memory cell: MiB, or n/a where it was not measured."""
+    value = row[f"{what}_mem_mib"]
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def memory_all(spec, B, device, threads, whats=WHATS):
     if device.startswith("cuda"):
-        return {what: memory_one(spec, B, what, device, threads) for what in WHATS}
+        return {what: memory_one(spec, B, what, device, threads) for what in whats}
     spawn = multiprocessing.get_context("spawn")
     peaks = {}
     with concurrent.futures.ProcessPoolExecutor(
         max_workers=1, mp_context=spawn, max_tasks_per_child=1
     ) as pool:
-        for what in WHATS:
+        for what in whats:
+            if what in COMPILED:  # not measured on the CPU: no process needed
+                peaks[what] = memory_one(spec, B, what, device, threads)
+                continue
             peaks[what] = pool.submit(memory_one, spec, B, what, device, threads).result()
     return peaks
 
@@ -288,13 +312,16 @@ def summarise(name, B, times, ratios, peaks, n_lora, seq):
     """One row: median times, ratios to the bracketing plain steps (median, min, max), memory."""
     plain = times["plain"]
     row = {"model": name, "batch": B, "seq": seq, "lora_params": n_lora}
-    for what in WHATS:
+    for what in times:
         row[f"{what}_ms"] = 1000 * statistics.median(times[what])
-        row[f"{what}_mem_mib"] = peaks[what] / 2**20
+        measured = peaks[what] == peaks[what]  # NaN: not measured (None in the JSON)
+        row[f"{what}_mem_mib"] = peaks[what] / 2**20 if measured else None
         if what != "plain":
             row[f"{what}_x"] = statistics.median(ratios[what])
             row[f"{what}_x_spread"] = [min(ratios[what]), max(ratios[what])]
-            row[f"{what}_mem_x"] = row[f"{what}_mem_mib"] / max(row["plain_mem_mib"], 1e-9)
+            row[f"{what}_mem_x"] = (
+                row[f"{what}_mem_mib"] / max(row["plain_mem_mib"], 1e-9) if measured else None
+            )
     loop_vs_vmap = [l / v for l, v in zip(ratios["loop"], ratios["vmap"])]
     row["vmap_speedup_over_loop"] = statistics.median(loop_vs_vmap)
     row["plain_spread"] = max(plain) / min(plain)
@@ -312,19 +339,24 @@ def summarise(name, B, times, ratios, peaks, n_lora, seq):
 # --- where the time of the default step goes ------------------------------------------
 
 
-def profile(spec, B, device, repeats, clock="wall"):
+def profile(spec, B, device, repeats, clock="wall", per_sample="vmap"):
     """{phase: median ms} of train.py's default GAST step (gast.gast_step by torch.func,
     4 support rows riding) taken apart, beside a plain LoRA step: the per-sample pass of
     the batch rows alone and with the support rows, the scores, the draw, the update; the
-    rest (host syncs, Python, the optimizer's share) is the step less those."""
+    rest (host syncs, Python, the optimizer's share) is the step less those. per_sample
+    "compiled": the same with the torch.func pass compiled (compiled in the warm-up)."""
     from gast import alignment_scores, choose, side_by_side, write_selected_gradients
-    from gast import per_sample_grads_and_losses as per_sample_pass
+    from gast import per_sample_grads_and_losses
     from lora import lora_names_by_block
+    from per_sample import per_sample_grads_compiled
 
+    per_sample_pass = (
+        per_sample_grads_compiled if per_sample == "compiled" else per_sample_grads_and_losses
+    )
     model, opt = setup(spec, device)
     x, y = make_batch(spec[0], B, device)
     sx, sy = make_batch(spec[0], 4, device, seed=1)  # the support mini-batch
-    config, layers = SelectionConfig(), lora_names_by_block(model)
+    config, layers = SelectionConfig(per_sample=per_sample), lora_names_by_block(model)
     k = max(1, B // 2)
     generator = torch.Generator().manual_seed(0)
     bx, by = side_by_side(x, sx, 0), side_by_side(y, sy, IGNORE_INDEX)
@@ -473,6 +505,12 @@ def parse_args(argv=None):
         action="store_true",
         help="instead of the ratios: where the default GAST step's time goes, against plain",
     )
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also time gast_compiled and plain_compiled (torch.compile: tens of seconds of "
+        "compiling per model and batch); with --profile: take the compiled step apart",
+    )
     args = parser.parse_args(argv)
     problems = []
     unknown = [m for m in args.models.split(",") if m and m not in MODELS]
@@ -537,34 +575,44 @@ def main(argv=None):
         found = {}
         for name in names:
             for B in args.batch_sizes or MODELS[name][2]:
+                per_sample = "compiled" if args.compiled else "vmap"
                 found[f"{name} B {B}"] = ms = profile(
-                    MODELS[name], B, device, args.repeats, args.clock
+                    MODELS[name], B, device, args.repeats, args.clock, per_sample
                 )
-                print(format_profile(name, B, ms), flush=True)
+                label = name + (" (compiled)" if args.compiled else "")
+                print(format_profile(label, B, ms), flush=True)
         write_json(args.out, {"device": device, "machine": machine, "profile": found})
         print(f"\nwrote {args.out}")
         return 0
+    whats = WHATS + (COMPILED if args.compiled else ())
+    paths = PATHS + (COMPILED if args.compiled else ())
     rows = []
     for name in names:
         for B in args.batch_sizes or MODELS[name][2]:
             # larger models: fewer rounds
             repeats = args.repeats if name == "default" else max(3, args.repeats // 2)
             times, ratios, n_lora, seq = paired_times(
-                MODELS[name], B, device, repeats, min(args.loop_repeats, repeats), clock=args.clock
+                MODELS[name],
+                B,
+                device,
+                repeats,
+                min(args.loop_repeats, repeats),
+                clock=args.clock,
+                whats=whats,
             )
             row = summarise(
                 name,
                 B,
                 times,
                 ratios,
-                memory_all(MODELS[name], B, device, args.threads),
+                memory_all(MODELS[name], B, device, args.threads, whats),
                 n_lora,
                 seq,
             )
             rows.append(row)
             print(
                 f"  {name} B={B}: plain {row['plain_ms']:.1f} ms, "
-                + ", ".join(f"{w} {row[w + '_x']:.2f}x" for w in PATHS),
+                + ", ".join(f"{w} {row[w + '_x']:.2f}x" for w in paths),
                 flush=True,
             )
             if row["busy"]:
@@ -581,22 +629,22 @@ def main(argv=None):
     )
     print(
         "| model | B | plain ms | "
-        + " | ".join(PATHS)
+        + " | ".join(paths)
         + " | vmap | hooks | loop | vmap vs loop | plain MiB | "
-        + " | ".join(f"{w} MiB" for w in PATHS)
+        + " | ".join(f"{w} MiB" for w in paths)
         + " | (B + 4) x one block's LoRA x 4 B (MiB) |"
     )
-    print("|---" * (9 + 2 * len(PATHS)) + "|")
+    print("|---" * (9 + 2 * len(paths)) + "|")
     for r in rows:
         cells = [
             f"{r[f'{w}_x']:.2f}x [{r[f'{w}_x_spread'][0]:.2f}-{r[f'{w}_x_spread'][1]:.2f}]"
-            for w in PATHS + ("vmap", "hooks", "loop")
+            for w in paths + ("vmap", "hooks", "loop")
         ]
         print(
             f"| {r['model']} | {r['batch']} | {r['plain_ms']:.1f} | "
             + " | ".join(cells)
             + f" | {r['vmap_speedup_over_loop']:.1f}x | "
-            + " | ".join(f"{r[f'{w}_mem_mib']:.1f}" for w in ("plain",) + PATHS)
+            + " | ".join(mib(r, w) for w in ("plain",) + paths)
             + f" | {r['block_bound_mib']:.2f} |"
         )
     write_json(

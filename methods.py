@@ -40,13 +40,14 @@ from gast import (
 )
 from lora import lora_names_by_block, scaled_adapters
 from model import IGNORE_INDEX
-from per_sample import gast_by_blocks, per_sample_grads_by_hooks
+from per_sample import gast_by_blocks, per_sample_grads_by_hooks, per_sample_grads_compiled
 from plumbing import in_range, not_negative, one_of, option, positive, world
 from selection_law import law
 
 METHODS = ("lora", "lisa", "ist", "data", "gast")
 SCORED = ("data", "gast")  # the methods that compute alignment scores, and so need a support
-PER_SAMPLE = ("vmap", "hooks", "blocks")  # how step 1 is computed (torch.func is the reference)
+# how step 1 is computed (torch.func, vmap, is the reference)
+PER_SAMPLE = ("vmap", "hooks", "blocks", "compiled")
 
 
 @dataclass
@@ -69,7 +70,9 @@ class SelectionConfig(GASTConfig):
         "vmap",
         "per-sample gradients by torch.func (vmap, the reference), by backward hooks (hooks: "
         "the same numbers, about a plain step's cost), or block by block inside the backward "
-        "(blocks: gast with every layer; one block's per-sample gradients held at a time)",
+        "(blocks: gast with every layer; one block's per-sample gradients held at a time), or "
+        "torch.func compiled by torch.compile (compiled: the same numbers; tens of seconds to "
+        "compile, once per padded sequence length, then a cheaper step)",
     )
     chunk_size: int = option(0, "vmap's per-sample gradients this many samples at a time (0: all)")
 
@@ -84,6 +87,8 @@ class SelectionConfig(GASTConfig):
         out += GASTConfig.problems(self) + one_of(self, "per_sample", PER_SAMPLE)
         out += in_range(self, "layer_ratio", 0, 1)
         out += positive(self, "lisa_interval", "ist_interval", "ist_trials", "support_interval")
+        if self.chunk_size and self.per_sample != "vmap":
+            out.append(f"--chunk-size works with --per-sample vmap only, not {self.per_sample}")
         return out + not_negative(self, "chunk_size")
 
     def layers_per_step(self, L):
@@ -333,6 +338,8 @@ class SparseTuner:
         c, n_procs = self.config, world()[1]
         if c.per_sample == "vmap":
             per_sample = partial(per_sample_grads_and_losses, chunk_size=c.chunk_size or None)
+        elif c.per_sample == "compiled":
+            per_sample = per_sample_grads_compiled
         else:
             per_sample = per_sample_grads_by_hooks
         gast_every_layer = c.method == "gast" and K == self.L

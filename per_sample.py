@@ -8,23 +8,29 @@ Faster ways to step 1 of GAST (gast.py), each tested equal to its torch.func pat
   second_pass                 pass 2 of the paper's "memory-efficient" variant (its
                               Table 6): after the draw, one more forward and backward over
                               the drawn samples only
+  per_sample_grads_compiled   the torch.func path itself, compiled by torch.compile: on a
+                              small model the same pass without vmap's per-operation cost
 
 A LoRA parameter's per-sample gradient is a sum over the sample's positions of outer
 products that the batched backward forms anyway; recording_per_sample_grads writes them out.
 """
 
+import weakref
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
 from collectives import all_gather_columns, batch_mean
 from gast import (
     choose,
     gumbel,
     masked_mean,
+    per_sample_function,
     samples_per_layer,
     selection_weights,
     side_by_side,
+    trainable,
 )
 from lora import LoRALinear, block_index, lora_names_by_block
 from model import IGNORE_INDEX
@@ -171,3 +177,37 @@ def second_pass(model, inputs, targets, mask):
     for name, p in model.named_parameters():
         if p.requires_grad:
             p.grad = update[name]
+
+
+# ---------------------------------------------------------------------------------------
+# torch.compile of the torch.func path
+
+COMPILED = weakref.WeakKeyDictionary()  # model -> its compiled per-sample function
+
+
+def padded_length(T, block_size):
+    """T rounded up to a multiple of max(8, block_size // 8), at most block_size: at most
+    9 lengths, so at most 9 compilations per batch size."""
+    multiple = max(8, block_size // 8)
+    return min(-(-T // multiple) * multiple, max(T, block_size))
+
+
+def per_sample_grads_compiled(model, inputs, targets):
+    """gast.per_sample_grads_and_losses, with its function (gast.per_sample_function)
+    compiled once per model by torch.compile.
+
+    Under vmap, torch.compile specialises on the sequence length (T), so each new T would
+    compile again (tens of seconds on a CPU). The rows are padded after their end to one of
+    a few lengths (padded_length: padding a token position with no target changes no loss
+    and no gradient under causal attention), so a run compiles once per length it meets.
+    With dropout the masks come from the compiled code's random numbers: the same law as
+    the eager path's, not the same draws.
+    """
+    compute = COMPILED.get(model)
+    if compute is None:
+        compute = COMPILED[model] = torch.compile(per_sample_function(model), dynamic=False)
+    T = inputs.shape[1]
+    pad = padded_length(T, model.config.block_size) - T
+    inputs = F.pad(inputs, (0, pad), value=0)
+    targets = F.pad(targets, (0, pad), value=IGNORE_INDEX)
+    return compute(trainable(model), inputs, targets)

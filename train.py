@@ -585,6 +585,8 @@ def fine_tune(config, split, summary, device, tokenizer):
         f"fine-tuning with {config.method} on {len(train_set)} samples, "
         f"steps {start}..{end}, on {device}",
     )
+    if config.per_sample == "compiled" and config.method in SCORED:
+        say(config, "  (--per-sample compiled: the first step compiles, tens of seconds)")
     saved_at, step = (start if resume is not None else None), start
     try:
         for step in range(start, end):

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 import bench
 from model import GPTConfig
@@ -72,7 +73,10 @@ def test_the_papers_two_pass_variant_writes_the_torch_func_paths_gradients():
         )
 
 
-def test_a_tiny_model_end_to_end_writes_every_field(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_tiny_model_end_to_end_writes_every_field(tmp_path, monkeypatch, capsys, compiled):
+    if compiled:  # the rows' plumbing, not the compiler (test_gast compiles for real)
+        monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     tiny = GPTConfig(block_size=8, vocab_size=40, n_layer=2, n_head=2, n_embd=16)
     monkeypatch.setitem(bench.MODELS, "tiny", (tiny, bench.ATTENTION, (4,)))
     monkeypatch.setattr(bench, "SUPPORT_SET_SIZE", 6)
@@ -80,8 +84,8 @@ def test_a_tiny_model_end_to_end_writes_every_field(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(
         bench,
         "memory_all",
-        lambda spec, B, device, threads: {
-            what: bench.memory_one(spec, B, what, device, threads) for what in bench.WHATS
+        lambda spec, B, device, threads, whats: {
+            what: bench.memory_one(spec, B, what, device, threads) for what in whats
         },
     )
     out = tmp_path / "bench.json"
@@ -101,16 +105,22 @@ def test_a_tiny_model_end_to_end_writes_every_field(tmp_path, monkeypatch, capsy
                 "--device",
                 "cpu",
             ]
+            + (["--compiled"] if compiled else [])
         )
         == 0
     )
     saved = json.loads(out.read_text())
     assert saved["threads"] == 1 and len(saved["rows"]) == 1
     row = saved["rows"][0]
-    for what in bench.WHATS[1:]:
+    for what in bench.WHATS[1:] + (bench.COMPILED if compiled else ()):
         assert row[f"{what}_x_spread"][0] <= row[f"{what}_x"] <= row[f"{what}_x_spread"][1]
-        assert row[f"{what}_mem_mib"] >= 0
-    assert "1 torch threads" in capsys.readouterr().out
+        if what in bench.COMPILED:  # not measured on the CPU: null, printed n/a
+            assert row[f"{what}_mem_mib"] is None
+        else:
+            assert row[f"{what}_mem_mib"] >= 0
+    assert ("gast_compiled_x" in row) == compiled
+    printed = capsys.readouterr().out
+    assert "1 torch threads" in printed and ("| n/a |" in printed) == compiled
     picture = tmp_path / "bench.png"  # beside the JSON, a PNG of the ratios
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 1000
 
