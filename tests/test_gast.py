@@ -956,13 +956,14 @@ def test_compiled_lengths_are_few_and_never_shorter():
     assert max(lengths) == 1024 and per_sample.padded_length(100, 1024) == 128
 
 
-def test_compiled_per_sample_pass_and_steps_equal_the_torch_func_path():
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_per_sample_pass_and_steps_equal_the_torch_func_path(device):
     """Two lengths that pad to one (10 and 13 to 16): the same gradients and losses as the
     reference; then GAST steps by each path: the same masks and gradients. (One compilation
     for all of it, tens of seconds on a CPU: 9 rows, 16 positions, float64.)"""
-    model = lora_model(dtype=torch.float64, config=TWO_BLOCKS)
+    model = lora_model(dtype=torch.float64, device=device, config=TWO_BLOCKS)
     for T in (10, 13):
-        x, y = batch(9, T=T, seed=T)
+        x, y = batch(9, T=T, seed=T, device=device)
         grads, losses = per_sample.per_sample_grads_compiled(model, x, y)
         reference, reference_losses = per_sample_grads_and_losses(model, x, y)
         assert grads.keys() == reference.keys()
@@ -971,13 +972,13 @@ def test_compiled_per_sample_pass_and_steps_equal_the_torch_func_path():
         torch.testing.assert_close(losses, reference_losses)
     runs = {}
     for path in ("vmap", "compiled"):
-        model = lora_model(dtype=torch.float64, config=TWO_BLOCKS)
+        model = lora_model(dtype=torch.float64, device=device, config=TWO_BLOCKS)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
         config = SelectionConfig(method="gast", support_size=3, data_ratio=0.5, per_sample=path)
         tuner = SparseTuner(model, config, seed=4, support_set=SUPPORT_SET)
         runs[path] = []
         for s in range(2):  # 6 batch rows and 3 support rows riding: 9 rows again
-            record = tuner.step(*batch(6, seed=s))
+            record = tuner.step(*batch(6, seed=s, device=device))
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
             runs[path].append((record, grads))
             opt.step()
