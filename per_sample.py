@@ -15,7 +15,6 @@ A LoRA parameter's per-sample gradient is a sum over the sample's positions of o
 products that the batched backward forms anyway; recording_per_sample_grads writes them out.
 """
 
-import weakref
 from contextlib import contextmanager
 
 import torch
@@ -182,8 +181,6 @@ def second_pass(model, inputs, targets, mask):
 # ---------------------------------------------------------------------------------------
 # torch.compile of the torch.func path
 
-COMPILED = weakref.WeakKeyDictionary()  # model -> its compiled per-sample function
-
 
 def padded_length(T, block_size):
     """T rounded up to a multiple of max(8, block_size // 8), at most block_size: at most
@@ -193,21 +190,23 @@ def padded_length(T, block_size):
 
 
 def per_sample_grads_compiled(model, inputs, targets):
-    """gast.per_sample_grads_and_losses, with its function (gast.per_sample_function)
-    compiled once per model by torch.compile.
+    """gast.per_sample_grads_and_losses, its function (gast.per_sample_function) compiled
+    by torch.compile.
 
     Under vmap, torch.compile specialises on the sequence length (T), so each new T would
     compile again (tens of seconds on a CPU). The rows are padded after their end to one of
     a few lengths (padded_length: padding a token position with no target changes no loss
     and no gradient under causal attention), so a run compiles once per length it meets.
-    With dropout the masks come from the compiled code's random numbers: the same law as
-    the eager path's, not the same draws.
+    torch.compile keeps what it compiled by the code and the shapes, with the parameters
+    as inputs: wrapping a fresh function each call compiles nothing again and holds no
+    model. With dropout the masks come from the compiled code's random numbers: the same
+    law as the eager path's, not the same draws.
     """
-    compute = COMPILED.get(model)
-    if compute is None:
-        compute = COMPILED[model] = torch.compile(per_sample_function(model), dynamic=False)
     T = inputs.shape[1]
     pad = padded_length(T, model.config.block_size) - T
     inputs = F.pad(inputs, (0, pad), value=0)
     targets = F.pad(targets, (0, pad), value=IGNORE_INDEX)
-    return compute(trainable(model), inputs, targets)
+    compute = torch.compile(per_sample_function(model), dynamic=False)
+    # room for every padded length of a few batch sizes and models (the default is 8)
+    with torch._dynamo.config.patch(recompile_limit=64):
+        return compute(trainable(model), inputs, targets)

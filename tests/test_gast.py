@@ -988,6 +988,29 @@ def test_compiled_per_sample_pass_and_steps_equal_the_torch_func_path(device):
             torch.testing.assert_close(grads_b[n], grads_a[n], msg=n)
 
 
+def test_the_compiled_pass_reads_each_models_own_weights_and_holds_no_model():
+    """What torch.compile keeps serves another model of the same shapes with that model's
+    weights (frozen ones changed in place included), and keeps no model alive."""
+    import gc
+    import weakref
+
+    model = lora_model(seed=1, dtype=torch.float64, config=TWO_BLOCKS)
+    x, y = batch(9, T=12, seed=5)
+    for change in (False, True):
+        if change:
+            with torch.no_grad():
+                model.transformer.h[0].attn.c_attn.weight.mul_(1.5)
+        grads, losses = per_sample.per_sample_grads_compiled(model, x, y)
+        reference, reference_losses = per_sample_grads_and_losses(model, x, y)
+        torch.testing.assert_close(losses, reference_losses)
+        for n in reference:
+            torch.testing.assert_close(grads[n], reference[n], msg=n)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
 def test_blocks_hands_over_each_block_once_from_the_last_to_the_first():
     model = lora_model()
     seen = []
