@@ -3,6 +3,7 @@ What GAST costs over a plain LoRA step, as ratios that hold on a shared machine.
 
     python bench.py                      # default model at B = 8, 32, 128; mid model at B = 32
     python bench.py --batches 32 --repeats 20 --models default,mid --device cpu
+    python bench.py --models mid --paths gast_default,hooks --compiled   # only these beside plain
 
 For each model and batch size it times:
   plain          an ordinary LoRA step: forward, backward, AdamW
@@ -19,7 +20,7 @@ For each model and batch size it times:
                  (gast_vmap, which keeps every per-sample gradient, is its "compute-efficient" one)
   gast_ref1      a whole trusted held-out set (64) as support every step (vmap)
   gast_compiled  with --compiled: gast_default's step, its torch.func pass compiled by
-                 torch.compile (per_sample_grads_compiled); compiled in the warm-up
+                 torch.compile (per_sample.CompiledPerSample); compiled in the warm-up
   plain_compiled with --compiled: the plain step with the model compiled by torch.compile,
                  so that compiling is not credited to GAST alone
   vmap        per-sample gradients through torch.func alone
@@ -105,7 +106,7 @@ PATHS = (
     "gast_twopass",
     "gast_ref1",
 )
-# with --compiled, after PATHS in the table
+# timed with --compiled, or when --paths names them
 COMPILED = ("gast_compiled", "plain_compiled")
 SUPPORT_SET_SIZE = 64  # the pool the support rows are drawn from (train.py: the training set)
 
@@ -322,8 +323,9 @@ def summarise(name, B, times, ratios, peaks, n_lora, seq):
             row[f"{what}_mem_x"] = (
                 row[f"{what}_mem_mib"] / max(row["plain_mem_mib"], 1e-9) if measured else None
             )
-    loop_vs_vmap = [l / v for l, v in zip(ratios["loop"], ratios["vmap"])]
-    row["vmap_speedup_over_loop"] = statistics.median(loop_vs_vmap)
+    if "loop" in ratios and "vmap" in ratios:
+        loop_vs_vmap = [l / v for l, v in zip(ratios["loop"], ratios["vmap"])]
+        row["vmap_speedup_over_loop"] = statistics.median(loop_vs_vmap)
     row["plain_spread"] = max(plain) / min(plain)
     row["busy"] = row["plain_spread"] > 2
     # the memory target: per-sample gradients may add B x (LoRA parameters) x 4 bytes
@@ -348,12 +350,13 @@ def profile(spec, B, device, repeats, clock="wall", per_sample="vmap"):
     from gast import alignment_scores, choose, side_by_side, write_selected_gradients
     from gast import per_sample_grads_and_losses
     from lora import lora_names_by_block
-    from per_sample import per_sample_grads_compiled
+    from per_sample import CompiledPerSample
 
-    per_sample_pass = (
-        per_sample_grads_compiled if per_sample == "compiled" else per_sample_grads_and_losses
-    )
     model, opt = setup(spec, device)
+    if per_sample == "compiled":
+        per_sample_pass = CompiledPerSample(model)
+    else:
+        per_sample_pass = per_sample_grads_and_losses
     x, y = make_batch(spec[0], B, device)
     sx, sy = make_batch(spec[0], 4, device, seed=1)  # the support mini-batch
     config, layers = SelectionConfig(per_sample=per_sample), lora_names_by_block(model)
@@ -431,19 +434,20 @@ def format_profile(name, B, ms):
 
 # The bars that the picture draws: train.py's default step, its faster paths, and the
 # floor (B + 4) / B that 4 support rows riding beside B batch rows set.
-PICTURED = ("gast_default", "gast_hooks", "gast_blocks", "gast_twopass")
+PICTURED = ("gast_default", "gast_hooks", "gast_blocks", "gast_twopass", "gast_compiled")
 
 
 def plot_ratios(rows, path, title):
     """Each row's GAST steps as bars of their ratio to a plain step (median, min-max), with
     the (B + 4) / B floor marked."""
     plt = pyplot()
-    if plt is None or not rows:
+    pictured = [what for what in PICTURED if rows and f"{what}_x" in rows[0]]
+    if plt is None or not pictured:
         return
     fig, ax = plt.subplots(figsize=(1.6 + 1.9 * len(rows), 3.4))
-    width = 0.8 / len(PICTURED)
-    for j, what in enumerate(PICTURED):
-        xs = [i + (j - (len(PICTURED) - 1) / 2) * width for i in range(len(rows))]
+    width = 0.8 / len(pictured)
+    for j, what in enumerate(pictured):
+        xs = [i + (j - (len(pictured) - 1) / 2) * width for i in range(len(rows))]
         ratio = [r[f"{what}_x"] for r in rows]
         low = [x - r[f"{what}_x_spread"][0] for x, r in zip(ratio, rows)]
         high = [r[f"{what}_x_spread"][1] - x for x, r in zip(ratio, rows)]
@@ -506,6 +510,12 @@ def parse_args(argv=None):
         help="instead of the ratios: where the default GAST step's time goes, against plain",
     )
     parser.add_argument(
+        "--paths",
+        default="",
+        help="comma-separated computations to time beside plain (default: all of them but the "
+        "compiled ones), from: " + ", ".join(WHATS[1:] + COMPILED),
+    )
+    parser.add_argument(
         "--compiled",
         action="store_true",
         help="also time gast_compiled and plain_compiled (torch.compile: tens of seconds of "
@@ -522,6 +532,14 @@ def parse_args(argv=None):
             problems.append(f"--batches must be positive, got {args.batches}")
     except ValueError:
         problems.append(f"--batches must be comma-separated integers, got {args.batches!r}")
+    unknown = [w for w in args.paths.split(",") if w and w not in WHATS[1:] + COMPILED]
+    if unknown:
+        problems.append(
+            f"--paths: unknown {', '.join(unknown)}; choose from {', '.join(WHATS[1:] + COMPILED)}"
+        )
+    chosen = [w for w in args.paths.split(",") if w] or list(WHATS[1:])
+    chosen += list(COMPILED) if args.compiled else []
+    args.whats = ("plain",) + tuple(w for w in WHATS[1:] + COMPILED if w in chosen)
     for flag in ("repeats", "loop_repeats", "threads"):
         if getattr(args, flag) <= 0:
             problems.append(
@@ -584,8 +602,9 @@ def main(argv=None):
         write_json(args.out, {"device": device, "machine": machine, "profile": found})
         print(f"\nwrote {args.out}")
         return 0
-    whats = WHATS + (COMPILED if args.compiled else ())
-    paths = PATHS + (COMPILED if args.compiled else ())
+    whats = args.whats
+    timed = whats[1:]
+    steps = [w for w in timed if w in PATHS + COMPILED]  # the steps, with their memory
     rows = []
     for name in names:
         for B in args.batch_sizes or MODELS[name][2]:
@@ -612,7 +631,7 @@ def main(argv=None):
             rows.append(row)
             print(
                 f"  {name} B={B}: plain {row['plain_ms']:.1f} ms, "
-                + ", ".join(f"{w} {row[w + '_x']:.2f}x" for w in paths),
+                + ", ".join(f"{w} {row[w + '_x']:.2f}x" for w in timed),
                 flush=True,
             )
             if row["busy"]:
@@ -627,26 +646,24 @@ def main(argv=None):
         "\ntime: median over rounds of the ratio to that round's plain step [min-max]; memory: "
         "peak MiB above the start"
     )
-    print(
-        "| model | B | plain ms | "
-        + " | ".join(paths)
-        + " | vmap | hooks | loop | vmap vs loop | plain MiB | "
-        + " | ".join(f"{w} MiB" for w in paths)
-        + " | (B + 4) x one block's LoRA x 4 B (MiB) |"
+    loop = "vmap" in timed and "loop" in timed
+    columns = (
+        ["model", "B", "plain ms", *timed]
+        + (["vmap vs loop"] if loop else [])
+        + [f"{w} MiB" for w in ("plain", *steps)]
+        + ["(B + 4) x one block's LoRA x 4 B (MiB)"]
     )
-    print("|---" * (9 + 2 * len(paths)) + "|")
+    print("| " + " | ".join(columns) + " |")
+    print("|---" * len(columns) + "|")
     for r in rows:
-        cells = [
+        cells = [r["model"], str(r["batch"]), f"{r['plain_ms']:.1f}"]
+        cells += [
             f"{r[f'{w}_x']:.2f}x [{r[f'{w}_x_spread'][0]:.2f}-{r[f'{w}_x_spread'][1]:.2f}]"
-            for w in paths + ("vmap", "hooks", "loop")
+            for w in timed
         ]
-        print(
-            f"| {r['model']} | {r['batch']} | {r['plain_ms']:.1f} | "
-            + " | ".join(cells)
-            + f" | {r['vmap_speedup_over_loop']:.1f}x | "
-            + " | ".join(mib(r, w) for w in ("plain",) + paths)
-            + f" | {r['block_bound_mib']:.2f} |"
-        )
+        cells += [f"{r['vmap_speedup_over_loop']:.1f}x"] if loop else []
+        cells += [mib(r, w) for w in ("plain", *steps)] + [f"{r['block_bound_mib']:.2f}"]
+        print("| " + " | ".join(cells) + " |")
     write_json(
         args.out,
         {

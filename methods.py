@@ -40,7 +40,7 @@ from gast import (
 )
 from lora import lora_names_by_block, scaled_adapters
 from model import IGNORE_INDEX
-from per_sample import gast_by_blocks, per_sample_grads_by_hooks, per_sample_grads_compiled
+from per_sample import CompiledPerSample, gast_by_blocks, per_sample_grads_by_hooks
 from plumbing import in_range, not_negative, one_of, option, positive, world
 from selection_law import law
 
@@ -227,6 +227,8 @@ class SparseTuner:
         self.support_grad = None  # s: {name: tensor like p} at the last refresh
         self.support_step = None  # the step at which s was last computed
         self.steps = 0
+        # --per-sample compiled: the compiled function, kept as long as the tuner
+        self.compiled = CompiledPerSample(model) if config.per_sample == "compiled" else None
 
     # --- the masks that do not look at gradients: lisa and ist ---
 
@@ -339,7 +341,7 @@ class SparseTuner:
         if c.per_sample == "vmap":
             per_sample = partial(per_sample_grads_and_losses, chunk_size=c.chunk_size or None)
         elif c.per_sample == "compiled":
-            per_sample = per_sample_grads_compiled
+            per_sample = self.compiled
         else:
             per_sample = per_sample_grads_by_hooks
         gast_every_layer = c.method == "gast" and K == self.L

@@ -8,7 +8,7 @@ Faster ways to step 1 of GAST (gast.py), each tested equal to its torch.func pat
   second_pass                 pass 2 of the paper's "memory-efficient" variant (its
                               Table 6): after the draw, one more forward and backward over
                               the drawn samples only
-  per_sample_grads_compiled   the torch.func path itself, compiled by torch.compile: on a
+  CompiledPerSample           the torch.func path itself, compiled by torch.compile: on a
                               small model the same pass without vmap's per-operation cost
 
 A LoRA parameter's per-sample gradient is a sum over the sample's positions of outer
@@ -189,24 +189,33 @@ def padded_length(T, block_size):
     return min(-(-T // multiple) * multiple, max(T, block_size))
 
 
-def per_sample_grads_compiled(model, inputs, targets):
-    """gast.per_sample_grads_and_losses, its function (gast.per_sample_function) compiled
-    by torch.compile.
+class CompiledPerSample:
+    """gast.per_sample_grads_and_losses for one model, its function
+    (gast.per_sample_function) compiled by torch.compile; called as per_sample(model,
+    inputs, targets), like the other paths. Whoever keeps it (methods.SparseTuner) keeps
+    the compiled function, so that no global cache holds a model.
 
     Under vmap, torch.compile specialises on the sequence length (T), so each new T would
     compile again (tens of seconds on a CPU). The rows are padded after their end to one of
     a few lengths (padded_length: padding a token position with no target changes no loss
     and no gradient under causal attention), so a run compiles once per length it meets.
-    torch.compile keeps what it compiled by the code and the shapes, with the parameters
-    as inputs: wrapping a fresh function each call compiles nothing again and holds no
-    model. With dropout the masks come from the compiled code's random numbers: the same
-    law as the eager path's, not the same draws.
+    What torch.compile keeps is found by the code and the shapes, with the parameters as
+    inputs: another model of the same shapes compiles nothing again. With dropout the masks
+    come from the compiled code's random numbers: the same law as the eager path's, not the
+    same draws.
     """
-    T = inputs.shape[1]
-    pad = padded_length(T, model.config.block_size) - T
-    inputs = F.pad(inputs, (0, pad), value=0)
-    targets = F.pad(targets, (0, pad), value=IGNORE_INDEX)
-    compute = torch.compile(per_sample_function(model), dynamic=False)
-    # room for every padded length of a few batch sizes and models (the default is 8)
-    with torch._dynamo.config.patch(recompile_limit=64):
-        return compute(trainable(model), inputs, targets)
+
+    def __init__(self, model):
+        self.model = model
+        self.compute = torch.compile(per_sample_function(model), dynamic=False)
+
+    def __call__(self, model, inputs, targets):
+        if model is not self.model:
+            raise ValueError("this CompiledPerSample was made for another model")
+        T = inputs.shape[1]
+        pad = padded_length(T, model.config.block_size) - T
+        inputs = F.pad(inputs, (0, pad), value=0)
+        targets = F.pad(targets, (0, pad), value=IGNORE_INDEX)
+        # room for every padded length of a few batch sizes and models (the default is 8)
+        with torch._dynamo.config.patch(recompile_limit=64):
+            return self.compute(trainable(model), inputs, targets)

@@ -105,20 +105,21 @@ def test_a_tiny_model_end_to_end_writes_every_field(tmp_path, monkeypatch, capsy
                 "--device",
                 "cpu",
             ]
-            + (["--compiled"] if compiled else [])
+            + (["--compiled", "--paths", "gast_default,vmap"] if compiled else [])
         )
         == 0
     )
     saved = json.loads(out.read_text())
     assert saved["threads"] == 1 and len(saved["rows"]) == 1
     row = saved["rows"][0]
-    for what in bench.WHATS[1:] + (bench.COMPILED if compiled else ()):
+    timed = ("gast_default", "vmap") + bench.COMPILED if compiled else bench.WHATS[1:]
+    assert [w for w in bench.WHATS[1:] + bench.COMPILED if f"{w}_x" in row] == list(timed)
+    for what in timed:
         assert row[f"{what}_x_spread"][0] <= row[f"{what}_x"] <= row[f"{what}_x_spread"][1]
         if what in bench.COMPILED:  # not measured on the CPU: null, printed n/a
             assert row[f"{what}_mem_mib"] is None
         else:
             assert row[f"{what}_mem_mib"] >= 0
-    assert ("gast_compiled_x" in row) == compiled
     printed = capsys.readouterr().out
     assert "1 torch threads" in printed and ("| n/a |" in printed) == compiled
     picture = tmp_path / "bench.png"  # beside the JSON, a PNG of the ratios
@@ -131,6 +132,7 @@ def test_a_tiny_model_end_to_end_writes_every_field(tmp_path, monkeypatch, capsy
         (["--batches", "abc"], "--batches must be comma-separated integers, got 'abc'"),
         (["--models", "foo"], "--models: unknown foo"),
         (["--repeats", "0"], "--repeats must be positive, got 0"),
+        (["--paths", "gast_fast"], "--paths: unknown gast_fast"),
         (["--device", "banana"], "--device 'banana' is not a device"),
         (
             ["--batches", "100000000", "--models", "default"],

@@ -962,9 +962,10 @@ def test_compiled_per_sample_pass_and_steps_equal_the_torch_func_path(device):
     reference; then GAST steps by each path: the same masks and gradients. (One compilation
     for all of it, tens of seconds on a CPU: 9 rows, 16 positions, float64.)"""
     model = lora_model(dtype=torch.float64, device=device, config=TWO_BLOCKS)
+    compiled = per_sample.CompiledPerSample(model)
     for T in (10, 13):
         x, y = batch(9, T=T, seed=T, device=device)
-        grads, losses = per_sample.per_sample_grads_compiled(model, x, y)
+        grads, losses = compiled(model, x, y)
         reference, reference_losses = per_sample_grads_and_losses(model, x, y)
         assert grads.keys() == reference.keys()
         for n in reference:
@@ -990,23 +991,27 @@ def test_compiled_per_sample_pass_and_steps_equal_the_torch_func_path(device):
 
 def test_the_compiled_pass_reads_each_models_own_weights_and_holds_no_model():
     """What torch.compile keeps serves another model of the same shapes with that model's
-    weights (frozen ones changed in place included), and keeps no model alive."""
+    weights (frozen ones changed in place included), and keeps no model alive once its
+    CompiledPerSample is gone; it refuses another model."""
     import gc
     import weakref
 
     model = lora_model(seed=1, dtype=torch.float64, config=TWO_BLOCKS)
+    compiled = per_sample.CompiledPerSample(model)
     x, y = batch(9, T=12, seed=5)
+    with pytest.raises(ValueError, match="made for another model"):
+        compiled(lora_model(seed=1, dtype=torch.float64, config=TWO_BLOCKS), x, y)
     for change in (False, True):
         if change:
             with torch.no_grad():
                 model.transformer.h[0].attn.c_attn.weight.mul_(1.5)
-        grads, losses = per_sample.per_sample_grads_compiled(model, x, y)
+        grads, losses = compiled(model, x, y)
         reference, reference_losses = per_sample_grads_and_losses(model, x, y)
         torch.testing.assert_close(losses, reference_losses)
         for n in reference:
             torch.testing.assert_close(grads[n], reference[n], msg=n)
     alive = weakref.ref(model)
-    del model
+    del model, compiled
     gc.collect()
     assert alive() is None
 
