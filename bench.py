@@ -552,7 +552,9 @@ def parse_args(argv=None):
     if not problems:  # each model at each batch: can its per-sample step fit?
         for name in args.models.split(",") if args.models else MODELS:
             for B in args.batch_sizes or MODELS[name][2]:
-                estimate = 2 * training_memory(MODELS[name][0], B + SUPPORT_SET_SIZE, full=False)
+                # gast_ref1 runs the whole support set; the others B + 4 rows at most
+                rows = B + (SUPPORT_SET_SIZE if "gast_ref1" in args.whats else 4)
+                estimate = 2 * training_memory(MODELS[name][0], rows, full=False)
                 problems += memory_problems(
                     f"the {name} model at batch {B}",
                     estimate,
