@@ -287,12 +287,6 @@ def memory_one(spec, B, what, device, threads, warmup=2):
     return max(memory_peak(device) - start, 0)
 
 
-def mib(row, what):
-    """A row's memory cell: MiB, or n/a where it was not measured."""
-    value = row[f"{what}_mem_mib"]
-    return "n/a" if value is None else f"{value:.1f}"
-
-
 def memory_all(spec, B, device, threads, whats=WHATS):
     if device.startswith("cuda"):
         return {what: memory_one(spec, B, what, device, threads) for what in whats}
@@ -336,6 +330,12 @@ def summarise(name, B, times, ratios, peaks, n_lora, seq):
         (B + SelectionConfig.support_size) * n_lora / MODELS[name][0].n_layer * 4 / 2**20
     )
     return row
+
+
+def mib(row, what):
+    """A row's memory cell: MiB, or n/a where it was not measured."""
+    value = row[f"{what}_mem_mib"]
+    return "n/a" if value is None else f"{value:.1f}"
 
 
 # --- where the time of the default step goes ------------------------------------------

@@ -71,8 +71,8 @@ class SelectionConfig(GASTConfig):
         "per-sample gradients by torch.func (vmap, the reference), by backward hooks (hooks: "
         "the same numbers, about a plain step's cost), or block by block inside the backward "
         "(blocks: gast with every layer; one block's per-sample gradients held at a time), or "
-        "torch.func compiled by torch.compile (compiled: the same numbers; tens of seconds to "
-        "compile, once per padded sequence length, then a cheaper step)",
+        "torch.func compiled by torch.compile (compiled: the same gradients up to rounding; tens "
+        "of seconds to compile, once per padded sequence length, then a cheaper step)",
     )
     chunk_size: int = option(0, "vmap's per-sample gradients this many samples at a time (0: all)")
 

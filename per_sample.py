@@ -183,10 +183,10 @@ def second_pass(model, inputs, targets, mask):
 
 
 def padded_length(T, block_size):
-    """T rounded up to a multiple of max(8, block_size // 8), at most block_size: at most
-    9 lengths, so at most 9 compilations per batch size."""
+    """T (at most block_size) rounded up to a multiple of max(8, block_size // 8), at most
+    block_size: at most 9 lengths, so at most 9 compilations per batch size."""
     multiple = max(8, block_size // 8)
-    return min(-(-T // multiple) * multiple, max(T, block_size))
+    return min(-(-T // multiple) * multiple, block_size)
 
 
 class CompiledPerSample:
