@@ -444,7 +444,8 @@ def plot_ratios(rows, path, title):
     pictured = [what for what in PICTURED if rows and f"{what}_x" in rows[0]]
     if plt is None or not pictured:
         return
-    fig, ax = plt.subplots(figsize=(1.6 + 1.9 * len(rows), 3.4))
+    inches = max(5.2, 1.6 + 1.9 * len(rows))  # room for the title with one row
+    fig, ax = plt.subplots(figsize=(inches, 3.4))
     width = 0.8 / len(pictured)
     for j, what in enumerate(pictured):
         xs = [i + (j - (len(pictured) - 1) / 2) * width for i in range(len(rows))]
