@@ -98,14 +98,7 @@ WHATS = (
     "loop",
 )
 # the GAST steps, in the table's order
-PATHS = (
-    "gast_default",
-    "gast_vmap",
-    "gast_hooks",
-    "gast_blocks",
-    "gast_twopass",
-    "gast_ref1",
-)
+PATHS = ("gast_default", "gast_vmap", "gast_hooks", "gast_blocks", "gast_twopass", "gast_ref1")
 # timed with --compiled, or when --paths names them
 COMPILED = ("gast_compiled", "plain_compiled")
 SUPPORT_SET_SIZE = 64  # the pool the support rows are drawn from (train.py: the training set)

@@ -24,12 +24,7 @@ from plumbing import atomic_save, option
 
 
 # GPT-2's names, in every block
-LINEAR_MODULES = (
-    "attn.c_attn",
-    "attn.c_proj",
-    "mlp.c_fc",
-    "mlp.c_proj",
-)
+LINEAR_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 @dataclass

@@ -360,11 +360,7 @@ def read_resume(config, ckpt_path):
 
 
 # hashed into checkpoints: a resume on changed data is refused
-DATA_FILES = (
-    "data",
-    "val_data",
-    "support_data",
-)
+DATA_FILES = ("data", "val_data", "support_data")
 
 
 def files_fingerprint(paths):

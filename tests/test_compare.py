@@ -165,10 +165,7 @@ def test_the_default_rows_are_the_papers_rule_and_its_ablations():
         (["--seeds", "-1"], "--seeds must be positive"),
         (["--lrs", "inf"], "--lrs must all be positive"),
         (["--methods", "gast:heldout+batch"], "--methods: unknown gast:heldout+batch"),
-        (
-            ["--steps", "-3"],
-            "--steps must be positive, got -3",
-        ),
+        (["--steps", "-3"], "--steps must be positive, got -3"),
         (["--n-layer", "1000000"], "pretraining this base needs at least about"),
         (["--seeds", "two"], "argument --seeds: invalid int value: 'two'"),
     ],

@@ -287,12 +287,7 @@ def test_the_per_task_table_gives_each_task_and_the_average_over_tasks():
     assert len(lines) == 4 and lines[1].split("|")[0].strip() == "a"
     average = [cell.strip() for cell in lines[-1].split("|")]
     # the mean over tasks (over samples: 2.5 and 0.875)
-    assert average == [
-        "average",
-        "40",
-        "2.0000",
-        "0.750",
-    ]
+    assert average == ["average", "40", "2.0000", "0.750"]
     # one task: nothing beyond the overall line
     assert data.per_task_lines({"a": per_task["a"]}) == []
     no_em = data.per_task_lines({k: {**v, "exact_match": None} for k, v in per_task.items()})

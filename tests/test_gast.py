@@ -461,12 +461,7 @@ def test_a_gast_step_on_the_default_gpt_at_batch_32():
         model, SelectionConfig(), support_set=collate(task.train, tok.eot_token)[:2]
     ).step(x, y, noisy)
     # the paper's rule: every layer
-    assert record.mask.shape == (4, 32) and record.active_layers == [
-        0,
-        1,
-        2,
-        3,
-    ]
+    assert record.mask.shape == (4, 32) and record.active_layers == [0, 1, 2, 3]
     assert record.mask.sum(1).tolist() == [16] * 4 and len(record.support) == 4
     layers = lora_names_by_block(model)
     params = dict(model.named_parameters())

@@ -162,10 +162,7 @@ def test_keep_ratios_shrink_the_middle_by_the_stated_amount(stats, method):
         )
         share = middle_parameters(emulator, 1) / middle_parameters(model, 1)
         # whole ranks and channels, LayerNorms and biases kept
-        assert abs(share - keep) < 0.06, (
-            keep,
-            share,
-        )
+        assert abs(share - keep) < 0.06, (keep, share)
         block = emulator.transformer.h[1]
         assert block.mlp.c_fc.out_features == round(keep * 4 * TINY.n_embd)
         assert [d.shape[0] for d in block.attn.c_attn.down] == [kept_rank(16, 16, keep)] * 3
