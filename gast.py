@@ -27,7 +27,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from lora import lora_names_by_block
 from model import IGNORE_INDEX
-from plumbing import in_range, not_negative, one_of, option, positive
+from plumbing.settings import in_range, not_negative, one_of, option, positive
 
 SELECTIONS = ("softmax", "topk", "random")  # the paper's rule, and its two ablations
 SUPPORTS = ("train", "heldout", "batch")  # where the support mini-batch comes from

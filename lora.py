@@ -13,14 +13,14 @@ Hand-written LoRA (Hu et al., 2021): W x + (alpha / r) * B A x, with W frozen.
 
 import math
 import re
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from plumbing import atomic_save, option
+from plumbing.files import atomic_save
+from plumbing.settings import option
 
 
 # GPT-2's names, in every block
@@ -39,30 +39,6 @@ class LoRAConfig:
         LINEAR_MODULES,
         "module names (suffixes) that get adapters, comma-separated on the command line",
     )
-
-    def problems(self):
-        """Every problem with these settings, naming the flags train.py gives them."""
-        out = [f"--lora-r must be positive, got {self.r}"] if self.r <= 0 else []
-        out += (
-            []
-            if self.alpha > 0 and math.isfinite(self.alpha)
-            else [f"--lora-alpha must be positive, got {self.alpha}"]
-        )
-        out += (
-            []
-            if 0 <= self.dropout < 1
-            else [f"--lora-dropout must be in [0, 1), got {self.dropout}"]
-        )
-        unknown = [
-            t for t in self.targets if not t or not any(m.endswith(t) for m in LINEAR_MODULES)
-        ]
-        if unknown:
-            out.append(
-                f"--lora-targets: {', '.join(map(repr, unknown))} matches no Linear module of a "
-                "block; "
-                f"choose from {', '.join(LINEAR_MODULES)}"
-            )
-        return out
 
 
 class LoRALinear(nn.Module):
@@ -190,25 +166,6 @@ def lora_names_by_block(model):
         if p.requires_grad:
             groups[block_index(name)].append(name)
     return groups
-
-
-@contextmanager
-def scaled_adapters(model, blocks, factor):
-    """Temporarily multiply the LoRA scaling of the given blocks by factor (IST's probe)."""
-    blocks = set(blocks)
-    touched = [
-        m
-        for name, m in model.named_modules()
-        if isinstance(m, LoRALinear) and block_index(name) in blocks
-    ]
-    saved = [m.scaling for m in touched]
-    for m in touched:
-        m.scaling *= factor
-    try:
-        yield
-    finally:
-        for m, scaling in zip(touched, saved):
-            m.scaling = scaling
 
 
 def adapter_state_dict(model):

@@ -7,12 +7,10 @@ The shape of nanoGPT's model.py, with three things GAST needs:
   2. an attention path that torch.func.vmap can batch (fused=False), beside the fused
      scaled_dot_product_attention used for ordinary passes;
   3. GPT-2 parameter names, so a locally stored Hugging Face GPT-2 checkpoint loads
-     with every shape checked (from_pretrained), with no download ever.
+     with every shape checked (hf/load.py), with no download ever.
 """
 
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -63,18 +61,6 @@ ACTIVATIONS = {
     "silu": nn.SiLU,
     "swish": nn.SiLU,
 }
-
-
-def training_memory(config, batch_size, full=True):
-    """Rough bytes of one training step in float32, to refuse a shape that cannot fit
-    before any work: the weights (times 4 with their gradients and AdamW's two moments
-    when full, i.e. pretraining), and the activations the backward keeps, per position
-    of each sample about 16 * n_embd + 2 * n_head * block_size floats a block (the explicit
-    attention keeps its probabilities) plus the logits and their gradient."""
-    d, T, L, V = config.n_embd, config.block_size, config.n_layer, config.vocab_size
-    weights = V * d + T * d + L * (12 * d * d + 13 * d)
-    per_sample = T * (L * (16 * d + 2 * config.n_head * T) + 2 * V)
-    return 4 * (weights * (4 if full else 1) + batch_size * per_sample)
 
 
 def dropout(p):
@@ -262,186 +248,3 @@ class GPT(nn.Module):
                 if bool(done.all()):
                     break
         return idx
-
-    @classmethod
-    def from_pretrained(cls, path, dropout=0.0):
-        """Load a GPT-2 checkpoint stored locally in the Hugging Face layout.
-
-        path: a directory with model.safetensors (what transformers' save_pretrained writes
-        today), its sharded index, or pytorch_model.bin, and config.json; or the weights
-        file itself. Nothing is downloaded. Every config.json field is honoured or refused
-        (hf_config). Hugging Face's GPT-2 stores its linear weights as Conv1D, (in, out),
-        so they are transposed into nn.Linear's (out, in).
-        """
-        directory = path if os.path.isdir(path) else os.path.dirname(path)
-        sd_hf, weights = read_hf_weights(path)
-        # GPT2LMHeadModel prefixes its keys with "transformer."; GPT2Model does not
-        sd_hf = {k.removeprefix("transformer."): v for k, v in sd_hf.items()}
-        # the causal-mask buffers carry no weights
-        sd_hf = {
-            k: v for k, v in sd_hf.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))
-        }
-        cfg_file = os.path.join(directory, "config.json")
-        if os.path.exists(cfg_file):
-            with open(cfg_file) as f:
-                config = hf_config(json.load(f), dropout)
-        else:  # every GPT-2 size has 64-dimensional heads
-            vocab_size, n_embd = sd_hf["wte.weight"].shape
-            n_layer = 1 + max(int(k.split(".")[1]) for k in sd_hf if k.startswith("h."))
-            config = GPTConfig(
-                n_layer=n_layer,
-                n_head=n_embd // 64,
-                n_embd=n_embd,
-                block_size=sd_hf["wpe.weight"].shape[0],
-                vocab_size=vocab_size,
-                dropout=dropout,
-                bias=True,
-                tie_word_embeddings="lm_head.weight" not in sd_hf,
-            )
-        if config.tie_word_embeddings:
-            sd_hf.pop("lm_head.weight", None)  # the same tensor as wte, when a file keeps it
-        model = cls(config)
-        sd = model.state_dict()
-        name = lambda k: k if k == "lm_head.weight" else "transformer." + k
-        ours = [k for k in sd if k != "lm_head.weight" or not config.tie_word_embeddings]
-        mismatched = sorted(set(map(name, sd_hf)) ^ set(ours))  # missing or extra
-        if mismatched:
-            raise ValueError(f"{weights}: keys do not match GPT-2's layout: {mismatched[:8]}")
-        conv1d = (
-            "attn.c_attn.weight",
-            "attn.c_proj.weight",
-            "mlp.c_fc.weight",
-            "mlp.c_proj.weight",
-        )
-        with torch.no_grad():
-            for k, v in sd_hf.items():
-                target = sd[name(k)]
-                v = v.t() if k.endswith(conv1d) else v
-                if v.shape != target.shape:
-                    raise ValueError(
-                        f"{weights}: {k} has shape {tuple(v.shape)}, expected {tuple(target.shape)}"
-                    )
-                target.copy_(v)
-        return model
-
-
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-
-
-def read_hf_weights(path):
-    """({name: tensor}, the file read) of a Hugging Face checkpoint: model.safetensors (by
-    the safetensors library), its sharded index, or pytorch_model.bin (weights_only)."""
-    if os.path.isdir(path):
-        found = [f for f in WEIGHT_FILES if os.path.exists(os.path.join(path, f))]
-        if not found:
-            raise FileNotFoundError(
-                f"{path}: no GPT-2 checkpoint there (neither model.safetensors nor "
-                "pytorch_model.bin)"
-            )
-        path = os.path.join(path, found[0])
-    elif not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no GPT-2 checkpoint there")
-    if path.endswith(".index.json"):  # sharded: the index names each tensor's file
-        from safetensors.torch import load_file
-
-        with open(path) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        weights = {}
-        for shard in shards:
-            weights.update(load_file(os.path.join(os.path.dirname(path), shard)))
-        return weights, path
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path), path
-    return torch.load(path, map_location="cpu", weights_only=True), path
-
-
-# config.json fields that change nothing we compute, or that fine-tuning sets itself:
-# GPT-2's dropouts (fine-tuning runs the base without dropout; LoRA has its own,
-# --lora-dropout), generation and tokenizer settings, and bookkeeping
-HF_IGNORED = {
-    "resid_pdrop",
-    "embd_pdrop",
-    "attn_pdrop",
-    "summary_type",
-    "summary_use_proj",
-    "summary_activation",
-    "summary_proj_to_labels",
-    "summary_first_dropout",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "initializer_range",
-    "architectures",
-    "model_type",
-    "transformers_version",
-    "task_specific_params",
-    "torch_dtype",
-    "dtype",
-    "use_cache",
-    "n_ctx",
-    "_name_or_path",
-    "output_past",
-    "id2label",
-    "label2id",
-    "problem_type",
-    "return_dict",
-    "tokenizer_class",
-    "prefix",
-    "use_return_dict",
-    "output_attentions",
-    "output_hidden_states",
-    "chunk_size_feed_forward",
-    "is_encoder_decoder",
-}
-
-
-def hf_config(hf, dropout=0.0):
-    """The GPTConfig of a GPT-2 config.json: each field honoured, ignored for a reason
-    (HF_IGNORED), or refused with a ValueError naming it."""
-    if hf.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"config.json: model_type {hf['model_type']!r} is not gpt2")
-    refused = {
-        "reorder_and_upcast_attn": False,  # ours computes attention in the model's dtype
-        "add_cross_attention": False,
-        "scale_attn_weights": True,
-    }
-    for field, supported in refused.items():
-        if hf.get(field, supported) != supported:
-            raise ValueError(f"config.json: {field} {hf[field]!r} is not supported")
-    activation = hf.get("activation_function", "gelu_new")
-    if activation not in ACTIVATIONS:
-        raise ValueError(
-            f"config.json: activation_function {activation!r} is not supported (we have "
-            f"{', '.join(ACTIVATIONS)})"
-        )
-    honoured = {
-        "n_layer",
-        "n_head",
-        "n_embd",
-        "n_positions",
-        "vocab_size",
-        "tie_word_embeddings",
-        "scale_attn_by_inverse_layer_idx",
-        "layer_norm_epsilon",
-        "activation_function",
-        "n_inner",
-    }
-    unknown = sorted(set(hf) - honoured - HF_IGNORED - set(refused))
-    if unknown:
-        raise ValueError(f"config.json: field {unknown[0]!r} is not one we know how to honour")
-    return GPTConfig(
-        n_layer=hf["n_layer"],
-        n_head=hf["n_head"],
-        n_embd=hf["n_embd"],
-        block_size=hf["n_positions"],
-        vocab_size=hf["vocab_size"],
-        dropout=dropout,
-        bias=True,
-        tie_word_embeddings=hf.get("tie_word_embeddings", True),
-        scale_attn_by_inverse_layer_idx=hf.get("scale_attn_by_inverse_layer_idx", False),
-        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-        activation=activation,
-        n_inner=hf.get("n_inner") or 0,
-    )

@@ -18,38 +18,16 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from data import (
-    DataConfig,
-    DataError,
-    TokenizerUnavailable,
-    decode,
-    encode,
-    evaluate,
-    get_tokenizer,
-    is_records,
-    load_examples,
-    load_task,
-    per_task_lines,
-)
-from export import export_hf, export_peft, export_problems
+from data import TokenizerUnavailable, encode, get_tokenizer, load_examples, load_task
+from evaluation.scoring import decode, evaluate, per_task_lines
+from plumbing.records import DataConfig, DataError, is_records
+from hf.export import export_hf, export_peft, export_problems
 from lora import LoRAConfig, load_adapter, merge_lora
-from plumbing import (
-    atomic_save,
-    autocast_for,
-    check_device,
-    file_problems,
-    fingerprint,
-    like,
-    not_negative,
-    option,
-    output_problems,
-    parse_args,
-    pick_device,
-    read_checkpoint,
-    refuse,
-    run_main,
-)
-from pretrain import read_base
+from plumbing.entry import run_main
+from plumbing.files import atomic_save, file_problems, fingerprint, output_problems, read_checkpoint
+from plumbing.devices import autocast_for, check_device, pick_device
+from plumbing.settings import like, not_negative, option, parse_args, refuse
+from testbed.pretrain import read_base
 
 
 @dataclass

@@ -41,7 +41,7 @@ def base(tmp_path_factory):
     """A base model pretrained for a few steps (enough for the plumbing), shared by the
     tests that run train.py."""
     from data import get_tokenizer
-    from pretrain import BaseConfig, load_base
+    from testbed.pretrain import BaseConfig, load_base
 
     out = tmp_path_factory.mktemp("base")
     _, path = load_base(
@@ -56,7 +56,7 @@ def taught_base(tmp_path_factory):
     beginnings: on the 20-step base the answers' letters are near uniform, and 30 steps of
     fine-tuning on 48 examples cannot move the held-out loss."""
     from data import get_tokenizer
-    from pretrain import BaseConfig, load_base
+    from testbed.pretrain import BaseConfig, load_base
 
     out = tmp_path_factory.mktemp("taught_base")
     _, path = load_base(
@@ -92,6 +92,6 @@ def pytest_configure(config):
 def a_16_gib_machine(monkeypatch):
     """The memory checks see 16 GiB whatever the machine has, so that a shape refused here is
     refused everywhere (a large machine would otherwise start pretraining it)."""
-    import plumbing
+    from plumbing import devices
 
-    monkeypatch.setattr(plumbing, "memory_available", lambda device: 16 * 2**30)
+    monkeypatch.setattr(devices, "memory_available", lambda device: 16 * 2**30)

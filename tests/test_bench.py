@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-import bench
+from tools import bench
 from model import GPTConfig
 
 
@@ -42,7 +42,7 @@ def test_ratios_are_medians_of_ratios_to_the_plain_steps_around_each_measurement
 
 def test_the_papers_two_pass_variant_writes_the_torch_func_paths_gradients():
     import torch
-    from methods import SelectionConfig, SparseTuner
+    from methods.tuner import SelectionConfig, SparseTuner
     from lora import LoRAConfig, add_lora
     from model import GPT, IGNORE_INDEX
 

@@ -3,11 +3,11 @@ import json
 
 import pytest
 
-import compare as compare_module
-import data
-from compare import CompareConfig, compare, main
+from tools import compare as compare_module
+from evaluation import scoring
+from tools.compare import CompareConfig, compare, main
 from conftest import TINY_FLAGS
-from data import TASKS
+from testbed.task import TASKS
 
 
 def flags(base, **overrides):
@@ -81,7 +81,7 @@ def test_compare_picks_each_lr_on_the_dev_split_and_reports_on_the_test_split(
     import train as train_module
 
     seen = []  # (split of the run, the words it was evaluated on)
-    real_evaluate, real_train = data.evaluate, compare_module.train
+    real_evaluate, real_train = scoring.evaluate, compare_module.train
 
     def evaluate(model, examples, *args, **kwargs):
         seen.append((phase[-1], {tuple(e.tokens) for e in examples}))

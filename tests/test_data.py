@@ -5,20 +5,11 @@ import tiktoken
 from hypothesis import given, settings, strategies as st
 
 import data
-from data import (
-    TASKS,
-    DataError,
-    Example,
-    collate,
-    encode,
-    get_tokenizer,
-    load_records,
-    load_text,
-    make_default_task,
-    parse_tasks,
-    pretrain_text,
-    task_answer,
-)
+from data import Example, collate, encode, get_tokenizer, load_records, load_text
+from evaluation.scoring import per_task_lines
+from testbed.task import (PRETRAIN_OPS, TASKS, make_default_task, parse_tasks, pretrain_text,
+                          task_answer)
+from plumbing.records import DataError
 
 TOK = get_tokenizer()
 
@@ -75,7 +66,7 @@ def test_default_task_is_determined_by_its_seed_with_the_stated_noise():
     assert task_answer("abz", "rsh") == "acb"  # reverse, then each letter + 1
     assert [task_answer("abz", name) for name in TASKS] == ["abz", "zba", "cdb", "acb"]
     # each name is as long as a pretraining skill's, so its answer sits where the base's skills are
-    assert all(len(name) in {len(op) for op in data.PRETRAIN_OPS} for name in TASKS)
+    assert all(len(name) in {len(op) for op in PRETRAIN_OPS} for name in TASKS)
 
 
 def parts(e):
@@ -105,7 +96,7 @@ def test_tasks_chooses_a_subset_and_refuses_unknown_names():
     for bad in ("revshift", "", "plus2,nope", "shift"):
         with pytest.raises(ValueError, match="echo, inv, plus2, rsh"):
             parse_tasks(bad)
-    from data import DataConfig
+    from plumbing.records import DataConfig
 
     assert any("--tasks nope" in p for p in DataConfig(tasks="nope").problems())
     assert DataConfig(tasks="plus2,rsh").problems() == []
@@ -114,11 +105,11 @@ def test_tasks_chooses_a_subset_and_refuses_unknown_names():
 def test_pretraining_corpus_teaches_the_known_operations_only():
     lines = pretrain_text(300, seed=0).splitlines()
     ops = {line.split()[0] for line in lines}
-    assert ops == set(data.PRETRAIN_OPS) and not ops & set(TASKS)
+    assert ops == set(PRETRAIN_OPS) and not ops & set(TASKS)
     for line in lines:
         op, rest = line.split(" ")
         word, answer = rest.split("=")
-        assert data.PRETRAIN_OPS[op](word) == answer
+        assert PRETRAIN_OPS[op](word) == answer
 
 
 def test_collate_masks_prompt_and_padding_and_shifts_targets():
@@ -274,7 +265,7 @@ def test_systematic_noise_is_another_tasks_answer_and_random_noise_is_unchanged(
     for e in (e for e in one.train if e.noisy):
         name, word, answer = parts(e)
         assert answer != task_answer(word, name) and answer in {
-            op(word) for op in data.PRETRAIN_OPS.values()
+            op(word) for op in PRETRAIN_OPS.values()
         }
 
 
@@ -283,12 +274,12 @@ def test_the_per_task_table_gives_each_task_and_the_average_over_tasks():
         "a": {"n": 10, "loss": 1.0, "exact_match": 0.5},
         "b": {"n": 30, "loss": 3.0, "exact_match": 1.0},
     }
-    lines = data.per_task_lines(per_task)
+    lines = per_task_lines(per_task)
     assert len(lines) == 4 and lines[1].split("|")[0].strip() == "a"
     average = [cell.strip() for cell in lines[-1].split("|")]
     # the mean over tasks (over samples: 2.5 and 0.875)
     assert average == ["average", "40", "2.0000", "0.750"]
     # one task: nothing beyond the overall line
-    assert data.per_task_lines({"a": per_task["a"]}) == []
-    no_em = data.per_task_lines({k: {**v, "exact_match": None} for k, v in per_task.items()})
+    assert per_task_lines({"a": per_task["a"]}) == []
+    no_em = per_task_lines({k: {**v, "exact_match": None} for k, v in per_task.items()})
     assert "exact match" not in no_em[0] and no_em[-1].count("|") == 2

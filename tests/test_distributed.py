@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import TINY as TINY_RUN
-from methods import METHODS, SelectionConfig, SparseTuner
+from methods.tuner import METHODS, SelectionConfig, SparseTuner
 from lora import LoRAConfig, add_lora, lora_modules
 from model import GPT, GPTConfig, IGNORE_INDEX
 
@@ -235,14 +235,16 @@ def test_resume_under_two_processes_equals_a_straight_two_process_run_and_one_pr
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused(base, tmp_path):
     import train
+    from plumbing.checks import validate
+    from plumbing.settings import ConfigError
 
     config = train.TrainConfig(init_from=base, out_dir=str(tmp_path), batch_size=9)
     with pytest.raises(
-        train.ConfigError,
+        ConfigError,
         match="--batch-size 9 \\(the global batch\\) does not divide by the 2 processes",
     ):
-        train.validate(config, n_procs=2)
-    train.validate(train.TrainConfig(batch_size=8), n_procs=2)
+        validate(config, n_procs=2)
+    validate(train.TrainConfig(batch_size=8), n_procs=2)
 
 
 def test_a_failing_check_fails_every_process_with_one_line_and_no_traceback(tmp_path):

@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-import compare
-import gradot
+from tools import compare
+from gradot import gradot
 import sample
 from conftest import TINY_FLAGS
 from train import main, train
@@ -183,7 +183,7 @@ def test_ctrl_c_in_compare_says_how_many_runs_are_recorded_and_how_to_go_on(
     monkeypatch.setattr(compare, "one_run", one_run)
     argv = ["--methods", "lora", "--seeds", "2", "--lrs", "1e-2", "--out-dir", str(tmp_path)]
     err = refused(capsys, [*argv, *flags(base)], compare.main, code=130)
-    assert "1 finished run(s) are recorded" in err and "compare.py --resume" in err
+    assert "1 finished run(s) are recorded" in err and "tools.compare --resume" in err
 
 
 def test_a_truncated_checkpoint_and_an_upper_case_suffix_are_understood(tiny, tmp_path, capsys):

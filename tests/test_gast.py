@@ -4,10 +4,11 @@ import pytest
 import torch
 from hypothesis import assume, given, settings, strategies as st
 
-from data import collate, get_tokenizer, make_default_task
+from data import collate, get_tokenizer
+from testbed.task import make_default_task
 import gast
-import methods
-import per_sample
+import methods.tuner as methods
+from methods import per_sample
 from gast import (
     alignment_scores,
     draw,
@@ -16,9 +17,9 @@ from gast import (
     standardise,
     support_gradient,
 )
-from methods import SelectionConfig, SparseTuner, budgets, select, selection_rates
-from per_sample import per_sample_grads_by_hooks
-from selection_law import inclusion_probabilities, law
+from methods.tuner import SelectionConfig, SparseTuner, budgets, select, selection_rates
+from methods.per_sample import per_sample_grads_by_hooks
+from methods.selection_law import inclusion_probabilities, law
 from lora import LoRAConfig, add_lora, lora_names_by_block, lora_modules
 from model import GPT, GPTConfig, IGNORE_INDEX
 

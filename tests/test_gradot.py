@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import gradot
-from data import PRETRAIN_OPS, get_tokenizer
-from gradot import (
+from gradot import gradot
+from data import get_tokenizer
+from testbed.task import PRETRAIN_OPS
+from gradot.gradot import (
     EmulatorConfig,
     channel_terms,
     choose_components,
@@ -260,7 +261,7 @@ def test_plug_in_puts_the_tuned_adapter_blocks_on_the_original_middle_bit_for_bi
     emulator = make_emulator(model, method, EmulatorConfig(), stats)
     config = gradot.GradOTConfig(steps=3, batch_size=4, adapter=kind, lr=1e-2)
     tok = get_tokenizer()
-    from data import make_default_task
+    from testbed.task import make_default_task
 
     gradot.fine_tune(
         emulator,
@@ -395,8 +396,8 @@ def test_more_bad_settings_are_one_error_line(tmp_path, capsys, flags, message):
 @pytest.fixture(scope="module")
 def lexicon_base(tmp_path_factory):
     """A base of the default shape whose corpus states 30 facts (400 steps of 32, a few seconds)."""
-    from lexicon import lexicon_corpus
-    from pretrain import BaseConfig, load_base
+    from gradot.lexicon import lexicon_corpus
+    from testbed.pretrain import BaseConfig, load_base
 
     out = tmp_path_factory.mktemp("lexicon_base")
     config = BaseConfig(out_dir=str(out), pretrain_steps=400, pretrain_batch_size=32, quiet=True)
@@ -405,9 +406,9 @@ def lexicon_base(tmp_path_factory):
 
 
 def test_the_base_recalls_its_lexicon_and_without_its_middle_does_not(lexicon_base):
-    from data import evaluate
-    from lexicon import FACT, fact_example, lexicon
-    from pretrain import read_base
+    from evaluation.scoring import evaluate
+    from gradot.lexicon import FACT, fact_example, lexicon
+    from testbed.pretrain import read_base
 
     tok = get_tokenizer()
     facts = [fact_example(tok, FACT, w, code) for w, code in lexicon(30).items()]
@@ -487,7 +488,7 @@ def test_lambda_is_chosen_on_the_dev_split_by_the_largest_gap(base, tmp_path, ca
     assert row["lambda"] == best["lambda"] and all(
         t["gap"] == pytest.approx(t["plug_in"] - t["emulator_fine_tuned"]) for t in trials
     )
-    from data import make_default_task
+    from testbed.task import make_default_task
 
     dev = make_default_task(
         get_tokenizer(), n_train=gradot.RSH_SAMPLES, seed=0, tasks=("rsh",)

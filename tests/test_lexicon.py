@@ -1,8 +1,8 @@
 import pytest
 
-import data
+from testbed.task import PRETRAIN_OPS
 from data import get_tokenizer
-from lexicon import ASK, FACT, lexicon, lexicon_corpus, lexicon_text, make_knowledge_task
+from gradot.lexicon import ASK, FACT, lexicon, lexicon_corpus, lexicon_text, make_knowledge_task
 
 TOK = get_tokenizer()
 
@@ -24,7 +24,7 @@ def test_a_lexicon_is_fixed_by_its_size_and_half_the_corpus_states_it_evenly():
         counts[word] += 1
     assert set(counts.values()) == {4}  # 200 lines, 50 facts: each stated as often as the others
     others = [line for line in lines if not line.startswith(FACT + " ")]
-    assert {line.split()[0] for line in others} == set(data.PRETRAIN_OPS)
+    assert {line.split()[0] for line in others} == set(PRETRAIN_OPS)
     # a short corpus: a subset
     assert len([x for x in lexicon_text(20, 0, facts).splitlines() if x.startswith(FACT)]) == 10
 
@@ -54,7 +54,7 @@ def test_the_knowledge_task_asks_for_the_facts_in_a_new_template_on_unseen_words
 
 
 def test_a_lexicon_base_has_a_hash_of_its_own_and_the_default_base_keeps_its_own():
-    from pretrain import BaseConfig, base_path
+    from testbed.pretrain import BaseConfig, base_path
 
     config = BaseConfig(out_dir="out")
     default = base_path(config, TOK)

@@ -3,18 +3,9 @@ import torch
 import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 
-from lora import (
-    LoRAConfig,
-    LoRALinear,
-    add_lora,
-    load_adapter,
-    lora_names_by_block,
-    lora_modules,
-    merge_lora,
-    save_adapter,
-    scaled_adapters,
-    unmerge_lora,
-)
+from lora import (LoRAConfig, LoRALinear, add_lora, load_adapter, lora_modules,
+    lora_names_by_block, merge_lora, save_adapter, unmerge_lora)
+from methods.tuner import scaled_adapters
 from model import GPT, GPTConfig
 
 ATTENTION = ("attn.c_attn", "attn.c_proj")  # the adapters these tests were written for

@@ -5,17 +5,9 @@ import json
 
 import pytest
 
-from data import (
-    ALPACA,
-    ALPACA_WITH_INPUT,
-    Example,
-    answer_finders,
-    collate,
-    evaluate,
-    get_tokenizer,
-    load_records,
-    read_records,
-)
+from data import Example, collate, get_tokenizer, load_records
+from evaluation.scoring import answer_finders, evaluate
+from plumbing.records import ALPACA, ALPACA_WITH_INPUT, read_records
 from model import GPT, GPTConfig, IGNORE_INDEX
 from train import main
 

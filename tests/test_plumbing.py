@@ -3,8 +3,8 @@ from dataclasses import dataclass
 
 import pytest
 
-import plumbing
-from plumbing import ConfigError, like, option, parse_args
+from plumbing import files, settings
+from plumbing.settings import ConfigError, like, option, parse_args
 
 
 @dataclass
@@ -23,20 +23,20 @@ class Outer(Inner):
 def test_atomic_save_onto_a_directory_fails_and_leaves_no_temporary_file(tmp_path):
     (tmp_path / "ckpt.pt").mkdir()
     with pytest.raises(OSError):
-        plumbing.atomic_save({"a": 1}, str(tmp_path / "ckpt.pt"))
+        files.atomic_save({"a": 1}, str(tmp_path / "ckpt.pt"))
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
 def test_an_error_while_writing_keeps_the_old_file(tmp_path):
     path = tmp_path / "results.json"
-    plumbing.write_json(str(path), {"a": 1})
+    files.write_json(str(path), {"a": 1})
 
     def broken(tmp):
         open(tmp, "w").write("half")
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        plumbing.atomic_write(str(path), broken)
+        files.atomic_write(str(path), broken)
     assert path.read_text().replace(" ", "").replace("\n", "") == '{"a":1}' and os.listdir(
         tmp_path
     ) == ["results.json"]
@@ -64,9 +64,9 @@ def test_range_checks_name_the_flag_and_catch_nan_and_inf():
         lr: float = 1.0
         ratio: float = 0.5
 
-    assert plumbing.positive(C(lr=float("nan")), "lr") == ["--lr must be positive, got nan"]
-    assert plumbing.positive(C(lr=float("inf")), "lr") == ["--lr must be positive, got inf"]
-    assert plumbing.in_range(C(ratio=0.0), "ratio", 0, 1, low_open=True) == [
+    assert settings.positive(C(lr=float("nan")), "lr") == ["--lr must be positive, got nan"]
+    assert settings.positive(C(lr=float("inf")), "lr") == ["--lr must be positive, got inf"]
+    assert settings.in_range(C(ratio=0.0), "ratio", 0, 1, low_open=True) == [
         "--ratio must be in (0, 1], got 0.0"
     ]
-    assert plumbing.in_range(C(ratio=1.0), "ratio", 0, 1, low_open=True) == []
+    assert settings.in_range(C(ratio=1.0), "ratio", 0, 1, low_open=True) == []

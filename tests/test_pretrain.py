@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-import pretrain
+from testbed import pretrain
 from train import main
 
 CORPUS = "".join(
@@ -296,7 +296,7 @@ def test_bad_pretraining_settings_are_one_error_line_before_any_work(
 
 def test_another_pretrain_seed_makes_another_base_and_seed_0_the_one_of_before(tmp_path):
     from data import get_tokenizer
-    from pretrain import BaseConfig, base_path
+    from testbed.pretrain import BaseConfig, base_path
 
     tok = get_tokenizer()
     default = base_path(BaseConfig(out_dir="out"), tok)
@@ -344,14 +344,15 @@ def test_pretraining_stores_its_skills_and_the_machine_that_made_it(tmp_path, ca
     assert made["device"] == "cpu" and made["dtype"] == "float32" and made["starts"] == 3
     assert made["steps"] == 90  # no skills in 30 steps: three starts
     assert "the base's skills on fresh words: copy " in out
-    table = out.strip().splitlines()[-6:]  # python pretrain.py ends with the skill table
+    table = out.strip().splitlines()[-6:]  # python -m testbed.pretrain ends with the skill table
     assert table[0] == "| skill | exact match on fresh words |" and table[2].startswith("| copy |")
     assert table[-1].startswith("(pretrained 90 steps in 3 start(s), torch ")
     assert pretrain.base_skills(path) == (ckpt["skills"], made)
 
 
 def test_skill_prompts_are_fresh_words_with_the_skills_answers():
-    from data import PRETRAIN_OPS, get_tokenizer
+    from data import get_tokenizer
+    from testbed.task import PRETRAIN_OPS
 
     tok = get_tokenizer()
     examples = pretrain.skill_examples(tok, 20, seed=3)
@@ -366,7 +367,7 @@ def test_skill_prompts_are_fresh_words_with_the_skills_answers():
 
 
 def data_lines():
-    from data import pretrain_text
+    from testbed.task import pretrain_text
 
     return pretrain_text(20000, seed=pretrain.PRETRAIN_SEED).splitlines()
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import sample
-from data import TASKS
+from testbed.task import TASKS
 from lora import load_adapter
-from pretrain import read_base
+from testbed.pretrain import read_base
 from train import train
 
 

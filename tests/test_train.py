@@ -6,11 +6,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-import methods
+import methods.tuner as methods
 import train as train_module
 from conftest import TINY_FLAGS
 from data import get_tokenizer
-from train import ConfigError, main, selection_picture, train
+from train import main, train
+from plumbing.report import selection_picture
+from plumbing.settings import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -38,8 +40,9 @@ def test_every_method_runs_end_to_end(tiny, tmp_path, method, per_sample):
 
 
 def test_fine_tuning_lowers_the_held_out_loss_below_the_bases(tiny, taught_base, tmp_path):
-    from data import evaluate, load_task
-    from pretrain import read_base
+    from data import load_task
+    from evaluation.scoring import evaluate
+    from testbed.pretrain import read_base
 
     config = tiny(
         init_from=taught_base,
@@ -594,7 +597,8 @@ def test_resume_on_changed_data_is_refused_naming_the_file(capsys, base, tmp_pat
 
 
 def test_the_default_warm_up_fits_a_short_run_and_an_explicit_longer_one_is_refused():
-    from train import TrainConfig, lr_at, validate, warmup_steps
+    from train import TrainConfig, lr_at, warmup_steps
+    from plumbing.checks import validate
 
     short = TrainConfig(steps=4)
     validate(short)  # no error: python train.py --steps 4 runs

@@ -15,8 +15,9 @@ words must come from the base.
 
 import random
 
-from data import LETTERS, Example, Task, encode, pretrain_lines
-from pretrain import Corpus
+from data import Example, Task, encode
+from testbed.task import LETTERS, pretrain_lines
+from testbed.pretrain import Corpus
 
 FACT, ASK = "def", "key"  # the pretraining template's name and the knowledge task's
 LEXICON_SEED = 4321  # the lexicon is the same for every base that states n facts

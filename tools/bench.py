@@ -1,9 +1,9 @@
 """
 What GAST costs over a plain LoRA step, as ratios that hold on a shared machine.
 
-    python bench.py                      # default model at B = 8, 32, 128; mid model at B = 32
-    python bench.py --batches 32 --repeats 20 --models default,mid --device cpu
-    python bench.py --models mid --paths gast_default,hooks --compiled   # only these beside plain
+    python -m tools.bench               # default model at B = 8, 32, 128; mid model at B = 32
+    python -m tools.bench --batches 32 --repeats 20 --models default,mid --device cpu
+    python -m tools.bench --models mid --paths gast_default,hooks --compiled  # these beside plain
 
 For each model and batch size it times:
   plain          an ordinary LoRA step: forward, backward, AdamW
@@ -56,21 +56,16 @@ import time
 
 import torch
 
-from data import collate, get_tokenizer, make_default_task
+from data import collate, get_tokenizer
+from testbed.task import make_default_task
 from gast import per_sample_grads
-from methods import SelectionConfig, SparseTuner
-from per_sample import per_sample_grads_by_hooks, second_pass
+from methods.tuner import SelectionConfig, SparseTuner
+from methods.per_sample import per_sample_grads_by_hooks, second_pass
 from lora import LoRAConfig, add_lora
-from model import GPT, IGNORE_INDEX, GPTConfig, training_memory
-from plumbing import (
-    check_device,
-    memory_problems,
-    output_problems,
-    pick_device,
-    pyplot,
-    save_figure,
-    write_json,
-)
+from model import GPT, IGNORE_INDEX, GPTConfig
+from plumbing.pictures import pyplot, save_figure
+from plumbing.files import output_problems, write_json
+from plumbing.devices import check_device, memory_problems, pick_device, training_memory
 
 ATTENTION = ("attn.c_attn", "attn.c_proj")
 ATTENTION_AND_MLP = ATTENTION + ("mlp.c_fc", "mlp.c_proj")
@@ -343,7 +338,7 @@ def profile(spec, B, device, repeats, clock="wall", per_sample="vmap"):
     from gast import alignment_scores, choose, side_by_side, write_selected_gradients
     from gast import per_sample_grads_and_losses
     from lora import lora_names_by_block
-    from per_sample import CompiledPerSample
+    from methods.per_sample import CompiledPerSample
 
     model, opt = setup(spec, device)
     if per_sample == "compiled":

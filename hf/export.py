@@ -12,7 +12,7 @@ import os
 from safetensors.torch import save_file
 
 from lora import LoRALinear, merge_lora
-from plumbing import atomic_write, write_json
+from plumbing.files import atomic_write, write_json
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 

@@ -14,7 +14,7 @@ GAST sets .grad itself, and layers outside the mask keep grad None on every proc
 import torch
 import torch.distributed as dist
 
-from plumbing import world
+from plumbing.devices import world
 
 
 def all_gather_columns(local):

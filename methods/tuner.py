@@ -20,12 +20,13 @@ mean of the per-sample gradients, I8) from one plain backward.
 
 import math
 from dataclasses import dataclass
+from contextlib import contextmanager
 from functools import partial
 
 import torch
 import torch.distributed as dist
 
-from collectives import all_gather_columns, all_reduce_grads, batch_mean
+from methods.collectives import all_gather_columns, all_reduce_grads, batch_mean
 from gast import (
     GASTConfig,
     alignment_scores,
@@ -38,11 +39,12 @@ from gast import (
     top,
     write_selected_gradients,
 )
-from lora import lora_names_by_block, scaled_adapters
+from lora import LoRALinear, block_index, lora_names_by_block
 from model import IGNORE_INDEX
-from per_sample import CompiledPerSample, gast_by_blocks, per_sample_grads_by_hooks
-from plumbing import in_range, not_negative, one_of, option, positive, world
-from selection_law import law
+from methods.per_sample import CompiledPerSample, gast_by_blocks, per_sample_grads_by_hooks
+from plumbing.devices import world
+from plumbing.settings import in_range, not_negative, one_of, option, positive
+from methods.selection_law import law
 
 METHODS = ("lora", "lisa", "ist", "data", "gast")
 SCORED = ("data", "gast")  # the methods that compute alignment scores, and so need a support
@@ -136,6 +138,23 @@ def choose_layers(scores, K, k, selection="softmax", temperature=1.0, generator=
         kept = top((scores * mask).sum(dim=1), K).tolist()
         mask[[l for l in range(L) if l not in kept]] = False
     return mask
+
+
+@contextmanager
+def scaled_adapters(model, blocks, factor):
+    """Temporarily multiply the LoRA scaling of the given blocks by factor (IST's probe)."""
+    blocks = set(blocks)
+    touched = [m for name, m in model.named_modules()
+               if isinstance(m, LoRALinear) and block_index(name) in blocks]
+    saved = [m.scaling for m in touched]
+    for m in touched:
+        m.scaling *= factor
+    try:
+        yield
+    finally:
+        for m, scaling in zip(touched, saved):
+            m.scaling = scaling
+
 
 
 # ---------------------------------------------------------------------------------------

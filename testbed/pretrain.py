@@ -2,9 +2,9 @@
 The base model: pretrain a small GPT on the built-in corpus (or your own text), keep it in
 a cache keyed by what made it, or load a local GPT-2 directory.
 
-    python pretrain.py                          # the default base: out/base-<hash>.pt
-    python pretrain.py --n-layer 8 --pretrain-steps 4000
-    python pretrain.py --pretrain-data corpus.txt --block-size 128
+    python -m testbed.pretrain          # the default base: out/base-<hash>.pt
+    python -m testbed.pretrain --n-layer 8 --pretrain-steps 4000
+    python -m testbed.pretrain --pretrain-data corpus.txt --block-size 128
 
 train.py, compare.py and gradot.py call load_base(), which pretrains on first use: the
 file out/base-<hash>.pt is keyed by the shape, the corpus (by content), the tokenizer and
@@ -23,42 +23,17 @@ import tiktoken
 import torch
 import torch.distributed as dist
 
-from data import (
-    PRETRAIN_OPS,
-    DataError,
-    Example,
-    TokenizerUnavailable,
-    collate,
-    encode,
-    evaluate,
-    get_tokenizer,
-    pretrain_text,
-    random_word,
-    read_text_file,
-)
-from model import GPT, GPTConfig, training_memory
-from plumbing import (
-    ConfigError,
-    atomic_save,
-    autocast_for,
-    check_device,
-    check_out_dir,
-    file_problems,
-    flag,
-    in_range,
-    init_distributed,
-    is_main,
-    memory_problems,
-    option,
-    parse_args,
-    pick_device,
-    positive,
-    read_checkpoint,
-    refuse,
-    run_main,
-    say,
-    world,
-)
+from data import Example, TokenizerUnavailable, collate, encode, get_tokenizer
+from evaluation.scoring import evaluate
+from testbed.task import PRETRAIN_OPS, pretrain_text, random_word
+from plumbing.records import DataError, read_text_file
+from hf.load import gpt2_from_pretrained
+from model import GPT, GPTConfig
+from plumbing.entry import run_main
+from plumbing.files import atomic_save, check_out_dir, file_problems, read_checkpoint
+from plumbing.devices import (autocast_for, check_device, init_distributed, is_main,
+    memory_problems, pick_device, say, training_memory, world)
+from plumbing.settings import ConfigError, flag, in_range, option, parse_args, positive, refuse
 
 SKILL_LEVEL = 0.98  # greedy exact match on fresh words a base must reach on every skill
 PRETRAIN_SEED = 1234  # the base model does not depend on the fine-tuning seed
@@ -420,7 +395,7 @@ def read_base(path):
     naming --init-from otherwise."""
     if os.path.isdir(path) or path.endswith(".bin"):
         try:
-            return GPT.from_pretrained(path)
+            return gpt2_from_pretrained(path)
         # missing or truncated files, a config that does not match the weights, wrong shapes
         except Exception as e:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -1,10 +1,10 @@
 """
 The comparison protocol: every method on the same base, data, batches and budgets.
 
-    python compare.py                    # the default rows, lr chosen on dev, seeds on test
-    python compare.py --methods lora,gast --seeds 3 --steps 300 --noise 0
-    python compare.py --noise 0 --lrs-from out/compare.json --out-dir out/clean  # lrs as before
-    python compare.py --check-testbed    # does plain LoRA learn on every seed, base and thread?
+    python -m tools.compare             # the default rows, lr chosen on dev, seeds on test
+    python -m tools.compare --methods lora,gast --seeds 3 --steps 300 --noise 0
+    python -m tools.compare --noise 0 --lrs-from out/compare.json --out-dir out/clean  # same lrs
+    python -m tools.compare --check-testbed  # does plain LoRA learn on every seed, base and thread?
 
 For each row, one run per lr in --lrs (seed 0) is scored on the dev split and the lr with
 the lowest dev loss wins; then --seeds runs with that lr are reported on the test split,
@@ -32,27 +32,17 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from data import NOISE_KINDS, DataError, TokenizerUnavailable, get_tokenizer
+from data import TokenizerUnavailable, get_tokenizer
+from testbed.task import NOISE_KINDS
+from plumbing.records import DataError
 from gast import SELECTIONS, SUPPORTS
-from methods import METHODS, SCORED
-from plumbing import (
-    Interrupted,
-    file_problems,
-    check_out_dir,
-    is_main,
-    nanmean,
-    option,
-    parse_args,
-    pick_device,
-    positive,
-    pyplot,
-    refuse,
-    run_main,
-    save_figure,
-    write_csv,
-    write_json,
-)
-from pretrain import BaseConfig, base_skills, load_base, skill_line
+from methods.tuner import METHODS, SCORED
+from plumbing.entry import Interrupted, run_main
+from plumbing.pictures import nanmean, pyplot, save_figure
+from plumbing.files import check_out_dir, file_problems, write_csv, write_json
+from plumbing.devices import is_main, pick_device
+from plumbing.settings import option, parse_args, positive, refuse
+from testbed.pretrain import BaseConfig, base_skills, load_base, skill_line
 from train import train
 
 
@@ -598,7 +588,7 @@ def time_python_train():
     """(ok, text): the wall time of `python train.py` with no arguments in a fresh directory
     (so the base is pretrained too), as a user first runs it."""
     with tempfile.TemporaryDirectory() as work:
-        here = os.path.dirname(os.path.abspath(__file__))
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the root
         t0 = time.time()
         done = subprocess.run(
             [sys.executable, os.path.join(here, "train.py"), "--quiet"],
@@ -899,7 +889,7 @@ def main(argv=None):
             done = glob.glob(os.path.join(config.out_dir, "**", "metrics.json"), recursive=True)
             raise Interrupted(
                 f"interrupted; {len(done)} finished run(s) are recorded under {config.out_dir}: "
-                "python compare.py --resume with the same flags continues from them"
+                "python -m tools.compare --resume with the same flags continues from them"
             ) from None
 
     failed = []

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from collectives import all_gather_columns, batch_mean
+from methods.collectives import all_gather_columns, batch_mean
 from gast import (
     choose,
     gumbel,

@@ -32,11 +32,11 @@ Baselines on the same path: uniform layer drop (offsite tuning without distillat
 SVD by singular value with magnitude channel pruning (what DRD and SCP replace), and
 lambda = 0 (utility only).
 
-    python gradot.py                    # every method on the default base and task, a table
-    python gradot.py --adapter lora     # LoRA inside the adapter blocks instead of whole blocks
+    python -m gradot.gradot             # every method on the default base and task, a table
+    python -m gradot.gradot --adapter lora  # LoRA inside the adapter blocks instead of whole blocks
     # knowledge in the middle: a base that states 600 facts, asked in a new template
-    python gradot.py --lexicon 600 --pretrain-steps 4000 --adapter lora --lr 1e-3 --steps 600 \
-        --lams 0,0.3,1,3
+    python -m gradot.gradot --lexicon 600 --pretrain-steps 4000 --adapter lora --lr 1e-3 \
+        --steps 600 --lams 0,0.3,1,3
 """
 
 import copy
@@ -51,18 +51,11 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn as nn
 
-from data import (
-    DataError,
-    Example,
-    TokenizerUnavailable,
-    collate,
-    encode,
-    evaluate,
-    get_tokenizer,
-    make_default_task,
-    pretrain_text,
-)
-from lexicon import (
+from data import Example, TokenizerUnavailable, collate, encode, get_tokenizer
+from evaluation.scoring import evaluate
+from testbed.task import make_default_task, pretrain_text
+from plumbing.records import DataError
+from gradot.lexicon import (
     FACT,
     MAX_FACTS,
     fact_example,
@@ -73,20 +66,11 @@ from lexicon import (
 )
 from lora import LoRAConfig, add_lora
 from model import IGNORE_INDEX
-from plumbing import (
-    ConfigError,
-    check_out_dir,
-    not_negative,
-    option,
-    parse_args,
-    pick_device,
-    positive,
-    refuse,
-    run_main,
-    write_csv,
-    write_json,
-)
-from pretrain import PRETRAIN_SEED, BaseConfig, base_problems, load_base
+from plumbing.entry import run_main
+from plumbing.files import check_out_dir, write_csv, write_json
+from plumbing.devices import pick_device
+from plumbing.settings import ConfigError, not_negative, option, parse_args, positive, refuse
+from testbed.pretrain import PRETRAIN_SEED, BaseConfig, base_problems, load_base
 
 # ---------------------------------------------------------------------------------------
 # 1. Adapter blocks and middle blocks
@@ -483,7 +467,7 @@ def skill_examples(tokenizer, n):
 
 
 # ---------------------------------------------------------------------------------------
-# The experiment: `python gradot.py`
+# The experiment: `python -m gradot.gradot`
 
 
 @dataclass

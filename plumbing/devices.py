@@ -1,0 +1,130 @@
+"""
+Devices and processes: the device a run takes, torchrun's process group, autocast, and
+the memory check that refuses a step that cannot fit before any work.
+"""
+
+import os
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+
+
+def check_device(name):
+    """None if the device can be used here, else the problem, naming --device."""
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N"
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda":
+        return f"--device {name!r}: only cpu and cuda are supported"
+    if not torch.cuda.is_available():
+        return (
+            f"--device {name}: no CUDA GPU is available here (torch {torch.__version__}); "
+            "use --device cpu or auto"
+        )
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        return f"--device {name}: there are only {torch.cuda.device_count()} GPU(s)"
+    return None
+
+
+def world():
+    """(rank, number of processes); (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main():
+    """Only the first process prints and writes files; the others compute alongside it.
+    Before the process group exists (a bad flag under torchrun), RANK says which is first."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
+def pick_device(name):
+    """auto: cuda when available. Under torchrun a plain cuda means this process's GPU."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    if device == "cuda" and world()[1] > 1:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    return device
+
+
+def init_distributed(device_name):
+    """Under torchrun (its environment names WORLD_SIZE, RANK, MASTER_ADDR ...), join the
+    process group: nccl on CUDA, gloo on the CPU. True if this call created it."""
+    if (
+        "WORLD_SIZE" not in os.environ
+        or not dist.is_available()
+        or dist.is_initialized()
+        or check_device(device_name)
+    ):
+        return False
+    cuda = pick_device(device_name).startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
+def autocast_for(device):
+    """bf16 autocast on GPUs that support it; full precision elsewhere."""
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def say(config, *args):
+    """A progress line, unless --quiet; only the first process prints."""
+    if not getattr(config, "quiet", False) and is_main():
+        print(*args, flush=True)
+
+
+def training_memory(config, batch_size, full=True):
+    """Rough bytes of one training step in float32, to refuse a shape that cannot fit
+    before any work: the weights (times 4 with their gradients and AdamW's two moments
+    when full, i.e. pretraining), and the activations the backward keeps, per position
+    of each sample about 16 * n_embd + 2 * n_head * block_size floats a block (the explicit
+    attention keeps its probabilities) plus the logits and their gradient."""
+    d, T, L, V = config.n_embd, config.block_size, config.n_layer, config.vocab_size
+    weights = V * d + T * d + L * (12 * d * d + 13 * d)
+    per_sample = T * (L * (16 * d + 2 * config.n_head * T) + 2 * V)
+    return 4 * (weights * (4 if full else 1) + batch_size * per_sample)
+
+
+def memory_available(device):
+    """Bytes this process can still take on device: the GPU's free memory, or the machine's
+    MemAvailable (Linux); None where it cannot be told."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def gib(n_bytes):
+    return f"{n_bytes / 2**30:,.1f} GiB"
+
+
+def memory_problems(what, estimate, device, flags):
+    """A problem line when a step clearly cannot fit: half the rough estimate (model.py's
+    training_memory) is still more than the device has available."""
+    available = memory_available(device)
+    if available is None or estimate / 2 <= available:
+        return []
+    return [
+        f"{flags}: {what} needs at least about {gib(estimate / 2)} and {device} has "
+        f"{gib(available)} available; "
+        "choose a smaller shape or batch"
+    ]

@@ -1,0 +1,232 @@
+"""
+Files: written atomically, read with a clear error, the output directory checked first
+and held by a lock, so that nothing already written is lost or half-written.
+"""
+
+import csv
+import errno
+import hashlib
+import json
+import os
+import re
+import socket
+import stat
+from pickle import UnpicklingError
+
+import torch
+from plumbing.settings import ConfigError, refuse
+
+
+
+def atomic_write(path, write):
+    """write(tmp) writes the file at tmp; then it is renamed to path. A crash or an error
+    leaves the old file intact and no temporary file behind."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"  # same extension: writers that go by it still do
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_save(obj, path):
+    """torch.save through atomic_write: a crash leaves the old file intact."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda tmp: _dump_json(tmp, obj))
+
+
+def _dump_json(tmp, obj):
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def write_csv(path, rows):
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
+
+
+def read_checkpoint(path, flag_name, keys):
+    """torch.load(weights_only=True) of a dict holding keys; any failure is a ConfigError
+    naming the flag and the file (a crafted pickle is refused by weights_only)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = str(e)
+        named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if named:  # a pickle that would run code: never loaded, whatever it is
+            reason = (
+                f"it holds a Python object ({named.group(1)}) that is never loaded; only "
+                "tensors and plain data are read"
+            )
+        elif "central directory" in text or isinstance(e, (OSError, EOFError, UnpicklingError)):
+            reason = "the file is truncated or not a torch checkpoint"
+        else:
+            reason = f"{type(e).__name__}: {(text.strip().splitlines() or [''])[0][:160]}"
+        raise ConfigError(
+            f"invalid settings:\n  {flag_name} {path}: not a checkpoint we read ({reason})"
+        ) from None
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ConfigError(
+            f"invalid settings:\n  {flag_name} {path}: not a checkpoint of train.py (no "
+            f"{', '.join(missing)})"
+        )
+    return ckpt
+
+
+def fingerprint(path):
+    """A short hash of a file (or of the files in a directory): a base model, a data file."""
+    digest = hashlib.sha256()
+    files = (
+        [path]
+        if os.path.isfile(path)
+        else sorted(
+            os.path.join(path, f) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f))
+        )
+    )
+    for name in files:
+        with open(name, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()[:16]
+
+
+def cannot_write(folder):
+    """Why files cannot be written in folder (made if missing), or None if they can: a probe
+    file is written and removed."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        return e.strerror
+    return None
+
+
+def check_out_dir(out_dir, outputs, resume=False, overwrite=False):
+    """Before any work: out_dir can be written, no output is a directory, and an earlier
+    run there is neither overwritten by accident nor resumed from nothing."""
+    if cannot_write(out_dir):
+        refuse([f"--out-dir {out_dir}: cannot write there ({cannot_write(out_dir)})"])
+    for name in outputs:
+        if os.path.isdir(os.path.join(out_dir, name)):
+            raise ConfigError(
+                f"invalid settings:\n  --out-dir {out_dir}: {name} is a directory; move it away"
+            )
+    earlier = [name for name in outputs if os.path.exists(os.path.join(out_dir, name))]
+    if earlier and not resume and not overwrite:
+        raise ConfigError(
+            f"invalid settings:\n  --out-dir {out_dir} already holds {', '.join(earlier)} of an "
+            "earlier run: "
+            "continue it with --resume, replace it with --overwrite, or pick another --out-dir"
+        )
+
+
+def file_problems(flag_name, path):
+    """The problem with an input file given by a flag, or []: missing, a symlink loop, a
+    directory, not a regular file (a FIFO, a device, a socket would hang or never end), or
+    unreadable."""
+    if not path:
+        return []
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        gone = os.path.islink(path)
+        return [f"{flag_name} {path}: " + ("a symlink to nothing" if gone else "no such file")]
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return [f"{flag_name} {path}: a symlink loop, not a file"]
+        return [f"{flag_name} {path}: cannot be read ({e.strerror})"]
+    if stat.S_ISDIR(mode):
+        return [f"{flag_name} {path}: is a directory, not a file"]
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        )
+        return [f"{flag_name} {path}: is {kind}, not a regular file; give a file"]
+    if not os.access(path, os.R_OK):
+        return [f"{flag_name} {path}: cannot be read (permissions)"]
+    return []
+
+
+def output_problems(flag_name, path):
+    """The problem with an output file named by a flag, found before any work: its directory
+    cannot be made or written, or the name is a directory."""
+    if os.path.isdir(path):
+        return [f"{flag_name} {path}: is a directory; give a file name"]
+    reason = cannot_write(os.path.dirname(os.path.abspath(path)))
+    return [f"{flag_name} {path}: cannot write there ({reason})"] if reason else []
+
+
+class OutDirLock:
+    """One run at a time in an out-dir: run.lock holds the pid and host of the run that
+    writes there. A second run is refused at once; a lock whose process is gone (kill -9)
+    is named and taken over. Leftover temporary files of such a run are removed."""
+
+    def __init__(self, out_dir):
+        self.path = os.path.join(out_dir, "run.lock")
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        me = f"{os.getpid()} {socket.gethostname()}"
+        for _ in range(2):  # a stale lock is removed once, then the lock is taken
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pid, host = self.holder()
+                if host == socket.gethostname() and pid is not None and not running(pid):
+                    print(f"note: {self.path} was left by pid {pid}, no longer running: taken over")
+                    os.remove(self.path)
+                    continue
+                raise ConfigError(
+                    f"invalid settings:\n  --out-dir {os.path.dirname(self.path)}: another run "
+                    f"(pid {pid} on {host}) is writing there; wait for it, or give another "
+                    f"--out-dir (a stale lock: remove {self.path})"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            remove_leftovers(os.path.dirname(self.path))
+            return self
+        raise ConfigError(f"invalid settings:\n  {self.path}: cannot take the lock")
+
+    def holder(self):
+        try:
+            pid, host = open(self.path).read().split()
+            return int(pid), host
+        except (OSError, ValueError):
+            return None, "?"
+
+    def __exit__(self, *exc):
+        if self.holder()[0] == os.getpid():
+            os.remove(self.path)
+
+
+def running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_leftovers(folder):
+    """Temporary files of an interrupted atomic_write (name.tmp<pid>.ext) whose process is gone."""
+    for name in os.listdir(folder):
+        found = re.search(r"\.tmp(\d+)(\.|$)", name)
+        if found and not running(int(found.group(1))):
+            os.remove(os.path.join(folder, name))

@@ -1,0 +1,274 @@
+"""
+Reading a run's data files, with refusals before any work: plain text (UTF-8), and
+prompt/completion records (.jsonl, one object a line; .json, a JSON array of objects as
+LLM-Adapters' files are), each field checked. A DataError names the file and the line
+or element at fault. Also the data flags (DataConfig) and their checks.
+"""
+
+import json
+from dataclasses import dataclass
+
+from plumbing.files import file_problems
+from plumbing.settings import in_range, one_of, option, positive
+
+
+class DataError(ValueError):
+    """Bad input data; the message starts with the file (and line) at fault."""
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Data from files
+
+
+def read_text_file(path):
+    """The file's text; DataError for a missing, empty or non-UTF-8 file (with its line).
+
+    A UTF-8 byte-order mark at the start (Windows editors write one) is dropped."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise DataError(
+            f"{path}: UTF-16 (its byte-order mark says so), not UTF-8; save it as UTF-8"
+        )
+    if not raw.strip():
+        raise DataError(f"{path}: file is empty")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})"
+        ) from None
+
+
+# characters in one JSONL line: far beyond any context, and it keeps a bad file from
+# filling memory
+MAX_LINE = 1 << 20
+
+# The Stanford Alpaca prompt, as LLM-Adapters fine-tunes and evaluates with it (its own
+# strings carry indentation that differs between the two; one clean template for both is
+# our choice). The completion is the record's "output".
+ALPACA = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+TEMPLATES = ("plain", "alpaca")
+
+
+def is_records(path):
+    """Prompt/completion records (.jsonl, or .json: LLM-Adapters' arrays), not plain text."""
+    return path.lower().endswith((".jsonl", ".json"))
+
+
+def read_records(path):
+    """[(where, object)]: the objects of a .jsonl file, one a line, or of a .json file, a JSON
+    array of objects (or one object a line); where names the file and line, or element."""
+    text = read_text_file(path)
+    head = text.lstrip()[:1]
+    if path.lower().endswith(".json") and head == "[":
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})"
+            ) from None
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply to read") from None
+        return [(f"{path}: element {i}", item) for i, item in enumerate(items)]
+    if path.lower().endswith(".json") and head != "{":
+        raise DataError(f"{path}: neither a JSON array of objects nor one JSON object per line")
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        if len(line) > MAX_LINE:
+            raise DataError(
+                f"{where}: a line of {len(line):,} characters, over the {MAX_LINE:,} a sample may "
+                "have"
+            )
+        try:
+            records.append((where, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
+        except RecursionError:
+            raise DataError(f"{where}: JSON nested too deeply to read") from None
+    return records
+
+
+def text_field(record, name, where, default=None):
+    """record[name], a string; default where it is missing (None: it must be there)."""
+    if name not in record and default is not None:
+        return default
+    if name not in record:
+        raise DataError(f"{where}: field {name!r} is missing (fields here: {sorted(record)})")
+    if not isinstance(record[name], str):
+        raise DataError(
+            f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}"
+        )
+    return record[name]
+
+
+def prompt_and_completion(record, where, template, prompt_field, completion_field):
+    """The record's (prompt, completion) text: its two fields as they are (plain), or the
+    Alpaca prompt of its instruction and input, and its output (alpaca)."""
+    if template == "plain":
+        return text_field(record, prompt_field, where), text_field(record, completion_field, where)
+    instruction = text_field(record, "instruction", where)
+    context = text_field(record, "input", where, default="")
+    prompt = (ALPACA_WITH_INPUT if context.strip() else ALPACA).format(
+        instruction=instruction, input=context
+    )
+    return prompt, text_field(record, "output", where)
+
+
+def record_texts(path, prompt_field, completion_field, template, answer_field, task):
+    """(where, prompt, completion, answer, task) of every record of the file, each field
+    checked: a DataError names the file and line or element at fault."""
+    for where, record in read_records(path):
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        prompt, completion = prompt_and_completion(
+            record, where, template, prompt_field, completion_field
+        )
+        answer = text_field(record, answer_field, where) if answer_field else ""
+        yield where, prompt, completion, answer, text_field(record, "task", where, default=task)
+
+
+def check_data(config):
+    """Read and check every data file a run names (--data, --val-data, --support-data)
+    before any work: a bad line 37 must not cost a pretraining first."""
+    paths = [config.data, config.support_data, *config.val_data.split(",")]
+    for path in filter(None, (p.strip() for p in paths)):
+        if is_records(path):
+            fields = (config.prompt_field, config.completion_field, config.template)
+            for _ in record_texts(path, *fields, config.answer_field, ""):
+                pass
+        else:
+            read_text_file(path)
+
+
+@dataclass
+class DataConfig:
+    data: str = option(
+        "",
+        "prompt/completion records (.jsonl, one object a line; .json, an array of objects, as "
+        "LLM-Adapters' files) or a plain-text corpus (any other name); empty: the default task",
+    )
+    template: str = option(
+        "plain",
+        "how a record becomes prompt and completion: plain (--prompt-field, --completion-field "
+        "as they are) or alpaca (the Alpaca prompt of instruction and input; the completion: "
+        "output)",
+    )
+    prompt_field: str = option("prompt", "--template plain: the field holding the prompt")
+    completion_field: str = option(
+        "completion", "--template plain: the field holding the completion (the loss falls on it)"
+    )
+    answer_field: str = option(
+        "",
+        "score answer accuracy: the first of a task's answers found in the generated response "
+        "must be this field's (LLM-Adapters: answer); empty: exact match of the completion",
+    )
+    train_on_inputs: bool = option(
+        False, "the loss falls on the prompt too (LLM-Adapters' default), not the completion only"
+    )
+    max_new_tokens: int = option(
+        32, "--answer-field: tokens generated per evaluation response (LLM-Adapters: 32)"
+    )
+    val_fraction: float = option(
+        0.1,
+        "share of --data held out for evaluation (unless --val-data); half of it is the dev "
+        "split, half the test split",
+    )
+    val_data: str = option(
+        "",
+        "clean evaluation files, comma-separated, same format as --data, each a task named by "
+        "its folder (boolq/test.json: boolq) or stem, or by the records' 'task'; each file "
+        "half dev split, half test split",
+    )
+    support_data: str = option(
+        "",
+        "--support heldout: a trusted file for the held-out support set, same format as --data; "
+        "empty: carved from --data",
+    )
+    heldout_size: int = option(
+        64,
+        "--support heldout: samples in the trusted held-out set (default task: its own clean "
+        "split; your data: carved from --data unless --support-data)",
+    )
+    noise: float = option(
+        0.2, "default task: fraction of fine-tuning answers corrupted (flagged noisy)"
+    )
+    noise_kind: str = option(
+        "random",
+        "default task: a corrupted answer is random letters of the right length (random) or "
+        "another task's answer to the same word, a plausible wrong rule (systematic)",
+    )
+    tasks: str = option(
+        "all",
+        "default task: the tasks mixed, comma-separated (echo, inv, plus2, rsh); all: every one",
+    )
+    n_train: int = option(
+        6400,
+        "default task: fine-tuning samples (--steps 600 of 32 over 6,400 are the paper's 3 epochs)",
+    )
+    n_val: int = option(200, "default task: clean held-out samples")
+
+    def problems(self):
+        from testbed.task import MAX_TASK_WORDS, NOISE_KINDS, WORD_SPACE, parse_tasks
+
+        out = in_range(self, "noise", 0, 1, high_open=True) + in_range(
+            self, "val_fraction", 0, 1, True, True
+        )
+        out += positive(self, "n_train", "n_val", "heldout_size") + one_of(
+            self, "noise_kind", NOISE_KINDS
+        )
+        try:
+            parse_tasks(self.tasks)
+        except ValueError as e:
+            out.append(f"--tasks {self.tasks}: {e}")
+        if self.data and self.tasks != "all":
+            out.append(
+                "--tasks chooses among the default task's tasks; it does nothing with --data"
+            )
+        if not self.data and not out:
+            # train, test, dev, held-out: distinct words
+            words = self.n_train + 2 * self.n_val + self.heldout_size
+            if words > MAX_TASK_WORDS:
+                out.append(
+                    f"--n-train, --n-val, --heldout-size: the default task would need {words:,} "
+                    "distinct words, more than "
+                    f"the {MAX_TASK_WORDS:,} it makes (its word space holds {WORD_SPACE:,}); use "
+                    "--data for more"
+                )
+        out += file_problems("--data", self.data) + one_of(self, "template", TEMPLATES)
+        out += positive(self, "max_new_tokens")
+        if not self.data and (self.template != "plain" or self.answer_field):
+            out.append("--template and --answer-field read records of --data")
+        kinds = lambda p: "prompt/completion records" if is_records(p) else "plain text"
+        for name in ("val_data", "support_data"):
+            paths = [p for p in getattr(self, name).split(",") if p.strip()]
+            if paths and not self.data:
+                out.append(
+                    f"--{name.replace('_', '-')} needs --data (the default task has its own splits)"
+                )
+                continue
+            for path in paths:
+                out += file_problems(f"--{name.replace('_', '-')}", path)
+                if is_records(path) != is_records(self.data):
+                    out.append(
+                        f"--{name.replace('_', '-')} {path} would be read as {kinds(path)}, but "
+                        f"--data {self.data} as {kinds(self.data)}: give both in one format (a "
+                        ".jsonl or .json name reads records)"
+                    )
+        return out

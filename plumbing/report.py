@@ -1,0 +1,94 @@
+"""
+What a reader of a run sees: the progress line, the selection of one step as text, the
+evaluation's line and the summary at the end (the picture: plumbing/pictures.py).
+"""
+
+import math
+
+from evaluation.scoring import per_task_lines
+
+def score_line(result):
+    """An evaluation's figures: held-out loss, and exact match and answer accuracy if any."""
+    line = f"held-out loss {result['loss']:.4f}"
+    if result["exact_match"] is not None:
+        line += f" | exact match {result['exact_match']:.3f}"
+    if result["accuracy"] is not None:
+        line += f" | answer accuracy {result['accuracy']:.3f}"
+    return line
+
+
+def progress_line(step, epoch, record, lr, ms, flagged):
+    """nanoGPT's line: step, epoch, loss, lr, time; and where samples are flagged noisy, the
+    shares of noisy and clean samples the blocks took. The rest: metrics.json, the picture."""
+    line = (
+        f"step {step:5d} | epoch {epoch:.2f} | loss {record.loss:.4f} | lr {lr:.2e} | {ms:.0f} ms"
+    )
+    if flagged:
+        line += f" | noisy/clean taken {record.noisy_selected:.2f}/{record.clean_selected:.2f}"
+    return line
+
+
+def last_checkpoint(ckpt_path, saved_at):
+    """What a checkpoint on disk holds, for the messages of a stopped run."""
+    if saved_at is not None:
+        return f"{ckpt_path} (step {saved_at}); --resume continues from it"
+    return "none written yet"
+
+
+def selection_picture(record, noisy):
+    """A text heatmap of one step: rows are blocks, columns samples; # took it, . did not."""
+    lines = ["which block learned from which sample (# selected, . not; ^ marks noisy samples):"]
+    for l, row in enumerate(record.mask.tolist()):
+        cells = "".join("#" if taken else "." for taken in row)
+        lines.append(f"  block {l:2d} | {cells}" + ("" if any(row) else "   (not updated)"))
+    if noisy is not None and bool(noisy.any()):
+        lines.append("  noisy    | " + "".join("^" if n else " " for n in noisy.tolist()))
+    if record.support is not None:
+        lines.append(
+            f"  support: rows {', '.join(map(str, record.support[:16]))}"
+            + (" ..." if len(record.support) > 16 else "")
+            + " of the support set"
+        )
+    return "\n".join(lines)
+
+
+def print_summary(metrics):
+    rule = "" if metrics["selection"] is None else f" ({metrics['selection']}, support "
+    rule += "" if metrics["selection"] is None else f"{metrics['support']})"
+    parts = [f"held-out loss {metrics['val_loss']:.4f}"]
+    if metrics["exact_match"] is not None:
+        parts.append(f"exact match {metrics['exact_match']:.3f}")
+    if metrics.get("accuracy") is not None:
+        parts.append(f"answer accuracy {metrics['accuracy']:.3f}")
+    parts.append(f"coverage {metrics['coverage']:.2f}")
+    if not math.isnan(metrics["noisy_selected"]):
+        taken = f"noisy/clean taken {metrics['noisy_selected']:.2f}/{metrics['clean_selected']:.2f}"
+        if not math.isnan(metrics["noisy_probability"]):
+            taken += (
+                f" (intended {metrics['noisy_probability']:.2f}/{metrics['clean_probability']:.2f})"
+            )
+        parts.append(taken)
+    parts.append(f"{metrics['ms_per_step']:.0f} ms/step (median)")
+    print(f"\n{metrics['method']}{rule}: " + ", ".join(parts))
+    for l, share in enumerate(metrics["active_per_layer"]):
+        rates = (
+            ""
+            if not metrics["noisy_rate_per_layer"] or share == 0
+            else (
+                f"; took {metrics['noisy_rate_per_layer'][l]:.2f} of noisy and "
+                f"{metrics['clean_rate_per_layer'][l]:.2f} of clean samples"
+            )
+        )
+        print(f"  block {l}: updated in {share:.0%} of steps{rates}")
+    for line in per_task_lines(metrics["per_task"]):
+        print(line)
+    for prompt, answer, reference, hit in metrics["answers"]:
+        print(
+            f"  {prompt!r} -> {answer!r} "
+            + ("(right)" if hit else f"(wrong; the reference: {reference!r})")
+        )
+    if metrics["sample"]:
+        print(
+            f"  a greedy sample from a held-out prompt: {metrics['sample'][0]!r} -> "
+            f"{metrics['sample'][1]!r}"
+        )
