@@ -11,7 +11,7 @@ Tokenizer and data: everything here works offline.
 3. Real data from files: plain text for language modelling, JSONL prompt/completion
    pairs with the loss on completion tokens only. Bad input raises DataError naming
    the file and line.
-4. A run's splits (DataConfig, load_task): train, dev, test and the trusted set.
+4. A run's splits (load_task): train, dev, test and the trusted set.
 5. Scoring: held-out loss and greedy exact match.
 Batches are (inputs, targets, noisy), targets padded with -100.
 """

@@ -16,51 +16,17 @@ gast_step, at the bottom, is those five steps in order. Where the paper's readin
 silent the choices are ours, and named so where they are made: the draw is without
 replacement, with a temperature; the update has a plain step's scale; the support may be
 a trusted held-out set or the batch mean. The baselines (lora, lisa, ist, data), the
-layer budget and torchrun are in methods.py; faster per-sample paths in per_sample.py.
+layer budget and torchrun reach gast_step through its arguments, from methods/tuner.py;
+the faster paths of step 1 are in methods/per_sample.py.
 """
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch.func import functional_call, grad_and_value, vmap
 
 from lora import lora_names_by_block
 from model import IGNORE_INDEX
-from plumbing.settings import in_range, not_negative, one_of, option, positive
-
-SELECTIONS = ("softmax", "topk", "random")  # the paper's rule, and its two ablations
-SUPPORTS = ("train", "heldout", "batch")  # where the support mini-batch comes from
-
-
-@dataclass
-class GASTConfig:
-    selection: str = option(
-        "softmax",
-        "how data and gast pick k samples per layer: softmax (the paper's rule: drawn from the "
-        "softmax of the standardised scores), topk or random (its ablations)",
-    )
-    temperature: float = option(
-        1.0, "softmax selection: the logits are z / temperature (ours; 1 is the paper's)"
-    )
-    support: str = option(
-        "train",
-        "the support mini-batch is drawn from the training set (train, the paper's), from a "
-        "trusted held-out set (heldout, ours), or is the batch itself (batch, ours)",
-    )
-    support_size: int = option(
-        4, "samples in the support mini-batch, drawn every step (the paper's 4); 0: the whole set"
-    )
-    data_ratio: float = option(
-        0.5, "k = ceil(ratio * batch) samples per layer (the paper's 8 of 16)"
-    )
-
-    def problems(self):
-        """Every problem with these settings, naming the flags."""
-        out = one_of(self, "selection", SELECTIONS) + one_of(self, "support", SUPPORTS)
-        out += in_range(self, "data_ratio", 0, 1, low_open=True) + positive(self, "temperature")
-        return out + not_negative(self, "support_size")
-
 
 def samples_per_layer(B, data_ratio):
     """k = max(1, ceil(data_ratio * B)), the product rounded first (0.3 * 10 is 3, not 4)."""
@@ -86,12 +52,8 @@ def per_sample_function(model, chunk_size=None):
         batch = (x.unsqueeze(0), y.unsqueeze(0))
         return functional_call(model, params, batch, {"fused": False})[1]
 
-    return vmap(
-        grad_and_value(sample_loss),
-        in_dims=(None, 0, 0),
-        randomness="different",
-        chunk_size=chunk_size,
-    )
+    return vmap(grad_and_value(sample_loss), in_dims=(None, 0, 0), randomness="different",
+                chunk_size=chunk_size)
 
 
 def trainable(model):
@@ -99,15 +61,24 @@ def trainable(model):
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def per_sample_grads_and_losses(model, inputs, targets, chunk_size=None):
+def per_sample_grads_and_losses(model, inputs, targets, on_block=None, chunk_size=None):
     """({name: (B, *p.shape)} for every trainable (LoRA) parameter, losses (B,)), by torch.func
-    (per_sample_function); inputs, targets: (B, T)."""
-    return per_sample_function(model, chunk_size)(trainable(model), inputs, targets)
+    (per_sample_function); inputs, targets: (B, T). on_block(l, block l's gradients) is
+    called for every block, as every path of step 1 does (gast_step's steps 2-5)."""
+    grads, losses = per_sample_function(model, chunk_size)(trainable(model), inputs, targets)
+    hand_over(model, grads, on_block)
+    return grads, losses
+
+
+def hand_over(model, grads, on_block):
+    """on_block(l, {name: (B, *p.shape)}) for each block l, in order (if on_block)."""
+    for l, names in enumerate(lora_names_by_block(model) if on_block else []):
+        on_block(l, {name: grads[name] for name in names})
 
 
 def per_sample_grads(model, inputs, targets, chunk_size=None):
     """{name: (B, *p.shape)}: g[l, i] for every LoRA parameter."""
-    return per_sample_grads_and_losses(model, inputs, targets, chunk_size)[0]
+    return per_sample_grads_and_losses(model, inputs, targets, chunk_size=chunk_size)[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -228,41 +199,70 @@ def masked_mean(grad, weights):
     return torch.tensordot(weights.to(grad.dtype), grad, dims=1)
 
 
-def write_selected_gradients(model, layers, grads, mask, columns=slice(None)):
-    """p.grad = the mean of g[l, i] over block l's drawn samples; None where it drew none
-    (AdamW then skips the parameter: no moment update, no weight decay). columns: which of
-    the B samples grads hold."""
-    params = dict(model.named_parameters())
-    weights = selection_weights(mask)[:, columns]  # (L, B_local), built once for all blocks
-    drew = mask.any(dim=-1).tolist()  # one host sync per step, not one per parameter
-    for l, names in enumerate(layers):
-        for name in names:
-            params[name].grad = masked_mean(grads[name], weights[l]) if drew[l] else None
-
-
 # ---------------------------------------------------------------------------------------
 # Algorithm 1: one GAST step
 
 
-def gast_step(model, inputs, targets, support, config, generator, per_sample=None):
-    """One GAST step in one process: writes every adapter's .grad, returns
-    (mask (L, B), scores (L, B), losses (B,), s).
+def gast_step(model, inputs, targets, support, config, generator, per_sample=None, select=None,
+              shard=None):
+    """One GAST step: writes every adapter's .grad; returns (mask (L, B), scores (L, B),
+    losses (B_local,), s). Every configuration runs these lines; they differ in arguments.
 
-    support: the support mini-batch as (inputs, targets); or s itself, {name: like p}, kept
-    from an earlier step; or None, s = the batch's mean gradient (support="batch").
-    per_sample: step 1's function (default torch.func; per_sample.py has faster ones).
+    support: the support mini-batch as (inputs, targets), its rows riding in step 1's pass;
+    or s itself, {name: like p}, kept from an earlier step; or None: s is the batch's own
+    mean gradient (support="batch", ours).
+    per_sample: step 1 (torch.func by default; methods/per_sample.py has faster paths). Each
+    path hands block l's per-sample gradients to steps 2-5 as soon as it has them, so the
+    block-by-block path frees them block by block.
+    select(scores (L, B), k) -> mask: step 4 over every block at once (our layer budget, the
+    data method); None: each block draws its own k samples, the paper's rule.
+    shard: under torchrun, this process's columns of the global batch (methods/collectives.py).
     """
     layers = lora_names_by_block(model)  # L lists of parameter names
-    B, k = len(inputs), samples_per_layer(len(inputs), config.data_ratio)
+    rows = len(inputs)
+    B, columns = (shard.B, shard.columns) if shard else (rows, slice(None))
+    L, k = len(layers), samples_per_layer(B, config.data_ratio)
     riding = isinstance(support, tuple)
     if riding:  # the support rows ride in step 1's pass
         inputs = side_by_side(inputs, support[0], 0)
         targets = side_by_side(targets, support[1], IGNORE_INDEX)
-    grads, losses = (per_sample or per_sample_grads_and_losses)(model, inputs, targets)
-    batch = {name: g[:B] for name, g in grads.items()}  # step 1: g[l, i]
-    if riding:  # step 2: s_l
-        support = {name: g[B:].mean(dim=0) for name, g in grads.items()}
-    scores = alignment_scores(batch, layers, support)  # step 3: a[l, i]
-    mask = choose(scores, k, config.selection, config.temperature, generator)  # step 4
-    write_selected_gradients(model, layers, batch, mask)  # step 5
-    return mask, scores, losses[:B], support
+    # step 4's noise, drawn first: a path that finishes the blocks in another order draws the same
+    noise = None if select or config.selection == "topk" else gumbel((L, B), generator)
+    dtype = next(p for p in model.parameters() if p.requires_grad).dtype
+    scores = torch.zeros(L, B, dtype=dtype, device=inputs.device)
+    mask = torch.zeros(L, B, dtype=torch.bool, device=inputs.device)
+    held, update, support_grad = {}, {}, {}
+
+    def steps_2_to_5(l, grads):  # grads: block l's {name: (rows + support rows, *p.shape)}
+        g = {name: grads[name][:rows] for name in layers[l]}  # step 1: g[l, i]
+        if riding:  # step 2: s_l, the mean gradient of the support rows
+            s = {name: grads[name][rows:].mean(dim=0) for name in layers[l]}
+            support_grad.update(s)
+        elif support is None:  # ours: the batch's mean gradient
+            s = shard.batch_mean(g) if shard else {n: v.mean(dim=0) for n, v in g.items()}
+        else:
+            s = support
+        a = alignment_scores(g, [layers[l]], s)[0]  # step 3: a[l, i], (B_local,)
+        scores[l] = shard.gather(a) if shard else a
+        held[l] = g
+        if select is None:  # step 4: this block's own k samples
+            row_noise = None if noise is None else noise[l : l + 1]
+            mask[l] = choose(scores[l : l + 1], k, config.selection, config.temperature,
+                             noise=row_noise)[0]
+            step_5(l)
+
+    def step_5(l):  # block l's gradient: the mean over its drawn samples; None if it drew none
+        weights = selection_weights(mask[l : l + 1])[0, columns]  # (B_local,)
+        drew = bool(mask[l].any())
+        for name, g in held.pop(l).items():
+            update[name] = masked_mean(g, weights) if drew else None
+
+    _, losses = (per_sample or per_sample_grads_and_losses)(model, inputs, targets, steps_2_to_5)
+    if select is not None:  # step 4 over every block, then step 5
+        mask.copy_(select(scores, k))
+        for l in range(L):
+            step_5(l)
+    params = dict(model.named_parameters())
+    for name, g in update.items():  # in place of anything autograd accumulated in step 1
+        params[name].grad = g
+    return mask, scores, losses[:rows], support_grad if riding else support

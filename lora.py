@@ -20,7 +20,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from plumbing.files import atomic_save
-from plumbing.settings import option
 
 
 # GPT-2's names, in every block
@@ -29,16 +28,12 @@ LINEAR_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 @dataclass
 class LoRAConfig:
-    r: int = option(8, "LoRA rank; the adapter has r * (in + out) parameters")
-    alpha: float = option(
-        16.0, "LoRA alpha; the update is scaled by alpha / r, so changing r keeps its size"
-    )
-    dropout: float = option(0.0, "dropout on the adapters' input only; the base path is untouched")
-    # every Linear of a block by default: the default task needs the MLP ones to learn in minutes
-    targets: tuple = option(
-        LINEAR_MODULES,
-        "module names (suffixes) that get adapters, comma-separated on the command line",
-    )
+    """What an adapter is; saved beside its weights (train.py's --lora-* flags make it)."""
+
+    r: int = 8  # rank; an adapter has r * (in + out) parameters
+    alpha: float = 16.0  # the update is scaled by alpha / r, so changing r keeps its size
+    dropout: float = 0.0  # on the adapters' input only; the base path is untouched
+    targets: tuple = LINEAR_MODULES  # module names (suffixes) that get adapters
 
 
 class LoRALinear(nn.Module):

@@ -20,7 +20,7 @@ import torch
 
 from data import TokenizerUnavailable, encode, get_tokenizer, load_examples, load_task
 from evaluation.scoring import decode, evaluate, per_task_lines
-from plumbing.records import DataConfig, DataError, is_records
+from plumbing.records import DataError, is_records
 from hf.export import export_hf, export_peft, export_problems
 from lora import LoRAConfig, load_adapter, merge_lora
 from plumbing.entry import run_main
@@ -28,6 +28,7 @@ from plumbing.files import atomic_save, file_problems, fingerprint, output_probl
 from plumbing.devices import autocast_for, check_device, pick_device
 from plumbing.settings import like, not_negative, option, parse_args, refuse
 from testbed.pretrain import read_base
+from train import TrainConfig
 
 
 @dataclass
@@ -39,10 +40,10 @@ class SampleConfig:
         "score the adapter on this file (prompt/completion records, .jsonl or .json, per task "
         "where they carry a 'task'; or plain text: loss only)",
     )
-    template: str = like(DataConfig, "template")
-    prompt_field: str = like(DataConfig, "prompt_field")
-    completion_field: str = like(DataConfig, "completion_field")
-    answer_field: str = like(DataConfig, "answer_field")
+    template: str = like(TrainConfig, "template")
+    prompt_field: str = like(TrainConfig, "prompt_field")
+    completion_field: str = like(TrainConfig, "completion_field")
+    answer_field: str = like(TrainConfig, "answer_field")
     n: int = option(
         5, "answers of the run's own test split to show (without --prompt, --data or --merge)"
     )

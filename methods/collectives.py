@@ -43,3 +43,17 @@ def batch_mean(grads, B):
         for g in s.values():
             dist.all_reduce(g)
     return s
+
+
+class Shard:
+    """This process's columns of a global batch of B, and the two collectives gast_step
+    needs there: the scores gathered over processes, and the batch's mean gradient."""
+
+    def __init__(self, B, columns):
+        self.B, self.columns = B, columns
+
+    def gather(self, local):
+        return all_gather_columns(local)
+
+    def batch_mean(self, grads):
+        return batch_mean(grads, self.B)

@@ -3,8 +3,8 @@ Faster ways to step 1 of GAST (gast.py), each tested equal to its torch.func pat
 
   per_sample_grads_by_hooks   the per-sample gradients from one ordinary forward and
                               backward, by hooks on every LoRALinear (fused attention)
-  gast_by_blocks              steps 1-5 inside that backward, block by block: at most one
-                              block's per-sample gradients are held at a time
+  per_sample_grads_by_blocks  the same, each block's gradients handed to gast_step's steps
+                              2-5 inside the backward: one block's held at a time
   second_pass                 pass 2 of the paper's "memory-efficient" variant (its
                               Table 6): after the draw, one more forward and backward over
                               the drawn samples only
@@ -20,18 +20,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from methods.collectives import all_gather_columns, batch_mean
-from gast import (
-    choose,
-    gumbel,
-    masked_mean,
-    per_sample_function,
-    samples_per_layer,
-    selection_weights,
-    side_by_side,
-    trainable,
-)
-from lora import LoRALinear, block_index, lora_names_by_block
+from gast import hand_over, masked_mean, per_sample_function, selection_weights, trainable
+from lora import LoRALinear, block_index
 from model import IGNORE_INDEX
 
 
@@ -93,66 +83,27 @@ def recording_per_sample_grads(model, on_block=None):
             handle.remove()
 
 
-def per_sample_grads_by_hooks(model, inputs, targets):
+def per_sample_grads_by_hooks(model, inputs, targets, on_block=None):
     """gast.per_sample_grads_and_losses' gradients and losses, from one ordinary forward and
-    backward (fused attention; about half vmap's extra memory)."""
+    backward (fused attention; about half vmap's extra memory); on_block as there, after
+    the backward."""
     model.zero_grad(set_to_none=True)
     with recording_per_sample_grads(model) as grads:
         _, losses = model(inputs, targets, reduction="none")  # (B,)
         losses.sum().backward()  # the sum: each sample's output gradient is its own loss's
+    hand_over(model, grads, on_block)
     return grads, losses.detach()
 
 
-def gast_by_blocks(model, inputs, targets, support, config, generator, B=None, columns=None):
-    """gast.gast_step's steps 1-5 inside one backward, block by block: when the backward has
-    finished block l's adapters, their per-sample gradients give s_l (from the support
-    rows), the scores, the draw and the masked mean, and are freed. The same numbers as
-    the torch.func path: the draws take the same noise, drawn before the backward.
-
-    Arguments and result as gast_step's; under torchrun inputs are this process's samples
-    `columns` of the global batch of B, and the scores are gathered across processes.
-    """
-    layers = lora_names_by_block(model)
-    rows = len(inputs)
-    B, columns = B or rows, columns or slice(None)
-    k = samples_per_layer(B, config.data_ratio)
-    riding = isinstance(support, tuple)
-    if riding:
-        inputs = side_by_side(inputs, support[0], 0)
-        targets = side_by_side(targets, support[1], IGNORE_INDEX)
-    L = len(layers)
-    noise = None if config.selection == "topk" else gumbel((L, B), generator)  # as choose()'s
-    dtype = next(p for p in model.parameters() if p.requires_grad).dtype
-    scores = torch.zeros(L, B, dtype=dtype, device=inputs.device)
-    mask = torch.zeros(L, B, dtype=torch.bool, device=inputs.device)
-    update, support_grad = {}, {}
-
-    def on_block(l, grads):
-        names = layers[l]  # summed in alignment_scores' order
-        g = {n: grads[n][:rows] for n in names}  # (B_local, *p.shape)
-        if riding:
-            s = {n: grads[n][rows:].mean(dim=0) for n in names}
-            support_grad.update(s)
-        else:
-            s = batch_mean(g, B) if support is None else support
-        a = sum(g[n].flatten(1) @ s[n].flatten() for n in names)  # (B_local,)
-        scores[l] = a if rows == B else all_gather_columns(a)
-        row_noise = None if noise is None else noise[l : l + 1]
-        mask[l] = choose(
-            scores[l : l + 1], k, config.selection, config.temperature, noise=row_noise
-        )[0]  # this block's row of step 4
-        weights = selection_weights(mask[l : l + 1])[0, columns]
-        for n in names:
-            update[n] = masked_mean(g[n], weights)  # step 5
-
+def per_sample_grads_by_blocks(model, inputs, targets, on_block):
+    """The same, but on_block(l, ...) is called inside the backward as soon as it has
+    finished block l's adapters (block L-1 first), and those gradients are then freed: at
+    most one block's per-sample gradients are held at a time. Returns ({}, losses)."""
     model.zero_grad(set_to_none=True)
-    with recording_per_sample_grads(model, on_block):
-        _, losses = model(inputs, targets, reduction="none")  # (B_local + support rows,)
+    with recording_per_sample_grads(model, on_block) as grads:
+        _, losses = model(inputs, targets, reduction="none")  # (B,)
         losses.sum().backward()
-    params = dict(model.named_parameters())
-    for name, u in update.items():  # in place of the summed gradient autograd accumulated
-        params[name].grad = u
-    return mask, scores, losses.detach()[:rows], support_grad if riding else support
+    return grads, losses.detach()
 
 
 def second_pass(model, inputs, targets, mask):
@@ -209,7 +160,7 @@ class CompiledPerSample:
         self.model = model
         self.compute = torch.compile(per_sample_function(model), dynamic=False)
 
-    def __call__(self, model, inputs, targets):
+    def __call__(self, model, inputs, targets, on_block=None):
         if model is not self.model:
             raise ValueError("this CompiledPerSample was made for another model")
         T = inputs.shape[1]
@@ -218,4 +169,6 @@ class CompiledPerSample:
         targets = F.pad(targets, (0, pad), value=IGNORE_INDEX)
         # room for every padded length of a few batch sizes and models (the default is 8)
         with torch._dynamo.config.patch(recompile_limit=64):
-            return self.compute(trainable(model), inputs, targets)
+            grads, losses = self.compute(trainable(model), inputs, targets)
+        hand_over(model, grads, on_block)
+        return grads, losses

@@ -26,77 +26,34 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from methods.collectives import all_gather_columns, all_reduce_grads, batch_mean
+from methods.collectives import Shard, all_gather_columns, all_reduce_grads
 from gast import (
-    GASTConfig,
-    alignment_scores,
     choose,
     gast_step,
     per_sample_grads_and_losses,
     samples_per_layer,
-    side_by_side,
     support_gradient,
     top,
-    write_selected_gradients,
 )
 from lora import LoRALinear, block_index, lora_names_by_block
 from model import IGNORE_INDEX
-from methods.per_sample import CompiledPerSample, gast_by_blocks, per_sample_grads_by_hooks
+from methods.per_sample import (CompiledPerSample, per_sample_grads_by_blocks,
+                                per_sample_grads_by_hooks)
 from plumbing.devices import world
-from plumbing.settings import in_range, not_negative, one_of, option, positive
 from methods.selection_law import law
 
 METHODS = ("lora", "lisa", "ist", "data", "gast")
 SCORED = ("data", "gast")  # the methods that compute alignment scores, and so need a support
 # how step 1 is computed (torch.func, vmap, is the reference)
 PER_SAMPLE = ("vmap", "hooks", "blocks", "compiled")
+SELECTIONS = ("softmax", "topk", "random")  # the paper's rule, and its two ablations
+SUPPORTS = ("train", "heldout", "batch")  # where the support mini-batch comes from
 
 
-@dataclass
-class SelectionConfig(GASTConfig):
-    method: str = option("gast", f"selection rule: one of {', '.join(METHODS)}")
-    support_interval: int = option(
-        1, "draw the support mini-batch and recompute s_l every this many steps (kept between)"
-    )
-    layer_ratio: float = option(
-        0.0,
-        "layer budget K = ceil(ratio * n_layer); 0: each method's own (gast and data: every "
-        "block, as the paper; lisa and ist: half); below 1 for gast, our option",
-    )
-    lisa_interval: int = option(20, "lisa redraws its layers every this many steps (LISA's)")
-    ist_interval: int = option(10, "ist updates its layer importance every this many steps")
-    ist_trials: int = option(3, "ist's suppression trials per importance update")
-    ist_suppress: float = option(0.25, "ist multiplies a suppressed layer's LoRA scaling by this")
-    ist_lr: float = option(10.0, "ist's step size on the importance scores")
-    per_sample: str = option(
-        "vmap",
-        "per-sample gradients by torch.func (vmap, the reference), by backward hooks (hooks: "
-        "the same numbers, about a plain step's cost), or block by block inside the backward "
-        "(blocks: gast with every layer; one block's per-sample gradients held at a time), or "
-        "torch.func compiled by torch.compile (compiled: the same gradients up to rounding; tens "
-        "of seconds to compile, once per padded sequence length, then a cheaper step)",
-    )
-    chunk_size: int = option(0, "vmap's per-sample gradients this many samples at a time (0: all)")
-
-    def problems(self):
-        """Every problem with these settings, naming the flags."""
-        known = self.method in METHODS
-        out = (
-            []
-            if known
-            else [f"--method {self.method!r} is unknown; choose one of {', '.join(METHODS)}"]
-        )
-        out += GASTConfig.problems(self) + one_of(self, "per_sample", PER_SAMPLE)
-        out += in_range(self, "layer_ratio", 0, 1)
-        out += positive(self, "lisa_interval", "ist_interval", "ist_trials", "support_interval")
-        if self.chunk_size and self.per_sample != "vmap":
-            out.append(f"--chunk-size works with --per-sample vmap only, not {self.per_sample}")
-        return out + not_negative(self, "chunk_size")
-
-    def layers_per_step(self, L):
-        """K: --layer-ratio of the L blocks, or the method's own share when it is 0."""
-        ratio = self.layer_ratio or (0.5 if self.method in ("lisa", "ist") else 1.0)
-        return budgets(L, 1, ratio, 1.0)[0]
+def layers_per_step(config, L):
+    """K: --layer-ratio of the L blocks, or the method's own share when it is 0."""
+    ratio = config.layer_ratio or (0.5 if config.method in ("lisa", "ist") else 1.0)
+    return budgets(L, 1, ratio, 1.0)[0]
 
 
 def budgets(L, B, layer_ratio, data_ratio):
@@ -127,7 +84,7 @@ def select(scores, K, k):
     return mask
 
 
-def choose_layers(scores, K, k, selection="softmax", temperature=1.0, generator=None):
+def choose_layers(scores, k, K, selection="softmax", temperature=1.0, generator=None):
     """gast.choose, then (K < L) only the K rows whose drawn samples' summed score is
     largest stay active."""
     L = scores.shape[0]
@@ -225,13 +182,12 @@ class SparseTuner:
     under torchrun draws the same.
     """
 
-    def __init__(self, model, config: SelectionConfig, seed=0, support_set=None):
-        """support_set: what the support mini-batches are drawn from (the training set for
-        support="train", the trusted set for "heldout"; data and gast need it unless
-        support="batch"): (inputs (N, T), targets (N, T)), or a pool with len() that,
-        called with a list of indices, returns their (inputs, targets)."""
-        if config.problems():
-            raise ValueError("; ".join(config.problems()))
+    def __init__(self, model, config, seed=0, support_set=None):
+        """config: train.py's TrainConfig (validated there). support_set: what the support
+        mini-batches are drawn from (the training set for support="train", the trusted set
+        for "heldout"; data and gast need it unless support="batch"): (inputs (N, T),
+        targets (N, T)), or a pool with len() that, called with a list of indices, returns
+        their (inputs, targets)."""
         if config.method in SCORED and config.support != "batch" and support_set is None:
             raise ValueError(
                 f"{config.method} with support={config.support!r} needs support_set=(inputs, "
@@ -326,7 +282,7 @@ class SparseTuner:
             raise ValueError(f"the batch of {B} does not split evenly over {n_procs} processes")
         mine = slice(rank * B // n_procs, (rank + 1) * B // n_procs)  # this process's samples
         x, y = inputs[mine], targets[mine]
-        K = c.layers_per_step(self.L)
+        K = layers_per_step(c, self.L)
         scores = indices = None
         if c.method in SCORED:
             indices, support = self._support(x.device)
@@ -355,40 +311,26 @@ class SparseTuner:
         return record
 
     def _scored_step(self, x, y, support, K, B, mine):
-        """data and gast: (mask (L, B), scores (L, B), this process's losses, s)."""
-        c, n_procs = self.config, world()[1]
-        if c.per_sample == "vmap":
-            per_sample = partial(per_sample_grads_and_losses, chunk_size=c.chunk_size or None)
-        elif c.per_sample == "compiled":
-            per_sample = self.compiled
-        else:
-            per_sample = per_sample_grads_by_hooks
-        gast_every_layer = c.method == "gast" and K == self.L
-        if gast_every_layer and c.per_sample == "blocks":
-            return gast_by_blocks(self.model, x, y, support, c, self.generator, B, mine)
-        if gast_every_layer and n_procs == 1:  # the paper's rule as gast.py writes it
-            return gast_step(self.model, x, y, support, c, self.generator, per_sample)
-        # data, our layer budget, or torchrun: gast.py's steps, composed here
-        rows, riding = len(x), isinstance(support, tuple)
-        if riding:
-            x, y = side_by_side(x, support[0], 0), side_by_side(y, support[1], IGNORE_INDEX)
-        grads, losses = per_sample(self.model, x, y)
-        batch = {name: g[:rows] for name, g in grads.items()}
-        if riding:
-            support = {name: g[rows:].mean(dim=0) for name, g in grads.items()}
-        s = batch_mean(batch, B) if support is None else support
-        scores = alignment_scores(batch, self.layers, s)  # (L, B_local)
-        if n_procs > 1:
-            scores = all_gather_columns(scores)  # (L, B)
-        k = samples_per_layer(B, c.data_ratio)
-        if c.method == "gast":
-            mask = choose_layers(scores, K, k, c.selection, c.temperature, self.generator)
-        else:  # data: one global set, by the summed alignment over layers
-            summed = scores.sum(dim=0, keepdim=True)
-            mask = choose(summed, k, c.selection, c.temperature, self.generator)
-            mask = mask.expand(self.L, -1).clone()
-        write_selected_gradients(self.model, self.layers, batch, mask, columns=mine)
-        return mask, scores, losses[:rows], support
+        """data and gast: gast.gast_step, with this run's step 1, step 4 and slice of the
+        batch as its arguments; (mask (L, B), scores (L, B), this process's losses, s)."""
+        c = self.config
+        per_sample = {
+            "vmap": partial(per_sample_grads_and_losses, chunk_size=c.chunk_size or None),
+            "hooks": per_sample_grads_by_hooks,
+            "blocks": per_sample_grads_by_blocks,
+            "compiled": self.compiled,
+        }[c.per_sample]
+        select = None  # gast at every layer: each block draws its own k (the paper's rule)
+        if c.method == "data":  # one global set, by the summed alignment over layers
+            def select(scores, k):
+                summed = scores.sum(dim=0, keepdim=True)
+                return choose(summed, k, c.selection, c.temperature, self.generator).expand(
+                    self.L, -1)
+        elif K < self.L:  # our layer budget: only the K best blocks learn
+            select = partial(choose_layers, K=K, selection=c.selection,
+                             temperature=c.temperature, generator=self.generator)
+        shard = Shard(B, mine) if world()[1] > 1 else None
+        return gast_step(self.model, x, y, support, c, self.generator, per_sample, select, shard)
 
     def _dense_step(self, x, y, K, probe):
         """lora, lisa and ist: the active blocks' ordinary batch gradient; (mask, loss)."""

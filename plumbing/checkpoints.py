@@ -155,7 +155,9 @@ def save_checkpoint(path, config, step, model, opt, tuner, rngs, base, history):
             "step": step,
             "base": base_path,
             "base_hash": base_hash,
-            "lora_config": asdict(config.lora()),
+            "lora_config": {"r": config.lora_r, "alpha": config.lora_alpha,
+                            "dropout": config.lora_dropout,
+                            "targets": tuple(config.lora_targets.split(","))},
             "data_hash": {
                 name: files_fingerprint(getattr(config, name))
                 for name in DATA_FILES

@@ -7,29 +7,21 @@ and a step that clearly cannot fit in memory is refused.
 import math
 
 from lora import LINEAR_MODULES
-from methods.tuner import SelectionConfig
+from methods.tuner import METHODS, PER_SAMPLE, SELECTIONS, SUPPORTS
 from model import GPTConfig
 from plumbing.devices import memory_problems, pick_device, say, training_memory
-from plumbing.records import DataConfig
+from plumbing.files import file_problems
+from plumbing.records import TEMPLATES, is_records
 from plumbing.settings import in_range, not_negative, one_of, positive, refuse
+from testbed.task import MAX_TASK_WORDS, NOISE_KINDS, WORD_SPACE, parse_tasks
 from testbed.pretrain import (SKILL_LEVEL, base_problems, base_skills, measure_skills, shape_values,
                               skill_examples, skill_line)
 def lora_problems(self):
-    """Every problem with the LoRA settings, naming the flags train.py gives them."""
-    out = [f"--lora-r must be positive, got {self.r}"] if self.r <= 0 else []
-    out += (
-        []
-        if self.alpha > 0 and math.isfinite(self.alpha)
-        else [f"--lora-alpha must be positive, got {self.alpha}"]
-    )
-    out += (
-        []
-        if 0 <= self.dropout < 1
-        else [f"--lora-dropout must be in [0, 1), got {self.dropout}"]
-    )
-    unknown = [
-        t for t in self.targets if not t or not any(m.endswith(t) for m in LINEAR_MODULES)
-    ]
+    """The LoRA flags' problems."""
+    out = positive(self, "lora_r", "lora_alpha")
+    out += in_range(self, "lora_dropout", 0, 1, high_open=True)
+    targets = self.lora_targets.split(",")
+    unknown = [t for t in targets if not t or not any(m.endswith(t) for m in LINEAR_MODULES)]
     if unknown:
         out.append(
             f"--lora-targets: {', '.join(map(repr, unknown))} matches no Linear module of a "
@@ -39,14 +31,77 @@ def lora_problems(self):
     return out
 
 
+def method_problems(self):
+    """The method's flags' problems."""
+    known = self.method in METHODS
+    out = (
+        []
+        if known
+        else [f"--method {self.method!r} is unknown; choose one of {', '.join(METHODS)}"]
+    )
+    out += one_of(self, "selection", SELECTIONS) + one_of(self, "support", SUPPORTS)
+    out += in_range(self, "data_ratio", 0, 1, low_open=True) + positive(self, "temperature")
+    out += not_negative(self, "support_size") + one_of(self, "per_sample", PER_SAMPLE)
+    out += in_range(self, "layer_ratio", 0, 1)
+    out += positive(self, "lisa_interval", "ist_interval", "ist_trials", "support_interval")
+    if self.chunk_size and self.per_sample != "vmap":
+        out.append(f"--chunk-size works with --per-sample vmap only, not {self.per_sample}")
+    return out + not_negative(self, "chunk_size")
+
+
+def data_problems(self):
+    """The data flags' problems (the files are read by plumbing.records.check_data)."""
+    out = in_range(self, "noise", 0, 1, high_open=True) + in_range(
+        self, "val_fraction", 0, 1, True, True
+    )
+    out += positive(self, "n_train", "n_val", "heldout_size") + one_of(
+        self, "noise_kind", NOISE_KINDS
+    )
+    try:
+        parse_tasks(self.tasks)
+    except ValueError as e:
+        out.append(f"--tasks {self.tasks}: {e}")
+    if self.data and self.tasks != "all":
+        out.append(
+            "--tasks chooses among the default task's tasks; it does nothing with --data"
+        )
+    if not self.data and not out:
+        # train, test, dev, held-out: distinct words
+        words = self.n_train + 2 * self.n_val + self.heldout_size
+        if words > MAX_TASK_WORDS:
+            out.append(
+                f"--n-train, --n-val, --heldout-size: the default task would need {words:,} "
+                "distinct words, more than "
+                f"the {MAX_TASK_WORDS:,} it makes (its word space holds {WORD_SPACE:,}); use "
+                "--data for more"
+            )
+    out += file_problems("--data", self.data) + one_of(self, "template", TEMPLATES)
+    out += positive(self, "max_new_tokens")
+    if not self.data and (self.template != "plain" or self.answer_field):
+        out.append("--template and --answer-field read records of --data")
+    kinds = lambda p: "prompt/completion records" if is_records(p) else "plain text"
+    for name in ("val_data", "support_data"):
+        paths = [p for p in getattr(self, name).split(",") if p.strip()]
+        if paths and not self.data:
+            out.append(
+                f"--{name.replace('_', '-')} needs --data (the default task has its own splits)"
+            )
+            continue
+        for path in paths:
+            out += file_problems(f"--{name.replace('_', '-')}", path)
+            if is_records(path) != is_records(self.data):
+                out.append(
+                    f"--{name.replace('_', '-')} {path} would be read as {kinds(path)}, but "
+                    f"--data {self.data} as {kinds(self.data)}: give both in one format (a "
+                    ".jsonl or .json name reads records)"
+                )
+    return out
+
+
 def validate(config, n_procs=1):
     """Raise ConfigError listing every problem; n_procs: processes under torchrun."""
-    problems = (
-        SelectionConfig.problems(config)
-        + DataConfig.problems(config)
-        + base_problems(config)
-        + lora_problems(config.lora())
-    )
+    problems = method_problems(config) + data_problems(config) + base_problems(config)
+    problems += lora_problems(config)
     problems += positive(
         config, "steps", "batch_size", "eval_interval", "log_interval", "eval_samples", "lr"
     )

@@ -2,14 +2,11 @@
 Reading a run's data files, with refusals before any work: plain text (UTF-8), and
 prompt/completion records (.jsonl, one object a line; .json, a JSON array of objects as
 LLM-Adapters' files are), each field checked. A DataError names the file and the line
-or element at fault. Also the data flags (DataConfig) and their checks.
+or element at fault.
 """
 
 import json
-from dataclasses import dataclass
 
-from plumbing.files import file_problems
-from plumbing.settings import in_range, one_of, option, positive
 
 
 class DataError(ValueError):
@@ -155,120 +152,3 @@ def check_data(config):
                 pass
         else:
             read_text_file(path)
-
-
-@dataclass
-class DataConfig:
-    data: str = option(
-        "",
-        "prompt/completion records (.jsonl, one object a line; .json, an array of objects, as "
-        "LLM-Adapters' files) or a plain-text corpus (any other name); empty: the default task",
-    )
-    template: str = option(
-        "plain",
-        "how a record becomes prompt and completion: plain (--prompt-field, --completion-field "
-        "as they are) or alpaca (the Alpaca prompt of instruction and input; the completion: "
-        "output)",
-    )
-    prompt_field: str = option("prompt", "--template plain: the field holding the prompt")
-    completion_field: str = option(
-        "completion", "--template plain: the field holding the completion (the loss falls on it)"
-    )
-    answer_field: str = option(
-        "",
-        "score answer accuracy: the first of a task's answers found in the generated response "
-        "must be this field's (LLM-Adapters: answer); empty: exact match of the completion",
-    )
-    train_on_inputs: bool = option(
-        False, "the loss falls on the prompt too (LLM-Adapters' default), not the completion only"
-    )
-    max_new_tokens: int = option(
-        32, "--answer-field: tokens generated per evaluation response (LLM-Adapters: 32)"
-    )
-    val_fraction: float = option(
-        0.1,
-        "share of --data held out for evaluation (unless --val-data); half of it is the dev "
-        "split, half the test split",
-    )
-    val_data: str = option(
-        "",
-        "clean evaluation files, comma-separated, same format as --data, each a task named by "
-        "its folder (boolq/test.json: boolq) or stem, or by the records' 'task'; each file "
-        "half dev split, half test split",
-    )
-    support_data: str = option(
-        "",
-        "--support heldout: a trusted file for the held-out support set, same format as --data; "
-        "empty: carved from --data",
-    )
-    heldout_size: int = option(
-        64,
-        "--support heldout: samples in the trusted held-out set (default task: its own clean "
-        "split; your data: carved from --data unless --support-data)",
-    )
-    noise: float = option(
-        0.2, "default task: fraction of fine-tuning answers corrupted (flagged noisy)"
-    )
-    noise_kind: str = option(
-        "random",
-        "default task: a corrupted answer is random letters of the right length (random) or "
-        "another task's answer to the same word, a plausible wrong rule (systematic)",
-    )
-    tasks: str = option(
-        "all",
-        "default task: the tasks mixed, comma-separated (echo, inv, plus2, rsh); all: every one",
-    )
-    n_train: int = option(
-        6400,
-        "default task: fine-tuning samples (--steps 600 of 32 over 6,400 are the paper's 3 epochs)",
-    )
-    n_val: int = option(200, "default task: clean held-out samples")
-
-    def problems(self):
-        from testbed.task import MAX_TASK_WORDS, NOISE_KINDS, WORD_SPACE, parse_tasks
-
-        out = in_range(self, "noise", 0, 1, high_open=True) + in_range(
-            self, "val_fraction", 0, 1, True, True
-        )
-        out += positive(self, "n_train", "n_val", "heldout_size") + one_of(
-            self, "noise_kind", NOISE_KINDS
-        )
-        try:
-            parse_tasks(self.tasks)
-        except ValueError as e:
-            out.append(f"--tasks {self.tasks}: {e}")
-        if self.data and self.tasks != "all":
-            out.append(
-                "--tasks chooses among the default task's tasks; it does nothing with --data"
-            )
-        if not self.data and not out:
-            # train, test, dev, held-out: distinct words
-            words = self.n_train + 2 * self.n_val + self.heldout_size
-            if words > MAX_TASK_WORDS:
-                out.append(
-                    f"--n-train, --n-val, --heldout-size: the default task would need {words:,} "
-                    "distinct words, more than "
-                    f"the {MAX_TASK_WORDS:,} it makes (its word space holds {WORD_SPACE:,}); use "
-                    "--data for more"
-                )
-        out += file_problems("--data", self.data) + one_of(self, "template", TEMPLATES)
-        out += positive(self, "max_new_tokens")
-        if not self.data and (self.template != "plain" or self.answer_field):
-            out.append("--template and --answer-field read records of --data")
-        kinds = lambda p: "prompt/completion records" if is_records(p) else "plain text"
-        for name in ("val_data", "support_data"):
-            paths = [p for p in getattr(self, name).split(",") if p.strip()]
-            if paths and not self.data:
-                out.append(
-                    f"--{name.replace('_', '-')} needs --data (the default task has its own splits)"
-                )
-                continue
-            for path in paths:
-                out += file_problems(f"--{name.replace('_', '-')}", path)
-                if is_records(path) != is_records(self.data):
-                    out.append(
-                        f"--{name.replace('_', '-')} {path} would be read as {kinds(path)}, but "
-                        f"--data {self.data} as {kinds(self.data)}: give both in one format (a "
-                        ".jsonl or .json name reads records)"
-                    )
-        return out

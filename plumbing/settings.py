@@ -4,11 +4,11 @@ the command line and checked with every problem listed at once (ConfigError).
 """
 
 import argparse
+import inspect
 import math
+import re
 import sys
 from dataclasses import field, fields
-
-
 
 
 def option(default, help):
@@ -16,11 +16,40 @@ def option(default, help):
     return field(default=default, metadata={"help": help})
 
 
-def like(config_type, name, convert=None):
-    """A field with the default and help of config_type's field `name` (declared once there);
-    convert: how the default is spelled on the command line (a tuple as "a,b", say)."""
+def like(config_type, name):
+    """A field with the default and help of config_type's field `name` (declared once there)."""
     source = {f.name: f for f in fields(config_type)}[name]
-    return option(convert(source.default) if convert else source.default, source.metadata["help"])
+    return option(source.default, help_texts(config_type)[name])
+
+
+def comment_help(config_type):
+    """{field: help} from the comments in the class's source, as nanoGPT's globals read:
+    `lr: float = 1e-2  # why`, continued on comment lines indented under the field."""
+    helps, name = {}, None
+    for line in inspect.getsource(config_type).splitlines():
+        field_line = re.match(r"    (\w+): [\w.\[\], ]+ = .*?(?:#\s?(.*))?$", line)
+        more = re.match(r"        #\s?(.*)$", line)
+        if field_line:
+            name = field_line.group(1)
+            helps[name] = (field_line.group(2) or "").strip()
+        elif more and name:
+            helps[name] = f"{helps[name]} {more.group(1).strip()}".strip()
+        else:
+            name = None
+    return helps
+
+
+def help_texts(config_type):
+    """{field: help}: an option()'s help, else its comment (comment_help)."""
+    comments = None
+    out = {}
+    for f in fields(config_type):
+        if "help" in f.metadata:
+            out[f.name] = f.metadata["help"]
+        else:
+            comments = comments if comments is not None else comment_help(config_type)
+            out[f.name] = comments.get(f.name, "")
+    return out
 
 
 class ConfigError(ValueError):
@@ -83,17 +112,16 @@ def parse_args(config_type, argv=None, description=None, known_only=False, epilo
     parser = Parser(
         description=description, epilog=epilog, allow_abbrev=False, formatter_class=HelpFormatter
     )
+    helps = help_texts(config_type)
     for f in fields(config_type):
+        # argparse formats help with %: a literal % is written %%
+        text = helps[f.name].replace("%", "%%").replace("%%%%", "%%")
         if f.type is bool or f.type == "bool":
-            parser.add_argument(
-                flag(f.name),
-                action=argparse.BooleanOptionalAction,
-                default=f.default,
-                help=f.metadata["help"],
-            )
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction,
+                                default=f.default, help=text)
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(flag(f.name), type=kind, default=f.default, help=f.metadata["help"])
+            parser.add_argument(flag(f.name), type=kind, default=f.default, help=text)
     if known_only:
         values, rest = parser.parse_known_args(argv)
         return config_type(**vars(values)), rest

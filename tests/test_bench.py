@@ -42,7 +42,8 @@ def test_ratios_are_medians_of_ratios_to_the_plain_steps_around_each_measurement
 
 def test_the_papers_two_pass_variant_writes_the_torch_func_paths_gradients():
     import torch
-    from methods.tuner import SelectionConfig, SparseTuner
+    from methods.tuner import SparseTuner
+    from train import TrainConfig
     from lora import LoRAConfig, add_lora
     from model import GPT, IGNORE_INDEX
 
@@ -61,7 +62,7 @@ def test_the_papers_two_pass_variant_writes_the_torch_func_paths_gradients():
     y[:3, :4] = IGNORE_INDEX  # some positions without loss, as a prompt has
     pool = (torch.randint(0, 40, (20, 8)), torch.randint(0, 40, (20, 8)))
     record = SparseTuner(
-        model, SelectionConfig(method="gast", per_sample="vmap"), seed=3, support_set=pool
+        model, TrainConfig(method="gast", per_sample="vmap"), seed=3, support_set=pool
     ).step(x, y)
     reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     # each block drew, none took all

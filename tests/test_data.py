@@ -96,10 +96,11 @@ def test_tasks_chooses_a_subset_and_refuses_unknown_names():
     for bad in ("revshift", "", "plus2,nope", "shift"):
         with pytest.raises(ValueError, match="echo, inv, plus2, rsh"):
             parse_tasks(bad)
-    from plumbing.records import DataConfig
+    from plumbing.checks import data_problems
+    from train import TrainConfig
 
-    assert any("--tasks nope" in p for p in DataConfig(tasks="nope").problems())
-    assert DataConfig(tasks="plus2,rsh").problems() == []
+    assert any("--tasks nope" in p for p in data_problems(TrainConfig(tasks="nope")))
+    assert data_problems(TrainConfig(tasks="plus2,rsh")) == []
 
 
 def test_pretraining_corpus_teaches_the_known_operations_only():

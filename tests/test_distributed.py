@@ -12,7 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import TINY as TINY_RUN
-from methods.tuner import METHODS, SelectionConfig, SparseTuner
+from methods.tuner import METHODS, SparseTuner
+from train import TrainConfig
 from lora import LoRAConfig, add_lora, lora_modules
 from model import GPT, GPTConfig, IGNORE_INDEX
 
@@ -104,7 +105,7 @@ def steps_of_every_method(steps=3):
             for m in lora_modules(model):
                 m.lora_B.normal_(std=0.1)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
-        config = SelectionConfig(**rule, data_ratio=0.5, lisa_interval=2, ist_interval=2)
+        config = TrainConfig(**rule, data_ratio=0.5, lisa_interval=2, ist_interval=2)
         tuner = SparseTuner(model, config, seed=0, support_set=global_batch(99, B=8))
         masks, losses = [], []
         for s in range(steps):

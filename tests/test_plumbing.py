@@ -16,7 +16,7 @@ class Inner:
 @dataclass
 class Outer(Inner):
     seeds: int = option(3, "how many seeds")
-    copied: str = like(Inner, "names", convert=",".join)
+    copied: float = like(Inner, "rate")
     flag: bool = option(False, "a switch")
 
 
@@ -44,11 +44,36 @@ def test_an_error_while_writing_keeps_the_old_file(tmp_path):
 
 def test_flags_come_from_fields_with_their_defaults_and_help_declared_once():
     config = parse_args(Outer, ["--rate", "0.25", "--flag"])
-    assert config == Outer(rate=0.25, flag=True) and config.copied == "a,b" and config.seeds == 3
+    assert config == Outer(rate=0.25, flag=True) and config.copied == 0.5 and config.seeds == 3
     from dataclasses import fields
 
     helps = {f.name: f.metadata["help"] for f in fields(Outer)}
-    assert helps["copied"] == helps["names"]
+    assert helps["copied"] == helps["rate"]
+
+
+@dataclass
+class Commented:
+    lr: float = 1e-2  # peak learning rate
+    # a heading, not a help line
+    steps: int = 600  # steps;
+        # the schedule spans them
+    quiet: bool = False
+
+
+def test_help_comes_from_the_comments_beside_each_field_as_nanogpt_globals_read(capsys):
+    assert settings.help_texts(Commented) == {
+        "lr": "peak learning rate", "steps": "steps; the schedule spans them", "quiet": ""}
+    with pytest.raises(SystemExit):
+        parse_args(Commented, ["--help"])
+    assert "the schedule spans them (default: 600)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_every_flag_of_train_py_has_its_help():
+    from train import TrainConfig
+
+    helps = settings.help_texts(TrainConfig)
+    assert len(helps) > 60 and all(len(h) > 10 for h in helps.values()), [
+        n for n, h in helps.items() if len(h) <= 10]
 
 
 def test_flags_are_never_abbreviated_and_the_rest_can_be_passed_on():

@@ -59,13 +59,14 @@ import torch
 from data import collate, get_tokenizer
 from testbed.task import make_default_task
 from gast import per_sample_grads
-from methods.tuner import SelectionConfig, SparseTuner
+from methods.tuner import SparseTuner
 from methods.per_sample import per_sample_grads_by_hooks, second_pass
 from lora import LoRAConfig, add_lora
 from model import GPT, IGNORE_INDEX, GPTConfig
 from plumbing.pictures import pyplot, save_figure
 from plumbing.files import output_problems, write_json
 from plumbing.devices import check_device, memory_problems, pick_device, training_memory
+from train import TrainConfig
 
 ATTENTION = ("attn.c_attn", "attn.c_proj")
 ATTENTION_AND_MLP = ATTENTION + ("mlp.c_fc", "mlp.c_proj")
@@ -157,7 +158,7 @@ def setup(spec, device):
 
 def runners(model, opt, x, y, support_set):
     def tuner(**kw):
-        return SparseTuner(model, SelectionConfig(method="gast", **kw), support_set=support_set)
+        return SparseTuner(model, TrainConfig(method="gast", **kw), support_set=support_set)
 
     tuners = {
         "gast_default": tuner(),
@@ -315,7 +316,7 @@ def summarise(name, B, times, ratios, peaks, n_lora, seq):
     # the block-by-block target: (B + the support rows) x one block's LoRA parameters x 4 bytes over
     # plain
     row["block_bound_mib"] = (
-        (B + SelectionConfig.support_size) * n_lora / MODELS[name][0].n_layer * 4 / 2**20
+        (B + TrainConfig.support_size) * n_lora / MODELS[name][0].n_layer * 4 / 2**20
     )
     return row
 
@@ -335,8 +336,8 @@ def profile(spec, B, device, repeats, clock="wall", per_sample="vmap"):
     the batch rows alone and with the support rows, the scores, the draw, the update; the
     rest (host syncs, Python, the optimizer's share) is the step less those. per_sample
     "compiled": the same with the torch.func pass compiled (compiled in the warm-up)."""
-    from gast import alignment_scores, choose, side_by_side, write_selected_gradients
-    from gast import per_sample_grads_and_losses
+    from gast import (alignment_scores, choose, masked_mean, per_sample_grads_and_losses,
+                      selection_weights, side_by_side)
     from lora import lora_names_by_block
     from methods.per_sample import CompiledPerSample
 
@@ -347,7 +348,7 @@ def profile(spec, B, device, repeats, clock="wall", per_sample="vmap"):
         per_sample_pass = per_sample_grads_and_losses
     x, y = make_batch(spec[0], B, device)
     sx, sy = make_batch(spec[0], 4, device, seed=1)  # the support mini-batch
-    config, layers = SelectionConfig(per_sample=per_sample), lora_names_by_block(model)
+    config, layers = TrainConfig(per_sample=per_sample), lora_names_by_block(model)
     k = max(1, B // 2)
     generator = torch.Generator().manual_seed(0)
     bx, by = side_by_side(x, sx, 0), side_by_side(y, sy, IGNORE_INDEX)
@@ -367,6 +368,12 @@ def profile(spec, B, device, repeats, clock="wall", per_sample="vmap"):
         tuner.step(x, y)
         opt.step()
 
+    def update():  # gast_step's step 5
+        weights, params = selection_weights(mask), dict(model.named_parameters())
+        for l, names in enumerate(layers):
+            for n in names:
+                params[n].grad = masked_mean(batch[n], weights[l])
+
     phases = {
         "plain LoRA step": plain,
         "GAST step": gast_step,
@@ -374,7 +381,7 @@ def profile(spec, B, device, repeats, clock="wall", per_sample="vmap"):
         "per-sample pass, batch and support rows": lambda: per_sample_pass(model, bx, by),
         "scores": lambda: alignment_scores(batch, layers, support),
         "draw": lambda: choose(scores, k, "softmax", 1.0, generator),
-        "update": lambda: write_selected_gradients(model, layers, batch, mask),
+        "update": update,
     }
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     times = {name: [] for name in phases}

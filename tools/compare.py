@@ -35,7 +35,7 @@ import torch
 from data import TokenizerUnavailable, get_tokenizer
 from testbed.task import NOISE_KINDS
 from plumbing.records import DataError
-from gast import SELECTIONS, SUPPORTS
+from methods.tuner import SELECTIONS, SUPPORTS
 from methods.tuner import METHODS, SCORED
 from plumbing.entry import Interrupted, run_main
 from plumbing.pictures import nanmean, pyplot, save_figure
