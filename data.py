@@ -42,12 +42,8 @@ _GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s
 
 def byte_tokenizer():
     """256 byte tokens + <|endoftext|> (id 256): any text round-trips, nothing to download."""
-    return tiktoken.Encoding(
-        name="bytes",
-        pat_str=_GPT2_PATTERN,
-        mergeable_ranks={bytes([i]): i for i in range(256)},
-        special_tokens={"<|endoftext|>": 256},
-    )
+    return tiktoken.Encoding(name="bytes", pat_str=_GPT2_PATTERN, mergeable_ranks={
+        bytes([i]): i for i in range(256)}, special_tokens={"<|endoftext|>": 256})
 
 
 def get_tokenizer(name="bytes"):
@@ -60,14 +56,12 @@ def get_tokenizer(name="bytes"):
     except Exception as e:
         raise TokenizerUnavailable(
             f"tokenizer {name!r}: tiktoken could not load its vocabulary ({type(e).__name__}: "
-            f"{e}). "
-            "It is downloaded on first use and cached: run `python -c \"import tiktoken; "
+            f"{e}). " "It is downloaded on first use and cached: run `python -c \"import tiktoken; "
             f"tiktoken.get_encoding('{name}')\"` "
             "once on a machine with network access, with TIKTOKEN_CACHE_DIR set to a directory "
             "you keep, "
             "then set TIKTOKEN_CACHE_DIR to that directory here. Or use --tokenizer bytes, which "
-            "needs no file."
-        ) from None
+            "needs no file.") from None
 
 
 def encode(tokenizer, text):
@@ -118,8 +112,7 @@ class Epochs:
     """Which training samples each step takes: shuffled epochs, every sample once per epoch
     in an order the seed fixes, as the usual trainers draw them. A batch that runs past the
     end of an epoch takes the rest from the next epoch's order, so no batch is short and no
-    sample waits; with --epochs N the run's last batch is cut so that every sample is seen
-    exactly N times."""
+    sample waits: with --epochs N the last batch is whole too, a few samples seen N + 1 times."""
 
     def __init__(self, n, seed):
         self.n, self.rng = n, random.Random(seed)
@@ -145,16 +138,26 @@ class Epochs:
         return self.drawn / self.n
 
     def getstate(self):
-        return {
-            "rng": self.rng.getstate(),
-            "order": list(self.order),
-            "position": self.position,
-            "drawn": self.drawn,
-        }
+        return {"rng": self.rng.getstate(), "order": list(self.order), "position": self.position,
+                "drawn": self.drawn}
 
     def setstate(self, state):
         self.rng.setstate(state["rng"])
         self.order, self.position, self.drawn = state["order"], state["position"], state["drawn"]
+
+
+class SupportPool:
+    """The examples GAST's support mini-batches are drawn from; called with indices, their
+    (inputs, targets), batched then (a large training set is never one padded tensor)."""
+
+    def __init__(self, examples, pad_id):
+        self.examples, self.pad_id = examples, pad_id
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __call__(self, indices):
+        return collate([self.examples[i] for i in indices], self.pad_id)[:2]
 
 
 def n_targets(example):
@@ -183,8 +186,7 @@ def load_text(path, tokenizer, block_size):
         raise DataError(f"{path}: too short to train on ({len(tokens)} token)")
     # consecutive windows share one token, so every token but the first is a target once
     return [
-        Example(tokens[i : i + block_size + 1], 0) for i in range(0, len(tokens) - 1, block_size)
-    ]
+        Example(tokens[i : i + block_size + 1], 0) for i in range(0, len(tokens) - 1, block_size)]
 
 
 @dataclass
@@ -195,17 +197,8 @@ class TruncationStats:
     skipped: list = field(default_factory=list)
 
 
-def load_records(
-    path,
-    tokenizer,
-    block_size,
-    prompt_field="prompt",
-    completion_field="completion",
-    template="plain",
-    answer_field="",
-    train_on_inputs=False,
-    task="",
-):
+def load_records(path, tokenizer, block_size, prompt_field="prompt", completion_field="completion",
+                 template="plain", answer_field="", train_on_inputs=False, task=""):
     """Prompt/completion records (read_records) as Examples.
 
     The completion is followed by <|endoftext|> so the model learns where to stop; the loss
@@ -224,9 +217,8 @@ def load_records(
             cut.samples += 1
             cut.tokens += len(tokens) - (block_size + 1)
             tokens = tokens[: block_size + 1]
-        example = Example(
-            tokens, len(prompt), task=name, answer=answer, prompt_loss=train_on_inputs
-        )
+        example = Example(tokens, len(prompt), task=name, answer=answer,
+                          prompt_loss=train_on_inputs)
         if n_targets(example) < 1:
             cut.skipped.append(where)
             continue
@@ -235,8 +227,7 @@ def load_records(
         raise DataError(
             f"{path}: every prompt leaves no completion token within the model's context of "
             f"{block_size} tokens (first: {cut.skipped[0]}); shorten the prompts or use a base "
-            "with a longer context (--block-size when train.py pretrains it)"
-        )
+            "with a longer context (--block-size when train.py pretrains it)")
     if not examples:
         raise DataError(f"{path}: no samples (only blank lines)")
     return examples, cut
@@ -257,15 +248,11 @@ def task_name(path):
 def load_examples(config, path, tokenizer, block_size, task=""):
     """Examples of one file: prompt/completion records, or plain text cut into windows."""
     if is_records(path):
-        fields = (
-            "instruction, input, output"
-            if config.template == "alpaca"
-            else f"{config.prompt_field!r}, {config.completion_field!r}"
-        )
+        fields = ("instruction, input, output" if config.template == "alpaca"
+                  else f"{config.prompt_field!r}, {config.completion_field!r}")
         say(
             config,
-            f"reading {path} as prompt/completion records (template {config.template}: {fields})",
-        )
+            f"reading {path} as prompt/completion records (template {config.template}: {fields})")
         examples, cut = load_records(
             path,
             tokenizer,
@@ -282,20 +269,17 @@ def load_examples(config, path, tokenizer, block_size, task=""):
             say(
                 config,
                 f"{path}: skipped {len(cut.skipped)} samples whose prompt leaves no completion "
-                f"token within the context of {block_size} tokens ({first})",
-            )
+                f"token within the context of {block_size} tokens ({first})")
         if cut.samples:
             say(
                 config,
                 f"{path}: {cut.samples} samples longer than {block_size + 1} tokens were cut "
-                f"({cut.tokens} tokens)",
-            )
+                f"({cut.tokens} tokens)")
         return examples
     say(
         config,
         f"reading {path} as plain text for language modelling (a .jsonl or .json name would "
-        "read prompt/completion records)",
-    )
+        "read prompt/completion records)")
     return load_text(path, tokenizer, block_size)
 
 
@@ -309,17 +293,9 @@ def load_task(config, tokenizer, block_size):
     """
     from testbed.task import make_default_task, parse_tasks  # (it imports this file)
     if not config.data:
-        task = make_default_task(
-            tokenizer,
-            config.n_train,
-            config.n_val,
-            config.noise,
-            config.seed,
-            n_heldout=config.heldout_size,
-            n_dev=config.n_val,
-            noise_kind=config.noise_kind,
-            tasks=parse_tasks(config.tasks),
-        )
+        task = make_default_task(tokenizer, config.n_train, config.n_val, config.noise, config.seed,
+                                 n_heldout=config.heldout_size, n_dev=config.n_val,
+                                 noise_kind=config.noise_kind, tasks=parse_tasks(config.tasks))
         return task, True
     is_qa = is_records(config.data)
     examples = load_examples(config, config.data, tokenizer, block_size)
@@ -330,9 +306,8 @@ def load_task(config, tokenizer, block_size):
         dev, test = [], []
         files = [p.strip() for p in config.val_data.split(",") if p.strip()]
         for path in files:
-            part = load_examples(
-                config, path, tokenizer, block_size, task_name(path) if len(files) > 1 else ""
-            )
+            part = load_examples(config, path, tokenizer, block_size,
+                                 task_name(path) if len(files) > 1 else "")
             dev, test = dev + part[: len(part) // 2], test + part[len(part) // 2 :]
     else:
         n_val = max(1, round(config.val_fraction * len(examples)))
@@ -346,18 +321,12 @@ def load_task(config, tokenizer, block_size):
         say(
             config,
             f"held-out support set: {len(heldout)} samples carved from {config.data}'s training "
-            "split "
-            "and assumed trustworthy (--support-data FILE gives a trusted set of your own)",
-        )
+            "split and assumed trustworthy (--support-data FILE gives a trusted set of your own)")
     if len(examples) < config.batch_size:
-        carved = (
-            f" and the {len(heldout)} held-out support samples (--heldout-size)"
-            if heldout and not config.support_data
-            else ""
-        )
+        carved = (f" and the {len(heldout)} held-out support samples (--heldout-size)" if heldout
+                  and not config.support_data else "")
         raise ConfigError(
             f"invalid settings:\n  --batch-size {config.batch_size} is larger than the "
             f"{len(examples)} training samples left in {config.data} after the evaluation "
-            f"split{carved}"
-        )
+            f"split{carved}")
     return Task(examples, test, heldout, dev), is_qa

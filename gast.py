@@ -28,6 +28,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from lora import lora_names_by_block
 from model import IGNORE_INDEX
 
+
 def samples_per_layer(B, data_ratio):
     """k = max(1, ceil(data_ratio * B)), the product rounded first (0.3 * 10 is 3, not 4)."""
     return min(B, max(1, math.ceil(round(data_ratio * B, 9))))
@@ -70,15 +71,9 @@ def per_sample_grads_and_losses(model, inputs, targets, on_block=None, chunk_siz
     return grads, losses
 
 
-def hand_over(model, grads, on_block):
-    """on_block(l, {name: (B, *p.shape)}) for each block l, in order (if on_block)."""
+def hand_over(model, grads, on_block):  # on_block(l, {name: (B, *p.shape)}), block by block
     for l, names in enumerate(lora_names_by_block(model) if on_block else []):
         on_block(l, {name: grads[name] for name in names})
-
-
-def per_sample_grads(model, inputs, targets, chunk_size=None):
-    """{name: (B, *p.shape)}: g[l, i] for every LoRA parameter."""
-    return per_sample_grads_and_losses(model, inputs, targets, chunk_size=chunk_size)[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -94,14 +89,6 @@ def side_by_side(a, b, fill):
     T = max(a.shape[1], b.shape[1])
     pad = lambda t: torch.nn.functional.pad(t, (0, T - t.shape[1]), value=fill)
     return torch.cat([pad(a), pad(b)])
-
-
-def support_gradient(model, inputs, targets):
-    """{name: tensor like p}: the gradient of the mean loss over (inputs, targets), by one
-    ordinary backward (for a whole support set at once, support_size 0); .grad untouched."""
-    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    grads = torch.autograd.grad(model(inputs, targets)[1], [p for _, p in params])
-    return {name: g.detach() for (name, _), g in zip(params, grads)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -166,17 +153,12 @@ def draw(scores, k, temperature=1.0, generator=None, noise=None):
     return mask.scatter_(-1, top(keys, k), True).to(scores.device)
 
 
-def top_k(scores, k):
-    """The paper's top-k ablation: per row, the k highest scores (ties to the lower index)."""
-    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    return mask.scatter_(-1, top(scores, k), True)
-
-
 def choose(scores, k, selection="softmax", temperature=1.0, generator=None, noise=None):
     """Step 4 as configured: the mask (L, B). random is draw() on equal scores: k uniformly
     per row, from the same generator."""
-    if selection == "topk":
-        return top_k(scores, k)
+    if selection == "topk":  # the paper's ablation: per row, the k highest (ties: lower index)
+        mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+        return mask.scatter_(-1, top(scores, k), True)
     if selection == "random":
         scores = torch.zeros_like(scores)
     return draw(scores, k, temperature, generator, noise)

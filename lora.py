@@ -84,10 +84,8 @@ class LoRALinear(nn.Module):
             self.merged = False
 
     def extra_repr(self):
-        return (
-            f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
-            f"merged={self.merged}"
-        )
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
+                f"merged={self.merged}")
 
 
 def add_lora(model: nn.Module, config: LoRAConfig, verbose=True):
@@ -100,32 +98,23 @@ def add_lora(model: nn.Module, config: LoRAConfig, verbose=True):
         p.requires_grad_(False)
     wrapped = []
     for name, module in list(model.named_modules()):
-        if (
-            isinstance(module, nn.Linear)
-            and not isinstance(module, LoRALinear)
-            and name.endswith(tuple(config.targets))
-        ):
+        if (isinstance(module, nn.Linear) and not isinstance(
+            module, LoRALinear) and name.endswith(tuple(config.targets))):
             if name == "lm_head":
                 continue
             parent_name, _, child = name.rpartition(".")
-            setattr(
-                model.get_submodule(parent_name),
-                child,
-                LoRALinear(module, config.r, config.alpha, config.dropout),
-            )
+            setattr(model.get_submodule(parent_name), child,
+                    LoRALinear(module, config.r, config.alpha, config.dropout))
             wrapped.append(name)
     if not wrapped:
         raise ValueError(
-            f"no nn.Linear in the model matches the LoRA targets {list(config.targets)}"
-        )
+            f"no nn.Linear in the model matches the LoRA targets {list(config.targets)}")
     if verbose:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-        print(
-            f"LoRA r={config.r} alpha={config.alpha} on {len(wrapped)} modules: "
-            f"{trainable:,} trainable, {frozen:,} frozen parameters "
-            f"({100 * trainable / (trainable + frozen):.2f}% trainable)"
-        )
+        print(f"LoRA r={config.r} alpha={config.alpha} on {len(wrapped)} modules: "
+              f"{trainable:,} trainable, {frozen:,} frozen parameters "
+              f"({100 * trainable / (trainable + frozen):.2f}% trainable)")
     return model
 
 
@@ -165,8 +154,7 @@ def lora_names_by_block(model):
 
 def adapter_state_dict(model):
     return {
-        name: p.detach().cpu().clone() for name, p in model.named_parameters() if ".lora_" in name
-    }
+        name: p.detach().cpu().clone() for name, p in model.named_parameters() if ".lora_" in name}
 
 
 def save_adapter(model, config: LoRAConfig, path):
@@ -187,9 +175,7 @@ def load_adapter(model, path):
     with torch.no_grad():
         for name, value in ckpt["adapter"].items():
             if own[name].shape != value.shape:
-                raise ValueError(
-                    f"{path}: {name} has shape {tuple(value.shape)}, the model's is "
-                    f"{tuple(own[name].shape)}"
-                )
+                raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, the model's is "
+                                 f"{tuple(own[name].shape)}")
             own[name].copy_(value)
     return config

@@ -37,19 +37,15 @@ class GPTConfig:
     n_inner: int = 0  # the MLP's hidden width; 0: 4 * n_embd
 
     def __post_init__(self):
-        small = [
-            f"{k} {getattr(self, k)}"
-            for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
-            if getattr(self, k) < 1
-        ]
+        small = [f"{k} {getattr(self, k)}" for k in ("block_size", "vocab_size", "n_layer",
+                                                     "n_head", "n_embd") if getattr(self, k) < 1]
         if small:
             raise ValueError(f"{', '.join(small)}: must be at least 1")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.activation not in ACTIVATIONS:
             raise ValueError(
-                f"activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}"
-            )
+                f"activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
 
 
 # Hugging Face's names for GPT-2's activation_function, and the module each is
@@ -83,8 +79,7 @@ class CausalSelfAttention(nn.Module):
         hs = config.n_embd // config.n_head
         # 1 / sqrt(head size), and for scale_attn_by_inverse_layer_idx 1 / (l + 1) too
         self.scale = (
-            1.0 / math.sqrt(hs) / (layer_idx + 1 if config.scale_attn_by_inverse_layer_idx else 1)
-        )
+            1.0 / math.sqrt(hs) / (layer_idx + 1 if config.scale_attn_by_inverse_layer_idx else 1))
         # lower-triangular mask for the explicit path; not saved with the weights
         mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
         self.register_buffer("causal_mask", mask, persistent=False)
@@ -98,14 +93,9 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         if fused:
             # fast kernel for ordinary passes; vmap has no batching rule for its backward
-            y = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                dropout_p=self.dropout if self.training else 0.0,
-                is_causal=True,
-                scale=self.scale,
-            )
+            y = F.scaled_dot_product_attention(q, k, v,
+                                               dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=True, scale=self.scale)
         else:
             # plain matmuls and softmax: every op has a vmap batching rule, so
             # per-sample gradients stay one batched computation (see gast.py)
@@ -156,9 +146,8 @@ def per_sample_loss(logits, targets):
     A sample with no target token gets loss 0 (data.py never makes one).
     """
     # (B, T)
-    token_loss = F.cross_entropy(
-        logits.transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX, reduction="none"
-    )
+    token_loss = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX,
+                                 reduction="none")
     n_targets = (targets != IGNORE_INDEX).sum(dim=1)  # (B,)
     return token_loss.sum(dim=1) / n_targets.clamp(min=1)
 
@@ -167,15 +156,11 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=dropout(config.dropout),
-                h=nn.ModuleList([Block(config, l) for l in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
-            )
-        )
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd), drop=dropout(config.dropout),
+            h=nn.ModuleList([Block(config, l) for l in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:  # GPT-2's: the head is the embedding; LoRA never adapts it
             self.transformer.wte.weight = self.lm_head.weight
@@ -206,8 +191,7 @@ class GPT(nn.Module):
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(
-                f"sequence of length {T} is longer than block_size {self.config.block_size}"
-            )
+                f"sequence of length {T} is longer than block_size {self.config.block_size}")
         pos = torch.arange(T, device=idx.device)
         # (B, T, C)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))

@@ -26,47 +26,35 @@ from lora import LoRAConfig, load_adapter, merge_lora
 from plumbing.entry import run_main
 from plumbing.files import atomic_save, file_problems, fingerprint, output_problems, read_checkpoint
 from plumbing.devices import autocast_for, check_device, pick_device
-from plumbing.settings import like, not_negative, option, parse_args, refuse
+from plumbing.settings import like, not_negative, parse_args, refuse
 from testbed.pretrain import read_base
 from train import TrainConfig
 
 
 @dataclass
 class SampleConfig:
-    out_dir: str = option("out", "the run to use: its ckpt.pt (base and settings) and adapter.pt")
-    prompt: str = option(None, "answer this prompt and stop")
-    data: str = option(
-        "",
-        "score the adapter on this file (prompt/completion records, .jsonl or .json, per task "
-        "where they carry a 'task'; or plain text: loss only)",
-    )
+    out_dir: str = "out"  # the run to use: its ckpt.pt (base and settings) and adapter.pt
+    prompt: str = None  # answer this prompt and stop
+    data: str = ""  # score the adapter on this file (prompt/completion records, .jsonl or .json,
+        # per task where they carry a 'task'; or plain text: loss only)
     template: str = like(TrainConfig, "template")
     prompt_field: str = like(TrainConfig, "prompt_field")
     completion_field: str = like(TrainConfig, "completion_field")
     answer_field: str = like(TrainConfig, "answer_field")
-    n: int = option(
-        5, "answers of the run's own test split to show (without --prompt, --data or --merge)"
-    )
-    temperature: float = option(0.0, "0: greedy (the default); above 0: sampled, from --seed")
-    max_new_tokens: int = option(
-        32, "tokens to generate after --prompt (fewer at the context's end or at <|endoftext|>)"
-    )
-    seed: int = option(0, "seed of a sampled answer")
-    merge: str = option(
-        "", "write the base with the adapters merged to this .pt file (our checkpoint format)"
-    )
-    export_peft: str = option(
-        "",
-        "write the adapter to this folder as PEFT saves a LoRA adapter (adapter_config.json, "
-        "adapter_model.safetensors), for PeftModel.from_pretrained on the base",
-    )
-    export_hf: str = option(
-        "",
-        "write the base with the adapters merged to this folder as a transformers GPT-2 "
-        "(config.json, model.safetensors)",
-    )
-    overwrite: bool = option(False, "--merge may replace an existing file (never a run's base)")
-    device: str = option("auto", "cpu, cuda ...; auto: cuda when available")
+    n: int = 5  # answers of the run's own test split to show (without --prompt, --data or --merge)
+    temperature: float = 0.0  # 0: greedy (the default); above 0: sampled, from --seed
+    max_new_tokens: int = 32  # tokens to generate after --prompt (fewer at the context's end or at
+        # <|endoftext|>)
+    seed: int = 0  # seed of a sampled answer
+    merge: str = ""  # write the base with the adapters merged to this .pt file (our checkpoint
+        # format)
+    export_peft: str = ""  # write the adapter to this folder as PEFT saves a LoRA adapter
+        # (adapter_config.json, adapter_model.safetensors), for PeftModel.from_pretrained on the
+        # base
+    export_hf: str = ""  # write the base with the adapters merged to this folder as a transformers
+        # GPT-2 (config.json, model.safetensors)
+    overwrite: bool = False  # --merge may replace an existing file (never a run's base)
+    device: str = "auto"  # cpu, cuda ...; auto: cuda when available
 
 
 def problems(config):
@@ -82,11 +70,8 @@ def problems(config):
         )
         + ([] if config.n > 0 else [f"--n must be positive, got {config.n}"])
     )
-    out += (
-        []
-        if config.max_new_tokens > 0
-        else [f"--max-new-tokens must be positive, got {config.max_new_tokens}"]
-    )
+    out += ([] if config.max_new_tokens > 0
+            else [f"--max-new-tokens must be positive, got {config.max_new_tokens}"])
     out += [check_device(config.device)] if check_device(config.device) else []
     out += file_problems("--data", config.data)
     if config.prompt == "":
@@ -106,25 +91,16 @@ def load_run(out_dir, device):
     """(model with the run's adapters, the run's settings as a namespace, tokenizer)."""
     ckpt_path, adapter_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "adapter.pt")
     if not os.path.exists(ckpt_path):
-        refuse(
-            [
-                f"--out-dir {out_dir}: no ckpt.pt there; run python train.py --out-dir {out_dir} "
-                "first"
-            ]
-        )
-    ckpt = read_checkpoint(
-        ckpt_path, "--out-dir", ("config", "base", "base_hash", "adapter", "lora_config")
-    )
+        refuse([f"--out-dir {out_dir}: no ckpt.pt there; run python train.py --out-dir {out_dir} "
+                "first"])
+    ckpt = read_checkpoint(ckpt_path, "--out-dir",
+                           ("config", "base", "base_hash", "adapter", "lora_config"))
     base = ckpt["base"]
     if not os.path.exists(base):
         refuse([f"the base model {base} that {ckpt_path} was trained on is gone"])
     if fingerprint(base) != ckpt["base_hash"]:
-        refuse(
-            [
-                f"the base model {base} has changed since {ckpt_path} was trained on it "
-                f"(hash {fingerprint(base)}, the checkpoint's {ckpt['base_hash']})"
-            ]
-        )
+        refuse([f"the base model {base} has changed since {ckpt_path} was trained on it "
+                f"(hash {fingerprint(base)}, the checkpoint's {ckpt['base_hash']})"])
     model = read_base(base)
     if not os.path.exists(adapter_path):  # the run stopped early: its last checkpoint's adapters
         adapter_path = ckpt_path
@@ -152,19 +128,13 @@ def sample(config):
     torch.manual_seed(config.seed)
     if config.merge:
         if os.path.exists(config.merge) and os.path.samefile(config.merge, run.base):
-            refuse(
-                [
-                    f"--merge {config.merge} is the base {config.out_dir} was trained on; "
-                    "writing over it would break the run: give another file"
-                ]
-            )
-        atomic_save(
-            {"model_config": asdict(model.config), "model": merged_state(model)}, config.merge
-        )
+            refuse([f"--merge {config.merge} is the base {config.out_dir} was trained on; "
+                    "writing over it would break the run: give another file"])
+        atomic_save({"model_config": asdict(model.config), "model": merged_state(model)},
+                    config.merge)
         print(
             f"wrote {config.merge}: the base of {config.out_dir} with its adapters merged (python "
-            f"train.py --init-from {config.merge})"
-        )
+            f"train.py --init-from {config.merge})")
     elif config.export_peft or config.export_hf:
         if config.export_peft:  # PEFT loads it onto the base as transformers holds it
             lora = LoRAConfig(run.lora_r, run.lora_alpha, run.lora_dropout)
@@ -177,12 +147,8 @@ def sample(config):
         prompt = encode(tokenizer, config.prompt)[-model.config.block_size :]
         n_new = max(1, min(config.max_new_tokens, model.config.block_size - len(prompt)))
         with autocast_for(device):
-            out = model.generate(
-                torch.tensor([prompt], device=device),
-                n_new,
-                config.temperature,
-                stop_token=tokenizer.eot_token,
-            )
+            out = model.generate(torch.tensor([prompt], device=device), n_new, config.temperature,
+                                 stop_token=tokenizer.eot_token)
         answer = out[0, len(prompt) :].tolist()
         if tokenizer.eot_token in answer:
             answer = answer[: answer.index(tokenizer.eot_token)]
@@ -197,20 +163,11 @@ def sample(config):
         else:
             task, is_qa = load_task(run, tokenizer, model.config.block_size)
             examples, where = task.val[: config.n], f"the test split of {config.out_dir}'s task"
-        result = evaluate(
-            model,
-            examples,
-            tokenizer,
-            device,
-            is_qa,
-            n_answers=config.n,
-            max_new_tokens=config.max_new_tokens,
-        )
+        result = evaluate(model, examples, tokenizer, device, is_qa, n_answers=config.n,
+                          max_new_tokens=config.max_new_tokens)
         for prompt, answer, reference, hit in result["answers"]:
-            print(
-                f"  {prompt!r} -> {answer!r} "
-                + ("(right)" if hit else f"(wrong; the reference: {reference!r})")
-            )
+            print(f"  {prompt!r} -> {answer!r} " + ("(right)" if hit
+                                                    else f"(wrong; the reference: {reference!r})"))
         em = "" if result["exact_match"] is None else f", exact match {result['exact_match']:.3f}"
         if result["accuracy"] is not None:
             em += f", answer accuracy {result['accuracy']:.3f}"
@@ -221,10 +178,8 @@ def sample(config):
 
 
 def main(argv=None):
-    return run_main(
-        lambda: sample(parse_args(SampleConfig, argv, description=__doc__.strip())),
-        (DataError, TokenizerUnavailable),
-    )
+    return run_main(lambda: sample(parse_args(
+        SampleConfig, argv, description=__doc__.strip())), (DataError, TokenizerUnavailable))
 
 
 if __name__ == "__main__":

@@ -6,10 +6,9 @@ The main job: fine-tune a base GPT with LoRA + GAST (or a baseline) and evaluate
     python train.py --data mine.jsonl --init-from path/to/gpt2 --tokenizer gpt2
     torchrun --nproc-per-node 2 train.py      # the same run over two processes
 
-It reads in the order it works: settings, base (pretrain.py makes it on first use), task,
-adapters, tuner, the loop, evaluation, save. Every setting is a field of TrainConfig and a
-flag (--layer-ratio for layer_ratio); the fields of the method, the data and the base are
-declared once in gast.py, data.py and pretrain.py. train(config) -> metrics is importable.
+It reads in the order it works: the settings (TrainConfig, every flag), the base, the task,
+the adapters, the loop (tuner.step is one GAST step: gast.gast_step), the evaluation, the
+files. train(config) -> metrics is importable. docs/architecture.md draws the route.
 """
 
 import math
@@ -21,20 +20,21 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from data import Epochs, TokenizerUnavailable, collate, get_tokenizer, load_task
+from data import Epochs, SupportPool, TokenizerUnavailable, collate, get_tokenizer, load_task
 from evaluation.scoring import evaluate, greedy_sample, per_task_head
-from plumbing.records import DataError, check_data
-from methods.tuner import SCORED, SparseTuner
 from lora import LoRAConfig, add_lora, save_adapter
-from plumbing.entry import Interrupted, run_main
-from plumbing.pictures import plot_run
-from plumbing.files import (OutDirLock, check_out_dir, fingerprint, write_json)
-from plumbing.devices import (autocast_for, init_distributed, is_main, pick_device, say, world)
-from plumbing.settings import (config_from_dict, parse_args, refuse)
-from plumbing.checks import check_skills, step_memory_problems, validate
+from methods.tuner import SCORED, SparseTuner
 from plumbing.checkpoints import History, read_resume, restore, save_checkpoint
+from plumbing.checks import check_run, check_skills, validate
+from plumbing.devices import autocast_for, init_distributed, is_main, pick_device, say, world
+from plumbing.entry import Interrupted, run_main
+from plumbing.files import OutDirLock, check_out_dir, fingerprint, write_json
+from plumbing.optim import lr_at, optimizer_step
+from plumbing.pictures import plot_run
+from plumbing.records import DataError, check_data
 from plumbing.report import (last_checkpoint, print_summary, progress_line, score_line,
-                             selection_picture)
+                             selection_picture, support_line)
+from plumbing.settings import config_from_dict, parse_args
 from testbed.pretrain import SKILL_LEVEL, load_base
 
 
@@ -64,6 +64,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model for pretraining (fine-tuning stays eager)
     weak_base: bool = False  # with --init-from, fine-tune on the default task even on a base
         # whose skills are below SKILL_LEVEL (for studying weak bases)
+
     # the data (data.py): the default task, or your own files
     data: str = ""  # prompt/completion records (.jsonl, one object a line; .json, an array of
         # objects, as LLM-Adapters' files) or a plain-text corpus; empty: the default task
@@ -87,12 +88,14 @@ class TrainConfig:
     tasks: str = "all"  # default task: the tasks mixed (echo, inv, plus2, rsh), or all
     n_train: int = 6400  # default task: fine-tuning samples (600 steps of 32: 3 epochs)
     n_val: int = 200  # default task: clean held-out samples
+
     # the adapters (lora.py)
     lora_r: int = 8  # LoRA rank; an adapter has r * (in + out) parameters
     lora_alpha: float = 16.0  # the update is scaled by alpha / r, so changing r keeps its size
     lora_dropout: float = 0.0  # dropout on the adapters' input only; the base path is untouched
     lora_targets: str = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # modules (suffixes)
         # that get adapters; all four by default: the default task needs the MLP to learn
+
     # the method (gast.py; the baselines in methods/tuner.py)
     method: str = "gast"  # lora, lisa, ist, data or gast
     selection: str = "softmax"  # how data and gast pick k samples per layer: softmax (the
@@ -114,6 +117,7 @@ class TrainConfig:
         # (hooks), block by block inside the backward (blocks: one block's held at a time), or
         # compiled by torch.compile (compiled: equal up to rounding; tens of seconds to compile)
     chunk_size: int = 0  # vmap: per-sample gradients this many samples at a time (0: all)
+
     # optimisation
     steps: int = 600  # fine-tuning steps; the schedule spans them
     epochs: float = 0.0  # passes over the training set (the paper trains 3), in place of
@@ -126,6 +130,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip the adapters' global gradient norm to this (0: off), as the
         # Hugging Face Trainer does that the paper's authors' IST code trains through
     seed: int = 0  # seed of the task data, adapter init, batch order and draws: reproducible
+
     # evaluation and output
     eval_interval: int = 200  # evaluate (and checkpoint) every this many steps
     eval_samples: int = 200  # held-out samples per evaluation (exact match and loss)
@@ -139,65 +144,28 @@ class TrainConfig:
     picture: bool = True  # draw out_dir/selection.png: the learning curve and selection rates
 
 
-def clip_gradients(opt, max_norm):
-    """Scale the adapters' gradients so that their global norm is at most max_norm (0: leave
-    them); the norm before clipping. Layers without a gradient (grad None) are left out."""
-    params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
-    if not params:
-        return 0.0
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf")))
-
-
 def warmup_steps(config):
     """--warmup-steps, or by default 20 steps (a tenth of a run shorter than 200 steps)."""
     return config.warmup_steps if config.warmup_steps >= 0 else min(20, config.steps // 10)
 
 
-def lr_at(config, step):
-    warmup = warmup_steps(config)
-    if step < warmup:
-        return config.lr * (step + 1) / warmup
-    if config.schedule == "constant":
-        return config.lr
-    progress = (step - warmup) / max(1, config.steps - warmup)
-    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 RUN_OUTPUTS = ("ckpt.pt", "adapter.pt", "metrics.json", "selection.png")
-
-
-class SupportPool:
-    """The examples GAST's support mini-batches are drawn from; called with indices, their
-    (inputs, targets), batched then (a large training set is never one padded tensor)."""
-
-    def __init__(self, examples, pad_id):
-        self.examples, self.pad_id = examples, pad_id
-
-    def __len__(self):
-        return len(self.examples)
-
-    def __call__(self, indices):
-        return collate([self.examples[i] for i in indices], self.pad_id)[:2]
-
-
-# ---------------------------------------------------------------------------------------
-# The run
 
 
 def train(config, split="test", summary=True, dry_run=False):
     """Fine-tune as config says (a TrainConfig, a dict of its fields or a list of flags);
     the metrics dict.
 
-    split: the evaluation split, "test" (the reported results) or "dev" (compare.py's lr
-    choice, which must never see the test split; only its loss is computed).
+    split: the evaluation split, "test" (the reported results) or "dev" (tools/compare.py's
+    lr choice, which must never see the test split; only its loss is computed).
     summary: print the summary. dry_run: only check the settings (ConfigError if any is
-    bad) and return them as a dict, doing no work (compare.py checks its runs' flags so).
+    bad) and return them as a dict, doing no work (tools/compare.py checks its runs so).
     """
-    if isinstance(config, (list, tuple)):  # command-line flags, as compare.py passes them
+    if isinstance(config, (list, tuple)):  # command-line flags, as tools/compare.py passes them
         config = parse_args(TrainConfig, config)
     elif isinstance(config, dict):
         config = config_from_dict(TrainConfig, config)
-    validate(config, n_procs=world()[1])
+    validate(config, n_procs=world()[1])  # every problem with the settings, at once
     check_data(config)  # before the base is pretrained: bad data costs nothing
     if dry_run:
         return asdict(config)
@@ -212,123 +180,64 @@ def fine_tune(config, split, summary, device, tokenizer):
     ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
     resume = read_resume(config, ckpt_path) if config.resume else None
 
-    # the base and the task
-    model, base_path = load_base(
-        config if resume is None else replace(config, init_from=resume["base"]), tokenizer, device
-    )
-    base_hash = fingerprint(base_path)
+    # 1. the base (testbed/pretrain.py pretrains the default one on first use) and the task
+    base_config = config if resume is None else replace(config, init_from=resume["base"])
+    model, base_path = load_base(base_config, tokenizer, device)
     check_skills(config, model, base_path, tokenizer, device)
-    # a base of its own shape
-    refuse(step_memory_problems(config, model.config) if config.init_from else [])
     task, is_qa = load_task(config, tokenizer, model.config.block_size)
-    show_sample = not is_qa and split == "test"  # text data: a greedy sample at the end
-    is_qa = is_qa and split == "test"  # exact match (greedy decoding) on the test split only
     train_set = task.train
-    if config.epochs:  # the budget in passes over the training set
-        steps = math.ceil(config.epochs * len(train_set) / config.batch_size)
-        if warmup_steps(replace(config, steps=steps)) > steps:
-            refuse(
-                [
-                    f"--warmup-steps {config.warmup_steps} is longer than the run ({steps} steps: "
-                    f"--epochs {config.epochs:g} of {len(train_set)} samples at --batch-size "
-                    f"{config.batch_size})"
-                ]
-            )
-        config = replace(config, steps=steps)
     eval_set = per_task_head(task.val if split == "test" else task.dev, config.eval_samples)
-
-    def score(examples):
-        return evaluate(
-            model, examples, tokenizer, device, is_qa, max_new_tokens=config.max_new_tokens
-        )
-
-    refuse(
-        []
-        if eval_set
-        else [
-            f"the {split} split is empty: give more evaluation data (--val-data, --val-fraction, "
-            "--n-val)"
-        ]
-    )
+    config = check_run(config, model.config, len(train_set), eval_set, split)  # --epochs: steps
     support_set = None  # the pool GAST's support mini-batches are drawn from
-    if config.method in SCORED and config.support == "batch":
-        say(config, "support: the batch's own mean gradient")
-    elif config.method in SCORED:
-        pool = task.train if config.support == "train" else task.heldout
-        # each step's rows are batched when drawn
-        support_set = SupportPool(pool, tokenizer.eot_token)
-        size = (
-            f"{config.support_size} samples"
-            if 0 < config.support_size < len(pool)
-            else "the whole set"
-        )
-        say(
-            config,
-            f"support: {size} drawn every {config.support_interval} step(s) from the "
-            f"{'training set' if config.support == 'train' else 'trusted held-out set'} "
-            f"({len(pool)} samples); "
-            f"selection: {config.selection}"
-            + (f" at temperature {config.temperature:g}" if config.selection == "softmax" else ""),
-        )
+    if config.method in SCORED and config.support != "batch":
+        support_set = SupportPool(task.train if config.support == "train" else task.heldout,
+                                  tokenizer.eot_token)
+    if config.method in SCORED:
+        say(config, support_line(config, support_set))
 
-    # adapters, optimizer, tuner
+    # 2. the adapters (lora.py), AdamW on them alone, and the method's tuner (methods/tuner.py)
     torch.manual_seed(config.seed)
     adapters = LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout,
                           tuple(config.lora_targets.split(",")))
     add_lora(model, adapters, verbose=not config.quiet and is_main())
     model.to(device).train()
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-    )
-    tuner = SparseTuner(
-        model, config, seed=config.seed, support_set=support_set
-    )
-    data_rng = Epochs(len(train_set), config.seed)  # the training batches: shuffled epochs
-    # ist's probe batches: its own stream, so ist trains on the others' batches
-    probe_rng = random.Random(f"ist-probe-{config.seed}")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                            weight_decay=config.weight_decay)
+    tuner = SparseTuner(model, config, seed=config.seed, support_set=support_set)
+    batches = Epochs(len(train_set), config.seed)  # the training batches: shuffled epochs
+    probe_rng = random.Random(f"ist-probe-{config.seed}")  # ist's probes: a stream of their own
     start, history = 0, History()
     if resume is not None:
-        start, history = restore(resume, model, opt, tuner, (data_rng, probe_rng))
+        start, history = restore(resume, model, opt, tuner, (batches, probe_rng))
         say(config, f"resumed from {ckpt_path} at step {start}")
 
     def probe():  # ist's fresh batch of 16 training samples
-        return collate(
-            probe_rng.sample(train_set, min(16, len(train_set))), tokenizer.eot_token, device
-        )[:2]
+        examples = probe_rng.sample(train_set, min(16, len(train_set)))
+        return collate(examples, tokenizer.eot_token, device)[:2]
 
-    # the loop
+    def score():  # held-out loss; exact match (greedy decoding) on the test split only
+        return evaluate(model, eval_set, tokenizer, device, is_qa and split == "test",
+                        max_new_tokens=config.max_new_tokens)
+
+    # 3. the loop: a step of the method, AdamW, a line now and then, evaluations and checkpoints
     end = min(config.stop_at or config.steps, config.steps)
-    say(
-        config,
-        f"fine-tuning with {config.method} on {len(train_set)} samples, "
-        f"steps {start}..{end}, on {device}",
-    )
-    if config.per_sample == "compiled" and config.method in SCORED:
-        say(config, "  (--per-sample compiled: the first step compiles, tens of seconds)")
+    say(config, f"fine-tuning with {config.method} on {len(train_set)} samples, steps "
+        f"{start}..{end}, on {device}")
     saved_at, step = (start if resume is not None else None), start
     try:
         for step in range(start, end):
-            lr = lr_at(config, step)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            size = config.batch_size
-            if config.epochs:  # the last batch ends the last epoch: each sample seen N times
-                size = min(size, round(config.epochs * len(train_set)) - data_rng.drawn)
-            batch = [train_set[i] for i in data_rng.take(size)]
-            x, y, noisy = collate(batch, tokenizer.eot_token, device)
+            x, y, noisy = collate([train_set[i] for i in batches.take(config.batch_size)],
+                                  tokenizer.eot_token, device)
             flagged = noisy if noisy.any() else None
             t0 = time.time()
             with autocast_for(device):
-                record = tuner.step(x, y, flagged, probe=probe)  # the method writes .grad
+                record = tuner.step(x, y, flagged, probe=probe)  # writes .grad: gast_step
             if not math.isfinite(record.loss):
                 raise FloatingPointError(
                     f"step {step}: the loss is {record.loss}; stopped without updating. "
-                    f"The last good checkpoint: {last_checkpoint(ckpt_path, saved_at)}"
-                )
-            grad_norm = clip_gradients(opt, config.grad_clip)  # after torchrun's all-reduce too
-            opt.step()
+                    f"The last good checkpoint: {last_checkpoint(ckpt_path, saved_at)}")
+            lr = lr_at(step, config.lr, config.steps, warmup_steps(config), config.schedule)
+            grad_norm = optimizer_step(opt, lr, config.grad_clip)  # after torchrun's all-reduce
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             ms = 1000 * (time.time() - t0)
@@ -339,53 +248,31 @@ def fine_tune(config, split, summary, device, tokenizer):
             if step in (start, end - 1):
                 say(config, f"step {step}: " + selection_picture(record, noisy.cpu()))
             if logged:
-                say(
-                    config, progress_line(step, data_rng.epoch, record, lr, ms, flagged is not None)
-                )
+                say(config, progress_line(step, batches.epoch, record, lr, ms, flagged is not None))
             if (step + 1) % config.eval_interval == 0 or step == end - 1:
-                result = score(eval_set)
-                keep = ("loss", "exact_match", "accuracy", "per_task")
-                history.evals.append({"step": step + 1, **{k: result[k] for k in keep}})
+                result = score()
+                history.evals.append({"step": step + 1, **{k: result[k] for k in (
+                    "loss", "exact_match", "accuracy", "per_task")}})
                 say(config, f"eval at step {step + 1}: {score_line(result)}")
                 if is_main():
-                    save_checkpoint(
-                        ckpt_path,
-                        config,
-                        step + 1,
-                        model,
-                        opt,
-                        tuner,
-                        (data_rng, probe_rng),
-                        (base_path, base_hash),
-                        history,
-                    )
+                    save_checkpoint(ckpt_path, config, step + 1, model, opt, tuner, (
+                        batches, probe_rng), (base_path, fingerprint(base_path)), history)
                 saved_at = step + 1
     except KeyboardInterrupt:
         last = last_checkpoint(ckpt_path, saved_at)
         raise Interrupted(f"interrupted at step {step}; last checkpoint: {last}") from None
 
-    # evaluation and save
-    final = score(eval_set)
+    # 4. the final evaluation and the run's files
+    final = score()
+    show_sample = not is_qa and split == "test"  # text data: a greedy sample at the end
     sample = greedy_sample(model, eval_set[0], tokenizer, device) if show_sample else None
     scored = config.method in SCORED
-    metrics = {
-        "method": config.method,
-        "selection": config.selection if scored else None,
-        "support": config.support if scored else None,
-        "lr": config.lr,
-        "seed": config.seed,
-        "steps": end,
-        "split": split,
-        "base": base_path,
-        "exact_match": final["exact_match"],
-        "accuracy": final["accuracy"],
-        "val_loss": final["loss"],
-        "per_task": final["per_task"],
-        "answers": final["answers"],
-        "sample": sample,
-        **history.summary(),
-        "config": asdict(config),
-    }
+    metrics = {"method": config.method, "selection": config.selection if scored else None,
+               "support": config.support if scored else None, "lr": config.lr, "seed": config.seed,
+               "steps": end, "split": split, "base": base_path, "exact_match": final["exact_match"],
+               "accuracy": final["accuracy"], "val_loss": final["loss"],
+               "per_task": final["per_task"], "answers": final["answers"], "sample": sample,
+               **history.summary(), "config": asdict(config)}
     if is_main():
         save_adapter(model, adapters, os.path.join(config.out_dir, "adapter.pt"))
         if config.picture:

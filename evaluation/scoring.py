@@ -13,9 +13,8 @@ from plumbing.devices import autocast_for
 
 
 @torch.no_grad()
-def evaluate(
-    model, examples, tokenizer, device, is_qa, batch_size=64, n_answers=3, max_new_tokens=32
-):
+def evaluate(model, examples, tokenizer, device, is_qa, batch_size=64, n_answers=3,
+             max_new_tokens=32):
     """Mean per-sample loss and, for prompt/completion data, greedy exact match and (where
     the examples carry answers) answer accuracy, overall and per task, with the first
     n_answers answers. Generation is greedy and batched over prompts of equal length, so
@@ -38,9 +37,8 @@ def evaluate(
         for n_prompt, group in sorted(by_prompt_length.items()):
             for i in range(0, len(group), batch_size):
                 chunk = group[i : i + batch_size]
-                prompts = torch.tensor(
-                    [examples[j].tokens[:n_prompt] for j in chunk], device=device
-                )
+                prompts = torch.tensor([examples[j].tokens[:n_prompt] for j in chunk],
+                                       device=device)
                 # a response to search for its answer, or just the reference's length
                 longest = max(len(examples[j].completion) for j in chunk)
                 n_new = max_new_tokens if with_answers else longest
@@ -59,38 +57,23 @@ def evaluate(
                         found = finders[e.task].search(response)
                         right[j] = found is not None and found.group(1) == e.answer
                     if len(answers) < n_answers:
-                        shown = (
-                            response
-                            if with_answers
-                            else decode(tokenizer, generated[: len(reference)])
-                        )
-                        answers.append(
-                            (
-                                decode(tokenizer, e.tokens[:n_prompt]),
-                                shown,
-                                e.answer or decode(tokenizer, reference),
-                                right[j] if with_answers else hits[j],
-                            )
-                        )
+                        shown = (response if with_answers
+                                 else decode(tokenizer, generated[: len(reference)]))
+                        answers.append((decode(tokenizer, e.tokens[:n_prompt]), shown,
+                                        e.answer or decode(tokenizer, reference),
+                                        right[j] if with_answers else hits[j]))
     share = lambda scores, mine: sum(scores[j] for j in mine) / len(mine)
     per_task = {}
     for name in sorted({e.task for e in examples}):
         mine = [j for j, e in enumerate(examples) if e.task == name]
-        per_task[name] = {
-            "n": len(mine),
-            "loss": float(losses[mine].mean()),
-            "exact_match": share(hits, mine) if is_qa else None,
-            "accuracy": share(right, mine) if with_answers else None,
-        }
+        per_task[name] = {"n": len(mine), "loss": float(losses[mine].mean()),
+                          "exact_match": share(hits, mine) if is_qa else None,
+                          "accuracy": share(right, mine) if with_answers else None}
     model.train()
     everyone = range(len(examples))
-    return {
-        "loss": float(losses.mean()),
-        "exact_match": share(hits, everyone) if is_qa else None,
-        "accuracy": share(right, everyone) if with_answers else None,
-        "answers": answers,
-        "per_task": per_task,
-    }
+    return {"loss": float(losses.mean()), "exact_match": share(hits, everyone) if is_qa else None,
+            "accuracy": share(right, everyone) if with_answers else None, "answers": answers,
+            "per_task": per_task}
 
 
 def answer_finders(examples):
@@ -102,12 +85,8 @@ def answer_finders(examples):
     for e in examples:
         if e.answer:
             by_task.setdefault(e.task, set()).add(e.answer)
-    return {
-        task: re.compile(
-            r"\b(" + "|".join(map(re.escape, sorted(found, key=len, reverse=True))) + r")\b"
-        )
-        for task, found in by_task.items()
-    }
+    return {task: re.compile(r"\b(" + "|".join(map(re.escape, sorted(
+        found, key=len, reverse=True))) + r")\b") for task, found in by_task.items()}
 
 
 def until_end(tokens, eot):
@@ -142,20 +121,15 @@ def per_task_lines(per_task, indent="  "):
     if len(per_task) < 2:
         return []
     width = max(len(name) for name in [*per_task, "average"])
-    scores = [
-        (key, label)
-        for key, label in (("exact_match", "exact match"), ("accuracy", "accuracy"))
-        if all(s.get(key) is not None for s in per_task.values())
-    ]
+    scores = [(key, label) for key, label in (("exact_match", "exact match"), (
+        "accuracy", "accuracy")) if all(s.get(key) is not None for s in per_task.values())]
     head = "".join(f" | {label}" for _, label in scores)
     lines = [f"{indent}{'task':<{width}} | samples | held-out loss{head}"]
     cells = lambda s: "".join(f" | {s[key]:{len(label)}.3f}" for key, label in scores)
     for name, s in per_task.items():
         lines.append(f"{indent}{name:<{width}} | {s['n']:7d} | {s['loss']:13.4f}" + cells(s))
-    mean = {
-        key: sum(s[key] for s in per_task.values()) / len(per_task)
-        for key in ("loss", *(k for k, _ in scores))
-    }
+    mean = {key: sum(s[key] for s in per_task.values()) / len(per_task)
+            for key in ("loss", *(k for k, _ in scores))}
     n = sum(s["n"] for s in per_task.values())
     lines.append(f"{indent}{'average':<{width}} | {n:7d} | {mean['loss']:13.4f}" + cells(mean))
     return lines
@@ -170,6 +144,5 @@ def greedy_sample(model, example, tokenizer, device):
     with autocast_for(device):
         out = model.generate(prompt, min(64, model.config.block_size - n_prompt), temperature=0)
     model.train()
-    return decode(tokenizer, example.tokens[:n_prompt]), decode(
-        tokenizer, out[0, n_prompt:].tolist()
-    )
+    return decode(tokenizer,
+                  example.tokens[:n_prompt]), decode(tokenizer, out[0, n_prompt:].tolist())

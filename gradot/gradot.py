@@ -55,15 +55,8 @@ from data import Example, TokenizerUnavailable, collate, encode, get_tokenizer
 from evaluation.scoring import evaluate
 from testbed.task import make_default_task, pretrain_text
 from plumbing.records import DataError
-from gradot.lexicon import (
-    FACT,
-    MAX_FACTS,
-    fact_example,
-    lexicon,
-    lexicon_corpus,
-    lexicon_text,
-    make_knowledge_task,
-)
+from gradot.lexicon import (FACT, MAX_FACTS, fact_example, lexicon, lexicon_corpus, lexicon_text,
+                            make_knowledge_task)
 from lora import LoRAConfig, add_lora
 from model import IGNORE_INDEX
 from plumbing.entry import run_main
@@ -71,6 +64,7 @@ from plumbing.files import check_out_dir, write_csv, write_json
 from plumbing.devices import pick_device
 from plumbing.settings import ConfigError, not_negative, option, parse_args, positive, refuse
 from testbed.pretrain import PRETRAIN_SEED, BaseConfig, base_problems, load_base
+from plumbing.optim import lr_at, optimizer_step
 
 # ---------------------------------------------------------------------------------------
 # 1. Adapter blocks and middle blocks
@@ -83,8 +77,7 @@ def split_blocks(n_layer, adapter_blocks):
         allowed = "exactly 1" if most == 1 else f"1 to {most}"
         raise ValueError(
             f"--adapter-blocks {adapter_blocks}: a model of {n_layer} blocks takes {allowed} "
-            "adapter block(s) per side, leaving a middle"
-        )
+            "adapter block(s) per side, leaving a middle")
     adapters = list(range(adapter_blocks)) + list(range(n_layer - adapter_blocks, n_layer))
     return adapters, list(range(adapter_blocks, n_layer - adapter_blocks))
 
@@ -113,13 +106,9 @@ def collect_stats(model, blocks, batches):
     """
     if not batches:
         raise ValueError(
-            "the support set is empty: GradOT needs at least one batch to score the middle"
-        )
-    modules = {
-        f"h.{b}.{name}": model.transformer.h[b].get_submodule(name)
-        for b in blocks
-        for name in MIDDLE_LINEARS
-    }
+            "the support set is empty: GradOT needs at least one batch to score the middle")
+    modules = {f"h.{b}.{name}": model.transformer.h[b].get_submodule(name) for b in blocks
+               for name in MIDDLE_LINEARS}
     sums = {key: [0.0, 0.0] for key in modules}  # running sums of x x^T and g g^T
     grads = {key: 0.0 for key in modules}
     n_tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
@@ -141,12 +130,8 @@ def collect_stats(model, blocks, batches):
         model.eval()
         for x, y in batches:
             logits, _ = model(x)
-            token_loss = (
-                nn.functional.cross_entropy(
-                    logits.transpose(1, 2).float(), y, ignore_index=IGNORE_INDEX, reduction="sum"
-                )
-                / n_tokens
-            )
+            token_loss = (nn.functional.cross_entropy(logits.transpose(
+                1, 2).float(), y, ignore_index=IGNORE_INDEX, reduction="sum") / n_tokens)
             weight_grads = torch.autograd.grad(token_loss, params)
             keep = (y != IGNORE_INDEX).flatten()  # tokens that carry a loss
             for (key, m), wg in zip(modules.items(), weight_grads):
@@ -162,10 +147,8 @@ def collect_stats(model, blocks, batches):
         for p, w in zip(params, was):
             p.requires_grad_(w)
         model.train()
-    return {
-        key: LayerStats(A=sums[key][0] / n_tokens, G=sums[key][1] / n_tokens, grad=grads[key])
-        for key in modules
-    }
+    return {key: LayerStats(A=sums[key][0] / n_tokens, G=sums[key][1] / n_tokens, grad=grads[key])
+            for key in modules}
 
 
 # ---------------------------------------------------------------------------------------
@@ -204,13 +187,8 @@ def svd_component_terms(W, A, G, grad):
 
 def kept_rank(out_features, in_features, keep):
     """The rank whose factors hold `keep` of the matrix's parameters: r (in + out) ~ keep in out."""
-    return max(
-        1,
-        min(
-            min(out_features, in_features),
-            math.floor(keep * out_features * in_features / (out_features + in_features)),
-        ),
-    )
+    return max(1, min(min(out_features, in_features),
+                      math.floor(keep * out_features * in_features / (out_features + in_features))))
 
 
 def choose_components(S, score, rank, protect=0.05):
@@ -218,9 +196,8 @@ def choose_components(S, score, rank, protect=0.05):
     (at least one), then the highest scores up to `rank`; sorted."""
     n_protected = min(rank, max(1, math.ceil(protect * len(S))))
     protected = torch.argsort(S, descending=True, stable=True)[:n_protected].tolist()
-    rest = [
-        j for j in torch.argsort(score, descending=True, stable=True).tolist() if j not in protected
-    ]
+    rest = [j for j in torch.argsort(score, descending=True, stable=True).tolist()
+            if j not in protected]
     return sorted(protected + rest[: rank - n_protected])
 
 
@@ -254,9 +231,8 @@ def compress_attention_matrix(linear, stats, n_parts, keep, lam, rule):
         rank = kept_rank(out_part, W.shape[1], keep)
         if rule == "gcs":
             G = stats.G[rows, rows]  # the part's own output covariance
-            U, S, Vh, shift, loss_change = svd_component_terms(
-                W[rows], stats.A, G, stats.grad[rows]
-            )
+            U, S, Vh, shift, loss_change = svd_component_terms(W[rows], stats.A, G,
+                                                               stats.grad[rows])
             # the lowest GCS goes: small gradient shift, large loss rise; the highest stay
             kept = choose_components(S, normalised_gcs(shift, loss_change, lam), rank)
         else:
@@ -292,9 +268,8 @@ def prune_mlp(mlp, fc_stats, proj_stats, keep, lam, rule):
     if rule == "gcs":
         shift_fc, shift_proj, change_fc, change_proj = channel_terms(fc, proj, fc_stats, proj_stats)
         # a channel's GCS: the sum of its two matrices' (normalised) GCS; the lowest go
-        score = normalised_gcs(shift_fc, change_fc, lam) + normalised_gcs(
-            shift_proj, change_proj, lam
-        )
+        score = normalised_gcs(shift_fc, change_fc,
+                               lam) + normalised_gcs(shift_proj, change_proj, lam)
     else:
         score = fc.weight.detach().norm(dim=1) * proj.weight.detach().norm(dim=0)
     kept = torch.argsort(score, descending=True, stable=True)[:n_keep].sort().values
@@ -335,8 +310,7 @@ class EmulatorConfig:
         for name in ("attn_keep", "mlp_keep", "layer_keep"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(
-                    f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}"
-                )
+                    f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
         split_blocks(n_layer, self.adapter_blocks)
 
 
@@ -348,18 +322,15 @@ def make_emulator(model, method, config, stats=None):
     if method == "layer-drop":  # keep an evenly spaced share of the middle blocks
         n_keep = max(1, round(config.layer_keep * len(middle)))
         kept = {
-            middle[i] for i in torch.linspace(0, len(middle) - 1, n_keep).round().long().tolist()
-        }
+            middle[i] for i in torch.linspace(0, len(middle) - 1, n_keep).round().long().tolist()}
         emulator.transformer.h = nn.ModuleList(
-            [b for i, b in enumerate(emulator.transformer.h) if i not in middle or i in kept]
-        )
+            [b for i, b in enumerate(emulator.transformer.h) if i not in middle or i in kept])
         return emulator
     if method not in EMULATORS:
         raise ValueError(f"unknown emulator {method!r}; choose from {', '.join(EMULATORS)}")
     rule = "magnitude" if method == "magnitude" else "gcs"
     lam_attn, lam_mlp = (
-        (0.0, 0.0) if method == "gradot-lambda0" else (config.lam_attn, config.lam_mlp)
-    )
+        (0.0, 0.0) if method == "gradot-lambda0" else (config.lam_attn, config.lam_mlp))
     if rule == "gcs" and stats is None:
         raise ValueError(f"{method} needs the support set's statistics (collect_stats)")
     for b in middle:
@@ -367,12 +338,10 @@ def make_emulator(model, method, config, stats=None):
         s = (lambda name: stats[f"h.{b}.{name}"]) if rule == "gcs" else (lambda name: None)
         # at 1 the dense matrix is kept: factors would hold more parameters
         if config.attn_keep < 1:
-            block.attn.c_attn = compress_attention_matrix(
-                block.attn.c_attn, s("attn.c_attn"), 3, config.attn_keep, lam_attn, rule
-            )
-            block.attn.c_proj = compress_attention_matrix(
-                block.attn.c_proj, s("attn.c_proj"), 1, config.attn_keep, lam_attn, rule
-            )
+            block.attn.c_attn = compress_attention_matrix(block.attn.c_attn, s("attn.c_attn"), 3,
+                                                          config.attn_keep, lam_attn, rule)
+            block.attn.c_proj = compress_attention_matrix(block.attn.c_proj, s("attn.c_proj"), 1,
+                                                          config.attn_keep, lam_attn, rule)
         prune_mlp(block.mlp, s("mlp.c_fc"), s("mlp.c_proj"), config.mlp_keep, lam_mlp, rule)
     return emulator
 
@@ -380,11 +349,8 @@ def make_emulator(model, method, config, stats=None):
 def middle_parameters(model, adapter_blocks):
     """Parameters in the blocks between the adapters."""
     n = len(model.transformer.h)
-    return sum(
-        p.numel()
-        for b in model.transformer.h[adapter_blocks : n - adapter_blocks]
-        for p in b.parameters()
-    )
+    return sum(p.numel() for b in model.transformer.h[adapter_blocks : n - adapter_blocks]
+               for p in b.parameters())
 
 
 # ---------------------------------------------------------------------------------------
@@ -415,14 +381,12 @@ def fine_tune(model, config, train_set, tokenizer, device, seed=0):
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     rng = random.Random(seed)
     model.to(device).train()
-    for step in range(config.steps):
-        for group in opt.param_groups:  # linear warm-up, then constant
-            group["lr"] = config.lr * min(1.0, (step + 1) / 20)
+    for step in range(config.steps):  # train.py's step: 20 warm-up steps, then constant, no clip
         x, y, _ = collate(rng.sample(train_set, config.batch_size), tokenizer.eot_token, device)
         _, loss = model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        optimizer_step(opt, lr_at(step, config.lr, config.steps, 20, "constant"), grad_clip=0)
     return model
 
 
@@ -446,10 +410,8 @@ def support_batches(tokenizer, n_sequences, batch_size, device, block_size, fact
     text = lexicon_text(n_sequences, seed, facts) if facts else pretrain_text(n_sequences, seed)
     lines = text.splitlines(keepends=True)
     examples = [Example(encode(tokenizer, line)[: block_size + 1], 0) for line in lines]
-    return [
-        collate(examples[i : i + batch_size], tokenizer.eot_token, device)[:2]
-        for i in range(0, len(examples), batch_size)
-    ]
+    return [collate(examples[i : i + batch_size], tokenizer.eot_token, device)[:2]
+            for i in range(0, len(examples), batch_size)]
 
 
 def skill_examples(tokenizer, n):
@@ -461,8 +423,7 @@ def skill_examples(tokenizer, n):
     for line in pretrain_text(n, seed=PRETRAIN_SEED + 2).splitlines(keepends=True):
         prompt = encode(tokenizer, line[: line.index("=") + 1])
         examples.append(
-            Example(prompt + encode(tokenizer, line[line.index("=") + 1 :]), len(prompt))
-        )
+            Example(prompt + encode(tokenizer, line[line.index("=") + 1 :]), len(prompt)))
     return examples
 
 
@@ -474,61 +435,34 @@ def skill_examples(tokenizer, n):
 # the base's settings (--init-from, --n-layer, --out-dir, --device ...) are pretrain.py's
 class GradOTConfig(BaseConfig):
     methods: str = option(",".join(EMULATORS), f"emulators to build, from {', '.join(EMULATORS)}")
-    adapter_blocks: int = option(
-        1,
-        "whole blocks at each end that the data owner tunes (offsite tuning's own code: 2 per "
-        "side)",
-    )
-    adapter: str = option(
-        "blocks",
-        "what the data owner trains in the adapter blocks: blocks (all their weights) or lora",
-    )
-    attn_keep: float = option(
-        0.5, "share of each middle attention matrix's parameters kept (its rank)"
-    )
-    mlp_keep: float = option(0.5, "share of each middle MLP's hidden channels kept")
-    layer_keep: float = option(0.5, "layer-drop: share of the middle blocks kept, evenly spaced")
-    lam_attn: float = option(
-        1.0, "GCS lambda for attention (each term normalised by its median in the matrix)"
-    )
-    lam_mlp: float = option(1.0, "GCS lambda for the MLP")
-    lams: str = option(
-        "",
-        "lambdas to choose gradot's from, comma-separated (one lambda for attention and MLP): "
-        "each is tried on "
-        "seed 0's dev split and the largest dev gap (plug-in - emulator fine-tuned) wins; empty: "
-        "--lam-attn, --lam-mlp",
-    )
-    support_size: int = option(128, "sequences of held-out pretraining text in the support set")
-    eval_samples: int = option(
-        200,
-        "held-out samples each model is scored on (exact match), of the task and of the base's "
-        "skills",
-    )
-    steps: int = option(
-        1500,
-        "fine-tuning steps on the emulator (and on the original, for full fine-tuning); "
-        "with fewer, fine-tuning the original does not learn the default task on every seed",
-    )
-    lr: float = option(
-        3e-3,
-        "AdamW learning rate of the adapters; 3e-3 learned the default task with whole blocks and "
-        "with LoRA "
-        "(LoRA at 1e-2 and above was unstable)",
-    )
-    batch_size: int = option(32, "samples per fine-tuning step")
-    noise: float = option(0.0, "fraction of the default task's fine-tuning answers corrupted")
-    seeds: int = option(
-        3,
-        "fine-tuning runs per emulator (seeds 0, 1, ...: task data, batch order, LoRA init); "
-        "one run says little, since fine-tuning learns the task abruptly or not at all",
-    )
-    lexicon: int = option(
-        0,
-        "made-up facts (word -> code) that half the base's built-in corpus states, and the "
-        "knowledge task on them; 0: none (the default task)",
-    )
-    overwrite: bool = option(False, "replace gradot.json / gradot.csv already in --out-dir")
+    adapter_blocks: int = 1  # whole blocks at each end that the data owner tunes (offsite tuning's
+        # own code: 2 per side)
+    adapter: str = "blocks"  # what the data owner trains in the adapter blocks: blocks (all their
+        # weights) or lora
+    attn_keep: float = 0.5  # share of each middle attention matrix's parameters kept (its rank)
+    mlp_keep: float = 0.5  # share of each middle MLP's hidden channels kept
+    layer_keep: float = 0.5  # layer-drop: share of the middle blocks kept, evenly spaced
+    lam_attn: float = 1.0  # GCS lambda for attention (each term normalised by its median in the
+        # matrix)
+    lam_mlp: float = 1.0  # GCS lambda for the MLP
+    lams: str = ""  # lambdas to choose gradot's from, comma-separated (one lambda for attention and
+        # MLP): each is tried on seed 0's dev split and the largest dev gap (plug-in - emulator
+        # fine-tuned) wins; empty: --lam-attn, --lam-mlp
+    support_size: int = 128  # sequences of held-out pretraining text in the support set
+    eval_samples: int = 200  # held-out samples each model is scored on (exact match), of the task
+        # and of the base's skills
+    steps: int = 1500  # fine-tuning steps on the emulator (and on the original, for full
+        # fine-tuning); with fewer, fine-tuning the original does not learn the default task on
+        # every seed
+    lr: float = 3e-3  # AdamW learning rate of the adapters; 3e-3 learned the default task with
+        # whole blocks and with LoRA (LoRA at 1e-2 and above was unstable)
+    batch_size: int = 32  # samples per fine-tuning step
+    noise: float = 0.0  # fraction of the default task's fine-tuning answers corrupted
+    seeds: int = 3  # fine-tuning runs per emulator (seeds 0, 1, ...: task data, batch order, LoRA
+        # init); one run says little, since fine-tuning learns the task abruptly or not at all
+    lexicon: int = 0  # made-up facts (word -> code) that half the base's built-in corpus states,
+        # and the knowledge task on them; 0: none (the default task)
+    overwrite: bool = False  # replace gradot.json / gradot.csv already in --out-dir
 
 
 def validate(config):
@@ -536,18 +470,15 @@ def validate(config):
     unknown = [m for m in config.methods.split(",") if m not in EMULATORS]
     if unknown:
         problems.append(
-            f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(EMULATORS)}"
-        )
+            f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(EMULATORS)}")
     for name in ("attn_keep", "mlp_keep", "layer_keep"):
         if not 0 < getattr(config, name) <= 1:
             problems.append(
-                f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(config, name)}"
-            )
+                f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(config, name)}")
     for name in ("adapter_blocks", "support_size", "steps", "batch_size", "eval_samples", "seeds"):
         if getattr(config, name) <= 0:
             problems.append(
-                f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}"
-            )
+                f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
     if config.adapter not in ("blocks", "lora"):
         problems.append(f"--adapter must be blocks or lora, got {config.adapter!r}")
     problems += positive(config, "lr") + not_negative(config, "lam_attn", "lam_mlp")
@@ -563,26 +494,20 @@ def validate(config):
     if not 0 <= config.lexicon <= MAX_FACTS:
         problems.append(f"--lexicon must be in [0, {MAX_FACTS}], got {config.lexicon}")
     if 0 < config.lexicon < 30:
-        problems.append(
-            f"--lexicon {config.lexicon}: give 0 or at least 30 facts (a third are "
-            "tested, a sixth are dev, the rest are fine-tuned on)"
-        )
+        problems.append(f"--lexicon {config.lexicon}: give 0 or at least 30 facts (a third are "
+                        "tested, a sixth are dev, the rest are fine-tuned on)")
     n = config.lexicon
     n_train = n - min(config.eval_samples, n // 3) - n // 6 if n else RSH_SAMPLES  # as run() splits
     if config.batch_size > n_train and (not n or n >= 30):
         problems.append(
-            f"--batch-size {config.batch_size} is larger than the {n_train} fine-tuning samples"
-        )
+            f"--batch-size {config.batch_size} is larger than the {n_train} fine-tuning samples")
     if config.lexicon and config.pretrain_data:
-        problems.append(
-            "--lexicon states its facts in the built-in corpus; it cannot be added to "
-            "--pretrain-data"
-        )
+        problems.append("--lexicon states its facts in the built-in corpus; it cannot be added to "
+                        "--pretrain-data")
     if config.lexicon and config.noise:
         problems.append(
             "--noise corrupts the default task's answers; the knowledge task (--lexicon) has none "
-            "to corrupt"
-        )
+            "to corrupt")
     refuse(problems + base_problems(config))
 
 
@@ -604,56 +529,33 @@ def run(config):
     corpus = lexicon_corpus(config.lexicon) if config.lexicon else None
     base, base_path = load_base(config, tokenizer, device, corpus)
     try:
-        emulator_config = EmulatorConfig(
-            config.adapter_blocks,
-            config.attn_keep,
-            config.mlp_keep,
-            config.lam_attn,
-            config.lam_mlp,
-            config.layer_keep,
-        )
+        emulator_config = EmulatorConfig(config.adapter_blocks, config.attn_keep, config.mlp_keep,
+                                         config.lam_attn, config.lam_mlp, config.layer_keep)
         emulator_config.check(base.config.n_layer)
     except ValueError as e:
         raise ConfigError(f"invalid settings:\n  {e}") from None
     facts = lexicon(config.lexicon) if config.lexicon else None
     # the knowledge task: the base's facts in a new template, evaluated on words never fine-tuned on
     if facts:
-        tasks = [
-            make_knowledge_task(
-                tokenizer,
-                facts,
-                n_val=min(config.eval_samples, len(facts) // 3),
-                n_dev=len(facts) // 6,
-                seed=seed,
-            )
-            for seed in range(config.seeds)
-        ]
+        tasks = [make_knowledge_task(tokenizer, facts, n_val=min(config.eval_samples, len(
+            facts) // 3), n_dev=len(facts) // 6, seed=seed) for seed in range(config.seeds)]
         # zero-shot: the test words' facts in the pretraining template (what the model recalls)
         skills = tasks[0].heldout
     else:
         skills = skill_examples(tokenizer, config.eval_samples)
         # one task of the mixture, rsh (rev, then shift), the protocol's fine-tuning task
-        tasks = [
-            make_default_task(
-                tokenizer, n_train=RSH_SAMPLES, noise=config.noise, seed=seed, tasks=("rsh",)
-            )
-            for seed in range(config.seeds)
-        ]
-    score = lambda model, examples: evaluate(
-        model.to(device), examples, tokenizer, device, is_qa=True
-    )
-    print(
-        f"GradOT on {base_path} ({base.config.n_layer} blocks; {config.adapter_blocks} adapter "
-        "block(s) per side, "
-        f"trained as {'whole blocks' if config.adapter == 'blocks' else 'LoRA'}), "
-        f"{config.seeds} seeds x {config.steps} fine-tuning steps, on {device}",
-        flush=True,
-    )
+        tasks = [make_default_task(tokenizer, n_train=RSH_SAMPLES, noise=config.noise, seed=seed,
+                                   tasks=("rsh",)) for seed in range(config.seeds)]
+    score = lambda model, examples: evaluate(model.to(device), examples, tokenizer, device,
+                                             is_qa=True)
+    print(f"GradOT on {base_path} ({base.config.n_layer} blocks; {config.adapter_blocks} adapter "
+          "block(s) per side, "
+          f"trained as {'whole blocks' if config.adapter == 'blocks' else 'LoRA'}), "
+          f"{config.seeds} seeds x {config.steps} fine-tuning steps, on {device}", flush=True)
     recall = None
     if facts:  # what the base holds: every fact of the lexicon, asked in the pretraining template
         recall = score(base, [fact_example(tokenizer, FACT, w, code) for w, code in facts.items()])[
-            "exact_match"
-        ]
+            "exact_match"]
         print(f"the base recalls {recall:.3f} of its lexicon's {len(facts):,} facts", flush=True)
     t0 = time.time()
 
@@ -664,36 +566,22 @@ def run(config):
             test = task.val[: config.eval_samples]
             tuned = fine_tune(copy.deepcopy(emulator), config, task.train, tokenizer, device, seed)
             on_emulator = score(tuned, test)
-            plugged = (
-                on_emulator
-                if method == "none"
-                else score(plug_in(base, tuned, config.adapter_blocks), test)
-            )
-            runs.append(
-                {
-                    "seed": seed,
-                    "emulator_fine_tuned": on_emulator["exact_match"],
-                    "plug_in": plugged["exact_match"],
-                    "emulator_loss": on_emulator["loss"],
-                    "plug_in_loss": plugged["loss"],
-                }
-            )
+            plugged = (on_emulator if method == "none"
+                       else score(plug_in(base, tuned, config.adapter_blocks), test))
+            runs.append({"seed": seed, "emulator_fine_tuned": on_emulator["exact_match"],
+                         "plug_in": plugged["exact_match"], "emulator_loss": on_emulator["loss"],
+                         "plug_in_loss": plugged["loss"]})
         row = {
-            "method": method,
-            "zero_shot": score(emulator, skills)["exact_match"],
-            "zero_shot_task": score(emulator, tasks[0].val[: config.eval_samples])["exact_match"],
-        }
+            "method": method, "zero_shot": score(emulator, skills)["exact_match"],
+            "zero_shot_task": score(emulator, tasks[0].val[: config.eval_samples])["exact_match"]}
         for key in ("emulator_fine_tuned", "plug_in", "emulator_loss", "plug_in_loss"):
             row[key], row[key + "_sd"] = mean_sd([r[key] for r in runs])
         row["gap"], row["gap_sd"] = mean_sd([r["plug_in"] - r["emulator_fine_tuned"] for r in runs])
         row.update(middle_share=share, compress_s=seconds, runs=runs)
-        print(
-            f"  {method}: zero-shot {row['zero_shot']:.3f}; fine-tuned on the emulator "
-            f"{row['emulator_fine_tuned']:.3f}, "
-            f"plugged in {row['plug_in']:.3f} (mean of {len(runs)}; {time.time() - t0:.0f}s so "
-            "far)",
-            flush=True,
-        )
+        print(f"  {method}: zero-shot {row['zero_shot']:.3f}; fine-tuned on the emulator "
+              f"{row['emulator_fine_tuned']:.3f}, "
+              f"plugged in {row['plug_in']:.3f} (mean of {len(runs)}; {time.time() - t0:.0f}s so "
+              "far)", flush=True)
         return row
 
     def choose_lambda(stats):
@@ -703,29 +591,16 @@ def run(config):
         trials = []
         dev = tasks[0].dev[: config.eval_samples]
         for lam in lambdas(config):
-            emulator = make_emulator(
-                base, "gradot", replace(emulator_config, lam_attn=lam, lam_mlp=lam), stats
-            )
-            tuned = fine_tune(
-                copy.deepcopy(emulator), config, tasks[0].train, tokenizer, device, seed=0
-            )
-            on_emulator, plugged = (
-                score(tuned, dev)["exact_match"],
-                score(plug_in(base, tuned, config.adapter_blocks), dev)["exact_match"],
-            )
-            trials.append(
-                {
-                    "lambda": lam,
-                    "emulator_fine_tuned": on_emulator,
-                    "plug_in": plugged,
-                    "gap": plugged - on_emulator,
-                }
-            )
-            print(
-                f"  gradot lambda {lam:g} on dev (seed 0): fine-tuned on the emulator "
-                f"{on_emulator:.3f}, plugged in {plugged:.3f}",
-                flush=True,
-            )
+            emulator = make_emulator(base, "gradot",
+                                     replace(emulator_config, lam_attn=lam, lam_mlp=lam), stats)
+            tuned = fine_tune(copy.deepcopy(emulator), config, tasks[0].train, tokenizer, device,
+                              seed=0)
+            on_emulator, plugged = (score(tuned, dev)["exact_match"], score(
+                plug_in(base, tuned, config.adapter_blocks), dev)["exact_match"])
+            trials.append({"lambda": lam, "emulator_fine_tuned": on_emulator, "plug_in": plugged,
+                           "gap": plugged - on_emulator})
+            print(f"  gradot lambda {lam:g} on dev (seed 0): fine-tuned on the emulator "
+                  f"{on_emulator:.3f}, plugged in {plugged:.3f}", flush=True)
         best = max(trials, key=lambda t: (t["gap"], t["plug_in"]))
         print(f"  gradot: lambda {best['lambda']:g} chosen on dev", flush=True)
         return best["lambda"], trials
@@ -738,53 +613,29 @@ def run(config):
         stats = None
         if method.startswith("gradot"):
             _, middle = split_blocks(base.config.n_layer, config.adapter_blocks)
-            support = support_batches(
-                tokenizer, config.support_size, 32, device, base.config.block_size, facts
-            )
+            support = support_batches(tokenizer, config.support_size, 32, device,
+                                      base.config.block_size, facts)
             stats = collect_stats(base, middle, support)
         settings, chosen = emulator_config, {}
         if method == "gradot" and config.lams:
             paused = time.time()
             lam, trials = choose_lambda(stats)
             started += time.time() - paused  # the trials' fine-tuning is not the compression's time
-            settings, chosen = (
-                replace(emulator_config, lam_attn=lam, lam_mlp=lam),
-                {"lambda": lam, "lambda_trials": trials},
-            )
+            settings, chosen = (replace(emulator_config, lam_attn=lam, lam_mlp=lam),
+                                {"lambda": lam, "lambda_trials": trials})
         emulator = make_emulator(base, method, settings, stats)
         seconds = time.time() - started
-        rows.append(
-            {
-                **offsite_tuning(
-                    emulator,
-                    method,
-                    middle_parameters(emulator, config.adapter_blocks) / middle_size,
-                    seconds,
-                ),
-                **chosen,
-            }
-        )
+        rows.append({**offsite_tuning(emulator, method, middle_parameters(
+            emulator, config.adapter_blocks) / middle_size, seconds), **chosen})
     for row in rows:
         row["full_fine_tuning"] = rows[0]["plug_in"]
-    print(
-        f"\n{format_table(rows, 'recall, test words' if facts else 'base skills')}\n"
-        f"({time.time() - t0:.0f}s in all)"
-    )
+    print(f"\n{format_table(rows, 'recall, test words' if facts else 'base skills')}\n"
+          f"({time.time() - t0:.0f}s in all)")
     path = os.path.join(config.out_dir, "gradot")
-    write_json(
-        path + ".json",
-        {"config": asdict(config), "base": base_path, "lexicon_recall": recall, "rows": rows},
-    )
-    write_csv(
-        path + ".csv",
-        [
-            {
-                **{k: v for k, v in row.items() if k not in ("runs", "lambda_trials")},
-                "lambda": row.get("lambda", ""),
-            }
-            for row in rows
-        ],
-    )
+    write_json(path + ".json", {"config": asdict(config), "base": base_path,
+                                "lexicon_recall": recall, "rows": rows})
+    write_csv(path + ".csv", [{**{k: v for k, v in row.items() if k not in (
+        "runs", "lambda_trials")}, "lambda": row.get("lambda", "")} for row in rows])
     print(f"written to {path}.json and {path}.csv")
     return rows
 
@@ -795,27 +646,22 @@ def format_table(rows, zero_shot="base skills"):
         f"| emulator | zero-shot ({zero_shot}) | emulator fine-tuned | plug-in | full fine-tuning "
         "| gap (plug-in - emulator) | "
         "emulator loss | plug-in loss | middle kept | compression s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+        "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = "none (the original)" if r["method"] == "none" else r["method"]
         if "lambda" in r:
             name += f" (lambda {r['lambda']:g}, chosen on dev)"
-        lines.append(
-            f"| {name} | {r['zero_shot']:.3f} | {pm(r, 'emulator_fine_tuned')} | "
-            f"{pm(r, 'plug_in')} | "
-            f"{r['full_fine_tuning']:.3f} | {r['gap']:+.3f} ± {r['gap_sd']:.3f} | "
-            f"{pm(r, 'emulator_loss')} | "
-            f"{pm(r, 'plug_in_loss')} | {r['middle_share']:.0%} | {r['compress_s']:.2f} |"
-        )
+        lines.append(f"| {name} | {r['zero_shot']:.3f} | {pm(r, 'emulator_fine_tuned')} | "
+                     f"{pm(r, 'plug_in')} | "
+                     f"{r['full_fine_tuning']:.3f} | {r['gap']:+.3f} ± {r['gap_sd']:.3f} | "
+                     f"{pm(r, 'emulator_loss')} | "
+                     f"{pm(r, 'plug_in_loss')} | {r['middle_share']:.0%} | {r['compress_s']:.2f} |")
     return "\n".join(lines)
 
 
 def main(argv=None):
-    return run_main(
-        lambda: run(parse_args(GradOTConfig, argv, description=__doc__.strip())),
-        (DataError, TokenizerUnavailable),
-    )
+    return run_main(lambda: run(parse_args(
+        GradOTConfig, argv, description=__doc__.strip())), (DataError, TokenizerUnavailable))
 
 
 if __name__ == "__main__":

@@ -45,8 +45,7 @@ def lexicon_text(n_lines, seed, facts):
     stated = list(facts.items())
     rng.shuffle(stated)
     lines += [
-        f"{FACT} {w}={code}\n" for w, code in (stated[i % len(stated)] for i in range(n_facts))
-    ]
+        f"{FACT} {w}={code}\n" for w, code in (stated[i % len(stated)] for i in range(n_facts))]
     rng.shuffle(lines)
     return "".join(lines)
 
@@ -55,11 +54,8 @@ def lexicon_corpus(n):
     """What pretrain.load_base pretrains on for a base that states n facts: the corpus (its
     seed is the base's), and the key that keeps such a base apart from the default one."""
     facts = lexicon(n)
-    return Corpus(
-        lambda n_lines, seed: lexicon_text(n_lines, seed, facts),
-        {"lexicon": n},
-        f"half of them stating {n:,} facts",
-    )
+    return Corpus(lambda n_lines, seed: lexicon_text(
+        n_lines, seed, facts), {"lexicon": n}, f"half of them stating {n:,} facts")
 
 
 def fact_example(tokenizer, name, word, code):
@@ -76,8 +72,7 @@ def make_knowledge_task(tokenizer, facts, n_val=200, n_dev=200, seed=0):
     if len(words) < n_val + n_dev + 1:
         raise ValueError(
             f"a lexicon of {len(words)} facts cannot give {n_val} test and {n_dev} dev words and "
-            "leave some to fine-tune on"
-        )
+            "leave some to fine-tune on")
     random.Random(seed + 1).shuffle(words)
     test, dev, train = words[:n_val], words[n_val : n_val + n_dev], words[n_val + n_dev :]
     ask = lambda ws: [fact_example(tokenizer, ASK, w, facts[w]) for w in ws]

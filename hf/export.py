@@ -79,24 +79,13 @@ def export_hf(model, directory, eot_token):
     os.makedirs(directory, exist_ok=True)
     merge_lora(model)
     c = model.config
-    config = {
-        "model_type": "gpt2",
-        "architectures": ["GPT2LMHeadModel"],
-        "vocab_size": c.vocab_size,
-        "n_positions": c.block_size,
-        "n_embd": c.n_embd,
-        "n_layer": c.n_layer,
-        "n_head": c.n_head,
-        "n_inner": c.n_inner or None,
-        "activation_function": c.activation,
-        "layer_norm_epsilon": c.layer_norm_epsilon,
-        "scale_attn_by_inverse_layer_idx": c.scale_attn_by_inverse_layer_idx,
-        "tie_word_embeddings": c.tie_word_embeddings,
-        "resid_pdrop": c.dropout,
-        "embd_pdrop": c.dropout,
-        "attn_pdrop": c.dropout,
-        "bos_token_id": eot_token,
-        "eos_token_id": eot_token,
-    }
+    config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+              "vocab_size": c.vocab_size, "n_positions": c.block_size, "n_embd": c.n_embd,
+              "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": c.n_inner or None,
+              "activation_function": c.activation, "layer_norm_epsilon": c.layer_norm_epsilon,
+              "scale_attn_by_inverse_layer_idx": c.scale_attn_by_inverse_layer_idx,
+              "tie_word_embeddings": c.tie_word_embeddings, "resid_pdrop": c.dropout,
+              "embd_pdrop": c.dropout, "attn_pdrop": c.dropout, "bos_token_id": eot_token,
+              "eos_token_id": eot_token}
     write_safetensors(hf_state_dict(model), os.path.join(directory, "model.safetensors"))
     write_json(os.path.join(directory, "config.json"), config)

@@ -27,9 +27,7 @@ def gpt2_from_pretrained(path, dropout=0.0):
     # GPT2LMHeadModel prefixes its keys with "transformer."; GPT2Model does not
     sd_hf = {k.removeprefix("transformer."): v for k, v in sd_hf.items()}
     # the causal-mask buffers carry no weights
-    sd_hf = {
-        k: v for k, v in sd_hf.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))
-    }
+    sd_hf = {k: v for k, v in sd_hf.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
     cfg_file = os.path.join(directory, "config.json")
     if os.path.exists(cfg_file):
         with open(cfg_file) as f:
@@ -37,16 +35,10 @@ def gpt2_from_pretrained(path, dropout=0.0):
     else:  # every GPT-2 size has 64-dimensional heads
         vocab_size, n_embd = sd_hf["wte.weight"].shape
         n_layer = 1 + max(int(k.split(".")[1]) for k in sd_hf if k.startswith("h."))
-        config = GPTConfig(
-            n_layer=n_layer,
-            n_head=n_embd // 64,
-            n_embd=n_embd,
-            block_size=sd_hf["wpe.weight"].shape[0],
-            vocab_size=vocab_size,
-            dropout=dropout,
-            bias=True,
-            tie_word_embeddings="lm_head.weight" not in sd_hf,
-        )
+        config = GPTConfig(n_layer=n_layer, n_head=n_embd // 64, n_embd=n_embd,
+                           block_size=sd_hf["wpe.weight"].shape[0], vocab_size=vocab_size,
+                           dropout=dropout, bias=True,
+                           tie_word_embeddings="lm_head.weight" not in sd_hf)
     if config.tie_word_embeddings:
         sd_hf.pop("lm_head.weight", None)  # the same tensor as wte, when a file keeps it
     model = GPT(config)
@@ -56,20 +48,14 @@ def gpt2_from_pretrained(path, dropout=0.0):
     mismatched = sorted(set(map(name, sd_hf)) ^ set(ours))  # missing or extra
     if mismatched:
         raise ValueError(f"{weights}: keys do not match GPT-2's layout: {mismatched[:8]}")
-    conv1d = (
-        "attn.c_attn.weight",
-        "attn.c_proj.weight",
-        "mlp.c_fc.weight",
-        "mlp.c_proj.weight",
-    )
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     with torch.no_grad():
         for k, v in sd_hf.items():
             target = sd[name(k)]
             v = v.t() if k.endswith(conv1d) else v
             if v.shape != target.shape:
                 raise ValueError(
-                    f"{weights}: {k} has shape {tuple(v.shape)}, expected {tuple(target.shape)}"
-                )
+                    f"{weights}: {k} has shape {tuple(v.shape)}, expected {tuple(target.shape)}")
             target.copy_(v)
     return model
 
@@ -85,8 +71,7 @@ def read_hf_weights(path):
         if not found:
             raise FileNotFoundError(
                 f"{path}: no GPT-2 checkpoint there (neither model.safetensors nor "
-                "pytorch_model.bin)"
-            )
+                "pytorch_model.bin)")
         path = os.path.join(path, found[0])
     elif not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no GPT-2 checkpoint there")
@@ -109,41 +94,14 @@ def read_hf_weights(path):
 # config.json fields that change nothing we compute, or that fine-tuning sets itself:
 # GPT-2's dropouts (fine-tuning runs the base without dropout; LoRA has its own,
 # --lora-dropout), generation and tokenizer settings, and bookkeeping
-HF_IGNORED = {
-    "resid_pdrop",
-    "embd_pdrop",
-    "attn_pdrop",
-    "summary_type",
-    "summary_use_proj",
-    "summary_activation",
-    "summary_proj_to_labels",
-    "summary_first_dropout",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "initializer_range",
-    "architectures",
-    "model_type",
-    "transformers_version",
-    "task_specific_params",
-    "torch_dtype",
-    "dtype",
-    "use_cache",
-    "n_ctx",
-    "_name_or_path",
-    "output_past",
-    "id2label",
-    "label2id",
-    "problem_type",
-    "return_dict",
-    "tokenizer_class",
-    "prefix",
-    "use_return_dict",
-    "output_attentions",
-    "output_hidden_states",
-    "chunk_size_feed_forward",
-    "is_encoder_decoder",
-}
+HF_IGNORED = {"resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_type", "summary_use_proj",
+              "summary_activation", "summary_proj_to_labels", "summary_first_dropout",
+              "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "architectures",
+              "model_type", "transformers_version", "task_specific_params", "torch_dtype", "dtype",
+              "use_cache", "n_ctx", "_name_or_path", "output_past", "id2label", "label2id",
+              "problem_type", "return_dict", "tokenizer_class", "prefix", "use_return_dict",
+              "output_attentions", "output_hidden_states", "chunk_size_feed_forward",
+              "is_encoder_decoder"}
 
 
 def hf_config(hf, dropout=0.0):
@@ -163,34 +121,17 @@ def hf_config(hf, dropout=0.0):
     if activation not in ACTIVATIONS:
         raise ValueError(
             f"config.json: activation_function {activation!r} is not supported (we have "
-            f"{', '.join(ACTIVATIONS)})"
-        )
-    honoured = {
-        "n_layer",
-        "n_head",
-        "n_embd",
-        "n_positions",
-        "vocab_size",
-        "tie_word_embeddings",
-        "scale_attn_by_inverse_layer_idx",
-        "layer_norm_epsilon",
-        "activation_function",
-        "n_inner",
-    }
+            f"{', '.join(ACTIVATIONS)})")
+    honoured = {"n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "tie_word_embeddings",
+                "scale_attn_by_inverse_layer_idx", "layer_norm_epsilon", "activation_function",
+                "n_inner"}
     unknown = sorted(set(hf) - honoured - HF_IGNORED - set(refused))
     if unknown:
         raise ValueError(f"config.json: field {unknown[0]!r} is not one we know how to honour")
     return GPTConfig(
-        n_layer=hf["n_layer"],
-        n_head=hf["n_head"],
-        n_embd=hf["n_embd"],
-        block_size=hf["n_positions"],
-        vocab_size=hf["vocab_size"],
-        dropout=dropout,
-        bias=True,
+        n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+        block_size=hf["n_positions"], vocab_size=hf["vocab_size"], dropout=dropout, bias=True,
         tie_word_embeddings=hf.get("tie_word_embeddings", True),
         scale_attn_by_inverse_layer_idx=hf.get("scale_attn_by_inverse_layer_idx", False),
-        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-        activation=activation,
-        n_inner=hf.get("n_inner") or 0,
-    )
+        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5), activation=activation,
+        n_inner=hf.get("n_inner") or 0)

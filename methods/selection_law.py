@@ -8,7 +8,7 @@ and I10, which hold the draws to this law.
 
 import torch
 
-from gast import standardise, top_k
+from gast import choose, standardise
 
 
 def inclusion_probabilities(scores, k, temperature=1.0, nodes=64):
@@ -46,7 +46,7 @@ def law(scores, k, selection="softmax", temperature=1.0):
     float64, given that the row is active (topk: the mask itself; random: k / B)."""
     L, B = scores.shape
     if selection == "topk":
-        return top_k(scores, k).double().cpu()
+        return choose(scores, k, "topk").double().cpu()
     if selection == "random":
         return torch.full((L, B), k / B, dtype=torch.float64)
     return inclusion_probabilities(scores, k, temperature)

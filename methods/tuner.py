@@ -27,14 +27,7 @@ import torch
 import torch.distributed as dist
 
 from methods.collectives import Shard, all_gather_columns, all_reduce_grads
-from gast import (
-    choose,
-    gast_step,
-    per_sample_grads_and_losses,
-    samples_per_layer,
-    support_gradient,
-    top,
-)
+from gast import choose, gast_step, per_sample_grads_and_losses, samples_per_layer, top
 from lora import LoRALinear, block_index, lora_names_by_block
 from model import IGNORE_INDEX
 from methods.per_sample import (CompiledPerSample, per_sample_grads_by_blocks,
@@ -48,6 +41,14 @@ SCORED = ("data", "gast")  # the methods that compute alignment scores, and so n
 PER_SAMPLE = ("vmap", "hooks", "blocks", "compiled")
 SELECTIONS = ("softmax", "topk", "random")  # the paper's rule, and its two ablations
 SUPPORTS = ("train", "heldout", "batch")  # where the support mini-batch comes from
+
+
+def support_gradient(model, inputs, targets):
+    """{name: tensor like p}: the gradient of the mean loss over (inputs, targets), by one
+    ordinary backward (for a whole support set at once, support_size 0); .grad untouched."""
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(model(inputs, targets)[1], [p for _, p in params])
+    return {name: g.detach() for (name, _), g in zip(params, grads)}
 
 
 def layers_per_step(config, L):
@@ -191,8 +192,7 @@ class SparseTuner:
         if config.method in SCORED and config.support != "batch" and support_set is None:
             raise ValueError(
                 f"{config.method} with support={config.support!r} needs support_set=(inputs, "
-                "targets) to draw support mini-batches from; or use support='batch'"
-            )
+                "targets) to draw support mini-batches from; or use support='batch'")
         self.model, self.config, self.support_set = model, config, support_set
         self.layers = lora_names_by_block(model)  # L lists of parameter names
         self.L = len(self.layers)  # blocks
@@ -286,7 +286,9 @@ class SparseTuner:
         scores = indices = None
         if c.method in SCORED:
             indices, support = self._support(x.device)
-            mask, scores, losses, s = self._scored_step(x, y, support, K, B, mine)
+            per_sample, select, shard = self._arguments(K, B, mine)
+            mask, scores, losses, s = gast_step(self.model, x, y, support, c, self.generator,
+                                                per_sample, select, shard)  # Algorithm 1
             if isinstance(support, tuple):  # s from this step's support rows
                 self.support_grad, self.support_step = s, self.steps
             loss = (all_gather_columns(losses) if n_procs > 1 else losses).mean()
@@ -298,28 +300,21 @@ class SparseTuner:
 
         self.steps += 1
         mask = mask.cpu()
-        record = StepRecord(
-            loss=float(loss.detach()),
-            mask=mask,
-            active_layers=mask.any(dim=1).nonzero().flatten().tolist(),
-            coverage=float(mask.any(dim=0).float().mean()),
-            support=indices,
-            scores=None if scores is None else scores.detach().float().cpu(),
-        )
+        record = StepRecord(loss=float(loss.detach()), mask=mask,
+                            active_layers=mask.any(dim=1).nonzero().flatten().tolist(),
+                            coverage=float(mask.any(dim=0).float().mean()), support=indices,
+                            scores=None if scores is None else scores.detach().float().cpu())
         if noisy is not None:
             record.noisy_rate, record.clean_rate = selection_rates(mask, noisy.cpu())
         return record
 
-    def _scored_step(self, x, y, support, K, B, mine):
-        """data and gast: gast.gast_step, with this run's step 1, step 4 and slice of the
-        batch as its arguments; (mask (L, B), scores (L, B), this process's losses, s)."""
+    def _arguments(self, K, B, mine):
+        """How data and gast run gast.gast_step: (step 1's path, step 4 over every block or
+        None, this process's shard of the batch of B or None)."""
         c = self.config
-        per_sample = {
-            "vmap": partial(per_sample_grads_and_losses, chunk_size=c.chunk_size or None),
-            "hooks": per_sample_grads_by_hooks,
-            "blocks": per_sample_grads_by_blocks,
-            "compiled": self.compiled,
-        }[c.per_sample]
+        per_sample = {"vmap": partial(per_sample_grads_and_losses, chunk_size=c.chunk_size or None),
+                      "hooks": per_sample_grads_by_hooks, "blocks": per_sample_grads_by_blocks,
+                      "compiled": self.compiled}[c.per_sample]
         select = None  # gast at every layer: each block draws its own k (the paper's rule)
         if c.method == "data":  # one global set, by the summed alignment over layers
             def select(scores, k):
@@ -329,8 +324,7 @@ class SparseTuner:
         elif K < self.L:  # our layer budget: only the K best blocks learn
             select = partial(choose_layers, K=K, selection=c.selection,
                              temperature=c.temperature, generator=self.generator)
-        shard = Shard(B, mine) if world()[1] > 1 else None
-        return gast_step(self.model, x, y, support, c, self.generator, per_sample, select, shard)
+        return per_sample, select, Shard(B, mine) if world()[1] > 1 else None
 
     def _dense_step(self, x, y, K, probe):
         """lora, lisa and ist: the active blocks' ordinary batch gradient; (mask, loss)."""
@@ -343,8 +337,7 @@ class SparseTuner:
             if self.steps % c.ist_interval == 0:
                 if probe is None:
                     raise ValueError(
-                        "the ist method needs probe=callable returning a fresh training batch"
-                    )
+                        "the ist method needs probe=callable returning a fresh training batch")
                 self._ist_update_importance(*probe())
             active = self._draw(torch.sigmoid(-self.importance), K)
         mask = torch.zeros(self.L, x.shape[0] * n_procs, dtype=torch.bool, device=x.device)
@@ -384,14 +377,9 @@ class SparseTuner:
         """Everything the next step depends on; with it, a resumed run is exact."""
         support = self.support_grad
         support = None if support is None else {n: g.cpu() for n, g in support.items()}
-        return {
-            "generator": self.generator.get_state(),
-            "importance": self.importance.clone(),
-            "lisa_active": self.lisa_active,
-            "steps": self.steps,
-            "support_grad": support,
-            "support_step": self.support_step,
-        }
+        return {"generator": self.generator.get_state(), "importance": self.importance.clone(),
+                "lisa_active": self.lisa_active, "steps": self.steps, "support_grad": support,
+                "support_step": self.support_step}
 
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
@@ -401,6 +389,5 @@ class SparseTuner:
         device = next(self.model.parameters()).device
         support = state["support_grad"]
         self.support_grad = (
-            None if support is None else {n: g.to(device) for n, g in support.items()}
-        )
+            None if support is None else {n: g.to(device) for n, g in support.items()})
         self.support_step = state["support_step"]

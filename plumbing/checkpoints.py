@@ -53,70 +53,45 @@ class History:
     def summary(self):
         """Means over steps; per block, the share of steps it was updated and, when
         updated, the share of the batch's noisy and clean samples it learned from."""
-        return {
-            "coverage": nanmean(self.coverage),
-            "noisy_selected": nanmean(self.noisy_selected),
-            "clean_selected": nanmean(self.clean_selected),
-            "noisy_probability": nanmean(self.noisy_probability),
-            "clean_probability": nanmean(self.clean_probability),
-            "ms_per_step": statistics.median(self.ms) if self.ms else float("nan"),
-            "evals": self.evals,
-            "active_per_layer": [statistics.fmean(col) for col in zip(*self.active)],
-            "noisy_rate_per_layer": [nanmean(col) for col in zip(*self.noisy_rate)],
-            "clean_rate_per_layer": [nanmean(col) for col in zip(*self.clean_rate)],
-        }
+        return {"coverage": nanmean(self.coverage), "noisy_selected": nanmean(self.noisy_selected),
+                "clean_selected": nanmean(self.clean_selected),
+                "noisy_probability": nanmean(self.noisy_probability),
+                "clean_probability": nanmean(self.clean_probability),
+                "ms_per_step": statistics.median(self.ms) if self.ms else float("nan"),
+                "evals": self.evals,
+                "active_per_layer": [statistics.fmean(col) for col in zip(*self.active)],
+                "noisy_rate_per_layer": [nanmean(col) for col in zip(*self.noisy_rate)],
+                "clean_rate_per_layer": [nanmean(col) for col in zip(*self.clean_rate)]}
 
 
 # settings that may differ on --resume: they change where and how loudly a run goes, not what it
 # computes
-FREE_ON_RESUME = {
-    "resume",
-    "overwrite",
-    "stop_at",
-    "out_dir",
-    "quiet",
-    "device",
-    "log_interval",
-    "eval_interval",
-    "compile",
-    "init_from",
-    "picture",
-    "weak_base",
-}
+FREE_ON_RESUME = {"resume", "overwrite", "stop_at", "out_dir", "quiet", "device", "log_interval",
+                  "eval_interval", "compile", "init_from", "picture", "weak_base"}
 
 
 def read_resume(config, ckpt_path):
     """The checkpoint to resume from, refused if anything it was made with has changed."""
     if not os.path.exists(ckpt_path):
         refuse([f"--resume: no checkpoint at {ckpt_path}"])
-    resume = read_checkpoint(
-        ckpt_path,
-        "--resume",
-        ("config", "step", "base", "base_hash", "adapter", "optimizer", "tuner", "rng", "progress"),
-    )
-    changed = [
-        f"--{k.replace('_', '-')} is {getattr(config, k)!r}, the checkpoint's {v!r}"
-        for k, v in resume["config"].items()
-        if k not in FREE_ON_RESUME
-        and getattr(config, k, v) != v
-        and not (k == "steps" and config.epochs)  # with --epochs, steps follow from the data
-    ]
+    resume = read_checkpoint(ckpt_path, "--resume", (
+        "config", "step", "base", "base_hash", "adapter", "optimizer", "tuner", "rng", "progress"))
+    # (with --epochs, steps follow from the data)
+    changed = [f"--{k.replace('_', '-')} is {getattr(config, k)!r}, the checkpoint's {v!r}"
+               for k, v in resume["config"].items() if k not in FREE_ON_RESUME
+               and getattr(config, k, v) != v and not (k == "steps" and config.epochs)]
     base = resume["base"]
     if config.init_from and os.path.abspath(config.init_from) != os.path.abspath(base):
         changed.append(
             f"--init-from is {config.init_from!r}, but the checkpoint's adapters were trained on "
-            f"{base!r} "
-            "(drop --init-from to resume on it)"
-        )
+            f"{base!r} " "(drop --init-from to resume on it)")
     elif not os.path.exists(base):
         changed.append(
-            f"the checkpoint's base model {base} is gone; a new base would not match its adapters"
-        )
+            f"the checkpoint's base model {base} is gone; a new base would not match its adapters")
     elif fingerprint(base) != resume["base_hash"]:
         changed.append(
             f"the checkpoint's base model {base} has changed since (hash {fingerprint(base)}, "
-            f"the checkpoint's {resume['base_hash']})"
-        )
+            f"the checkpoint's {resume['base_hash']})")
     # the files the run trained and evaluated on
     for name, digest in resume.get("data_hash", {}).items():
         path = getattr(config, name)
@@ -125,8 +100,7 @@ def read_resume(config, ckpt_path):
             changed.append(
                 f"--{name.replace('_', '-')} {path}: the file has changed since the checkpoint "
                 "was written "
-                f"(hash {now}, the checkpoint's {digest}); start afresh with --overwrite"
-            )
+                f"(hash {now}, the checkpoint's {digest}); start afresh with --overwrite")
     if changed:
         raise ConfigError(
             "invalid settings:\n  --resume with other settings than the checkpoint's:\n  "
@@ -149,33 +123,17 @@ def files_fingerprint(paths):
 
 def save_checkpoint(path, config, step, model, opt, tuner, rngs, base, history):
     (data_rng, probe_rng), (base_path, base_hash) = rngs, base
-    atomic_save(
-        {
-            "config": asdict(config),
-            "step": step,
-            "base": base_path,
-            "base_hash": base_hash,
-            "lora_config": {"r": config.lora_r, "alpha": config.lora_alpha,
-                            "dropout": config.lora_dropout,
-                            "targets": tuple(config.lora_targets.split(","))},
-            "data_hash": {
-                name: files_fingerprint(getattr(config, name))
-                for name in DATA_FILES
-                if getattr(config, name)
-            },
-            "adapter": adapter_state_dict(model),
-            "optimizer": opt.state_dict(),
-            "tuner": tuner.state_dict(),
-            "rng": {
-                "python": data_rng.getstate(),
-                "probe": probe_rng.getstate(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
-            "progress": asdict(history),
-        },
-        path,
-    )
+    lora = {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+            "targets": tuple(config.lora_targets.split(","))}
+    data_hash = {name: files_fingerprint(getattr(config, name)) for name in DATA_FILES
+                 if getattr(config, name)}  # a resume on changed data is refused
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    rng = {"python": data_rng.getstate(), "probe": probe_rng.getstate(),
+           "torch": torch.get_rng_state(), "cuda": cuda}
+    atomic_save({"config": asdict(config), "step": step, "base": base_path, "base_hash": base_hash,
+                 "lora_config": lora, "data_hash": data_hash, "adapter": adapter_state_dict(model),
+                 "optimizer": opt.state_dict(), "tuner": tuner.state_dict(), "rng": rng,
+                 "progress": asdict(history)}, path)
 
 
 def restore(resume, model, opt, tuner, rngs):

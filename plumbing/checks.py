@@ -5,6 +5,7 @@ and a step that clearly cannot fit in memory is refused.
 """
 
 import math
+from dataclasses import replace
 
 from lora import LINEAR_MODULES
 from methods.tuner import METHODS, PER_SAMPLE, SELECTIONS, SUPPORTS
@@ -23,22 +24,16 @@ def lora_problems(self):
     targets = self.lora_targets.split(",")
     unknown = [t for t in targets if not t or not any(m.endswith(t) for m in LINEAR_MODULES)]
     if unknown:
-        out.append(
-            f"--lora-targets: {', '.join(map(repr, unknown))} matches no Linear module of a "
-            "block; "
-            f"choose from {', '.join(LINEAR_MODULES)}"
-        )
+        out.append(f"--lora-targets: {', '.join(map(repr, unknown))} matches no Linear module of a "
+                   "block; " f"choose from {', '.join(LINEAR_MODULES)}")
     return out
 
 
 def method_problems(self):
     """The method's flags' problems."""
     known = self.method in METHODS
-    out = (
-        []
-        if known
-        else [f"--method {self.method!r} is unknown; choose one of {', '.join(METHODS)}"]
-    )
+    out = ([] if known
+           else [f"--method {self.method!r} is unknown; choose one of {', '.join(METHODS)}"])
     out += one_of(self, "selection", SELECTIONS) + one_of(self, "support", SUPPORTS)
     out += in_range(self, "data_ratio", 0, 1, low_open=True) + positive(self, "temperature")
     out += not_negative(self, "support_size") + one_of(self, "per_sample", PER_SAMPLE)
@@ -51,20 +46,16 @@ def method_problems(self):
 
 def data_problems(self):
     """The data flags' problems (the files are read by plumbing.records.check_data)."""
-    out = in_range(self, "noise", 0, 1, high_open=True) + in_range(
-        self, "val_fraction", 0, 1, True, True
-    )
-    out += positive(self, "n_train", "n_val", "heldout_size") + one_of(
-        self, "noise_kind", NOISE_KINDS
-    )
+    out = in_range(self, "noise", 0, 1,
+                   high_open=True) + in_range(self, "val_fraction", 0, 1, True, True)
+    out += positive(self, "n_train", "n_val",
+                    "heldout_size") + one_of(self, "noise_kind", NOISE_KINDS)
     try:
         parse_tasks(self.tasks)
     except ValueError as e:
         out.append(f"--tasks {self.tasks}: {e}")
     if self.data and self.tasks != "all":
-        out.append(
-            "--tasks chooses among the default task's tasks; it does nothing with --data"
-        )
+        out.append("--tasks chooses among the default task's tasks; it does nothing with --data")
     if not self.data and not out:
         # train, test, dev, held-out: distinct words
         words = self.n_train + 2 * self.n_val + self.heldout_size
@@ -73,8 +64,7 @@ def data_problems(self):
                 f"--n-train, --n-val, --heldout-size: the default task would need {words:,} "
                 "distinct words, more than "
                 f"the {MAX_TASK_WORDS:,} it makes (its word space holds {WORD_SPACE:,}); use "
-                "--data for more"
-            )
+                "--data for more")
     out += file_problems("--data", self.data) + one_of(self, "template", TEMPLATES)
     out += positive(self, "max_new_tokens")
     if not self.data and (self.template != "plain" or self.answer_field):
@@ -84,17 +74,14 @@ def data_problems(self):
         paths = [p for p in getattr(self, name).split(",") if p.strip()]
         if paths and not self.data:
             out.append(
-                f"--{name.replace('_', '-')} needs --data (the default task has its own splits)"
-            )
+                f"--{name.replace('_', '-')} needs --data (the default task has its own splits)")
             continue
         for path in paths:
             out += file_problems(f"--{name.replace('_', '-')}", path)
             if is_records(path) != is_records(self.data):
-                out.append(
-                    f"--{name.replace('_', '-')} {path} would be read as {kinds(path)}, but "
-                    f"--data {self.data} as {kinds(self.data)}: give both in one format (a "
-                    ".jsonl or .json name reads records)"
-                )
+                out.append(f"--{name.replace('_', '-')} {path} would be read as {kinds(path)}, but "
+                           f"--data {self.data} as {kinds(self.data)}: give both in one format (a "
+                           ".jsonl or .json name reads records)")
     return out
 
 
@@ -102,36 +89,30 @@ def validate(config, n_procs=1):
     """Raise ConfigError listing every problem; n_procs: processes under torchrun."""
     problems = method_problems(config) + data_problems(config) + base_problems(config)
     problems += lora_problems(config)
-    problems += positive(
-        config, "steps", "batch_size", "eval_interval", "log_interval", "eval_samples", "lr"
-    )
-    problems += one_of(config, "schedule", ("cosine", "constant")) + not_negative(
-        config, "grad_clip"
-    )
+    problems += positive(config, "steps", "batch_size", "eval_interval", "log_interval",
+                         "eval_samples", "lr")
+    problems += one_of(config, "schedule",
+                       ("cosine", "constant")) + not_negative(config, "grad_clip")
     problems += in_range(config, "weight_decay", 0, 1)
     if config.lr > 1 and math.isfinite(config.lr):
         problems.append(
             f"--lr {config.lr} is above 1: AdamW steps that large wreck any model (LoRA here "
-            "likes 1e-3 to 3e-2)"
-        )
+            "likes 1e-3 to 3e-2)")
     if config.stop_at < 0 or config.warmup_steps < -1:
         problems.append("--stop-at must not be negative, nor --warmup-steps below -1 (the default)")
     if config.epochs < 0 or not math.isfinite(config.epochs):
         problems.append(f"--epochs must be positive (0: --steps), got {config.epochs}")
     if config.warmup_steps > config.steps > 0 and not config.epochs:
         problems.append(
-            f"--warmup-steps {config.warmup_steps} is longer than the run (--steps {config.steps})"
-        )
+            f"--warmup-steps {config.warmup_steps} is longer than the run (--steps {config.steps})")
     if not config.data and config.batch_size > config.n_train:
         problems.append(
             f"--batch-size {config.batch_size} is larger than the {config.n_train} training "
-            "samples (--n-train)"
-        )
+            "samples (--n-train)")
     if config.batch_size % n_procs:
         problems.append(
             f"--batch-size {config.batch_size} (the global batch) does not divide by the "
-            f"{n_procs} processes"
-        )
+            f"{n_procs} processes")
     # the base train.py would pretrain: can a fine-tuning step of it fit?
     if not config.init_from and not problems:
         problems += step_memory_problems(config, GPTConfig(**shape_values(config)))
@@ -146,14 +127,9 @@ def check_skills(config, model, base_path, tokenizer, device):
         skills = measure_skills(model, skill_examples(tokenizer, 200, 1), tokenizer, device)
     if skills is None:
         return
-    made = (
-        ""
-        if made_by is None
-        else (
-            f" (pretrained {made_by['steps']} steps with torch {made_by['torch']} on "
-            f"{made_by['device']}, {made_by['threads']} thread(s), {made_by['dtype']})"
-        )
-    )
+    made = ("" if made_by is None else (
+        f" (pretrained {made_by['steps']} steps with torch {made_by['torch']} on "
+        f"{made_by['device']}, {made_by['threads']} thread(s), {made_by['dtype']})"))
     say(config, f"the base's skills on fresh words: {skill_line(skills)}{made}")
     weak = [f"{name} {score:.3f}" for name, score in skills.items() if score < SKILL_LEVEL]
     if weak and not config.data and not (config.weak_base and config.init_from):
@@ -163,12 +139,8 @@ def check_skills(config, model, base_path, tokenizer, device):
             else "pretrain another (--pretrain-seed, --pretrain-steps), or --init-from it with "
             "--weak-base"
         )
-        refuse(
-            [
-                f"the base {base_path} knows too little for the default task, which composes "
-                f"its skills: {', '.join(weak)} (below {SKILL_LEVEL}); {hint}"
-            ]
-        )
+        refuse([f"the base {base_path} knows too little for the default task, which composes "
+                f"its skills: {', '.join(weak)} (below {SKILL_LEVEL}); {hint}"])
 
 
 def step_memory_problems(config, shape):
@@ -185,3 +157,30 @@ def step_memory_problems(config, shape):
         "--batch-size, --lora-r"
         + ("" if config.init_from else ", --n-layer, --n-embd, --block-size"),
     )
+
+
+def check_run(config, shape, n_train, eval_set, split):
+    """What can be checked only once the base and the data are loaded, before any step:
+    a step of this base's shape must fit, the evaluation split must hold samples, and
+    --epochs N becomes steps: ceil(N x samples / batch), every batch whole (the last one
+    tops up from the next pass). The settings to run with."""
+    problems = step_memory_problems(config, shape) if config.init_from else []
+    if not eval_set:
+        problems.append(f"the {split} split is empty: give more evaluation data (--val-data, "
+                        "--val-fraction, --n-val)")
+    if config.epochs:  # the budget in passes over the training set
+        samples = config.epochs * n_train
+        if samples / config.batch_size > 10**9:
+            problems.append(f"--epochs {config.epochs:g} of {n_train} samples would be more than "
+                            "a billion steps")
+        else:
+            steps = max(1, math.ceil(round(samples / config.batch_size, 9)))
+            warmup = config.warmup_steps if config.warmup_steps >= 0 else min(20, steps // 10)
+            if warmup > steps:
+                problems.append(
+                    f"--warmup-steps {config.warmup_steps} is longer than the run ({steps} steps: "
+                    f"--epochs {config.epochs:g} of {n_train} samples at --batch-size "
+                    f"{config.batch_size})")
+            config = replace(config, steps=steps)
+    refuse(problems)
+    return config

@@ -24,10 +24,8 @@ def check_device(name):
     if device.type != "cuda":
         return f"--device {name!r}: only cpu and cuda are supported"
     if not torch.cuda.is_available():
-        return (
-            f"--device {name}: no CUDA GPU is available here (torch {torch.__version__}); "
-            "use --device cpu or auto"
-        )
+        return (f"--device {name}: no CUDA GPU is available here (torch {torch.__version__}); "
+                "use --device cpu or auto")
     if device.index is not None and device.index >= torch.cuda.device_count():
         return f"--device {name}: there are only {torch.cuda.device_count()} GPU(s)"
     return None
@@ -60,11 +58,8 @@ def init_distributed(device_name):
     """Under torchrun (its environment names WORLD_SIZE, RANK, MASTER_ADDR ...), join the
     process group: nccl on CUDA, gloo on the CPU. True if this call created it."""
     if (
-        "WORLD_SIZE" not in os.environ
-        or not dist.is_available()
-        or dist.is_initialized()
-        or check_device(device_name)
-    ):
+        "WORLD_SIZE" not in os.environ or not dist.is_available() or dist.is_initialized()
+        or check_device(device_name)):
         return False
     cuda = pick_device(device_name).startswith("cuda")
     if cuda:
@@ -123,8 +118,5 @@ def memory_problems(what, estimate, device, flags):
     available = memory_available(device)
     if available is None or estimate / 2 <= available:
         return []
-    return [
-        f"{flags}: {what} needs at least about {gib(estimate / 2)} and {device} has "
-        f"{gib(available)} available; "
-        "choose a smaller shape or batch"
-    ]
+    return [f"{flags}: {what} needs at least about {gib(estimate / 2)} and {device} has "
+            f"{gib(available)} available; " "choose a smaller shape or batch"]

@@ -36,10 +36,7 @@ def run_main(work, errors=()):
             raise
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(
-            f"error: {type(e).__name__}: {reason}{where}. The checks missed this: please "
-            "report it with the command; GAST_TRACEBACK=1 shows the traceback",
-            file=sys.stderr,
-        )
+        print(f"error: {type(e).__name__}: {reason}{where}. The checks missed this: please "
+              "report it with the command; GAST_TRACEBACK=1 shows the traceback", file=sys.stderr)
         return 2
     return 0

@@ -66,10 +66,8 @@ def read_checkpoint(path, flag_name, keys):
         text = str(e)
         named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
         if named:  # a pickle that would run code: never loaded, whatever it is
-            reason = (
-                f"it holds a Python object ({named.group(1)}) that is never loaded; only "
-                "tensors and plain data are read"
-            )
+            reason = (f"it holds a Python object ({named.group(1)}) that is never loaded; only "
+                      "tensors and plain data are read")
         elif "central directory" in text or isinstance(e, (OSError, EOFError, UnpicklingError)):
             reason = "the file is truncated or not a torch checkpoint"
         else:
@@ -81,21 +79,15 @@ def read_checkpoint(path, flag_name, keys):
     if missing:
         raise ConfigError(
             f"invalid settings:\n  {flag_name} {path}: not a checkpoint of train.py (no "
-            f"{', '.join(missing)})"
-        )
+            f"{', '.join(missing)})")
     return ckpt
 
 
 def fingerprint(path):
     """A short hash of a file (or of the files in a directory): a base model, a data file."""
     digest = hashlib.sha256()
-    files = (
-        [path]
-        if os.path.isfile(path)
-        else sorted(
-            os.path.join(path, f) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f))
-        )
-    )
+    files = ([path] if os.path.isfile(path) else sorted(
+        os.path.join(path, f) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f))))
     for name in files:
         with open(name, "rb") as f:
             digest.update(hashlib.file_digest(f, "sha256").digest())
@@ -124,15 +116,13 @@ def check_out_dir(out_dir, outputs, resume=False, overwrite=False):
     for name in outputs:
         if os.path.isdir(os.path.join(out_dir, name)):
             raise ConfigError(
-                f"invalid settings:\n  --out-dir {out_dir}: {name} is a directory; move it away"
-            )
+                f"invalid settings:\n  --out-dir {out_dir}: {name} is a directory; move it away")
     earlier = [name for name in outputs if os.path.exists(os.path.join(out_dir, name))]
     if earlier and not resume and not overwrite:
         raise ConfigError(
             f"invalid settings:\n  --out-dir {out_dir} already holds {', '.join(earlier)} of an "
             "earlier run: "
-            "continue it with --resume, replace it with --overwrite, or pick another --out-dir"
-        )
+            "continue it with --resume, replace it with --overwrite, or pick another --out-dir")
 
 
 def file_problems(flag_name, path):
@@ -154,8 +144,7 @@ def file_problems(flag_name, path):
         return [f"{flag_name} {path}: is a directory, not a file"]
     if not stat.S_ISREG(mode):
         kind = (
-            "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
-        )
+            "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device")
         return [f"{flag_name} {path}: is {kind}, not a regular file; give a file"]
     if not os.access(path, os.R_OK):
         return [f"{flag_name} {path}: cannot be read (permissions)"]
@@ -194,8 +183,7 @@ class OutDirLock:
                 raise ConfigError(
                     f"invalid settings:\n  --out-dir {os.path.dirname(self.path)}: another run "
                     f"(pid {pid} on {host}) is writing there; wait for it, or give another "
-                    f"--out-dir (a stale lock: remove {self.path})"
-                ) from None
+                    f"--out-dir (a stale lock: remove {self.path})") from None
             with os.fdopen(fd, "w") as f:
                 f.write(me)
             remove_leftovers(os.path.dirname(self.path))

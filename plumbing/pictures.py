@@ -40,37 +40,23 @@ def plot_run(history, path, config):
     active = torch.tensor(history.active, dtype=torch.float32).T.tolist()  # (L, steps)
     L, every_block = len(active), all(all(row) for row in history.active)
     rows = 2 if every_block else 3
-    fig, axes = plt.subplots(
-        rows,
-        1,
-        figsize=(9, 2.6 * rows),
-        gridspec_kw={"height_ratios": [1.2] + [1] * (rows - 2) + [2]},
-    )
+    fig, axes = plt.subplots(rows, 1, figsize=(9, 2.6 * rows),
+                             gridspec_kw={"height_ratios": [1.2] + [1] * (rows - 2) + [2]})
     curve, bottom = axes[0], axes[-1]
     steps = [e["step"] for e in history.evals]
-    curve.plot(
-        steps, [e["loss"] for e in history.evals], "o-", color="tab:red", label="held-out loss"
-    )
+    curve.plot(steps, [e["loss"] for e in history.evals], "o-", color="tab:red",
+               label="held-out loss")
     curve.set_ylabel("held-out loss")
     if history.evals and history.evals[0]["exact_match"] is not None:
         twin = curve.twinx()
         twin.plot(steps, [e["exact_match"] for e in history.evals], "s--", color="tab:blue")
         twin.set_ylim(-0.02, 1.02)
         twin.set_ylabel("exact match", color="tab:blue")
-    curve.set_title(
-        f"{config.method}: the learning curve"
-        + (", every block updated at every step" if every_block else "")
-    )
+    curve.set_title(f"{config.method}: the learning curve" + (", every block updated at every step"
+                                                              if every_block else ""))
     if not every_block:
-        axes[1].imshow(
-            active,
-            aspect="auto",
-            interpolation="nearest",
-            cmap="Greys",
-            vmin=0,
-            vmax=1,
-            extent=(-0.5, len(active[0]) - 0.5, L - 0.5, -0.5),
-        )
+        axes[1].imshow(active, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=1,
+                       extent=(-0.5, len(active[0]) - 0.5, L - 0.5, -0.5))
         axes[1].set_yticks(range(L))
         axes[1].set_ylabel("block")
         axes[1].set_title("blocks updated at each step (black)")
@@ -84,14 +70,8 @@ def plot_run(history, path, config):
         bottom.set_ylabel("share of the batch's samples taken\n(when updated; 50-step mean)")
         bottom.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
-        bottom.text(
-            0.5,
-            0.5,
-            "no noisy flags in this data: no rates",
-            ha="center",
-            va="center",
-            transform=bottom.transAxes,
-        )
+        bottom.text(0.5, 0.5, "no noisy flags in this data: no rates", ha="center", va="center",
+                    transform=bottom.transAxes)
     for ax in axes:
         ax.set_xlim(-0.5, max(len(history.active), max(steps, default=0)) + 0.5)
     bottom.set_xlabel("step")

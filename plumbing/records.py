@@ -29,8 +29,7 @@ def read_text_file(path):
     raw = raw.removeprefix(b"\xef\xbb\xbf")
     if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
         raise DataError(
-            f"{path}: UTF-16 (its byte-order mark says so), not UTF-8; save it as UTF-8"
-        )
+            f"{path}: UTF-16 (its byte-order mark says so), not UTF-8; save it as UTF-8")
     if not raw.strip():
         raise DataError(f"{path}: file is empty")
     try:
@@ -49,15 +48,12 @@ MAX_LINE = 1 << 20
 # The Stanford Alpaca prompt, as LLM-Adapters fine-tunes and evaluates with it (its own
 # strings carry indentation that differs between the two; one clean template for both is
 # our choice). The completion is the record's "output".
-ALPACA = (
-    "Below is an instruction that describes a task. Write a response that appropriately "
-    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)
+ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately "
+          "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
     "context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 TEMPLATES = ("plain", "alpaca")
 
 
@@ -76,8 +72,7 @@ def read_records(path):
             items = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(
-                f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})"
-            ) from None
+                f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
         except RecursionError:
             raise DataError(f"{path}: JSON nested too deeply to read") from None
         return [(f"{path}: element {i}", item) for i, item in enumerate(items)]
@@ -91,8 +86,7 @@ def read_records(path):
         if len(line) > MAX_LINE:
             raise DataError(
                 f"{where}: a line of {len(line):,} characters, over the {MAX_LINE:,} a sample may "
-                "have"
-            )
+                "have")
         try:
             records.append((where, json.loads(line)))
         except json.JSONDecodeError as e:
@@ -110,8 +104,7 @@ def text_field(record, name, where, default=None):
         raise DataError(f"{where}: field {name!r} is missing (fields here: {sorted(record)})")
     if not isinstance(record[name], str):
         raise DataError(
-            f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}"
-        )
+            f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}")
     return record[name]
 
 
@@ -122,9 +115,8 @@ def prompt_and_completion(record, where, template, prompt_field, completion_fiel
         return text_field(record, prompt_field, where), text_field(record, completion_field, where)
     instruction = text_field(record, "instruction", where)
     context = text_field(record, "input", where, default="")
-    prompt = (ALPACA_WITH_INPUT if context.strip() else ALPACA).format(
-        instruction=instruction, input=context
-    )
+    prompt = (ALPACA_WITH_INPUT if context.strip() else ALPACA).format(instruction=instruction,
+                                                                       input=context)
     return prompt, text_field(record, "output", where)
 
 
@@ -134,9 +126,8 @@ def record_texts(path, prompt_field, completion_field, template, answer_field, t
     for where, record in read_records(path):
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        prompt, completion = prompt_and_completion(
-            record, where, template, prompt_field, completion_field
-        )
+        prompt, completion = prompt_and_completion(record, where, template, prompt_field,
+                                                   completion_field)
         answer = text_field(record, answer_field, where) if answer_field else ""
         yield where, prompt, completion, answer, text_field(record, "task", where, default=task)
 

@@ -21,8 +21,7 @@ def progress_line(step, epoch, record, lr, ms, flagged):
     """nanoGPT's line: step, epoch, loss, lr, time; and where samples are flagged noisy, the
     shares of noisy and clean samples the blocks took. The rest: metrics.json, the picture."""
     line = (
-        f"step {step:5d} | epoch {epoch:.2f} | loss {record.loss:.4f} | lr {lr:.2e} | {ms:.0f} ms"
-    )
+        f"step {step:5d} | epoch {epoch:.2f} | loss {record.loss:.4f} | lr {lr:.2e} | {ms:.0f} ms")
     if flagged:
         line += f" | noisy/clean taken {record.noisy_selected:.2f}/{record.clean_selected:.2f}"
     return line
@@ -44,11 +43,8 @@ def selection_picture(record, noisy):
     if noisy is not None and bool(noisy.any()):
         lines.append("  noisy    | " + "".join("^" if n else " " for n in noisy.tolist()))
     if record.support is not None:
-        lines.append(
-            f"  support: rows {', '.join(map(str, record.support[:16]))}"
-            + (" ..." if len(record.support) > 16 else "")
-            + " of the support set"
-        )
+        lines.append(f"  support: rows {', '.join(map(str, record.support[:16]))}" + (
+            " ..." if len(record.support) > 16 else "") + " of the support set")
     return "\n".join(lines)
 
 
@@ -71,24 +67,29 @@ def print_summary(metrics):
     parts.append(f"{metrics['ms_per_step']:.0f} ms/step (median)")
     print(f"\n{metrics['method']}{rule}: " + ", ".join(parts))
     for l, share in enumerate(metrics["active_per_layer"]):
-        rates = (
-            ""
-            if not metrics["noisy_rate_per_layer"] or share == 0
-            else (
-                f"; took {metrics['noisy_rate_per_layer'][l]:.2f} of noisy and "
-                f"{metrics['clean_rate_per_layer'][l]:.2f} of clean samples"
-            )
-        )
+        rates = ("" if not metrics["noisy_rate_per_layer"] or share == 0 else (
+            f"; took {metrics['noisy_rate_per_layer'][l]:.2f} of noisy and "
+            f"{metrics['clean_rate_per_layer'][l]:.2f} of clean samples"))
         print(f"  block {l}: updated in {share:.0%} of steps{rates}")
     for line in per_task_lines(metrics["per_task"]):
         print(line)
     for prompt, answer, reference, hit in metrics["answers"]:
-        print(
-            f"  {prompt!r} -> {answer!r} "
-            + ("(right)" if hit else f"(wrong; the reference: {reference!r})")
-        )
+        print(f"  {prompt!r} -> {answer!r} " + ("(right)" if hit
+                                                else f"(wrong; the reference: {reference!r})"))
     if metrics["sample"]:
-        print(
-            f"  a greedy sample from a held-out prompt: {metrics['sample'][0]!r} -> "
-            f"{metrics['sample'][1]!r}"
-        )
+        print(f"  a greedy sample from a held-out prompt: {metrics['sample'][0]!r} -> "
+              f"{metrics['sample'][1]!r}")
+
+
+def support_line(config, pool):
+    """Where this run's support mini-batches come from, and how data and gast select."""
+    if pool is None:
+        return "support: the batch's own mean gradient"
+    size = (f"{config.support_size} samples" if 0 < config.support_size < len(pool)
+            else "the whole set")
+    where = "training set" if config.support == "train" else "trusted held-out set"
+    rule = f"selection: {config.selection}"
+    if config.selection == "softmax":
+        rule += f" at temperature {config.temperature:g}"
+    return (f"support: {size} drawn every {config.support_interval} step(s) from the {where} "
+            f"({len(pool)} samples); {rule}")

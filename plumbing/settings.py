@@ -41,15 +41,10 @@ def comment_help(config_type):
 
 def help_texts(config_type):
     """{field: help}: an option()'s help, else its comment (comment_help)."""
-    comments = None
-    out = {}
-    for f in fields(config_type):
-        if "help" in f.metadata:
-            out[f.name] = f.metadata["help"]
-        else:
-            comments = comments if comments is not None else comment_help(config_type)
-            out[f.name] = comments.get(f.name, "")
-    return out
+    comments = {}
+    for cls in reversed(config_type.__mro__[:-1]):  # a subclass's comments win
+        comments.update(comment_help(cls))
+    return {f.name: f.metadata.get("help", comments.get(f.name, "")) for f in fields(config_type)}
 
 
 class ConfigError(ValueError):
@@ -68,39 +63,27 @@ def flag(name):
 
 def positive(config, *names):
     """A problem line for every listed setting that is not > 0 (nan and inf included)."""
-    return [
-        f"{flag(n)} must be positive, got {getattr(config, n)}"
-        for n in names
-        if not (getattr(config, n) > 0 and math.isfinite(getattr(config, n)))
-    ]
+    return [f"{flag(n)} must be positive, got {getattr(config, n)}" for n in names
+            if not (getattr(config, n) > 0 and math.isfinite(getattr(config, n)))]
 
 
 def not_negative(config, *names):
-    return [
-        f"{flag(n)} must not be negative, got {getattr(config, n)}"
-        for n in names
-        if not (getattr(config, n) >= 0 and math.isfinite(getattr(config, n)))
-    ]
+    return [f"{flag(n)} must not be negative, got {getattr(config, n)}" for n in names
+            if not (getattr(config, n) >= 0 and math.isfinite(getattr(config, n)))]
 
 
 def in_range(config, name, low, high, low_open=False, high_open=False):
     value = getattr(config, name)
-    ok = (
-        math.isfinite(value)
-        and (low < value if low_open else low <= value)
-        and (value < high if high_open else value <= high)
-    )
+    ok = (math.isfinite(value) and (low < value if low_open else low <= value)
+          and (value < high if high_open else value <= high))
     bounds = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     return [] if ok else [f"{flag(name)} must be in {bounds}, got {value}"]
 
 
 def one_of(config, name, choices):
     value = getattr(config, name)
-    return (
-        []
-        if value in choices
-        else [f"{flag(name)} must be one of {', '.join(choices)}, got {value!r}"]
-    )
+    return ([] if value in choices
+            else [f"{flag(name)} must be one of {', '.join(choices)}, got {value!r}"])
 
 
 def parse_args(config_type, argv=None, description=None, known_only=False, epilog=None):
@@ -109,9 +92,8 @@ def parse_args(config_type, argv=None, description=None, known_only=False, epilo
     script that passes the rest on; flags are never abbreviated, so --seed is never taken for
     --seeds."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = Parser(
-        description=description, epilog=epilog, allow_abbrev=False, formatter_class=HelpFormatter
-    )
+    parser = Parser(description=description, epilog=epilog, allow_abbrev=False,
+                    formatter_class=HelpFormatter)
     helps = help_texts(config_type)
     for f in fields(config_type):
         # argparse formats help with %: a literal % is written %%

@@ -33,7 +33,8 @@ from plumbing.entry import run_main
 from plumbing.files import atomic_save, check_out_dir, file_problems, read_checkpoint
 from plumbing.devices import (autocast_for, check_device, init_distributed, is_main,
     memory_problems, pick_device, say, training_memory, world)
-from plumbing.settings import ConfigError, flag, in_range, option, parse_args, positive, refuse
+from plumbing.settings import ConfigError, flag, in_range, parse_args, positive, refuse
+from plumbing.optim import optimizer_step
 
 SKILL_LEVEL = 0.98  # greedy exact match on fresh words a base must reach on every skill
 PRETRAIN_SEED = 1234  # the base model does not depend on the fine-tuning seed
@@ -44,61 +45,33 @@ PRETRAINED_SHAPE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "
 
 @dataclass
 class BaseConfig:
-    init_from: str = option(
-        "",
-        "base model: our checkpoint (.pt) or a local GPT-2 directory; empty: out_dir/base-<hash "
-        "of the settings below>.pt, pretrained on first use",
-    )
-    tokenizer: str = option(
-        "bytes",
-        "tiktoken encoding: bytes (built in, offline) or a named one such as gpt2 (needs its "
-        "cached file)",
-    )
-    n_layer: int = option(
-        0,
-        "blocks of the base that is pretrained (0: the default model's 4; with --init-from, its "
-        "own, and a flag that differs is refused)",
-    )
-    n_head: int = option(0, "attention heads per block (0: 4, or --init-from's)")
-    n_embd: int = option(
-        0, "width of the residual stream (0: 64, or --init-from's); must divide by --n-head"
-    )
-    block_size: int = option(
-        0,
-        "context length in tokens (0: 32, or --init-from's); prompt + completion beyond it are cut",
-    )
-    pretrain_data: str = option(
-        "",
-        "a plain-text corpus (UTF-8) to pretrain the base on; its last 5%% is held out; empty: "
-        "the built-in corpus",
-    )
-    pretrain_steps: int = option(
-        2000, "steps of one start of pretraining (under 2 minutes on 2 CPU cores)"
-    )
-    pretrain_until: float = option(
-        SKILL_LEVEL,
-        "on the built-in corpus, start pretraining afresh from the next seed until the base "
-        "knows every skill (copy, rev, shift) to this greedy exact match on fresh words; 0: "
-        "one start, whatever it knows",
-    )
-    pretrain_starts: int = option(3, "the most starts --pretrain-until makes")
-    pretrain_batch_size: int = option(64, "sequences per pretraining step")
-    pretrain_lr: float = option(
-        3e-3, "peak pretraining learning rate (100 warm-up steps, then cosine to 0)"
-    )
-    pretrain_seed: int = option(
-        0,
-        "seed of the pretraining corpus, initialisation and batches (part of the base's hash): "
-        "another seed, another base",
-    )
-    out_dir: str = option("out", "the base, checkpoints, adapters and results go here")
-    device: str = option("auto", "cpu, cuda, cuda:1 ...; auto: cuda when available")
-    compile: bool = option(
-        False,
-        "torch.compile the model for pretraining (fine-tuning stays eager: torch.func transforms "
-        "the module itself)",
-    )
-    quiet: bool = option(False, "print only the summary (no progress lines)")
+    init_from: str = ""  # base model: our checkpoint (.pt) or a local GPT-2 directory; empty:
+        # out_dir/base-<hash of the settings below>.pt, pretrained on first use
+    tokenizer: str = "bytes"  # tiktoken encoding: bytes (built in, offline) or a named one such as
+        # gpt2 (needs its cached file)
+    n_layer: int = 0  # blocks of the base that is pretrained (0: the default model's 4; with
+        # --init-from, its own, and a flag that differs is refused)
+    n_head: int = 0  # attention heads per block (0: 4, or --init-from's)
+    n_embd: int = 0  # width of the residual stream (0: 64, or --init-from's); must divide by
+        # --n-head
+    block_size: int = 0  # context length in tokens (0: 32, or --init-from's); prompt + completion
+        # beyond it are cut
+    pretrain_data: str = ""  # a plain-text corpus (UTF-8) to pretrain the base on; its last 5% is
+        # held out; empty: the built-in corpus
+    pretrain_steps: int = 2000  # steps of one start of pretraining (under 2 minutes on 2 CPU cores)
+    pretrain_until: float = SKILL_LEVEL  # on the built-in corpus, start pretraining afresh from the
+        # next seed until the base knows every skill (copy, rev, shift) to this greedy exact match
+        # on fresh words; 0: one start, whatever it knows
+    pretrain_starts: int = 3  # the most starts --pretrain-until makes
+    pretrain_batch_size: int = 64  # sequences per pretraining step
+    pretrain_lr: float = 3e-3  # peak pretraining lr (100 warm-up steps, then a cosine to 0)
+    pretrain_seed: int = 0  # seed of the pretraining corpus, initialisation and batches (part of
+        # the base's hash): another seed, another base
+    out_dir: str = "out"  # the base, checkpoints, adapters and results go here
+    device: str = "auto"  # cpu, cuda, cuda:1 ...; auto: cuda when available
+    compile: bool = False  # torch.compile the model for pretraining (fine-tuning stays eager:
+        # torch.func transforms the module itself)
+    quiet: bool = False  # print only the summary (no progress lines)
 
 
 def base_problems(config):
@@ -108,16 +81,13 @@ def base_problems(config):
     if config.pretrain_steps < 0:
         problems.append(f"--pretrain-steps must not be negative, got {config.pretrain_steps}")
     if config.tokenizer != "bytes" and config.tokenizer not in tiktoken.list_encoding_names():
-        problems.append(
-            f"--tokenizer {config.tokenizer!r} is unknown; choose bytes or one of "
-            f"{', '.join(tiktoken.list_encoding_names())}"
-        )
+        problems.append(f"--tokenizer {config.tokenizer!r} is unknown; choose bytes or one of "
+                        f"{', '.join(tiktoken.list_encoding_names())}")
     problems += [check_device(config.device)] if check_device(config.device) else []
     for name in SHAPE_FLAGS:
         if getattr(config, name) < 0:
             problems.append(
-                f"{flag(name)} must not be negative (0: the default), got {getattr(config, name)}"
-            )
+                f"{flag(name)} must not be negative (0: the default), got {getattr(config, name)}")
     shape = shape_values(config)
     if shape["n_head"] > 0 and shape["n_embd"] % shape["n_head"]:
         problems.append(f"--n-embd {shape['n_embd']} does not divide by --n-head {shape['n_head']}")
@@ -127,22 +97,16 @@ def base_problems(config):
     # the base that would be pretrained: can a step of it fit?
     if not config.init_from and not problems:
         estimate = training_memory(GPTConfig(**shape_values(config)), config.pretrain_batch_size)
-        problems += memory_problems(
-            "pretraining this base",
-            estimate,
-            pick_device(config.device),
-            "--n-layer, --n-embd, --block-size, --pretrain-batch-size",
-        )
+        problems += memory_problems("pretraining this base", estimate, pick_device(config.device),
+                                    "--n-layer, --n-embd, --block-size, --pretrain-batch-size")
     return problems
 
 
 def shape_values(config):
     """{flag name: value} of the base's shape: each flag set (> 0), else the default model's."""
     default = GPTConfig()
-    return {
-        name: getattr(config, name) if getattr(config, name) > 0 else getattr(default, name)
-        for name in SHAPE_FLAGS
-    }
+    return {name: getattr(config, name) if getattr(config, name) > 0 else getattr(default, name)
+            for name in SHAPE_FLAGS}
 
 
 def base_shape(config, vocab_size=GPTConfig.vocab_size):
@@ -169,19 +133,11 @@ def base_path(config, tokenizer, corpus=None):
     if config.pretrain_data:
         with open(config.pretrain_data, "rb") as f:
             source = hashlib.file_digest(f, "sha256").hexdigest()
-    key = {
-        "shape": {
-            k: v
-            for k, v in asdict(base_shape(config, tokenizer.n_vocab)).items()
-            if k in PRETRAINED_SHAPE
-        },
-        "corpus": source,
-        "tokenizer": config.tokenizer,
-        "steps": config.pretrain_steps,
-        "batch": config.pretrain_batch_size,
-        "lr": config.pretrain_lr,
-        "seed": PRETRAIN_SEED + config.pretrain_seed,
-    }
+    shape = asdict(base_shape(config, tokenizer.n_vocab))
+    key = {"shape": {k: v for k, v in shape.items() if k in PRETRAINED_SHAPE}, "corpus": source,
+           "tokenizer": config.tokenizer, "steps": config.pretrain_steps,
+           "batch": config.pretrain_batch_size, "lr": config.pretrain_lr,
+           "seed": PRETRAIN_SEED + config.pretrain_seed}
     key.update(corpus.key if corpus else {})  # no corpus: every earlier base keeps its hash
     if config.pretrain_until and not config.pretrain_data:  # pretrained until it knows its skills
         key.update(until=config.pretrain_until, starts=config.pretrain_starts)
@@ -234,53 +190,40 @@ def pretraining_batches(config, tokenizer, block_size, corpus=None):
     if not config.pretrain_data:
         make = corpus.make if corpus else pretrain_text
         text = make(20000, PRETRAIN_SEED + config.pretrain_seed)
-        examples = [
-            Example(encode(tokenizer, line)[: block_size + 1], 0)
-            for line in text.splitlines(keepends=True)
-        ]
+        examples = [Example(encode(tokenizer, line)[: block_size + 1], 0)
+                    for line in text.splitlines(keepends=True)]
 
         def next_batch(rng, device):
-            return collate(
-                rng.sample(examples, config.pretrain_batch_size), tokenizer.eot_token, device
-            )[:2]
+            return collate(rng.sample(examples, config.pretrain_batch_size), tokenizer.eot_token,
+                           device)[:2]
 
-        return (
-            next_batch,
-            None,
-            "the built-in corpus (20,000 lines" + (f", {corpus.description})" if corpus else ")"),
-        )
+        return (next_batch, None, "the built-in corpus (20,000 lines" + (f", {corpus.description})"
+                                                                         if corpus else ")"))
     tokens = torch.tensor(encode(tokenizer, read_text_file(config.pretrain_data)), dtype=torch.long)
     n_held = max(block_size + 1, len(tokens) // 20)
     if len(tokens) - n_held < block_size + 1:
         raise DataError(
             f"{config.pretrain_data}: {len(tokens)} token(s), too few to pretrain on with a "
             f"context of {block_size} (5% held out); give a longer corpus or a smaller "
-            "--block-size"
-        )
+            "--block-size")
     train_tokens, held = tokens[:-n_held], tokens[-n_held:]
 
     def windows(source, starts):  # (B, T) inputs and their next tokens
-        return (
-            torch.stack([source[i : i + block_size] for i in starts]),
-            torch.stack([source[i + 1 : i + block_size + 1] for i in starts]),
-        )
+        return (torch.stack([source[i : i + block_size] for i in starts]),
+                torch.stack([source[i + 1 : i + block_size + 1] for i in starts]))
 
     def next_batch(rng, device):
-        starts = [
-            rng.randrange(len(train_tokens) - block_size) for _ in range(config.pretrain_batch_size)
-        ]
+        starts = [rng.randrange(len(train_tokens) - block_size)
+                  for _ in range(config.pretrain_batch_size)]
         return tuple(t.to(device) for t in windows(train_tokens, starts))
 
     # up to 64 windows, evaluated in one pass
     held_starts = list(range(0, len(held) - block_size, block_size))[:64]
-    return (
-        next_batch,
-        windows(held, held_starts),
-        (f"{config.pretrain_data} ({len(train_tokens):,} tokens, {len(held):,} held out)"),
-    )
+    return (next_batch, windows(held, held_starts),
+            (f"{config.pretrain_data} ({len(train_tokens):,} tokens, {len(held):,} held out)"))
 
 
-def lr_at(config, step):
+def pretrain_lr_at(config, step):
     """100 warm-up steps, then a cosine to 0 over --pretrain-steps."""
     warm = min(1.0, (step + 1) / 100)
     return config.pretrain_lr * warm * 0.5 * (1 + math.cos(math.pi * step / config.pretrain_steps))
@@ -296,9 +239,8 @@ def pretrain(config, tokenizer, device, path, corpus=None):
     --pretrain-starts is kept whatever it knows (train.py then refuses it for the default
     task). Start 1 is the seed's own base, the one every earlier version made."""
     gpt_config = base_shape(config, tokenizer.n_vocab)
-    next_batch, held_out, described = pretraining_batches(
-        config, tokenizer, gpt_config.block_size, corpus
-    )
+    next_batch, held_out, described = pretraining_batches(config, tokenizer, gpt_config.block_size,
+                                                          corpus)
     skills_known = not config.pretrain_data  # the built-in corpus teaches copy, rev and shift
     starts = config.pretrain_starts if skills_known and config.pretrain_until > 0 else 1
     say(
@@ -320,19 +262,13 @@ def pretrain(config, tokenizer, device, path, corpus=None):
         if min(skills.values()) >= config.pretrain_until or start == starts - 1:
             break
         say(
-            config,
-            f"  start {start + 1} ended below {config.pretrain_until:g}: pretraining "
-            "starts again from the next seed",
-        )
+            config, f"  start {start + 1} ended below {config.pretrain_until:g}: pretraining "
+            "starts again from the next seed")
     bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()  # as autocast_for
-    made_by = {
-        "torch": str(torch.__version__),
-        "device": device,
-        "threads": torch.get_num_threads(),
-        "dtype": "bfloat16 autocast" if bf16 else "float32",
-        "steps": config.pretrain_steps * (start + 1),
-        "starts": start + 1,
-    }
+    made_by = {"torch": str(torch.__version__), "device": device,
+               "threads": torch.get_num_threads(),
+               "dtype": "bfloat16 autocast" if bf16 else "float32",
+               "steps": config.pretrain_steps * (start + 1), "starts": start + 1}
     state = {"model_config": asdict(gpt_config), "model": model.state_dict()}
     atomic_save({**state, "skills": skills, "made_by": made_by}, path)
     say(config, f"saved the base model to {path}")
@@ -340,27 +276,23 @@ def pretrain(config, tokenizer, device, path, corpus=None):
 
 
 def pretrain_one_start(config, gpt_config, next_batch, held_out, device, seed):
-    """A base pretrained from seed for --pretrain-steps (the cosine of lr_at)."""
+    """A base pretrained from seed for --pretrain-steps (the cosine of pretrain_lr_at)."""
     torch.manual_seed(seed)
     model = GPT(gpt_config).to(device)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=config.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1
-    )
+    opt = torch.optim.AdamW(model.parameters(), lr=config.pretrain_lr, betas=(0.9, 0.95),
+                            weight_decay=0.1)
     rng = random.Random(seed)
     steps = config.pretrain_steps
     # the fused attention path, compiled on request
     forward = torch.compile(model) if config.compile else model
     t0, tokens = time.time(), 0
     for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(config, step)
         x, y = next_batch(rng, device)
         with autocast_for(device):
             _, loss = forward(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, pretrain_lr_at(config, step), grad_clip=1.0)  # train.py's step
         tokens += x.numel()
         if step % 100 == 0 or step == steps - 1:
             elapsed = time.time() - t0
@@ -368,11 +300,9 @@ def pretrain_one_start(config, gpt_config, next_batch, held_out, device, seed):
             if held_out is not None and (step % 500 == 0 or step == steps - 1):
                 held = f" | held-out loss {held_out_loss(model, held_out, device):.3f}"
             say(
-                config,
-                f"  pretrain step {step:5d}/{steps} | loss {loss.item():.3f}{held} | "
+                config, f"  pretrain step {step:5d}/{steps} | loss {loss.item():.3f}{held} | "
                 f"{1000 * elapsed / (step + 1):.0f} ms/step | {tokens / elapsed:,.0f} tokens/s | "
-                f"eta {elapsed / (step + 1) * (steps - step - 1):.0f}s",
-            )
+                f"eta {elapsed / (step + 1) * (steps - step - 1):.0f}s")
     return model
 
 
@@ -401,8 +331,7 @@ def read_base(path):
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise ConfigError(
                 f"invalid settings:\n  --init-from {path}: not a GPT-2 checkpoint we can load "
-                f"({type(e).__name__}: {reason})"
-            ) from None
+                f"({type(e).__name__}: {reason})") from None
     ckpt = read_checkpoint(path, "--init-from", ("model_config", "model"))
     try:
         model = GPT(GPTConfig(**ckpt["model_config"]))
@@ -411,8 +340,7 @@ def read_base(path):
         reason = (str(e).strip().splitlines() or [""])[0][:160]
         raise ConfigError(
             f"invalid settings:\n  --init-from {path}: its model_config or weights do not make a "
-            f"GPT ({reason})"
-        ) from None
+            f"GPT ({reason})") from None
     return model
 
 
@@ -440,21 +368,14 @@ def load_base(config, tokenizer, device, corpus=None):
         raise ConfigError(
             f"invalid settings:\n  --tokenizer bytes ({tokenizer.n_vocab} tokens) does not fit "
             f"{path}, whose vocabulary holds {model.config.vocab_size} (a real GPT-2: "
-            "--tokenizer gpt2, with its file cached)"
-        )
+            "--tokenizer gpt2, with its file cached)")
     if tokenizer.n_vocab > model.config.vocab_size:
         raise ConfigError(
             f"invalid settings:\n  --tokenizer {config.tokenizer} has {tokenizer.n_vocab} tokens, "
-            f"more than the base model's vocabulary ({model.config.vocab_size})"
-        )
-    refuse(
-        [
-            f"{flag(name)} {getattr(config, name)} contradicts the base model's "
-            f"{getattr(model.config, name)} ({path})"
-            for name in SHAPE_FLAGS
-            if getattr(config, name) and getattr(config, name) != getattr(model.config, name)
-        ]
-    )
+            f"more than the base model's vocabulary ({model.config.vocab_size})")
+    refuse([f"{flag(name)} {getattr(config, name)} contradicts the base model's "
+            f"{getattr(model.config, name)} ({path})" for name in SHAPE_FLAGS
+            if getattr(config, name) and getattr(config, name) != getattr(model.config, name)])
     return model.to(device), path
 
 
@@ -469,22 +390,18 @@ def main(argv=None):
         existed = os.path.exists(path)
         model, path = load_base(config, tokenizer, pick_device(config.device))
         if is_main():
-            print(
-                f"{'already there' if existed else 'made'}: {path} ({model.num_params():,} "
-                "parameters; "
-                f"{model.config.n_layer} blocks, width {model.config.n_embd}, context "
-                f"{model.config.block_size})"
-            )
+            print(f"{'already there' if existed else 'made'}: {path} ({model.num_params():,} "
+                  "parameters; "
+                  f"{model.config.n_layer} blocks, width {model.config.n_embd}, context "
+                  f"{model.config.block_size})")
             skills, made_by = base_skills(path)
             if skills is not None:  # the table the base is judged by, last
                 print("| skill | exact match on fresh words |\n|---|---|")
                 for skill, score in skills.items():
                     print(f"| {skill} | {score:.3f} |")
-                print(
-                    f"(pretrained {made_by['steps']} steps in {made_by['starts']} start(s), "
-                    f"torch {made_by['torch']}, {made_by['device']}, {made_by['threads']} "
-                    f"thread(s), {made_by['dtype']})"
-                )
+                print(f"(pretrained {made_by['steps']} steps in {made_by['starts']} start(s), "
+                      f"torch {made_by['torch']}, {made_by['device']}, {made_by['threads']} "
+                      f"thread(s), {made_by['dtype']})")
 
     return run_main(work, (DataError, TokenizerUnavailable))
 

@@ -63,14 +63,12 @@ def task_answer(word, task):
 def parse_tasks(text):
     """'all' or comma-separated names -> a tuple of TASKS' names, in TASKS' order."""
     names = (
-        list(TASKS) if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
-    )
+        list(TASKS) if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()])
     unknown = [n for n in names if n not in TASKS]
     if unknown or not names:
         raise ValueError(
             f"{', '.join(map(repr, unknown)) or 'no task'}: the default task's tasks are "
-            f"{', '.join(TASKS)} (or all)"
-        )
+            f"{', '.join(TASKS)} (or all)")
     return tuple(n for n in TASKS if n in names)
 
 
@@ -116,17 +114,8 @@ def wrong_answer(word, task, kind, rng, tasks=tuple(TASKS)):
     return wrong
 
 
-def make_default_task(
-    tokenizer,
-    n_train=6400,
-    n_val=200,
-    noise=0.2,
-    seed=0,
-    n_heldout=64,
-    n_dev=200,
-    noise_kind="random",
-    tasks=tuple(TASKS),
-):
+def make_default_task(tokenizer, n_train=6400, n_val=200, noise=0.2, seed=0, n_heldout=64,
+                      n_dev=200, noise_kind="random", tasks=tuple(TASKS)):
     """The default task's Task, fully determined by the seed; every split has its own words,
     and each split is shared among the tasks as evenly as its size allows.
 
@@ -154,14 +143,12 @@ def make_default_task(
         return list(zip(names, words[a:b]))
 
     train_pairs, val_pairs, heldout_pairs, dev_pairs = (
-        split(a, b) for a, b in zip(starts, starts[1:])
-    )
+        split(a, b) for a, b in zip(starts, starts[1:]))
     noisy = set(rng.sample(range(n_train), round(noise * n_train)))
     train = []
     for i, (task, w) in enumerate(train_pairs):
         answer = (
-            wrong_answer(w, task, noise_kind, rng, tasks) if i in noisy else task_answer(w, task)
-        )
+            wrong_answer(w, task, noise_kind, rng, tasks) if i in noisy else task_answer(w, task))
         train.append(task_example(tokenizer, task, w, answer, noisy=i in noisy))
 
     def clean(pairs):

@@ -26,14 +26,8 @@ TINY = dict(
     picture=False,
     weak_base=True,  # the suite's bases are pretrained for seconds: they know few skills
 )
-TINY_FLAGS = [
-    f"--{k.replace('_', '-')}"
-    if v is True
-    else f"--no-{k.replace('_', '-')}"
-    if v is False
-    else f"--{k.replace('_', '-')}={v}"
-    for k, v in TINY.items()
-]
+TINY_FLAGS = [f"--{k.replace('_', '-')}" if v is True else f"--no-{k.replace('_', '-')}"
+              if v is False else f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
 
 
 @pytest.fixture(scope="session")
@@ -44,9 +38,8 @@ def base(tmp_path_factory):
     from testbed.pretrain import BaseConfig, load_base
 
     out = tmp_path_factory.mktemp("base")
-    _, path = load_base(
-        BaseConfig(out_dir=str(out), pretrain_steps=20, quiet=True), get_tokenizer(), "cpu"
-    )
+    _, path = load_base(BaseConfig(out_dir=str(out), pretrain_steps=20, quiet=True),
+                        get_tokenizer(), "cpu")
     return path
 
 
@@ -59,11 +52,8 @@ def taught_base(tmp_path_factory):
     from testbed.pretrain import BaseConfig, load_base
 
     out = tmp_path_factory.mktemp("taught_base")
-    _, path = load_base(
-        BaseConfig(out_dir=str(out), pretrain_steps=300, pretrain_batch_size=16, quiet=True),
-        get_tokenizer(),
-        "cpu",
-    )
+    _, path = load_base(BaseConfig(out_dir=str(out), pretrain_steps=300, pretrain_batch_size=16,
+                                   quiet=True), get_tokenizer(), "cpu")
     return path
 
 
@@ -74,8 +64,7 @@ def tiny(base, tmp_path):
 
     def make(out=None, **overrides):
         return TrainConfig(
-            **{**TINY, "init_from": base, "out_dir": str(out or tmp_path), **overrides}
-        )
+            **{**TINY, "init_from": base, "out_dir": str(out or tmp_path), **overrides})
 
     return make
 
@@ -84,8 +73,7 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers",
         "distributed: runs several processes with torch.distributed (deselect with -m 'not "
-        "distributed')",
-    )
+        "distributed')")
 
 
 @pytest.fixture(autouse=True)

@@ -48,11 +48,8 @@ def test_the_papers_two_pass_variant_writes_the_torch_func_paths_gradients():
     from model import GPT, IGNORE_INDEX
 
     torch.manual_seed(0)
-    model = add_lora(
-        GPT(GPTConfig(block_size=8, vocab_size=40, n_layer=3, n_head=2, n_embd=16)),
-        LoRAConfig(),
-        verbose=False,
-    )
+    model = add_lora(GPT(GPTConfig(block_size=8, vocab_size=40, n_layer=3, n_head=2, n_embd=16)),
+                     LoRAConfig(), verbose=False)
     # B away from zero, so that every block's gradient differs by sample
     for p in model.parameters():
         if p.requires_grad:
@@ -61,17 +58,15 @@ def test_the_papers_two_pass_variant_writes_the_torch_func_paths_gradients():
     y = x.roll(-1, dims=1)
     y[:3, :4] = IGNORE_INDEX  # some positions without loss, as a prompt has
     pool = (torch.randint(0, 40, (20, 8)), torch.randint(0, 40, (20, 8)))
-    record = SparseTuner(
-        model, TrainConfig(method="gast", per_sample="vmap"), seed=3, support_set=pool
-    ).step(x, y)
+    record = SparseTuner(model, TrainConfig(method="gast", per_sample="vmap"), seed=3,
+                         support_set=pool).step(x, y)
     reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     # each block drew, none took all
     assert record.mask.any(dim=1).all() and not record.mask.all(dim=1).any()
     bench.second_pass(model, x, y, record.mask)
     for name, g in reference.items():
-        torch.testing.assert_close(
-            dict(model.named_parameters())[name].grad, g, rtol=1e-4, atol=1e-6
-        )
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, g, rtol=1e-4,
+                                   atol=1e-6)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -82,34 +77,13 @@ def test_a_tiny_model_end_to_end_writes_every_field(tmp_path, monkeypatch, capsy
     monkeypatch.setitem(bench.MODELS, "tiny", (tiny, bench.ATTENTION, (4,)))
     monkeypatch.setattr(bench, "SUPPORT_SET_SIZE", 6)
     # memory in this process: fresh processes would not see the tiny model patched in
-    monkeypatch.setattr(
-        bench,
-        "memory_all",
-        lambda spec, B, device, threads, whats: {
-            what: bench.memory_one(spec, B, what, device, threads) for what in whats
-        },
-    )
+    monkeypatch.setattr(bench, "memory_all", lambda spec, B, device, threads, whats: {
+        what: bench.memory_one(spec, B, what, device, threads) for what in whats})
     out = tmp_path / "bench.json"
-    assert (
-        bench.main(
-            [
-                "--models",
-                "tiny",
-                "--repeats",
-                "2",
-                "--loop-repeats",
-                "1",
-                "--threads",
-                "1",
-                "--out",
-                str(out),
-                "--device",
-                "cpu",
-            ]
-            + (["--compiled", "--paths", "gast_default,vmap"] if compiled else [])
-        )
-        == 0
-    )
+    assert (bench.main([
+        "--models", "tiny", "--repeats", "2", "--loop-repeats", "1", "--threads", "1", "--out",
+        str(out), "--device",
+        "cpu"] + (["--compiled", "--paths", "gast_default,vmap"] if compiled else [])) == 0)
     saved = json.loads(out.read_text())
     assert saved["threads"] == 1 and len(saved["rows"]) == 1
     row = saved["rows"][0]
@@ -159,14 +133,3 @@ def test_an_unwritable_out_is_found_before_the_benchmark_runs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--out", str(tmp_path)])  # a directory
     assert "is a directory; give a file name" in capsys.readouterr().err
-
-
-def test_the_profile_takes_the_default_step_apart_and_its_parts_add_up_to_the_gap():
-    ms = bench.profile(bench.MODELS["default"], 8, "cpu", repeats=1)
-    assert all(v > 0 for v in ms.values())
-    assert ms["per-sample pass, batch and support rows"] > 0 and ms["GAST step"] > 0
-    table = bench.format_profile("default", 8, ms)
-    rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| ")][1:]
-    parts = [float(ms_text) for _, ms_text in rows]
-    assert len(parts) == 6  # per-sample pass, support rows, scores, draw, update, rest
-    assert sum(parts) == pytest.approx(ms["GAST step"] - ms["plain LoRA step"], abs=0.35)

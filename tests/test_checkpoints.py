@@ -20,26 +20,16 @@ def random_hf_weights(hf, seed=0):
     g = torch.Generator().manual_seed(seed)
     d, inner = hf["n_embd"], hf.get("n_inner") or 4 * hf["n_embd"]
     r = lambda *shape: torch.randn(*shape, generator=g) * 0.3
-    sd = {
-        "transformer.wte.weight": r(hf["vocab_size"], d),
-        "transformer.wpe.weight": r(hf["n_positions"], d),
-    }
+    sd = {"transformer.wte.weight": r(hf["vocab_size"], d),
+          "transformer.wpe.weight": r(hf["n_positions"], d)}
     for i in range(hf["n_layer"]):
         p = f"transformer.h.{i}."
-        sd |= {
-            p + "ln_1.weight": 1 + r(d),
-            p + "ln_1.bias": r(d),
-            p + "ln_2.weight": 1 + r(d),
-            p + "ln_2.bias": r(d),
-            p + "attn.c_attn.weight": r(d, 3 * d),
-            p + "attn.c_attn.bias": r(3 * d),
-            p + "attn.c_proj.weight": r(d, d),
-            p + "attn.c_proj.bias": r(d),
-            p + "mlp.c_fc.weight": r(d, inner),
-            p + "mlp.c_fc.bias": r(inner),
-            p + "mlp.c_proj.weight": r(inner, d),
-            p + "mlp.c_proj.bias": r(d),
-        }
+        sd |= {p + "ln_1.weight": 1 + r(d), p + "ln_1.bias": r(d), p + "ln_2.weight": 1 + r(d),
+               p + "ln_2.bias": r(d), p + "attn.c_attn.weight": r(d, 3 * d),
+               p + "attn.c_attn.bias": r(3 * d), p + "attn.c_proj.weight": r(d, d),
+               p + "attn.c_proj.bias": r(d), p + "mlp.c_fc.weight": r(d, inner),
+               p + "mlp.c_fc.bias": r(inner), p + "mlp.c_proj.weight": r(inner, d),
+               p + "mlp.c_proj.bias": r(d)}
     sd |= {"transformer.ln_f.weight": 1 + r(d), "transformer.ln_f.bias": r(d)}
     if hf.get("tie_word_embeddings", True) is False:
         sd["lm_head.weight"] = r(hf["vocab_size"], d)
@@ -56,16 +46,14 @@ def reference_logits(sd, hf, idx):
         "gelu": lambda x: 0.5 * x * (1 + torch.erf(x / math.sqrt(2))),
         "relu": torch.relu,
     }[hf.get("activation_function", "gelu_new")]
-    ln = lambda x, p: torch.nn.functional.layer_norm(
-        x, x.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], eps
-    )
+    ln = lambda x, p: torch.nn.functional.layer_norm(x, x.shape[-1:], sd[p + ".weight"],
+                                                     sd[p + ".bias"], eps)
     T, d, nh = idx.shape[1], hf["n_embd"], hf["n_head"]
     x = sd["transformer.wte.weight"][idx] + sd["transformer.wpe.weight"][:T]
     for i in range(hf["n_layer"]):
         p = f"transformer.h.{i}."
-        q, k, v = (
-            ln(x, p + "ln_1") @ sd[p + "attn.c_attn.weight"] + sd[p + "attn.c_attn.bias"]
-        ).split(d, -1)
+        q, k, v = (ln(
+            x, p + "ln_1") @ sd[p + "attn.c_attn.weight"] + sd[p + "attn.c_attn.bias"]).split(d, -1)
         heads = lambda t: t.view(1, T, nh, d // nh).transpose(1, 2)
         att = heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(d // nh)
         if hf.get("scale_attn_by_inverse_layer_idx"):
@@ -86,10 +74,8 @@ def write_checkpoint(directory, hf, sd, kind="safetensors"):
         save_file(sd, str(directory / "model.safetensors"))
     elif kind == "sharded":
         names = sorted(sd)
-        half = {
-            "model-00001-of-00002.safetensors": names[::2],
-            "model-00002-of-00002.safetensors": names[1::2],
-        }
+        half = {"model-00001-of-00002.safetensors": names[::2],
+                "model-00002-of-00002.safetensors": names[1::2]}
         for file, keys in half.items():
             save_file({k: sd[k] for k in keys}, str(directory / file))
         index = {"weight_map": {k: f for f, keys in half.items() for k in keys}}
@@ -99,22 +85,15 @@ def write_checkpoint(directory, hf, sd, kind="safetensors"):
     return directory
 
 
-VARIANTS = [
-    {},
-    {"tie_word_embeddings": False},
-    {"scale_attn_by_inverse_layer_idx": True},
-    {"layer_norm_epsilon": 1e-2},
-    {"activation_function": "gelu"},
-    {"activation_function": "relu"},
-    {"n_inner": 24},
-]
+VARIANTS = [{}, {"tie_word_embeddings": False}, {"scale_attn_by_inverse_layer_idx": True},
+            {"layer_norm_epsilon": 1e-2}, {"activation_function": "gelu"},
+            {"activation_function": "relu"}, {"n_inner": 24}]
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(v) or "gpt2")
 @pytest.mark.parametrize("kind", ["safetensors", "sharded", "bin"])
-def test_our_logits_equal_the_reference_forward_for_every_supported_variant(
-    tmp_path, variant, kind
-):
+def test_our_logits_equal_the_reference_forward_for_every_supported_variant(tmp_path, variant,
+                                                                            kind):
     hf = {**BASE, **variant}
     sd = random_hf_weights(hf)
     model = gpt2_from_pretrained(str(write_checkpoint(tmp_path / "gpt2", hf, sd, kind))).eval()
@@ -122,38 +101,22 @@ def test_our_logits_equal_the_reference_forward_for_every_supported_variant(
     expected = reference_logits(sd, hf, idx)
     for fused in (True, False):
         torch.testing.assert_close(model(idx, fused=fused)[0], expected, atol=2e-5, rtol=1e-5)
-    assert (model.lm_head.weight is model.transformer.wte.weight) == hf.get(
-        "tie_word_embeddings", True
-    )
+    assert (
+        model.lm_head.weight is model.transformer.wte.weight) == hf.get("tie_word_embeddings", True)
 
 
-@pytest.mark.parametrize(
-    "field,value",
-    [
-        ("reorder_and_upcast_attn", True),
-        ("add_cross_attention", True),
-        ("scale_attn_weights", False),
-        ("activation_function", "quick_gelu"),
-        ("model_type", "llama"),
-        ("rotary_dim", 8),
-    ],
-)
+@pytest.mark.parametrize("field,value", [
+    ("reorder_and_upcast_attn", True), ("add_cross_attention", True), ("scale_attn_weights", False),
+    ("activation_function", "quick_gelu"), ("model_type", "llama"), ("rotary_dim", 8)])
 def test_a_config_field_we_cannot_honour_is_refused_by_name(field, value):
     with pytest.raises(ValueError, match=field if field != "model_type" else "llama"):
         hf_config({**BASE, field: value})
 
 
 def test_the_dropouts_and_bookkeeping_of_config_json_are_ignored():
-    hub = {
-        **BASE,
-        "resid_pdrop": 0.1,
-        "embd_pdrop": 0.1,
-        "attn_pdrop": 0.1,
-        "n_ctx": 12,
-        "architectures": ["GPT2LMHeadModel"],
-        "bos_token_id": 50256,
-        "transformers_version": "5.0",
-    }
+    hub = {**BASE, "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1, "n_ctx": 12,
+           "architectures": ["GPT2LMHeadModel"], "bos_token_id": 50256,
+           "transformers_version": "5.0"}
     assert hf_config(hub).dropout == 0.0  # fine-tuning runs the base without dropout
 
 
@@ -200,12 +163,8 @@ def test_export_peft_writes_peft_s_lora_layout_and_it_gives_our_logits(tuned_run
     assert config["target_modules"] == sorted(targets)
     tensors = load_file(str(tmp / "peft" / "adapter_model.safetensors"))
     d = hf["n_embd"]
-    widths = {
-        "attn.c_attn": (d, 3 * d),
-        "attn.c_proj": (d, d),
-        "mlp.c_fc": (d, 4 * d),
-        "mlp.c_proj": (4 * d, d),
-    }
+    widths = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, 4 * d),
+              "mlp.c_proj": (4 * d, d)}
     assert len(tensors) == 2 * len(targets) * hf["n_layer"]
     for i in range(hf["n_layer"]):
         for target, (n_in, n_out) in widths.items():
@@ -222,9 +181,8 @@ def test_export_peft_writes_peft_s_lora_layout_and_it_gives_our_logits(tuned_run
             delta = tensors[name + ".lora_B.weight"] @ tensors[name + ".lora_A.weight"]
             base[f"transformer.h.{i}.{target}.weight"] += delta.t() * config["lora_alpha"] / 4
     idx = torch.randint(0, 257, (1, 9), generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(
-        adapted_logits(out, idx), reference_logits(base, hf, idx), atol=2e-5, rtol=1e-5
-    )
+    torch.testing.assert_close(adapted_logits(out, idx), reference_logits(base, hf, idx), atol=2e-5,
+                               rtol=1e-5)
 
 
 def test_export_hf_writes_a_gpt2_directory_that_loads_back_to_our_logits(tuned_run):
@@ -243,9 +201,8 @@ def test_export_hf_writes_a_gpt2_directory_that_loads_back_to_our_logits(tuned_r
     idx = torch.randint(0, 257, (1, 9), generator=torch.Generator().manual_seed(3))
     merged = gpt2_from_pretrained(str(tmp / "merged")).eval()
     torch.testing.assert_close(merged(idx)[0], adapted_logits(out, idx), atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(
-        merged(idx)[0], reference_logits(weights, hf, idx), atol=2e-5, rtol=1e-5
-    )
+    torch.testing.assert_close(merged(idx)[0], reference_logits(weights, hf, idx), atol=2e-5,
+                               rtol=1e-5)
     # a folder that holds files is never written over
     assert sample.main(["--out-dir", str(out), "--export-hf", str(tmp / "merged")]) == 2
 
@@ -275,9 +232,8 @@ def test_a_byte_tokenizer_on_a_gpt2_sized_vocabulary_is_refused_before_any_work(
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(v) or "gpt2")
-def test_what_transformers_save_pretrained_writes_loads_to_its_logits_where_installed(
-    tmp_path, variant
-):
+def test_what_transformers_save_pretrained_writes_loads_to_its_logits_where_installed(tmp_path,
+                                                                                      variant):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.GPT2Config(**BASE, **variant, bos_token_id=0, eos_token_id=0)

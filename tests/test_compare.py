@@ -12,18 +12,13 @@ from testbed.task import TASKS
 
 def flags(base, **overrides):
     """train.py's flags for every run of a tiny comparison."""
-    return [
-        *TINY_FLAGS,
-        "--init-from",
-        base,
-        *[f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()],
-    ]
+    return [*TINY_FLAGS, "--init-from", base,
+            *[f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()]]
 
 
 def test_compare_prints_a_table_and_writes_json_and_csv(base, tmp_path, capsys):
-    config = CompareConfig(
-        methods="lora,gast,gast:topk+heldout,data:batch", seeds=2, lrs="1e-2", out_dir=str(tmp_path)
-    )
+    config = CompareConfig(methods="lora,gast,gast:topk+heldout,data:batch", seeds=2, lrs="1e-2",
+                           out_dir=str(tmp_path))
     rows = compare(config, flags(base, steps=3, noise=0.0))
     out = capsys.readouterr().out
     assert (
@@ -31,31 +26,21 @@ def test_compare_prints_a_table_and_writes_json_and_csv(base, tmp_path, capsys):
         in out
     )
     assert "| lora | - | - | 0.01 |" in out and "| gast | softmax | train | 0.01 |" in out
-    assert (
-        "| gast:topk+heldout | topk | heldout | 0.01 |" in out
-        and "| data:batch | softmax | batch | 0.01 |" in out
-    )
+    assert ("| gast:topk+heldout | topk | heldout | 0.01 |" in out
+            and "| data:batch | softmax | batch | 0.01 |" in out)
     assert "| 1.00 | - | - |" in out  # lora's coverage; no noisy flags, so no rates
     assert "[8/8]" in out and "eta" in out  # one progress line per run
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert [(r["row"], r["method"], r["selection"], r["support"]) for r in saved["rows"]] == [
-        ("lora", "lora", None, None),
-        ("gast", "gast", "softmax", "train"),
+        ("lora", "lora", None, None), ("gast", "gast", "softmax", "train"),
         ("gast:topk+heldout", "gast", "topk", "heldout"),
-        ("data:batch", "data", "softmax", "batch"),
-    ]
-    assert (
-        len(saved["runs"]) == 8
-        and {r["seed"] for r in saved["runs"]} == {0, 1}
-        and saved["dev_runs"] == []
-    )
+        ("data:batch", "data", "softmax", "batch")]
+    assert (len(saved["runs"]) == 8 and {r["seed"] for r in saved["runs"]} == {0, 1}
+            and saved["dev_runs"] == [])
     assert saved["config"]["train"]["steps"] == 3  # every setting of the runs, by field name
     for run in saved["runs"]:  # each run's metrics carry the settings that made it
         assert (run["config"]["method"], run["config"]["selection"], run["config"]["support"]) == (
-            run["method"],
-            run["selection"] or "softmax",
-            run["support"] or "train",
-        )
+            run["method"], run["selection"] or "softmax", run["support"] or "train")
     lora = {r["seed"]: r for r in saved["runs"] if r["row"] == "lora"}
     for row in saved["rows"]:
         mine = [r for r in saved["runs"] if r["row"] == row["row"]]
@@ -64,20 +49,17 @@ def test_compare_prints_a_table_and_writes_json_and_csv(base, tmp_path, capsys):
         diffs = [r["val_loss"] - lora[r["seed"]]["val_loss"] for r in mine]
         assert row["val_loss_vs_lora"] == pytest.approx(sum(diffs) / 2)
         assert row["val_loss_vs_lora_ci95"] == pytest.approx(
-            12.706 * abs(diffs[0] - diffs[1]) / 2**0.5 / 2**0.5
-        )
-        assert [p["step"] for p in row["curve"]] == [3] and row[
-            "per_task_exact_match"
-        ].keys() == set(TASKS)
+            12.706 * abs(diffs[0] - diffs[1]) / 2**0.5 / 2**0.5)
+        assert [p["step"] for p in row["curve"]] == [
+            3] and row["per_task_exact_match"].keys() == set(TASKS)
     with open(tmp_path / "compare.csv") as f:
         table = list(csv.DictReader(f))
     assert [r["row"] for r in table] == ["lora", "gast", "gast:topk+heldout", "data:batch"]
     assert float(table[1]["val_loss"]) == pytest.approx(rows[1]["val_loss"])
 
 
-def test_compare_picks_each_lr_on_the_dev_split_and_reports_on_the_test_split(
-    base, tmp_path, monkeypatch
-):
+def test_compare_picks_each_lr_on_the_dev_split_and_reports_on_the_test_split(base, tmp_path,
+                                                                              monkeypatch):
     import train as train_module
 
     seen = []  # (split of the run, the words it was evaluated on)
@@ -99,45 +81,25 @@ def test_compare_picks_each_lr_on_the_dev_split_and_reports_on_the_test_split(
     rows = compare(config, flags(base, steps=3))
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert [(r["method"], r["lr"], r["split"]) for r in saved["dev_runs"]] == [
-        ("lora", 1e-3, "dev"),
-        ("lora", 3e-2, "dev"),
-        ("gast", 1e-3, "dev"),
-        ("gast", 3e-2, "dev"),
-    ]
+        ("lora", 1e-3, "dev"), ("lora", 3e-2, "dev"), ("gast", 1e-3, "dev"), ("gast", 3e-2, "dev")]
     for row in rows:  # the lr with the lowest dev loss, for each method
         tried = [r for r in saved["dev_runs"] if r["method"] == row["method"]]
         assert row["lr"] == min(tried, key=lambda r: r["val_loss"])["lr"]
-        assert all(
-            r["lr"] == row["lr"] and r["split"] == "test"
-            for r in saved["runs"]
-            if r["method"] == row["method"]
-        )
+        assert all(r["lr"] == row["lr"] and r["split"] == "test" for r in saved["runs"]
+                   if r["method"] == row["method"])
     dev_seen = set().union(*(words for split, words in seen if split == "dev"))
     test_seen = set().union(*(words for split, words in seen if split == "test"))
     assert dev_seen and test_seen and not dev_seen & test_seen
 
 
 def test_bad_comparison_flags_are_refused_before_any_run(base, tmp_path, capsys):
-    code = main(
-        [
-            "--out-dir",
-            str(tmp_path),
-            "--lrs",
-            "1e-3,abc",
-            "--methods",
-            "gast:best,lora,lora:topk,gast:topk+random",
-            "--seeds",
-            "0",
-            *flags(base),
-        ]
-    )
+    code = main(["--out-dir", str(tmp_path), "--lrs", "1e-3,abc", "--methods",
+                 "gast:best,lora,lora:topk,gast:topk+random", "--seeds", "0", *flags(base)])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ")
-    for expected in (
-        "--lrs must be comma-separated numbers, got '1e-3,abc'",
-        "--methods: unknown gast:best, lora:topk, gast:topk+random",
-        "--seeds must be positive",
-    ):
+    for expected in ("--lrs must be comma-separated numbers, got '1e-3,abc'",
+                     "--methods: unknown gast:best, lora:topk, gast:topk+random",
+                     "--seeds must be positive"):
         assert expected in err
     assert not (tmp_path / "compare").exists()
     assert main(["--out-dir", str(tmp_path), "--lrs", "0,1e-3", *flags(base)]) == 2
@@ -146,33 +108,20 @@ def test_bad_comparison_flags_are_refused_before_any_run(base, tmp_path, capsys)
 
 def test_the_default_rows_are_the_papers_rule_and_its_ablations():
     rows = compare_module.rows_of(CompareConfig())
-    assert [spec for spec, _, _ in rows] == [
-        "lora",
-        "lisa",
-        "ist",
-        "data",
-        "gast",
-        "gast:random",
-        "gast:topk",
-        "gast:heldout",
-    ]
+    assert [spec for spec, _, _ in rows] == ["lora", "lisa", "ist", "data", "gast", "gast:random",
+                                             "gast:topk", "gast:heldout"]
 
 
 # train.py's flags are checked before the first run
-@pytest.mark.parametrize(
-    "flags,message",
-    [
-        (["--seeds", "-1"], "--seeds must be positive"),
-        (["--lrs", "inf"], "--lrs must all be positive"),
-        (["--methods", "gast:heldout+batch"], "--methods: unknown gast:heldout+batch"),
-        (["--steps", "-3"], "--steps must be positive, got -3"),
-        (["--n-layer", "1000000"], "pretraining this base needs at least about"),
-        (["--seeds", "two"], "argument --seeds: invalid int value: 'two'"),
-    ],
-)
-def test_bad_comparison_input_is_one_error_line_before_any_run(
-    capsys, base, tmp_path, flags, message
-):
+@pytest.mark.parametrize("flags,message", [
+    (["--seeds", "-1"], "--seeds must be positive"),
+    (["--lrs", "inf"], "--lrs must all be positive"),
+    (["--methods", "gast:heldout+batch"], "--methods: unknown gast:heldout+batch"),
+    (["--steps", "-3"], "--steps must be positive, got -3"),
+    (["--n-layer", "1000000"], "pretraining this base needs at least about"),
+    (["--seeds", "two"], "argument --seeds: invalid int value: 'two'")])
+def test_bad_comparison_input_is_one_error_line_before_any_run(capsys, base, tmp_path, flags,
+                                                               message):
     assert main(["--out-dir", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err, err
@@ -182,40 +131,30 @@ def test_bad_comparison_input_is_one_error_line_before_any_run(
 def same_figures(a, b):
     """Two tables equal but for the time per step (and with nan equal to nan)."""
     strip = lambda rows: json.dumps(
-        [{k: v for k, v in r.items() if k != "ms_per_step"} for r in rows]
-    )
+        [{k: v for k, v in r.items() if k != "ms_per_step"} for r in rows])
     return strip(a) == strip(b)
 
 
 def test_a_continued_comparison_equals_an_uninterrupted_one_and_runs_only_what_is_missing(
-    base, tmp_path, capsys
-):
+    base, tmp_path, capsys):
     settings = dict(methods="lora,gast", lrs="1e-3,3e-2")
-    whole = compare(
-        CompareConfig(seeds=2, out_dir=str(tmp_path / "whole"), **settings), flags(base, steps=3)
-    )
+    whole = compare(CompareConfig(seeds=2, out_dir=str(tmp_path / "whole"), **settings),
+                    flags(base, steps=3))
     # stopped after seed 0
-    compare(
-        CompareConfig(seeds=1, out_dir=str(tmp_path / "parts"), **settings), flags(base, steps=3)
-    )
+    compare(CompareConfig(seeds=1, out_dir=str(tmp_path / "parts"), **settings),
+            flags(base, steps=3))
     capsys.readouterr()
-    continued = compare(
-        CompareConfig(seeds=2, out_dir=str(tmp_path / "parts"), resume=True, **settings),
-        flags(base, steps=3),
-    )
+    continued = compare(CompareConfig(seeds=2, out_dir=str(tmp_path / "parts"), resume=True,
+                                      **settings), flags(base, steps=3))
     out = capsys.readouterr().out
     # 4 dev + 2 test read back
-    assert (
-        out.count("(recorded before, not run again)") == 6
-        and out.count("[") - out.count("(recorded") >= 2
-    )
+    assert (out.count("(recorded before, not run again)") == 6
+            and out.count("[") - out.count("(recorded") >= 2)
     assert same_figures(whole, continued)
     # without --resume or --overwrite: refused
     with pytest.raises(Exception, match="already holds compare.json"):
-        compare(
-            CompareConfig(seeds=2, out_dir=str(tmp_path / "parts"), **settings),
-            flags(base, steps=3),
-        )
+        compare(CompareConfig(seeds=2, out_dir=str(tmp_path / "parts"), **settings),
+                flags(base, steps=3))
 
 
 def test_jobs_in_processes_give_the_results_of_one_process_at_one_thread(base, tmp_path):
@@ -224,132 +163,50 @@ def test_jobs_in_processes_give_the_results_of_one_process_at_one_thread(base, t
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one = compare(
-            CompareConfig(methods="lora,gast", seeds=2, lrs="1e-2", out_dir=str(tmp_path / "one")),
-            flags(base, steps=3),
-        )
+        one = compare(CompareConfig(methods="lora,gast", seeds=2, lrs="1e-2",
+                                    out_dir=str(tmp_path / "one")), flags(base, steps=3))
     finally:
         torch.set_num_threads(threads)
-    two = compare(
-        CompareConfig(
-            methods="lora,gast", seeds=2, lrs="1e-2", jobs=2, out_dir=str(tmp_path / "two")
-        ),
-        flags(base, steps=3),
-    )
+    two = compare(CompareConfig(methods="lora,gast", seeds=2, lrs="1e-2", jobs=2,
+                                out_dir=str(tmp_path / "two")), flags(base, steps=3))
     assert same_figures(one, two)
 
 
-def test_a_diverged_dev_run_loses_its_lr_and_the_comparison_goes_on(
-    base, tmp_path, monkeypatch, capsys
-):
+def test_a_diverged_dev_run_loses_its_lr_and_the_comparison_goes_on(base, tmp_path, monkeypatch,
+                                                                    capsys):
     real = compare_module.train
 
     def train(flags, *args, **kwargs):
-        if (
-            "--lr" in flags
-            and flags[flags.index("--lr") + 1] == repr(3e-2)
-            and not kwargs.get("dry_run")
-        ):
+        if ("--lr" in flags and flags[
+            flags.index("--lr") + 1] == repr(3e-2) and not kwargs.get("dry_run")):
             raise FloatingPointError("step 1: the loss is nan")
         return real(flags, *args, **kwargs)
 
     monkeypatch.setattr(compare_module, "train", train)
-    rows = compare(
-        CompareConfig(methods="lora", seeds=1, lrs="1e-3,3e-2", out_dir=str(tmp_path)),
-        flags(base, steps=3),
-    )
+    rows = compare(CompareConfig(methods="lora", seeds=1, lrs="1e-3,3e-2", out_dir=str(tmp_path)),
+                   flags(base, steps=3))
     assert rows[0]["lr"] == 1e-3 and "DIVERGED" in capsys.readouterr().out
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert [r.get("diverged", False) for r in saved["dev_runs"]] == [False, True]
 
 
-def test_the_testbed_check_runs_lora_per_base_thread_count_and_noise_and_judges_what_it_measured(
-    base, tmp_path, monkeypatch, capsys
-):
-    import torch
-
-    specs = [
-        (0, 1, 0.0, "random", 0),
-        (0, 2, 0.0, "random", 0),
-        (0, 2, 0.2, "systematic", 0),
-        (0, 2, 0.2, "random", 0),
-    ]
-    monkeypatch.setattr(compare_module, "testbed_specs", lambda: specs)
-    monkeypatch.setattr(
-        compare_module,
-        "time_python_train",
-        lambda: (True, "python train.py: not timed in the tests"),
-    )
-    threads = torch.get_num_threads()
-    # tiny runs do not learn: a check fails
-    assert main(["--check-testbed", "--out-dir", str(tmp_path), *flags(base)]) == 1
-    assert torch.get_num_threads() == threads
-    saved = json.loads((tmp_path / "testbed.json").read_text())
-    runs = saved["runs"]
-    assert [
-        (r["threads"], r["noise"], r["noise_kind"], r["config"]["noise_kind"], r["method"])
-        for r in runs
-    ] == [
-        (1, 0.0, "random", "random", "lora"),
-        (2, 0.0, "random", "random", "lora"),
-        (2, 0.2, "systematic", "systematic", "lora"),
-        (2, 0.2, "random", "random", "lora"),
-    ]
-    checks = saved["checks"]
-    assert (
-        checks[0]["ok"] is False
-        and "noise 0: exact match >= 0.95 on all 2 runs" in checks[0]["check"]
-    )
-    # each noise kind against noise 0 at the same base and threads
-    for check, run in zip(checks[1:3], runs[2:]):
-        ratio = run["val_loss"] / runs[1]["val_loss"]
-        assert f"{ratio:.1f}x" in check["check"] and check["ok"] == (ratio >= 2.0)
-    assert checks[-1] == {"ok": True, "check": "python train.py: not timed in the tests"}
-    out = capsys.readouterr().out
-    assert "FAIL  noise 0" in out and "| 0 | 1 | 0 |" in out and "[4/4]" in out
-
-
 def test_lrs_from_reuses_the_lr_each_row_chose_in_an_earlier_comparison(base, tmp_path, capsys):
     earlier = tmp_path / "earlier.json"
     earlier.write_text(
-        json.dumps({"rows": [{"row": "lora", "lr": 0.003}, {"row": "gast:topk", "lr": 0.03}]})
-    )
-    config = CompareConfig(
-        methods="lora,gast:topk",
-        seeds=1,
-        lrs="1e-3,1e-2",
-        lrs_from=str(earlier),
-        out_dir=str(tmp_path / "c"),
-    )
+        json.dumps({"rows": [{"row": "lora", "lr": 0.003}, {"row": "gast:topk", "lr": 0.03}]}))
+    config = CompareConfig(methods="lora,gast:topk", seeds=1, lrs="1e-3,1e-2",
+                           lrs_from=str(earlier), out_dir=str(tmp_path / "c"))
     compare(config, flags(base, steps=2))
     saved = json.loads((tmp_path / "c" / "compare.json").read_text())
-    assert saved["dev_runs"] == [] and [(r["row"], r["lr"]) for r in saved["runs"]] == [
-        ("lora", 0.003),
-        ("gast:topk", 0.03),
-    ]
+    assert saved["dev_runs"] == [] and [
+        (r["row"], r["lr"]) for r in saved["runs"]] == [("lora", 0.003), ("gast:topk", 0.03)]
     assert [r["lr"] for r in saved["rows"]] == [
-        0.003,
-        0.03,
-    ] and "lr as chosen in" in capsys.readouterr().out
-    assert (
-        main(
-            [
-                "--methods",
-                "lora,ist",
-                "--lrs-from",
-                str(earlier),
-                "--out-dir",
-                str(tmp_path / "d"),
-                *flags(base),
-            ]
-        )
-        == 2
-    )
+        0.003, 0.03] and "lr as chosen in" in capsys.readouterr().out
+    assert (main(["--methods", "lora,ist", "--lrs-from", str(earlier), "--out-dir",
+                  str(tmp_path / "d"), *flags(base)]) == 2)
     err = capsys.readouterr().err
-    assert (
-        f"--lrs-from {earlier} has no row ist" in err
-        and not (tmp_path / "d" / "compare.json").exists()
-    )
+    assert (f"--lrs-from {earlier} has no row ist" in err
+            and not (tmp_path / "d" / "compare.json").exists())
 
 
 def test_the_ablation_pairs_are_paired_by_seed_and_only_at_one_lr():

@@ -39,12 +39,10 @@ def test_a_named_encoding_that_cannot_be_fetched_says_how_to_make_it_available(m
 def test_default_task_is_determined_by_its_seed_with_the_stated_noise():
     task = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=7, n_heldout=30, n_dev=40)
     train, val = task.train, task.val
-    again = make_default_task(
-        TOK, n_train=200, n_val=50, noise=0.25, seed=7, n_heldout=30, n_dev=40
-    )
-    other = make_default_task(
-        TOK, n_train=200, n_val=50, noise=0.25, seed=8, n_heldout=30, n_dev=40
-    )
+    again = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=7, n_heldout=30,
+                              n_dev=40)
+    other = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=8, n_heldout=30,
+                              n_dev=40)
     for split in ("train", "val", "heldout", "dev"):
         assert [e.tokens for e in getattr(task, split)] == [e.tokens for e in getattr(again, split)]
         assert [e.tokens for e in getattr(task, split)] != [e.tokens for e in getattr(other, split)]
@@ -54,14 +52,10 @@ def test_default_task_is_determined_by_its_seed_with_the_stated_noise():
 
     for e in train + val + task.heldout + task.dev:
         name, word, answer = parts(e)
-        assert (
-            name == e.task
-            and (answer == task_answer(word, name)) != e.noisy
-            and len(answer) == len(word)
-        )
+        assert (name == e.task and (answer == task_answer(word, name)) != e.noisy
+                and len(answer) == len(word))
     words = [
-        {parts(e)[1] for e in getattr(task, split)} for split in ("train", "val", "heldout", "dev")
-    ]
+        {parts(e)[1] for e in getattr(task, split)} for split in ("train", "val", "heldout", "dev")]
     assert sum(map(len, words)) == len(set().union(*words))  # the four splits share no word
     assert task_answer("abz", "rsh") == "acb"  # reverse, then each letter + 1
     assert [task_answer("abz", name) for name in TASKS] == ["abz", "zba", "cdb", "acb"]
@@ -89,9 +83,8 @@ def test_every_split_of_the_mixture_shares_its_samples_evenly_among_the_tasks():
 def test_tasks_chooses_a_subset_and_refuses_unknown_names():
     assert parse_tasks("all") == tuple(TASKS)
     assert parse_tasks("rsh, plus2") == ("plus2", "rsh")  # in TASKS' order
-    task = make_default_task(
-        TOK, n_train=50, n_val=10, noise=0.2, seed=0, n_heldout=4, n_dev=4, tasks=("plus2",)
-    )
+    task = make_default_task(TOK, n_train=50, n_val=10, noise=0.2, seed=0, n_heldout=4, n_dev=4,
+                             tasks=("plus2",))
     assert {e.task for e in task.train + task.val + task.heldout + task.dev} == {"plus2"}
     for bad in ("revshift", "", "plus2,nope", "shift"):
         with pytest.raises(ValueError, match="echo, inv, plus2, rsh"):
@@ -129,14 +122,11 @@ def write(tmp_path, name, content):
 
 
 def test_jsonl_with_custom_field_names_puts_the_loss_on_completions_only(tmp_path):
-    rows = [
-        {"question": "2+2?", "answer": " 4"},
-        {"question": "why?", "answer": " because it is so, truly"},
-    ]
+    rows = [{"question": "2+2?", "answer": " 4"},
+            {"question": "why?", "answer": " because it is so, truly"}]
     path = write(tmp_path, "qa.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
-    examples, cut = load_records(
-        path, TOK, block_size=12, prompt_field="question", completion_field="answer"
-    )
+    examples, cut = load_records(path, TOK, block_size=12, prompt_field="question",
+                                 completion_field="answer")
     assert len(examples) == 2
     assert TOK.decode(examples[0].tokens) == "2+2? 4<|endoftext|>" and examples[0].n_prompt == 4
     x, y, _ = collate(examples, pad_id=TOK.eot_token)
@@ -205,24 +195,19 @@ def test_bad_text_files_get_clear_errors(tmp_path):
 def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(
-        b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "completion": " c"}).encode() + b"\n\xff\n"
-    )
+        b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "completion": " c"}).encode() + b"\n\xff\n")
     # lines still count from the file's start
     with pytest.raises(DataError, match=r"bom.jsonl:2: not valid UTF-8"):
         load_records(str(path), TOK, 32)
     path.write_bytes(
-        b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "completion": " c"}).encode() + b"\n"
-    )
+        b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "completion": " c"}).encode() + b"\n")
     examples, _ = load_records(str(path), TOK, 32)
     assert TOK.decode(examples[0].tokens[: examples[0].n_prompt]) == "p"
 
 
 def test_a_prompt_that_fills_the_context_is_skipped_and_its_line_kept(tmp_path):
-    lines = [
-        {"prompt": "a", "completion": "b"},
-        {"prompt": "p" * 40, "completion": "b"},
-        {"prompt": "c", "completion": "d"},
-    ]
+    lines = [{"prompt": "a", "completion": "b"}, {"prompt": "p" * 40, "completion": "b"},
+             {"prompt": "c", "completion": "d"}]
     path = write(tmp_path, "mixed.jsonl", "\n".join(json.dumps(r) for r in lines))
     examples, cut = load_records(path, TOK, block_size=16)
     assert len(examples) == 2 and cut.skipped == [f"{path}:2"]
@@ -230,51 +215,35 @@ def test_a_prompt_that_fills_the_context_is_skipped_and_its_line_kept(tmp_path):
 
 
 def test_systematic_noise_is_another_tasks_answer_and_random_noise_is_unchanged():
-    systematic = make_default_task(
-        TOK, n_train=200, n_val=5, noise=0.25, seed=3, n_heldout=5, n_dev=5, noise_kind="systematic"
-    )
+    systematic = make_default_task(TOK, n_train=200, n_val=5, noise=0.25, seed=3, n_heldout=5,
+                                   n_dev=5, noise_kind="systematic")
     plain = make_default_task(TOK, n_train=200, n_val=5, noise=0.25, seed=3, n_heldout=5, n_dev=5)
-    again = make_default_task(
-        TOK, n_train=200, n_val=5, noise=0.25, seed=3, n_heldout=5, n_dev=5, noise_kind="random"
-    )
+    again = make_default_task(TOK, n_train=200, n_val=5, noise=0.25, seed=3, n_heldout=5, n_dev=5,
+                              noise_kind="random")
     # random is the default, as before
     assert [e.tokens for e in plain.train] == [e.tokens for e in again.train]
     noisy = [e for e in systematic.train if e.noisy]
-    assert len(noisy) == 50 and [e.noisy for e in systematic.train] == [
-        e.noisy for e in plain.train
-    ]
+    assert len(
+        noisy) == 50 and [e.noisy for e in systematic.train] == [e.noisy for e in plain.train]
     for e in noisy:
         name, word, answer = parts(e)
-        assert answer != task_answer(word, name) and answer in {
-            TASKS[other](word) for other in TASKS if other != name
-        }
+        assert answer != task_answer(
+            word, name) and answer in {TASKS[other](word) for other in TASKS if other != name}
     for e in (e for e in plain.train if e.noisy):
         name, word, answer = parts(e)
         assert answer != task_answer(word, name) and len(answer) == len(word)
-    one = make_default_task(
-        TOK,
-        n_train=40,
-        n_val=5,
-        noise=0.5,
-        seed=3,
-        n_heldout=5,
-        n_dev=5,
-        noise_kind="systematic",
-        tasks=("plus2",),
-    )
+    one = make_default_task(TOK, n_train=40, n_val=5, noise=0.5, seed=3, n_heldout=5, n_dev=5,
+                            noise_kind="systematic", tasks=("plus2",))
     # a mixture of one: another pretraining skill's answer
     for e in (e for e in one.train if e.noisy):
         name, word, answer = parts(e)
-        assert answer != task_answer(word, name) and answer in {
-            op(word) for op in PRETRAIN_OPS.values()
-        }
+        assert answer != task_answer(word,
+                                     name) and answer in {op(word) for op in PRETRAIN_OPS.values()}
 
 
 def test_the_per_task_table_gives_each_task_and_the_average_over_tasks():
-    per_task = {
-        "a": {"n": 10, "loss": 1.0, "exact_match": 0.5},
-        "b": {"n": 30, "loss": 3.0, "exact_match": 1.0},
-    }
+    per_task = {"a": {"n": 10, "loss": 1.0, "exact_match": 0.5},
+                "b": {"n": 30, "loss": 3.0, "exact_match": 1.0}}
     lines = per_task_lines(per_task)
     assert len(lines) == 4 and lines[1].split("|")[0].strip() == "a"
     average = [cell.strip() for cell in lines[-1].split("|")]

@@ -28,14 +28,8 @@ DEADLINE_S = 120
 def _worker(rank, n_procs, port, job, kwargs, result_path):
     # as under torchrun: the store lives outside the workers (torchrun's agent; here the test
     # process), so no worker's exit takes it away while another is still shutting down
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(n_procs),
-        LOCAL_RANK=str(rank),
-        TORCHELASTIC_USE_AGENT_STORE="True",
-    )
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(
+        rank), WORLD_SIZE=str(n_procs), LOCAL_RANK=str(rank), TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=n_procs, timeout=timedelta(seconds=60))
     try:
@@ -52,13 +46,8 @@ def in_processes(n_procs, job, tmp_path, **kwargs):
     result_path = tmp_path / f"{job}-result.pt"
     # port 0: a free one
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    context = mp.start_processes(
-        _worker,
-        args=(n_procs, store.port, job, kwargs, str(result_path)),
-        nprocs=n_procs,
-        join=False,
-        start_method="spawn",
-    )
+    context = mp.start_processes(_worker, args=(n_procs, store.port, job, kwargs, str(result_path)),
+                                 nprocs=n_procs, join=False, start_method="spawn")
     deadline = time.time() + DEADLINE_S
     while not context.join(timeout=1):  # raises if a process failed, and ends the others
         if time.time() > deadline:
@@ -86,13 +75,11 @@ def global_batch(seed, B=6, T=10):
 # own pass),
 # and its per-sample paths (the torch.func reference and the block-by-block one, which gathers
 # scores inside the backward)
-RULES = {
-    **{method: dict(method=method) for method in METHODS},
-    "gast:batch": dict(method="gast", support="batch"),
-    "gast:whole": dict(method="gast", support="heldout", support_size=0),
-    "gast:blocks": dict(method="gast", per_sample="blocks"),
-    "gast:vmap": dict(method="gast", per_sample="vmap"),
-}
+RULES = {**{method: dict(method=method) for method in METHODS},
+         "gast:batch": dict(method="gast", support="batch"),
+         "gast:whole": dict(method="gast", support="heldout", support_size=0),
+         "gast:blocks": dict(method="gast", per_sample="blocks"),
+         "gast:vmap": dict(method="gast", per_sample="vmap")}
 
 
 def steps_of_every_method(steps=3):
@@ -113,11 +100,8 @@ def steps_of_every_method(steps=3):
             opt.step()
             masks.append(record.mask)
             losses.append(record.loss)
-        results[name] = (
-            masks,
-            losses,
-            {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
-        )
+        results[name] = (masks, losses, {n: p.detach().clone() for n, p in model.named_parameters()
+                                         if p.requires_grad})
     return results
 
 
@@ -125,30 +109,18 @@ def train_straight_and_resumed(base, out):
     """A 2-process train.py run straight, and the same split at step 5 and resumed."""
     import train
 
-    common = dict(
-        TINY_RUN,
-        init_from=base,
-        steps=8,
-        n_val=8,
-        eval_interval=2,
-        support_interval=3,
-        grad_clip=0.05,
-    )
+    common = dict(TINY_RUN, init_from=base, steps=8, n_val=8, eval_interval=2, support_interval=3,
+                  grad_clip=0.05)
     adapters = {}
     for method in ("gast", "lisa"):
         straight = train.train(
-            train.TrainConfig(method=method, out_dir=f"{out}/{method}-straight", **common)
-        )
+            train.TrainConfig(method=method, out_dir=f"{out}/{method}-straight", **common))
         train.train(
-            train.TrainConfig(method=method, out_dir=f"{out}/{method}-split", stop_at=5, **common)
-        )
-        resumed = train.train(
-            train.TrainConfig(method=method, out_dir=f"{out}/{method}-split", resume=True, **common)
-        )
-        adapters[method] = [
-            torch.load(f"{out}/{method}-{kind}/adapter.pt", weights_only=True)["adapter"]
-            for kind in ("straight", "split")
-        ]
+            train.TrainConfig(method=method, out_dir=f"{out}/{method}-split", stop_at=5, **common))
+        resumed = train.train(train.TrainConfig(method=method, out_dir=f"{out}/{method}-split",
+                                                resume=True, **common))
+        adapters[method] = [torch.load(f"{out}/{method}-{kind}/adapter.pt", weights_only=True)[
+            "adapter"] for kind in ("straight", "split")]
         adapters[method].append((straight["val_loss"], resumed["val_loss"]))
     return adapters
 
@@ -170,11 +142,8 @@ def exit_codes(argv, folder):
     return code
 
 
-JOBS = {
-    "steps_of_every_method": steps_of_every_method,
-    "train_straight_and_resumed": train_straight_and_resumed,
-    "exit_codes": exit_codes,
-}
+JOBS = {"steps_of_every_method": steps_of_every_method,
+        "train_straight_and_resumed": train_straight_and_resumed, "exit_codes": exit_codes}
 
 
 # --- the tests --------------------------------------------------------------------------
@@ -193,39 +162,25 @@ def test_two_processes_make_the_choices_and_updates_of_one(tmp_path):
             torch.testing.assert_close(params2[name], params1[name], msg=f"{method} {name}")
 
 
-def test_resume_under_two_processes_equals_a_straight_two_process_run_and_one_process(
-    base, tmp_path
-):
+def test_resume_under_two_processes_equals_a_straight_two_process_run_and_one_process(base,
+                                                                                      tmp_path):
     """Clipped at 0.05 (below every step's norm here): each rank clips the all-reduced
     gradient, so one process's run is the same."""
     results = in_processes(2, "train_straight_and_resumed", tmp_path, base=base, out=str(tmp_path))
     import train
 
     torch.set_num_threads(1)
-    one = train.train(
-        train.TrainConfig(
-            **dict(
-                TINY_RUN,
-                init_from=base,
-                steps=8,
-                n_val=8,
-                eval_interval=2,
-                support_interval=3,
-                grad_clip=0.05,
-                method="gast",
-                out_dir=str(tmp_path / "one"),
-            )
-        )
-    )
+    one = train.train(train.TrainConfig(**dict(TINY_RUN, init_from=base, steps=8, n_val=8,
+                                               eval_interval=2, support_interval=3, grad_clip=0.05,
+                                               method="gast", out_dir=str(tmp_path / "one"))))
     ckpt = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
     assert all(n > 0.05 for n in ckpt["progress"]["grad_norm"])  # clipping acted at every step
     one_adapter = torch.load(tmp_path / "one" / "adapter.pt", weights_only=True)["adapter"]
     for name in one_adapter:
         # AdamW divides by sqrt(v): an entry near zero turns float rounding (B/2 rows per vmap, not
         # B) into ~1e-5
-        torch.testing.assert_close(
-            results["gast"][0][name], one_adapter[name], rtol=1e-3, atol=1e-4
-        )
+        torch.testing.assert_close(results["gast"][0][name], one_adapter[name], rtol=1e-3,
+                                   atol=1e-4)
     assert one["val_loss"] == pytest.approx(results["gast"][2][0], rel=1e-4)
     for method, (straight, split, (loss_straight, loss_resumed)) in results.items():
         assert straight.keys() == split.keys()
@@ -242,8 +197,7 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(base, tmp_pat
     config = train.TrainConfig(init_from=base, out_dir=str(tmp_path), batch_size=9)
     with pytest.raises(
         ConfigError,
-        match="--batch-size 9 \\(the global batch\\) does not divide by the 2 processes",
-    ):
+        match="--batch-size 9 \\(the global batch\\) does not divide by the 2 processes"):
         validate(config, n_procs=2)
     validate(train.TrainConfig(batch_size=8), n_procs=2)
 

@@ -39,9 +39,8 @@ def refused(capsys, argv, runner=main, code=2):
 
 
 def dead_pid():
-    done = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    )
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True)
     return int(done.stdout)
 
 
@@ -72,9 +71,8 @@ def test_bad_data_is_refused_before_the_base_is_pretrained(tmp_path, capsys):
 def test_one_run_per_out_dir_and_a_stale_lock_is_taken_over(tiny, tmp_path, capsys):
     lock = tmp_path / "run.lock"
     lock.write_text(f"{os.getpid()} {socket.gethostname()}")  # a live run holds it
-    err = refused(
-        capsys, ["--init-from", tiny().init_from, "--out-dir", str(tmp_path), *TINY_FLAGS]
-    )
+    err = refused(capsys,
+                  ["--init-from", tiny().init_from, "--out-dir", str(tmp_path), *TINY_FLAGS])
     assert f"another run (pid {os.getpid()} on {socket.gethostname()}) is writing there" in err
     assert lock.exists() and not (tmp_path / "ckpt.pt").exists()
     lock.write_text(f"{dead_pid()} {socket.gethostname()}")  # left by a kill -9
@@ -104,9 +102,8 @@ def test_merge_never_replaces_a_file_by_accident_nor_the_runs_base(tiny, tmp_pat
 def test_sample_refuses_a_temperature_with_no_distribution_and_odd_adapters(tiny, tmp_path, capsys):
     train(tiny(tmp_path / "run"))
     run = str(tmp_path / "run")
-    err = refused(
-        capsys, ["--out-dir", run, "--prompt", "x", "--temperature", "1e-300"], sample.main
-    )
+    err = refused(capsys, ["--out-dir", run, "--prompt", "x", "--temperature", "1e-300"],
+                  sample.main)
     assert "--temperature 1e-300: 0 (greedy) or at least 0.001" in err
     err = refused(capsys, ["--out-dir", run, "--prompt", ""], sample.main)
     assert "--prompt is empty" in err
@@ -118,8 +115,7 @@ def test_sample_refuses_a_temperature_with_no_distribution_and_odd_adapters(tiny
 
 
 def test_what_the_checks_miss_is_one_line_with_a_hint_and_the_traceback_on_request(
-    tiny, tmp_path, capsys, monkeypatch
-):
+    tiny, tmp_path, capsys, monkeypatch):
     import train as train_module
 
     def broken(*args, **kwargs):
@@ -149,27 +145,21 @@ def test_compare_and_gradot_refuse_duplicate_rows_and_impossible_settings(base, 
     for flags, message in [
         (["--lexicon", "1"], "--lexicon 1: give 0 or at least 30 facts"),
         (["--batch-size", "5000"], "--batch-size 5000 is larger than the 1000 fine-tuning"),
-        (["--lams", ","], "--lams ',' names no lambda"),
-    ]:
-        err = refused(
-            capsys, ["--init-from", base, "--out-dir", str(tmp_path), *flags], gradot.main
-        )
+        (["--lams", ","], "--lams ',' names no lambda")]:
+        err = refused(capsys, ["--init-from", base, "--out-dir", str(tmp_path), *flags],
+                      gradot.main)
         assert message in err, err
     lrs = tmp_path / "lrs.json"
     lrs.write_text(json.dumps({"rows": [{"row": "lora", "lr": -1}]}))
-    err = refused(
-        capsys,
-        ["--methods", "lora", "--lrs-from", str(lrs), "--out-dir", str(tmp_path)],
-        compare.main,
-    )
+    err = refused(capsys, ["--methods", "lora", "--lrs-from", str(lrs), "--out-dir", str(tmp_path)],
+                  compare.main)
     assert f"--lrs-from {lrs}: its lrs must be positive (lora -1.0)" in err
     err = refused(capsys, ["--lrs-from", "/dev/zero", "--out-dir", str(tmp_path)], compare.main)
     assert "is a device" in err
 
 
-def test_ctrl_c_in_compare_says_how_many_runs_are_recorded_and_how_to_go_on(
-    base, tmp_path, capsys, monkeypatch
-):
+def test_ctrl_c_in_compare_says_how_many_runs_are_recorded_and_how_to_go_on(base, tmp_path, capsys,
+                                                                            monkeypatch):
     from test_compare import flags
 
     real, calls = compare.one_run, []

@@ -9,16 +9,10 @@ from testbed.task import make_default_task
 import gast
 import methods.tuner as methods
 from methods import per_sample
-from gast import (
-    alignment_scores,
-    choose,
-    draw,
-    per_sample_grads,
-    per_sample_grads_and_losses,
-    standardise,
-    support_gradient,
-)
-from methods.tuner import SparseTuner, budgets, layers_per_step, select, selection_rates
+from gast import (alignment_scores, choose, draw, per_sample_grads_and_losses,
+                  standardise)
+from methods.tuner import (SparseTuner, budgets, layers_per_step, select, selection_rates,
+                           support_gradient)
 from plumbing.checks import method_problems
 from train import TrainConfig
 from methods.per_sample import per_sample_grads_by_hooks
@@ -30,6 +24,11 @@ ATTENTION = ("attn.c_attn", "attn.c_proj")  # the adapters these tests were writ
 
 TINY = GPTConfig(block_size=16, vocab_size=40, n_layer=4, n_head=2, n_embd=16)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def per_sample_grads(model, inputs, targets, chunk_size=None):
+    """{name: (B, *p.shape)}: g[l, i] for every LoRA parameter, by torch.func."""
+    return per_sample_grads_and_losses(model, inputs, targets, chunk_size=chunk_size)[0]
 
 
 def lora_model(seed=0, dtype=torch.float32, device="cpu", config=TINY):
@@ -54,13 +53,8 @@ def batch(B, T=10, seed=0, device="cpu"):
     return x.to(device), y.to(device)
 
 
-scores_strategy = st.integers(1, 5).flatmap(
-    lambda L: st.integers(1, 6).flatmap(
-        lambda B: st.lists(
-            st.lists(st.integers(-3, 3).map(float), min_size=B, max_size=B), min_size=L, max_size=L
-        )
-    )
-)
+scores_strategy = st.integers(1, 5).flatmap(lambda L: st.integers(1, 6).flatmap(lambda B: st.lists(
+    st.lists(st.integers(-3, 3).map(float), min_size=B, max_size=B), min_size=L, max_size=L)))
 
 
 def sizes(scores, data):
@@ -92,12 +86,8 @@ def test_topk_budget_and_order(scores, data):
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 3), st.integers(1, 4), st.data())
 def test_topk_selection_is_the_brute_force_optimum(L, B, data):
-    a = torch.tensor(
-        data.draw(
-            st.lists(st.lists(st.floats(-5, 5), min_size=B, max_size=B), min_size=L, max_size=L)
-        ),
-        dtype=torch.float64,
-    )
+    a = torch.tensor(data.draw(st.lists(st.lists(st.floats(-5, 5), min_size=B, max_size=B),
+                                        min_size=L, max_size=L)), dtype=torch.float64)
     K, k = data.draw(st.integers(1, L)), data.draw(st.integers(1, B))
     best = -float("inf")
     for rows in itertools.combinations(range(L), K):
@@ -144,8 +134,7 @@ def test_topk_larger_budgets_never_drop_a_sample_or_a_layer(scores, data):
 @given(st.integers(1, 5), st.integers(1, 6), st.data())
 def test_topk_permuting_samples_or_layers_permutes_the_mask(L, B, data):
     values = data.draw(
-        st.lists(st.integers(-1000, 1000), min_size=L * B, max_size=L * B, unique=True)
-    )
+        st.lists(st.integers(-1000, 1000), min_size=L * B, max_size=L * B, unique=True))
     # distinct integers: no ties, exact sums
     a = torch.tensor(values, dtype=torch.float64).view(L, B)
     K, k = data.draw(st.integers(1, L)), data.draw(st.integers(1, B))
@@ -193,9 +182,8 @@ def test_without_dropout_the_per_sample_pass_draws_no_random_numbers():
     before = torch.get_rng_state()
     per_sample_grads_and_losses(model, x, y)
     assert torch.equal(torch.get_rng_state(), before)
-    with_dropout = add_lora(
-        GPT(TINY), LoRAConfig(r=2, alpha=4, dropout=0.1, targets=ATTENTION), verbose=False
-    ).train()
+    with_dropout = add_lora(GPT(TINY), LoRAConfig(r=2, alpha=4, dropout=0.1, targets=ATTENTION),
+                            verbose=False).train()
     per_sample_grads_and_losses(with_dropout, x, y)  # p 0.1: its masks are drawn
     assert not torch.equal(torch.get_rng_state(), before)
 
@@ -238,9 +226,8 @@ def test_I4_topk_with_a_held_out_support(seed, layer_ratio, data_ratio):
     grads = per_sample_grads(model, x, y)
     layers = lora_names_by_block(model)
     r = support_gradient(model, *batch(5, seed=seed + 1))
-    M = select(
-        alignment_scores(grads, layers, r), *budgets(len(layers), 6, layer_ratio, data_ratio)
-    )
+    M = select(alignment_scores(grads, layers, r),
+               *budgets(len(layers), 6, layer_ratio, data_ratio))
     for l in M.any(dim=1).nonzero().flatten().tolist():
         sparse = sum(float((grads[n][M[l]].mean(0) * r[n]).sum()) for n in layers[l])
         dense = sum(float((grads[n].mean(0) * r[n]).sum()) for n in layers[l])
@@ -271,11 +258,8 @@ def train_steps(method, steps=3, layer_ratio=1.0, data_ratio=1.0, seed=0, **kw):
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=0.01, weight_decay=0.1)
     tuner = SparseTuner(
-        model,
-        TrainConfig(method=method, layer_ratio=layer_ratio, data_ratio=data_ratio, **kw),
-        seed=seed,
-        support_set=SUPPORT_SET,
-    )
+        model, TrainConfig(method=method, layer_ratio=layer_ratio, data_ratio=data_ratio, **kw),
+        seed=seed, support_set=SUPPORT_SET)
     probe = lambda: batch(4, seed=99)
     records = []
     for s in range(steps):
@@ -285,17 +269,15 @@ def train_steps(method, steps=3, layer_ratio=1.0, data_ratio=1.0, seed=0, **kw):
     return model, opt, records
 
 
-@pytest.mark.parametrize(
-    "selection,support", [("softmax", "train"), ("topk", "heldout"), ("random", "batch")]
-)
+@pytest.mark.parametrize("selection,support",
+                         [("softmax", "train"), ("topk", "heldout"), ("random", "batch")])
 def test_I7_gast_with_data_ratio_one_is_a_plain_lora_step(selection, support):
     one_step, _, _ = train_steps("gast", steps=1, selection=selection, support=support)
     gast_model, _, records = train_steps("gast", selection=selection, support=support)
     assert all(r.mask.all() for r in records)
     plain = lora_model(dtype=torch.float64)
-    opt = torch.optim.AdamW(
-        [p for p in plain.parameters() if p.requires_grad], lr=0.01, weight_decay=0.1
-    )
+    opt = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=0.01,
+                            weight_decay=0.1)
     for s in range(3):
         x, y = batch(6, seed=s)
         opt.zero_grad()
@@ -316,12 +298,10 @@ def test_I7_gast_with_data_ratio_one_is_a_plain_lora_step(selection, support):
 
 @pytest.mark.parametrize("method", ["gast", "data", "lisa", "ist"])
 def test_I9_same_inputs_and_seed_give_the_same_masks_and_parameters(method):
-    a_model, _, a_rec = train_steps(
-        method, steps=4, layer_ratio=0.5, data_ratio=0.5, lisa_interval=2, ist_interval=2
-    )
-    b_model, _, b_rec = train_steps(
-        method, steps=4, layer_ratio=0.5, data_ratio=0.5, lisa_interval=2, ist_interval=2
-    )
+    a_model, _, a_rec = train_steps(method, steps=4, layer_ratio=0.5, data_ratio=0.5,
+                                    lisa_interval=2, ist_interval=2)
+    b_model, _, b_rec = train_steps(method, steps=4, layer_ratio=0.5, data_ratio=0.5,
+                                    lisa_interval=2, ist_interval=2)
     assert all(torch.equal(r.mask, s.mask) for r, s in zip(a_rec, b_rec))
     for p, q in zip(a_model.parameters(), b_model.parameters()):
         assert torch.equal(p, q)
@@ -335,19 +315,13 @@ def test_layers_outside_the_draw_get_no_grad_and_keep_their_adamw_state(method):
     model = lora_model()
     trainable = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
     opt = torch.optim.AdamW(trainable.values(), lr=0.01, weight_decay=0.1)
-    tuner = SparseTuner(
-        model,
-        TrainConfig(method=method, layer_ratio=0.5, data_ratio=0.5, lisa_interval=3),
-        seed=1,
-        support_set=SUPPORT_SET,
-    )
+    tuner = SparseTuner(model, TrainConfig(method=method, layer_ratio=0.5, data_ratio=0.5,
+                                           lisa_interval=3), seed=1, support_set=SUPPORT_SET)
     layers = lora_names_by_block(model)
     seen_sets = set()
     for s in range(7):
-        before = {
-            n: (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
-            for n, p in trainable.items()
-        }
+        before = {n: (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+                  for n, p in trainable.items()}
         x, y = batch(6, seed=s)
         record = tuner.step(x, y, probe=lambda: batch(4, seed=50))
         opt.step()
@@ -380,15 +354,13 @@ def test_lisa_keeps_its_layers_between_redraws():
 def test_data_selects_one_global_set_by_summed_alignment(selection):
     _, _, records = train_steps("data", steps=2, data_ratio=0.5, selection=selection)
     for r in records:
-        assert r.mask.sum(1).tolist() == [3] * 4 and torch.equal(
-            r.mask, r.mask[:1].expand_as(r.mask)
-        )
+        assert r.mask.sum(
+            1).tolist() == [3] * 4 and torch.equal(r.mask, r.mask[:1].expand_as(r.mask))
     _, _, records = train_steps("data", steps=2, data_ratio=0.5, selection="topk")
     for r in records:
         assert r.mask.all(dim=1).sum() == 0 and torch.equal(r.mask, r.mask[:1].expand_as(r.mask))
-        assert set(r.mask[0].nonzero().flatten().tolist()) == set(
-            r.scores.sum(0).topk(3).indices.tolist()
-        )
+        assert set(
+            r.mask[0].nonzero().flatten().tolist()) == set(r.scores.sum(0).topk(3).indices.tolist())
 
 
 def test_ist_importance_rises_where_suppression_costs_little():
@@ -402,9 +374,7 @@ def test_ist_importance_rises_where_suppression_costs_little():
                 m.lora_B.normal_(std=3.0)
     x = torch.randint(0, TINY.vocab_size, (16, 10))
     y = model(x)[0].argmax(-1)  # targets the adapted model predicts: low loss with block 0 on
-    tuner = SparseTuner(
-        model, TrainConfig(method="ist", layer_ratio=0.25, ist_interval=1), seed=0
-    )
+    tuner = SparseTuner(model, TrainConfig(method="ist", layer_ratio=0.25, ist_interval=1), seed=0)
     for _ in range(12):
         tuner._ist_update_importance(x, y)
     s = tuner.importance
@@ -433,16 +403,13 @@ def test_record_coverage_and_rates_agree_with_mask_and_flags():
     noisy = torch.arange(6) % 3 == 0
     for r in records:
         assert r.coverage == pytest.approx(
-            len({i for l in r.active_layers for i in r.mask[l].nonzero().flatten().tolist()}) / 6
-        )
+            len({i for l in r.active_layers for i in r.mask[l].nonzero().flatten().tolist()}) / 6)
         for l in range(4):
             if l in r.active_layers:
-                assert float(r.noisy_rate[l]) == pytest.approx(
-                    float(r.mask[l, noisy].float().mean())
-                )
-                assert float(r.clean_rate[l]) == pytest.approx(
-                    float(r.mask[l, ~noisy].float().mean())
-                )
+                assert float(
+                    r.noisy_rate[l]) == pytest.approx(float(r.mask[l, noisy].float().mean()))
+                assert float(
+                    r.clean_rate[l]) == pytest.approx(float(r.mask[l, ~noisy].float().mean()))
             else:
                 assert torch.isnan(r.noisy_rate[l]) and torch.isnan(r.clean_rate[l])
         pairs = r.mask[r.active_layers][:, noisy]
@@ -461,9 +428,8 @@ def test_a_gast_step_on_the_default_gpt_at_batch_32():
     x, y, noisy = collate(task.train, tok.eot_token)
     torch.manual_seed(0)
     model = add_lora(GPT(GPTConfig()), LoRAConfig(targets=ATTENTION), verbose=False)
-    record = SparseTuner(
-        model, TrainConfig(), support_set=collate(task.train, tok.eot_token)[:2]
-    ).step(x, y, noisy)
+    record = SparseTuner(model, TrainConfig(),
+                         support_set=collate(task.train, tok.eot_token)[:2]).step(x, y, noisy)
     # the paper's rule: every layer
     assert record.mask.shape == (4, 32) and record.active_layers == [0, 1, 2, 3]
     assert record.mask.sum(1).tolist() == [16] * 4 and len(record.support) == 4
@@ -487,8 +453,7 @@ def test_hooked_per_sample_grads_equal_the_torch_func_reference(device):
     torch.testing.assert_close(fast_losses, losses)
     # recording ends with the context: no hook is left on the adapters
     assert all(
-        not m._forward_hooks and not m.lora_dropout._forward_hooks for m in lora_modules(model)
-    )
+        not m._forward_hooks and not m.lora_dropout._forward_hooks for m in lora_modules(model))
 
 
 def test_gast_steps_by_hooks_and_by_vmap_leave_the_same_parameters():
@@ -504,11 +469,8 @@ def test_gast_steps_by_hooks_and_by_vmap_leave_the_same_parameters():
 
 def test_a_whole_held_out_support_set_gives_support_gradient_on_it_and_the_scores_use_it():
     model, fresh = lora_model(dtype=torch.float64), lora_model(dtype=torch.float64)
-    tuner = SparseTuner(
-        model,
-        TrainConfig(method="gast", support="heldout", support_size=0),
-        support_set=SUPPORT_SET,
-    )
+    tuner = SparseTuner(model, TrainConfig(method="gast", support="heldout", support_size=0),
+                        support_set=SUPPORT_SET)
     x, y = batch(6)
     record = tuner.step(x, y)
     expected = support_gradient(fresh, *SUPPORT_SET)  # the same parameters as before the step
@@ -525,12 +487,8 @@ def test_support_rows_riding_in_the_per_sample_pass_give_their_own_mean_gradient
     of their mean loss; the batch's own gradients and losses are untouched by them."""
     model, fresh = lora_model(dtype=torch.float64), lora_model(dtype=torch.float64)
     pool = batch(8, T=14, seed=7)  # longer rows than the batch's 10
-    tuner = SparseTuner(
-        model,
-        TrainConfig(method="gast", support_size=3, per_sample=per_sample),
-        seed=5,
-        support_set=pool,
-    )
+    tuner = SparseTuner(model, TrainConfig(method="gast", support_size=3, per_sample=per_sample),
+                        seed=5, support_set=pool)
     x, y = batch(6)
     record = tuner.step(x, y)
     rows = record.support
@@ -539,9 +497,8 @@ def test_support_rows_riding_in_the_per_sample_pass_give_their_own_mean_gradient
     for n in expected:
         torch.testing.assert_close(tuner.support_grad[n], expected[n])
     grads, losses = per_sample_grads_and_losses(fresh, x, y)
-    torch.testing.assert_close(
-        record.scores.double(), alignment_scores(grads, lora_names_by_block(fresh), expected)
-    )
+    torch.testing.assert_close(record.scores.double(),
+                               alignment_scores(grads, lora_names_by_block(fresh), expected))
     assert record.loss == pytest.approx(float(losses.mean()))
 
 
@@ -553,9 +510,8 @@ def test_the_support_is_drawn_from_the_tuners_generator_alone_and_never_from_the
     def run(disturb):
         model = lora_model(dtype=torch.float64)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
-        tuner = SparseTuner(
-            model, TrainConfig(method="gast", support_size=2), seed=3, support_set=SUPPORT_SET
-        )
+        tuner = SparseTuner(model, TrainConfig(method="gast", support_size=2), seed=3,
+                            support_set=SUPPORT_SET)
         out = []
         for s in range(5):
             if disturb:
@@ -576,10 +532,8 @@ def test_the_batch_support_scores_against_the_batch_mean():
     x, y = batch(6)
     record = SparseTuner(model, TrainConfig(method="gast", support="batch")).step(x, y)
     assert record.support is None
-    torch.testing.assert_close(
-        record.scores.double(),
-        alignment_scores(per_sample_grads(fresh, x, y), lora_names_by_block(fresh)),
-    )
+    torch.testing.assert_close(record.scores.double(), alignment_scores(
+        per_sample_grads(fresh, x, y), lora_names_by_block(fresh)))
 
 
 def test_the_support_is_refreshed_every_interval_and_kept_in_between(monkeypatch):
@@ -596,10 +550,8 @@ def test_the_support_is_refreshed_every_interval_and_kept_in_between(monkeypatch
         tuner.step(*batch(6, seed=s))
         opt.step()
         refreshed_at.append(tuner.support_step)
-        kept.append(
-            before is not None
-            and all(torch.equal(before[n], tuner.support_grad[n]) for n in before)
-        )
+        kept.append(before is not None
+                    and all(torch.equal(before[n], tuner.support_grad[n]) for n in before))
     assert refreshed_at == [0, 0, 0, 3, 3, 3, 6] and len(calls) == 3
     assert kept == [False, True, True, False, True, True, False]  # new values only at a refresh
 
@@ -645,9 +597,8 @@ def test_a_support_without_a_support_set_and_unknown_settings_are_refused():
 
 
 @pytest.mark.parametrize("selection,support_size", [("softmax", 0), ("topk", 4)])
-def test_with_a_clean_held_out_support_gast_takes_corrupted_samples_less_often(
-    selection, support_size
-):
+def test_with_a_clean_held_out_support_gast_takes_corrupted_samples_less_often(selection,
+                                                                               support_size):
     """A task the model can learn (next token = this token + 1); 4 of 12 samples per batch
     have random targets. The support set is clean. GAST aligned with it takes the corrupted
     ones less: the draw and the law it draws from (softmax: with the whole clean set as
@@ -661,17 +612,9 @@ def test_with_a_clean_held_out_support_gast_takes_corrupted_samples_less_often(
         x = torch.randint(0, TINY.vocab_size, (n, 8), generator=g)
         return x, (x + 1) % TINY.vocab_size
 
-    tuner = SparseTuner(
-        model,
-        TrainConfig(
-            method="gast",
-            data_ratio=0.5,
-            selection=selection,
-            support="heldout",
-            support_size=support_size,
-        ),
-        support_set=clean(16),
-    )
+    tuner = SparseTuner(model, TrainConfig(method="gast", data_ratio=0.5, selection=selection,
+                                           support="heldout",
+                                           support_size=support_size), support_set=clean(16))
     noisy = torch.arange(12) < 4
     taken = {"noisy": [], "clean": [], "noisy_intended": [], "clean_intended": []}
     for _ in range(20):
@@ -690,11 +633,8 @@ def test_with_a_clean_held_out_support_gast_takes_corrupted_samples_less_often(
 def test_ist_trials_suppress_distinct_sets_of_layers(monkeypatch):
     seen = []
     real = methods.scaled_adapters
-    monkeypatch.setattr(
-        methods,
-        "scaled_adapters",
-        lambda model, blocks, factor: seen.append(tuple(blocks)) or real(model, blocks, factor),
-    )
+    monkeypatch.setattr(methods, "scaled_adapters", lambda model, blocks, factor: seen.append(
+        tuple(blocks)) or real(model, blocks, factor))
     tuner = SparseTuner(lora_model(), TrainConfig(method="ist", ist_trials=3))
     for _ in range(5):
         seen.clear()
@@ -725,9 +665,8 @@ def enumerated_inclusion(z, k):
     return torch.tensor(inclusion, dtype=torch.float64)
 
 
-row_strategy = st.integers(2, 6).flatmap(
-    lambda B: st.lists(st.floats(-4, 4), min_size=B, max_size=B)
-)
+row_strategy = st.integers(2,
+                           6).flatmap(lambda B: st.lists(st.floats(-4, 4), min_size=B, max_size=B))
 
 
 @settings(max_examples=60, deadline=None)
@@ -736,36 +675,24 @@ def test_I1_every_row_draws_exactly_k_distinct_samples(row, data):
     L = data.draw(st.integers(1, 4))
     k = data.draw(st.integers(1, len(row)))
     scores = torch.tensor([row] * L) + torch.arange(L).unsqueeze(1)
-    mask = draw(
-        scores,
-        k,
-        data.draw(st.floats(0.05, 20)),
-        torch.Generator().manual_seed(data.draw(st.integers(0, 99))),
-    )
-    assert (
-        mask.dtype == torch.bool
-        and mask.shape == scores.shape
-        and mask.sum(dim=1).tolist() == [k] * L
-    )
+    mask = draw(scores, k, data.draw(st.floats(0.05, 20)),
+                torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
+    assert (mask.dtype == torch.bool and mask.shape == scores.shape
+            and mask.sum(dim=1).tolist() == [k] * L)
 
 
 def test_I1_with_layer_ratio_one_every_layer_is_updated_each_from_its_own_draw():
     # 0: gast's own, every layer
     _, _, records = train_steps("gast", steps=4, data_ratio=0.5, layer_ratio=0.0)
     assert all(
-        r.active_layers == [0, 1, 2, 3] and r.mask.sum(1).tolist() == [3] * 4 for r in records
-    )
+        r.active_layers == [0, 1, 2, 3] and r.mask.sum(1).tolist() == [3] * 4 for r in records)
     # layers draw different samples
     assert any(len({tuple(row.tolist()) for row in r.mask}) > 1 for r in records)
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    st.integers(3, 6).flatmap(
-        lambda B: st.lists(st.integers(-50, 50), min_size=B, max_size=B, unique=True)
-    ),
-    st.data(),
-)
+@given(st.integers(3, 6).flatmap(
+    lambda B: st.lists(st.integers(-50, 50), min_size=B, max_size=B, unique=True)), st.data())
 def test_I2_temperature_to_zero_is_top_k(row, data):
     k = data.draw(st.integers(1, len(row)))
     scores = torch.tensor([row], dtype=torch.float64)
@@ -776,16 +703,12 @@ def test_I2_temperature_to_zero_is_top_k(row, data):
 
 def test_I2_constant_scores_give_every_sample_k_over_B():
     scores = torch.full((3, 5), 2.5)
-    assert torch.allclose(
-        inclusion_probabilities(scores, 2), torch.full((3, 5), 0.4, dtype=torch.float64), atol=1e-6
-    )
+    assert torch.allclose(inclusion_probabilities(scores, 2),
+                          torch.full((3, 5), 0.4, dtype=torch.float64), atol=1e-6)
     generator = torch.Generator().manual_seed(0)
     counts = sum(draw(scores, 2, 1.0, generator).double() for _ in range(4000))
-    assert torch.allclose(
-        counts / 4000,
-        torch.full((3, 5), 0.4, dtype=torch.float64),
-        atol=5 * (0.4 * 0.6 / 4000) ** 0.5,
-    )
+    assert torch.allclose(counts / 4000, torch.full((3, 5), 0.4, dtype=torch.float64),
+                          atol=5 * (0.4 * 0.6 / 4000) ** 0.5)
 
 
 @settings(max_examples=25, deadline=None)
@@ -796,19 +719,13 @@ def test_I3_the_law_is_the_enumerated_one_and_the_draws_follow_it(row, data):
     temperature = data.draw(st.sampled_from([0.5, 1.0, 2.0]))
     scores = torch.tensor([row], dtype=torch.float64)
     exact = enumerated_inclusion((standardise(scores)[0] / temperature).tolist(), k)
-    torch.testing.assert_close(
-        inclusion_probabilities(scores, k, temperature)[0], exact, rtol=0, atol=1e-6
-    )
+    torch.testing.assert_close(inclusion_probabilities(scores, k, temperature)[0], exact, rtol=0,
+                               atol=1e-6)
     # draws from a fixed seed: the same counts every run, within 5 standard errors of the law
     n = 3000
     generator = torch.Generator().manual_seed(12345)
-    frequency = (
-        sum(
-            draw(scores.expand(n // 300, B), k, temperature, generator).double().sum(0)
-            for _ in range(300)
-        )
-        / n
-    )
+    frequency = (sum(draw(scores.expand(n // 300, B), k, temperature, generator).double().sum(0)
+                     for _ in range(300)) / n)
     # plus 4 draws' worth: near 0 or 1 the normal bound is too tight (an expected 0.01 misses
     # can come out as one)
     tolerance = 5 * (exact * (1 - exact) / n).clamp(min=0).sqrt() + 4 / n
@@ -854,12 +771,8 @@ def test_I10_permuting_the_batch_permutes_the_law(row, data):
     k = data.draw(st.integers(1, len(row)))
     scores = torch.tensor([row, row[::-1]], dtype=torch.float64)
     perm = torch.tensor(data.draw(st.permutations(range(len(row)))))
-    torch.testing.assert_close(
-        inclusion_probabilities(scores[:, perm], k),
-        inclusion_probabilities(scores, k)[:, perm],
-        rtol=0,
-        atol=1e-9,
-    )
+    torch.testing.assert_close(inclusion_probabilities(scores[:, perm], k),
+                               inclusion_probabilities(scores, k)[:, perm], rtol=0, atol=1e-9)
 
 
 def test_the_draw_never_reads_the_global_rng_and_refuses_a_non_positive_temperature():
@@ -878,14 +791,11 @@ def test_random_selection_draws_uniformly_whatever_the_scores_from_the_tuners_ge
     scores = torch.randn(4, 6, generator=torch.Generator().manual_seed(2)) * 10
     generator = torch.Generator().manual_seed(0)
     frequency = (
-        sum(gast.choose(scores, 3, "random", 1.0, generator).double() for _ in range(2000)) / 2000
-    )
+        sum(gast.choose(scores, 3, "random", 1.0, generator).double() for _ in range(2000)) / 2000)
     assert ((frequency - 0.5).abs() <= 5 * (0.25 / 2000) ** 0.5).all()  # every sample k / B = 0.5
     assert torch.equal(law(scores, 3, "random"), torch.full((4, 6), 0.5, dtype=torch.float64))
-    a, b = (
-        train_steps("gast", steps=2, data_ratio=0.5, selection="random")[2],
-        train_steps("gast", steps=2, data_ratio=0.5, selection="random", seed=1)[2],
-    )
+    a, b = (train_steps("gast", steps=2, data_ratio=0.5, selection="random")[2],
+            train_steps("gast", steps=2, data_ratio=0.5, selection="random", seed=1)[2])
     # the run's seed seeds the draws
     assert any(not torch.equal(r.mask, s.mask) for r, s in zip(a, b))
 
@@ -893,45 +803,31 @@ def test_random_selection_draws_uniformly_whatever_the_scores_from_the_tuners_ge
 # --- the block-by-block path: the same numbers as the torch.func reference ---
 
 
-@pytest.mark.parametrize(
-    "selection,support",
-    [("softmax", "train"), ("softmax", "batch"), ("topk", "heldout"), ("random", "train")],
-)
+@pytest.mark.parametrize("selection,support", [("softmax", "train"), ("softmax", "batch"),
+                                               ("topk", "heldout"), ("random", "train")])
 def test_gast_by_blocks_equals_the_torch_func_path(selection, support):
     """Masks equal, scores and gradients allclose, the support rows' gradient the same,
     step after step."""
-    config = dict(
-        method="gast",
-        selection=selection,
-        support=support,
-        support_size=0 if support == "heldout" else 3,
-        data_ratio=0.5,
-    )
+    config = dict(method="gast", selection=selection, support=support,
+                  support_size=0 if support == "heldout" else 3, data_ratio=0.5)
     runs = {}
     for path in ("vmap", "blocks"):
         model = lora_model(dtype=torch.float64)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
-        tuner = SparseTuner(
-            model, TrainConfig(**config, per_sample=path), seed=4, support_set=SUPPORT_SET
-        )
+        tuner = SparseTuner(model, TrainConfig(**config, per_sample=path), seed=4,
+                            support_set=SUPPORT_SET)
         records, grads = [], []
         for s in range(3):
             records.append(tuner.step(*batch(6, seed=s)))
             grads.append(
-                {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-            )
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
             opt.step()
         runs[path] = records, grads, tuner.support_grad
-    (ref_records, ref_grads, ref_support), (records, grads, support_grad) = (
-        runs["vmap"],
-        runs["blocks"],
-    )
+    (ref_records, ref_grads,
+     ref_support), (records, grads, support_grad) = (runs["vmap"], runs["blocks"])
     for a, b in zip(ref_records, records):
-        assert (
-            torch.equal(a.mask, b.mask)
-            and a.support == b.support
-            and a.loss == pytest.approx(b.loss)
-        )
+        assert (torch.equal(a.mask, b.mask) and a.support == b.support
+                and a.loss == pytest.approx(b.loss))
         torch.testing.assert_close(b.scores, a.scores)
     for a, b in zip(ref_grads, grads):
         for n in a:
@@ -1018,13 +914,11 @@ def test_blocks_hands_over_each_block_once_from_the_last_to_the_first():
     model = lora_model()
     seen = []
     with per_sample.recording_per_sample_grads(
-        model, lambda l, grads: seen.append((l, sorted(grads)))
-    ):
+        model, lambda l, grads: seen.append((l, sorted(grads)))):
         model(*batch(4), reduction="none")[1].sum().backward()
     layers = lora_names_by_block(model)
-    assert [l for l, _ in seen] == [3, 2, 1, 0] and all(
-        names == sorted(layers[l]) for l, names in seen
-    )
+    assert [
+        l for l, _ in seen] == [3, 2, 1, 0] and all(names == sorted(layers[l]) for l, names in seen)
 
 
 def test_blocks_falls_back_to_the_whole_hooks_path_where_a_layer_needs_the_others():
@@ -1045,9 +939,8 @@ def test_a_pool_that_makes_its_rows_when_drawn_gives_the_tensors_results():
     runs = []
     for support_set in (SUPPORT_SET, Pool()):
         model = lora_model(dtype=torch.float64)
-        tuner = SparseTuner(
-            model, TrainConfig(method="gast", support_size=3), seed=2, support_set=support_set
-        )
+        tuner = SparseTuner(model, TrainConfig(method="gast", support_size=3), seed=2,
+                            support_set=support_set)
         runs.append([tuner.step(*batch(6, seed=s)) for s in range(2)])
     assert all(a.support == b.support and torch.equal(a.mask, b.mask) for a, b in zip(*runs))
 
@@ -1072,14 +965,11 @@ def algorithm_1_by_hand(model, x, y, support_rows, k, pick, generator):
 
 
 @pytest.mark.parametrize("per_sample_path", ["vmap", "hooks", "blocks"])
-@pytest.mark.parametrize(
-    "method,layer_ratio,selection",
-    [("gast", 1.0, "softmax"), ("gast", 1.0, "topk"), ("gast", 1.0, "random"),
-     ("gast", 0.5, "softmax"), ("gast", 0.5, "topk"), ("data", 1.0, "softmax")],
-)
-def test_every_configuration_is_algorithm_1_on_the_same_batch(
-    per_sample_path, method, layer_ratio, selection
-):
+@pytest.mark.parametrize("method,layer_ratio,selection", [
+    ("gast", 1.0, "softmax"), ("gast", 1.0, "topk"), ("gast", 1.0, "random"),
+    ("gast", 0.5, "softmax"), ("gast", 0.5, "topk"), ("data", 1.0, "softmax")])
+def test_every_configuration_is_algorithm_1_on_the_same_batch(per_sample_path, method, layer_ratio,
+                                                              selection):
     """The tuner's step (the paper's rule, our layer budget, the data method; each path of
     step 1) gives the masks and gradients of Algorithm 1 written out by hand, with step 4 as
     that configuration defines it, from the same generator state."""

@@ -8,19 +8,9 @@ import torch.nn as nn
 from gradot import gradot
 from data import get_tokenizer
 from testbed.task import PRETRAIN_OPS
-from gradot.gradot import (
-    EmulatorConfig,
-    channel_terms,
-    choose_components,
-    collect_stats,
-    gcs,
-    kept_rank,
-    make_emulator,
-    middle_parameters,
-    plug_in,
-    support_batches,
-    svd_component_terms,
-)
+from gradot.gradot import (EmulatorConfig, channel_terms, choose_components, collect_stats, gcs,
+                           kept_rank, make_emulator, middle_parameters, plug_in, support_batches,
+                           svd_component_terms)
 from model import GPT, GPTConfig
 
 TINY = GPTConfig(block_size=32, vocab_size=257, n_layer=4, n_head=2, n_embd=16)
@@ -74,15 +64,10 @@ def test_collect_stats_gives_the_mean_loss_gradient_and_the_input_second_moment(
     model.zero_grad()
     for x, y in batches:
         logits, _ = model(x)
-        (
-            nn.functional.cross_entropy(
-                logits.transpose(1, 2), y, ignore_index=-100, reduction="sum"
-            )
-            / n_tokens
-        ).backward()
-    torch.testing.assert_close(
-        stats["h.1.mlp.c_fc"].grad.float(), model.transformer.h[1].mlp.c_fc.weight.grad
-    )
+        (nn.functional.cross_entropy(logits.transpose(1, 2), y, ignore_index=-100,
+                                     reduction="sum") / n_tokens).backward()
+    torch.testing.assert_close(stats["h.1.mlp.c_fc"].grad.float(),
+                               model.transformer.h[1].mlp.c_fc.weight.grad)
     A = stats["h.1.attn.c_attn"].A
     torch.testing.assert_close(A, A.T)
     # a second moment: symmetric, positive semi-definite
@@ -96,18 +81,15 @@ def test_collect_stats_gives_the_mean_loss_gradient_and_the_input_second_moment(
 
 def test_gcs_of_one_singular_component_matches_the_definition():
     g = torch.Generator().manual_seed(1)
-    W, D = (
-        torch.randn(5, 4, generator=g, dtype=torch.float64),
-        torch.randn(5, 4, generator=g, dtype=torch.float64),
-    )
+    W, D = (torch.randn(5, 4, generator=g, dtype=torch.float64),
+            torch.randn(5, 4, generator=g, dtype=torch.float64))
     A, G = psd(4, 2), psd(5, 3)
     U, S, Vh, shift, loss_change = svd_component_terms(W, A, G, D)
     for lam in (0.0, 0.7):
         for j in range(4):
             delta = -S[j] * torch.outer(U[:, j], Vh[j])
-            assert float(shift[j] - lam * loss_change[j]) == pytest.approx(
-                gcs(A, G, D, delta, lam), rel=1e-9
-            )
+            assert float(shift[j] - lam * loss_change[j]) == pytest.approx(gcs(A, G, D, delta, lam),
+                                                                           rel=1e-9)
             # <dL/dW, delta>: + means the loss rises
             assert float(loss_change[j]) == pytest.approx(float((D * delta).sum()))
 
@@ -115,11 +97,8 @@ def test_gcs_of_one_singular_component_matches_the_definition():
 def test_gcs_of_one_mlp_channel_matches_the_definition():
     torch.manual_seed(0)
     fc, proj = nn.Linear(3, 6).double(), nn.Linear(6, 3).double()
-    stats = lambda n_in, n_out, seed: gradot.LayerStats(
-        A=psd(n_in, seed),
-        G=psd(n_out, seed + 1),
-        grad=torch.randn(n_out, n_in, dtype=torch.float64),
-    )
+    stats = lambda n_in, n_out, seed: gradot.LayerStats(A=psd(
+        n_in, seed), G=psd(n_out, seed + 1), grad=torch.randn(n_out, n_in, dtype=torch.float64))
     fc_stats, proj_stats = stats(3, 6, 10), stats(6, 3, 20)
     shift_fc, shift_proj, change_fc, change_proj = channel_terms(fc, proj, fc_stats, proj_stats)
     for k in range(6):
@@ -128,11 +107,9 @@ def test_gcs_of_one_mlp_channel_matches_the_definition():
         delta_proj = torch.zeros(3, 6, dtype=torch.float64)
         delta_proj[:, k] = -proj.weight[:, k].detach()
         assert float(shift_fc[k] - 0.5 * change_fc[k]) == pytest.approx(
-            gcs(fc_stats.A, fc_stats.G, fc_stats.grad, delta_fc, 0.5)
-        )
+            gcs(fc_stats.A, fc_stats.G, fc_stats.grad, delta_fc, 0.5))
         assert float(shift_proj[k] - 0.5 * change_proj[k]) == pytest.approx(
-            gcs(proj_stats.A, proj_stats.G, proj_stats.grad, delta_proj, 0.5)
-        )
+            gcs(proj_stats.A, proj_stats.G, proj_stats.grad, delta_proj, 0.5))
 
 
 # --- the emulator ---
@@ -140,9 +117,8 @@ def test_gcs_of_one_mlp_channel_matches_the_definition():
 
 @pytest.fixture(scope="module")
 def stats():
-    return collect_stats(
-        tiny_gpt(), [1, 2], support_batches(get_tokenizer(), 16, 8, "cpu", TINY.block_size)
-    )
+    return collect_stats(tiny_gpt(), [1, 2],
+                         support_batches(get_tokenizer(), 16, 8, "cpu", TINY.block_size))
 
 
 def test_with_keep_ratios_of_one_the_emulator_is_the_original(stats):
@@ -158,9 +134,8 @@ def test_with_keep_ratios_of_one_the_emulator_is_the_original(stats):
 def test_keep_ratios_shrink_the_middle_by_the_stated_amount(stats, method):
     model = tiny_gpt()
     for keep in (0.3, 0.5, 0.7):
-        emulator = make_emulator(
-            model, method, EmulatorConfig(attn_keep=keep, mlp_keep=keep), stats
-        )
+        emulator = make_emulator(model, method, EmulatorConfig(attn_keep=keep, mlp_keep=keep),
+                                 stats)
         share = middle_parameters(emulator, 1) / middle_parameters(model, 1)
         # whole ranks and channels, LayerNorms and biases kept
         assert abs(share - keep) < 0.06, (keep, share)
@@ -169,9 +144,8 @@ def test_keep_ratios_shrink_the_middle_by_the_stated_amount(stats, method):
         assert [d.shape[0] for d in block.attn.c_attn.down] == [kept_rank(16, 16, keep)] * 3
         # a copy: the original is untouched
         assert emulator.transformer.h[0] is not model.transformer.h[0]
-        assert torch.equal(
-            emulator.transformer.h[0].attn.c_attn.weight, model.transformer.h[0].attn.c_attn.weight
-        )
+        assert torch.equal(emulator.transformer.h[0].attn.c_attn.weight,
+                           model.transformer.h[0].attn.c_attn.weight)
     dropped = make_emulator(model, "layer-drop", EmulatorConfig(layer_keep=0.5))
     assert len(dropped.transformer.h) == 3
 
@@ -190,13 +164,11 @@ def test_drd_removes_the_components_of_lowest_gcs(stats, lam):
     linear, s = model.transformer.h[1].attn.c_proj, stats["h.1.attn.c_proj"]
     W = linear.weight.detach().double()
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    score = brute_force_gcs(
-        s.A, s.G, s.grad, [-S[j] * torch.outer(U[:, j], Vh[j]) for j in range(len(S))], lam
-    )
+    score = brute_force_gcs(s.A, s.G, s.grad,
+                            [-S[j] * torch.outer(U[:, j], Vh[j]) for j in range(len(S))], lam)
     rank = kept_rank(16, 16, 0.3)  # 4 of 16 components; the largest singular value is protected
-    expected = [0] + [j for j in torch.argsort(score, descending=True).tolist() if j != 0][
-        : rank - 1
-    ]
+    expected = [
+        0] + [j for j in torch.argsort(score, descending=True).tolist() if j != 0][: rank - 1]
     compressed = gradot.compress_attention_matrix(linear, s, 1, 0.3, lam, "gcs")
     expected_W = sum(S[j] * torch.outer(U[:, j], Vh[j]) for j in expected)
     torch.testing.assert_close(compressed.weight_of().double(), expected_W, atol=1e-5, rtol=1e-4)
@@ -239,9 +211,8 @@ def test_the_top_five_percent_by_singular_value_are_always_kept():
 
 def test_a_compressed_attention_matrix_keeps_its_largest_singular_value(stats):
     model = tiny_gpt()
-    emulator = make_emulator(
-        model, "gradot", EmulatorConfig(attn_keep=0.3, mlp_keep=1.0, lam_attn=50.0), stats
-    )
+    emulator = make_emulator(model, "gradot",
+                             EmulatorConfig(attn_keep=0.3, mlp_keep=1.0, lam_attn=50.0), stats)
     W = model.transformer.h[1].attn.c_attn.weight.detach()
     for part, up in enumerate(emulator.transformer.h[1].attn.c_attn.up):
         top = torch.linalg.svdvals(W[part * 16 : (part + 1) * 16].double())[0]
@@ -251,36 +222,25 @@ def test_a_compressed_attention_matrix_keeps_its_largest_singular_value(stats):
 # --- plug-in ---
 
 
-@pytest.mark.parametrize(
-    "kind,method", [("blocks", "gradot"), ("lora", "gradot"), ("blocks", "layer-drop")]
-)
-def test_plug_in_puts_the_tuned_adapter_blocks_on_the_original_middle_bit_for_bit(
-    stats, kind, method
-):
+@pytest.mark.parametrize("kind,method",
+                         [("blocks", "gradot"), ("lora", "gradot"), ("blocks", "layer-drop")])
+def test_plug_in_puts_the_tuned_adapter_blocks_on_the_original_middle_bit_for_bit(stats, kind,
+                                                                                  method):
     model = tiny_gpt()
     emulator = make_emulator(model, method, EmulatorConfig(), stats)
     config = gradot.GradOTConfig(steps=3, batch_size=4, adapter=kind, lr=1e-2)
     tok = get_tokenizer()
     from testbed.task import make_default_task
 
-    gradot.fine_tune(
-        emulator,
-        config,
-        make_default_task(tok, n_train=16, n_val=1, n_heldout=0, n_dev=0).train,
-        tok,
-        "cpu",
-    )
+    gradot.fine_tune(emulator, config, make_default_task(tok, n_train=16, n_val=1, n_heldout=0,
+                                                         n_dev=0).train, tok, "cpu")
     plugged = plug_in(model, emulator, 1)
-    same = lambda a, b: (
-        a.state_dict().keys() == b.state_dict().keys()
-        and all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
-    )
+    same = lambda a, b: (a.state_dict().keys() == b.state_dict().keys() and all(
+        torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict()))
     assert same(plugged.transformer.h[0], emulator.transformer.h[0]) and same(
-        plugged.transformer.h[3], emulator.transformer.h[-1]
-    )
-    assert same(plugged.transformer.h[1], model.transformer.h[1]) and same(
-        plugged.transformer.h[2], model.transformer.h[2]
-    )
+        plugged.transformer.h[3], emulator.transformer.h[-1])
+    assert same(plugged.transformer.h[1],
+                model.transformer.h[1]) and same(plugged.transformer.h[2], model.transformer.h[2])
     # the adapters did change
     assert not same(emulator.transformer.h[0], model.transformer.h[0]) or kind == "lora"
 
@@ -313,22 +273,8 @@ def test_bad_settings_are_refused_clearly(base, tmp_path, capsys, flags, message
 
 
 def test_the_experiment_writes_its_table_json_and_csv(base, tmp_path, capsys):
-    argv = [
-        "--init-from",
-        base,
-        "--out-dir",
-        str(tmp_path),
-        "--steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--support-size",
-        "8",
-        "--eval-samples",
-        "8",
-        "--seeds",
-        "2",
-    ]
+    argv = ["--init-from", base, "--out-dir", str(tmp_path), "--steps", "2", "--batch-size", "4",
+            "--support-size", "8", "--eval-samples", "8", "--seeds", "2"]
     assert gradot.main(argv) == 0
     out = capsys.readouterr().out
     assert "| emulator | zero-shot (base skills) | emulator fine-tuned | plug-in |" in out
@@ -363,27 +309,17 @@ def test_ctrl_c_is_one_line_and_exit_130(base, tmp_path, capsys, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(gradot, "fine_tune", interrupted)
-    assert (
-        gradot.main(
-            ["--init-from", base, "--out-dir", str(tmp_path), "--steps", "2", "--seeds", "1"]
-        )
-        == 130
-    )
+    assert (gradot.main(
+        ["--init-from", base, "--out-dir", str(tmp_path), "--steps", "2", "--seeds", "1"]) == 130)
     err = capsys.readouterr().err
-    assert (
-        err.strip() == "interrupted; what was written before stays on disk"
-        and not (tmp_path / "gradot.json").exists()
-    )
+    assert (err.strip() == "interrupted; what was written before stays on disk"
+            and not (tmp_path / "gradot.json").exists())
 
 
-@pytest.mark.parametrize(
-    "flags,message",
-    [
-        (["--lr", "inf"], "--lr must be positive"),
-        (["--steps", "x"], "argument --steps: invalid int value: 'x'"),
-        (["--n-layer", "1000000"], "pretraining this base needs at least about"),
-    ],
-)
+@pytest.mark.parametrize("flags,message", [
+    (["--lr", "inf"], "--lr must be positive"),
+    (["--steps", "x"], "argument --steps: invalid int value: 'x'"),
+    (["--n-layer", "1000000"], "pretraining this base needs at least about")])
 def test_more_bad_settings_are_one_error_line(tmp_path, capsys, flags, message):
     assert gradot.main(["--out-dir", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err
@@ -421,24 +357,9 @@ def test_the_base_recalls_its_lexicon_and_without_its_middle_does_not(lexicon_ba
 
 
 def test_with_a_lexicon_the_experiment_scores_recall_and_the_knowledge_task(lexicon_base, tmp_path):
-    argv = [
-        "--init-from",
-        lexicon_base,
-        "--lexicon",
-        "30",
-        "--out-dir",
-        str(tmp_path),
-        "--steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--support-size",
-        "8",
-        "--seeds",
-        "1",
-        "--methods",
-        "layer-drop",
-    ]
+    argv = ["--init-from", lexicon_base, "--lexicon", "30", "--out-dir", str(tmp_path), "--steps",
+            "2", "--batch-size", "4", "--support-size", "8", "--seeds", "1", "--methods",
+            "layer-drop"]
     assert gradot.main(argv) == 0
     saved = json.loads((tmp_path / "gradot.json").read_text())
     original, dropped = saved["rows"]
@@ -460,43 +381,22 @@ def test_lambda_is_chosen_on_the_dev_split_by_the_largest_gap(base, tmp_path, ca
         return real_evaluate(model, examples, *args, **kwargs)
 
     monkeypatch.setattr(gradot, "evaluate", watching)
-    argv = [
-        "--init-from",
-        base,
-        "--out-dir",
-        str(tmp_path),
-        "--steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--support-size",
-        "8",
-        "--eval-samples",
-        "8",
-        "--seeds",
-        "1",
-        "--methods",
-        "gradot",
-        "--lams",
-        "0,3",
-    ]
+    argv = ["--init-from", base, "--out-dir", str(tmp_path), "--steps", "2", "--batch-size", "4",
+            "--support-size", "8", "--eval-samples", "8", "--seeds", "1", "--methods", "gradot",
+            "--lams", "0,3"]
     assert gradot.main(argv) == 0
     row = json.loads((tmp_path / "gradot.json").read_text())["rows"][1]
     trials = row["lambda_trials"]
     assert [t["lambda"] for t in trials] == [0.0, 3.0]
     best = max(trials, key=lambda t: (t["gap"], t["plug_in"]))
     assert row["lambda"] == best["lambda"] and all(
-        t["gap"] == pytest.approx(t["plug_in"] - t["emulator_fine_tuned"]) for t in trials
-    )
+        t["gap"] == pytest.approx(t["plug_in"] - t["emulator_fine_tuned"]) for t in trials)
     from testbed.task import make_default_task
 
-    dev = make_default_task(
-        get_tokenizer(), n_train=gradot.RSH_SAMPLES, seed=0, tasks=("rsh",)
-    ).dev[:8]
+    dev = make_default_task(get_tokenizer(), n_train=gradot.RSH_SAMPLES, seed=0,
+                            tasks=("rsh",)).dev[:8]
     # two lambdas, each scored on the emulator and plugged in
     assert sum(examples == dev for examples in scored) == 4
     assert f"gradot (lambda {row['lambda']:g}, chosen on dev)" in capsys.readouterr().out
-    assert (
-        gradot.main(argv[:-1] + ["0,x", "--overwrite"]) == 2
-        and "--lams must be comma-separated numbers" in capsys.readouterr().err
-    )
+    assert (gradot.main(argv[:-1] + ["0,x", "--overwrite"]) == 2
+            and "--lams must be comma-separated numbers" in capsys.readouterr().err)

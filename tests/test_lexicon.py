@@ -12,8 +12,7 @@ def test_a_lexicon_is_fixed_by_its_size_and_half_the_corpus_states_it_evenly():
     # a larger lexicon extends a smaller one
     assert facts == lexicon(50) and list(lexicon(20).items()) == list(facts.items())[:20]
     assert len(facts) == 50 and all(
-        len(w) == 4 and len(c) == 3 and (w + c).isalpha() for w, c in facts.items()
-    )
+        len(w) == 4 and len(c) == 3 and (w + c).isalpha() for w, c in facts.items())
     lines = lexicon_text(400, 3, facts).splitlines()
     stated = [line for line in lines if line.startswith(FACT + " ")]
     assert len(lines) == 400 and len(stated) == 200
@@ -34,17 +33,14 @@ def test_the_knowledge_task_asks_for_the_facts_in_a_new_template_on_unseen_words
     task = make_knowledge_task(TOK, facts, n_val=20, n_dev=10, seed=1)
     words = lambda split: [TOK.decode(e.tokens[: e.n_prompt]).split()[1].rstrip("=") for e in split]
     train, test, dev = words(task.train), words(task.val), words(task.dev)
-    assert (len(train), len(test), len(dev)) == (30, 20, 10) and set(train + test + dev) == set(
-        facts
-    )
+    assert (len(train), len(test),
+            len(dev)) == (30, 20, 10) and set(train + test + dev) == set(facts)
     assert not set(train) & set(test) and not set(train) & set(dev) and not set(test) & set(dev)
     for split, name in ((task.train, ASK), (task.val, ASK), (task.dev, ASK), (task.heldout, FACT)):
         for e in split:
             prompt, answer = TOK.decode(e.tokens[: e.n_prompt]), TOK.decode(e.completion)
-            assert (
-                prompt.startswith(name + " ")
-                and answer == facts[prompt.split()[1].rstrip("=")] + "\n"
-            )
+            assert (prompt.startswith(name + " ")
+                    and answer == facts[prompt.split()[1].rstrip("=")] + "\n")
     # recall before fine-tuning: the test words in the pretraining template
     assert words(task.heldout) == test
     # the seed splits

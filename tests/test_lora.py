@@ -29,24 +29,15 @@ def test_fresh_adapters_leave_the_logits_exactly_unchanged():
     model = tiny_model().eval()
     idx = torch.randint(0, TINY.vocab_size, (2, 10))
     before = model(idx)[0]
-    add_lora(
-        model,
-        LoRAConfig(r=4, targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")),
-        verbose=False,
-    )
+    add_lora(model, LoRAConfig(
+        r=4, targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")), verbose=False)
     assert all(torch.all(m.lora_B == 0) and torch.any(m.lora_A != 0) for m in lora_modules(model))
     assert torch.equal(model(idx)[0], before)
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    r=st.integers(1, 8),
-    alpha=st.floats(0.5, 64),
-    n_in=st.integers(1, 24),
-    n_out=st.integers(1, 24),
-    bias=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+@given(r=st.integers(1, 8), alpha=st.floats(0.5, 64), n_in=st.integers(1, 24),
+       n_out=st.integers(1, 24), bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_merged_equals_unmerged_and_merge_is_idempotent(r, alpha, n_in, n_out, bias, seed):
     torch.manual_seed(seed)
     base = nn.Linear(n_in, n_out, bias=bias).double()
@@ -84,12 +75,8 @@ def test_eval_and_train_never_merge():
 
 def test_only_lora_parameters_train_and_a_step_leaves_base_weights_bit_identical(capsys):
     model = tiny_model()
-    add_lora(
-        model,
-        LoRAConfig(
-            r=2, targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "lm_head")
-        ),
-    )
+    add_lora(model, LoRAConfig(
+        r=2, targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "lm_head")))
     printed = capsys.readouterr().out
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A" in n or ".lora_B" in n for n in trainable)
@@ -97,9 +84,8 @@ def test_only_lora_parameters_train_and_a_step_leaves_base_weights_bit_identical
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert f"{n_trainable:,} trainable" in printed
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1
-    )
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1,
+                            weight_decay=0.1)
     idx = torch.randint(0, TINY.vocab_size, (4, 10))
     for _ in range(2):
         loss = model(idx, idx)[1]
@@ -127,8 +113,7 @@ def test_lora_names_by_block_group_parameters_by_block():
     assert len(groups) == TINY.n_layer
     for i, names in enumerate(groups):
         assert sorted(names) == sorted(
-            f"transformer.h.{i}.{m}.lora_{ab}" for m in ("attn.c_attn", "mlp.c_fc") for ab in "AB"
-        )
+            f"transformer.h.{i}.{m}.lora_{ab}" for m in ("attn.c_attn", "mlp.c_fc") for ab in "AB")
 
 
 def test_adapter_save_load_round_trips(tmp_path):

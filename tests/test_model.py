@@ -68,9 +68,8 @@ def test_loss_is_the_mean_of_per_sample_mean_token_losses():
     torch.testing.assert_close(losses, torch.stack(expected))
     torch.testing.assert_close(loss, torch.stack(expected).mean())
     # the token-weighted mean would differ: samples of different length weigh the same
-    token_mean = torch.nn.functional.cross_entropy(
-        logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX
-    )
+    token_mean = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets,
+                                                   ignore_index=IGNORE_INDEX)
     assert not torch.allclose(loss, token_mean)
 
 
@@ -81,9 +80,8 @@ def test_per_sample_loss_of_padding_does_not_depend_on_pad_tokens():
     targets[0, 6:] = IGNORE_INDEX
     other = idx.clone()
     other[0, 7:] = 0  # different padding after the last target position
-    assert torch.equal(
-        model(idx, targets, reduction="none")[1], model(other, targets, reduction="none")[1]
-    )
+    assert torch.equal(model(idx, targets, reduction="none")[1],
+                       model(other, targets, reduction="none")[1])
 
 
 def test_greedy_generate_follows_the_argmax_and_stops():
@@ -112,24 +110,15 @@ def write_hf_checkpoint(model, directory, prefix="", with_config=True):
         sd[prefix + k] = v.t().contiguous() if k.endswith(conv1d) else v.clone()
     c = model.config
     for i in range(c.n_layer):
-        sd[f"{prefix}h.{i}.attn.bias"] = torch.tril(torch.ones(c.block_size, c.block_size)).view(
-            1, 1, c.block_size, c.block_size
-        )
+        sd[f"{prefix}h.{i}.attn.bias"] = torch.tril(
+            torch.ones(c.block_size, c.block_size)).view(1, 1, c.block_size, c.block_size)
     if prefix:
         sd["lm_head.weight"] = model.lm_head.weight.clone()
     torch.save(sd, directory / "pytorch_model.bin")
     if with_config:
-        (directory / "config.json").write_text(
-            json.dumps(
-                dict(
-                    n_layer=c.n_layer,
-                    n_head=c.n_head,
-                    n_embd=c.n_embd,
-                    n_positions=c.block_size,
-                    vocab_size=c.vocab_size,
-                )
-            )
-        )
+        (directory / "config.json").write_text(json.dumps(dict(
+            n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_positions=c.block_size,
+            vocab_size=c.vocab_size)))
 
 
 @pytest.mark.parametrize("prefix,with_config", [("", True), ("transformer.", True), ("", False)])

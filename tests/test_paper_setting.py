@@ -18,12 +18,8 @@ def commonsense(task, i):
     """A record in LLM-Adapters' layout (its commonsense_170k and <task>/test.json)."""
     answers = {"boolq": ["true", "false"], "piqa": ["solution1", "solution2"]}[task]
     answer = answers[i % 2]
-    return {
-        "instruction": f"{task} question {i}? Answer format: {'/'.join(answers)}",
-        "input": "",
-        "output": f"the correct answer is {answer}",
-        "answer": answer,
-    }
+    return {"instruction": f"{task} question {i}? Answer format: {'/'.join(answers)}", "input": "",
+            "output": f"the correct answer is {answer}", "answer": answer}
 
 
 def write_json(path, records):
@@ -39,10 +35,8 @@ def test_json_arrays_and_jsonl_give_the_same_examples(tmp_path):
     lines.write_text("\n".join(map(json.dumps, records)))
     got = load_records(array, TOK, 32)[0]
     assert got == load_records(str(lines), TOK, 32)[0] and len(got) == 5
-    assert [where for where, _ in read_records(array)][:2] == [
-        f"{array}: element 0",
-        f"{array}: element 1",
-    ]
+    assert [where for where, _ in read_records(array)][
+        :2] == [f"{array}: element 0", f"{array}: element 1"]
 
 
 @pytest.mark.parametrize(
@@ -64,9 +58,8 @@ def test_json_arrays_and_jsonl_give_the_same_examples(tmp_path):
         ('"just a string"', "neither a JSON array of objects nor one JSON object per line"),
     ],
 )
-def test_a_bad_element_is_one_error_line_naming_file_and_index(
-    base, tmp_path, capsys, text, message
-):
+def test_a_bad_element_is_one_error_line_naming_file_and_index(base, tmp_path, capsys, text,
+                                                               message):
     from conftest import TINY_FLAGS
 
     (tmp_path / "train.json").write_text(text)
@@ -78,19 +71,14 @@ def test_a_bad_element_is_one_error_line_naming_file_and_index(
 
 
 def test_the_alpaca_prompt_with_and_without_input_and_the_loss_on_the_response(tmp_path):
-    path = write_json(
-        tmp_path / "t.json",
-        [
-            {"instruction": "Say hi.", "input": "", "output": "hi"},
-            {"instruction": "Add.", "input": "2 and 3", "output": "5"},
-        ],
-    )
+    path = write_json(tmp_path / "t.json", [
+        {"instruction": "Say hi.", "input": "", "output": "hi"},
+        {"instruction": "Add.", "input": "2 and 3", "output": "5"}])
     plain, with_input = load_records(path, TOK, 512, template="alpaca")[0]
     assert TOK.decode(plain.tokens[: plain.n_prompt]) == ALPACA.format(instruction="Say hi.")
     assert TOK.decode(plain.tokens[: plain.n_prompt]).endswith("### Response:\n")
     assert TOK.decode(with_input.tokens[: with_input.n_prompt]) == ALPACA_WITH_INPUT.format(
-        instruction="Add.", input="2 and 3"
-    )
+        instruction="Add.", input="2 and 3")
     assert "### Input:\n2 and 3\n\n" in TOK.decode(with_input.tokens)
     assert TOK.decode(plain.completion) == "hi<|endoftext|>"
     _, targets, _ = collate([plain], TOK.eot_token)
@@ -124,8 +112,7 @@ def test_batched_answers_equal_one_by_one_answers():
         prompt = TOK.encode("q" * (3 + i % 3) + "=")
         task, answer = ("a", "x") if i % 2 else ("b", "y")
         examples.append(
-            Example(prompt + TOK.encode(answer + "\n"), len(prompt), task=task, answer=answer)
-        )
+            Example(prompt + TOK.encode(answer + "\n"), len(prompt), task=task, answer=answer))
     batched = evaluate(model, examples, TOK, "cpu", True, batch_size=64, n_answers=12)
     alone = evaluate(model, examples, TOK, "cpu", True, batch_size=1, n_answers=12)
     assert batched["answers"] == alone["answers"] and batched["per_task"] == alone["per_task"]
@@ -133,13 +120,10 @@ def test_batched_answers_equal_one_by_one_answers():
 
 
 def test_the_papers_command_runs_on_files_in_llm_adapters_layout(tmp_path, capsys):
-    train = write_json(
-        tmp_path / "commonsense.json",
-        [commonsense("boolq", i) for i in range(12)] + [commonsense("piqa", i) for i in range(12)],
-    )
-    boolq = write_json(
-        tmp_path / "boolq" / "test.json", [commonsense("boolq", i) for i in range(6)]
-    )
+    train = write_json(tmp_path / "commonsense.json", [
+        commonsense("boolq", i) for i in range(12)] + [commonsense("piqa", i) for i in range(12)])
+    boolq = write_json(tmp_path / "boolq" / "test.json",
+                       [commonsense("boolq", i) for i in range(6)])
     piqa = write_json(tmp_path / "piqa" / "test.json", [commonsense("piqa", i) for i in range(6)])
     out = tmp_path / "out"
     # a base of a context long enough for the Alpaca prompt, pretrained here in seconds
@@ -147,24 +131,8 @@ def test_the_papers_command_runs_on_files_in_llm_adapters_layout(tmp_path, capsy
     shape += ["--pretrain-steps", "5", "--pretrain-until", "0"]
     flags = [*shape, "--out-dir", str(out), "--batch-size", "8", "--no-picture"]
     flags += ["--max-new-tokens", "8", "--eval-interval", "3", "--log-interval", "1"]
-    assert (
-        main(
-            [
-                *flags,
-                "--data",
-                train,
-                "--template",
-                "alpaca",
-                "--val-data",
-                f"{boolq},{piqa}",
-                "--answer-field",
-                "answer",
-                "--epochs",
-                "3",
-            ]
-        )
-        == 0
-    )
+    assert (main([*flags, "--data", train, "--template", "alpaca", "--val-data", f"{boolq},{piqa}",
+                  "--answer-field", "answer", "--epochs", "3"]) == 0)
     printed = capsys.readouterr().out
     assert "| accuracy" in printed and "  boolq " in printed and "  piqa " in printed
     assert "average" in printed and "answer accuracy" in printed

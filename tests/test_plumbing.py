@@ -37,9 +37,8 @@ def test_an_error_while_writing_keeps_the_old_file(tmp_path):
 
     with pytest.raises(RuntimeError):
         files.atomic_write(str(path), broken)
-    assert path.read_text().replace(" ", "").replace("\n", "") == '{"a":1}' and os.listdir(
-        tmp_path
-    ) == ["results.json"]
+    assert path.read_text().replace(
+        " ", "").replace("\n", "") == '{"a":1}' and os.listdir(tmp_path) == ["results.json"]
 
 
 def test_flags_come_from_fields_with_their_defaults_and_help_declared_once():
@@ -91,7 +90,6 @@ def test_range_checks_name_the_flag_and_catch_nan_and_inf():
 
     assert settings.positive(C(lr=float("nan")), "lr") == ["--lr must be positive, got nan"]
     assert settings.positive(C(lr=float("inf")), "lr") == ["--lr must be positive, got inf"]
-    assert settings.in_range(C(ratio=0.0), "ratio", 0, 1, low_open=True) == [
-        "--ratio must be in (0, 1], got 0.0"
-    ]
+    assert settings.in_range(C(ratio=0.0), "ratio", 0, 1,
+                             low_open=True) == ["--ratio must be in (0, 1], got 0.0"]
     assert settings.in_range(C(ratio=1.0), "ratio", 0, 1, low_open=True) == []

@@ -13,30 +13,12 @@ import torch
 from testbed import pretrain
 from train import main
 
-CORPUS = "".join(
-    f"Line {i}: the {w} fox jumps over the lazy dog near {v} trees.\n"
-    for i, (w, v) in enumerate(
-        zip(["quick", "slow", "red", "brown"] * 30, ["two", "three", "five"] * 40)
-    )
-)
+CORPUS = "".join(f"Line {i}: the {w} fox jumps over the lazy dog near {v} trees.\n" for i, (
+    w, v) in enumerate(zip(["quick", "slow", "red", "brown"] * 30, ["two", "three", "five"] * 40)))
 SHAPE = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "48"]
 PRETRAIN = ["--pretrain-steps", "3", "--pretrain-batch-size", "4"]
-FINE_TUNE = [
-    "--steps",
-    "3",
-    "--warmup-steps",
-    "1",
-    "--batch-size",
-    "4",
-    "--eval-interval",
-    "3",
-    "--heldout-size",
-    "4",
-    "--prompt-field",
-    "question",
-    "--completion-field",
-    "answer",
-]
+FINE_TUNE = ["--steps", "3", "--warmup-steps", "1", "--batch-size", "4", "--eval-interval", "3",
+             "--heldout-size", "4", "--prompt-field", "question", "--completion-field", "answer"]
 
 
 def write_jsonl(path, rows):
@@ -45,39 +27,21 @@ def write_jsonl(path, rows):
 
 
 def qa_rows(n, long_at=()):
-    return [
-        {
-            "question": ("why " * 40 if i in long_at else f"what is {i} plus one?"),
-            "answer": f" {i + 1}",
-        }
-        for i in range(n)
-    ]
+    return [{"question": ("why " * 40 if i in long_at else f"what is {i} plus one?"),
+             "answer": f" {i + 1}"} for i in range(n)]
 
 
 def test_pretrain_on_your_corpus_then_fine_tune_and_reuse_the_base_only_when_nothing_changed(
-    tmp_path, capsys
-):
+    tmp_path, capsys):
     (tmp_path / "corpus.txt").write_text(CORPUS)
     data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(40))
     out = tmp_path / "out"
-    argv = [
-        "--out-dir",
-        str(out),
-        "--pretrain-data",
-        str(tmp_path / "corpus.txt"),
-        "--data",
-        data,
-        *SHAPE,
-        *PRETRAIN,
-        *FINE_TUNE,
-    ]
+    argv = ["--out-dir", str(out), "--pretrain-data", str(tmp_path / "corpus.txt"), "--data", data,
+            *SHAPE, *PRETRAIN, *FINE_TUNE]
     assert main(argv) == 0
     first = capsys.readouterr().out
-    assert (
-        "pretraining a base GPT" in first
-        and "blocks 2" not in first
-        and "2 blocks, width 32, context 48" in first
-    )
+    assert ("pretraining a base GPT" in first and "blocks 2" not in first
+            and "2 blocks, width 32, context 48" in first)
     # the corpus's last 5%, evaluated during pretraining
     assert "held-out loss" in first and "tokens/s" in first
     # answers shown at the end
@@ -85,12 +49,8 @@ def test_pretrain_on_your_corpus_then_fine_tune_and_reuse_the_base_only_when_not
     bases = glob.glob(str(out / "base-*.pt"))
     assert len(bases) == 1
     shape = torch.load(bases[0], weights_only=True)["model_config"]
-    assert (shape["n_layer"], shape["n_head"], shape["n_embd"], shape["block_size"]) == (
-        2,
-        2,
-        32,
-        48,
-    )
+    assert (shape["n_layer"], shape["n_head"], shape["n_embd"],
+            shape["block_size"]) == (2, 2, 32, 48)
     stamp = os.stat(bases[0]).st_mtime_ns
 
     # the same settings: the same base, not pretrained again
@@ -98,10 +58,8 @@ def test_pretrain_on_your_corpus_then_fine_tune_and_reuse_the_base_only_when_not
     assert "pretraining" not in capsys.readouterr().out and os.stat(bases[0]).st_mtime_ns == stamp
     # other settings: another base
     assert main(argv + ["--overwrite", "--pretrain-steps", "4"]) == 0
-    assert (
-        "pretraining a base GPT" in capsys.readouterr().out
-        and len(glob.glob(str(out / "base-*.pt"))) == 2
-    )
+    assert ("pretraining a base GPT" in capsys.readouterr().out
+            and len(glob.glob(str(out / "base-*.pt"))) == 2)
     # another corpus: another base
     (tmp_path / "corpus.txt").write_text(CORPUS + "One more line.\n")
     assert main(argv + ["--overwrite"]) == 0 and len(glob.glob(str(out / "base-*.pt"))) == 3
@@ -109,49 +67,27 @@ def test_pretrain_on_your_corpus_then_fine_tune_and_reuse_the_base_only_when_not
 
 def test_a_prompt_longer_than_the_context_is_skipped_and_named(base, tmp_path, capsys):
     data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(40, long_at={2}))
-    assert (
-        main(["--init-from", base, "--out-dir", str(tmp_path / "a"), "--data", data, *FINE_TUNE])
-        == 0
-    )
+    assert (main(
+        ["--init-from", base, "--out-dir", str(tmp_path / "a"), "--data", data, *FINE_TUNE]) == 0)
     assert (
         f"{data}: skipped 1 samples whose prompt leaves no completion token within the context of "
-        f"32 tokens ({data}:3)" in capsys.readouterr().out
-    )
+        f"32 tokens ({data}:3)" in capsys.readouterr().out)
     data = write_jsonl(tmp_path / "long.jsonl", qa_rows(5, long_at=range(5)))
-    assert (
-        main(["--init-from", base, "--out-dir", str(tmp_path / "b"), "--data", data, *FINE_TUNE])
-        == 2
-    )
+    assert (main(
+        ["--init-from", base, "--out-dir", str(tmp_path / "b"), "--data", data, *FINE_TUNE]) == 2)
     assert (
         f"error: {data}: every prompt leaves no completion token within the model's context of 32 "
-        "tokens" in capsys.readouterr().err
-    )
+        "tokens" in capsys.readouterr().err)
 
 
 def test_text_data_ends_with_a_greedy_sample(base, tmp_path, capsys):
     (tmp_path / "corpus.txt").write_text(CORPUS)
-    argv = [
-        "--init-from",
-        base,
-        "--out-dir",
-        str(tmp_path / "out"),
-        "--data",
-        str(tmp_path / "corpus.txt"),
-        "--steps",
-        "2",
-        "--warmup-steps",
-        "1",
-        "--batch-size",
-        "4",
-        "--support",
-        "batch",
-    ]
+    argv = ["--init-from", base, "--out-dir", str(tmp_path / "out"), "--data",
+            str(tmp_path / "corpus.txt"), "--steps", "2", "--warmup-steps", "1", "--batch-size",
+            "4", "--support", "batch"]
     assert main(argv) == 0
-    line = [
-        l
-        for l in capsys.readouterr().out.splitlines()
-        if "a greedy sample from a held-out prompt: " in l
-    ]
+    line = [l for l in capsys.readouterr().out.splitlines()
+            if "a greedy sample from a held-out prompt: " in l]
     assert len(line) == 1
     prompt = line[0].split("prompt: ")[1].split(" -> ")[0]
     # a piece of the corpus, then the model's words
@@ -186,22 +122,18 @@ def bad_bases(tmp_path):
     # a class weights_only refuses
     torch.save(argparse.Namespace(payload="anything"), tmp_path / "pickle.pt")
     (tmp_path / "emptydir").mkdir()
-    return {
-        "text.pt": "not a checkpoint we read (the file is truncated or not a torch checkpoint)",
-        "empty.pt": "not a checkpoint we read",
-        "tensor.pt": "not a checkpoint of train.py (no model_config, model)",
-        "config.pt": "its model_config or weights do not make a GPT",
-        "pickle.pt": "it holds a Python object (argparse.Namespace) that is never loaded",
-        "emptydir": "not a GPT-2 checkpoint we can load",
-    }
+    return {"text.pt": "not a checkpoint we read (the file is truncated or not a torch checkpoint)",
+            "empty.pt": "not a checkpoint we read",
+            "tensor.pt": "not a checkpoint of train.py (no model_config, model)",
+            "config.pt": "its model_config or weights do not make a GPT",
+            "pickle.pt": "it holds a Python object (argparse.Namespace) that is never loaded",
+            "emptydir": "not a GPT-2 checkpoint we can load"}
 
 
 def test_a_base_that_is_not_a_model_is_refused_with_its_name(capsys, tmp_path):
     for name, message in bad_bases(tmp_path).items():
-        assert (
-            pretrain.main(["--init-from", str(tmp_path / name), "--out-dir", str(tmp_path / "out")])
-            == 2
-        )
+        assert (pretrain.main(
+            ["--init-from", str(tmp_path / name), "--out-dir", str(tmp_path / "out")]) == 2)
         err = capsys.readouterr().err
         assert f"--init-from {tmp_path / name}" in err and message in err, err
         assert len(err.strip().splitlines()) == 2  # "error: invalid settings:" and the one reason
@@ -246,46 +178,31 @@ def gpt2_directory(path, fault):
     return str(path)
 
 
-@pytest.mark.parametrize(
-    "fault,message",
-    [
-        (
-            "no weights",
-            "no GPT-2 checkpoint there (neither model.safetensors nor pytorch_model.bin)",
-        ),
-        ("truncated weights", "not a GPT-2 checkpoint we can load"),
-        ("wrong shape", "h.0.mlp.c_fc.weight has shape"),
-        ("config of another model", "keys do not match GPT-2's layout"),
-        ("config not json", "JSONDecodeError"),
-    ],
-)
+@pytest.mark.parametrize("fault,message", [
+    ("no weights", "no GPT-2 checkpoint there (neither model.safetensors nor pytorch_model.bin)"),
+    ("truncated weights", "not a GPT-2 checkpoint we can load"),
+    ("wrong shape", "h.0.mlp.c_fc.weight has shape"),
+    ("config of another model", "keys do not match GPT-2's layout"),
+    ("config not json", "JSONDecodeError")])
 def test_a_broken_gpt2_directory_is_one_error_line(capsys, tmp_path, fault, message):
     path = gpt2_directory(tmp_path / "gpt2", fault)
     assert pretrain.main(["--init-from", path, "--out-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert (
-        f"--init-from {path}: not a GPT-2 checkpoint we can load" in err
-        and message in err
-        and "Traceback" not in err
-    ), err
+    assert (f"--init-from {path}: not a GPT-2 checkpoint we can load" in err and message in err
+            and "Traceback" not in err), err
 
 
-@pytest.mark.parametrize(
-    "flags,message",
-    [
-        (["--pretrain-steps", "-1"], "--pretrain-steps must not be negative"),
-        (["--pretrain-lr", "nan"], "--pretrain-lr must be positive, got nan"),
-        (["--n-embd", "100", "--n-head", "3"], "--n-embd 100 does not divide by --n-head 3"),
-        (["--n-layer", "1000000"], "pretraining this base needs at least about"),
-        (["--pretrain-data", "{tmp}"], "is a directory, not a file"),
-        (["--pretrain-data", "{tmp}/nowhere.txt"], "no such file"),
-        (["--tokenizer", "foo"], "--tokenizer 'foo' is unknown"),
-        (["--n-layer", "x"], "argument --n-layer: invalid int value: 'x'"),
-    ],
-)
-def test_bad_pretraining_settings_are_one_error_line_before_any_work(
-    capsys, tmp_path, flags, message
-):
+@pytest.mark.parametrize("flags,message", [
+    (["--pretrain-steps", "-1"], "--pretrain-steps must not be negative"),
+    (["--pretrain-lr", "nan"], "--pretrain-lr must be positive, got nan"),
+    (["--n-embd", "100", "--n-head", "3"], "--n-embd 100 does not divide by --n-head 3"),
+    (["--n-layer", "1000000"], "pretraining this base needs at least about"),
+    (["--pretrain-data", "{tmp}"], "is a directory, not a file"),
+    (["--pretrain-data", "{tmp}/nowhere.txt"], "no such file"),
+    (["--tokenizer", "foo"], "--tokenizer 'foo' is unknown"),
+    (["--n-layer", "x"], "argument --n-layer: invalid int value: 'x'")])
+def test_bad_pretraining_settings_are_one_error_line_before_any_work(capsys, tmp_path, flags,
+                                                                     message):
     flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
     (tmp_path / "corpus.txt").write_text("some text to pretrain on\n" * 50)
     assert pretrain.main(["--out-dir", str(tmp_path / "out"), *flags]) == 2
@@ -307,25 +224,12 @@ def test_another_pretrain_seed_makes_another_base_and_seed_0_the_one_of_before(t
     assert base_path(BaseConfig(out_dir="out", pretrain_seed=1), tok) != default
     bases = []
     for seed in (0, 1):
-        assert (
-            pretrain.main(
-                [
-                    "--out-dir",
-                    str(tmp_path),
-                    "--pretrain-steps",
-                    "2",
-                    "--pretrain-seed",
-                    str(seed),
-                    "--quiet",
-                ]
-            )
-            == 0
-        )
+        assert (pretrain.main(["--out-dir", str(tmp_path), "--pretrain-steps", "2",
+                               "--pretrain-seed", str(seed), "--quiet"]) == 0)
     bases = sorted(tmp_path.glob("base-*.pt"))
     a, b = (torch.load(p, weights_only=True)["model"] for p in bases)
-    assert len(bases) == 2 and not torch.equal(
-        a["transformer.wte.weight"], b["transformer.wte.weight"]
-    )
+    assert len(
+        bases) == 2 and not torch.equal(a["transformer.wte.weight"], b["transformer.wte.weight"])
 
 
 # --- what a base knows: its skills ---
@@ -372,9 +276,8 @@ def data_lines():
     return pretrain_text(20000, seed=pretrain.PRETRAIN_SEED).splitlines()
 
 
-def test_a_start_that_does_not_learn_its_skills_in_time_is_followed_by_a_fresh_one(
-    tmp_path, capsys
-):
+def test_a_start_that_does_not_learn_its_skills_in_time_is_followed_by_a_fresh_one(tmp_path,
+                                                                                   capsys):
     argv = ["--out-dir", str(tmp_path), "--pretrain-steps", "25", "--pretrain-batch-size", "4"]
     assert pretrain.main([*argv, "--pretrain-starts", "2"]) == 0  # 25 steps: nothing learnt
     out = capsys.readouterr().out
@@ -388,9 +291,8 @@ def test_a_start_that_does_not_learn_its_skills_in_time_is_followed_by_a_fresh_o
     assert "starts again" not in capsys.readouterr().out
 
 
-def test_a_base_below_the_skill_level_is_refused_for_the_default_task_unless_asked(
-    tmp_path, capsys
-):
+def test_a_base_below_the_skill_level_is_refused_for_the_default_task_unless_asked(tmp_path,
+                                                                                   capsys):
     argv = ["--out-dir", str(tmp_path), "--pretrain-steps", "20", "--steps", "2"]
     assert main([*argv, "--no-weak-base"]) == 2  # pretrained here: its skills are near 0
     err = capsys.readouterr().err

@@ -21,16 +21,14 @@ def test_after_a_run_sample_prints_answers_of_its_test_split(run, capsys):
     assert sample.main(["--out-dir", str(run), "--n", "4"]) == 0
     out = capsys.readouterr().out
     answers = [line for line in out.splitlines() if " -> " in line]
-    assert len(answers) == 4 and all(
-        line.strip().split(" ")[0].strip("'") in TASKS for line in answers
-    )
+    assert len(
+        answers) == 4 and all(line.strip().split(" ")[0].strip("'") in TASKS for line in answers)
     assert "the test split of" in out and "exact match" in out
 
 
 def test_a_prompt_is_answered_greedily_and_the_same_twice(run, capsys):
     assert (
-        sample.main(["--out-dir", str(run), "--prompt", "rsh abc=", "--max-new-tokens", "5"]) == 0
-    )
+        sample.main(["--out-dir", str(run), "--prompt", "rsh abc=", "--max-new-tokens", "5"]) == 0)
     first = capsys.readouterr().out
     assert first.startswith("'rsh abc=' -> '") and len(eval(first.split(" -> ")[1])) <= 5
     sample.main(["--out-dir", str(run), "--prompt", "rsh abc=", "--max-new-tokens", "5"])
@@ -39,30 +37,22 @@ def test_a_prompt_is_answered_greedily_and_the_same_twice(run, capsys):
 
 def test_a_jsonl_file_is_scored_overall_and_per_task(run, tmp_path, capsys):
     rows = [
-        {"prompt": f"copy {w}=", "completion": f"{w}\n", "task": "copy"} for w in ("abc", "xyz")
-    ]
-    rows += [
-        {"prompt": f"rev {w}=", "completion": f"{w[::-1]}\n", "task": "rev"}
-        for w in ("abc", "hello", "moon")
-    ]
+        {"prompt": f"copy {w}=", "completion": f"{w}\n", "task": "copy"} for w in ("abc", "xyz")]
+    rows += [{"prompt": f"rev {w}=", "completion": f"{w[::-1]}\n", "task": "rev"}
+             for w in ("abc", "hello", "moon")]
     (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     result = sample.sample(sample.SampleConfig(out_dir=str(run), data=str(tmp_path / "mine.jsonl")))
     assert {name: s["n"] for name, s in result["per_task"].items()} == {"copy": 2, "rev": 3}
     out = capsys.readouterr().out
-    rows = {
-        cells[0]: cells[1]
-        for cells in (
-            [c.strip() for c in line.split("|")] for line in out.splitlines() if "|" in line
-        )
-    }
+    rows = {cells[0]: cells[1] for cells in ([c.strip() for c in line.split("|")]
+                                             for line in out.splitlines() if "|" in line)}
     assert rows["copy"] == "2" and rows["rev"] == "3" and rows["average"] == "5"
     overall = (2 * result["per_task"]["copy"]["loss"] + 3 * result["per_task"]["rev"]["loss"]) / 5
     assert result["loss"] == pytest.approx(overall)
 
 
-def test_the_merged_base_gives_the_outputs_of_base_plus_adapters_and_init_from_takes_it(
-    run, tiny, tmp_path
-):
+def test_the_merged_base_gives_the_outputs_of_base_plus_adapters_and_init_from_takes_it(run, tiny,
+                                                                                        tmp_path):
     merged_path = tmp_path / "merged.pt"
     assert sample.main(["--out-dir", str(run), "--merge", str(merged_path)]) == 0
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
@@ -71,18 +61,16 @@ def test_the_merged_base_gives_the_outputs_of_base_plus_adapters_and_init_from_t
     merged = read_base(str(merged_path))
     assert not any(".lora_" in k for k in merged.state_dict())
     x = torch.randint(0, 257, (3, 20))
-    torch.testing.assert_close(
-        merged.eval()(x)[0], with_adapters.eval()(x)[0], rtol=1e-5, atol=1e-5
-    )
+    torch.testing.assert_close(merged.eval()(x)[0], with_adapters.eval()(x)[0], rtol=1e-5,
+                               atol=1e-5)
     # the adapters did move it
     assert not torch.equal(read_base(ckpt["base"]).eval()(x)[0], merged(x)[0])
     metrics = train(tiny(tmp_path / "on-merged", init_from=str(merged_path), steps=2))
     assert metrics["base"] == str(merged_path)
 
 
-def test_a_missing_run_a_changed_base_and_a_mismatched_adapter_are_one_line_errors(
-    run, tmp_path, capsys
-):
+def test_a_missing_run_a_changed_base_and_a_mismatched_adapter_are_one_line_errors(run, tmp_path,
+                                                                                   capsys):
     def refused(*argv):
         assert sample.main(list(argv)) == 2
         err = capsys.readouterr().err
@@ -104,31 +92,23 @@ def test_a_missing_run_a_changed_base_and_a_mismatched_adapter_are_one_line_erro
     finally:
         with open(base, "rb+") as f:
             f.truncate(f.seek(0, 2) - 1)
-    assert "--temperature must not be negative" in refused(
-        "--out-dir", str(run), "--temperature", "-1"
-    )
+    assert "--temperature must not be negative" in refused("--out-dir", str(run), "--temperature",
+                                                           "-1")
 
 
-@pytest.mark.parametrize(
-    "flags,message",
-    [
-        (["--temperature", "-1"], "--temperature must not be negative"),
-        (["--n", "0"], "--n must be positive"),
-        (["--max-new-tokens", "0"], "--max-new-tokens must be positive"),
-        (["--data", "{tmp}"], "--data {tmp}: is a directory, not a file"),
-        (["--data", "{tmp}/none.jsonl"], "--data {tmp}/none.jsonl: no such file"),
-        (["--merge", "{tmp}/merged.bin"], "give a .pt file name"),
-        (["--device", "banana"], "--device 'banana' is not a device"),
-        (["--out-dir", "{tmp}/nowhere"], "no ckpt.pt there"),
-        (["--prompt"], "argument --prompt: expected one argument"),
-    ],
-)
+@pytest.mark.parametrize("flags,message", [
+    (["--temperature", "-1"], "--temperature must not be negative"),
+    (["--n", "0"], "--n must be positive"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be positive"),
+    (["--data", "{tmp}"], "--data {tmp}: is a directory, not a file"),
+    (["--data", "{tmp}/none.jsonl"], "--data {tmp}/none.jsonl: no such file"),
+    (["--merge", "{tmp}/merged.bin"], "give a .pt file name"),
+    (["--device", "banana"], "--device 'banana' is not a device"),
+    (["--out-dir", "{tmp}/nowhere"], "no ckpt.pt there"),
+    (["--prompt"], "argument --prompt: expected one argument")])
 def test_bad_sampling_settings_are_one_error_line(capsys, tmp_path, flags, message):
     flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
     assert sample.main(["--out-dir", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err
-    assert (
-        err.startswith("error: ")
-        and message.replace("{tmp}", str(tmp_path)) in err
-        and "Traceback" not in err
-    ), err
+    assert (err.startswith("error: ") and message.replace("{tmp}", str(tmp_path)) in err
+            and "Traceback" not in err), err

@@ -15,9 +15,8 @@ from plumbing.report import selection_picture
 from plumbing.settings import ConfigError
 
 
-@pytest.mark.parametrize(
-    "method,per_sample", [(m, "vmap") for m in methods.METHODS] + [("gast", "hooks")]
-)
+@pytest.mark.parametrize("method,per_sample",
+                         [(m, "vmap") for m in methods.METHODS] + [("gast", "hooks")])
 def test_every_method_runs_end_to_end(tiny, tmp_path, method, per_sample):
     metrics = train(tiny(method=method, per_sample=per_sample))
     assert metrics["method"] == method and metrics["steps"] == 6
@@ -26,12 +25,9 @@ def test_every_method_runs_end_to_end(tiny, tmp_path, method, per_sample):
     assert (tmp_path / "adapter.pt").exists() and (tmp_path / "ckpt.pt").exists()
     # lisa and ist: K = 2 of 4 blocks per step; the others every block
     assert len(metrics["active_per_layer"]) == 4 and sum(
-        metrics["active_per_layer"]
-    ) == pytest.approx(2 if method in ("lisa", "ist") else 4)
-    assert all(
-        0 <= r <= 1 or math.isnan(r)
-        for r in metrics["noisy_rate_per_layer"] + metrics["clean_rate_per_layer"]
-    )
+        metrics["active_per_layer"]) == pytest.approx(2 if method in ("lisa", "ist") else 4)
+    assert all(0 <= r <= 1 or math.isnan(r)
+               for r in metrics["noisy_rate_per_layer"] + metrics["clean_rate_per_layer"])
     expected_coverage = {"lora": 1.0, "lisa": 1.0, "ist": 1.0}.get(method)
     if expected_coverage:
         assert metrics["coverage"] == expected_coverage
@@ -44,40 +40,24 @@ def test_fine_tuning_lowers_the_held_out_loss_below_the_bases(tiny, taught_base,
     from evaluation.scoring import evaluate
     from testbed.pretrain import read_base
 
-    config = tiny(
-        init_from=taught_base,
-        method="lora",
-        steps=30,
-        eval_interval=10,
-        noise=0.0,
-        warmup_steps=0,
-        lr=1e-2,
-    )
+    config = tiny(init_from=taught_base, method="lora", steps=30, eval_interval=10, noise=0.0,
+                  warmup_steps=0, lr=1e-2)
     metrics = train(config)
     tok = get_tokenizer()
-    base_loss = evaluate(
-        read_base(config.init_from),
-        load_task(config, tok, 32)[0].val[: config.eval_samples],
-        tok,
-        "cpu",
-        False,
-    )["loss"]
-    assert (
-        metrics["evals"][-1]["loss"] < base_loss - 0.05
-        and metrics["val_loss"] == metrics["evals"][-1]["loss"]
-    )
+    base_loss = evaluate(read_base(config.init_from), load_task(
+        config, tok, 32)[0].val[: config.eval_samples], tok, "cpu", False)["loss"]
+    assert (metrics["evals"][-1]["loss"] < base_loss - 0.05
+            and metrics["val_loss"] == metrics["evals"][-1]["loss"])
 
 
 def adapter(path):
     return torch.load(path / "adapter.pt", weights_only=True)["adapter"]
 
 
-@pytest.mark.parametrize(
-    "method,support_interval", [("gast", 1), ("gast", 3), ("ist", 1), ("lisa", 1)]
-)
-def test_k_steps_then_resume_then_n_steps_equals_k_plus_n_straight(
-    tiny, tmp_path, method, support_interval
-):
+@pytest.mark.parametrize("method,support_interval",
+                         [("gast", 1), ("gast", 3), ("ist", 1), ("lisa", 1)])
+def test_k_steps_then_resume_then_n_steps_equals_k_plus_n_straight(tiny, tmp_path, method,
+                                                                   support_interval):
     straight = tmp_path / "straight"
     split = tmp_path / "split"
     kw = dict(method=method, steps=8, eval_interval=2, support_interval=support_interval)
@@ -95,20 +75,14 @@ def test_k_steps_then_resume_then_n_steps_equals_k_plus_n_straight(
 
 
 def test_invalid_settings_are_all_reported_at_once(tiny, tmp_path):
-    config = tiny(
-        method="best", layer_ratio=-0.5, data_ratio=1.5, lora_r=0, steps=0, batch_size=100
-    )
+    config = tiny(method="best", layer_ratio=-0.5, data_ratio=1.5, lora_r=0, steps=0,
+                  batch_size=100)
     with pytest.raises(ConfigError) as e:
         train(config)
     message = str(e.value)
-    for expected in (
-        "--method 'best' is unknown",
-        "--layer-ratio must be in [0, 1]",
-        "--data-ratio must be in (0, 1]",
-        "--lora-r must be positive",
-        "--steps must be positive",
-        "--batch-size 100 is larger than the 48",
-    ):
+    for expected in ("--method 'best' is unknown", "--layer-ratio must be in [0, 1]",
+                     "--data-ratio must be in (0, 1]", "--lora-r must be positive",
+                     "--steps must be positive", "--batch-size 100 is larger than the 48"):
         assert expected in message
     assert not (tmp_path / "ckpt.pt").exists()  # refused before any work
 
@@ -123,24 +97,15 @@ def test_unknown_fields_and_bad_flags_are_refused(base, tmp_path, capsys):
 
 
 def test_bad_support_and_selection_flags_are_refused(tiny, tmp_path):
-    config = tiny(
-        support="val",
-        heldout_size=0,
-        support_interval=0,
-        val_data="v.jsonl",
-        selection="best",
-        temperature=0.0,
-    )
+    config = tiny(support="val", heldout_size=0, support_interval=0, val_data="v.jsonl",
+                  selection="best", temperature=0.0)
     with pytest.raises(ConfigError) as e:
         train(config)
-    for expected in (
-        "--support must be one of train, heldout, batch, got 'val'",
-        "--heldout-size must be positive, got 0",
-        "--support-interval must be positive, got 0",
-        "--val-data needs --data",
-        "--selection must be one of softmax, topk, random, got 'best'",
-        "--temperature must be positive, got 0.0",
-    ):
+    for expected in ("--support must be one of train, heldout, batch, got 'val'",
+                     "--heldout-size must be positive, got 0",
+                     "--support-interval must be positive, got 0", "--val-data needs --data",
+                     "--selection must be one of softmax, topk, random, got 'best'",
+                     "--temperature must be positive, got 0.0"):
         assert expected in str(e.value)
     with pytest.raises(ConfigError, match="--support-data nowhere.jsonl: no such file"):
         train(tiny(data=__file__, support_data="nowhere.jsonl"))
@@ -153,42 +118,27 @@ def test_your_own_held_out_support_and_evaluation_files(tiny, tmp_path, capsys):
         return str(tmp_path / name)
 
     tok = get_tokenizer()
-    config = tiny(
-        data=write("train.jsonl", 30, 0),
-        val_data=write("val.jsonl", 10, 100),
-        support_data=write("ref.jsonl", 6, 200),
-        quiet=False,
-    )
+    config = tiny(data=write("train.jsonl", 30, 0), val_data=write("val.jsonl", 10, 100),
+                  support_data=write("ref.jsonl", 6, 200), quiet=False)
     task, is_qa = train_module.load_task(config, tok, 32)
     words = lambda split: {tok.decode(e.tokens[: e.n_prompt]) for e in split}
-    assert (
-        is_qa
-        and len(task.train) == 30
-        and words(task.heldout) == {f"q{i}?" for i in range(200, 206)}
-    )
-    assert (
-        words(task.dev) | words(task.val) == {f"q{i}?" for i in range(100, 110)}
-        and len(task.dev) == len(task.val) == 5
-    )
+    assert (is_qa and len(task.train) == 30
+            and words(task.heldout) == {f"q{i}?" for i in range(200, 206)})
+    assert (words(task.dev) | words(task.val) == {f"q{i}?" for i in range(100, 110)}
+            and len(task.dev) == len(task.val) == 5)
     carved, _ = train_module.load_task(
-        replace(config, support_data="", heldout_size=7, support="heldout"), tok, 32
-    )
-    assert (
-        len(carved.train) == 23
-        and len(carved.heldout) == 7
-        and not words(carved.train) & words(carved.heldout)
-    )
+        replace(config, support_data="", heldout_size=7, support="heldout"), tok, 32)
+    assert (len(carved.train) == 23 and len(carved.heldout) == 7
+            and not words(carved.train) & words(carved.heldout))
     assert "held-out support set: 7 samples carved from" in capsys.readouterr().out
     for support in ("train", "batch"):  # nothing carved
-        uncarved, _ = train_module.load_task(
-            replace(config, support_data="", support=support), tok, 32
-        )
+        uncarved, _ = train_module.load_task(replace(config, support_data="", support=support), tok,
+                                             32)
         assert len(uncarved.train) == 30 and uncarved.heldout == []
 
 
-def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(
-    tiny, tmp_path, monkeypatch
-):
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(tiny, tmp_path,
+                                                                                  monkeypatch):
     real_step = methods.SparseTuner.step
 
     def step(self, *args, **kwargs):
@@ -207,41 +157,20 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoin
 def test_jsonl_and_text_files_through_data(tiny, tmp_path):
     rows = [{"question": f"q{i}?", "answer": f" a{i % 3}"} for i in range(40)]
     (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    metrics = train(
-        tiny(
-            tmp_path / "qa",
-            data=str(tmp_path / "qa.jsonl"),
-            prompt_field="question",
-            completion_field="answer",
-            batch_size=4,
-            val_fraction=0.25,
-            heldout_size=8,
-            support="heldout",
-        )
-    )
+    metrics = train(tiny(tmp_path / "qa", data=str(tmp_path / "qa.jsonl"), prompt_field="question",
+                         completion_field="answer", batch_size=4, val_fraction=0.25, heldout_size=8,
+                         support="heldout"))
     assert metrics["exact_match"] is not None and math.isfinite(metrics["val_loss"])
     (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
     metrics = train(
-        tiny(tmp_path / "txt", data=str(tmp_path / "corpus.txt"), batch_size=4, support="batch")
-    )
+        tiny(tmp_path / "txt", data=str(tmp_path / "corpus.txt"), batch_size=4, support="batch"))
     assert metrics["exact_match"] is None and math.isfinite(metrics["val_loss"])
-    with pytest.raises(
-        ConfigError,
-        match="--batch-size 40 is larger than the 22 training samples left in .* "
-        "and the 8 held-out support",
-    ):
-        train(
-            tiny(
-                tmp_path / "qa2",
-                data=str(tmp_path / "qa.jsonl"),
-                batch_size=40,
-                val_fraction=0.25,
-                prompt_field="question",
-                completion_field="answer",
-                heldout_size=8,
-                support="heldout",
-            )
-        )
+    with pytest.raises(ConfigError,
+                       match="--batch-size 40 is larger than the 22 training samples left in .* "
+                       "and the 8 held-out support"):
+        train(tiny(tmp_path / "qa2", data=str(tmp_path / "qa.jsonl"), batch_size=40,
+                   val_fraction=0.25, prompt_field="question", completion_field="answer",
+                   heldout_size=8, support="heldout"))
 
 
 def test_selection_picture_shows_the_mask_and_the_noisy_samples():
@@ -266,9 +195,8 @@ def test_a_run_draws_its_selection_picture(tiny, tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
-def test_without_matplotlib_a_run_says_so_in_one_line_and_draws_nothing(
-    tiny, tmp_path, monkeypatch, capsys
-):
+def test_without_matplotlib_a_run_says_so_in_one_line_and_draws_nothing(tiny, tmp_path, monkeypatch,
+                                                                        capsys):
     import sys
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
@@ -317,9 +245,8 @@ def test_bad_flags_are_refused_before_any_work(capsys, base, tmp_path, flags, me
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_cuda_without_a_gpu_is_refused(capsys, base, tmp_path):
-    assert "--device cuda: no CUDA GPU is available here" in refused(
-        capsys, base, tmp_path, "--device", "cuda"
-    )
+    assert "--device cuda: no CUDA GPU is available here" in refused(capsys, base, tmp_path,
+                                                                     "--device", "cuda")
 
 
 @pytest.mark.parametrize("content", [b"", os.urandom(300), "truncated"])
@@ -349,11 +276,8 @@ def test_a_second_run_into_the_same_out_dir_is_refused_unless_asked(capsys, base
     assert run(capsys, base, out)[0] == 0
     before = {name: (out / name).read_bytes() for name in ("ckpt.pt", "adapter.pt", "metrics.json")}
     err = refused(capsys, base, out, "--lr", "0.05")
-    assert (
-        "already holds ckpt.pt, adapter.pt, metrics.json" in err
-        and "--resume" in err
-        and "--overwrite" in err
-    )
+    assert ("already holds ckpt.pt, adapter.pt, metrics.json" in err and "--resume" in err
+            and "--overwrite" in err)
     assert all((out / name).read_bytes() == data for name, data in before.items())
     assert run(capsys, base, out, "--lr", "0.05", "--overwrite")[0] == 0
     assert (out / "adapter.pt").read_bytes() != before["adapter.pt"]
@@ -372,8 +296,7 @@ def test_resume_refuses_a_missing_changed_or_other_base(capsys, base, tmp_path):
     state["model"]["transformer.wte.weight"] += 1
     torch.save(state, own_base)
     assert f"the checkpoint's base model {own_base} has changed since" in refused(
-        capsys, str(own_base), out, "--resume"
-    )
+        capsys, str(own_base), out, "--resume")
     own_base.unlink()
     # no --init-from: the checkpoint's base
     assert main(["--out-dir", str(out), *TINY_RUN, "--resume"]) == 2
@@ -400,27 +323,20 @@ def test_ctrl_c_says_where_it_stopped_and_what_was_saved(capsys, base, tmp_path,
 
 def test_quiet_prints_the_summary_alone_and_every_run_writes_metrics_json(capsys, base, tmp_path):
     code, out, _ = run(capsys, base, tmp_path)
-    assert (
-        code == 0
-        and "gast (softmax, support train): held-out loss" in out
-        and "block 0: updated in" in out
-    )
+    assert (code == 0 and "gast (softmax, support train): held-out loss" in out
+            and "block 0: updated in" in out)
     # no progress lines
     assert "step     0/6" not in out and "eval at" not in out and "LoRA r=" not in out
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert (
-        metrics["method"] == "gast"
-        and metrics["steps"] == 6
-        and f"held-out loss {metrics['val_loss']:.4f}" in out
-    )
+    assert (metrics["method"] == "gast" and metrics["steps"] == 6
+            and f"held-out loss {metrics['val_loss']:.4f}" in out)
 
 
 def test_a_json_file_of_one_object_a_line_is_read_and_the_reader_is_named(capsys, base, tmp_path):
     rows = [json.dumps({"prompt": f"q{i}?", "completion": f" a{i}"}) for i in range(40)]
     (tmp_path / "pairs.json").write_text("\n".join(rows))
-    code, out, _ = run(
-        capsys, base, tmp_path / "b", "--data", str(tmp_path / "pairs.json"), "--no-quiet"
-    )
+    code, out, _ = run(capsys, base, tmp_path / "b", "--data", str(tmp_path / "pairs.json"),
+                       "--no-quiet")
     assert code == 0 and f"reading {tmp_path / 'pairs.json'} as prompt/completion records" in out
 
 
@@ -436,16 +352,15 @@ def params_with_grads(*grads):
 
 
 def test_clipping_leaves_a_small_gradient_alone_and_scales_a_large_one_to_the_threshold():
-    from train import clip_gradients
+    from plumbing.optim import clip_gradients
 
     grads = (torch.tensor([3.0, 0.0]), torch.tensor([[4.0]]))  # global norm 5
     for max_norm, expected_norm in [(10.0, 5.0), (0.0, 5.0), (5.0, 5.0), (1.0, 1.0), (0.5, 0.5)]:
         opt = params_with_grads(*grads)
         assert clip_gradients(opt, max_norm) == pytest.approx(5.0)  # the norm before clipping
         after = [p.grad for p in opt.param_groups[0]["params"] if p.grad is not None]
-        assert float(torch.cat([g.flatten() for g in after]).norm()) == pytest.approx(
-            expected_norm, rel=1e-5
-        )
+        assert float(torch.cat([g.flatten() for g in after]).norm()) == pytest.approx(expected_norm,
+                                                                                      rel=1e-5)
         # the direction is kept
         assert torch.allclose(after[0] / after[0].norm(), grads[0] / grads[0].norm())
 
@@ -469,8 +384,7 @@ def bad_files(tmp_path):
     (tmp_path / "good.jsonl").write_text(good)
     (tmp_path / "nested.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
     (tmp_path / "huge.jsonl").write_text(
-        json.dumps({"prompt": "x" * (2 << 20), "completion": "y"}) + "\n"
-    )
+        json.dumps({"prompt": "x" * (2 << 20), "completion": "y"}) + "\n")
     (tmp_path / "blank.jsonl").write_text("\n\n  \n")
     (tmp_path / "latin1.txt").write_bytes("café au lait\n".encode("latin-1") * 20)
     (tmp_path / "text.txt").write_text("plain text " * 200)
@@ -557,9 +471,8 @@ def test_bad_input_is_one_error_line_before_any_training(capsys, base, tmp_path,
         ),
     ],
 )
-def test_a_shape_the_machine_cannot_hold_is_refused_before_pretraining(
-    capsys, tmp_path, flags, message
-):
+def test_a_shape_the_machine_cannot_hold_is_refused_before_pretraining(capsys, tmp_path, flags,
+                                                                       message):
     assert main(["--out-dir", str(tmp_path), "--quiet", *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "available" in err
@@ -567,14 +480,12 @@ def test_a_shape_the_machine_cannot_hold_is_refused_before_pretraining(
 
 
 def test_under_torchrun_only_the_first_process_prints_a_bad_flag_and_every_process_exits_2(
-    capsys, monkeypatch
-):
+    capsys, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     assert main(["--steps", "abc"]) == 2 and capsys.readouterr().err == ""
     monkeypatch.setenv("RANK", "0")
-    assert main(["--steps", "abc"]) == 2 and capsys.readouterr().err.startswith(
-        "error: argument --steps"
-    )
+    assert main(
+        ["--steps", "abc"]) == 2 and capsys.readouterr().err.startswith("error: argument --steps")
 
 
 def test_resume_on_changed_data_is_refused_naming_the_file(capsys, base, tmp_path):
@@ -585,46 +496,69 @@ def test_resume_on_changed_data_is_refused_naming_the_file(capsys, base, tmp_pat
     flags = ["--data", str(data), "--batch-size", "4"]
     assert run(capsys, base, out, *flags, "--stop-at", "3")[0] == 0
     data.write_text(
-        "\n".join(rows[:-1] + [json.dumps({"prompt": "q39?", "completion": " changed"})])
-    )
+        "\n".join(rows[:-1] + [json.dumps({"prompt": "q39?", "completion": " changed"})]))
     err = refused(capsys, base, out, *flags, "--resume")
-    assert (
-        f"--data {data}: the file has changed since the checkpoint was written" in err
-        and "--overwrite" in err
-    )
+    assert (f"--data {data}: the file has changed since the checkpoint was written" in err
+            and "--overwrite" in err)
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3  # nothing lost
     assert run(capsys, base, out, *flags, "--overwrite")[0] == 0  # afresh
 
 
 def test_the_default_warm_up_fits_a_short_run_and_an_explicit_longer_one_is_refused():
-    from train import TrainConfig, lr_at, warmup_steps
     from plumbing.checks import validate
+    from plumbing.optim import lr_at
+    from train import TrainConfig, warmup_steps
 
     short = TrainConfig(steps=4)
     validate(short)  # no error: python train.py --steps 4 runs
-    assert warmup_steps(short) == 0 and lr_at(short, 0) == short.lr
+    assert warmup_steps(short) == 0 and lr_at(0, short.lr, 4, 0) == short.lr
     assert warmup_steps(TrainConfig()) == 20 and warmup_steps(TrainConfig(steps=100)) == 10
-    assert lr_at(TrainConfig(), 0) == pytest.approx(TrainConfig().lr / 20)
+    assert lr_at(0, 1e-2, 600, 20) == pytest.approx(1e-2 / 20)
+    assert lr_at(599, 1e-2, 600, 20) == pytest.approx(1e-3, rel=1e-4)  # the cosine ends at lr/10
+    assert lr_at(300, 1e-2, 600, 20, "constant") == 1e-2
     with pytest.raises(ConfigError, match="--warmup-steps 20 is longer than the run"):
         validate(TrainConfig(steps=4, warmup_steps=20))
 
 
-def test_epochs_show_every_training_sample_exactly_n_times(tiny, monkeypatch, capsys):
+def test_epochs_take_whole_batches_and_show_every_training_sample_n_or_n_plus_1_times(
+        tiny, monkeypatch, capsys):
     from collections import Counter
 
     seen = []
     real = train_module.collate
 
     def collate(examples, *args, **kwargs):  # lora's only batches are the loop's
-        seen.extend(map(id, examples))
+        seen.append(list(map(id, examples)))
         return real(examples, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "collate", collate)
     metrics = train(tiny(method="lora", epochs=2, batch_size=10, quiet=False))
-    assert metrics["steps"] == 10  # ceil(2 x 48 / 10): the last batch holds the 6 left
-    counts = Counter(seen)
-    assert len(counts) == 48 and set(counts.values()) == {2}
-    assert "| epoch 2.00 |" in capsys.readouterr().out
+    assert metrics["steps"] == 10  # ceil(2 x 48 / 10): the last batch is whole too
+    assert all(len(batch) == 10 for batch in seen)
+    counts = Counter(i for batch in seen for i in batch)
+    assert len(counts) == 48 and set(counts.values()) <= {2, 3} and sum(counts.values()) == 100
+    assert "| epoch 2.08 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("epochs,n_train", [(0.3, 48), (2.3, 48), (0.001, 48), (3, 54)])
+def test_any_epochs_run_to_their_end_and_resume(tiny, tmp_path, epochs, n_train):
+    """--epochs whose samples do not divide into batches: every step is whole (so under
+    torchrun it splits as --batch-size does), the run ends and a resume from its middle
+    ends the same."""
+    kw = dict(method="gast", epochs=epochs, n_train=n_train, eval_interval=1, batch_size=8,
+              warmup_steps=-1)  # the default warm-up: a tenth of a short run
+    straight = train(tiny(**kw), summary=False)
+    assert straight["steps"] == max(1, math.ceil(epochs * n_train / 8))
+    if straight["steps"] > 1:
+        half = tmp_path / "half"
+        train(tiny(out=half, stop_at=straight["steps"] // 2, **kw), summary=False)
+        resumed = train(tiny(out=half, resume=True, **kw), summary=False)
+        assert resumed["val_loss"] == pytest.approx(straight["val_loss"], rel=1e-5)
+
+
+def test_epochs_past_a_billion_steps_are_refused_before_any_step(tiny):
+    with pytest.raises(ConfigError, match="more than a billion steps"):
+        train(tiny(method="lora", epochs=1e308))
 
 
 def test_shuffled_epochs_take_each_sample_once_per_epoch_and_resume_exactly():

@@ -27,22 +27,13 @@ For each model and batch size it times:
   hooks       per-sample gradients through backward hooks alone
   loop        B single-sample forward/backward passes (what vmap replaces)
 
-Time is paired: every computation runs in one process, round-robin after warm-up, each
-one bracketed by plain steps (plain, gast, plain, gast_hooks, plain, ...), and each ratio
-is the median over rounds of its time over the mean of the two plain steps around it,
-with its spread (min-max). A change of load then moves both sides of a ratio together;
-if plain's own time varies by more than 2x across rounds, a warning says the machine was
-busy and the ratios are suspect.
-
-Threads are set explicitly (--threads, default: the cores torch sees) and printed: two
-processes that each spin 2 OpenMP threads on 2 cores can slow a step by tens of times,
-so a benchmark beside another job must not oversubscribe the cores.
-
-Memory is the peak above the state before the computation (torch.cuda.max_memory_allocated
-on a GPU; on the CPU the peak RSS, reset through /proc/self/clear_refs, each computation in
-a fresh process so that memory freed by one cannot hide the next one's), next to the
-bound B x (LoRA parameters) x 4 bytes over plain. The table is printed and written to
---out as JSON.
+Time is paired: the computations run round-robin in one process, each bracketed by plain
+steps, and each ratio is the median over rounds of its time over the mean of the two plain
+steps around it (a warning says when plain's own time varied by over 2x: a busy machine).
+Threads are set explicitly (--threads); never run it beside another job that would
+oversubscribe the cores. Memory is the peak above the state before the computation (on a
+GPU, max_memory_allocated; on the CPU, the peak RSS of a fresh process per computation),
+beside the bound B x (LoRA parameters) x 4 bytes over plain. docs/cost.md reads the figures.
 """
 
 import argparse
@@ -58,7 +49,7 @@ import torch
 
 from data import collate, get_tokenizer
 from testbed.task import make_default_task
-from gast import per_sample_grads
+from gast import per_sample_grads_and_losses
 from methods.tuner import SparseTuner
 from methods.per_sample import per_sample_grads_by_hooks, second_pass
 from lora import LoRAConfig, add_lora
@@ -81,18 +72,8 @@ MODELS = {  # name: (model shape, LoRA targets, batch sizes by default)
         (16, 32),
     ),
 }
-WHATS = (
-    "plain",
-    "gast_default",
-    "gast_vmap",
-    "gast_hooks",
-    "gast_blocks",
-    "gast_twopass",
-    "gast_ref1",
-    "vmap",
-    "hooks",
-    "loop",
-)
+WHATS = ("plain", "gast_default", "gast_vmap", "gast_hooks", "gast_blocks", "gast_twopass",
+         "gast_ref1", "vmap", "hooks", "loop")
 # the GAST steps, in the table's order
 PATHS = ("gast_default", "gast_vmap", "gast_hooks", "gast_blocks", "gast_twopass", "gast_ref1")
 # timed with --compiled, or when --paths names them
@@ -137,9 +118,8 @@ def make_batch(config, B, device, seed=0):
     (the first half prompt, no loss there) for the others."""
     if config == MODELS["default"][0]:
         tok = get_tokenizer()
-        train = make_default_task(
-            tok, n_train=max(B, 8), n_val=1, noise=0.2, seed=seed, n_heldout=0, n_dev=0
-        ).train
+        train = make_default_task(tok, n_train=max(B, 8), n_val=1, noise=0.2, seed=seed,
+                                  n_heldout=0, n_dev=0).train
         return collate(train[:B], tok.eot_token, device)[:2]
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g)
@@ -160,15 +140,11 @@ def runners(model, opt, x, y, support_set):
     def tuner(**kw):
         return SparseTuner(model, TrainConfig(method="gast", **kw), support_set=support_set)
 
-    tuners = {
-        "gast_default": tuner(),
-        "gast_vmap": tuner(per_sample="vmap"),
-        "gast_hooks": tuner(per_sample="hooks"),
-        "gast_blocks": tuner(per_sample="blocks"),
-        "gast_twopass": tuner(per_sample="blocks"),
-        "gast_ref1": tuner(support="heldout", support_size=0, per_sample="vmap"),
-        "gast_compiled": tuner(per_sample="compiled"),
-    }
+    tuners = {"gast_default": tuner(), "gast_vmap": tuner(per_sample="vmap"),
+              "gast_hooks": tuner(per_sample="hooks"), "gast_blocks": tuner(per_sample="blocks"),
+              "gast_twopass": tuner(per_sample="blocks"),
+              "gast_ref1": tuner(support="heldout", support_size=0, per_sample="vmap"),
+              "gast_compiled": tuner(per_sample="compiled")}
     compiled_model = torch.compile(model)  # compiles at its first call, if it is called
 
     def plain(forward=model):
@@ -187,7 +163,7 @@ def runners(model, opt, x, y, support_set):
         return run
 
     def vmap():
-        per_sample_grads(model, x, y)
+        per_sample_grads_and_losses(model, x, y)
 
     def hooks():
         per_sample_grads_by_hooks(model, x, y)
@@ -281,9 +257,8 @@ def memory_all(spec, B, device, threads, whats=WHATS):
         return {what: memory_one(spec, B, what, device, threads) for what in whats}
     spawn = multiprocessing.get_context("spawn")
     peaks = {}
-    with concurrent.futures.ProcessPoolExecutor(
-        max_workers=1, mp_context=spawn, max_tasks_per_child=1
-    ) as pool:
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn,
+                                                max_tasks_per_child=1) as pool:
         for what in whats:
             if what in COMPILED:  # not measured on the CPU: no process needed
                 peaks[what] = memory_one(spec, B, what, device, threads)
@@ -304,8 +279,7 @@ def summarise(name, B, times, ratios, peaks, n_lora, seq):
             row[f"{what}_x"] = statistics.median(ratios[what])
             row[f"{what}_x_spread"] = [min(ratios[what]), max(ratios[what])]
             row[f"{what}_mem_x"] = (
-                row[f"{what}_mem_mib"] / max(row["plain_mem_mib"], 1e-9) if measured else None
-            )
+                row[f"{what}_mem_mib"] / max(row["plain_mem_mib"], 1e-9) if measured else None)
     if "loop" in ratios and "vmap" in ratios:
         loop_vs_vmap = [l / v for l, v in zip(ratios["loop"], ratios["vmap"])]
         row["vmap_speedup_over_loop"] = statistics.median(loop_vs_vmap)
@@ -316,8 +290,7 @@ def summarise(name, B, times, ratios, peaks, n_lora, seq):
     # the block-by-block target: (B + the support rows) x one block's LoRA parameters x 4 bytes over
     # plain
     row["block_bound_mib"] = (
-        (B + TrainConfig.support_size) * n_lora / MODELS[name][0].n_layer * 4 / 2**20
-    )
+        (B + TrainConfig.support_size) * n_lora / MODELS[name][0].n_layer * 4 / 2**20)
     return row
 
 
@@ -326,106 +299,6 @@ def mib(row, what):
     value = row[f"{what}_mem_mib"]
     return "n/a" if value is None else f"{value:.1f}"
 
-
-# --- where the time of the default step goes ------------------------------------------
-
-
-def profile(spec, B, device, repeats, clock="wall", per_sample="vmap"):
-    """{phase: median ms} of train.py's default GAST step (gast.gast_step by torch.func,
-    4 support rows riding) taken apart, beside a plain LoRA step: the per-sample pass of
-    the batch rows alone and with the support rows, the scores, the draw, the update; the
-    rest (host syncs, Python, the optimizer's share) is the step less those. per_sample
-    "compiled": the same with the torch.func pass compiled (compiled in the warm-up)."""
-    from gast import (alignment_scores, choose, masked_mean, per_sample_grads_and_losses,
-                      selection_weights, side_by_side)
-    from lora import lora_names_by_block
-    from methods.per_sample import CompiledPerSample
-
-    model, opt = setup(spec, device)
-    if per_sample == "compiled":
-        per_sample_pass = CompiledPerSample(model)
-    else:
-        per_sample_pass = per_sample_grads_and_losses
-    x, y = make_batch(spec[0], B, device)
-    sx, sy = make_batch(spec[0], 4, device, seed=1)  # the support mini-batch
-    config, layers = TrainConfig(per_sample=per_sample), lora_names_by_block(model)
-    k = max(1, B // 2)
-    generator = torch.Generator().manual_seed(0)
-    bx, by = side_by_side(x, sx, 0), side_by_side(y, sy, IGNORE_INDEX)
-    grads, _ = per_sample_pass(model, bx, by)
-    batch = {n: g[:B] for n, g in grads.items()}
-    support = {n: g[B:].mean(0) for n, g in grads.items()}
-    scores = alignment_scores(batch, layers, support)
-    mask = choose(scores, k, "softmax", 1.0, generator)
-    tuner = SparseTuner(model, config, support_set=make_batch(spec[0], SUPPORT_SET_SIZE, device, 1))
-
-    def plain():
-        opt.zero_grad(set_to_none=True)
-        model(x, y)[1].backward()
-        opt.step()
-
-    def gast_step():
-        tuner.step(x, y)
-        opt.step()
-
-    def update():  # gast_step's step 5
-        weights, params = selection_weights(mask), dict(model.named_parameters())
-        for l, names in enumerate(layers):
-            for n in names:
-                params[n].grad = masked_mean(batch[n], weights[l])
-
-    phases = {
-        "plain LoRA step": plain,
-        "GAST step": gast_step,
-        "per-sample pass, batch rows": lambda: per_sample_pass(model, x, y),
-        "per-sample pass, batch and support rows": lambda: per_sample_pass(model, bx, by),
-        "scores": lambda: alignment_scores(batch, layers, support),
-        "draw": lambda: choose(scores, k, "softmax", 1.0, generator),
-        "update": update,
-    }
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    times = {name: [] for name in phases}
-    for round in range(repeats + 2):  # two rounds of warm-up
-        for name, fn in phases.items():
-            t0 = CLOCKS[clock]()
-            fn()
-            sync()
-            if round >= 2:
-                times[name].append(1000 * (CLOCKS[clock]() - t0))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def format_profile(name, B, ms):
-    """The gap between the GAST step and a plain step, taken apart: the per-sample pass
-    over a plain step, the support rows' share of it, the scores, the draw, the update,
-    and the rest (host syncs, Python around them); the parts add up to the gap."""
-    plain, step = ms["plain LoRA step"], ms["GAST step"]
-    batch_rows = ms["per-sample pass, batch rows"]
-    parts = {
-        "per-sample pass (batch rows) over a plain step": batch_rows - plain,
-        "the 4 support rows in that pass": ms["per-sample pass, batch and support rows"]
-        - batch_rows,
-        "scores": ms["scores"],
-        "draw": ms["draw"],
-        "update": ms["update"],
-    }
-    parts["rest (host syncs, Python)"] = step - plain - sum(parts.values())
-    gap = step - plain
-    lines = [
-        f"\n{name} model, B {B}: plain {plain:.1f} ms, GAST {step:.1f} ms ({step / plain:.2f}x)",
-        "| part of the gap | ms | share of the gap |",
-        "|---|---|---|",
-    ]
-    for part, value in parts.items():
-        lines.append(
-            f"| {part} | {value:.1f} | {value / gap:.0%} |"
-            if gap > 0
-            else f"| {part} | {value:.1f} | - |"
-        )
-    return "\n".join(lines)
-
-
-# --- the picture --------------------------------------------------------------------------
 
 # The bars that the picture draws: train.py's default step, its faster paths, and the
 # floor (B + 4) / B that 4 support rows riding beside B batch rows set.
@@ -466,57 +339,30 @@ def plot_ratios(rows, path, title):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--device", default="auto", help="cpu, cuda ...; auto: cuda when available")
+    parser.add_argument("--models", default="", help="comma-separated from: " + ", ".join(
+        MODELS) + " (default: default,mid; and gpt2-small on CUDA)")
+    parser.add_argument("--batches", default="",
+                        help="comma-separated batch sizes (default: each model's own)")
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="timed rounds (medians over rounds reported)")
+    parser.add_argument("--loop-repeats", type=int, default=2,
+                        help="rounds that also time the slow single-sample loop")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch intra-op threads (default: the cores torch sees)")
     parser.add_argument(
-        "--models",
-        default="",
-        help="comma-separated from: "
-        + ", ".join(MODELS)
-        + " (default: default,mid; and gpt2-small on CUDA)",
-    )
-    parser.add_argument(
-        "--batches", default="", help="comma-separated batch sizes (default: each model's own)"
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=7, help="timed rounds (medians over rounds reported)"
-    )
-    parser.add_argument(
-        "--loop-repeats",
-        type=int,
-        default=2,
-        help="rounds that also time the slow single-sample loop",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=torch.get_num_threads(),
-        help="torch intra-op threads (default: the cores torch sees)",
-    )
-    parser.add_argument(
-        "--clock",
-        default="wall",
-        choices=list(CLOCKS),
+        "--clock", default="wall", choices=list(CLOCKS),
         help="wall time, or this process's CPU time "
         "(cpu: other processes' load is not counted; use it with --threads 1 on a shared CPU "
-        "machine)",
-    )
+        "machine)")
     parser.add_argument("--out", default="out/bench.json", help="where the JSON goes")
     parser.add_argument(
-        "--profile",
-        action="store_true",
-        help="instead of the ratios: where the default GAST step's time goes, against plain",
-    )
-    parser.add_argument(
-        "--paths",
-        default="",
+        "--paths", default="",
         help="comma-separated computations to time beside plain (default: all of them but the "
-        "compiled ones), from: " + ", ".join(WHATS[1:] + COMPILED),
-    )
+        "compiled ones), from: " + ", ".join(WHATS[1:] + COMPILED))
     parser.add_argument(
-        "--compiled",
-        action="store_true",
+        "--compiled", action="store_true",
         help="also time gast_compiled and plain_compiled (torch.compile: tens of seconds of "
-        "compiling per model and batch); with --profile: take the compiled step apart",
-    )
+        "compiling per model and batch)")
     args = parser.parse_args(argv)
     problems = []
     unknown = [m for m in args.models.split(",") if m and m not in MODELS]
@@ -531,16 +377,14 @@ def parse_args(argv=None):
     unknown = [w for w in args.paths.split(",") if w and w not in WHATS[1:] + COMPILED]
     if unknown:
         problems.append(
-            f"--paths: unknown {', '.join(unknown)}; choose from {', '.join(WHATS[1:] + COMPILED)}"
-        )
+            f"--paths: unknown {', '.join(unknown)}; choose from {', '.join(WHATS[1:] + COMPILED)}")
     chosen = [w for w in args.paths.split(",") if w] or list(WHATS[1:])
     chosen += list(COMPILED) if args.compiled else []
     args.whats = ("plain",) + tuple(w for w in WHATS[1:] + COMPILED if w in chosen)
     for flag in ("repeats", "loop_repeats", "threads"):
         if getattr(args, flag) <= 0:
             problems.append(
-                f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}"
-            )
+                f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if check_device(args.device):
         problems.append(check_device(args.device))
     # found now, not after the whole benchmark has run
@@ -551,12 +395,8 @@ def parse_args(argv=None):
                 # gast_ref1 runs the whole support set; the others B + 4 rows at most
                 rows = B + (SUPPORT_SET_SIZE if "gast_ref1" in args.whats else 4)
                 estimate = 2 * training_memory(MODELS[name][0], rows, full=False)
-                problems += memory_problems(
-                    f"the {name} model at batch {B}",
-                    estimate,
-                    pick_device(args.device),
-                    "--models, --batches",
-                )
+                problems += memory_problems(f"the {name} model at batch {B}", estimate,
+                                            pick_device(args.device), "--models, --batches")
     args.device = pick_device(args.device)
     if problems:
         parser.exit(2, "error: " + "\n  ".join(problems) + "\n")
@@ -567,39 +407,16 @@ def main(argv=None):
     args = parse_args(argv)
     device = args.device
     torch.set_num_threads(args.threads)
-    names = (
-        args.models.split(",")
-        if args.models
-        else (["default", "mid", "gpt2-small"] if device.startswith("cuda") else ["default", "mid"])
-    )
-    machine = (
-        torch.cuda.get_device_name(device)
-        if device.startswith("cuda")
-        else (platform.processor() or platform.machine())
-    )
+    names = (args.models.split(",") if args.models else (
+        ["default", "mid", "gpt2-small"] if device.startswith("cuda") else ["default", "mid"]))
+    machine = (torch.cuda.get_device_name(device) if device.startswith("cuda")
+               else (platform.processor() or platform.machine()))
     if args.clock == "cpu" and device.startswith("cuda"):
         parser_error = "--clock cpu measures the CPU's time; on a GPU use the wall clock"
         print(f"error: {parser_error}", file=sys.stderr)
         return 2
-    print(
-        f"bench on {device} ({machine}), {args.threads} torch threads of {os.cpu_count()} cores, "
-        f"{args.clock} clock, "
-        f"torch {torch.__version__}",
-        flush=True,
-    )
-    if args.profile:
-        found = {}
-        for name in names:
-            for B in args.batch_sizes or MODELS[name][2]:
-                per_sample = "compiled" if args.compiled else "vmap"
-                found[f"{name} B {B}"] = ms = profile(
-                    MODELS[name], B, device, args.repeats, args.clock, per_sample
-                )
-                label = name + (" (compiled)" if args.compiled else "")
-                print(format_profile(label, B, ms), flush=True)
-        write_json(args.out, {"device": device, "machine": machine, "profile": found})
-        print(f"\nwrote {args.out}")
-        return 0
+    print(f"bench on {device} ({machine}), {args.threads} torch threads of {os.cpu_count()} cores, "
+          f"{args.clock} clock, " f"torch {torch.__version__}", flush=True)
     whats = args.whats
     timed = whats[1:]
     steps = [w for w in timed if w in PATHS + COMPILED]  # the steps, with their memory
@@ -608,57 +425,30 @@ def main(argv=None):
         for B in args.batch_sizes or MODELS[name][2]:
             # larger models: fewer rounds
             repeats = args.repeats if name == "default" else max(3, args.repeats // 2)
-            times, ratios, n_lora, seq = paired_times(
-                MODELS[name],
-                B,
-                device,
-                repeats,
-                min(args.loop_repeats, repeats),
-                clock=args.clock,
-                whats=whats,
-            )
-            row = summarise(
-                name,
-                B,
-                times,
-                ratios,
-                memory_all(MODELS[name], B, device, args.threads, whats),
-                n_lora,
-                seq,
-            )
+            times, ratios, n_lora, seq = paired_times(MODELS[name], B, device, repeats, min(
+                args.loop_repeats, repeats), clock=args.clock, whats=whats)
+            row = summarise(name, B, times, ratios,
+                            memory_all(MODELS[name], B, device, args.threads, whats), n_lora, seq)
             rows.append(row)
-            print(
-                f"  {name} B={B}: plain {row['plain_ms']:.1f} ms, "
-                + ", ".join(f"{w} {row[w + '_x']:.2f}x" for w in timed),
-                flush=True,
-            )
+            print(f"  {name} B={B}: plain {row['plain_ms']:.1f} ms, " + ", ".join(
+                f"{w} {row[w + '_x']:.2f}x" for w in timed), flush=True)
             if row["busy"]:
                 print(
                     f"  warning: plain's own time varied {row['plain_spread']:.1f}x across "
                     "rounds: the machine was busy "
                     "and these ratios are suspect (on a shared CPU, --threads 1 --clock cpu holds "
-                    "up better)",
-                    flush=True,
-                )
-    print(
-        "\ntime: median over rounds of the ratio to that round's plain step [min-max]; memory: "
-        "peak MiB above the start"
-    )
+                    "up better)", flush=True)
+    print("\ntime: median over rounds of the ratio to that round's plain step [min-max]; memory: "
+          "peak MiB above the start")
     loop = "vmap" in timed and "loop" in timed
-    columns = (
-        ["model", "B", "plain ms", *timed]
-        + (["vmap vs loop"] if loop else [])
-        + [f"{w} MiB" for w in ("plain", *steps)]
-        + ["(B + 4) x one block's LoRA x 4 B (MiB)"]
-    )
+    columns = (["model", "B", "plain ms", *timed] + (["vmap vs loop"] if loop else []) + [
+        f"{w} MiB" for w in ("plain", *steps)] + ["(B + 4) x one block's LoRA x 4 B (MiB)"])
     print("| " + " | ".join(columns) + " |")
     print("|---" * len(columns) + "|")
     for r in rows:
         cells = [r["model"], str(r["batch"]), f"{r['plain_ms']:.1f}"]
-        cells += [
-            f"{r[f'{w}_x']:.2f}x [{r[f'{w}_x_spread'][0]:.2f}-{r[f'{w}_x_spread'][1]:.2f}]"
-            for w in timed
-        ]
+        cells += [f"{r[f'{w}_x']:.2f}x [{r[f'{w}_x_spread'][0]:.2f}-{r[f'{w}_x_spread'][1]:.2f}]"
+                  for w in timed]
         cells += [f"{r['vmap_speedup_over_loop']:.1f}x"] if loop else []
         cells += [mib(r, w) for w in ("plain", *steps)] + [f"{r['block_bound_mib']:.2f}"]
         print("| " + " | ".join(cells) + " |")
