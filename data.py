@@ -56,12 +56,10 @@ def get_tokenizer(name="bytes"):
     except Exception as e:
         raise TokenizerUnavailable(
             f"tokenizer {name!r}: tiktoken could not load its vocabulary ({type(e).__name__}: "
-            f"{e}). " "It is downloaded on first use and cached: run `python -c \"import tiktoken; "
-            f"tiktoken.get_encoding('{name}')\"` "
-            "once on a machine with network access, with TIKTOKEN_CACHE_DIR set to a directory "
-            "you keep, "
-            "then set TIKTOKEN_CACHE_DIR to that directory here. Or use --tokenizer bytes, which "
-            "needs no file.") from None
+            f"{e}). It is downloaded on first use and cached: run `python -c \"import tiktoken; "
+            f"tiktoken.get_encoding('{name}')\"` once on a machine with network access, with "
+            "TIKTOKEN_CACHE_DIR set to a directory you keep, then set TIKTOKEN_CACHE_DIR to that "
+            "directory here. Or use --tokenizer bytes, which needs no file.") from None
 
 
 def encode(tokenizer, text):
@@ -253,17 +251,10 @@ def load_examples(config, path, tokenizer, block_size, task=""):
         say(
             config,
             f"reading {path} as prompt/completion records (template {config.template}: {fields})")
-        examples, cut = load_records(
-            path,
-            tokenizer,
-            block_size,
-            config.prompt_field,
-            config.completion_field,
-            config.template,
-            config.answer_field,
-            getattr(config, "train_on_inputs", False),  # sample.py scores completions only
-            task,
-        )
+        on_inputs = getattr(config, "train_on_inputs", False)  # sample.py: completions only
+        examples, cut = load_records(path, tokenizer, block_size, config.prompt_field,
+                                     config.completion_field, config.template, config.answer_field,
+                                     on_inputs, task)
         if cut.skipped:
             first = ", ".join(cut.skipped[:3]) + (", ..." if len(cut.skipped) > 3 else "")
             say(

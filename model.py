@@ -49,14 +49,9 @@ class GPTConfig:
 
 
 # Hugging Face's names for GPT-2's activation_function, and the module each is
-ACTIVATIONS = {
-    "gelu_new": lambda: nn.GELU(approximate="tanh"),
-    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
-    "gelu": lambda: nn.GELU(),
-    "relu": nn.ReLU,
-    "silu": nn.SiLU,
-    "swish": nn.SiLU,
-}
+ACTIVATIONS = {"gelu_new": lambda: nn.GELU(approximate="tanh"), "gelu": lambda: nn.GELU(),
+               "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU,
+               "silu": nn.SiLU, "swish": nn.SiLU}
 
 
 def dropout(p):

@@ -58,18 +58,11 @@ class SampleConfig:
 
 
 def problems(config):
-    out = (
-        not_negative(config, "temperature")
-        + (
-            [
-                f"--temperature {config.temperature:g}: 0 (greedy) or at least 0.001, where "
-                "sampling still has a distribution"
-            ]
-            if 0 < config.temperature < 1e-3
-            else []
-        )
-        + ([] if config.n > 0 else [f"--n must be positive, got {config.n}"])
-    )
+    out = not_negative(config, "temperature")
+    if 0 < config.temperature < 1e-3:
+        out.append(f"--temperature {config.temperature:g}: 0 (greedy) or at least 0.001, where "
+                   "sampling still has a distribution")
+    out += [] if config.n > 0 else [f"--n must be positive, got {config.n}"]
     out += ([] if config.max_new_tokens > 0
             else [f"--max-new-tokens must be positive, got {config.max_new_tokens}"])
     out += [check_device(config.device)] if check_device(config.device) else []

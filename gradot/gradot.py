@@ -652,10 +652,9 @@ def format_table(rows, zero_shot="base skills"):
         if "lambda" in r:
             name += f" (lambda {r['lambda']:g}, chosen on dev)"
         lines.append(f"| {name} | {r['zero_shot']:.3f} | {pm(r, 'emulator_fine_tuned')} | "
-                     f"{pm(r, 'plug_in')} | "
-                     f"{r['full_fine_tuning']:.3f} | {r['gap']:+.3f} ± {r['gap_sd']:.3f} | "
-                     f"{pm(r, 'emulator_loss')} | "
-                     f"{pm(r, 'plug_in_loss')} | {r['middle_share']:.0%} | {r['compress_s']:.2f} |")
+                     f"{pm(r, 'plug_in')} | {r['full_fine_tuning']:.3f} | {r['gap']:+.3f} ± "
+                     f"{r['gap_sd']:.3f} | {pm(r, 'emulator_loss')} | {pm(r, 'plug_in_loss')} | "
+                     f"{r['middle_share']:.0%} | {r['compress_s']:.2f} |")
     return "\n".join(lines)
 
 

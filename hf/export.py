@@ -42,22 +42,12 @@ def export_peft(model, lora_config, directory, base=""):
             tensors[f"base_model.model.{name}.lora_A.weight"] = module.lora_A  # (r, in)
             tensors[f"base_model.model.{name}.lora_B.weight"] = module.lora_B  # (out, r)
             targets.add(name.split(".", 3)[-1])  # transformer.h.0.attn.c_attn: attn.c_attn
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base,
-        "r": lora_config.r,
-        "lora_alpha": lora_config.alpha,
-        "lora_dropout": lora_config.dropout,
-        "target_modules": sorted(targets),
-        "fan_in_fan_out": True,  # GPT-2's Conv1D
-        "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-    }
+    # fan_in_fan_out: GPT-2's Conv1D stores its weights (in, out)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+              "r": lora_config.r, "lora_alpha": lora_config.alpha,
+              "lora_dropout": lora_config.dropout, "target_modules": sorted(targets),
+              "fan_in_fan_out": True, "bias": "none", "use_rslora": False, "use_dora": False,
+              "init_lora_weights": True, "inference_mode": True, "modules_to_save": None}
     write_safetensors(tensors, os.path.join(directory, "adapter_model.safetensors"))
     write_json(os.path.join(directory, "adapter_config.json"), config)
 

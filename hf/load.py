@@ -109,11 +109,9 @@ def hf_config(hf, dropout=0.0):
     (HF_IGNORED), or refused with a ValueError naming it."""
     if hf.get("model_type", "gpt2") != "gpt2":
         raise ValueError(f"config.json: model_type {hf['model_type']!r} is not gpt2")
-    refused = {
-        "reorder_and_upcast_attn": False,  # ours computes attention in the model's dtype
-        "add_cross_attention": False,
-        "scale_attn_weights": True,
-    }
+    # reorder_and_upcast_attn: ours computes attention in the model's dtype
+    refused = {"reorder_and_upcast_attn": False, "add_cross_attention": False,
+               "scale_attn_weights": True}
     for field, supported in refused.items():
         if hf.get(field, supported) != supported:
             raise ValueError(f"config.json: {field} {hf[field]!r} is not supported")

@@ -60,11 +60,9 @@ def data_problems(self):
         # train, test, dev, held-out: distinct words
         words = self.n_train + 2 * self.n_val + self.heldout_size
         if words > MAX_TASK_WORDS:
-            out.append(
-                f"--n-train, --n-val, --heldout-size: the default task would need {words:,} "
-                "distinct words, more than "
-                f"the {MAX_TASK_WORDS:,} it makes (its word space holds {WORD_SPACE:,}); use "
-                "--data for more")
+            out.append(f"--n-train, --n-val, --heldout-size: the default task would need "
+                       f"{words:,} distinct words, more than the {MAX_TASK_WORDS:,} it makes "
+                       f"(its word space holds {WORD_SPACE:,}); use --data for more")
     out += file_problems("--data", self.data) + one_of(self, "template", TEMPLATES)
     out += positive(self, "max_new_tokens")
     if not self.data and (self.template != "plain" or self.answer_field):
@@ -133,12 +131,8 @@ def check_skills(config, model, base_path, tokenizer, device):
     say(config, f"the base's skills on fresh words: {skill_line(skills)}{made}")
     weak = [f"{name} {score:.3f}" for name, score in skills.items() if score < SKILL_LEVEL]
     if weak and not config.data and not (config.weak_base and config.init_from):
-        hint = (
-            "--weak-base uses it anyway"
-            if config.init_from
-            else "pretrain another (--pretrain-seed, --pretrain-steps), or --init-from it with "
-            "--weak-base"
-        )
+        hint = ("--weak-base uses it anyway" if config.init_from else "pretrain another "
+                "(--pretrain-seed, --pretrain-steps), or --init-from it with --weak-base")
         refuse([f"the base {base_path} knows too little for the default task, which composes "
                 f"its skills: {', '.join(weak)} (below {SKILL_LEVEL}); {hint}"])
 
@@ -150,13 +144,9 @@ def step_memory_problems(config, shape):
     lora = 16 * config.lora_r * shape.n_embd * shape.n_layer
     # + per-sample gradients, AdamW's moments
     estimate = training_memory(shape, rows, full=False) + 4 * lora * (rows + 4)
-    return memory_problems(
-        "a fine-tuning step",
-        estimate,
-        pick_device(config.device),
-        "--batch-size, --lora-r"
-        + ("" if config.init_from else ", --n-layer, --n-embd, --block-size"),
-    )
+    flags = "--batch-size, --lora-r" + ("" if config.init_from else ", --n-layer, --n-embd, "
+                                             "--block-size")
+    return memory_problems("a fine-tuning step", estimate, pick_device(config.device), flags)
 
 
 def check_run(config, shape, n_train, eval_set, split):

@@ -243,13 +243,10 @@ def pretrain(config, tokenizer, device, path, corpus=None):
                                                           corpus)
     skills_known = not config.pretrain_data  # the built-in corpus teaches copy, rev and shift
     starts = config.pretrain_starts if skills_known and config.pretrain_until > 0 else 1
-    say(
-        config,
-        f"pretraining a base GPT ({gpt_config.n_layer} blocks, width {gpt_config.n_embd}, "
+    until = f", until it knows its skills (at most {starts} starts)" if starts > 1 else ""
+    say(config, f"pretraining a base GPT ({gpt_config.n_layer} blocks, width {gpt_config.n_embd}, "
         f"context {gpt_config.block_size}) on {described} for {config.pretrain_steps} steps on "
-        f"{device}"
-        + (f", until it knows its skills (at most {starts} starts)" if starts > 1 else ""),
-    )
+        f"{device}{until}")
     skills = None
     for start in range(starts):
         seed = PRETRAIN_SEED + config.pretrain_seed + 1000 * start

@@ -66,12 +66,8 @@ MODELS = {  # name: (model shape, LoRA targets, batch sizes by default)
     "default": (GPTConfig(), ATTENTION_AND_MLP, (8, 32, 128)),
     "mid": (GPTConfig(n_layer=8, n_head=8, n_embd=256, block_size=64), ATTENTION_AND_MLP, (32,)),
     # the shape a one-GPU user runs: 12 blocks, width 768, context 128, the paper's batch
-    "gpt2-small": (
-        GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=128, vocab_size=50257),
-        ATTENTION_AND_MLP,
-        (16, 32),
-    ),
-}
+    "gpt2-small": (GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=128, vocab_size=50257),
+                   ATTENTION_AND_MLP, (16, 32))}
 WHATS = ("plain", "gast_default", "gast_vmap", "gast_hooks", "gast_blocks", "gast_twopass",
          "gast_ref1", "vmap", "hooks", "loop")
 # the GAST steps, in the table's order
@@ -173,14 +169,8 @@ def runners(model, opt, x, y, support_set):
             model.zero_grad(set_to_none=True)
             model(x[i : i + 1], y[i : i + 1])[1].backward()
 
-    return {
-        "plain": plain,
-        **{what: gast_step(what) for what in tuners},
-        "vmap": vmap,
-        "hooks": hooks,
-        "loop": loop,
-        "plain_compiled": lambda: plain(compiled_model),
-    }
+    return {"plain": plain, **{what: gast_step(what) for what in tuners}, "vmap": vmap,
+            "hooks": hooks, "loop": loop, "plain_compiled": lambda: plain(compiled_model)}
 
 
 STEPS_PER_CALL = {}  # computations timed over several steps (none today), per step
@@ -433,11 +423,9 @@ def main(argv=None):
             print(f"  {name} B={B}: plain {row['plain_ms']:.1f} ms, " + ", ".join(
                 f"{w} {row[w + '_x']:.2f}x" for w in timed), flush=True)
             if row["busy"]:
-                print(
-                    f"  warning: plain's own time varied {row['plain_spread']:.1f}x across "
-                    "rounds: the machine was busy "
-                    "and these ratios are suspect (on a shared CPU, --threads 1 --clock cpu holds "
-                    "up better)", flush=True)
+                print(f"  warning: plain's own time varied {row['plain_spread']:.1f}x across "
+                      "rounds: the machine was busy and these ratios are suspect (on a shared "
+                      "CPU, --threads 1 --clock cpu holds up better)", flush=True)
     print("\ntime: median over rounds of the ratio to that round's plain step [min-max]; memory: "
           "peak MiB above the start")
     loop = "vmap" in timed and "loop" in timed
@@ -452,18 +440,9 @@ def main(argv=None):
         cells += [f"{r['vmap_speedup_over_loop']:.1f}x"] if loop else []
         cells += [mib(r, w) for w in ("plain", *steps)] + [f"{r['block_bound_mib']:.2f}"]
         print("| " + " | ".join(cells) + " |")
-    write_json(
-        args.out,
-        {
-            "device": device,
-            "machine": machine,
-            "torch": torch.__version__,
-            "threads": args.threads,  # atomically
-            "clock": args.clock,
-            "busy": any(r["busy"] for r in rows),
-            "rows": rows,
-        },
-    )
+    write_json(args.out, {"device": device, "machine": machine, "torch": torch.__version__,
+                          "threads": args.threads, "clock": args.clock,
+                          "busy": any(r["busy"] for r in rows), "rows": rows})  # atomically
     picture = os.path.splitext(args.out)[0] + ".png"
     plot_ratios(rows, picture, f"{machine}, {args.threads} threads, torch {torch.__version__}")
     print(f"\nwritten to {args.out} and {picture}")
