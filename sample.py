@@ -77,6 +77,14 @@ def problems(config):
             out.append(f"--merge {config.merge}: the file exists; --overwrite replaces it")
     out += export_problems("--export-peft", config.export_peft) if config.export_peft else []
     out += export_problems("--export-hf", config.export_hf) if config.export_hf else []
+    # two outputs never share a place: each export is a folder of its own
+    places = [(flag, os.path.abspath(path)) for flag, path in (
+        ("--merge", os.path.dirname(config.merge) if config.merge else ""),
+        ("--export-peft", config.export_peft), ("--export-hf", config.export_hf)) if path]
+    for i, (a, place_a) in enumerate(places):
+        for b, place_b in places[i + 1:]:
+            if place_a == place_b and "--export" in a + b and not (a == "--merge" == b):
+                out.append(f"{a} and {b} name one folder ({place_a}): give each output its own")
     return out
 
 
@@ -128,15 +136,15 @@ def sample(config):
         print(
             f"wrote {config.merge}: the base of {config.out_dir} with its adapters merged (python "
             f"train.py --init-from {config.merge})")
-    elif config.export_peft or config.export_hf:
-        if config.export_peft:  # PEFT loads it onto the base as transformers holds it
-            lora = LoRAConfig(run.lora_r, run.lora_alpha, run.lora_dropout)
-            export_peft(model, lora, config.export_peft, run.init_from or "")
-            print(f"wrote {config.export_peft}: the adapter in PEFT's LoRA layout")
-        if config.export_hf:
-            export_hf(model, config.export_hf, tokenizer.eot_token)
-            print(f"wrote {config.export_hf}: the merged model as a transformers GPT-2 directory")
-    elif config.prompt:
+    if config.export_peft:  # PEFT loads it onto the base as transformers holds it
+        lora = LoRAConfig(run.lora_r, run.lora_alpha, run.lora_dropout)
+        export_peft(model, lora, config.export_peft, run.init_from or "")
+        print(f"wrote {config.export_peft}: the adapter in PEFT's LoRA layout")
+    if config.export_hf:
+        export_hf(model, config.export_hf, tokenizer.eot_token)
+        print(f"wrote {config.export_hf}: the merged model as a transformers GPT-2 directory")
+    # every output asked for is written above; then the prompt, the file, or the run's answers
+    if config.prompt:
         prompt = encode(tokenizer, config.prompt)[-model.config.block_size :]
         n_new = max(1, min(config.max_new_tokens, model.config.block_size - len(prompt)))
         with autocast_for(device):
@@ -149,7 +157,7 @@ def sample(config):
         if not run.data:  # the default task's answers end at their newline (no <|endoftext|>)
             answer = answer[: answer.index("\n") + 1] if "\n" in answer else answer
         print(f"{config.prompt!r} -> {answer!r}")
-    else:
+    elif config.data or not (config.merge or config.export_peft or config.export_hf):
         if config.data:
             examples = load_examples(config, config.data, tokenizer, model.config.block_size)
             where, is_qa = config.data, is_records(config.data)

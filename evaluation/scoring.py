@@ -78,15 +78,21 @@ def evaluate(model, examples, tokenizer, device, is_qa, batch_size=64, n_answers
 
 def answer_finders(examples):
     """{task: a regex finding the first of the task's answers in a response}: the distinct
-    answers of the task's examples, as whole words, the longest first where two start at one
-    place. On LLM-Adapters' files this is their per-dataset patterns (true|false, answer1-5,
-    ...), with no dataset named in the code."""
+    answers of the task's examples, as whole words (an answer that begins or ends with a
+    symbol, "-1" or "(B)", is found beside anything there), the longest first where two
+    start at one place. On LLM-Adapters' files this is their per-dataset patterns
+    (true|false, answer1-5, ...), with no dataset named in the code."""
     by_task = {}
     for e in examples:
         if e.answer:
             by_task.setdefault(e.task, set()).add(e.answer)
-    return {task: re.compile(r"\b(" + "|".join(map(re.escape, sorted(
-        found, key=len, reverse=True))) + r")\b") for task, found in by_task.items()}
+
+    def whole(answer):  # a word edge is asked for only where the answer has a word character
+        return ((r"(?<!\w)" if re.match(r"\w", answer) else "") + re.escape(answer)
+                + (r"(?!\w)" if re.search(r"\w$", answer) else ""))
+
+    return {task: re.compile("(" + "|".join(map(whole, sorted(found, key=len, reverse=True)))
+                             + ")") for task, found in by_task.items()}
 
 
 def until_end(tokens, eot):

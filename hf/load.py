@@ -6,6 +6,7 @@ stated reason, or refused by name. Nothing is downloaded. The way out is hf/expo
 """
 
 import json
+import math
 import os
 
 import torch
@@ -41,6 +42,7 @@ def gpt2_from_pretrained(path, dropout=0.0):
                            tie_word_embeddings="lm_head.weight" not in sd_hf)
     if config.tie_word_embeddings:
         sd_hf.pop("lm_head.weight", None)  # the same tensor as wte, when a file keeps it
+    check_against_weights(config, sd_hf, weights)  # before the model is allocated
     model = GPT(config)
     sd = model.state_dict()
     name = lambda k: k if k == "lm_head.weight" else "transformer." + k
@@ -58,6 +60,27 @@ def gpt2_from_pretrained(path, dropout=0.0):
                     f"{weights}: {k} has shape {tuple(v.shape)}, expected {tuple(target.shape)}")
             target.copy_(v)
     return model
+
+
+def check_against_weights(config, sd_hf, weights):
+    """The shape config.json claims, held to the weights' own before anything is allocated
+    (a claimed n_embd of 32768 over small weights would fill memory first); and every
+    weight finite."""
+    blocks = {int(k.split(".")[1]) for k in sd_hf if k.startswith("h.")}
+    inner = config.n_inner or 4 * config.n_embd
+    claims = [("vocab_size", "wte.weight", (config.vocab_size, config.n_embd)),
+              ("n_positions", "wpe.weight", (config.block_size, config.n_embd)),
+              ("n_inner", "h.0.mlp.c_fc.weight", (config.n_embd, inner))]
+    for field, key, shape in claims:
+        if key in sd_hf and tuple(sd_hf[key].shape) != shape:
+            raise ValueError(f"config.json: {field} and n_embd make {key} {shape}, but {weights} "
+                             f"holds {tuple(sd_hf[key].shape)}")
+    if blocks and len(blocks) != config.n_layer:
+        raise ValueError(f"config.json: n_layer {config.n_layer}, but {weights} holds "
+                         f"{len(blocks)} blocks")
+    for k, v in sd_hf.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{weights}: {k} holds values that are not finite (nan or inf)")
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -126,6 +149,9 @@ def hf_config(hf, dropout=0.0):
     unknown = sorted(set(hf) - honoured - HF_IGNORED - set(refused))
     if unknown:
         raise ValueError(f"config.json: field {unknown[0]!r} is not one we know how to honour")
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"config.json: layer_norm_epsilon {eps!r} must be a positive number")
     return GPTConfig(
         n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
         block_size=hf["n_positions"], vocab_size=hf["vocab_size"], dropout=dropout, bias=True,

@@ -5,15 +5,17 @@ and a step that clearly cannot fit in memory is refused.
 """
 
 import math
+import os
 from dataclasses import replace
 
+from data import task_name
 from lora import LINEAR_MODULES
 from methods.tuner import METHODS, PER_SAMPLE, SELECTIONS, SUPPORTS
 from model import GPTConfig
 from plumbing.devices import memory_problems, pick_device, say, training_memory
 from plumbing.files import file_problems
 from plumbing.records import TEMPLATES, is_records
-from plumbing.settings import in_range, not_negative, one_of, positive, refuse
+from plumbing.settings import flag, in_range, not_negative, one_of, positive, refuse
 from testbed.task import MAX_TASK_WORDS, NOISE_KINDS, WORD_SPACE, parse_tasks
 from testbed.pretrain import (SKILL_LEVEL, base_problems, base_skills, measure_skills, shape_values,
                               skill_examples, skill_line)
@@ -67,6 +69,26 @@ def data_problems(self):
     out += positive(self, "max_new_tokens")
     if not self.data and (self.template != "plain" or self.answer_field):
         out.append("--template and --answer-field read records of --data")
+    elif self.data and not is_records(self.data) and (self.template != "plain"
+                                                      or self.answer_field):
+        out.append(f"--template and --answer-field read records; --data {self.data} is read as "
+                   "plain text (a .jsonl or .json name reads records)")
+    fields = [f for f, default in (("prompt_field", "prompt"), ("completion_field", "completion"))
+              if getattr(self, f) != default]
+    if self.template == "alpaca" and fields:  # alpaca reads instruction, input and output
+        out.append(f"{', '.join(flag(f) for f in fields)}: --template alpaca reads the records' "
+                   "instruction, input and output; those flags are for --template plain")
+    val_files = [p.strip() for p in self.val_data.split(",") if p.strip()]
+    real = [os.path.realpath(p) for p in val_files]
+    twice = sorted({p for p, r in zip(val_files, real) if real.count(r) > 1})
+    if twice:
+        out.append(f"--val-data names {', '.join(twice)} more than once (each file is a task)")
+    names = [task_name(p) for p in val_files]
+    clash = sorted({n for n in names if names.count(n) > 1}) if not twice else []
+    for name in clash:
+        files = [p for p, n in zip(val_files, names) if n == name]
+        out.append(f"--val-data: {', '.join(files)} would all be task {name!r} (a task is named "
+                   "by its folder or stem): give each task a file of its own name")
     kinds = lambda p: "prompt/completion records" if is_records(p) else "plain text"
     for name in ("val_data", "support_data"):
         paths = [p for p in getattr(self, name).split(",") if p.strip()]

@@ -6,6 +6,7 @@ or element at fault.
 """
 
 import json
+import re
 
 
 
@@ -62,20 +63,63 @@ def is_records(path):
     return path.lower().endswith((".jsonl", ".json"))
 
 
+class RepeatedKey(ValueError):
+    pass
+
+
+def unique_keys(pairs):
+    """A JSON object's dict, refusing a key given twice (json keeps the last without a word)."""
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise RepeatedKey(f"the key {twice[0]!r} is given twice in one object")
+    return dict(pairs)
+
+
+DECODER = json.JSONDecoder(object_pairs_hook=unique_keys)
+SPACE = re.compile(r"\s*")
+
+
+def array_elements(text, path):
+    """[(where, object)] of a JSON array, element by element: each element's line is named,
+    and one over MAX_LINE characters is refused, as a .jsonl line is."""
+    out, n, line, counted = [], len(text), 1, 0
+    skip = lambda i: SPACE.match(text, i).end()
+    i = skip(text.index("[") + 1)
+    while i < n and text[i] != "]":
+        line, counted = line + text.count("\n", counted, i), i  # counted once, as we go
+        where = f"{path}:{line}: element {len(out)}"
+        try:
+            item, end = DECODER.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})"
+                            ) from None
+        except RepeatedKey as e:
+            raise DataError(f"{where}: {e}") from None
+        except RecursionError:
+            raise DataError(f"{where}: JSON nested too deeply to read") from None
+        if end - i > MAX_LINE:
+            raise DataError(f"{where}: {end - i:,} characters, over the {MAX_LINE:,} a sample may "
+                            "have")
+        out.append((where, item))
+        i = skip(end)
+        if i < n and text[i] == "," and skip(i + 1) < n and text[skip(i + 1)] != "]":
+            i = skip(i + 1)
+        elif i < n and text[i] != "]":
+            raise DataError(f"{where}: malformed JSON (expected ',' and an element, or ']', "
+                            "after it)")
+    if i >= n or text[i + 1:].strip():
+        raise DataError(f"{path}: malformed JSON (the array does not end with ']' alone)")
+    return out
+
+
 def read_records(path):
     """[(where, object)]: the objects of a .jsonl file, one a line, or of a .json file, a JSON
     array of objects (or one object a line); where names the file and line, or element."""
     text = read_text_file(path)
     head = text.lstrip()[:1]
     if path.lower().endswith(".json") and head == "[":
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
-        except RecursionError:
-            raise DataError(f"{path}: JSON nested too deeply to read") from None
-        return [(f"{path}: element {i}", item) for i, item in enumerate(items)]
+        return array_elements(text, path)
     if path.lower().endswith(".json") and head != "{":
         raise DataError(f"{path}: neither a JSON array of objects nor one JSON object per line")
     records = []
@@ -88,9 +132,11 @@ def read_records(path):
                 f"{where}: a line of {len(line):,} characters, over the {MAX_LINE:,} a sample may "
                 "have")
         try:
-            records.append((where, json.loads(line)))
+            records.append((where, DECODER.decode(line)))
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
+        except RepeatedKey as e:
+            raise DataError(f"{where}: {e}") from None
         except RecursionError:
             raise DataError(f"{where}: JSON nested too deeply to read") from None
     return records
@@ -129,6 +175,8 @@ def record_texts(path, prompt_field, completion_field, template, answer_field, t
         prompt, completion = prompt_and_completion(record, where, template, prompt_field,
                                                    completion_field)
         answer = text_field(record, answer_field, where) if answer_field else ""
+        if answer_field and not answer.strip():  # it could never be found in a response
+            raise DataError(f"{where}: field {answer_field!r} (--answer-field) is empty")
         yield where, prompt, completion, answer, text_field(record, "task", where, default=task)
 
 

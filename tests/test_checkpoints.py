@@ -243,3 +243,28 @@ def test_what_transformers_save_pretrained_writes_loads_to_its_logits_where_inst
     idx = torch.randint(0, BASE["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx)[0], theirs(idx).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("claim,message", [
+    (dict(n_embd=32768, n_head=2), "vocab_size and n_embd make wte.weight"),
+    (dict(n_layer=100000), "n_layer 100000, but"), (dict(n_positions=4096), "n_positions"),
+    (dict(n_inner=99), "n_inner and n_embd make h.0.mlp.c_fc.weight")])
+def test_a_config_json_is_held_to_its_weights_before_the_model_is_allocated(
+        tmp_path, monkeypatch, claim, message):
+    import model as model_module
+
+    built = []
+    monkeypatch.setattr(model_module.GPT, "__init__", lambda *a: built.append(a))
+    directory = write_checkpoint(tmp_path / "gpt2", {**BASE, **claim}, random_hf_weights(BASE))
+    with pytest.raises(ValueError, match=message):
+        gpt2_from_pretrained(str(directory))
+    assert not built  # refused before the model was made
+
+
+def test_nan_weights_and_a_nan_epsilon_are_named(tmp_path):
+    sd = random_hf_weights(BASE)
+    sd["transformer.h.1.ln_2.bias"][3] = float("nan")
+    with pytest.raises(ValueError, match="h.1.ln_2.bias holds values that are not finite"):
+        gpt2_from_pretrained(str(write_checkpoint(tmp_path / "a", BASE, sd)))
+    with pytest.raises(ValueError, match="layer_norm_epsilon nan must be a positive number"):
+        hf_config({**BASE, "layer_norm_epsilon": float("nan")})

@@ -229,3 +229,24 @@ def test_the_ablation_pairs_are_paired_by_seed_and_only_at_one_lr():
     table = compare_module.format_pairs(pairs)
     assert "| gast - gast:random | 0.01 | +0.1500 ± " in table
     assert "| gast - gast:topk | 0.01 vs 0.003 | not paired: the lrs differ | - |" in table
+
+
+def test_a_second_comparison_into_a_held_out_dir_is_refused_before_any_run(base, tmp_path,
+                                                                          capsys, monkeypatch):
+    """Two comparisons into one --out-dir: the second is refused at once (the first's lock),
+    and nothing of the first is touched."""
+    import os
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "run.lock").write_text(f"{holder.pid} {os.uname().nodename}")
+        ran = []
+        monkeypatch.setattr(compare_module, "one_run", lambda *a: ran.append(a))
+        code = main(["--methods", "lora", "--seeds", "1", "--lrs", "1e-2", "--out-dir",
+                     str(tmp_path), *flags(base)])
+        assert code == 2 and not ran and "another run" in capsys.readouterr().err
+        assert (tmp_path / "run.lock").read_text().startswith(str(holder.pid))
+    finally:
+        holder.kill()

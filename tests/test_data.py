@@ -253,3 +253,65 @@ def test_the_per_task_table_gives_each_task_and_the_average_over_tasks():
     assert per_task_lines({"a": per_task["a"]}) == []
     no_em = per_task_lines({k: {**v, "exact_match": None} for k, v in per_task.items()})
     assert "exact match" not in no_em[0] and no_em[-1].count("|") == 2
+
+
+# --- no silent wrong result in the data (issue 43) ---
+
+
+def test_a_key_given_twice_and_an_oversized_array_element_are_refused_naming_the_line(
+        tmp_path, monkeypatch):
+    import plumbing.records as records
+
+    (tmp_path / "a.jsonl").write_text('{"prompt": "x", "completion": "y"}\n'
+                                      '{"prompt": "x", "prompt": "z", "completion": "y"}\n')
+    with pytest.raises(DataError, match=r"a.jsonl:2: the key 'prompt' is given twice"):
+        records.read_records(str(tmp_path / "a.jsonl"))
+    (tmp_path / "b.json").write_text('[\n  {"a": 1},\n  {"a": 1, "a": 2}\n]')
+    with pytest.raises(DataError, match=r"b.json:3: element 1: the key 'a' is given twice"):
+        records.read_records(str(tmp_path / "b.json"))
+    monkeypatch.setattr(records, "MAX_LINE", 40)  # the cap of a .jsonl line, for arrays too
+    (tmp_path / "c.json").write_text('[{"a": "short"},\n {"a": "' + "x" * 60 + '"}]')
+    with pytest.raises(DataError, match=r"c.json:2: element 1: 69 characters, over the 40"):
+        records.read_records(str(tmp_path / "c.json"))
+    (tmp_path / "d.json").write_text('[{"a": 1},]')
+    with pytest.raises(DataError, match="malformed JSON"):
+        records.read_records(str(tmp_path / "d.json"))
+
+
+def test_an_empty_answer_is_refused_and_answers_with_symbols_are_found(tmp_path):
+    from evaluation.scoring import answer_finders
+    from plumbing.records import record_texts
+
+    (tmp_path / "e.jsonl").write_text('{"prompt": "q", "completion": "a", "answer": " "}\n')
+    with pytest.raises(DataError, match=r"e.jsonl:1: field 'answer' \(--answer-field\) is empty"):
+        list(record_texts(str(tmp_path / "e.jsonl"), "prompt", "completion", "plain", "answer", ""))
+    examples = [Example([1, 2], 1, task="t", answer=a) for a in ("-1", "C++", "(B)", "true")]
+    find = answer_finders(examples)["t"]
+    found = {r: (m.group(1) if (m := find.search(r)) else None) for r in (
+        "it is -1.", "C++ wins", "(B) is right", "untrue", "-10", "true.")}
+    assert found == {"it is -1.": "-1", "C++ wins": "C++", "(B) is right": "(B)", "untrue": None,
+                     "-10": None, "true.": "true"}
+
+
+def test_flags_that_do_not_apply_and_evaluation_files_that_collide_are_refused(tmp_path):
+    from plumbing.checks import data_problems
+    from train import TrainConfig
+
+    for name in ("train.json", "corpus.txt"):
+        (tmp_path / name).write_text("[]" if name.endswith("json") else "text")
+    for folder in ("a/boolq", "b/boolq"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "test.json").write_text("[]")
+    data, a, b = (str(tmp_path / p) for p in ("train.json", "a/boolq/test.json",
+                                              "b/boolq/test.json"))
+
+    def problems(**kw):
+        return " ".join(data_problems(TrainConfig(**kw)))
+
+    assert "more than once" in problems(data=data, val_data=f"{a},{a}")
+    assert "would all be task 'boolq'" in problems(data=data, val_data=f"{a},{b}")
+    assert "--prompt-field: --template alpaca reads" in problems(
+        data=data, template="alpaca", prompt_field="question")
+    assert "is read as plain text" in problems(data=str(tmp_path / "corpus.txt"),
+                                               answer_field="answer")
+    assert problems(data=data, template="alpaca", val_data=a) == ""

@@ -112,3 +112,22 @@ def test_bad_sampling_settings_are_one_error_line(capsys, tmp_path, flags, messa
     err = capsys.readouterr().err
     assert (err.startswith("error: ") and message.replace("{tmp}", str(tmp_path)) in err
             and "Traceback" not in err), err
+
+
+def test_every_output_asked_for_is_written_and_two_never_share_a_folder(run, tmp_path, capsys):
+    """--merge with --export-hf writes both; --prompt with --export-peft writes the export and
+    answers; two exports into one folder are refused before any work."""
+    merged, hf = tmp_path / "m.pt", tmp_path / "hf"
+    assert sample.main(["--out-dir", str(run), "--merge", str(merged), "--export-hf", str(hf)]) == 0
+    assert merged.is_file() and (hf / "model.safetensors").is_file()
+    peft = tmp_path / "peft"
+    assert sample.main(["--out-dir", str(run), "--prompt", "rsh abc=", "--export-peft",
+                        str(peft)]) == 0
+    out = capsys.readouterr().out
+    assert (peft / "adapter_config.json").is_file() and "'rsh abc=' -> '" in out
+    both = tmp_path / "both"
+    assert sample.main(["--out-dir", str(run), "--export-peft", str(both), "--export-hf",
+                        str(both)]) == 2
+    assert "name one folder" in capsys.readouterr().err and not both.exists()
+    assert sample.main(["--out-dir", str(run), "--merge", str(hf / "m.pt"), "--export-hf",
+                        str(hf)]) == 2

@@ -30,7 +30,7 @@ from methods.tuner import SELECTIONS, SUPPORTS
 from methods.tuner import METHODS, SCORED
 from plumbing.entry import Interrupted, run_main
 from plumbing.pictures import nanmean, pyplot, save_figure
-from plumbing.files import check_out_dir, file_problems, write_csv, write_json
+from plumbing.files import OutDirLock, check_out_dir, file_problems, write_csv, write_json
 from plumbing.devices import is_main, pick_device
 from plumbing.settings import option, parse_args, positive, refuse
 from testbed.pretrain import BaseConfig, load_base
@@ -168,7 +168,13 @@ def compare(config, train_flags=()):
                           out_dir=config.out_dir)
     check_out_dir(config.out_dir, ("compare.json", "compare.csv", "compare.png"),
                   resume=config.resume, overwrite=config.overwrite)
-    # made once, here
+    with OutDirLock(config.out_dir):  # one comparison per out-dir, as one run per out-dir
+        return run_comparison(config, train_flags, base_config)
+
+
+def run_comparison(config, train_flags, base_config):
+    """compare()'s work, once its settings are checked and its out-dir is its own."""
+    # the base, made once, here
     _, base = load_base(base_config, get_tokenizer(base_config.tokenizer),
                         pick_device(base_config.device))
     train_flags = [*train_flags, "--init-from", base]
