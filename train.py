@@ -25,7 +25,7 @@ from evaluation.scoring import evaluate, greedy_sample, per_task_head
 from lora import LoRAConfig, add_lora, save_adapter
 from methods.tuner import SCORED, SparseTuner
 from plumbing.checkpoints import History, read_resume, restore, save_checkpoint
-from plumbing.checks import check_run, check_skills, validate
+from plumbing.checks import check_prompts, check_run, check_skills, validate
 from plumbing.devices import autocast_for, init_distributed, is_main, pick_device, say, world
 from plumbing.entry import Interrupted, run_main
 from plumbing.files import OutDirLock, check_out_dir, fingerprint, write_json
@@ -170,6 +170,7 @@ def train(config, split="test", summary=True, dry_run=False):
     if dry_run:
         return asdict(config)
     device, tokenizer = pick_device(config.device), get_tokenizer(config.tokenizer)
+    check_prompts(config, tokenizer)  # against the context of the base it would pretrain
     check_out_dir(config.out_dir, RUN_OUTPUTS, config.resume, config.overwrite)
     with OutDirLock(config.out_dir) if is_main() else nullcontext():  # one run per out-dir
         return fine_tune(config, split, summary, device, tokenizer)

@@ -63,7 +63,7 @@ from plumbing.entry import run_main
 from plumbing.files import check_out_dir, write_csv, write_json
 from plumbing.devices import pick_device
 from plumbing.settings import ConfigError, not_negative, option, parse_args, positive, refuse
-from testbed.pretrain import PRETRAIN_SEED, BaseConfig, base_problems, load_base
+from testbed.pretrain import PRETRAIN_SEED, BaseConfig, base_problems, base_shape, load_base
 from plumbing.optim import lr_at, optimizer_step
 
 # ---------------------------------------------------------------------------------------
@@ -508,6 +508,11 @@ def validate(config):
         problems.append(
             "--noise corrupts the default task's answers; the knowledge task (--lexicon) has none "
             "to corrupt")
+    if config.adapter_blocks > 0 and not config.init_from:  # the base to be pretrained: now
+        try:
+            split_blocks(base_shape(config).n_layer, config.adapter_blocks)
+        except ValueError as e:
+            problems.append(str(e))
     refuse(problems + base_problems(config))
 
 

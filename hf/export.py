@@ -12,18 +12,22 @@ import os
 from safetensors.torch import save_file
 
 from lora import LoRALinear, merge_lora
-from plumbing.files import atomic_write, write_json
+from plumbing.files import atomic_write, cannot_write, leftovers, write_json
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def export_problems(flag, directory):
     """A directory to export into: missing (made) or empty; one that holds files is kept."""
-    if os.path.isdir(directory) and os.listdir(directory):
+    # a killed export's temporary files are not its files: the export removes them
+    kept = set(os.listdir(directory)) - {os.path.basename(p) for p in leftovers(directory)} if (
+        os.path.isdir(directory)) else set()
+    if kept:
         return [f"{flag} {directory}: the folder holds files already; give a new or empty one"]
     if os.path.exists(directory) and not os.path.isdir(directory):
         return [f"{flag} {directory}: not a folder"]
-    return []
+    reason = cannot_write(directory)  # read-only, a name too long: found before any work
+    return [f"{flag} {directory}: cannot write there ({reason})"] if reason else []
 
 
 def write_safetensors(tensors, path):

@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import replace
 
-from data import task_name
+from data import load_records, task_name
 from lora import LINEAR_MODULES
 from methods.tuner import METHODS, PER_SAMPLE, SELECTIONS, SUPPORTS
 from model import GPTConfig
@@ -17,8 +17,10 @@ from plumbing.files import file_problems
 from plumbing.records import TEMPLATES, is_records
 from plumbing.settings import flag, in_range, not_negative, one_of, positive, refuse
 from testbed.task import MAX_TASK_WORDS, NOISE_KINDS, WORD_SPACE, parse_tasks
-from testbed.pretrain import (SKILL_LEVEL, base_problems, base_skills, measure_skills, shape_values,
-                              skill_examples, skill_line)
+from testbed.pretrain import (SKILL_LEVEL, base_problems, base_shape, base_skills, measure_skills,
+                              shape_values, skill_examples, skill_line)
+
+
 def lora_problems(self):
     """The LoRA flags' problems."""
     out = positive(self, "lora_r", "lora_alpha")
@@ -196,3 +198,16 @@ def check_run(config, shape, n_train, eval_set, split):
             config = replace(config, steps=steps)
     refuse(problems)
     return config
+
+
+def check_prompts(config, tokenizer):
+    """Before a base is pretrained: the records of --data and --val-data against the context
+    of the base train.py would pretrain (--block-size), so that a file whose every prompt
+    leaves no completion token is refused now, not after minutes of pretraining."""
+    if config.init_from or not config.data:  # a given base's context is read with it
+        return
+    block_size = base_shape(config).block_size
+    for path in [config.data, *config.val_data.split(",")]:
+        if path.strip() and is_records(path.strip()):
+            load_records(path.strip(), tokenizer, block_size, config.prompt_field,
+                         config.completion_field, config.template, config.answer_field)

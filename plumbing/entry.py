@@ -3,12 +3,19 @@ What every entry script's main() returns: one `error:` line and an exit code, ne
 raw traceback (GAST_TRACEBACK=1 shows it).
 """
 
+import errno
 import os
 import sys
+
 from plumbing.devices import is_main
 from plumbing.settings import ConfigError
 
 
+def disk_full(e):
+    """Whether an exception is a write that found the disk full (torch.save says it its way)."""
+    text = str(e)
+    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (
+        isinstance(e, RuntimeError) and ("file write failed" in text or "No space left" in text))
 
 
 class Interrupted(Exception):
@@ -34,6 +41,12 @@ def run_main(work, errors=()):
     except Exception as e:
         if os.environ.get("GAST_TRACEBACK"):
             raise
+        if disk_full(e):  # every write is atomic: what was written before is intact
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            print(f"error: the disk is full{where}: nothing already written was lost; free some "
+                  "space and run again (--resume continues a run from its last checkpoint)",
+                  file=sys.stderr)
+            return 2
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         print(f"error: {type(e).__name__}: {reason}{where}. The checks missed this: please "

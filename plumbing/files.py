@@ -24,6 +24,7 @@ def atomic_write(path, write):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp{os.getpid()}{ext}"  # same extension: writers that go by it still do
+    remove_leftovers(os.path.dirname(os.path.abspath(path)), os.path.basename(root))
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -105,6 +106,8 @@ def cannot_write(folder):
         os.remove(probe)
     except OSError as e:
         return e.strerror
+    except RecursionError:  # os.makedirs recurses once a level
+        return "a path too many folders deep"
     return None
 
 
@@ -212,9 +215,17 @@ def running(pid):
     return True
 
 
-def remove_leftovers(folder):
-    """Temporary files of an interrupted atomic_write (name.tmp<pid>.ext) whose process is gone."""
-    for name in os.listdir(folder):
+def leftovers(folder, stem=""):
+    """Temporary files of an interrupted atomic_write (name.tmp<pid>.ext, of `stem` if given)
+    whose process is gone: a kill -9 leaves them, and the next write or run finds them."""
+    out = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
         found = re.search(r"\.tmp(\d+)(\.|$)", name)
-        if found and not running(int(found.group(1))):
-            os.remove(os.path.join(folder, name))
+        if found and name.startswith(stem) and not running(int(found.group(1))):
+            out.append(os.path.join(folder, name))
+    return out
+
+
+def remove_leftovers(folder, stem=""):
+    for path in leftovers(folder, stem):
+        os.remove(path)

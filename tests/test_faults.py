@@ -186,3 +186,46 @@ def test_a_truncated_checkpoint_and_an_upper_case_suffix_are_understood(tiny, tm
     argv = ["--init-from", tiny().init_from, "--out-dir", str(tmp_path / "run"), *TINY_FLAGS]
     assert main([*argv, "--data", str(tmp_path / "UPPER.JSONL"), "--no-quiet"]) == 0
     assert "UPPER.JSONL as prompt/completion records" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing "
+                 "file data/0: file write failed"),
+    OSError(28, "No space left on device")])
+def test_a_full_disk_is_named_as_a_full_disk_and_nothing_written_is_lost(tiny, tmp_path, capsys,
+                                                                         monkeypatch, error):
+    import plumbing.files as files
+
+    config = tiny(method="lora", steps=9, stop_at=6, eval_interval=3)
+    assert train(config, summary=False)["steps"] == 6
+    before = (tmp_path / "ckpt.pt").read_bytes()
+
+    def full(obj, path):
+        raise error
+
+    monkeypatch.setattr(files.torch, "save", full)
+    flags = [*TINY_FLAGS, "--init-from", config.init_from, "--out-dir", str(tmp_path),
+             "--method", "lora", "--steps", "9", "--eval-interval", "3", "--resume"]
+    err = refused(capsys, flags)
+    assert "the disk is full" in err and "--resume continues" in err
+    assert (tmp_path / "ckpt.pt").read_bytes() == before and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_a_path_too_deep_or_too_long_is_refused_before_any_work(tmp_path, capsys):
+    deep = os.path.join(str(tmp_path), *["d"] * 1400)
+    err = refused(capsys, ["--out-dir", deep, "--steps", "1"])
+    assert "--out-dir" in err and "cannot write there" in err
+    long_name = str(tmp_path / ("x" * 300))
+    err = refused(capsys, ["--out-dir", str(tmp_path / "none"), "--export-hf", long_name],
+                  runner=sample.main)
+    assert "--export-hf" in err and "File name too long" in err
+
+
+def test_gradot_refuses_adapter_blocks_the_base_to_be_pretrained_cannot_hold_before_pretraining(
+        tmp_path, capsys, monkeypatch):
+    from testbed import pretrain
+
+    monkeypatch.setattr(pretrain, "pretrain", lambda *a, **k: pytest.fail("pretrained first"))
+    err = refused(capsys, ["--adapter-blocks", "5", "--n-layer", "3", "--out-dir",
+                           str(tmp_path)], runner=gradot.main)
+    assert "--adapter-blocks 5: a model of 3 blocks takes exactly 1" in err

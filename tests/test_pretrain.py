@@ -306,3 +306,15 @@ def test_a_base_below_the_skill_level_is_refused_for_the_default_task_unless_ask
     assert main([*argv, "--init-from", base]) == 2
     assert "--weak-base uses it anyway" in capsys.readouterr().err
     assert main([*argv, "--init-from", base, "--weak-base", "--quiet"]) == 0
+
+
+def test_prompts_that_cannot_fit_the_base_to_be_pretrained_are_refused_before_pretraining(
+        tmp_path, capsys, monkeypatch):
+    from testbed import pretrain
+
+    monkeypatch.setattr(pretrain, "pretrain", lambda *a, **k: pytest.fail("pretrained first"))
+    data = write_jsonl(tmp_path / "long.jsonl", qa_rows(5, long_at=range(5)))
+    assert main(["--out-dir", str(tmp_path / "b"), "--data", data, "--block-size", "32",
+                 *FINE_TUNE]) == 2
+    assert (f"error: {data}: every prompt leaves no completion token within the model's context "
+            "of 32 tokens" in capsys.readouterr().err)

@@ -131,3 +131,21 @@ def test_every_output_asked_for_is_written_and_two_never_share_a_folder(run, tmp
     assert "name one folder" in capsys.readouterr().err and not both.exists()
     assert sample.main(["--out-dir", str(run), "--merge", str(hf / "m.pt"), "--export-hf",
                         str(hf)]) == 2
+
+
+def test_a_killed_export_or_merge_leaves_nothing_a_retry_trips_over_or_keeps(run, tmp_path):
+    """kill -9 during --export-hf or --merge leaves name.tmp<pid>.ext behind; the retry takes
+    the folder as empty, writes, and removes those leftovers."""
+    import subprocess
+    import sys
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True).stdout)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / f"model.tmp{dead}.safetensors").write_bytes(b"half")
+    (tmp_path / f"merged.tmp{dead}.pt").write_bytes(b"half")
+    assert sample.main(["--out-dir", str(run), "--export-hf", str(hf), "--merge",
+                        str(tmp_path / "merged.pt")]) == 0
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors"]
+    assert not list(tmp_path.glob("merged.tmp*")) and (tmp_path / "merged.pt").is_file()
