@@ -25,8 +25,9 @@ from evaluation.scoring import evaluate, greedy_sample, per_task_head
 from lora import LoRAConfig, add_lora, save_adapter
 from methods.tuner import SCORED, SparseTuner
 from plumbing.checkpoints import History, read_resume, restore, save_checkpoint
-from plumbing.checks import check_prompts, check_run, check_skills, validate
-from plumbing.devices import autocast_for, init_distributed, is_main, pick_device, say, world
+from plumbing.checks import check_prompts, check_run, check_skills, input_hashes, validate
+from plumbing.devices import (autocast_for, init_distributed, is_main, pick_device, same_everywhere,
+                              say, together, world)
 from plumbing.entry import Interrupted, run_main
 from plumbing.files import OutDirLock, check_out_dir, fingerprint, write_json
 from plumbing.optim import lr_at, optimizer_step
@@ -165,12 +166,21 @@ def train(config, split="test", summary=True, dry_run=False):
         config = parse_args(TrainConfig, config)
     elif isinstance(config, dict):
         config = config_from_dict(TrainConfig, config)
-    validate(config, n_procs=world()[1])  # every problem with the settings, at once
-    check_data(config)  # before the base is pretrained: bad data costs nothing
+
+    def checks():  # every problem before any work; under torchrun, every process's
+        validate(config, n_procs=world()[1])  # every problem with the settings, at once
+        check_data(config)  # before the base is pretrained: bad data costs nothing
+        if dry_run:
+            return None
+        tokenizer = get_tokenizer(config.tokenizer)
+        check_prompts(config, tokenizer)  # against the context of the base it would pretrain
+        return tokenizer
+
+    tokenizer = together(checks)  # one process's bad input stops all, its error printed
     if dry_run:
         return asdict(config)
-    device, tokenizer = pick_device(config.device), get_tokenizer(config.tokenizer)
-    check_prompts(config, tokenizer)  # against the context of the base it would pretrain
+    together(lambda: same_everywhere(input_hashes(config)))  # torchrun: the same files
+    device = pick_device(config.device)
     check_out_dir(config.out_dir, RUN_OUTPUTS, config.resume, config.overwrite)
     with OutDirLock(config.out_dir) if is_main() else nullcontext():  # one run per out-dir
         return fine_tune(config, split, summary, device, tokenizer)

@@ -12,6 +12,8 @@ from data import load_records, task_name
 from lora import LINEAR_MODULES
 from methods.tuner import METHODS, PER_SAMPLE, SELECTIONS, SUPPORTS
 from model import GPTConfig
+from plumbing.checkpoints import files_fingerprint
+from plumbing.files import fingerprint
 from plumbing.devices import memory_problems, pick_device, say, training_memory
 from plumbing.files import file_problems
 from plumbing.records import TEMPLATES, is_records
@@ -211,3 +213,17 @@ def check_prompts(config, tokenizer):
         if path.strip() and is_records(path.strip()):
             load_records(path.strip(), tokenizer, block_size, config.prompt_field,
                          config.completion_field, config.template, config.answer_field)
+
+
+def input_hashes(config):
+    """{flag: a hash} of the files a run reads, for torchrun's processes to compare: the data
+    files whole; a base by its files' names and sizes (hashing gigabytes would cost minutes)."""
+    out = {flag(n): files_fingerprint(getattr(config, n))
+           for n in ("data", "val_data", "support_data", "pretrain_data") if getattr(config, n)}
+    base = config.init_from
+    if base and os.path.isdir(base):
+        out["--init-from"] = sorted((f, os.path.getsize(os.path.join(base, f)))
+                                    for f in os.listdir(base))
+    elif base and os.path.isfile(base):
+        out["--init-from"] = fingerprint(base)
+    return out

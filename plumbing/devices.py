@@ -9,6 +9,8 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
+from plumbing.settings import ConfigError
+
 
 
 def check_device(name):
@@ -120,3 +122,43 @@ def memory_problems(what, estimate, device, flags):
         return []
     return [f"{flags}: {what} needs at least about {gib(estimate / 2)} and {device} has "
             f"{gib(available)} available; " "choose a smaller shape or batch"]
+
+
+class Stopped(Exception):
+    """Another process's error stopped this one (under torchrun); that process printed it."""
+
+
+def together(work):
+    """work() on every process. Under torchrun, if any process failed, the first that did
+    raises its own error (marked first, so that it prints it) and every other one Stopped:
+    all stop, with one error line, before any step."""
+    n = world()[1]
+    if n == 1:
+        return work()
+    try:
+        result, mine = work(), None
+    except Exception as e:
+        result, mine = None, e
+    failed = [None] * n
+    dist.all_gather_object(failed, mine is not None)
+    if not any(failed):
+        return result
+    if failed.index(True) == world()[0]:
+        mine.first = True
+        raise mine
+    raise Stopped()
+
+
+def same_everywhere(named_values):
+    """Under torchrun, a ConfigError on every process when they were given different inputs
+    ({flag: a hash of its files}): node-local copies of --data or a base can differ."""
+    if world()[1] == 1:
+        return
+    every = [None] * world()[1]
+    dist.all_gather_object(every, named_values)
+    differ = [flag for flag in named_values if len({str(v.get(flag)) for v in every}) > 1]
+    if differ:
+        seen = "; ".join(f"{flag}: " + ", ".join(f"process {r} {v.get(flag)}"
+                                                 for r, v in enumerate(every)) for flag in differ)
+        raise ConfigError(f"invalid settings:\n  the processes were given different files ({seen})"
+                          ": give every process the same")

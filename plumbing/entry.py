@@ -7,7 +7,7 @@ import errno
 import os
 import sys
 
-from plumbing.devices import is_main
+from plumbing.devices import Stopped, is_main
 from plumbing.settings import ConfigError
 
 
@@ -28,8 +28,10 @@ def run_main(work, errors=()):
     turns anything the checks missed into one line too (GAST_TRACEBACK=1 shows it whole)."""
     try:
         work()
+    except Stopped:  # under torchrun, by another process's error, which that one printed
+        return 2
     except (ConfigError, FloatingPointError, *errors) as e:
-        if is_main():
+        if is_main() or getattr(e, "first", False):
             print(f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:

@@ -142,8 +142,14 @@ def exit_codes(argv, folder):
     return code
 
 
+def exit_codes_per_rank(argvs, folder):
+    """exit_codes with each process's own flags (as node-local files can differ)."""
+    return exit_codes(argvs[dist.get_rank()], folder)
+
+
 JOBS = {"steps_of_every_method": steps_of_every_method,
-        "train_straight_and_resumed": train_straight_and_resumed, "exit_codes": exit_codes}
+        "train_straight_and_resumed": train_straight_and_resumed, "exit_codes": exit_codes,
+        "exit_codes_per_rank": exit_codes_per_rank}
 
 
 # --- the tests --------------------------------------------------------------------------
@@ -212,3 +218,34 @@ def test_a_failing_check_fails_every_process_with_one_line_and_no_traceback(tmp_
     assert "--pretrain-data /dev/zero: is a device" in records[0]["err"]
     assert all("Traceback" not in r["err"] for r in records) and records[1]["err"] == ""
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("base-*.pt"))
+
+
+def test_one_process_s_bad_input_is_printed_by_that_process_and_stops_all(tmp_path, base):
+    import json
+
+    out = ["--out-dir", str(tmp_path / "out"), "--init-from", base, "--steps", "2"]
+    in_processes(2, "exit_codes_per_rank", tmp_path, folder=str(tmp_path),
+                 argvs=[out, [*out, "--lr", "-1"]])
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["code"] for r in records] == [2, 2] and records[0]["err"] == ""
+    assert "--lr must be positive, got -1" in records[1]["err"]
+    assert "Traceback" not in records[1]["err"]
+
+
+def test_processes_given_different_data_stop_before_any_step(tmp_path, base):
+    import json
+
+    files = []
+    for r, words in enumerate(("abc", "xyz")):
+        path = tmp_path / f"data{r}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": f"echo {w}{i}=", "completion": f"{w}\n"})
+                                + "\n" for i in range(40) for w in [words]))
+        files.append(str(path))
+    out = ["--out-dir", str(tmp_path / "out"), "--init-from", base, "--steps", "2",
+           "--batch-size", "4", "--support", "batch"]
+    in_processes(2, "exit_codes_per_rank", tmp_path, folder=str(tmp_path),
+                 argvs=[[*out, "--data", files[0]], [*out, "--data", files[1]]])
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["code"] for r in records] == [2, 2]
+    assert "the processes were given different files (--data: process 0" in records[0]["err"]
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
