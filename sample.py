@@ -26,7 +26,7 @@ from lora import LoRAConfig, load_adapter, merge_lora
 from plumbing.entry import run_main
 from plumbing.files import atomic_save, file_problems, fingerprint, output_problems, read_checkpoint
 from plumbing.devices import autocast_for, check_device, pick_device
-from plumbing.settings import like, not_negative, parse_args, refuse
+from plumbing.settings import flag, like, not_negative, parse_args, refuse
 from testbed.pretrain import read_base
 from train import TrainConfig
 
@@ -67,6 +67,13 @@ def problems(config):
             else [f"--max-new-tokens must be positive, got {config.max_new_tokens}"])
     out += [check_device(config.device)] if check_device(config.device) else []
     out += file_problems("--data", config.data)
+    read = [flag(f) for f, v in (("template", "plain"), ("prompt_field", "prompt"), (
+        "completion_field", "completion"), ("answer_field", "")) if getattr(config, f) != v]
+    if read and not (config.data and is_records(config.data)):  # said by refusal, not ignored
+        out.append(f"{', '.join(read)} read the records of --data (a .jsonl or .json file)")
+    elif config.template == "alpaca" and set(read) & {"--prompt-field", "--completion-field"}:
+        out.append("--prompt-field and --completion-field are for --template plain; alpaca "
+                   "reads instruction, input and output")
     if config.prompt == "":
         out.append("--prompt is empty: give the text to continue")
     if config.merge and (not config.merge.endswith(".pt") or os.path.isdir(config.merge)):

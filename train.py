@@ -25,7 +25,8 @@ from evaluation.scoring import evaluate, greedy_sample, per_task_head
 from lora import LoRAConfig, add_lora, save_adapter
 from methods.tuner import SCORED, SparseTuner
 from plumbing.checkpoints import History, read_resume, restore, save_checkpoint
-from plumbing.checks import check_prompts, check_run, check_skills, input_hashes, validate
+from plumbing.checks import (check_prompts, check_run, check_skills, input_hashes, unused_flags,
+                             validate)
 from plumbing.devices import (autocast_for, init_distributed, is_main, pick_device, same_everywhere,
                               say, together, world)
 from plumbing.entry import Interrupted, run_main
@@ -122,7 +123,7 @@ class TrainConfig:
     # optimisation
     steps: int = 600  # fine-tuning steps; the schedule spans them
     epochs: float = 0.0  # passes over the training set (the paper trains 3), in place of
-        # --steps: steps = ceil(epochs x samples / batch); 0: --steps
+        # --steps: steps = ceil(epochs x samples / batch), the last batch whole; 0: --steps
     batch_size: int = 32  # samples per step
     lr: float = 1e-2  # peak learning rate (AdamW); LoRA on a small model likes it high
     schedule: str = "cosine"  # after warm-up: cosine (down to lr/10) or constant
@@ -180,6 +181,8 @@ def train(config, split="test", summary=True, dry_run=False):
     if dry_run:
         return asdict(config)
     together(lambda: same_everywhere(input_hashes(config)))  # torchrun: the same files
+    if unused_flags(config, TrainConfig()):  # a flag this run does not read is said
+        say(config, unused_flags(config, TrainConfig()))
     device = pick_device(config.device)
     check_out_dir(config.out_dir, RUN_OUTPUTS, config.resume, config.overwrite)
     with OutDirLock(config.out_dir) if is_main() else nullcontext():  # one run per out-dir

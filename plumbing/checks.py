@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from data import load_records, task_name
 from lora import LINEAR_MODULES
-from methods.tuner import METHODS, PER_SAMPLE, SELECTIONS, SUPPORTS
+from methods.tuner import METHODS, PER_SAMPLE, SCORED, SELECTIONS, SUPPORTS
 from model import GPTConfig
 from plumbing.checkpoints import files_fingerprint
 from plumbing.files import fingerprint
@@ -227,3 +227,30 @@ def input_hashes(config):
     elif base and os.path.isfile(base):
         out["--init-from"] = fingerprint(base)
     return out
+
+
+# flags that only some runs read: which runs, and the test that this run is one
+FOR_SOME_RUNS = [
+    (("noise", "noise_kind", "n_train", "n_val"), "the default task (no --data)",
+     lambda c: not c.data),
+    (("pretrain_data", "pretrain_steps", "pretrain_until", "pretrain_starts",
+      "pretrain_batch_size", "pretrain_lr", "pretrain_seed", "compile"),
+     "a base train.py pretrains (no --init-from)", lambda c: not c.init_from),
+    (("selection", "temperature", "support", "support_size", "support_interval", "data_ratio",
+      "per_sample", "chunk_size"), "--method data and gast", lambda c: c.method in SCORED),
+    (("support_data", "heldout_size"), "--support heldout",
+     lambda c: c.method in SCORED and c.support == "heldout"),
+    (("lisa_interval",), "--method lisa", lambda c: c.method == "lisa"),
+    (("ist_interval", "ist_trials", "ist_suppress", "ist_lr"), "--method ist",
+     lambda c: c.method == "ist"),
+    (("max_new_tokens",), "--answer-field", lambda c: bool(c.answer_field)),
+]
+
+
+def unused_flags(config, defaults):
+    """One line naming the flags set away from their defaults that this run does not read
+    (said, not refused: compare.py gives every row the same flags), or ""."""
+    unused = [f"{flag(name)} (read by {who})" for names, who, reads in FOR_SOME_RUNS
+              if not reads(config) for name in names
+              if getattr(config, name) != getattr(defaults, name)]
+    return "note: this run does not read " + ", ".join(unused) if unused else ""

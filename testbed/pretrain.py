@@ -330,6 +330,14 @@ def read_base(path):
                 f"invalid settings:\n  --init-from {path}: not a GPT-2 checkpoint we can load "
                 f"({type(e).__name__}: {reason})") from None
     ckpt = read_checkpoint(path, "--init-from", ("model_config", "model"))
+    bad = [k for k, v in ckpt["model"].items() if isinstance(v, torch.Tensor)
+           and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    eps = ckpt["model_config"].get("layer_norm_epsilon", 1e-5) if isinstance(
+        ckpt["model_config"], dict) else 1e-5
+    if bad or not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        what = f"{bad[0]} holds values that are not finite" if bad else (
+            f"layer_norm_epsilon {eps!r} is not a positive number")
+        raise ConfigError(f"invalid settings:\n  --init-from {path}: {what}")
     try:
         model = GPT(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])

@@ -249,3 +249,15 @@ def test_processes_given_different_data_stop_before_any_step(tmp_path, base):
     assert [r["code"] for r in records] == [2, 2]
     assert "the processes were given different files (--data: process 0" in records[0]["err"]
     assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_epochs_that_do_not_divide_run_to_their_end_under_two_processes(tmp_path, base):
+    import json
+
+    argv = ["--out-dir", str(tmp_path / "out"), "--init-from", base, "--epochs", "0.3",
+            "--n-train", "54", "--batch-size", "8", "--warmup-steps", "-1", "--quiet",
+            "--weak-base", "--no-picture", "--n-val", "16", "--eval-samples", "16"]
+    in_processes(2, "exit_codes", tmp_path, argv=argv, folder=str(tmp_path))
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["code"] for r in records] == [0, 0], records
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 3  # ceil(16.2/8)

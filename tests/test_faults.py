@@ -229,3 +229,18 @@ def test_gradot_refuses_adapter_blocks_the_base_to_be_pretrained_cannot_hold_bef
     err = refused(capsys, ["--adapter-blocks", "5", "--n-layer", "3", "--out-dir",
                            str(tmp_path)], runner=gradot.main)
     assert "--adapter-blocks 5: a model of 3 blocks takes exactly 1" in err
+
+
+def test_a_base_with_nan_weights_or_epsilon_is_named_before_any_step(tiny, tmp_path, capsys):
+    ckpt = torch.load(tiny().init_from, weights_only=False)
+    ckpt["model"]["transformer.h.0.ln_1.weight"][0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    err = refused(capsys, ["--init-from", str(tmp_path / "nan.pt"), "--out-dir",
+                           str(tmp_path / "out"), "--weak-base"])
+    assert "transformer.h.0.ln_1.weight holds values that are not finite" in err
+    ckpt = torch.load(tiny().init_from, weights_only=False)
+    ckpt["model_config"]["layer_norm_epsilon"] = float("nan")
+    torch.save(ckpt, tmp_path / "eps.pt")
+    err = refused(capsys, ["--init-from", str(tmp_path / "eps.pt"), "--out-dir",
+                           str(tmp_path / "out2"), "--weak-base"])
+    assert "layer_norm_epsilon nan is not a positive number" in err

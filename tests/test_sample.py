@@ -128,7 +128,7 @@ def test_every_output_asked_for_is_written_and_two_never_share_a_folder(run, tmp
     both = tmp_path / "both"
     assert sample.main(["--out-dir", str(run), "--export-peft", str(both), "--export-hf",
                         str(both)]) == 2
-    assert "name one folder" in capsys.readouterr().err and not both.exists()
+    assert "name one folder" in capsys.readouterr().err and not any(both.iterdir())
     assert sample.main(["--out-dir", str(run), "--merge", str(hf / "m.pt"), "--export-hf",
                         str(hf)]) == 2
 
@@ -149,3 +149,12 @@ def test_a_killed_export_or_merge_leaves_nothing_a_retry_trips_over_or_keeps(run
                         str(tmp_path / "merged.pt")]) == 0
     assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors"]
     assert not list(tmp_path.glob("merged.tmp*")) and (tmp_path / "merged.pt").is_file()
+
+
+def test_data_flags_without_records_to_read_are_refused(run, tmp_path, capsys):
+    assert sample.main(["--out-dir", str(run), "--template", "alpaca"]) == 2
+    assert "--template read the records of --data" in capsys.readouterr().err
+    (tmp_path / "d.json").write_text("[]")
+    assert sample.main(["--out-dir", str(run), "--data", str(tmp_path / "d.json"), "--template",
+                        "alpaca", "--prompt-field", "q"]) == 2
+    assert "are for --template plain" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import methods.tuner as methods
 import train as train_module
 from conftest import TINY_FLAGS
 from data import get_tokenizer
-from train import main, train
+from train import TrainConfig, main, train
 from plumbing.report import selection_picture
 from plumbing.settings import ConfigError
 
@@ -575,3 +575,16 @@ def test_shuffled_epochs_take_each_sample_once_per_epoch_and_resume_exactly():
     again.setstate(state)
     assert [again.take(4) for _ in range(3)] == ahead
     assert Epochs(7, seed=3).take(7) != Epochs(7, seed=4).take(7)
+
+
+def test_a_flag_the_run_does_not_read_is_said_in_one_line(tiny, capsys):
+    from plumbing.checks import unused_flags
+
+    train(tiny(method="lora", quiet=False, selection="topk", ist_lr=3.0), summary=False)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: this run does not read --selection (read by --method data and gast), "
+                     "--lisa-interval (read by --method lisa), --ist-lr (read by --method ist)"]
+    defaults = TrainConfig()
+    assert unused_flags(replace(defaults, data="x.jsonl", noise=0.3), defaults) == (
+        "note: this run does not read --noise (read by the default task (no --data))")
+    assert unused_flags(defaults, defaults) == ""
