@@ -540,12 +540,12 @@ def test_epochs_take_whole_batches_and_show_every_training_sample_n_or_n_plus_1_
     assert "| epoch 2.08 |" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("epochs,n_train", [(0.3, 48), (2.3, 48), (0.001, 48), (3, 54)])
+@pytest.mark.parametrize("epochs,n_train", [(0.3, 48), (0.001, 48), (1.1, 54)])
 def test_any_epochs_run_to_their_end_and_resume(tiny, tmp_path, epochs, n_train):
     """--epochs whose samples do not divide into batches: every step is whole (so under
     torchrun it splits as --batch-size does), the run ends and a resume from its middle
     ends the same."""
-    kw = dict(method="gast", epochs=epochs, n_train=n_train, eval_interval=1, batch_size=8,
+    kw = dict(method="gast", epochs=epochs, n_train=n_train, eval_interval=100, batch_size=8,
               warmup_steps=-1)  # the default warm-up: a tenth of a short run
     straight = train(tiny(**kw), summary=False)
     assert straight["steps"] == max(1, math.ceil(epochs * n_train / 8))
