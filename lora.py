@@ -24,6 +24,9 @@ from plumbing.files import atomic_save
 
 # GPT-2's names, in every block
 LINEAR_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+# the Llama block's (model.py, arch "llama"); the paper adapts q, k, v, up and down
+LLAMA_LINEAR_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                        "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 @dataclass

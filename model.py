@@ -1,13 +1,15 @@
 """
-A small GPT-2-style decoder, written to be read.
+A small GPT-2-style decoder, and the Llama family's block beside it, written to be read.
 
 The shape of nanoGPT's model.py, with three things GAST needs:
   1. the loss of GAST's rule (docs/rule.md): each sample's mean token loss, then the mean
      over samples, with the per-sample losses available (reduction="none");
   2. an attention path that torch.func.vmap can batch (fused=False), beside the fused
      scaled_dot_product_attention used for ordinary passes;
-  3. GPT-2 parameter names, so a locally stored Hugging Face GPT-2 checkpoint loads
-     with every shape checked (hf/load.py), with no download ever.
+  3. GPT-2's and Llama's own parameter names, so a locally stored Hugging Face checkpoint
+     loads with every shape checked (hf/load.py), with no download ever.
+config.arch "llama" builds Llama's block (RMSNorm, rotary positions, a SwiGLU MLP,
+grouped key-value heads: Llama 2/3, SmolLM2, TinyLlama, Mistral without its sliding window).
 """
 
 import math
@@ -35,6 +37,13 @@ class GPTConfig:
     layer_norm_epsilon: float = 1e-5
     activation: str = "gelu_new"  # gelu_new (tanh GELU, GPT-2's), gelu, relu, silu
     n_inner: int = 0  # the MLP's hidden width; 0: 4 * n_embd
+    # the Llama family (arch "llama"); block_size is its max_position_embeddings
+    arch: str = "gpt2"  # gpt2, or llama: RMSNorm, rotary positions, SwiGLU, grouped k/v heads
+    n_kv_head: int = 0  # llama: key-value heads (grouped-query attention); 0: n_head
+    rope_theta: float = 10000.0  # llama: the base of the rotary frequencies
+    rope_scaling: tuple = ()  # llama: () none, ("linear", factor), or ("llama3", factor,
+    #   low_freq_factor, high_freq_factor, original_max_position_embeddings), Llama 3's
+    attention_bias: bool = False  # llama: biases on q, k, v and o (Llama's attention_bias)
 
     def __post_init__(self):
         small = [f"{k} {getattr(self, k)}" for k in ("block_size", "vocab_size", "n_layer",
@@ -43,6 +52,10 @@ class GPTConfig:
             raise ValueError(f"{', '.join(small)}: must be at least 1")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.arch not in ("gpt2", "llama"):
+            raise ValueError(f"arch {self.arch!r} is not gpt2 or llama")
+        if self.n_head % (self.n_kv_head or self.n_head):
+            raise ValueError(f"n_head ({self.n_head}) must divide by n_kv_head ({self.n_kv_head})")
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
@@ -86,20 +99,21 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if fused:
-            # fast kernel for ordinary passes; vmap has no batching rule for its backward
-            y = F.scaled_dot_product_attention(q, k, v,
-                                               dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=True, scale=self.scale)
-        else:
-            # plain matmuls and softmax: every op has a vmap batching rule, so
-            # per-sample gradients stay one batched computation (see gast.py)
-            att = (q @ k.transpose(-2, -1)) * self.scale  # (B, nh, T, T)
-            att = att.masked_fill(~self.causal_mask[:T, :T], float("-inf"))
-            att = self.attn_dropout(F.softmax(att, dim=-1))
-            y = att @ v  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
-        return self.resid_dropout(self.c_proj(y))
+        y = attend(self, q, k, v, fused).transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))  # the heads side by side again, projected
+
+
+def attend(m, q, k, v, fused):
+    """Causal attention of q, k, v (B, nh, T, hs) -> (B, nh, T, hs), m's scale and dropout."""
+    if fused:  # fast kernel for ordinary passes; vmap has no batching rule for its backward
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=m.dropout if m.training else 0.0,
+                                              is_causal=True, scale=m.scale)
+    # plain matmuls and softmax: every op has a vmap batching rule, so per-sample gradients
+    # stay one batched computation (see gast.py)
+    T = q.size(2)
+    att = (q @ k.transpose(-2, -1)) * m.scale  # (B, nh, T, T)
+    att = att.masked_fill(~m.causal_mask[:T, :T], float("-inf"))
+    return m.attn_dropout(F.softmax(att, dim=-1)) @ v
 
 
 class MLP(nn.Module):
@@ -126,10 +140,101 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, fused=True):
+    def forward(self, x, fused=True, rope=None):
         x = x + self.attn(self.ln_1(x), fused=fused)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+# ---------------------------------------------------------------------------------------
+# The Llama family's block, under Llama's own module names
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 as Llama's own is."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotary_frequencies(config):
+    """The rotary embedding's inverse frequencies (hs / 2,), rescaled as rope_scaling says."""
+    hs = config.n_embd // config.n_head
+    inv = 1.0 / config.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.int64).float() / hs)
+    kind, *args = config.rope_scaling or ("none",)
+    if kind == "linear":
+        return inv / args[0]
+    if kind == "llama3":  # long wavelengths slowed by factor, short kept, a blend between
+        factor, low, high, context = args
+        wavelen = 2 * math.pi / inv
+        slowed = torch.where(wavelen > context / low, inv / factor, inv)
+        blend = (context / wavelen - low) / (high - low)
+        middle = (wavelen >= context / high) & (wavelen <= context / low)
+        return torch.where(middle, (1 - blend) * slowed / factor + blend * slowed, slowed)
+    return inv
+
+
+def rotate(x, cos, sin):
+    """Rotary positions on x (B, nh, T, hs), Llama's convention: halves, not pairs."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head or config.n_head
+        hs, bias = config.n_embd // config.n_head, config.attention_bias
+        self.q_proj = nn.Linear(config.n_embd, self.n_head * hs, bias=bias)
+        self.k_proj = nn.Linear(config.n_embd, self.n_kv_head * hs, bias=bias)
+        self.v_proj = nn.Linear(config.n_embd, self.n_kv_head * hs, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * hs, config.n_embd, bias=bias)
+        self.scale, self.dropout = 1.0 / math.sqrt(hs), config.dropout
+        self.attn_dropout = dropout(config.dropout)
+        mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
+        self.register_buffer("causal_mask", mask, persistent=False)
+
+    def forward(self, x, fused=True, rope=None):
+        B, T, C = x.size()
+        heads = lambda t, n: t.view(B, T, n, -1).transpose(1, 2)  # (B, n, T, hs)
+        q = rotate(heads(self.q_proj(x), self.n_head), *rope)
+        k = rotate(heads(self.k_proj(x), self.n_kv_head), *rope)
+        v = heads(self.v_proj(x), self.n_kv_head)
+        group = self.n_head // self.n_kv_head  # each key-value head serves `group` query heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        y = attend(self, q, k, v, fused).transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(y)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        hidden = config.n_inner or 4 * config.n_embd
+        self.gate_proj = nn.Linear(config.n_embd, hidden, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, config.n_embd, bias=False)
+
+    def forward(self, x):  # SwiGLU
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, config, layer_idx=0):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.layer_norm_epsilon)
+        self.self_attn = LlamaAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.layer_norm_epsilon)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, x, fused=True, rope=None):
+        x = x + self.self_attn(self.input_layernorm(x), fused=fused, rope=rope)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 def per_sample_loss(logits, targets):
@@ -151,11 +256,16 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        llama = config.arch == "llama"  # Llama: positions by rotation, no position embedding
+        wpe = {} if llama else dict(wpe=nn.Embedding(config.block_size, config.n_embd))
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd), drop=dropout(config.dropout),
-            h=nn.ModuleList([Block(config, l) for l in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)))
+            wte=nn.Embedding(config.vocab_size, config.n_embd), **wpe, drop=dropout(config.dropout),
+            h=nn.ModuleList([(LlamaBlock if llama else Block)(config, l)
+                             for l in range(config.n_layer)]),
+            ln_f=RMSNorm(config.n_embd, config.layer_norm_epsilon) if llama else nn.LayerNorm(
+                config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)))
+        if llama:
+            self.register_buffer("inv_freq", rotary_frequencies(config), persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:  # GPT-2's: the head is the embedding; LoRA never adapts it
             self.transformer.wte.weight = self.lm_head.weight
@@ -188,10 +298,15 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of length {T} is longer than block_size {self.config.block_size}")
         pos = torch.arange(T, device=idx.device)
-        # (B, T, C)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x, rope = self.transformer.wte(idx), None  # (B, T, C)
+        if self.config.arch == "llama":  # cos, sin (T, hs), computed in float32
+            angles = torch.outer(pos.float(), self.inv_freq).repeat(1, 2)
+            rope = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        else:
+            x = x + self.transformer.wpe(pos)
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, fused=fused)
+            x = block(x, fused=fused, rope=rope)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
         if targets is None:
             return logits, None

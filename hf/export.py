@@ -1,6 +1,8 @@
 """
 Out to Hugging Face's tools: a fine-tuned adapter as PEFT saves a LoRA adapter, and the
-merged model as a transformers GPT-2 directory (sample.py --export-peft, --export-hf).
+merged model as a transformers directory (sample.py --export-peft, --export-hf), for GPT-2
+and for the Llama block (LlamaForCausalLM's names: model.layers.N.self_attn.q_proj ...,
+nn.Linear's (out, in) layout, so no fan_in_fan_out).
 
 Both write GPT-2's own names, and its linear weights as Conv1D, (in, out). PEFT's LoRA on a
 Conv1D keeps lora_A (r, in) and lora_B (out, r), as ours, and adds (B A)^T * alpha / r to
@@ -40,36 +42,63 @@ def export_peft(model, lora_config, directory, base=""):
     """adapter_config.json and adapter_model.safetensors in PEFT's LoRA layout for GPT-2
     (GPT2LMHeadModel's module names, under base_model.model)."""
     os.makedirs(directory, exist_ok=True)
-    tensors, targets = {}, set()
+    tensors, targets, llama = {}, set(), model.config.arch == "llama"
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
-            tensors[f"base_model.model.{name}.lora_A.weight"] = module.lora_A  # (r, in)
-            tensors[f"base_model.model.{name}.lora_B.weight"] = module.lora_B  # (out, r)
+            hf = llama_name(name) if llama else name
+            tensors[f"base_model.model.{hf}.lora_A.weight"] = module.lora_A  # (r, in)
+            tensors[f"base_model.model.{hf}.lora_B.weight"] = module.lora_B  # (out, r)
             targets.add(name.split(".", 3)[-1])  # transformer.h.0.attn.c_attn: attn.c_attn
     # fan_in_fan_out: GPT-2's Conv1D stores its weights (in, out)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
               "r": lora_config.r, "lora_alpha": lora_config.alpha,
               "lora_dropout": lora_config.dropout, "target_modules": sorted(targets),
-              "fan_in_fan_out": True, "bias": "none", "use_rslora": False, "use_dora": False,
+              "fan_in_fan_out": not llama, "bias": "none", "use_rslora": False, "use_dora": False,
               "init_lora_weights": True, "inference_mode": True, "modules_to_save": None}
     write_safetensors(tensors, os.path.join(directory, "adapter_model.safetensors"))
     write_json(os.path.join(directory, "adapter_config.json"), config)
 
 
+def llama_name(name):
+    """Ours (transformer.h.3.self_attn.q_proj) as LlamaForCausalLM names it."""
+    for ours, theirs in (("transformer.wte", "model.embed_tokens"),
+                         ("transformer.h.", "model.layers."), ("transformer.ln_f", "model.norm")):
+        if name.startswith(ours):
+            return theirs + name[len(ours):]
+    return name
+
+
 def hf_state_dict(model):
-    """{name: tensor} of the model as GPT2LMHeadModel names it, Conv1D weights (in, out);
-    the head only where it is not the embedding."""
-    out = {}
+    """{name: tensor} of the model as GPT2LMHeadModel (Conv1D weights (in, out)) or
+    LlamaForCausalLM names it; the head only where it is not the embedding."""
+    out, llama = {}, model.config.arch == "llama"
     for k, v in model.state_dict().items():
         if ".lora_" in k or (k == "lm_head.weight" and model.config.tie_word_embeddings):
             continue
-        out[k] = v.t() if k.endswith(CONV1D) else v
+        out[llama_name(k) if llama else k] = v if llama or not k.endswith(CONV1D) else v.t()
     return out
 
 
+def llama_hf_config(c, eot_token):
+    """LlamaForCausalLM's config.json of a GPT of arch "llama"."""
+    kind, *args = c.rope_scaling or ("default",)
+    scaling = None if kind == "default" else dict(rope_type=kind, factor=args[0]) if (
+        kind == "linear") else dict(rope_type=kind, factor=args[0], low_freq_factor=args[1],
+                                    high_freq_factor=args[2],
+                                    original_max_position_embeddings=args[3])
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+            "vocab_size": c.vocab_size, "hidden_size": c.n_embd, "intermediate_size": c.n_inner,
+            "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+            "num_key_value_heads": c.n_kv_head or c.n_head, "max_position_embeddings": c.block_size,
+            "rms_norm_eps": c.layer_norm_epsilon, "rope_theta": c.rope_theta,
+            "rope_scaling": scaling, "attention_bias": c.attention_bias, "hidden_act": "silu",
+            "tie_word_embeddings": c.tie_word_embeddings, "bos_token_id": eot_token,
+            "eos_token_id": eot_token}
+
+
 def export_hf(model, directory, eot_token):
-    """The model with its adapters merged, as a transformers GPT-2 directory: config.json
-    and model.safetensors. transformers' GPT2LMHeadModel.from_pretrained reads it."""
+    """The model with its adapters merged, as a transformers directory: config.json and
+    model.safetensors. GPT2LMHeadModel (or LlamaForCausalLM).from_pretrained reads it."""
     os.makedirs(directory, exist_ok=True)
     merge_lora(model)
     c = model.config
@@ -81,5 +110,7 @@ def export_hf(model, directory, eot_token):
               "tie_word_embeddings": c.tie_word_embeddings, "resid_pdrop": c.dropout,
               "embd_pdrop": c.dropout, "attn_pdrop": c.dropout, "bos_token_id": eot_token,
               "eos_token_id": eot_token}
+    if c.arch == "llama":
+        config = llama_hf_config(c, eot_token)
     write_safetensors(hf_state_dict(model), os.path.join(directory, "model.safetensors"))
     write_json(os.path.join(directory, "config.json"), config)

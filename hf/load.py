@@ -1,8 +1,9 @@
 """
-Hugging Face checkpoints in: a GPT-2 directory as transformers' save_pretrained writes it
-(config.json and model.safetensors, its sharded index, or pytorch_model.bin), read into
-model.GPT with every shape checked and every config.json field honoured, ignored for a
-stated reason, or refused by name. Nothing is downloaded. The way out is hf/export.py.
+Hugging Face checkpoints in: a GPT-2 or Llama-family directory as transformers'
+save_pretrained writes it (config.json and model.safetensors, its sharded index, or
+pytorch_model.bin), read into model.GPT with every shape checked and every config.json
+field honoured, ignored for a stated reason, or refused by name. bf16 and fp16 weights are
+read and converted to float32. Nothing is downloaded. The way out is hf/export.py.
 """
 
 import json
@@ -14,7 +15,7 @@ import torch
 from model import ACTIVATIONS, GPT, GPTConfig
 
 
-def gpt2_from_pretrained(path, dropout=0.0):
+def from_pretrained(path, dropout=0.0):
     """Load a GPT-2 checkpoint stored locally in the Hugging Face layout.
 
     path: a directory with model.safetensors (what transformers' save_pretrained writes
@@ -24,15 +25,17 @@ def gpt2_from_pretrained(path, dropout=0.0):
     so they are transposed into nn.Linear's (out, in).
     """
     directory = path if os.path.isdir(path) else os.path.dirname(path)
+    cfg_file = os.path.join(directory, "config.json")
+    hf = json.load(open(cfg_file)) if os.path.exists(cfg_file) else {}
+    if hf.get("model_type") in LLAMAS:
+        return llama_from_pretrained(path, hf, dropout)
     sd_hf, weights = read_hf_weights(path)
     # GPT2LMHeadModel prefixes its keys with "transformer."; GPT2Model does not
     sd_hf = {k.removeprefix("transformer."): v for k, v in sd_hf.items()}
     # the causal-mask buffers carry no weights
     sd_hf = {k: v for k, v in sd_hf.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-    cfg_file = os.path.join(directory, "config.json")
-    if os.path.exists(cfg_file):
-        with open(cfg_file) as f:
-            config = hf_config(json.load(f), dropout)
+    if hf:
+        config = hf_config(hf, dropout)
     else:  # every GPT-2 size has 64-dimensional heads
         vocab_size, n_embd = sd_hf["wte.weight"].shape
         n_layer = 1 + max(int(k.split(".")[1]) for k in sd_hf if k.startswith("h."))
@@ -62,15 +65,102 @@ def gpt2_from_pretrained(path, dropout=0.0):
     return model
 
 
+LLAMAS = ("llama", "mistral")  # the Llama block's config.json model types
+
+
+def llama_from_pretrained(path, hf, dropout=0.0):
+    """A Llama-family checkpoint (Llama, SmolLM2, TinyLlama; Mistral without a sliding
+    window) as a GPT of arch "llama"; its weights keep Llama's names under transformer.h."""
+    config = llama_config(hf, dropout)
+    sd_hf, weights = read_hf_weights(path)
+    rename = {"model.embed_tokens.": "wte.", "model.layers.": "h.", "model.norm.": "ln_f."}
+    sd = {}
+    for k, v in sd_hf.items():
+        if k.endswith("rotary_emb.inv_freq"):  # older files keep it; it is computed here
+            continue
+        for old, new in rename.items():
+            k = new + k[len(old):] if k.startswith(old) else k
+        sd[k] = v
+    if config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    check_against_weights(config, sd, weights)  # before the model is allocated
+    model = GPT(config)
+    ours = model.state_dict()
+    name = lambda k: k if k == "lm_head.weight" else "transformer." + k
+    expected = {k for k in ours if k != "lm_head.weight" or not config.tie_word_embeddings}
+    mismatched = sorted(set(map(name, sd)) ^ expected)
+    if mismatched:
+        raise ValueError(f"{weights}: keys do not match the Llama layout: {mismatched[:8]}")
+    with torch.no_grad():
+        for k, v in sd.items():
+            if v.shape != ours[name(k)].shape:
+                raise ValueError(f"{weights}: {k} has shape {tuple(v.shape)}, expected "
+                                 f"{tuple(ours[name(k)].shape)}")
+            ours[name(k)].copy_(v)  # bf16 and fp16 to float32
+    return model
+
+
+def llama_config(hf, dropout=0.0):
+    """The GPTConfig of a Llama-family config.json: each field honoured, ignored for a
+    reason, or refused by name."""
+    if hf.get("model_type") == "mistral" and hf.get("sliding_window") is not None:
+        raise ValueError(f"config.json: sliding_window {hf['sliding_window']} is not supported "
+                         "(our attention sees the whole context)")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not silu")
+    if hf.get("mlp_bias"):
+        raise ValueError("config.json: mlp_bias true is not supported")
+    # transformers 5 writes rope_parameters (its theta and scaling); 4.x rope_theta, rope_scaling
+    scaling = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = scaling.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = scaling.get("rope_type", scaling.get("type", "none"))
+    if kind == "llama3":
+        rope = ("llama3", scaling["factor"], scaling["low_freq_factor"],
+                scaling["high_freq_factor"], scaling["original_max_position_embeddings"])
+    elif kind == "linear":
+        rope = ("linear", scaling["factor"])
+    elif kind in ("none", "default"):
+        rope = ()
+    else:
+        raise ValueError(f"config.json: rope_scaling of type {kind!r} is not supported (we have "
+                         "llama3 and linear)")
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
+        raise ValueError(f"config.json: head_dim {head_dim} is not hidden_size / heads")
+    honoured = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings", "vocab_size", "rms_norm_eps",
+                "rope_theta", "rope_scaling", "tie_word_embeddings", "attention_bias", "hidden_act",
+                "mlp_bias", "head_dim", "sliding_window", "rope_parameters"}
+    ignored = HF_IGNORED | {"attention_dropout", "pretraining_tp", "max_window_layers",
+                            "use_sliding_window", "layer_types"}
+    unknown = sorted(set(hf) - honoured - ignored)
+    if unknown:
+        raise ValueError(f"config.json: field {unknown[0]!r} is not one we know how to honour")
+    eps = hf.get("rms_norm_eps", 1e-6)
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"config.json: rms_norm_eps {eps!r} must be a positive number")
+    return GPTConfig(arch="llama", n_layer=hf["num_hidden_layers"],
+                     n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
+                     n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                     block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
+                     n_inner=hf["intermediate_size"], layer_norm_epsilon=eps, dropout=dropout,
+                     bias=False, rope_theta=float(theta),
+                     rope_scaling=rope, attention_bias=bool(hf.get("attention_bias", False)),
+                     tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
+
+
 def check_against_weights(config, sd_hf, weights):
     """The shape config.json claims, held to the weights' own before anything is allocated
     (a claimed n_embd of 32768 over small weights would fill memory first); and every
     weight finite."""
     blocks = {int(k.split(".")[1]) for k in sd_hf if k.startswith("h.")}
     inner = config.n_inner or 4 * config.n_embd
+    kv = (config.n_kv_head or config.n_head) * (config.n_embd // config.n_head)
     claims = [("vocab_size", "wte.weight", (config.vocab_size, config.n_embd)),
               ("n_positions", "wpe.weight", (config.block_size, config.n_embd)),
-              ("n_inner", "h.0.mlp.c_fc.weight", (config.n_embd, inner))]
+              ("n_inner", "h.0.mlp.c_fc.weight", (config.n_embd, inner)),
+              ("intermediate_size", "h.0.mlp.up_proj.weight", (inner, config.n_embd)),
+              ("num_key_value_heads", "h.0.self_attn.k_proj.weight", (kv, config.n_embd))]
     for field, key, shape in claims:
         if key in sd_hf and tuple(sd_hf[key].shape) != shape:
             raise ValueError(f"config.json: {field} and n_embd make {key} {shape}, but {weights} "

@@ -9,7 +9,7 @@ import os
 from dataclasses import replace
 
 from data import load_records, task_name
-from lora import LINEAR_MODULES
+from lora import LINEAR_MODULES, LLAMA_LINEAR_MODULES
 from methods.tuner import METHODS, PER_SAMPLE, SCORED, SELECTIONS, SUPPORTS
 from model import GPTConfig
 from plumbing.checkpoints import files_fingerprint
@@ -28,10 +28,12 @@ def lora_problems(self):
     out = positive(self, "lora_r", "lora_alpha")
     out += in_range(self, "lora_dropout", 0, 1, high_open=True)
     targets = self.lora_targets.split(",")
-    unknown = [t for t in targets if not t or not any(m.endswith(t) for m in LINEAR_MODULES)]
+    known = LINEAR_MODULES + LLAMA_LINEAR_MODULES
+    unknown = [t for t in targets if not t or not any(m.endswith(t) for m in known)]
     if unknown:
         out.append(f"--lora-targets: {', '.join(map(repr, unknown))} matches no Linear module of a "
-                   "block; " f"choose from {', '.join(LINEAR_MODULES)}")
+                   f"block; choose from GPT-2's {', '.join(LINEAR_MODULES)} or Llama's "
+                   f"{', '.join(LLAMA_LINEAR_MODULES)}")
     return out
 
 
@@ -181,6 +183,13 @@ def check_run(config, shape, n_train, eval_set, split):
     --epochs N becomes steps: ceil(N x samples / batch), every batch whole (the last one
     tops up from the next pass). The settings to run with."""
     problems = step_memory_problems(config, shape) if config.init_from else []
+    names = LLAMA_LINEAR_MODULES if shape.arch == "llama" else LINEAR_MODULES
+    targets = config.lora_targets.split(",")
+    if not any(m.endswith(t) for m in names for t in targets):  # the base's own module names
+        paper = "q_proj,k_proj,v_proj,up_proj,down_proj" if shape.arch == "llama" else ""
+        problems.append(f"--lora-targets {config.lora_targets} matches no Linear module of this "
+                        f"{shape.arch} base; its are {', '.join(names)}"
+                        + (f" (the paper adapts {paper})" if paper else ""))
     if not eval_set:
         problems.append(f"the {split} split is empty: give more evaluation data (--val-data, "
                         "--val-fraction, --n-val)")

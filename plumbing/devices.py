@@ -90,7 +90,11 @@ def training_memory(config, batch_size, full=True):
     of each sample about 16 * n_embd + 2 * n_head * block_size floats a block (the explicit
     attention keeps its probabilities) plus the logits and their gradient."""
     d, T, L, V = config.n_embd, config.block_size, config.n_layer, config.vocab_size
-    weights = V * d + T * d + L * (12 * d * d + 13 * d)
+    inner = config.n_inner or 4 * d  # Llama's MLP has three matrices of it, GPT-2's two
+    kv = d * (config.n_kv_head or config.n_head) // config.n_head
+    mlp = (3 if config.arch == "llama" else 2) * d * inner
+    head = 0 if config.tie_word_embeddings else V * d
+    weights = V * d + head + T * d + L * (2 * d * d + 2 * d * kv + mlp + 13 * d)
     per_sample = T * (L * (16 * d + 2 * config.n_head * T) + 2 * V)
     return 4 * (weights * (4 if full else 1) + batch_size * per_sample)
 

@@ -27,7 +27,7 @@ from data import Example, TokenizerUnavailable, collate, encode, get_tokenizer
 from evaluation.scoring import evaluate
 from testbed.task import PRETRAIN_OPS, pretrain_text, random_word
 from plumbing.records import DataError, read_text_file
-from hf.load import gpt2_from_pretrained
+from hf.load import from_pretrained
 from model import GPT, GPTConfig
 from plumbing.entry import run_main
 from plumbing.files import atomic_save, check_out_dir, file_problems, read_checkpoint
@@ -322,7 +322,7 @@ def read_base(path):
     naming --init-from otherwise."""
     if os.path.isdir(path) or path.endswith(".bin"):
         try:
-            return gpt2_from_pretrained(path)
+            return from_pretrained(path)
         # missing or truncated files, a config that does not match the weights, wrong shapes
         except Exception as e:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

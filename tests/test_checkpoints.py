@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf.load import gpt2_from_pretrained, hf_config
+from hf.load import from_pretrained, hf_config
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 BASE = dict(n_layer=2, n_head=2, n_embd=16, n_positions=12, vocab_size=40)
@@ -96,7 +96,7 @@ def test_our_logits_equal_the_reference_forward_for_every_supported_variant(tmp_
                                                                             kind):
     hf = {**BASE, **variant}
     sd = random_hf_weights(hf)
-    model = gpt2_from_pretrained(str(write_checkpoint(tmp_path / "gpt2", hf, sd, kind))).eval()
+    model = from_pretrained(str(write_checkpoint(tmp_path / "gpt2", hf, sd, kind))).eval()
     idx = torch.randint(0, hf["vocab_size"], (1, 10), generator=torch.Generator().manual_seed(1))
     expected = reference_logits(sd, hf, idx)
     for fused in (True, False):
@@ -122,7 +122,7 @@ def test_the_dropouts_and_bookkeeping_of_config_json_are_ignored():
 
 def test_a_folder_without_weights_names_both_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither model.safetensors nor pytorch_model.bin"):
-        gpt2_from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
 
 
 # --- out: PEFT's adapter layout and a transformers GPT-2 directory ---
@@ -199,7 +199,7 @@ def test_export_hf_writes_a_gpt2_directory_that_loads_back_to_our_logits(tuned_r
     assert weights["transformer.h.0.mlp.c_proj.weight"].shape == (4 * d, d)
     assert not any(".lora_" in k for k in weights) and "lm_head.weight" not in weights
     idx = torch.randint(0, 257, (1, 9), generator=torch.Generator().manual_seed(3))
-    merged = gpt2_from_pretrained(str(tmp / "merged")).eval()
+    merged = from_pretrained(str(tmp / "merged")).eval()
     torch.testing.assert_close(merged(idx)[0], adapted_logits(out, idx), atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(merged(idx)[0], reference_logits(weights, hf, idx), atol=2e-5,
                                rtol=1e-5)
@@ -239,7 +239,7 @@ def test_what_transformers_save_pretrained_writes_loads_to_its_logits_where_inst
     config = transformers.GPT2Config(**BASE, **variant, bos_token_id=0, eos_token_id=0)
     theirs = transformers.GPT2LMHeadModel(config).eval()
     theirs.save_pretrained(tmp_path)  # transformers 5: model.safetensors only
-    ours = gpt2_from_pretrained(str(tmp_path)).eval()
+    ours = from_pretrained(str(tmp_path)).eval()
     idx = torch.randint(0, BASE["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx)[0], theirs(idx).logits, atol=1e-5, rtol=0)
@@ -257,7 +257,7 @@ def test_a_config_json_is_held_to_its_weights_before_the_model_is_allocated(
     monkeypatch.setattr(model_module.GPT, "__init__", lambda *a: built.append(a))
     directory = write_checkpoint(tmp_path / "gpt2", {**BASE, **claim}, random_hf_weights(BASE))
     with pytest.raises(ValueError, match=message):
-        gpt2_from_pretrained(str(directory))
+        from_pretrained(str(directory))
     assert not built  # refused before the model was made
 
 
@@ -265,6 +265,6 @@ def test_nan_weights_and_a_nan_epsilon_are_named(tmp_path):
     sd = random_hf_weights(BASE)
     sd["transformer.h.1.ln_2.bias"][3] = float("nan")
     with pytest.raises(ValueError, match="h.1.ln_2.bias holds values that are not finite"):
-        gpt2_from_pretrained(str(write_checkpoint(tmp_path / "a", BASE, sd)))
+        from_pretrained(str(write_checkpoint(tmp_path / "a", BASE, sd)))
     with pytest.raises(ValueError, match="layer_norm_epsilon nan must be a positive number"):
         hf_config({**BASE, "layer_norm_epsilon": float("nan")})

@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from hf.load import gpt2_from_pretrained
+from hf.load import from_pretrained
 from model import GPT, GPTConfig, IGNORE_INDEX
 
 TINY = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16)
@@ -125,7 +125,7 @@ def write_hf_checkpoint(model, directory, prefix="", with_config=True):
 def test_from_pretrained_maps_a_gpt2_layout_checkpoint_exactly(tmp_path, prefix, with_config):
     source = tiny_model(seed=3, n_embd=128, n_head=2)  # 64-dim heads, as every GPT-2 size has
     write_hf_checkpoint(source, tmp_path, prefix, with_config)
-    loaded = gpt2_from_pretrained(str(tmp_path)).eval()
+    loaded = from_pretrained(str(tmp_path)).eval()
     assert loaded.config == source.config
     for (k, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
@@ -141,6 +141,6 @@ def test_from_pretrained_names_the_file_on_a_shape_mismatch_or_missing_file(tmp_
     sd["h.1.mlp.c_fc.weight"] = sd["h.1.mlp.c_fc.weight"][:, :-1]
     torch.save(sd, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"pytorch_model.bin: h.1.mlp.c_fc.weight has shape"):
-        gpt2_from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no GPT-2 checkpoint"):
-        gpt2_from_pretrained(str(tmp_path / "nowhere"))
+        from_pretrained(str(tmp_path / "nowhere"))
