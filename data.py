@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import tiktoken
 import torch
 
+from hf.tokenizer import from_directory, has_tokenizer
+
 from model import IGNORE_INDEX
 from plumbing.devices import say
 from plumbing.settings import ConfigError
@@ -46,9 +48,22 @@ def byte_tokenizer():
         bytes([i]): i for i in range(256)}, special_tokens={"<|endoftext|>": 256})
 
 
+def run_tokenizer(config):
+    """The tokenizer a run uses: --tokenizer; but a base directory's own (hf/tokenizer.py)
+    where --init-from holds one and --tokenizer is left at bytes, or names a directory."""
+    if config.tokenizer == "bytes" and config.init_from and has_tokenizer(config.init_from):
+        return get_tokenizer(config.init_from)
+    return get_tokenizer(config.tokenizer)
+
+
 def get_tokenizer(name="bytes"):
     if name == "bytes":
         return byte_tokenizer()
+    if os.path.isdir(name):  # a model directory's own (tokenizer.json, vocab.json ...)
+        try:
+            return from_directory(name)
+        except (ValueError, OSError, KeyError) as e:  # one line naming the file
+            raise TokenizerUnavailable(f"the tokenizer of {name}: {e}") from None
     try:
         return tiktoken.get_encoding(name)
     except ValueError:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from data import TokenizerUnavailable, encode, get_tokenizer, load_examples, load_task
+from data import TokenizerUnavailable, encode, load_examples, load_task, run_tokenizer
 from evaluation.scoring import decode, evaluate, per_task_lines
 from plumbing.records import DataError, is_records
 from hf.export import export_hf, export_peft, export_problems
@@ -120,7 +120,7 @@ def load_run(out_dir, device):
         refuse([f"{adapter_path}: does not fit the base model {base} ({e})"])
     settings = types.SimpleNamespace(**ckpt["config"])
     settings.quiet, settings.base = True, base
-    return model.to(device).eval(), settings, get_tokenizer(settings.tokenizer)
+    return model.to(device).eval(), settings, run_tokenizer(settings)
 
 
 def merged_state(model):

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from data import Epochs, SupportPool, TokenizerUnavailable, collate, get_tokenizer, load_task
+from data import Epochs, SupportPool, TokenizerUnavailable, collate, load_task, run_tokenizer
 from evaluation.scoring import evaluate, greedy_sample, per_task_head
 from lora import LoRAConfig, add_lora, save_adapter
 from methods.tuner import SCORED, SparseTuner
@@ -173,7 +173,7 @@ def train(config, split="test", summary=True, dry_run=False):
         check_data(config)  # before the base is pretrained: bad data costs nothing
         if dry_run:
             return None
-        tokenizer = get_tokenizer(config.tokenizer)
+        tokenizer = run_tokenizer(config)  # the base directory's own, where it has one
         check_prompts(config, tokenizer)  # against the context of the base it would pretrain
         return tokenizer
 

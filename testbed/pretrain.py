@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from data import Example, TokenizerUnavailable, collate, encode, get_tokenizer
+from hf.tokenizer import has_tokenizer
 from evaluation.scoring import evaluate
 from testbed.task import PRETRAIN_OPS, pretrain_text, random_word
 from plumbing.records import DataError, read_text_file
@@ -80,8 +81,10 @@ def base_problems(config):
     problems += in_range(config, "pretrain_until", 0, 1)
     if config.pretrain_steps < 0:
         problems.append(f"--pretrain-steps must not be negative, got {config.pretrain_steps}")
-    if config.tokenizer != "bytes" and config.tokenizer not in tiktoken.list_encoding_names():
-        problems.append(f"--tokenizer {config.tokenizer!r} is unknown; choose bytes or one of "
+    if config.tokenizer != "bytes" and config.tokenizer not in tiktoken.list_encoding_names() and (
+            not has_tokenizer(config.tokenizer)):
+        problems.append(f"--tokenizer {config.tokenizer!r} is unknown; choose bytes, a model "
+                        "directory with its tokenizer files, or one of "
                         f"{', '.join(tiktoken.list_encoding_names())}")
     problems += [check_device(config.device)] if check_device(config.device) else []
     for name in SHAPE_FLAGS:
@@ -369,7 +372,7 @@ def load_base(config, tokenizer, device, corpus=None):
         else:
             pretrain(config, tokenizer, device, path, corpus)
     model = read_base(path)
-    if config.tokenizer == "bytes" and model.config.vocab_size != tokenizer.n_vocab:
+    if tokenizer.name == "bytes" and model.config.vocab_size != tokenizer.n_vocab:
         raise ConfigError(
             f"invalid settings:\n  --tokenizer bytes ({tokenizer.n_vocab} tokens) does not fit "
             f"{path}, whose vocabulary holds {model.config.vocab_size} (a real GPT-2: "

@@ -125,3 +125,103 @@ def test_the_llama_exports_load_in_peft_and_transformers_to_our_logits(tmp_path)
         torch.testing.assert_close(merged(idx).logits, expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(from_pretrained(str(tmp_path / "merged"))(idx)[0], expected,
                                    atol=1e-5, rtol=1e-5)
+
+
+TEXTS = ["Hello world", "héllo wörld — naïve café", "日本語のテキスト",
+         "emoji 🙂🚀 and tabs\tnew\nlines", "   spaces   ", "numbers 12345 67890",
+         "mixed: Ünïcödé ∑∫√ and 'quotes' it's", "a" * 50]
+
+
+def byte_level_tokenizer_dir(tmp_path, pattern=None):
+    """A byte-level BPE trained here with the tokenizers library, saved as a model directory
+    saves it (tokenizer.json, tokenizer_config.json), with its vocab.json and merges.txt."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import Regex, models, pre_tokenizers, trainers, decoders
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    if pattern:  # a Split by pattern, then ByteLevel without its own regex (Llama 3, SmolLM2)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:  # GPT-2's
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TEXTS * 20 + ["the quick brown fox jumps over the lazy dog"] * 50,
+                            trainer)
+    directory = tmp_path / "tok"
+    directory.mkdir()
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    return directory, tok
+
+
+@pytest.mark.parametrize("pattern", [None, "llama3"])
+def test_a_byte_level_tokenizer_json_encodes_and_decodes_as_the_tokenizers_library(tmp_path,
+                                                                                   pattern):
+    from hf.tokenizer import LLAMA3_PATTERN, from_directory
+
+    directory, reference = byte_level_tokenizer_dir(
+        tmp_path, LLAMA3_PATTERN if pattern else None)
+    ours = from_directory(str(directory))
+    for text in TEXTS:
+        ids = reference.encode(text).ids
+        assert ours.encode(text, disallowed_special=()) == ids, text
+        assert ours.decode(ids) == text
+    assert ours.eot_token == reference.token_to_id("<|endoftext|>")
+
+
+def test_gpt2_s_vocab_and_merges_equal_its_tokenizer_json_and_tiktoken_where_cached(tmp_path):
+    from hf.tokenizer import from_directory
+
+    directory, reference = byte_level_tokenizer_dir(tmp_path)
+    reference.model.save(str(directory))  # vocab.json and merges.txt
+    (directory / "tokenizer.json").unlink()
+    ours = from_directory(str(directory))
+    for text in TEXTS:
+        assert ours.encode(text, disallowed_special=()) == reference.encode(text).ids, text
+    try:
+        import tiktoken
+
+        gpt2 = tiktoken.get_encoding("gpt2")
+    except Exception:
+        return  # tiktoken's gpt2 file is not cached here: the comparison above stands
+    assert gpt2.encode("Hello world") == [15496, 995]
+
+
+def test_a_sentencepiece_tokenizer_is_refused_by_name(tmp_path):
+    from hf.tokenizer import from_directory
+
+    (tmp_path / "tokenizer.model").write_bytes(b"\n\x0b\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02")
+    with pytest.raises(ValueError, match="SentencePiece"):
+        from_directory(str(tmp_path))
+
+
+def test_a_llama_directory_with_its_tokenizer_goes_through_train_sample_and_exports(tmp_path,
+                                                                                  capsys):
+    """A Llama written by transformers beside its own byte-level tokenizer.json trains with
+    no tokenizer flag and the paper's LoRA targets, answers in sample.py and exports; the
+    GPT-2 default targets are refused by name before any step."""
+    transformers = pytest.importorskip("transformers")
+    import sample
+    from train import main
+
+    directory, tokenizer = byte_level_tokenizer_dir(tmp_path)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**TINY, "vocab_size": tokenizer.get_vocab_size(),
+                                         "max_position_embeddings": 32})
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    rows = [{"prompt": f"echo {w}=", "completion": f"{w}\n"} for w in ("abc", "xyz", "moo", "eel")]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows * 6))
+    flags = ["--init-from", str(directory), "--data", str(tmp_path / "d.jsonl"), "--steps", "3",
+             "--batch-size", "4", "--eval-interval", "3", "--quiet", "--no-picture",
+             "--out-dir", str(tmp_path / "run")]
+    assert main(flags) == 2
+    assert "matches no Linear module of this llama base" in capsys.readouterr().err
+    assert main([*flags, "--lora-targets", ",".join(PAPER_TARGETS)]) == 0
+    assert sample.main(["--out-dir", str(tmp_path / "run"), "--prompt", "echo abc=",
+                        "--export-peft", str(tmp_path / "peft")]) == 0
+    assert (tmp_path / "peft" / "adapter_config.json").is_file()
+    # the byte tokenizer (257 tokens) would not fit this vocabulary: the directory's was used
+    assert "'echo abc=' -> '" in capsys.readouterr().out and config.vocab_size != 257

@@ -1,0 +1,124 @@
+"""
+A model directory's own tokenizer, offline, as a tiktoken Encoding. Three formats:
+
+  tokenizer.json            byte-level BPE (GPT-2, SmolLM2, Llama 3, ...), its pre-tokenizer
+                            pattern and special tokens
+  vocab.json + merges.txt   GPT-2's files (tiktoken builds its own gpt2 from these two)
+  tokenizer.model           Llama 3's, in tiktoken's own format
+
+The end-of-text token is the directory's (tokenizer_config.json's eos_token). SentencePiece
+tokenizers (LLaMA-1/2, TinyLlama) are refused by name: they are not byte-level BPE.
+"""
+
+import base64
+import json
+import os
+
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?"
+                  r"[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+class Tokenizer(tiktoken.Encoding):
+    """A tiktoken Encoding whose end-of-text token is the directory's, not <|endoftext|>."""
+
+    def __init__(self, eot_token, **kwargs):
+        super().__init__(**kwargs)
+        self._eot = eot_token
+
+    @property
+    def eot_token(self):
+        return self._eot
+
+
+def has_tokenizer(directory):
+    return os.path.isdir(directory) and any(
+        os.path.exists(os.path.join(directory, f)) for f in FILES)
+
+
+def byte_decoder():
+    """GPT-2's map from the printable characters byte-level BPE writes to the bytes they are."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def from_directory(directory):
+    """The directory's tokenizer; ValueError naming the file and what is wrong."""
+    path = lambda name: os.path.join(directory, name)
+    config = json.load(open(path("tokenizer_config.json"))) if os.path.exists(
+        path("tokenizer_config.json")) else {}
+    if os.path.exists(path("tokenizer.json")):
+        ranks, pattern, special = from_tokenizer_json(path("tokenizer.json"))
+    elif os.path.exists(path("vocab.json")) and os.path.exists(path("merges.txt")):
+        vocab = json.load(open(path("vocab.json")))
+        merges = [m for m in open(path("merges.txt"), encoding="utf-8").read().splitlines()
+                  if m and not m.startswith("#version")]
+        special = {t: i for t, i in vocab.items() if t.startswith("<|") and t.endswith("|>")}
+        plain = {t: i for t, i in vocab.items() if t not in special}
+        ranks, pattern = bpe_ranks(plain, merges, path("merges.txt")), GPT2_PATTERN
+    elif os.path.exists(path("tokenizer.model")):
+        try:
+            ranks = load_tiktoken_bpe(path("tokenizer.model"))
+        except (ValueError, IndexError, UnicodeDecodeError, base64.binascii.Error):
+            raise ValueError(f"{path('tokenizer.model')}: a SentencePiece model (LLaMA-1/2, "
+                             "TinyLlama), not byte-level BPE; it is not supported: give a "
+                             "byte-level tokenizer.json, or --tokenizer bytes") from None
+        added = config.get("added_tokens_decoder", {})
+        special = {v["content"]: int(k) for k, v in added.items()}
+        pattern = LLAMA3_PATTERN
+    else:
+        raise ValueError(f"{directory}: no tokenizer.json, vocab.json + merges.txt or "
+                         "tokenizer.model there")
+    eos = config.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    eos = eos if eos in special else "<|endoftext|>" if "<|endoftext|>" in special else None
+    if eos is None:
+        raise ValueError(f"{directory}: its end-of-text token (tokenizer_config.json's "
+                         "eos_token) is not one of its special tokens")
+    return Tokenizer(special[eos], name=os.path.basename(os.path.abspath(directory)),
+                     pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
+
+
+def from_tokenizer_json(file):
+    """(ranks, pattern, special tokens) of a byte-level BPE tokenizer.json. A merge's rank
+    is its token's id: tiktoken then merges in the file's merge order (checked)."""
+    spec = json.load(open(file))
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre else []
+    kinds = [s.get("type") for s in steps]
+    if model.get("type") != "BPE" or "ByteLevel" not in kinds or spec.get("normalizer"):
+        raise ValueError(f"{file}: not a byte-level BPE tokenizer (model {model.get('type')}, "
+                         f"pre-tokenizer {kinds or None}, normalizer "
+                         f"{(spec.get('normalizer') or {}).get('type')}); it is not supported")
+    splits = [s["pattern"]["Regex"] for s in steps if s.get("type") == "Split"
+              and "Regex" in s.get("pattern", {})]
+    uses_own = any(s.get("type") == "ByteLevel" and s.get("use_regex", True) for s in steps)
+    pattern = splits[0] if splits and not uses_own else GPT2_PATTERN
+    special = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    plain = {t: i for t, i in model["vocab"].items() if t not in special}
+    return bpe_ranks(plain, model.get("merges", []), file), pattern, special
+
+
+def bpe_ranks(vocab, merges, where):
+    """{token bytes: id} of a byte-level BPE vocabulary. tiktoken merges the pair whose token
+    has the lowest rank, BPE the earliest merge: the same where the merges' tokens come in
+    the order of their ids (checked)."""
+    to_byte = byte_decoder()
+    ranks = {bytes(to_byte[c] for c in token): i for token, i in vocab.items()}
+    merged = [ranks[bytes(to_byte[c] for c in "".join(m.split(" ") if isinstance(m, str) else m))]
+              for m in merges]
+    if merged != sorted(merged):
+        raise ValueError(f"{where}: its merges are not in the order of their tokens' ids, which "
+                         "tiktoken needs; it is not supported")
+    return ranks
