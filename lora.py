@@ -50,7 +50,10 @@ class LoRALinear(nn.Module):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        dd = dict(device=base.weight.device, dtype=base.weight.dtype)
+        # the adapters in float32 even over a bf16 or fp16 base (train.py --base-dtype)
+        dtype = torch.float32 if base.weight.dtype in (torch.bfloat16, torch.float16) else (
+            base.weight.dtype)
+        dd = dict(device=base.weight.device, dtype=dtype)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **dd))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **dd))  # (out, r)
         # A random, B zero: the adapter starts as an exact no-op (a test pins this)
@@ -68,9 +71,9 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        h = self.lora_dropout(x)  # (B, T, in)
+        h = self.lora_dropout(x).to(self.lora_A.dtype)  # (B, T, in), in the adapters' dtype
         # (B, T, in) -> (B, T, r) -> (B, T, out)
-        return y + (h @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+        return y + ((h @ self.lora_A.t() @ self.lora_B.t()) * self.scaling).to(y.dtype)
 
     @torch.no_grad()
     def merge(self):

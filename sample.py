@@ -96,7 +96,7 @@ def problems(config):
 
 
 def load_run(out_dir, device):
-    """(model with the run's adapters, the run's settings as a namespace, tokenizer)."""
+    """(model with the run's adapters, the run's settings as a namespace)."""
     ckpt_path, adapter_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "adapter.pt")
     if not os.path.exists(ckpt_path):
         refuse([f"--out-dir {out_dir}: no ckpt.pt there; run python train.py --out-dir {out_dir} "
@@ -120,7 +120,7 @@ def load_run(out_dir, device):
         refuse([f"{adapter_path}: does not fit the base model {base} ({e})"])
     settings = types.SimpleNamespace(**ckpt["config"])
     settings.quiet, settings.base = True, base
-    return model.to(device).eval(), settings, run_tokenizer(settings)
+    return model.to(device).eval(), settings
 
 
 def merged_state(model):
@@ -132,7 +132,18 @@ def merged_state(model):
 def sample(config):
     refuse(problems(config))
     device = pick_device(config.device)
-    model, run, tokenizer = load_run(config.out_dir, device)
+    model, run = load_run(config.out_dir, device)
+    # the exports tokenize nothing: without the run's tokenizer file they are still written
+    exports_only = not (config.prompt or config.data) and bool(
+        config.merge or config.export_peft or config.export_hf)
+    try:
+        tokenizer = run_tokenizer(run)
+    except TokenizerUnavailable as e:
+        if not exports_only:
+            raise
+        tokenizer = None
+        print(f"note: {e}; the exports are written without it (--export-hf's config.json "
+              "then names no end-of-text token)")
     torch.manual_seed(config.seed)
     if config.merge:
         if os.path.exists(config.merge) and os.path.samefile(config.merge, run.base):
@@ -148,7 +159,7 @@ def sample(config):
         export_peft(model, lora, config.export_peft, run.init_from or "")
         print(f"wrote {config.export_peft}: the adapter in PEFT's LoRA layout")
     if config.export_hf:
-        export_hf(model, config.export_hf, tokenizer.eot_token)
+        export_hf(model, config.export_hf, tokenizer.eot_token if tokenizer else None)
         print(f"wrote {config.export_hf}: the merged model as a transformers GPT-2 directory")
     # every output asked for is written above; then the prompt, the file, or the run's answers
     if config.prompt:

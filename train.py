@@ -64,6 +64,8 @@ class TrainConfig:
     pretrain_lr: float = 3e-3  # peak pretraining lr (100 warm-up steps, then cosine to 0)
     pretrain_seed: int = 0  # seed of the corpus, init and batches (part of the base's hash)
     compile: bool = False  # torch.compile the model for pretraining (fine-tuning stays eager)
+    base_dtype: str = "float32"  # the frozen base's weights: float32, or bfloat16 (half the
+        # memory; for a GPU); the adapters and their per-sample gradients stay float32
     weak_base: bool = False  # with --init-from, fine-tune on the default task even on a base
         # whose skills are below SKILL_LEVEL (for studying weak bases)
 
@@ -211,6 +213,8 @@ def fine_tune(config, split, summary, device, tokenizer):
 
     # 2. the adapters (lora.py), AdamW on them alone, and the method's tuner (methods/tuner.py)
     torch.manual_seed(config.seed)
+    if config.base_dtype == "bfloat16":  # before the adapters, which stay float32
+        model.to(torch.bfloat16)
     adapters = LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout,
                           tuple(config.lora_targets.split(",")))
     add_lora(model, adapters, verbose=not config.quiet and is_main())

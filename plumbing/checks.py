@@ -120,6 +120,7 @@ def validate(config, n_procs=1):
     problems += one_of(config, "schedule",
                        ("cosine", "constant")) + not_negative(config, "grad_clip")
     problems += in_range(config, "weight_decay", 0, 1)
+    problems += one_of(config, "base_dtype", ("float32", "bfloat16"))
     if config.lr > 1 and math.isfinite(config.lr):
         problems.append(
             f"--lr {config.lr} is above 1: AdamW steps that large wreck any model (LoRA here "

@@ -225,3 +225,31 @@ def test_a_llama_directory_with_its_tokenizer_goes_through_train_sample_and_expo
     assert (tmp_path / "peft" / "adapter_config.json").is_file()
     # the byte tokenizer (257 tokens) would not fit this vocabulary: the directory's was used
     assert "'echo abc=' -> '" in capsys.readouterr().out and config.vocab_size != 257
+
+
+def test_a_bf16_base_keeps_float32_adapters_and_per_sample_gradients(tiny, capsys):
+    """--base-dtype bfloat16: the frozen base in bf16, the adapters and their per-sample
+    gradients in float32 (whose mean is the batch gradient), and a run that trains."""
+    from gast import per_sample_grads_and_losses
+    from train import train
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(arch="llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                          block_size=16, vocab_size=40, n_inner=48, bias=False))
+    model.to(torch.bfloat16)
+    add_lora(model, LoRAConfig(r=4, alpha=8, targets=PAPER_TARGETS), verbose=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert model.transformer.wte.weight.dtype == torch.bfloat16
+    x, y = torch.randint(0, 40, (4, 10)), torch.randint(0, 40, (4, 10))
+    grads, _ = per_sample_grads_and_losses(model, x, y)
+    model(x, y)[1].backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert grads[name].dtype == torch.float32
+            torch.testing.assert_close(grads[name].mean(0), p.grad, atol=1e-3, rtol=1e-2)
+    metrics = train(tiny(base_dtype="bfloat16", steps=4, eval_interval=4), summary=False)
+    assert metrics["val_loss"] == metrics["val_loss"] and metrics["steps"] == 4  # finite, ends

@@ -158,3 +158,19 @@ def test_data_flags_without_records_to_read_are_refused(run, tmp_path, capsys):
     assert sample.main(["--out-dir", str(run), "--data", str(tmp_path / "d.json"), "--template",
                         "alpaca", "--prompt-field", "q"]) == 2
     assert "are for --template plain" in capsys.readouterr().err
+
+
+def test_the_exports_need_no_tokenizer_file(run, tmp_path, capsys, monkeypatch):
+    """A run whose tokenizer cannot be loaded here still exports (nothing is tokenized);
+    a prompt then is refused with one line."""
+    import data
+
+    def unavailable(config):
+        raise data.TokenizerUnavailable("tokenizer 'gpt2': no cached file")
+
+    monkeypatch.setattr(sample, "run_tokenizer", unavailable)
+    assert sample.main(["--out-dir", str(run), "--export-peft", str(tmp_path / "peft"),
+                        "--export-hf", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file() and "note: tokenizer" in (
+        capsys.readouterr().out)
+    assert sample.main(["--out-dir", str(run), "--prompt", "rsh abc="]) == 2

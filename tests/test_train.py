@@ -229,7 +229,7 @@ def refused(capsys, base, out, *extra):
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--tokenizer", "foo"], "--tokenizer 'foo' is unknown; choose bytes or one of"),
+        (["--tokenizer", "foo"], "--tokenizer 'foo' is unknown; choose bytes, a model directory"),
         (["--device", "banana"], "--device 'banana' is not a device"),
         (
             ["--lora-targets", "attn.c_attn,foo.bar"],
