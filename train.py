@@ -182,7 +182,8 @@ def train(config, split="test", summary=True, dry_run=False):
     tokenizer = together(checks)  # one process's bad input stops all, its error printed
     if dry_run:
         return asdict(config)
-    together(lambda: same_everywhere(input_hashes(config)))  # torchrun: the same files
+    if world()[1] > 1:  # torchrun: every process given the same files
+        together(lambda: same_everywhere(input_hashes(config)))
     if unused_flags(config, TrainConfig()):  # a flag this run does not read is said
         say(config, unused_flags(config, TrainConfig()))
     device = pick_device(config.device)

@@ -260,7 +260,6 @@ FOR_SOME_RUNS = [
 def unused_flags(config, defaults):
     """One line naming the flags set away from their defaults that this run does not read
     (said, not refused: compare.py gives every row the same flags), or ""."""
-    unused = [f"{flag(name)} (read by {who})" for names, who, reads in FOR_SOME_RUNS
-              if not reads(config) for name in names
-              if getattr(config, name) != getattr(defaults, name)]
+    unused = [f"{flag(name)} (read by {who})" for names, who, reads in FOR_SOME_RUNS if not reads(
+        config) for name in names if getattr(config, name) != getattr(defaults, name)]
     return "note: this run does not read " + ", ".join(unused) if unused else ""

@@ -67,7 +67,14 @@ MODELS = {  # name: (model shape, LoRA targets, batch sizes by default)
     "mid": (GPTConfig(n_layer=8, n_head=8, n_embd=256, block_size=64), ATTENTION_AND_MLP, (32,)),
     # the shape a one-GPU user runs: 12 blocks, width 768, context 128, the paper's batch
     "gpt2-small": (GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=128, vocab_size=50257),
-                   ATTENTION_AND_MLP, (16, 32))}
+                   ATTENTION_AND_MLP, (16, 32)),
+    # a Llama-family checkpoint a one-GPU user picks, SmolLM2-135M's shape, at the paper's
+    # context 256, batch 16 and LoRA (r 32, alpha 64 on q, k, v, up, down)
+    "smollm2-135m": (GPTConfig(arch="llama", n_layer=30, n_head=9, n_kv_head=3, n_embd=576,
+                               n_inner=1536, block_size=256, vocab_size=49152, bias=False,
+                               rope_theta=100000.0),
+                     LoRAConfig(32, 64.0, 0.0, ("q_proj", "k_proj", "v_proj", "up_proj",
+                                                "down_proj")), (16,))}
 WHATS = ("plain", "gast_default", "gast_vmap", "gast_hooks", "gast_blocks", "gast_twopass",
          "gast_ref1", "vmap", "hooks", "loop")
 # the GAST steps, in the table's order
@@ -125,9 +132,10 @@ def make_batch(config, B, device, seed=0):
 
 
 def setup(spec, device):
-    config, targets, _ = spec
+    config, targets, _ = spec  # targets: module names, or a whole LoRAConfig
     torch.manual_seed(0)
-    model = add_lora(GPT(config), LoRAConfig(targets=targets), verbose=False).to(device).train()
+    lora = targets if isinstance(targets, LoRAConfig) else LoRAConfig(targets=targets)
+    model = add_lora(GPT(config), lora, verbose=False).to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, opt
 
@@ -415,10 +423,12 @@ def main(argv=None):
         for B in args.batch_sizes or MODELS[name][2]:
             # larger models: fewer rounds
             repeats = args.repeats if name == "default" else max(3, args.repeats // 2)
+            # the memory first, each computation in a process of its own: this one does not yet
+            # hold the timed computations' memory beside it (a large model would not fit twice)
+            peaks = memory_all(MODELS[name], B, device, args.threads, whats)
             times, ratios, n_lora, seq = paired_times(MODELS[name], B, device, repeats, min(
                 args.loop_repeats, repeats), clock=args.clock, whats=whats)
-            row = summarise(name, B, times, ratios,
-                            memory_all(MODELS[name], B, device, args.threads, whats), n_lora, seq)
+            row = summarise(name, B, times, ratios, peaks, n_lora, seq)
             rows.append(row)
             print(f"  {name} B={B}: plain {row['plain_ms']:.1f} ms, " + ", ".join(
                 f"{w} {row[w + '_x']:.2f}x" for w in timed), flush=True)
