@@ -173,12 +173,12 @@ def step_memory_problems(config, shape):
     lora = 16 * config.lora_r * shape.n_embd * shape.n_layer
     # + per-sample gradients, AdamW's moments
     estimate = training_memory(shape, rows, full=False) + 4 * lora * (rows + 4)
+    flags = "--batch-size, --lora-r" + ("" if config.init_from else ", --n-layer, --n-embd, "
+                                             "--block-size")
     if config.method in SCORED and config.per_sample == "vmap":  # torch.func holds about 3x
         # the activations of a batched pass (measured at SmolLM2-135M's shape, docs/cost.md)
         batched = training_memory(shape, rows, full=False) - training_memory(shape, 0, False)
-        estimate += 2 * batched
-    flags = "--batch-size, --lora-r" + ("" if config.init_from else ", --n-layer, --n-embd, "
-                                             "--block-size") + ", --per-sample blocks"
+        estimate, flags = estimate + 2 * batched, flags + ", --per-sample blocks"
     return memory_problems("a fine-tuning step", estimate, pick_device(config.device), flags)
 
 

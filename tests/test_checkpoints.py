@@ -147,7 +147,7 @@ def tuned_run(tmp_path):
 def adapted_logits(out, idx):
     from sample import load_run
 
-    model, _, _ = load_run(str(out), "cpu")
+    model, _ = load_run(str(out), "cpu")
     return model.eval()(idx)[0]
 
 
