@@ -158,26 +158,68 @@ def byte_level_tokenizer_dir(tmp_path, pattern=None):
 
 
 @pytest.mark.parametrize("pattern", [None, "llama3"])
-def test_a_byte_level_tokenizer_json_encodes_and_decodes_as_the_tokenizers_library(tmp_path,
-                                                                                   pattern):
+def test_a_byte_level_tokenizer_json_encodes_and_decodes_as_transformers_tokenizer(tmp_path,
+                                                                                 pattern):
+    """Our Encoding of a directory's tokenizer.json against transformers' own tokenizer of
+    the same directory (the tokenizers library's, where transformers is absent)."""
     from hf.tokenizer import LLAMA3_PATTERN, from_directory
 
     directory, reference = byte_level_tokenizer_dir(
         tmp_path, LLAMA3_PATTERN if pattern else None)
+    encode, decode = (lambda t: reference.encode(t).ids), reference.decode
+    try:
+        import transformers
+
+        theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(
+            directory / "tokenizer.json"))
+        encode = lambda t: theirs(t, add_special_tokens=False)["input_ids"]
+        decode = theirs.decode
+    except ImportError:
+        pass
     ours = from_directory(str(directory))
     for text in TEXTS:
-        ids = reference.encode(text).ids
+        ids = encode(text)
         assert ours.encode(text, disallowed_special=()) == ids, text
-        assert ours.decode(ids) == text
+        assert ours.decode(ids) == decode(ids) == text
     assert ours.eot_token == reference.token_to_id("<|endoftext|>")
 
 
-def test_gpt2_s_vocab_and_merges_equal_its_tokenizer_json_and_tiktoken_where_cached(tmp_path):
+def merges_of(ranks):
+    """vocab.json's and merges.txt's text of byte-level BPE ranks ({token bytes: rank}, ranks
+    in merge order, as tiktoken's gpt2 holds them): each token's merge is the last step of
+    BPE on its bytes with the tokens ranked below it."""
+    from hf.tokenizer import byte_decoder
+
+    to_char = {b: c for c, b in byte_decoder().items()}
+    text = lambda bs: "".join(to_char[b] for b in bs)
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            pairs = [(ranks.get(a + b, 1 << 62), i)
+                     for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            best, i = min(pairs)
+            assert best < rank, token
+            parts[i: i + 2] = [parts[i] + parts[i + 1]]
+        merges.append(f"{text(parts[0])} {text(parts[1])}")
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    return json.dumps(vocab), "#version: 0.2\n" + "\n".join(merges) + "\n"
+
+
+def test_gpt2_s_vocab_and_merges_equal_tiktoken_s_gpt2_where_cached(tmp_path):
+    """GPT-2's two files (written here from the ranks they encode) read as vocab.json +
+    merges.txt encode as the library does; and as tiktoken's own gpt2 where its file is
+    cached (tiktoken builds gpt2 from exactly these two files)."""
     from hf.tokenizer import from_directory
 
     directory, reference = byte_level_tokenizer_dir(tmp_path)
-    reference.model.save(str(directory))  # vocab.json and merges.txt
+    ours_json = from_directory(str(directory))
     (directory / "tokenizer.json").unlink()
+    vocab, merges = merges_of({k: v for k, v in ours_json._mergeable_ranks.items()})
+    (directory / "vocab.json").write_text(json.dumps({**json.loads(vocab), "<|endoftext|>": 0}))
+    (directory / "merges.txt").write_text(merges)
     ours = from_directory(str(directory))
     for text in TEXTS:
         assert ours.encode(text, disallowed_special=()) == reference.encode(text).ids, text
@@ -187,7 +229,14 @@ def test_gpt2_s_vocab_and_merges_equal_its_tokenizer_json_and_tiktoken_where_cac
         gpt2 = tiktoken.get_encoding("gpt2")
     except Exception:
         return  # tiktoken's gpt2 file is not cached here: the comparison above stands
-    assert gpt2.encode("Hello world") == [15496, 995]
+    vocab, merges = merges_of(gpt2._mergeable_ranks)
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "vocab.json").write_text(json.dumps(
+        {**json.loads(vocab), "<|endoftext|>": gpt2.eot_token}))
+    (tmp_path / "gpt2" / "merges.txt").write_text(merges)
+    from_files = from_directory(str(tmp_path / "gpt2"))
+    for text in TEXTS:
+        assert from_files.encode(text, disallowed_special=()) == gpt2.encode(text), text
 
 
 def test_a_sentencepiece_tokenizer_is_refused_by_name(tmp_path):
