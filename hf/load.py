@@ -106,6 +106,8 @@ def llama_config(hf, dropout=0.0):
     if hf.get("model_type") == "mistral" and hf.get("sliding_window") is not None:
         raise ValueError(f"config.json: sliding_window {hf['sliding_window']} is not supported "
                          "(our attention sees the whole context)")
+    if any(kind != "full_attention" for kind in hf.get("layer_types") or []):
+        raise ValueError("config.json: layer_types other than full_attention are not supported")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not silu")
     if hf.get("mlp_bias"):
@@ -131,6 +133,9 @@ def llama_config(hf, dropout=0.0):
                 "num_key_value_heads", "max_position_embeddings", "vocab_size", "rms_norm_eps",
                 "rope_theta", "rope_scaling", "tie_word_embeddings", "attention_bias", "hidden_act",
                 "mlp_bias", "head_dim", "sliding_window", "rope_parameters"}
+    # attention_dropout: fine-tuning runs the base without dropout; pretraining_tp: how Meta
+    # split its matmuls to pretrain, the same function; the window fields: only with a window,
+    # which is refused above; layer_types: every layer full attention here
     ignored = HF_IGNORED | {"attention_dropout", "pretraining_tp", "max_window_layers",
                             "use_sliding_window", "layer_types"}
     unknown = sorted(set(hf) - honoured - ignored)
@@ -221,7 +226,8 @@ def hf_config(hf, dropout=0.0):
     """The GPTConfig of a GPT-2 config.json: each field honoured, ignored for a reason
     (HF_IGNORED), or refused with a ValueError naming it."""
     if hf.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"config.json: model_type {hf['model_type']!r} is not gpt2")
+        raise ValueError(f"config.json: model_type {hf['model_type']!r} is not one we build "
+                         f"(gpt2, {', '.join(LLAMAS)})")
     # reorder_and_upcast_attn: ours computes attention in the model's dtype
     refused = {"reorder_and_upcast_attn": False, "add_cross_attention": False,
                "scale_attn_weights": True}

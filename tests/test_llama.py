@@ -270,10 +270,23 @@ def test_a_llama_directory_with_its_tokenizer_goes_through_train_sample_and_expo
     assert "matches no Linear module of this llama base" in capsys.readouterr().err
     assert main([*flags, "--lora-targets", ",".join(PAPER_TARGETS)]) == 0
     assert sample.main(["--out-dir", str(tmp_path / "run"), "--prompt", "echo abc=",
-                        "--export-peft", str(tmp_path / "peft")]) == 0
-    assert (tmp_path / "peft" / "adapter_config.json").is_file()
+                        "--export-peft", str(tmp_path / "peft"), "--export-hf",
+                        str(tmp_path / "merged")]) == 0
     # the byte tokenizer (257 tokens) would not fit this vocabulary: the directory's was used
     assert "'echo abc=' -> '" in capsys.readouterr().out and config.vocab_size != 257
+    # the exports answer in transformers and PEFT as sample.py's model does
+    peft = pytest.importorskip("peft")
+    from sample import load_run
+
+    ours, _ = load_run(str(tmp_path / "run"), "cpu")
+    idx = torch.tensor([tokenizer.encode("echo abc=").ids])
+    with torch.no_grad():
+        expected = ours(idx)[0]
+        merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        torch.testing.assert_close(merged(idx).logits, expected, atol=1e-5, rtol=1e-5)
+        base = transformers.LlamaForCausalLM.from_pretrained(directory)
+        tuned = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
+        torch.testing.assert_close(tuned(idx).logits, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_a_bf16_base_keeps_float32_adapters_and_per_sample_gradients(tiny, capsys):
