@@ -34,8 +34,8 @@ from plumbing.files import OutDirLock, check_out_dir, fingerprint, write_json
 from plumbing.optim import lr_at, optimizer_step
 from plumbing.pictures import plot_run
 from plumbing.records import DataError, check_data
-from plumbing.report import (last_checkpoint, print_summary, progress_line, score_line,
-                             selection_picture, support_line)
+from plumbing.report import (EvalProgress, last_checkpoint, print_summary, progress_line,
+                             score_line, selection_picture, support_line)
 from plumbing.settings import config_from_dict, parse_args
 from testbed.pretrain import SKILL_LEVEL, load_base
 
@@ -236,7 +236,7 @@ def fine_tune(config, split, summary, device, tokenizer):
 
     def score():  # held-out loss; exact match (greedy decoding) on the test split only
         return evaluate(model, eval_set, tokenizer, device, is_qa and split == "test",
-                        max_new_tokens=config.max_new_tokens)
+                        max_new_tokens=config.max_new_tokens, progress=EvalProgress(config))
 
     # 3. the loop: a step of the method, AdamW, a line now and then, evaluations and checkpoints
     end = min(config.stop_at or config.steps, config.steps)

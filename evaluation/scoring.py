@@ -14,11 +14,12 @@ from plumbing.devices import autocast_for
 
 @torch.no_grad()
 def evaluate(model, examples, tokenizer, device, is_qa, batch_size=64, n_answers=3,
-             max_new_tokens=32):
+             max_new_tokens=32, progress=None):
     """Mean per-sample loss and, for prompt/completion data, greedy exact match and (where
     the examples carry answers) answer accuracy, overall and per task, with the first
     n_answers answers. Generation is greedy and batched over prompts of equal length, so
-    no padding enters any prompt: a batch answers as each prompt alone would."""
+    no padding enters any prompt: a batch answers as each prompt alone would.
+    progress(done, total): called as the responses are generated."""
     model.eval()
     losses = []
     for i in range(0, len(examples), batch_size):
@@ -44,6 +45,8 @@ def evaluate(model, examples, tokenizer, device, is_qa, batch_size=64, n_answers
                 n_new = max_new_tokens if with_answers else longest
                 with autocast_for(device):
                     out = model.generate(prompts, n_new, temperature=0)[:, n_prompt:].tolist()
+                if progress is not None:
+                    progress(len(hits) + len(chunk), len(examples))
                 for j, generated in zip(chunk, out):
                     e = examples[j]
                     # the answer's text must match; a completion's closing <|endoftext|> is not

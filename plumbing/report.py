@@ -4,8 +4,11 @@ evaluation's line and the summary at the end (the picture: plumbing/pictures.py)
 """
 
 import math
+import time
 
 from evaluation.scoring import per_task_lines
+from plumbing.devices import say
+
 
 def score_line(result):
     """An evaluation's figures: held-out loss, and exact match and answer accuracy if any."""
@@ -93,3 +96,20 @@ def support_line(config, pool):
         rule += f" at temperature {config.temperature:g}"
     return (f"support: {size} drawn every {config.support_interval} step(s) from the {where} "
             f"({len(pool)} samples); {rule}")
+
+
+class EvalProgress:
+    """An evaluation's progress, a line every `every` seconds: responses done of all, their
+    rate, the time left (a whole test set generates for minutes)."""
+
+    def __init__(self, config, every=30.0):
+        self.config, self.every, self.t0 = config, every, time.time()
+        self.last = self.t0
+
+    def __call__(self, done, total):
+        now = time.time()
+        if now - self.last >= self.every or (done == total and now - self.t0 >= self.every):
+            rate = done / max(now - self.t0, 1e-9)
+            say(self.config, f"  evaluating: {done}/{total} responses, {rate:.1f}/s, "
+                f"eta {(total - done) / max(rate, 1e-9):.0f}s")
+            self.last = now

@@ -589,3 +589,25 @@ def test_a_flag_the_run_does_not_read_is_said_in_one_line(tiny, capsys):
     assert unused_flags(replace(defaults, data="x.jsonl", noise=0.3), defaults) == (
         "note: this run does not read --noise (read by the default task (no --data))")
     assert unused_flags(defaults, defaults) == ""
+
+
+def test_an_evaluation_reports_its_progress(tiny, capsys):
+    """evaluate() calls progress(done, total) as it generates, ending at total; train.py's
+    EvalProgress turns that into a line with the rate and the time left."""
+    from evaluation.scoring import evaluate
+    from plumbing.report import EvalProgress
+
+    tok = get_tokenizer()
+    task, is_qa = train_module.load_task(tiny(), tok, 32)
+    calls = []
+    from testbed.pretrain import read_base
+
+    model = read_base(tiny().init_from)
+    evaluate(model, task.val, tok, "cpu", is_qa, batch_size=4,
+             progress=lambda done, total: calls.append((done, total)))
+    n = len(task.val)
+    assert len(calls) > 1 and calls[-1] == (n, n) and [d for d, _ in calls] == sorted(
+        d for d, _ in calls)
+    report = EvalProgress(tiny(quiet=False), every=0.0)
+    report(10, 20)
+    assert "evaluating: 10/20 responses" in capsys.readouterr().out
