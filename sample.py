@@ -137,7 +137,8 @@ def sample(config):
     exports_only = not (config.prompt or config.data) and bool(
         config.merge or config.export_peft or config.export_hf)
     try:
-        tokenizer = run_tokenizer(run)
+        # the base the run trained on (a resumed run may not name it): its own tokenizer
+        tokenizer = run_tokenizer(types.SimpleNamespace(**{**vars(run), "init_from": run.base}))
     except TokenizerUnavailable as e:
         if not exports_only:
             raise

@@ -199,6 +199,8 @@ def fine_tune(config, split, summary, device, tokenizer):
 
     # 1. the base (testbed/pretrain.py pretrains the default one on first use) and the task
     base_config = config if resume is None else replace(config, init_from=resume["base"])
+    if resume is not None and not config.init_from:  # the checkpoint's base, its own tokenizer
+        tokenizer = run_tokenizer(base_config)
     model, base_path = load_base(base_config, tokenizer, device)
     check_skills(config, model, base_path, tokenizer, device)
     task, is_qa = load_task(config, tokenizer, model.config.block_size)

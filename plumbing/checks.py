@@ -220,8 +220,8 @@ def check_prompts(config, tokenizer):
     """Before a base is pretrained: the records of --data and --val-data against the context
     of the base train.py would pretrain (--block-size), so that a file whose every prompt
     leaves no completion token is refused now, not after minutes of pretraining."""
-    if config.init_from or not config.data:  # a given base's context is read with it
-        return
+    if config.init_from or config.resume or not config.data:  # a given base's context is
+        return  # read with it (on --resume, the checkpoint's base)
     block_size = base_shape(config).block_size
     for path in [config.data, *config.val_data.split(",")]:
         if path.strip() and is_records(path.strip()):

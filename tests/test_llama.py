@@ -315,3 +315,24 @@ def test_a_bf16_base_keeps_float32_adapters_and_per_sample_gradients(tiny, capsy
             torch.testing.assert_close(grads[name].mean(0), p.grad, atol=1e-3, rtol=1e-2)
     metrics = train(tiny(base_dtype="bfloat16", steps=4, eval_interval=4), summary=False)
     assert metrics["val_loss"] == metrics["val_loss"] and metrics["steps"] == 4  # finite, ends
+
+
+def test_a_llama_run_resumes_without_init_from_on_its_base_s_own_tokenizer(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from train import main
+
+    directory, tokenizer = byte_level_tokenizer_dir(tmp_path)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**TINY, "vocab_size": tokenizer.get_vocab_size(),
+                                         "max_position_embeddings": 32})
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    rows = [{"prompt": f"echo {w}=", "completion": f"{w}\n"} for w in ("abc", "xyz", "moo", "eel")]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows * 6))
+    common = ["--data", str(tmp_path / "d.jsonl"), "--steps", "4", "--batch-size", "4",
+              "--eval-interval", "2", "--quiet", "--no-picture", "--out-dir", str(tmp_path / "run"),
+              "--lora-targets", ",".join(PAPER_TARGETS)]
+    assert main(["--init-from", str(directory), *common, "--stop-at", "2"]) == 0
+    assert main([*common, "--resume"]) == 0  # --init-from left out: the checkpoint's base
+    import sample
+
+    assert sample.main(["--out-dir", str(tmp_path / "run"), "--prompt", "echo abc="]) == 0
