@@ -231,19 +231,19 @@ def gast_step(model, inputs, targets, support, config, generator, per_sample=Non
             row_noise = None if noise is None else noise[l : l + 1]
             mask[l] = choose(scores[l : l + 1], k, config.selection, config.temperature,
                              noise=row_noise)[0]
-            step_5(l)
+            step_5(l, drew=True)  # k >= 1: no host sync to ask
 
-    def step_5(l):  # block l's gradient: the mean over its drawn samples; None if it drew none
+    def step_5(l, drew):  # block l's gradient: the mean over its drawn samples; None if none
         weights = selection_weights(mask[l : l + 1])[0, columns]  # (B_local,)
-        drew = bool(mask[l].any())
         for name, g in held.pop(l).items():
             update[name] = masked_mean(g, weights) if drew else None
 
     _, losses = (per_sample or per_sample_grads_and_losses)(model, inputs, targets, steps_2_to_5)
     if select is not None:  # step 4 over every block, then step 5
         mask.copy_(select(scores, k))
+        drew = mask.any(dim=-1).tolist()  # one host sync per step, not one per block
         for l in range(L):
-            step_5(l)
+            step_5(l, drew[l])
     params = dict(model.named_parameters())
     for name, g in update.items():  # in place of anything autograd accumulated in step 1
         params[name].grad = g

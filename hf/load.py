@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from hf.tokenizer import read_json
 from model import ACTIVATIONS, GPT, GPTConfig
 
 
@@ -26,7 +27,7 @@ def from_pretrained(path, dropout=0.0):
     """
     directory = path if os.path.isdir(path) else os.path.dirname(path)
     cfg_file = os.path.join(directory, "config.json")
-    hf = json.load(open(cfg_file)) if os.path.exists(cfg_file) else {}
+    hf = read_json(cfg_file) if os.path.exists(cfg_file) else {}
     if hf.get("model_type") in LLAMAS:
         return llama_from_pretrained(path, hf, dropout)
     sd_hf, weights = read_hf_weights(path)

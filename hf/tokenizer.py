@@ -35,6 +35,11 @@ class Tokenizer(tiktoken.Encoding):
         return self._eot
 
 
+def read_json(file):
+    with open(file, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def has_tokenizer(directory):
     return os.path.isdir(directory) and any(
         os.path.exists(os.path.join(directory, f)) for f in FILES)
@@ -56,14 +61,14 @@ def byte_decoder():
 def from_directory(directory):
     """The directory's tokenizer; ValueError naming the file and what is wrong."""
     path = lambda name: os.path.join(directory, name)
-    config = json.load(open(path("tokenizer_config.json"))) if os.path.exists(
+    config = read_json(path("tokenizer_config.json")) if os.path.exists(
         path("tokenizer_config.json")) else {}
     if os.path.exists(path("tokenizer.json")):
         ranks, pattern, special = from_tokenizer_json(path("tokenizer.json"))
     elif os.path.exists(path("vocab.json")) and os.path.exists(path("merges.txt")):
-        vocab = json.load(open(path("vocab.json")))
-        merges = [m for m in open(path("merges.txt"), encoding="utf-8").read().splitlines()
-                  if m and not m.startswith("#version")]
+        vocab = read_json(path("vocab.json"))
+        with open(path("merges.txt"), encoding="utf-8") as f:
+            merges = [m for m in f.read().splitlines() if m and not m.startswith("#version")]
         special = {t: i for t, i in vocab.items() if t.startswith("<|") and t.endswith("|>")}
         plain = {t: i for t, i in vocab.items() if t not in special}
         ranks, pattern = bpe_ranks(plain, merges, path("merges.txt")), GPT2_PATTERN
@@ -93,7 +98,7 @@ def from_directory(directory):
 def from_tokenizer_json(file):
     """(ranks, pattern, special tokens) of a byte-level BPE tokenizer.json. A merge's rank
     is its token's id: tiktoken then merges in the file's merge order (checked)."""
-    spec = json.load(open(file))
+    spec = read_json(file)
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre else []
     kinds = [s.get("type") for s in steps]

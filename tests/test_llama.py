@@ -247,6 +247,19 @@ def test_a_sentencepiece_tokenizer_is_refused_by_name(tmp_path):
         from_directory(str(tmp_path))
 
 
+def llama_with_its_tokenizer(tmp_path, transformers):
+    """A tiny Llama written by transformers beside its own byte-level tokenizer, and a small
+    prompt/completion file (tmp_path / d.jsonl): (directory, tokenizer, config)."""
+    directory, tokenizer = byte_level_tokenizer_dir(tmp_path)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**TINY, "vocab_size": tokenizer.get_vocab_size(),
+                                         "max_position_embeddings": 32})
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    rows = [{"prompt": f"echo {w}=", "completion": f"{w}\n"} for w in ("abc", "xyz", "moo", "eel")]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows * 6))
+    return directory, tokenizer, config
+
+
 def test_a_llama_directory_with_its_tokenizer_goes_through_train_sample_and_exports(tmp_path,
                                                                                   capsys):
     """A Llama written by transformers beside its own byte-level tokenizer.json trains with
@@ -256,13 +269,7 @@ def test_a_llama_directory_with_its_tokenizer_goes_through_train_sample_and_expo
     import sample
     from train import main
 
-    directory, tokenizer = byte_level_tokenizer_dir(tmp_path)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(**{**TINY, "vocab_size": tokenizer.get_vocab_size(),
-                                         "max_position_embeddings": 32})
-    transformers.LlamaForCausalLM(config).save_pretrained(directory)
-    rows = [{"prompt": f"echo {w}=", "completion": f"{w}\n"} for w in ("abc", "xyz", "moo", "eel")]
-    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows * 6))
+    directory, tokenizer, config = llama_with_its_tokenizer(tmp_path, transformers)
     flags = ["--init-from", str(directory), "--data", str(tmp_path / "d.jsonl"), "--steps", "3",
              "--batch-size", "4", "--eval-interval", "3", "--quiet", "--no-picture",
              "--out-dir", str(tmp_path / "run")]
@@ -321,13 +328,7 @@ def test_a_llama_run_resumes_without_init_from_on_its_base_s_own_tokenizer(tmp_p
     transformers = pytest.importorskip("transformers")
     from train import main
 
-    directory, tokenizer = byte_level_tokenizer_dir(tmp_path)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(**{**TINY, "vocab_size": tokenizer.get_vocab_size(),
-                                         "max_position_embeddings": 32})
-    transformers.LlamaForCausalLM(config).save_pretrained(directory)
-    rows = [{"prompt": f"echo {w}=", "completion": f"{w}\n"} for w in ("abc", "xyz", "moo", "eel")]
-    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows * 6))
+    directory, tokenizer, config = llama_with_its_tokenizer(tmp_path, transformers)
     common = ["--data", str(tmp_path / "d.jsonl"), "--steps", "4", "--batch-size", "4",
               "--eval-interval", "2", "--quiet", "--no-picture", "--out-dir", str(tmp_path / "run"),
               "--lora-targets", ",".join(PAPER_TARGETS)]
