@@ -47,22 +47,27 @@ def from_pretrained(path, dropout=0.0):
     if config.tie_word_embeddings:
         sd_hf.pop("lm_head.weight", None)  # the same tensor as wte, when a file keeps it
     check_against_weights(config, sd_hf, weights)  # before the model is allocated
-    model = GPT(config)
-    sd = model.state_dict()
-    name = lambda k: k if k == "lm_head.weight" else "transformer." + k
-    ours = [k for k in sd if k != "lm_head.weight" or not config.tie_word_embeddings]
-    mismatched = sorted(set(map(name, sd_hf)) ^ set(ours))  # missing or extra
-    if mismatched:
-        raise ValueError(f"{weights}: keys do not match GPT-2's layout: {mismatched[:8]}")
     conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    sd_hf = {k: v.t() if k.endswith(conv1d) else v for k, v in sd_hf.items()}  # (in, out) -> ours
+    return built_from(config, sd_hf, weights, "GPT-2's")
+
+
+def built_from(config, sd, weights, layout):
+    """The GPT of config with the weights sd ({name under transformer.: tensor}, the head as
+    lm_head.weight), every name and shape held to the model's; bf16 and fp16 become float32."""
+    model = GPT(config)
+    ours = model.state_dict()
+    name = lambda k: k if k == "lm_head.weight" else "transformer." + k
+    expected = {k for k in ours if k != "lm_head.weight" or not config.tie_word_embeddings}
+    mismatched = sorted(set(map(name, sd)) ^ expected)  # missing or extra
+    if mismatched:
+        raise ValueError(f"{weights}: keys do not match {layout} layout: {mismatched[:8]}")
     with torch.no_grad():
-        for k, v in sd_hf.items():
-            target = sd[name(k)]
-            v = v.t() if k.endswith(conv1d) else v
-            if v.shape != target.shape:
-                raise ValueError(
-                    f"{weights}: {k} has shape {tuple(v.shape)}, expected {tuple(target.shape)}")
-            target.copy_(v)
+        for k, v in sd.items():
+            if v.shape != ours[name(k)].shape:
+                raise ValueError(f"{weights}: {k} has shape {tuple(v.shape)}, expected "
+                                 f"{tuple(ours[name(k)].shape)}")
+            ours[name(k)].copy_(v)
     return model
 
 
@@ -85,20 +90,7 @@ def llama_from_pretrained(path, hf, dropout=0.0):
     if config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     check_against_weights(config, sd, weights)  # before the model is allocated
-    model = GPT(config)
-    ours = model.state_dict()
-    name = lambda k: k if k == "lm_head.weight" else "transformer." + k
-    expected = {k for k in ours if k != "lm_head.weight" or not config.tie_word_embeddings}
-    mismatched = sorted(set(map(name, sd)) ^ expected)
-    if mismatched:
-        raise ValueError(f"{weights}: keys do not match the Llama layout: {mismatched[:8]}")
-    with torch.no_grad():
-        for k, v in sd.items():
-            if v.shape != ours[name(k)].shape:
-                raise ValueError(f"{weights}: {k} has shape {tuple(v.shape)}, expected "
-                                 f"{tuple(ours[name(k)].shape)}")
-            ours[name(k)].copy_(v)  # bf16 and fp16 to float32
-    return model
+    return built_from(config, sd, weights, "the Llama")
 
 
 def llama_config(hf, dropout=0.0):
@@ -164,7 +156,7 @@ def check_against_weights(config, sd_hf, weights):
     kv = (config.n_kv_head or config.n_head) * (config.n_embd // config.n_head)
     claims = [("vocab_size", "wte.weight", (config.vocab_size, config.n_embd)),
               ("n_positions", "wpe.weight", (config.block_size, config.n_embd)),
-              ("n_inner", "h.0.mlp.c_fc.weight", (config.n_embd, inner)),
+              ("n_inner", "h.0.mlp.c_fc.weight", (config.n_embd, inner)),  # Conv1D
               ("intermediate_size", "h.0.mlp.up_proj.weight", (inner, config.n_embd)),
               ("num_key_value_heads", "h.0.self_attn.k_proj.weight", (kv, config.n_embd))]
     for field, key, shape in claims:
