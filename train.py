@@ -264,8 +264,6 @@ def fine_tune(config, split, summary, device, tokenizer):
                 torch.cuda.synchronize()
             ms = 1000 * (time.time() - t0)
             logged = step % config.log_interval == 0 or step == end - 1
-            if logged and flagged is not None:
-                tuner.intended(record, noisy)  # what the draw meant to take, beside what it took
             history.add(record, tuner.L, ms, grad_norm)
             if step in (start, end - 1):
                 say(config, f"step {step}: " + selection_picture(record, noisy.cpu()))

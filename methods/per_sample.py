@@ -5,9 +5,6 @@ Faster ways to step 1 of GAST (gast.py), each tested equal to its torch.func pat
                               backward, by hooks on every LoRALinear (fused attention)
   per_sample_grads_by_blocks  the same, each block's gradients handed to gast_step's steps
                               2-5 inside the backward: one block's held at a time
-  second_pass                 pass 2 of the paper's "memory-efficient" variant (its
-                              Table 6): after the draw, one more forward and backward over
-                              the drawn samples only
   CompiledPerSample           the torch.func path itself, compiled by torch.compile: on a
                               small model the same pass without vmap's per-operation cost
 
@@ -20,7 +17,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from gast import hand_over, masked_mean, per_sample_function, selection_weights, trainable
+from gast import hand_over, per_sample_function, trainable
 from lora import LoRALinear, block_index
 from model import IGNORE_INDEX
 
@@ -104,29 +101,6 @@ def per_sample_grads_by_blocks(model, inputs, targets, on_block):
         _, losses = model(inputs, targets, reduction="none")  # (B,)
         losses.sum().backward()
     return grads, losses.detach()
-
-
-def second_pass(model, inputs, targets, mask):
-    """Pass 2 of the paper's "memory-efficient" variant: one more forward and backward over
-    the samples some block drew, each block's adapters given the mean gradient over its own
-    draw (mask (L, B)), the gradient gast.write_selected_gradients forms from per-sample
-    gradients kept since pass 1. Each block's per-sample gradients are reduced as soon as
-    the backward has finished that block, so none outlive it."""
-    drawn = mask.any(dim=0)  # (B,): the rows pass 2 runs
-    weights, drew = selection_weights(mask)[:, drawn], mask.any(dim=-1).tolist()
-    update = {}
-
-    def on_block(l, grads):
-        for name, g in grads.items():  # g: (B_drawn, *p.shape)
-            update[name] = masked_mean(g, weights[l]) if drew[l] else None
-
-    model.zero_grad(set_to_none=True)
-    with recording_per_sample_grads(model, on_block):
-        _, losses = model(inputs[drawn], targets[drawn], reduction="none")
-        losses.sum().backward()
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            p.grad = update[name]
 
 
 # ---------------------------------------------------------------------------------------

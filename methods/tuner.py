@@ -33,7 +33,6 @@ from model import IGNORE_INDEX
 from methods.per_sample import (CompiledPerSample, per_sample_grads_by_blocks,
                                 per_sample_grads_by_hooks)
 from plumbing.devices import world
-from methods.selection_law import law
 
 METHODS = ("lora", "lisa", "ist", "data", "gast")
 SCORED = ("data", "gast")  # the methods that compute alignment scores, and so need a support
@@ -129,8 +128,6 @@ class StepRecord:
     support: list = None  # indices into the support set of this step's support mini-batch
     noisy_rate: torch.Tensor = None  # (L,) share of the noisy samples each block took; nan: off
     clean_rate: torch.Tensor = None  # (L,) the same for clean samples
-    noisy_intended: torch.Tensor = None  # (L,) the noisy samples' mean inclusion probability
-    clean_intended: torch.Tensor = None  # (L,) the same for clean samples
 
     @property
     def noisy_selected(self):
@@ -141,14 +138,6 @@ class StepRecord:
     def clean_selected(self):
         return _mean_active(self.clean_rate, self.active_layers)
 
-    @property
-    def noisy_probability(self):
-        """Over active blocks, what the draw intended for the noisy samples."""
-        return _mean_active(self.noisy_intended, self.active_layers)
-
-    @property
-    def clean_probability(self):
-        return _mean_active(self.clean_intended, self.active_layers)
 
 
 def _mean_active(rate, active):
@@ -354,22 +343,6 @@ class SparseTuner:
             dist.all_reduce(loss)
             loss /= n_procs
         return mask, loss
-
-    def intended(self, record, noisy):
-        """Add to a scored step's record what its law intended: the noisy and the clean
-        samples' mean inclusion probability per block (record.noisy_intended, clean_intended).
-        Apart from step(), because the law costs more than the draw (about 10 ms at L = 4,
-        B = 32); train.py asks for it on the steps it logs."""
-        if record.scores is None:
-            return record
-        c, (L, B) = self.config, record.scores.shape
-        k = samples_per_layer(B, c.data_ratio)
-        scores = record.scores
-        if c.method != "gast":
-            scores = scores.sum(dim=0, keepdim=True).expand(L, -1)
-        intended = law(scores, k, c.selection, c.temperature)
-        record.noisy_intended, record.clean_intended = selection_rates(intended, noisy.cpu())
-        return record
 
     # --- resume ---
 

@@ -26,10 +26,6 @@ class History:
     # over active blocks, share of noisy samples taken (nan: none)
     noisy_selected: list = field(default_factory=list)
     clean_selected: list = field(default_factory=list)
-    # on logged steps, over active blocks, the noisy samples' mean inclusion probability
-    # (nan: not logged)
-    noisy_probability: list = field(default_factory=list)
-    clean_probability: list = field(default_factory=list)
     active: list = field(default_factory=list)  # per step, per block: updated or not
     # per step with noisy flags, per block (nan: block off)
     noisy_rate: list = field(default_factory=list)
@@ -43,8 +39,6 @@ class History:
         self.coverage.append(record.coverage)
         self.noisy_selected.append(record.noisy_selected)
         self.clean_selected.append(record.clean_selected)
-        self.noisy_probability.append(record.noisy_probability)
-        self.clean_probability.append(record.clean_probability)
         self.active.append([l in record.active_layers for l in range(L)])
         if record.noisy_rate is not None:
             self.noisy_rate.append(record.noisy_rate.tolist())
@@ -55,8 +49,6 @@ class History:
         updated, the share of the batch's noisy and clean samples it learned from."""
         return {"coverage": nanmean(self.coverage), "noisy_selected": nanmean(self.noisy_selected),
                 "clean_selected": nanmean(self.clean_selected),
-                "noisy_probability": nanmean(self.noisy_probability),
-                "clean_probability": nanmean(self.clean_probability),
                 "ms_per_step": statistics.median(self.ms) if self.ms else float("nan"),
                 "evals": self.evals,
                 "active_per_layer": [statistics.fmean(col) for col in zip(*self.active)],

@@ -61,12 +61,8 @@ def print_summary(metrics):
         parts.append(f"answer accuracy {metrics['accuracy']:.3f}")
     parts.append(f"coverage {metrics['coverage']:.2f}")
     if not math.isnan(metrics["noisy_selected"]):
-        taken = f"noisy/clean taken {metrics['noisy_selected']:.2f}/{metrics['clean_selected']:.2f}"
-        if not math.isnan(metrics["noisy_probability"]):
-            taken += (
-                f" (intended {metrics['noisy_probability']:.2f}/{metrics['clean_probability']:.2f})"
-            )
-        parts.append(taken)
+        parts.append(
+            f"noisy/clean taken {metrics['noisy_selected']:.2f}/{metrics['clean_selected']:.2f}")
     parts.append(f"{metrics['ms_per_step']:.0f} ms/step (median)")
     print(f"\n{metrics['method']}{rule}: " + ", ".join(parts))
     for l, share in enumerate(metrics["active_per_layer"]):

@@ -16,7 +16,7 @@ from methods.tuner import (SparseTuner, budgets, layers_per_step, select, select
 from plumbing.checks import method_problems
 from train import TrainConfig
 from methods.per_sample import per_sample_grads_by_hooks
-from methods.selection_law import inclusion_probabilities, law
+from selection_law import inclusion_probabilities, law
 from lora import LoRAConfig, add_lora, lora_names_by_block, lora_modules
 from model import GPT, GPTConfig, IGNORE_INDEX
 
@@ -620,12 +620,15 @@ def test_with_a_clean_held_out_support_gast_takes_corrupted_samples_less_often(s
     for _ in range(20):
         x, y = clean(12)
         y[noisy] = torch.randint(0, TINY.vocab_size, (4, 8), generator=g)
-        record = tuner.intended(tuner.step(x, y, noisy), noisy)
+        record = tuner.step(x, y, noisy)
         opt.step()
         taken["noisy"].append(record.noisy_selected)
         taken["clean"].append(record.clean_selected)
-        taken["noisy_intended"].append(record.noisy_probability)
-        taken["clean_intended"].append(record.clean_probability)
+        # what the law it drew from intended: each sample's inclusion probability (L, B)
+        intended = law(record.scores, 6, selection)
+        for kind, rate in zip(("noisy_intended", "clean_intended"),
+                              methods.selection_rates(intended, noisy)):
+            taken[kind].append(float(rate.mean()))
     mean = {kind: sum(values) / 20 for kind, values in taken.items()}
     assert mean["noisy"] < mean["clean"] and mean["noisy_intended"] < mean["clean_intended"]
 

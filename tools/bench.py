@@ -3,7 +3,7 @@ What GAST costs over a plain LoRA step, as ratios that hold on a shared machine.
 
     python -m tools.bench               # default model at B = 8, 32, 128; mid model at B = 32
     python -m tools.bench --batches 32 --repeats 20 --models default,mid --device cpu
-    python -m tools.bench --models mid --paths gast_default,hooks --compiled  # these beside plain
+    python -m tools.bench --models mid --paths gast_default,gast_hooks --compiled
 
 For each model and batch size it times:
   plain          an ordinary LoRA step: forward, backward, AdamW
@@ -14,26 +14,20 @@ For each model and batch size it times:
   gast_hooks     the same step, per-sample gradients of every block from backward hooks
   gast_blocks    the same step formed block by block inside the backward (one block's per-sample
                  gradients held at a time)
-  gast_twopass   the paper's "memory-efficient" variant (its Table 6): score and draw (block
-                 by block), drop those gradients, then a second forward and backward over the
-                 drawn samples only
-                 (gast_vmap, which keeps every per-sample gradient, is its "compute-efficient" one)
-  gast_ref1      a whole trusted held-out set (64) as support every step (vmap)
   gast_compiled  with --compiled: gast_default's step, its torch.func pass compiled by
                  torch.compile (per_sample.CompiledPerSample); compiled in the warm-up
   plain_compiled with --compiled: the plain step with the model compiled by torch.compile,
                  so that compiling is not credited to GAST alone
-  vmap        per-sample gradients through torch.func alone
-  hooks       per-sample gradients through backward hooks alone
-  loop        B single-sample forward/backward passes (what vmap replaces)
 
 Time is paired: the computations run round-robin in one process, each bracketed by plain
 steps, and each ratio is the median over rounds of its time over the mean of the two plain
 steps around it (a warning says when plain's own time varied by over 2x: a busy machine).
 Threads are set explicitly (--threads); never run it beside another job that would
-oversubscribe the cores. Memory is the peak above the state before the computation (on a
-GPU, max_memory_allocated; on the CPU, the peak RSS of a fresh process per computation),
-beside the bound B x (LoRA parameters) x 4 bytes over plain. docs/cost.md reads the figures.
+oversubscribe the cores. (The paper's two-pass variant, the single-sample loop and the
+per-sample passes alone were rows here until commit b8354a2; docs/cost.md keeps their figures.)
+Memory is the peak above the state before the computation (on a GPU, max_memory_allocated;
+on the CPU, the peak RSS of a fresh process per computation), beside the bound B x (LoRA
+parameters) x 4 bytes over plain. docs/cost.md reads the figures.
 """
 
 import argparse
@@ -49,9 +43,7 @@ import torch
 
 from data import collate, get_tokenizer
 from testbed.task import make_default_task
-from gast import per_sample_grads_and_losses
 from methods.tuner import SparseTuner
-from methods.per_sample import per_sample_grads_by_hooks, second_pass
 from lora import LoRAConfig, add_lora
 from model import GPT, IGNORE_INDEX, GPTConfig
 from plumbing.pictures import pyplot, save_figure
@@ -75,12 +67,10 @@ MODELS = {  # name: (model shape, LoRA targets, batch sizes by default)
                                rope_theta=100000.0),
                      LoRAConfig(32, 64.0, 0.0, ("q_proj", "k_proj", "v_proj", "up_proj",
                                                 "down_proj")), (16,))}
-WHATS = ("plain", "gast_default", "gast_vmap", "gast_hooks", "gast_blocks", "gast_twopass",
-         "gast_ref1", "vmap", "hooks", "loop")
-# the GAST steps, in the table's order
-PATHS = ("gast_default", "gast_vmap", "gast_hooks", "gast_blocks", "gast_twopass", "gast_ref1")
+WHATS = ("plain", "gast_default", "gast_vmap", "gast_hooks", "gast_blocks")
 # timed with --compiled, or when --paths names them
 COMPILED = ("gast_compiled", "plain_compiled")
+clock = time.perf_counter  # wall time (a test sets a clock of its own)
 SUPPORT_SET_SIZE = 64  # the pool the support rows are drawn from (train.py: the training set)
 
 
@@ -146,8 +136,6 @@ def runners(model, opt, x, y, support_set):
 
     tuners = {"gast_default": tuner(), "gast_vmap": tuner(per_sample="vmap"),
               "gast_hooks": tuner(per_sample="hooks"), "gast_blocks": tuner(per_sample="blocks"),
-              "gast_twopass": tuner(per_sample="blocks"),
-              "gast_ref1": tuner(support="heldout", support_size=0, per_sample="vmap"),
               "gast_compiled": tuner(per_sample="compiled")}
     compiled_model = torch.compile(model)  # compiles at its first call, if it is called
 
@@ -156,32 +144,15 @@ def runners(model, opt, x, y, support_set):
         forward(x, y)[1].backward()
         opt.step()
 
-    def gast_step(what, steps=1):
+    def gast_step(what):
         def run():
-            for _ in range(steps):
-                record = tuners[what].step(x, y)
-                if what == "gast_twopass":  # pass 1 only chose the mask; its gradients are dropped
-                    second_pass(model, x, y, record.mask.to(x.device))
-                opt.step()
+            tuners[what].step(x, y)
+            opt.step()
 
         return run
 
-    def vmap():
-        per_sample_grads_and_losses(model, x, y)
-
-    def hooks():
-        per_sample_grads_by_hooks(model, x, y)
-
-    def loop():
-        for i in range(x.shape[0]):
-            model.zero_grad(set_to_none=True)
-            model(x[i : i + 1], y[i : i + 1])[1].backward()
-
-    return {"plain": plain, **{what: gast_step(what) for what in tuners}, "vmap": vmap,
-            "hooks": hooks, "loop": loop, "plain_compiled": lambda: plain(compiled_model)}
-
-
-STEPS_PER_CALL = {}  # computations timed over several steps (none today), per step
+    return {"plain": plain, **{what: gast_step(what) for what in tuners},
+            "plain_compiled": lambda: plain(compiled_model)}
 
 
 def build(spec, B, device):
@@ -193,10 +164,7 @@ def build(spec, B, device):
     return runners(model, opt, x, y, support_set), n_lora, x.shape[1]
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def paired_times(spec, B, device, repeats, loop_repeats, warmup=2, clock="wall", whats=WHATS):
+def paired_times(spec, B, device, repeats, warmup=2, whats=WHATS):
     """({what: [seconds per step, one per round]}, {what: [its ratio to plain, one per round]}).
 
     Every computation runs in this one process, round-robin, and each one is bracketed by
@@ -206,24 +174,22 @@ def paired_times(spec, B, device, repeats, loop_repeats, warmup=2, clock="wall",
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     run, n_lora, seq = build(spec, B, device)
     for what in whats:
-        for _ in range(warmup if what != "loop" else 1):
+        for _ in range(warmup):
             run[what]()
 
     def timed(what):
         sync()
-        t0 = CLOCKS[clock]()
+        t0 = clock()
         run[what]()
         sync()
-        return (CLOCKS[clock]() - t0) / STEPS_PER_CALL.get(what, 1)
+        return clock() - t0
 
     times = {what: [] for what in whats}
     ratios = {what: [] for what in whats if what != "plain"}
-    for r in range(repeats):
+    for _ in range(repeats):
         before = timed("plain")
         plain_times = [before]
         for what in whats[1:]:
-            if what == "loop" and r >= loop_repeats:
-                continue
             t = timed(what)
             after = timed("plain")
             times[what].append(t)
@@ -245,7 +211,7 @@ def memory_one(spec, B, what, device, threads, warmup=2):
     if what in COMPILED:  # compiled first: the compiler's own memory is not the step's
         run[what]()
     start = memory_start(device)
-    for _ in range(1 if what == "loop" else warmup + 1):
+    for _ in range(warmup + 1):
         run[what]()
     return max(memory_peak(device) - start, 0)
 
@@ -278,9 +244,6 @@ def summarise(name, B, times, ratios, peaks, n_lora, seq):
             row[f"{what}_x_spread"] = [min(ratios[what]), max(ratios[what])]
             row[f"{what}_mem_x"] = (
                 row[f"{what}_mem_mib"] / max(row["plain_mem_mib"], 1e-9) if measured else None)
-    if "loop" in ratios and "vmap" in ratios:
-        loop_vs_vmap = [l / v for l, v in zip(ratios["loop"], ratios["vmap"])]
-        row["vmap_speedup_over_loop"] = statistics.median(loop_vs_vmap)
     row["plain_spread"] = max(plain) / min(plain)
     row["busy"] = row["plain_spread"] > 2
     # the memory target: per-sample gradients may add B x (LoRA parameters) x 4 bytes
@@ -300,7 +263,7 @@ def mib(row, what):
 
 # The bars that the picture draws: train.py's default step, its faster paths, and the
 # floor (B + 4) / B that 4 support rows riding beside B batch rows set.
-PICTURED = ("gast_default", "gast_hooks", "gast_blocks", "gast_twopass", "gast_compiled")
+PICTURED = ("gast_default", "gast_hooks", "gast_blocks", "gast_compiled")
 
 
 def plot_ratios(rows, path, title):
@@ -343,15 +306,8 @@ def parse_args(argv=None):
                         help="comma-separated batch sizes (default: each model's own)")
     parser.add_argument("--repeats", type=int, default=7,
                         help="timed rounds (medians over rounds reported)")
-    parser.add_argument("--loop-repeats", type=int, default=2,
-                        help="rounds that also time the slow single-sample loop")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch intra-op threads (default: the cores torch sees)")
-    parser.add_argument(
-        "--clock", default="wall", choices=list(CLOCKS),
-        help="wall time, or this process's CPU time "
-        "(cpu: other processes' load is not counted; use it with --threads 1 on a shared CPU "
-        "machine)")
     parser.add_argument("--out", default="out/bench.json", help="where the JSON goes")
     parser.add_argument(
         "--paths", default="",
@@ -379,7 +335,7 @@ def parse_args(argv=None):
     chosen = [w for w in args.paths.split(",") if w] or list(WHATS[1:])
     chosen += list(COMPILED) if args.compiled else []
     args.whats = ("plain",) + tuple(w for w in WHATS[1:] + COMPILED if w in chosen)
-    for flag in ("repeats", "loop_repeats", "threads"):
+    for flag in ("repeats", "threads"):
         if getattr(args, flag) <= 0:
             problems.append(
                 f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
@@ -390,9 +346,8 @@ def parse_args(argv=None):
     if not problems:  # each model at each batch: can its per-sample step fit?
         for name in args.models.split(",") if args.models else MODELS:
             for B in args.batch_sizes or MODELS[name][2]:
-                # gast_ref1 runs the whole support set; the others B + 4 rows at most
-                rows = B + (SUPPORT_SET_SIZE if "gast_ref1" in args.whats else 4)
-                estimate = 2 * training_memory(MODELS[name][0], rows, full=False)
+                # B + 4 support rows at most
+                estimate = 2 * training_memory(MODELS[name][0], B + 4, full=False)
                 problems += memory_problems(f"the {name} model at batch {B}", estimate,
                                             pick_device(args.device), "--models, --batches")
     args.device = pick_device(args.device)
@@ -409,15 +364,10 @@ def main(argv=None):
         ["default", "mid", "gpt2-small"] if device.startswith("cuda") else ["default", "mid"]))
     machine = (torch.cuda.get_device_name(device) if device.startswith("cuda")
                else (platform.processor() or platform.machine()))
-    if args.clock == "cpu" and device.startswith("cuda"):
-        parser_error = "--clock cpu measures the CPU's time; on a GPU use the wall clock"
-        print(f"error: {parser_error}", file=sys.stderr)
-        return 2
     print(f"bench on {device} ({machine}), {args.threads} torch threads of {os.cpu_count()} cores, "
-          f"{args.clock} clock, " f"torch {torch.__version__}", flush=True)
+          f"torch {torch.__version__}", flush=True)
     whats = args.whats
     timed = whats[1:]
-    steps = [w for w in timed if w in PATHS + COMPILED]  # the steps, with their memory
     rows = []
     for name in names:
         for B in args.batch_sizes or MODELS[name][2]:
@@ -426,32 +376,29 @@ def main(argv=None):
             # the memory first, each computation in a process of its own: this one does not yet
             # hold the timed computations' memory beside it (a large model would not fit twice)
             peaks = memory_all(MODELS[name], B, device, args.threads, whats)
-            times, ratios, n_lora, seq = paired_times(MODELS[name], B, device, repeats, min(
-                args.loop_repeats, repeats), clock=args.clock, whats=whats)
+            times, ratios, n_lora, seq = paired_times(MODELS[name], B, device, repeats,
+                                                      whats=whats)
             row = summarise(name, B, times, ratios, peaks, n_lora, seq)
             rows.append(row)
             print(f"  {name} B={B}: plain {row['plain_ms']:.1f} ms, " + ", ".join(
                 f"{w} {row[w + '_x']:.2f}x" for w in timed), flush=True)
             if row["busy"]:
                 print(f"  warning: plain's own time varied {row['plain_spread']:.1f}x across "
-                      "rounds: the machine was busy and these ratios are suspect (on a shared "
-                      "CPU, --threads 1 --clock cpu holds up better)", flush=True)
+                      "rounds: the machine was busy and these ratios are suspect", flush=True)
     print("\ntime: median over rounds of the ratio to that round's plain step [min-max]; memory: "
           "peak MiB above the start")
-    loop = "vmap" in timed and "loop" in timed
-    columns = (["model", "B", "plain ms", *timed] + (["vmap vs loop"] if loop else []) + [
-        f"{w} MiB" for w in ("plain", *steps)] + ["(B + 4) x one block's LoRA x 4 B (MiB)"])
+    columns = (["model", "B", "plain ms", *timed] + [f"{w} MiB" for w in whats]
+               + ["(B + 4) x one block's LoRA x 4 B (MiB)"])
     print("| " + " | ".join(columns) + " |")
     print("|---" * len(columns) + "|")
     for r in rows:
         cells = [r["model"], str(r["batch"]), f"{r['plain_ms']:.1f}"]
         cells += [f"{r[f'{w}_x']:.2f}x [{r[f'{w}_x_spread'][0]:.2f}-{r[f'{w}_x_spread'][1]:.2f}]"
                   for w in timed]
-        cells += [f"{r['vmap_speedup_over_loop']:.1f}x"] if loop else []
-        cells += [mib(r, w) for w in ("plain", *steps)] + [f"{r['block_bound_mib']:.2f}"]
+        cells += [mib(r, w) for w in whats] + [f"{r['block_bound_mib']:.2f}"]
         print("| " + " | ".join(cells) + " |")
     write_json(args.out, {"device": device, "machine": machine, "torch": torch.__version__,
-                          "threads": args.threads, "clock": args.clock,
+                          "threads": args.threads,
                           "busy": any(r["busy"] for r in rows), "rows": rows})  # atomically
     picture = os.path.splitext(args.out)[0] + ".png"
     plot_ratios(rows, picture, f"{machine}, {args.threads} threads, torch {torch.__version__}")

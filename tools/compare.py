@@ -347,8 +347,7 @@ def summarise(label, lr, runs):
     tasks = sorted({name for r in runs for name in r.get("per_task", {})})
     per_task = {name: spread([r["per_task"][name]["exact_match"] for r in runs
                               if name in r.get("per_task", {})])[0] for name in tasks}
-    means = ("coverage", "noisy_selected", "clean_selected", "noisy_probability",
-             "clean_probability", "ms_per_step")
+    means = ("coverage", "noisy_selected", "clean_selected", "ms_per_step")
     return {"row": label, "method": runs[0]["method"], "selection": runs[0]["selection"],
             "support": runs[0]["support"], "lr": lr, "seeds": len(runs), "exact_match": em,
             "exact_match_sd": em_sd, "val_loss": loss, "val_loss_sd": loss_sd,

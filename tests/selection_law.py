@@ -1,9 +1,8 @@
 """
 The law of GAST's draw (gast.py step 4): each sample's inclusion probability per layer.
 
-The draw itself needs none of this. It is here for what a run logs (the noisy and clean
-samples' intended rates beside the rates taken) and for the tests of invariants I2-I6
-and I10, which hold the draws to this law.
+The draw itself needs none of this: the tests of invariants I2-I6 and I10 hold the draws
+to this law.
 """
 
 import torch
