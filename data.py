@@ -293,9 +293,11 @@ def load_task(config, tokenizer, block_size):
     """(Task, is_qa): the fine-tuning data and its held-out splits.
 
     Default task: four disjoint splits made by the seed. Your data: --data shuffled by the
-    seed; the evaluation data (--val-data, or a --val-fraction of --data) is halved into
-    dev and test; the trusted held-out set (for --support heldout) is --support-data, or
-    --heldout-size samples carved from the training split (then assumed trustworthy).
+    seed; the test split is every record of the --val-data files, and dev --dev-data or
+    --dev-size samples (at most a tenth) carved from --data; without --val-data, a
+    --val-fraction of --data is halved into dev and test. The trusted held-out set (for
+    --support heldout) is --support-data, or --heldout-size samples carved from the
+    training split (then assumed trustworthy).
     """
     from testbed.task import make_default_task, parse_tasks  # (it imports this file)
     if not config.data:
@@ -308,17 +310,19 @@ def load_task(config, tokenizer, block_size):
     order = list(range(len(examples)))
     random.Random(config.seed).shuffle(order)
     examples = [examples[i] for i in order]
-    if config.val_data:  # each file a task, each halved into dev and test
-        dev, test = [], []
+    if config.val_data:  # each file a task, every record of it in the test split
         files = [p.strip() for p in config.val_data.split(",") if p.strip()]
-        for path in files:
-            part = load_examples(config, path, tokenizer, block_size,
-                                 task_name(path) if len(files) > 1 else "")
-            dev, test = dev + part[: len(part) // 2], test + part[len(part) // 2 :]
+        test = [e for path in files for e in load_examples(
+            config, path, tokenizer, block_size, task_name(path) if len(files) > 1 else "")]
+        n_dev = 0 if config.dev_data else min(config.dev_size, max(1, len(examples) // 10))
+        dev, examples = examples[:n_dev], examples[n_dev:]
     else:
         n_val = max(1, round(config.val_fraction * len(examples)))
         evaluation, examples = examples[:n_val], examples[n_val:]
-        dev, test = evaluation[: len(evaluation) // 2], evaluation[len(evaluation) // 2 :]
+        half = 0 if config.dev_data else len(evaluation) // 2
+        dev, test = evaluation[:half], evaluation[half:]
+    if config.dev_data:
+        dev = load_examples(config, config.dev_data, tokenizer, block_size)
     heldout = []
     if config.support_data:
         heldout = load_examples(config, config.support_data, tokenizer, block_size)

@@ -92,19 +92,24 @@ class CausalSelfAttention(nn.Module):
         mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
         self.register_buffer("causal_mask", mask, persistent=False)
 
-    def forward(self, x, fused=True):
+    def forward(self, x, fused=True, cache=None):
         B, T, C = x.size()  # batch, time, channels (n_embd)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         hs = C // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        y = attend(self, q, k, v, fused).transpose(1, 2).contiguous().view(B, T, C)
+        if cache is not None:  # generation: the keys and values of every slot so far
+            k, v = cache.add(self, k, v)  # (B, nh, S, hs)
+        y = attend(self, q, k, v, fused, cache).transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))  # the heads side by side again, projected
 
 
-def attend(m, q, k, v, fused):
+def attend(m, q, k, v, fused, cache=None):
     """Causal attention of q, k, v (B, nh, T, hs) -> (B, nh, T, hs), m's scale and dropout."""
+    if cache is not None:  # generation: q holds the last T of k's S slots; padding masked
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask(q.size(2)),
+                                              scale=m.scale)
     if fused:  # fast kernel for ordinary passes; vmap has no batching rule for its backward
         return F.scaled_dot_product_attention(q, k, v, dropout_p=m.dropout if m.training else 0.0,
                                               is_causal=True, scale=m.scale)
@@ -140,8 +145,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, fused=True, rope=None):
-        x = x + self.attn(self.ln_1(x), fused=fused)
+    def forward(self, x, fused=True, rope=None, cache=None):
+        x = x + self.attn(self.ln_1(x), fused=fused, cache=cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -200,15 +205,17 @@ class LlamaAttention(nn.Module):
         mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
         self.register_buffer("causal_mask", mask, persistent=False)
 
-    def forward(self, x, fused=True, rope=None):
+    def forward(self, x, fused=True, rope=None, cache=None):
         B, T, C = x.size()
         heads = lambda t, n: t.view(B, T, n, -1).transpose(1, 2)  # (B, n, T, hs)
         q = rotate(heads(self.q_proj(x), self.n_head), *rope)
         k = rotate(heads(self.k_proj(x), self.n_kv_head), *rope)
         v = heads(self.v_proj(x), self.n_kv_head)
+        if cache is not None:  # generation: the keys and values of every slot so far
+            k, v = cache.add(self, k, v)
         group = self.n_head // self.n_kv_head  # each key-value head serves `group` query heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        y = attend(self, q, k, v, fused).transpose(1, 2).reshape(B, T, -1)
+        y = attend(self, q, k, v, fused, cache).transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(y)
 
 
@@ -232,9 +239,36 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.layer_norm_epsilon)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, x, fused=True, rope=None):
-        x = x + self.self_attn(self.input_layernorm(x), fused=fused, rope=rope)
+    def forward(self, x, fused=True, rope=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), fused=fused, rope=rope, cache=cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """What generation has computed: each attention's keys and values of every slot so far,
+    so that a step runs one new position per row. The prompts are left-padded to one
+    length; valid (B, S) marks the real slots, and a row's positions count from its first
+    real token, so a row's answer does not depend on the rows beside it."""
+
+    def __init__(self, valid):
+        self.valid, self.kv = valid, {}  # attention module -> (k, v) (B, n_kv_head, S, hs)
+
+    def add(self, attention, k, v):
+        if attention in self.kv:
+            k, v = (torch.cat(pair, dim=2) for pair in zip(self.kv[attention], (k, v)))
+        self.kv[attention] = k, v
+        return k, v
+
+    def positions(self, T):
+        """(B, T): the positions of the last T slots, each row's counted from its first token."""
+        return (self.valid.cumsum(dim=1) - 1).clamp(min=0)[:, -T:]
+
+    def mask(self, T):
+        """(B, 1, T, S): slot i sees the real slots up to i; a pad sees itself (never nothing)."""
+        S = self.valid.size(1)
+        i = torch.arange(S - T, S, device=self.valid.device)[:, None]  # (T, 1)
+        j = torch.arange(S, device=self.valid.device)  # (S,)
+        return (((j <= i) & self.valid[:, None, :]) | (j == i))[:, None]
 
 
 def per_sample_loss(logits, targets):
@@ -286,27 +320,31 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, reduction="mean", fused=True):
+    def forward(self, idx, targets=None, reduction="mean", fused=True, cache=None):
         """idx (B, T) token ids -> logits (B, T, V) and a loss.
 
         With targets (B, T): reduction="mean" gives the batch loss (a scalar),
         reduction="none" the per-sample losses (B,). fused=False takes the attention
-        path that torch.func.vmap batches well.
+        path that torch.func.vmap batches well. With a KVCache (generate): idx are the next
+        T slots, and the logits are the last position's alone (B, 1, V).
         """
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(
                 f"sequence of length {T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
+        # (1, T), or with a cache (B, T): each row's own positions
+        pos = torch.arange(T, device=idx.device)[None] if cache is None else cache.positions(T)
         x, rope = self.transformer.wte(idx), None  # (B, T, C)
-        if self.config.arch == "llama":  # cos, sin (T, hs), computed in float32
-            angles = torch.outer(pos.float(), self.inv_freq).repeat(1, 2)
+        if self.config.arch == "llama":  # cos, sin (1 or B, 1, T, hs), computed in float32
+            angles = (pos[..., None].float() * self.inv_freq).repeat(1, 1, 2)[:, None]
             rope = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         else:
             x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, fused=fused, rope=rope)
+            x = block(x, fused=fused, rope=rope, cache=cache)
+        if cache is not None:  # generation needs the last position's logits alone
+            x = x[:, -1:]
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
         if targets is None:
             return logits, None
@@ -318,27 +356,34 @@ class GPT(nn.Module):
         return logits, losses.mean()
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token=None):
-        """Sample max_new_tokens after idx (B, T). temperature=0 means greedy.
-
-        With stop_token, generation ends early once every row has produced it.
-        """
-        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size :]
-            logits, _ = self(idx_cond)
-            logits = logits[:, -1, :].float()  # (B, V)
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, stop_token=None):
+        """Continue each prompt (a list of token ids, any length): per row, the new tokens up
+        to and without stop_token, at most max_new_tokens and never past the context (the
+        longest prompt's). temperature 0 is greedy. The rows run as one left-padded batch
+        over a KVCache: a step is one position per row, the head applied to it alone."""
+        if not prompts or min(map(len, prompts)) == 0:
+            raise ValueError("generate needs at least one prompt, each of at least one token")
+        prompts = [list(p)[-self.config.block_size :] for p in prompts]
+        P, device = max(map(len, prompts)), self.lm_head.weight.device
+        idx = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)  # (B, P)
+        cache = KVCache(torch.arange(P, device=device) >= torch.tensor(
+            [[P - len(p)] for p in prompts], device=device))
+        new, done = [], torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        for _ in range(min(max_new_tokens, self.config.block_size - P)):
+            logits = self(idx, cache=cache)[0][:, -1].float()  # (B, V)
             if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)
+                idx = logits.argmax(dim=-1, keepdim=True)
             else:
                 logits = logits / temperature
                 if top_k is not None:
                     v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                     logits[logits < v[:, [-1]]] = -float("inf")
-                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
+                idx = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+            new.append(idx[:, 0])
+            cache.valid = F.pad(cache.valid, (0, 1), value=True)
             if stop_token is not None:
-                done |= idx_next.squeeze(1) == stop_token
+                done |= idx[:, 0] == stop_token
                 if bool(done.all()):
                     break
-        return idx
+        rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in prompts]
+        return [r[: r.index(stop_token)] if stop_token in r else r for r in rows]

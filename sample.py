@@ -5,11 +5,13 @@ Use a fine-tuned adapter: answer prompts, score a file, or merge it into the bas
     python sample.py --prompt "rsh abc="
     python sample.py --prompt "Once upon" --temperature 0.8 --max-new-tokens 40
     python sample.py --data mine.jsonl        # exact match and loss on prompt/completion pairs
-    python sample.py --data boolq/test.json --template alpaca --answer-field answer
+    python sample.py --data boolq/test.json   # read and scored as the run read its own data
     python sample.py --merge merged.pt        # the base with the adapters folded in
 
 A run is found by its --out-dir: ckpt.pt names the base it was trained on (whose hash must
-still match) and its settings; adapter.pt holds the adapters it ended with.
+still match) and its settings; adapter.pt holds the adapters it ended with. The run's
+tokenizer, template and answer field are used unless a flag says otherwise; --prompt is
+put in the run's template (--raw: as given).
 """
 
 import os
@@ -20,15 +22,14 @@ import torch
 
 from data import TokenizerUnavailable, encode, load_examples, load_task, run_tokenizer
 from evaluation.scoring import decode, evaluate, per_task_lines
-from plumbing.records import DataError, is_records
+from plumbing.records import DataError, is_records, templated
 from hf.export import export_hf, export_peft, export_problems
 from lora import LoRAConfig, load_adapter, merge_lora
 from plumbing.entry import run_main
 from plumbing.files import atomic_save, file_problems, fingerprint, output_problems, read_checkpoint
 from plumbing.devices import autocast_for, check_device, pick_device
-from plumbing.settings import flag, like, not_negative, parse_args, refuse
+from plumbing.settings import flag, not_negative, parse_args, refuse
 from testbed.pretrain import read_base
-from train import TrainConfig
 
 
 @dataclass
@@ -37,10 +38,12 @@ class SampleConfig:
     prompt: str = None  # answer this prompt and stop
     data: str = ""  # score the adapter on this file (prompt/completion records, .jsonl or .json,
         # per task where they carry a 'task'; or plain text: loss only)
-    template: str = like(TrainConfig, "template")
-    prompt_field: str = like(TrainConfig, "prompt_field")
-    completion_field: str = like(TrainConfig, "completion_field")
-    answer_field: str = like(TrainConfig, "answer_field")
+    template: str = None  # plain or alpaca, for --data's records and --prompt (train.py's
+        # --template; default: the run's)
+    prompt_field: str = None  # --data, --template plain: the prompt's field (default: the run's)
+    completion_field: str = None  # --data, --template plain: the completion's (the run's)
+    answer_field: str = None  # --data: score answer accuracy on this field (the run's; "": off)
+    raw: bool = False  # --prompt as given, without the run's template
     n: int = 5  # answers of the run's own test split to show (without --prompt, --data or --merge)
     temperature: float = 0.0  # 0: greedy (the default); above 0: sampled, from --seed
     max_new_tokens: int = 32  # tokens to generate after --prompt (fewer at the context's end or at
@@ -57,6 +60,9 @@ class SampleConfig:
     device: str = "auto"  # cpu, cuda ...; auto: cuda when available
 
 
+RECORD_FLAGS = ("template", "prompt_field", "completion_field", "answer_field")
+
+
 def problems(config):
     out = not_negative(config, "temperature")
     if 0 < config.temperature < 1e-3:
@@ -67,8 +73,9 @@ def problems(config):
             else [f"--max-new-tokens must be positive, got {config.max_new_tokens}"])
     out += [check_device(config.device)] if check_device(config.device) else []
     out += file_problems("--data", config.data)
-    read = [flag(f) for f, v in (("template", "plain"), ("prompt_field", "prompt"), (
-        "completion_field", "completion"), ("answer_field", "")) if getattr(config, f) != v]
+    read = [flag(f) for f in RECORD_FLAGS if getattr(config, f) is not None]
+    if config.template is not None and config.prompt is not None:
+        read.remove("--template")  # it puts --prompt in the template too
     if read and not (config.data and is_records(config.data)):  # said by refusal, not ignored
         out.append(f"{', '.join(read)} read the records of --data (a .jsonl or .json file)")
     elif config.template == "alpaca" and set(read) & {"--prompt-field", "--completion-field"}:
@@ -76,6 +83,8 @@ def problems(config):
                    "reads instruction, input and output")
     if config.prompt == "":
         out.append("--prompt is empty: give the text to continue")
+    if config.raw and config.prompt is None:
+        out.append("--raw passes --prompt as given: give --prompt")
     if config.merge and (not config.merge.endswith(".pt") or os.path.isdir(config.merge)):
         out.append(f"--merge {config.merge}: give a .pt file name")
     elif config.merge:
@@ -145,6 +154,10 @@ def sample(config):
         tokenizer = None
         print(f"note: {e}; the exports are written without it (--export-hf's config.json "
               "then names no end-of-text token)")
+    in_template = not config.raw and (config.template is not None or is_records(run.data or ""))
+    for name in RECORD_FLAGS:  # the run's, where not given
+        if getattr(config, name) is None:
+            setattr(config, name, getattr(run, name))
     torch.manual_seed(config.seed)
     if config.merge:
         if os.path.exists(config.merge) and os.path.samefile(config.merge, run.base):
@@ -164,15 +177,12 @@ def sample(config):
         print(f"wrote {config.export_hf}: the merged model as a transformers GPT-2 directory")
     # every output asked for is written above; then the prompt, the file, or the run's answers
     if config.prompt:
-        prompt = encode(tokenizer, config.prompt)[-model.config.block_size :]
-        n_new = max(1, min(config.max_new_tokens, model.config.block_size - len(prompt)))
+        text = templated(config.template, config.prompt) if in_template else config.prompt
+        prompt = encode(tokenizer, text)[-model.config.block_size :]
         with autocast_for(device):
-            out = model.generate(torch.tensor([prompt], device=device), n_new, config.temperature,
-                                 stop_token=tokenizer.eot_token)
-        answer = out[0, len(prompt) :].tolist()
-        if tokenizer.eot_token in answer:
-            answer = answer[: answer.index(tokenizer.eot_token)]
-        answer = decode(tokenizer, answer)
+            out = model.generate([prompt], config.max_new_tokens, config.temperature,
+                                 stop_token=tokenizer.eot_token)[0]
+        answer = decode(tokenizer, out)
         if not run.data:  # the default task's answers end at their newline (no <|endoftext|>)
             answer = answer[: answer.index("\n") + 1] if "\n" in answer else answer
         print(f"{config.prompt!r} -> {answer!r}")

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from data import Epochs, SupportPool, TokenizerUnavailable, collate, load_task, run_tokenizer
-from evaluation.scoring import evaluate, greedy_sample, per_task_head
+from evaluation.scoring import evaluate, greedy_sample, per_task_head, write_predictions
 from lora import LoRAConfig, add_lora, save_adapter
 from methods.tuner import SCORED, SparseTuner
 from plumbing.checkpoints import History, read_resume, restore, save_checkpoint
@@ -34,7 +34,7 @@ from plumbing.files import OutDirLock, check_out_dir, fingerprint, write_json
 from plumbing.optim import lr_at, optimizer_step
 from plumbing.pictures import plot_run
 from plumbing.records import DataError, check_data
-from plumbing.report import (EvalProgress, last_checkpoint, print_summary, progress_line,
+from plumbing.report import (EvalProgress, last_checkpoint, print_summary, progress_line, time_left,
                              score_line, selection_picture, support_line)
 from plumbing.settings import config_from_dict, parse_args
 from testbed.pretrain import SKILL_LEVEL, load_base
@@ -72,8 +72,9 @@ class TrainConfig:
     # the data (data.py): the default task, or your own files
     data: str = ""  # prompt/completion records (.jsonl, one object a line; .json, an array of
         # objects, as LLM-Adapters' files) or a plain-text corpus; empty: the default task
-    template: str = "plain"  # record to prompt and completion: plain (--prompt-field,
-        # --completion-field as they are) or alpaca (the Alpaca prompt; the completion: output)
+    template: str = "plain"  # record to prompt and completion: plain (--prompt-field, a
+        # newline unless it ends in white space, --completion-field) or alpaca (the Alpaca
+        # prompt of instruction and input; the completion: output)
     prompt_field: str = "prompt"  # --template plain: the field holding the prompt
     completion_field: str = "completion"  # --template plain: the field holding the completion
     answer_field: str = ""  # score answer accuracy: the first of a task's answers found in the
@@ -81,8 +82,12 @@ class TrainConfig:
     train_on_inputs: bool = False  # the loss falls on the prompt too (LLM-Adapters' default)
     max_new_tokens: int = 32  # --answer-field: tokens generated per response (LLM-Adapters: 32)
     val_fraction: float = 0.1  # share of --data held out (unless --val-data): half dev, half test
-    val_data: str = ""  # clean evaluation files, comma-separated, each a task named by its
-        # folder (boolq/test.json: boolq), its stem or the records' 'task'; half dev, half test
+    val_data: str = ""  # clean test files, comma-separated, each a task named by its folder
+        # (boolq/test.json: boolq), its stem or the records' 'task'; every record is scored
+    dev_data: str = ""  # a file for the dev split (periodic evaluations, compare.py's lr
+        # choice); empty: --dev-size samples of --data (with --val-data) or half the held-out
+    dev_size: int = 200  # with --val-data and no --dev-data: samples of --data kept for dev
+        # (at most a tenth of it)
     support_data: str = ""  # --support heldout: a trusted file for the held-out support set;
         # empty: carved from --data
     heldout_size: int = 64  # --support heldout: samples in the trusted held-out set
@@ -136,8 +141,10 @@ class TrainConfig:
     seed: int = 0  # seed of the task data, adapter init, batch order and draws: reproducible
 
     # evaluation and output
-    eval_interval: int = 200  # evaluate (and checkpoint) every this many steps
-    eval_samples: int = 200  # held-out samples per evaluation (exact match and loss)
+    eval_interval: int = 200  # evaluate a dev sample every this many steps
+    eval_samples: int = 200  # dev samples per task in each periodic evaluation (the final
+        # evaluation scores every record of the test split, once)
+    checkpoint_interval: int = 200  # write out_dir/ckpt.pt every this many steps and at the end
     log_interval: int = 20  # a progress line every this many steps
     out_dir: str = "out"  # the base, checkpoints, adapters and results go here
     device: str = "auto"  # cpu, cuda, cuda:1 ...; auto: cuda when available
@@ -153,7 +160,7 @@ def warmup_steps(config):
     return config.warmup_steps if config.warmup_steps >= 0 else min(20, config.steps // 10)
 
 
-RUN_OUTPUTS = ("ckpt.pt", "adapter.pt", "metrics.json", "selection.png")
+RUN_OUTPUTS = ("ckpt.pt", "adapter.pt", "metrics.json", "selection.png", "predictions/")
 
 
 def train(config, split="test", summary=True, dry_run=False):
@@ -206,8 +213,9 @@ def fine_tune(config, split, summary, device, tokenizer):
     check_skills(config, model, base_path, tokenizer, device)
     task, is_qa = load_task(config, tokenizer, model.config.block_size)
     train_set = task.train
-    eval_set = per_task_head(task.val if split == "test" else task.dev, config.eval_samples)
-    config = check_run(config, model.config, len(train_set), eval_set, split)  # --epochs: steps
+    test_set = task.val if split == "test" else task.dev  # the final evaluation, every record
+    dev_sample = per_task_head(task.dev, config.eval_samples)  # the periodic ones
+    config = check_run(config, model.config, len(train_set), test_set, split, dev_sample)
     support_set = None  # the pool GAST's support mini-batches are drawn from
     if config.method in SCORED and config.support != "batch":
         support_set = SupportPool(task.train if config.support == "train" else task.heldout,
@@ -237,15 +245,19 @@ def fine_tune(config, split, summary, device, tokenizer):
         examples = probe_rng.sample(train_set, min(16, len(train_set)))
         return collate(examples, tokenizer.eot_token, device)[:2]
 
-    def score():  # held-out loss; exact match (greedy decoding) on the test split only
-        return evaluate(model, eval_set, tokenizer, device, is_qa and split == "test",
-                        max_new_tokens=config.max_new_tokens, progress=EvalProgress(config))
+    def score(examples, whole):  # held-out loss; answers generated on a test run's evaluations
+        t0 = time.time()
+        result = evaluate(model, examples, tokenizer, device, is_qa and split == "test",
+                          max_new_tokens=config.max_new_tokens, progress=EvalProgress(config),
+                          candidates=whole)  # a response's candidate answers: the whole file's
+        eval_seconds.append(time.time() - t0)
+        return result
 
     # 3. the loop: a step of the method, AdamW, a line now and then, evaluations and checkpoints
     end = min(config.stop_at or config.steps, config.steps)
     say(config, f"fine-tuning with {config.method} on {len(train_set)} samples, steps "
         f"{start}..{end}, on {device}")
-    saved_at, step = (start if resume is not None else None), start
+    saved_at, step, eval_seconds = (start if resume is not None else None), start, []
     try:
         for step in range(start, end):
             x, y, noisy = collate([train_set[i] for i in batches.take(config.batch_size)],
@@ -267,13 +279,17 @@ def fine_tune(config, split, summary, device, tokenizer):
             history.add(record, tuner.L, ms, grad_norm)
             if step in (start, end - 1):
                 say(config, f"step {step}: " + selection_picture(record, noisy.cpu()))
-            if logged:
-                say(config, progress_line(step, batches.epoch, record, lr, ms, flagged is not None))
+            if logged:  # the time left counts the evaluations to come
+                left = time_left(config, step, end, history.ms, eval_seconds,
+                                 len(test_set) / max(len(dev_sample), 1))
+                say(config, progress_line(step, batches.epoch, record, lr, ms, flagged is not None,
+                                          left))
             if (step + 1) % config.eval_interval == 0 or step == end - 1:
-                result = score()
+                result = score(dev_sample, task.dev)
                 history.evals.append({"step": step + 1, **{k: result[k] for k in (
                     "loss", "exact_match", "accuracy", "per_task")}})
-                say(config, f"eval at step {step + 1}: {score_line(result)}")
+                say(config, f"eval at step {step + 1} (dev sample): {score_line(result)}")
+            if (step + 1) % config.checkpoint_interval == 0 or step == end - 1:
                 if is_main():
                     save_checkpoint(ckpt_path, config, step + 1, model, opt, tuner, (
                         batches, probe_rng), (base_path, fingerprint(base_path)), history)
@@ -282,10 +298,11 @@ def fine_tune(config, split, summary, device, tokenizer):
         last = last_checkpoint(ckpt_path, saved_at)
         raise Interrupted(f"interrupted at step {step}; last checkpoint: {last}") from None
 
-    # 4. the final evaluation and the run's files
-    final = score()
+    # 4. the final evaluation, every record of the test split, and the run's files
+    say(config, f"final evaluation: the {split} split's {len(test_set)} samples")
+    final = score(test_set, test_set)
     show_sample = not is_qa and split == "test"  # text data: a greedy sample at the end
-    sample = greedy_sample(model, eval_set[0], tokenizer, device) if show_sample else None
+    sample = greedy_sample(model, test_set[0], tokenizer, device) if show_sample else None
     scored = config.method in SCORED
     metrics = {"method": config.method, "selection": config.selection if scored else None,
                "support": config.support if scored else None, "lr": config.lr, "seed": config.seed,
@@ -298,6 +315,8 @@ def fine_tune(config, split, summary, device, tokenizer):
         if config.picture:
             plot_run(history, os.path.join(config.out_dir, "selection.png"), config)
         write_json(os.path.join(config.out_dir, "metrics.json"), metrics)
+        if final["predictions"] and split == "test":  # every response, a file per task
+            write_predictions(os.path.join(config.out_dir, "predictions"), final["predictions"])
         if summary:
             print_summary(metrics)
     if world()[1] > 1:  # no process leaves before the first has written the run's files

@@ -1,25 +1,31 @@
 """
 Scoring a model on examples: the held-out loss (mean per-sample loss), greedy exact match
-of the completion, and answer accuracy (the first of a task's answers found in the
-generated response), overall and per task; and one greedy sample for text data.
+of the completion, and answer accuracy (the answer found in the generated response, as
+LLM-Adapters' extract_answer finds it), overall and per task, with every response kept
+for a predictions file; and one greedy sample for text data.
 """
 
+import json
+import os
 import re
 
 import torch
 
 from data import collate
 from plumbing.devices import autocast_for
+from plumbing.files import atomic_write
 
 
 @torch.no_grad()
 def evaluate(model, examples, tokenizer, device, is_qa, batch_size=64, n_answers=3,
-             max_new_tokens=32, progress=None):
+             max_new_tokens=32, progress=None, candidates=None):
     """Mean per-sample loss and, for prompt/completion data, greedy exact match and (where
-    the examples carry answers) answer accuracy, overall and per task, with the first
-    n_answers answers. Generation is greedy and batched over prompts of equal length, so
-    no padding enters any prompt: a batch answers as each prompt alone would.
-    progress(done, total): called as the responses are generated."""
+    the examples carry answers) answer accuracy, overall and per task; "predictions": each
+    example's response, the answer found in it and its verdict; "answers": the first
+    n_answers of them. Prompts of any lengths are batched (model.generate), a task at a
+    time, shortest first; each row stops at <|endoftext|>. candidates: the examples whose
+    answers a response is searched for (the whole file; default: these examples).
+    progress(task, done, total): called as a task's responses are generated."""
     model.eval()
     losses = []
     for i in range(0, len(examples), batch_size):
@@ -27,64 +33,89 @@ def evaluate(model, examples, tokenizer, device, is_qa, batch_size=64, n_answers
         with autocast_for(device):
             losses.append(model(x, y, reduction="none")[1].float().cpu())
     losses = torch.cat(losses)  # (N,)
-    hits, right = {}, {}  # example index -> exact match, answer found
-    answers = []
     with_answers = is_qa and any(e.answer for e in examples)
-    finders = answer_finders(examples) if with_answers else {}
-    if is_qa:
-        by_prompt_length = {}
-        for index, e in enumerate(examples):
-            by_prompt_length.setdefault(e.n_prompt, []).append(index)
-        for n_prompt, group in sorted(by_prompt_length.items()):
-            for i in range(0, len(group), batch_size):
-                chunk = group[i : i + batch_size]
-                prompts = torch.tensor([examples[j].tokens[:n_prompt] for j in chunk],
-                                       device=device)
-                # a response to search for its answer, or just the reference's length
-                longest = max(len(examples[j].completion) for j in chunk)
-                n_new = max_new_tokens if with_answers else longest
-                with autocast_for(device):
-                    out = model.generate(prompts, n_new, temperature=0)[:, n_prompt:].tolist()
-                if progress is not None:
-                    progress(len(hits) + len(chunk), len(examples))
-                for j, generated in zip(chunk, out):
-                    e = examples[j]
-                    # the answer's text must match; a completion's closing <|endoftext|> is not
-                    # asked for
-                    reference = e.completion
-                    if reference[-1:] == [tokenizer.eot_token]:
-                        reference = reference[:-1]
-                    hits[j] = generated[: len(reference)] == reference
-                    if with_answers:  # decoded only here: exact match compares token ids
-                        response = decode(tokenizer, until_end(generated, tokenizer.eot_token))
-                        found = finders[e.task].search(response)
-                        right[j] = found is not None and found.group(1) == e.answer
-                    if len(answers) < n_answers:
-                        shown = (response if with_answers
-                                 else decode(tokenizer, generated[: len(reference)]))
-                        answers.append((decode(tokenizer, e.tokens[:n_prompt]), shown,
-                                        e.answer or decode(tokenizer, reference),
-                                        right[j] if with_answers else hits[j]))
-    share = lambda scores, mine: sum(scores[j] for j in mine) / len(mine)
+    finders = answer_finders(candidates or examples) if with_answers else {}
+    predictions = [None] * len(examples) if is_qa else []
+    tasks = sorted({e.task for e in examples})
+    for name in tasks if is_qa else []:
+        mine = sorted((j for j, e in enumerate(examples) if e.task == name),
+                      key=lambda j: examples[j].n_prompt)  # alike lengths, little padding
+        for i in range(0, len(mine), batch_size):
+            chunk = [examples[j] for j in mine[i : i + batch_size]]
+            # the answer's text must match; a completion's closing <|endoftext|> is not asked for
+            references = [e.completion[: -1 if e.completion[-1:] == [tokenizer.eot_token]
+                                       else None] for e in chunk]
+            # a response to search for its answer, or just the reference's length
+            n_new = max_new_tokens if with_answers else max(map(len, references))
+            with autocast_for(device):
+                out = model.generate([e.tokens[: e.n_prompt] for e in chunk], n_new,
+                                     temperature=0, stop_token=tokenizer.eot_token)
+            for j, e, reference, generated in zip(mine[i:], chunk, references, out):
+                response = decode(tokenizer, generated if with_answers else generated[
+                    : len(reference)])
+                found = finders[e.task].search(response) if with_answers else None
+                found = found.group(1) if found else ""
+                prompt = decode(tokenizer, e.tokens[: e.n_prompt])
+                predictions[j] = {"task": e.task, "prompt": prompt, "response": response,
+                                  "found": found,
+                                  "gold": e.answer or decode(tokenizer, reference),
+                                  "exact_match": generated[: len(reference)] == reference,
+                                  "right": found == e.answer if with_answers else None}
+            if progress is not None:
+                progress(name, min(i + batch_size, len(mine)), len(mine))
+    score = lambda key, mine: (sum(predictions[j][key] for j in mine) / len(mine)
+                               if (key == "exact_match" and is_qa) or with_answers else None)
     per_task = {}
-    for name in sorted({e.task for e in examples}):
+    for name in tasks:
         mine = [j for j, e in enumerate(examples) if e.task == name]
+        for index, j in enumerate(mine if is_qa else []):
+            predictions[j]["index"] = index  # the record's place in its task's file
         per_task[name] = {"n": len(mine), "loss": float(losses[mine].mean()),
-                          "exact_match": share(hits, mine) if is_qa else None,
-                          "accuracy": share(right, mine) if with_answers else None}
+                          "exact_match": score("exact_match", mine),
+                          "accuracy": score("right", mine)}
     model.train()
     everyone = range(len(examples))
-    return {"loss": float(losses.mean()), "exact_match": share(hits, everyone) if is_qa else None,
-            "accuracy": share(right, everyone) if with_answers else None, "answers": answers,
-            "per_task": per_task}
+    answers = [(p["prompt"], p["response"], p["gold"], p["right"] if with_answers
+                else p["exact_match"]) for p in predictions[:n_answers]]
+    return {"loss": float(losses.mean()), "exact_match": score("exact_match", everyone),
+            "accuracy": score("right", everyone), "answers": answers, "per_task": per_task,
+            "predictions": predictions}
+
+
+def write_predictions(folder, predictions):
+    """folder/<task>.jsonl (test.jsonl for an unnamed task): a line per record, in the file's
+    order: index, prompt, response, the answer found, gold, right (LLM-Adapters keeps these).
+    An earlier run's files of other tasks are removed: the folder holds this run's alone."""
+    by_task = {}
+    for p in predictions:
+        by_task.setdefault(p["task"] or "test", []).append(p)
+    for task, rows in by_task.items():
+        def write(tmp, rows=rows):
+            with open(tmp, "w", encoding="utf-8") as f:
+                for p in sorted(rows, key=lambda p: p["index"]):
+                    f.write(json.dumps({k: p[k] for k in ("index", "prompt", "response", "found",
+                                                          "gold", "right", "exact_match")}) + "\n")
+        atomic_write(os.path.join(folder, f"{task}.jsonl"), write)
+    for name in set(os.listdir(folder)) - {f"{task}.jsonl" for task in by_task}:
+        if name.endswith(".jsonl"):
+            os.remove(os.path.join(folder, name))
+
+
+# LLM-Adapters' extract_answer (commonsense_evaluate.py) searches a response for one
+# pattern per dataset: the first of these words anywhere in it, case and all, no word
+# edges ("untrue" holds true, "answer12" answer1). A task whose answers are all words of
+# one pattern is searched with that pattern, so that our verdict is theirs.
+LLM_ADAPTERS_PATTERNS = (("true", "false"), ("solution1", "solution2"), ("option1", "option2"),
+                         tuple(f"answer{i}" for i in range(1, 6)),
+                         tuple(f"ending{i}" for i in range(1, 5)))
 
 
 def answer_finders(examples):
-    """{task: a regex finding the first of the task's answers in a response}: the distinct
+    """{task: a regex whose group 1 is the first of the task's answers in a response}.
+    LLM-Adapters' answers: their pattern, as above. Other answers (ours): the distinct
     answers of the task's examples, as whole words (an answer that begins or ends with a
     symbol, "-1" or "(B)", is found beside anything there), the longest first where two
-    start at one place. On LLM-Adapters' files this is their per-dataset patterns
-    (true|false, answer1-5, ...), with no dataset named in the code."""
+    start at one place."""
     by_task = {}
     for e in examples:
         if e.answer:
@@ -94,12 +125,13 @@ def answer_finders(examples):
         return ((r"(?<!\w)" if re.match(r"\w", answer) else "") + re.escape(answer)
                 + (r"(?!\w)" if re.search(r"\w$", answer) else ""))
 
-    return {task: re.compile("(" + "|".join(map(whole, sorted(found, key=len, reverse=True)))
-                             + ")") for task, found in by_task.items()}
+    def finder(found):
+        theirs = next((words for words in LLM_ADAPTERS_PATTERNS if found <= set(words)), None)
+        if theirs:
+            return re.compile("(" + "|".join(theirs) + ")")
+        return re.compile("(" + "|".join(map(whole, sorted(found, key=len, reverse=True))) + ")")
 
-
-def until_end(tokens, eot):
-    return tokens[: tokens.index(eot)] if eot in tokens else tokens
+    return {task: finder(found) for task, found in by_task.items()}
 
 
 def decode(tokenizer, tokens):
@@ -148,10 +180,8 @@ def per_task_lines(per_task, indent="  "):
 def greedy_sample(model, example, tokenizer, device):
     """(prompt, continuation): the model's greedy continuation of a held-out text's start."""
     model.eval()
-    n_prompt = min(16, model.config.block_size // 2, len(example.tokens))
-    prompt = torch.tensor([example.tokens[:n_prompt]], device=device)
+    prompt = example.tokens[: min(16, model.config.block_size // 2, len(example.tokens))]
     with autocast_for(device):
-        out = model.generate(prompt, min(64, model.config.block_size - n_prompt), temperature=0)
+        out = model.generate([prompt], 64, temperature=0)[0]
     model.train()
-    return decode(tokenizer,
-                  example.tokens[:n_prompt]), decode(tokenizer, out[0, n_prompt:].tolist())
+    return decode(tokenizer, prompt), decode(tokenizer, out)

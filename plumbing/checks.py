@@ -96,7 +96,7 @@ def data_problems(self):
         out.append(f"--val-data: {', '.join(files)} would all be task {name!r} (a task is named "
                    "by its folder or stem): give each task a file of its own name")
     kinds = lambda p: "prompt/completion records" if is_records(p) else "plain text"
-    for name in ("val_data", "support_data"):
+    for name in ("val_data", "support_data", "dev_data"):
         paths = [p for p in getattr(self, name).split(",") if p.strip()]
         if paths and not self.data:
             out.append(
@@ -116,7 +116,7 @@ def validate(config, n_procs=1):
     problems = method_problems(config) + data_problems(config) + base_problems(config)
     problems += lora_problems(config)
     problems += positive(config, "steps", "batch_size", "eval_interval", "log_interval",
-                         "eval_samples", "lr")
+                         "eval_samples", "checkpoint_interval", "dev_size", "lr")
     problems += one_of(config, "schedule",
                        ("cosine", "constant")) + not_negative(config, "grad_clip")
     problems += in_range(config, "weight_decay", 0, 1)
@@ -182,9 +182,9 @@ def step_memory_problems(config, shape):
     return memory_problems("a fine-tuning step", estimate, pick_device(config.device), flags)
 
 
-def check_run(config, shape, n_train, eval_set, split):
+def check_run(config, shape, n_train, eval_set, split, dev_sample):
     """What can be checked only once the base and the data are loaded, before any step:
-    a step of this base's shape must fit, the evaluation split must hold samples, and
+    a step of this base's shape must fit, the evaluation splits must hold samples, and
     --epochs N becomes steps: ceil(N x samples / batch), every batch whole (the last one
     tops up from the next pass). The settings to run with."""
     problems = step_memory_problems(config, shape) if config.init_from else []
@@ -195,9 +195,10 @@ def check_run(config, shape, n_train, eval_set, split):
         problems.append(f"--lora-targets {config.lora_targets} matches no Linear module of this "
                         f"{shape.arch} base; its are {', '.join(names)}"
                         + (f" (the paper adapts {paper})" if paper else ""))
-    if not eval_set:
-        problems.append(f"the {split} split is empty: give more evaluation data (--val-data, "
-                        "--val-fraction, --n-val)")
+    for name, examples in ((split, eval_set), ("dev", dev_sample)):
+        if not examples:
+            problems.append(f"the {name} split is empty: give more evaluation data (--val-data, "
+                            "--dev-data, --val-fraction, --n-val)")
     if config.epochs:  # the budget in passes over the training set
         samples = config.epochs * n_train
         if samples / config.batch_size > 10**9:
@@ -223,7 +224,7 @@ def check_prompts(config, tokenizer):
     if config.init_from or config.resume or not config.data:  # a given base's context is
         return  # read with it (on --resume, the checkpoint's base)
     block_size = base_shape(config).block_size
-    for path in [config.data, *config.val_data.split(",")]:
+    for path in [config.data, config.dev_data, *config.val_data.split(",")]:
         if path.strip() and is_records(path.strip()):
             load_records(path.strip(), tokenizer, block_size, config.prompt_field,
                          config.completion_field, config.template, config.answer_field)
@@ -233,7 +234,8 @@ def input_hashes(config):
     """{flag: a hash} of the files a run reads, for torchrun's processes to compare: the data
     files whole; a base by its files' names and sizes (hashing gigabytes would cost minutes)."""
     out = {flag(n): files_fingerprint(getattr(config, n))
-           for n in ("data", "val_data", "support_data", "pretrain_data") if getattr(config, n)}
+           for n in ("data", "val_data", "dev_data", "support_data", "pretrain_data")
+           if getattr(config, n)}
     base = config.init_from
     if base and os.path.isdir(base):
         out["--init-from"] = sorted((f, os.path.getsize(os.path.join(base, f)))
@@ -258,6 +260,7 @@ FOR_SOME_RUNS = [
     (("ist_interval", "ist_trials", "ist_suppress", "ist_lr"), "--method ist",
      lambda c: c.method == "ist"),
     (("max_new_tokens",), "--answer-field", lambda c: bool(c.answer_field)),
+    (("dev_size",), "--val-data without --dev-data", lambda c: c.val_data and not c.dev_data),
 ]
 
 

@@ -112,14 +112,17 @@ def cannot_write(folder):
 
 
 def check_out_dir(out_dir, outputs, resume=False, overwrite=False):
-    """Before any work: out_dir can be written, no output is a directory, and an earlier
-    run there is neither overwritten by accident nor resumed from nothing."""
+    """Before any work: out_dir can be written, no output is a directory (a name ending in /
+    is a folder, and no file), and an earlier run there is neither overwritten by accident
+    nor resumed from nothing."""
     if cannot_write(out_dir):
         refuse([f"--out-dir {out_dir}: cannot write there ({cannot_write(out_dir)})"])
     for name in outputs:
-        if os.path.isdir(os.path.join(out_dir, name)):
-            raise ConfigError(
-                f"invalid settings:\n  --out-dir {out_dir}: {name} is a directory; move it away")
+        path, folder = os.path.join(out_dir, name), name.endswith("/")
+        if os.path.isdir(path) != folder and os.path.exists(path):
+            kind = "a file" if folder else "a directory"
+            raise ConfigError(f"invalid settings:\n  --out-dir {out_dir}: {name.rstrip('/')} is "
+                              f"{kind}; move it away")
     earlier = [name for name in outputs if os.path.exists(os.path.join(out_dir, name))]
     if earlier and not resume and not overwrite:
         raise ConfigError(

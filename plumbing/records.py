@@ -154,16 +154,25 @@ def text_field(record, name, where, default=None):
     return record[name]
 
 
+def templated(template, prompt, context=""):
+    """The prompt a template makes: plain, the prompt then a newline between it and the
+    completion (none where the prompt already ends in white space); alpaca, the Alpaca
+    prompt of an instruction and its input."""
+    if template == "alpaca":
+        return (ALPACA_WITH_INPUT if context.strip() else ALPACA).format(instruction=prompt,
+                                                                           input=context)
+    return prompt if prompt[-1:].isspace() else prompt + "\n"
+
+
 def prompt_and_completion(record, where, template, prompt_field, completion_field):
-    """The record's (prompt, completion) text: its two fields as they are (plain), or the
-    Alpaca prompt of its instruction and input, and its output (alpaca)."""
+    """The record's (prompt, completion) text: its two fields, a newline between (plain), or
+    the Alpaca prompt of its instruction and input, and its output (alpaca)."""
     if template == "plain":
-        return text_field(record, prompt_field, where), text_field(record, completion_field, where)
-    instruction = text_field(record, "instruction", where)
+        prompt = text_field(record, prompt_field, where)
+        return templated(template, prompt), text_field(record, completion_field, where)
     context = text_field(record, "input", where, default="")
-    prompt = (ALPACA_WITH_INPUT if context.strip() else ALPACA).format(instruction=instruction,
-                                                                       input=context)
-    return prompt, text_field(record, "output", where)
+    return (templated(template, text_field(record, "instruction", where), context),
+            text_field(record, "output", where))
 
 
 def record_texts(path, prompt_field, completion_field, template, answer_field, task):
@@ -183,7 +192,7 @@ def record_texts(path, prompt_field, completion_field, template, answer_field, t
 def check_data(config):
     """Read and check every data file a run names (--data, --val-data, --support-data)
     before any work: a bad line 37 must not cost a pretraining first."""
-    paths = [config.data, config.support_data, *config.val_data.split(",")]
+    paths = [config.data, config.support_data, config.dev_data, *config.val_data.split(",")]
     for path in filter(None, (p.strip() for p in paths)):
         if is_records(path):
             fields = (config.prompt_field, config.completion_field, config.template)

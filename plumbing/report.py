@@ -4,6 +4,7 @@ evaluation's line and the summary at the end (the picture: plumbing/pictures.py)
 """
 
 import math
+import statistics
 import time
 
 from evaluation.scoring import per_task_lines
@@ -20,14 +21,29 @@ def score_line(result):
     return line
 
 
-def progress_line(step, epoch, record, lr, ms, flagged):
-    """nanoGPT's line: step, epoch, loss, lr, time; and where samples are flagged noisy, the
-    shares of noisy and clean samples the blocks took. The rest: metrics.json, the picture."""
+def progress_line(step, epoch, record, lr, ms, flagged, left=None):
+    """nanoGPT's line: step, epoch, loss, lr, time, the time left (evaluations counted,
+    once one has been timed); and where samples are flagged noisy, the shares of noisy and
+    clean samples the blocks took. The rest: metrics.json, the picture."""
     line = (
         f"step {step:5d} | epoch {epoch:.2f} | loss {record.loss:.4f} | lr {lr:.2e} | {ms:.0f} ms")
+    if left is not None:
+        line += f" | eta {left[0] / 60:.1f} min" + ("" if left[1] else " + evaluations")
     if flagged:
         line += f" | noisy/clean taken {record.noisy_selected:.2f}/{record.clean_selected:.2f}"
     return line
+
+
+def time_left(config, step, end, step_ms, eval_seconds, final_size):
+    """(seconds to the run's end, whether evaluations are counted): the steps left at their
+    median time, the periodic evaluations to come at the last one's time, the final one at
+    that time times final_size (its samples over a periodic one's); before an evaluation
+    has been timed, the steps alone."""
+    steps = (end - step - 1) * statistics.median(step_ms) / 1000
+    if not eval_seconds:
+        return steps, False
+    evals = sum(1 for s in range(step, end) if (s + 1) % config.eval_interval == 0 or s == end - 1)
+    return steps + eval_seconds[-1] * (evals + final_size), True
 
 
 def last_checkpoint(ckpt_path, saved_at):
@@ -95,17 +111,19 @@ def support_line(config, pool):
 
 
 class EvalProgress:
-    """An evaluation's progress, a line every `every` seconds: responses done of all, their
-    rate, the time left (a whole test set generates for minutes)."""
+    """An evaluation's progress, a line every `every` seconds and at each task's end: the
+    task, its responses done of all, their rate, the task's time left (a whole test set
+    generates for minutes)."""
 
     def __init__(self, config, every=30.0):
-        self.config, self.every, self.t0 = config, every, time.time()
-        self.last = self.t0
+        self.config, self.every, self.task = config, every, None
 
-    def __call__(self, done, total):
+    def __call__(self, task, done, total):
         now = time.time()
-        if now - self.last >= self.every or (done == total and now - self.t0 >= self.every):
+        if task != self.task:
+            self.task, self.t0, self.last = task, now, now
+        if now - self.last >= self.every or done == total:
             rate = done / max(now - self.t0, 1e-9)
-            say(self.config, f"  evaluating: {done}/{total} responses, {rate:.1f}/s, "
-                f"eta {(total - done) / max(rate, 1e-9):.0f}s")
+            say(self.config, f"  evaluating {task or 'the test split'}: {done}/{total} responses, "
+                f"{rate:.1f}/s, eta {(total - done) / max(rate, 1e-9):.0f}s")
             self.last = now

@@ -20,6 +20,7 @@ TINY = dict(
     n_train=48,
     n_val=16,
     eval_interval=3,
+    checkpoint_interval=3,
     log_interval=2,
     quiet=True,
     lisa_interval=2,

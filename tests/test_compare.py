@@ -62,11 +62,12 @@ def test_compare_picks_each_lr_on_the_dev_split_and_reports_on_the_test_split(ba
                                                                               monkeypatch):
     import train as train_module
 
-    seen = []  # (split of the run, the words it was evaluated on)
+    seen = []  # (split of the run, final evaluation or not, the words it was evaluated on)
     real_evaluate, real_train = scoring.evaluate, compare_module.train
 
     def evaluate(model, examples, *args, **kwargs):
-        seen.append((phase[-1], {tuple(e.tokens) for e in examples}))
+        final = kwargs["candidates"] is examples  # the final: the whole split, its own candidates
+        seen.append((phase[-1], final, {tuple(e.tokens) for e in examples}))
         return real_evaluate(model, examples, *args, **kwargs)
 
     phase = []
@@ -87,8 +88,9 @@ def test_compare_picks_each_lr_on_the_dev_split_and_reports_on_the_test_split(ba
         assert row["lr"] == min(tried, key=lambda r: r["val_loss"])["lr"]
         assert all(r["lr"] == row["lr"] and r["split"] == "test" for r in saved["runs"]
                    if r["method"] == row["method"])
-    dev_seen = set().union(*(words for split, words in seen if split == "dev"))
-    test_seen = set().union(*(words for split, words in seen if split == "test"))
+    # the lr choice never sees the test split (the test runs' periodic evaluations are dev's)
+    dev_seen = set().union(*(words for split, _, words in seen if split == "dev"))
+    test_seen = set().union(*(words for split, final, words in seen if split == "test" and final))
     assert dev_seen and test_seen and not dev_seen & test_seen
 
 

@@ -123,15 +123,18 @@ def write(tmp_path, name, content):
 
 def test_jsonl_with_custom_field_names_puts_the_loss_on_completions_only(tmp_path):
     rows = [{"question": "2+2?", "answer": " 4"},
-            {"question": "why?", "answer": " because it is so, truly"}]
+            {"question": "why? ", "answer": "because it is so, truly"}]
     path = write(tmp_path, "qa.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
     examples, cut = load_records(path, TOK, block_size=12, prompt_field="question",
                                  completion_field="answer")
     assert len(examples) == 2
-    assert TOK.decode(examples[0].tokens) == "2+2? 4<|endoftext|>" and examples[0].n_prompt == 4
+    # --template plain: a newline between prompt and completion, unless the prompt ends in one
+    # or another white space
+    assert TOK.decode(examples[0].tokens) == "2+2?\n 4<|endoftext|>" and examples[0].n_prompt == 5
+    assert TOK.decode(examples[1].tokens).startswith("why? because")
     x, y, _ = collate(examples, pad_id=TOK.eot_token)
     assert TOK.decode([t for t in y[0].tolist() if t != -100]) == " 4<|endoftext|>"
-    # the second sample is 4 + 24 + 1 = 29 tokens, cut to block_size + 1 = 13
+    # the second sample is 5 + 23 + 1 = 29 tokens, cut to block_size + 1 = 13
     assert (cut.samples, cut.tokens) == (1, 29 - 13)
     assert len(examples[1].tokens) == 13 == y.shape[1] + 1
 
@@ -202,7 +205,7 @@ def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
     path.write_bytes(
         b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "completion": " c"}).encode() + b"\n")
     examples, _ = load_records(str(path), TOK, 32)
-    assert TOK.decode(examples[0].tokens[: examples[0].n_prompt]) == "p"
+    assert TOK.decode(examples[0].tokens[: examples[0].n_prompt]) == "p\n"  # no BOM before it
 
 
 def test_a_prompt_that_fills_the_context_is_skipped_and_its_line_kept(tmp_path):

@@ -87,16 +87,38 @@ def test_per_sample_loss_of_padding_does_not_depend_on_pad_tokens():
 def test_greedy_generate_follows_the_argmax_and_stops():
     model = tiny_model()
     idx = torch.randint(0, TINY.vocab_size, (2, 3))
-    out = model.generate(idx, 5, temperature=0)
-    assert out.shape == (2, 8) and torch.equal(out[:, :3], idx)
-    for t in range(3, 8):
-        logits, _ = model(out[:, :t])
-        assert torch.equal(logits[:, -1].argmax(-1), out[:, t])
-    first = out[0, 3].item()
-    stopped = model.generate(idx[:1], 5, temperature=0, stop_token=first)
-    assert stopped.shape == (1, 4)
-    sampled = model.generate(idx, 4, temperature=1.0, top_k=1)  # top_k=1 is greedy too
-    assert torch.equal(sampled, out[:, :7])
+    out = model.generate(idx.tolist(), 5, temperature=0)
+    assert [len(r) for r in out] == [5, 5]
+    full = torch.cat((idx, torch.tensor(out)), dim=1)
+    for t in range(3, 8):  # each token the argmax of a whole forward pass without a cache
+        logits, _ = model(full[:, :t])
+        assert torch.equal(logits[:, -1].argmax(-1), full[:, t])
+    first = out[0][0]
+    assert model.generate(idx[:1].tolist(), 5, temperature=0, stop_token=first) == [[]]
+    sampled = model.generate(idx.tolist(), 4, temperature=1.0, top_k=1)  # top_k=1 is greedy too
+    assert sampled == [r[:4] for r in out]
+    # never past the context: the longest prompt leaves block_size - 3 slots
+    assert len(model.generate([idx[0].tolist()], 1000, temperature=0)[0]) == TINY.block_size - 3
+    with pytest.raises(ValueError, match="at least one token"):
+        model.generate([[]], 3)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_prompts_of_any_lengths_batched_answer_as_each_alone(arch):
+    """Left padding, each row's own positions and the cache's mask: a batch of prompts of
+    different lengths gets, row by row, the answer each prompt gets alone, and each row
+    stops at its own end token."""
+    torch.manual_seed(0)
+    config = GPTConfig(arch=arch, n_kv_head=2 if arch == "llama" else 0, block_size=40,
+                       vocab_size=50, bias=arch == "gpt2")
+    model = GPT(config).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 50, (n,), generator=g).tolist() for n in (3, 9, 5, 1, 12, 7)]
+    alone = [model.generate([p], 12, temperature=0)[0] for p in prompts]
+    assert model.generate(prompts, 12, temperature=0) == alone
+    stop = alone[1][2]  # row 1 ends before its third token; the others where it appears
+    cut = [r[: r.index(stop)] if stop in r else r for r in alone]
+    assert model.generate(prompts, 12, temperature=0, stop_token=stop) == cut
 
 
 def write_hf_checkpoint(model, directory, prefix="", with_config=True):

@@ -90,17 +90,57 @@ def test_the_alpaca_prompt_with_and_without_input_and_the_loss_on_the_response(t
     assert (targets[0] != IGNORE_INDEX).all()
 
 
-def test_the_answer_is_the_first_of_the_tasks_answers_found_as_a_whole_word():
+# LLM-Adapters' extract_answer, written out from its patterns (commonsense_evaluate.py): the
+# first match of the dataset's pattern in the stripped response, or "" where there is none
+THEIR_PATTERNS = {"boolq": "true|false", "piqa": "solution1|solution2",
+                  "social_i_qa": "answer1|answer2|answer3|answer4|answer5",
+                  "hellaswag": "ending1|ending2|ending3|ending4", "winogrande": "option1|option2"}
+RESPONSE_KINDS = {  # a kind of response: (task, response)
+    "the answer alone": ("boolq", "true"), "after a sentence": ("piqa", "the answer is solution2"),
+    "two candidates": ("social_i_qa", "answer3 or answer1"), "run-on": ("hellaswag",
+                                                                         "ending4ending4"),
+    "a longer number": ("social_i_qa", "answer12"), "capitalised": ("boolq", "True"),
+    "with punctuation": ("winogrande", "option2."), "inside a word": ("boolq", "untrue"),
+    "absent": ("piqa", "I do not know"), "empty": ("winogrande", ""),
+    "not one of the file's": ("social_i_qa", "answer5, then answer2"),
+    "in brackets": ("hellaswag", "(ending3)")}
+
+
+@pytest.mark.parametrize("kind", RESPONSE_KINDS)
+def test_on_llm_adapters_files_our_verdict_is_their_extract_answers(kind):
+    """Every gold answer of every kind of response: right for us exactly where right for
+    them. The candidates come from the whole file (social_i_qa's answers are answer1-3, yet
+    their pattern, and ours, holds answer4 and answer5)."""
+    import re
+
+    golds = {"boolq": ("true", "false"), "piqa": ("solution1", "solution2"),
+             "social_i_qa": ("answer1", "answer2", "answer3"),
+             "hellaswag": ("ending1", "ending2", "ending3", "ending4"),
+             "winogrande": ("option1", "option2")}
+    whole_file = [Example([1, 2], 1, task=t, answer=a) for t, answers in golds.items()
+                  for a in answers]
+    finders = answer_finders(whole_file)
+    task, response = RESPONSE_KINDS[kind]
+    theirs = re.findall(THEIR_PATTERNS[task], response.strip())
+    theirs = theirs[0] if theirs else ""
+    ours = finders[task].search(response)
+    ours = ours.group(1) if ours else ""
+    assert ours == theirs
+    for gold in golds[task]:
+        assert (ours == gold) == (theirs == gold)
+
+
+def test_our_own_answers_are_found_as_whole_words_the_longest_first():
     examples = [
         Example([1, 2], 1, task="arc", answer=a) for a in ("answer1", "answer2", "answer10")
-    ] + [Example([1, 2], 1, task="boolq", answer=a) for a in ("true", "false")]
+    ] + [Example([1, 2], 1, task="yn", answer=a) for a in ("yes", "no")]
     find = answer_finders(examples)
     first = lambda task, text: (m := find[task].search(text)) and m.group(1)
     assert first("arc", "the correct answer is answer2, not answer1") == "answer2"
     assert first("arc", "answer10 it is") == "answer10"  # the longest where two start at one place
     assert first("arc", "answer12 or answer1") == "answer1"  # whole words only
-    assert first("boolq", "it is untrue; false") == "false"
-    assert first("boolq", "answer1") is None  # another task's answers are not candidates
+    assert first("yn", "it is not known; no") == "no"
+    assert first("yn", "answer1") is None  # another task's answers are not candidates
 
 
 def test_batched_answers_equal_one_by_one_answers():
@@ -141,4 +181,11 @@ def test_the_papers_command_runs_on_files_in_llm_adapters_layout(tmp_path, capsy
     assert metrics["steps"] == 9  # ceil(3 x 24 / 8)
     assert set(metrics["per_task"]) == {"boolq", "piqa"}
     assert all(0 <= s["accuracy"] <= 1 for s in metrics["per_task"].values())
-    assert all(s["n"] == 3 for s in metrics["per_task"].values())  # each file: half dev, half test
+    assert all(s["n"] == 6 for s in metrics["per_task"].values())  # every record of each file
+    assert "(dev sample)" in printed and "evaluating boolq: 6/6 responses" in printed
+    for task in ("boolq", "piqa"):  # every response, a line per record in the file's order
+        rows = [json.loads(line) for line in (out / "predictions" / f"{task}.jsonl").open()]
+        assert [r["index"] for r in rows] == list(range(6))
+        assert sum(r["right"] for r in rows) / 6 == metrics["per_task"][task]["accuracy"]
+        assert all(r["right"] == (r["found"] == r["gold"]) for r in rows)
+        assert rows[0]["prompt"].startswith("Below is an instruction")

@@ -44,10 +44,13 @@ def test_fine_tuning_lowers_the_held_out_loss_below_the_bases(tiny, taught_base,
                   warmup_steps=0, lr=1e-2)
     metrics = train(config)
     tok = get_tokenizer()
-    base_loss = evaluate(read_base(config.init_from), load_task(
-        config, tok, 32)[0].val[: config.eval_samples], tok, "cpu", False)["loss"]
-    assert (metrics["evals"][-1]["loss"] < base_loss - 0.05
-            and metrics["val_loss"] == metrics["evals"][-1]["loss"])
+    task = load_task(config, tok, 32)[0]
+    base = read_base(config.init_from)
+    base_loss = {split: evaluate(base, examples, tok, "cpu", False)["loss"] for split, examples in (
+        ("test", task.val), ("dev", task.dev[: config.eval_samples]))}
+    # the final evaluation: the whole test split; the periodic ones: a dev sample
+    assert metrics["val_loss"] < base_loss["test"] - 0.05
+    assert metrics["evals"][-1]["loss"] < base_loss["dev"] - 0.05
 
 
 def adapter(path):
@@ -122,19 +125,21 @@ def test_your_own_held_out_support_and_evaluation_files(tiny, tmp_path, capsys):
                   support_data=write("ref.jsonl", 6, 200), quiet=False)
     task, is_qa = train_module.load_task(config, tok, 32)
     words = lambda split: {tok.decode(e.tokens[: e.n_prompt]) for e in split}
-    assert (is_qa and len(task.train) == 30
-            and words(task.heldout) == {f"q{i}?" for i in range(200, 206)})
-    assert (words(task.dev) | words(task.val) == {f"q{i}?" for i in range(100, 110)}
-            and len(task.dev) == len(task.val) == 5)
+    assert (is_qa and len(task.train) == 27
+            and words(task.heldout) == {f"q{i}?\n" for i in range(200, 206)})
+    # the test split: every record of --val-data; dev: a tenth of --data (under --dev-size)
+    assert words(task.val) == {f"q{i}?\n" for i in range(100, 110)} and len(task.dev) == 3
+    assert (words(task.dev) | words(task.train) == {f"q{i}?\n" for i in range(30)}
+            and not words(task.dev) & words(task.train))
     carved, _ = train_module.load_task(
         replace(config, support_data="", heldout_size=7, support="heldout"), tok, 32)
-    assert (len(carved.train) == 23 and len(carved.heldout) == 7
+    assert (len(carved.train) == 20 and len(carved.heldout) == 7
             and not words(carved.train) & words(carved.heldout))
     assert "held-out support set: 7 samples carved from" in capsys.readouterr().out
     for support in ("train", "batch"):  # nothing carved
         uncarved, _ = train_module.load_task(replace(config, support_data="", support=support), tok,
                                              32)
-        assert len(uncarved.train) == 30 and uncarved.heldout == []
+        assert len(uncarved.train) == 27 and uncarved.heldout == []
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(tiny, tmp_path,
@@ -592,8 +597,8 @@ def test_a_flag_the_run_does_not_read_is_said_in_one_line(tiny, capsys):
 
 
 def test_an_evaluation_reports_its_progress(tiny, capsys):
-    """evaluate() calls progress(done, total) as it generates, ending at total; train.py's
-    EvalProgress turns that into a line with the rate and the time left."""
+    """evaluate() calls progress(task, done, total) as it generates, ending each task at its
+    total; train.py's EvalProgress turns that into a line with the rate and the time left."""
     from evaluation.scoring import evaluate
     from plumbing.report import EvalProgress
 
@@ -603,11 +608,12 @@ def test_an_evaluation_reports_its_progress(tiny, capsys):
     from testbed.pretrain import read_base
 
     model = read_base(tiny().init_from)
-    evaluate(model, task.val, tok, "cpu", is_qa, batch_size=4,
-             progress=lambda done, total: calls.append((done, total)))
-    n = len(task.val)
-    assert len(calls) > 1 and calls[-1] == (n, n) and [d for d, _ in calls] == sorted(
-        d for d, _ in calls)
+    evaluate(model, task.val, tok, "cpu", is_qa, batch_size=2,
+             progress=lambda *call: calls.append(call))
+    for name in {e.task for e in task.val}:
+        n, mine = sum(e.task == name for e in task.val), [c[1:] for c in calls if c[0] == name]
+        assert len(mine) > 1 and mine[-1] == (n, n) and [d for d, _ in mine] == sorted(
+            d for d, _ in mine)
     report = EvalProgress(tiny(quiet=False), every=0.0)
-    report(10, 20)
-    assert "evaluating: 10/20 responses" in capsys.readouterr().out
+    report("boolq", 10, 20)
+    assert "evaluating boolq: 10/20 responses" in capsys.readouterr().out
