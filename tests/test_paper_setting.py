@@ -160,7 +160,7 @@ def test_batched_answers_equal_one_by_one_answers():
     assert batched["accuracy"] == alone["accuracy"] and batched["accuracy"] is not None
 
 
-def test_the_papers_command_runs_on_files_in_llm_adapters_layout(tmp_path, capsys):
+def test_the_papers_command_runs_on_files_in_llm_adapters_layout(tmp_path, capsys, monkeypatch):
     train = write_json(tmp_path / "commonsense.json", [
         commonsense("boolq", i) for i in range(12)] + [commonsense("piqa", i) for i in range(12)])
     boolq = write_json(tmp_path / "boolq" / "test.json",
@@ -189,3 +189,14 @@ def test_the_papers_command_runs_on_files_in_llm_adapters_layout(tmp_path, capsy
         assert sum(r["right"] for r in rows) / 6 == metrics["per_task"][task]["accuracy"]
         assert all(r["right"] == (r["found"] == r["gold"]) for r in rows)
         assert rows[0]["prompt"].startswith("Below is an instruction")
+    # sample.py reads a test file as the run read its data (alpaca, the answer field), unasked
+    import sample
+
+    assert sample.main(["--out-dir", str(out), "--data", boolq]) == 0
+    assert "answer accuracy" in capsys.readouterr().out
+    seen, real = [], GPT.generate  # --prompt goes in the run's template; --raw as it is given
+    monkeypatch.setattr(GPT, "generate", lambda self, prompts, *args, **kw: seen.append(
+        TOK.decode(prompts[0])) or real(self, prompts, *args, **kw))
+    for raw in ([], ["--raw"]):
+        assert sample.main(["--out-dir", str(out), "--prompt", "Is it so?", *raw]) == 0
+    assert seen == [ALPACA.format(instruction="Is it so?"), "Is it so?"]
