@@ -111,18 +111,20 @@ def support_line(config, pool):
 
 
 class EvalProgress:
-    """An evaluation's progress, a line every `every` seconds and at each task's end: the
-    task, its responses done of all, their rate, the task's time left (a whole test set
-    generates for minutes)."""
+    """An evaluation's progress, once it has run `every` seconds: a line every `every`
+    seconds and at each task's end, with the task, its responses done of all, their rate
+    and the task's time left (a whole test set generates for minutes)."""
 
     def __init__(self, config, every=30.0):
         self.config, self.every, self.task = config, every, None
+        self.begin = self.mark = self.last = time.time()  # mark: the previous call's time
 
     def __call__(self, task, done, total):
         now = time.time()
-        if task != self.task:
-            self.task, self.t0, self.last = task, now, now
-        if now - self.last >= self.every or done == total:
+        if task != self.task:  # a task starts where the one before it ended
+            self.task, self.t0 = task, self.mark
+        self.mark = now
+        if now - self.last >= self.every or (done == total and now - self.begin >= self.every):
             rate = done / max(now - self.t0, 1e-9)
             say(self.config, f"  evaluating {task or 'the test split'}: {done}/{total} responses, "
                 f"{rate:.1f}/s, eta {(total - done) / max(rate, 1e-9):.0f}s")
