@@ -224,7 +224,7 @@ def check_prompts(config, tokenizer):
     if config.init_from or config.resume or not config.data:  # a given base's context is
         return  # read with it (on --resume, the checkpoint's base)
     block_size = base_shape(config).block_size
-    for path in [config.data, config.dev_data, *config.val_data.split(",")]:
+    for path in [config.data, config.dev_data, config.support_data, *config.val_data.split(",")]:
         if path.strip() and is_records(path.strip()):
             load_records(path.strip(), tokenizer, block_size, config.prompt_field,
                          config.completion_field, config.template, config.answer_field)

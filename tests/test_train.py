@@ -617,3 +617,14 @@ def test_an_evaluation_reports_its_progress(tiny, capsys):
     report = EvalProgress(tiny(quiet=False), every=0.0)
     report("boolq", 10, 20)
     assert "evaluating boolq: 10/20 responses" in capsys.readouterr().out
+
+
+def test_the_time_left_counts_the_evaluations_to_come():
+    from plumbing.report import time_left
+
+    config = TrainConfig(eval_interval=10)
+    # before any evaluation was timed: the steps alone, 29 left at 100 ms
+    assert time_left(config, 0, 30, [100.0], [], 3.0) == (pytest.approx(2.9), False)
+    # then the periodic evaluations after steps 9, 19 and 29 at 2 s, the final one 3 times that
+    assert time_left(config, 0, 30, [100.0], [2.0], 3.0) == (pytest.approx(2.9 + 2 * 6), True)
+    assert time_left(config, 25, 30, [100.0], [2.0], 3.0) == (pytest.approx(0.4 + 2 * 4), True)
