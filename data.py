@@ -293,11 +293,9 @@ def load_task(config, tokenizer, block_size):
     """(Task, is_qa): the fine-tuning data and its held-out splits.
 
     Default task: four disjoint splits made by the seed. Your data: --data shuffled by the
-    seed; the test split is every record of the --val-data files, and dev --dev-data or
-    --dev-size samples (at most a tenth) carved from --data; without --val-data, a
-    --val-fraction of --data is halved into dev and test. The trusted held-out set (for
-    --support heldout) is --support-data, or --heldout-size samples carved from the
-    training split (then assumed trustworthy).
+    seed; test: every record of --val-data (or half a --val-fraction of --data); dev:
+    --dev-data, or --dev-size carved from --data (or the other half); the trusted held-out
+    set (--support heldout): --support-data, or --heldout-size carved from --data.
     """
     from testbed.task import make_default_task, parse_tasks  # (it imports this file)
     if not config.data:

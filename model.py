@@ -317,9 +317,6 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())
-
     def forward(self, idx, targets=None, reduction="mean", fused=True, cache=None):
         """idx (B, T) token ids -> logits (B, T, V) and a loss.
 
@@ -356,7 +353,7 @@ class GPT(nn.Module):
         return logits, losses.mean()
 
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, stop_token=None):
+    def generate(self, prompts, max_new_tokens, temperature=1.0, stop_token=None):
         """Continue each prompt (a list of token ids, any length): per row, the new tokens up
         to and without stop_token, at most max_new_tokens and never past the context (the
         longest prompt's). temperature 0 is greedy. The rows run as one left-padded batch
@@ -373,12 +370,8 @@ class GPT(nn.Module):
             logits = self(idx, cache=cache)[0][:, -1].float()  # (B, V)
             if temperature == 0:
                 idx = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                idx = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+            else:  # (B, 1)
+                idx = torch.multinomial(F.softmax(logits / temperature, dim=-1), num_samples=1)
             new.append(idx[:, 0])
             cache.valid = F.pad(cache.valid, (0, 1), value=True)
             if stop_token is not None:

@@ -36,7 +36,7 @@ from plumbing.pictures import plot_run
 from plumbing.records import DataError, check_data
 from plumbing.report import (EvalProgress, last_checkpoint, print_summary, progress_line, time_left,
                              score_line, selection_picture, support_line)
-from plumbing.settings import config_from_dict, parse_args
+from plumbing.settings import as_config, parse_args
 from testbed.pretrain import SKILL_LEVEL, load_base
 
 
@@ -172,10 +172,7 @@ def train(config, split="test", summary=True, dry_run=False):
     summary: print the summary. dry_run: only check the settings (ConfigError if any is
     bad) and return them as a dict, doing no work (tools/compare.py checks its runs so).
     """
-    if isinstance(config, (list, tuple)):  # command-line flags, as tools/compare.py passes them
-        config = parse_args(TrainConfig, config)
-    elif isinstance(config, dict):
-        config = config_from_dict(TrainConfig, config)
+    config = as_config(TrainConfig, config)  # flags or a dict, as tools/compare.py passes them
 
     def checks():  # every problem before any work; under torchrun, every process's
         validate(config, n_procs=world()[1])  # every problem with the settings, at once
@@ -191,9 +188,8 @@ def train(config, split="test", summary=True, dry_run=False):
         return asdict(config)
     if world()[1] > 1:  # torchrun: every process given the same files
         together(lambda: same_everywhere(input_hashes(config)))
-    note = unused_flags(config, TrainConfig())  # a flag this run does not read is said
-    if note:
-        say(config, note)
+    if unused_flags(config, TrainConfig()):  # a flag this run does not read is said
+        say(config, unused_flags(config, TrainConfig()))
     device = pick_device(config.device)
     check_out_dir(config.out_dir, RUN_OUTPUTS, config.resume, config.overwrite)
     with OutDirLock(config.out_dir) if is_main() else nullcontext():  # one run per out-dir

@@ -123,8 +123,14 @@ class Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (--help lists the flags)")
 
 
-def config_from_dict(config_type, values):
-    """config_type from a dict; unknown keys are an error, not silently ignored."""
+def as_config(config_type, config):
+    """config_type from itself, a list of command-line flags or a dict (whose unknown keys
+    are an error, not silently ignored)."""
+    if isinstance(config, (list, tuple)):
+        return parse_args(config_type, config)
+    if not isinstance(config, dict):
+        return config
+    values = config
     unknown = sorted(set(values) - {f.name for f in fields(config_type)})
     refuse([f"unknown field(s): {', '.join(unknown)}"] if unknown else [])
     return config_type(**values)

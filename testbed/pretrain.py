@@ -398,8 +398,8 @@ def main(argv=None):
         existed = os.path.exists(path)
         model, path = load_base(config, tokenizer, pick_device(config.device))
         if is_main():
-            print(f"{'already there' if existed else 'made'}: {path} ({model.num_params():,} "
-                  "parameters; "
+            n = sum(p.numel() for p in model.parameters())
+            print(f"{'already there' if existed else 'made'}: {path} ({n:,} parameters; "
                   f"{model.config.n_layer} blocks, width {model.config.n_embd}, context "
                   f"{model.config.block_size})")
             skills, made_by = base_skills(path)

@@ -95,8 +95,8 @@ def test_greedy_generate_follows_the_argmax_and_stops():
         assert torch.equal(logits[:, -1].argmax(-1), full[:, t])
     first = out[0][0]
     assert model.generate(idx[:1].tolist(), 5, temperature=0, stop_token=first) == [[]]
-    sampled = model.generate(idx.tolist(), 4, temperature=1.0, top_k=1)  # top_k=1 is greedy too
-    assert sampled == [r[:4] for r in out]
+    # sampled at a temperature this low, the softmax is the argmax's: greedy again
+    assert model.generate(idx.tolist(), 4, temperature=1e-4) == [r[:4] for r in out]
     # never past the context: the longest prompt leaves block_size - 3 slots
     assert len(model.generate([idx[0].tolist()], 1000, temperature=0)[0]) == TINY.block_size - 3
     with pytest.raises(ValueError, match="at least one token"):
