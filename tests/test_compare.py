@@ -1,5 +1,6 @@
 import csv
 import json
+import statistics
 
 import pytest
 
@@ -252,3 +253,39 @@ def test_a_second_comparison_into_a_held_out_dir_is_refused_before_any_run(base,
         assert (tmp_path / "run.lock").read_text().startswith(str(holder.pid))
     finally:
         holder.kill()
+
+
+def test_the_pairs_are_pooled_over_comparisons_seed_by_seed(tmp_path, capsys):
+    """gast - lora and the ablation's pairs: each run minus its partner of the same
+    comparison and seed, pooled over the files; a comparison whose two rows ran at different
+    lrs adds no pair to theirs."""
+    def comparison(name, scores, lrs):  # scores: {row: [(exact match, loss) by seed]}
+        runs = [{"row": row, "seed": seed, "exact_match": em, "val_loss": loss}
+                for row, by_seed in scores.items() for seed, (em, loss) in enumerate(by_seed)]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"rows": [{"row": r, "lr": lrs.get(r, 0.01)} for r in scores],
+                                    "runs": runs}))
+        return str(path)
+
+    a = comparison("a", {"lora": [(0.7, 0.5), (0.8, 0.4)], "gast": [(0.8, 0.4), (0.8, 0.3)],
+                         "gast:random": [(0.6, 0.6), (0.7, 0.5)],
+                         "gast:heldout": [(0.9, 0.2), (0.9, 0.2)]}, {"gast:heldout": 0.003})
+    b = comparison("b", {"lora": [(0.5, 0.9)], "gast": [(0.8, 0.5)], "gast:random": [(0.8, 0.7)],
+                         "gast:heldout": [(1.0, 0.1)]}, {})
+    pairs = {p["pair"]: p for p in compare_module.pooled_pairs([a, b])}
+    # gast - lora: +0.1, 0.0 (a) and +0.3 (b)
+    assert pairs["gast - lora"]["n"] == 3
+    assert pairs["gast - lora"]["exact_match_vs"] == pytest.approx(0.4 / 3)
+    assert pairs["gast - lora"]["val_loss_vs"] == pytest.approx((-0.1 - 0.1 - 0.4) / 3)
+    half = 4.303 * statistics.stdev([0.1, 0.0, 0.3]) / 3 ** 0.5  # t with 2 degrees of freedom
+    assert pairs["gast - lora"]["exact_match_vs_ci95"] == pytest.approx(half)
+    assert pairs["gast - gast:random"]["exact_match_vs"] == pytest.approx((0.2 + 0.1 + 0.0) / 3)
+    # a's heldout ran at another lr: only b pairs, one pair, no interval
+    heldout = pairs["gast:heldout - gast"]
+    assert (heldout["n"], heldout["unpaired"], heldout["exact_match_vs_ci95"]) == (1, 1, None)
+    assert heldout["exact_match_vs"] == pytest.approx(0.2)
+    assert pairs["gast - gast:topk"]["n"] == 0  # neither file has the row
+    assert main(["--pool", f"{a},{b}"]) == 0
+    assert "| gast - lora | 3 | +0.1333 ±" in capsys.readouterr().out
+    assert main(["--pool", a, "--seeds", "3", "--steps", "5"]) == 2
+    assert "--pool runs nothing: --seeds --steps 5 would not be read" in capsys.readouterr().err

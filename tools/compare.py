@@ -4,6 +4,7 @@ The comparison protocol: every method on the same base, data, batches and budget
     python -m tools.compare             # the default rows, lr chosen on dev, seeds on test
     python -m tools.compare --methods lora,gast --seeds 3 --steps 300 --noise 0
     python -m tools.compare --noise 0 --lrs-from out/compare.json --out-dir out/clean  # same lrs
+    python -m tools.compare --pool out/compare.json,out/clean/compare.json  # pairs, pooled
 
 For each row, one run per lr in --lrs (seed 0) is scored on the dev split and the lr with
 the lowest dev loss wins; then --seeds runs with that lr are reported on the test split,
@@ -20,7 +21,7 @@ import multiprocessing
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
@@ -57,6 +58,8 @@ class CompareConfig:
         # same settings is read back, not run again
     jobs: int = 1  # independent runs in this many processes, one thread each (results equal those
         # of --jobs 1 at one thread)
+    pool: str = ""  # print the pairs (gast - lora and the ablation's) pooled over these
+        # comparisons' compare.json files, comma-separated, and run nothing
 
 
 def rows_of(config):
@@ -271,7 +274,24 @@ def run_comparison(config, train_flags, base_config):
 
 # Student's t, 97.5%, by degrees of freedom
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-         9: 2.262, 10: 2.228}
+         9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120,
+         17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064,
+         25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042}
+
+
+def seed_differences(runs, other_runs, key):
+    """Each run's key minus the other row's run of the same seed (the same data, batches)."""
+    by_seed = {r["seed"]: r[key] for r in other_runs if r.get(key) is not None}
+    return [r[key] - by_seed[r["seed"]] for r in runs if r.get(key) is not None
+            and r["seed"] in by_seed]
+
+
+def mean_and_ci95(diffs):
+    """(mean, half-width of the 95% interval from Student's t), None where undefined."""
+    mean = statistics.fmean(diffs) if diffs else None
+    half = ((T_975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs)))
+            if len(diffs) > 1 else None)
+    return mean, half
 
 
 def paired_difference(runs, lora_runs, against="lora"):
@@ -280,14 +300,46 @@ def paired_difference(runs, lora_runs, against="lora"):
     seeds (None with one seed)."""
     out = {}
     for key in ("exact_match", "val_loss"):
-        by_seed = {r["seed"]: r[key] for r in lora_runs if r.get(key) is not None}
-        diffs = [r[key] - by_seed[r["seed"]] for r in runs if r.get(key) is not None
-                 and r["seed"] in by_seed]
-        mean = statistics.fmean(diffs) if diffs else None
-        half = ((T_975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs)))
-                if len(diffs) > 1 else None)
-        out[f"{key}_vs_{against}"], out[f"{key}_vs_{against}_ci95"] = mean, half
+        out[f"{key}_vs_{against}"], out[f"{key}_vs_{against}_ci95"] = mean_and_ci95(
+            seed_differences(runs, lora_runs, key))
     return out
+
+
+def pooled_pairs(paths):
+    """gast - lora and the ablation's pairs, each run's difference to its partner of the same
+    comparison and seed pooled over the compare.json files at paths; a comparison whose two
+    rows ran at different lrs adds none (a difference of lrs is not the rule's)."""
+    comparisons = []
+    for path in paths:
+        with open(path) as f:
+            saved = json.load(f)
+        comparisons.append(({r["row"]: r["lr"] for r in saved["rows"]}, saved["runs"]))
+    out = []
+    for a, b in (("gast", "lora"), *ABLATION_PAIRS):
+        diffs, skipped = {"exact_match": [], "val_loss": []}, 0
+        for lrs, runs in comparisons:
+            if a not in lrs or b not in lrs or lrs[a] != lrs[b]:
+                skipped += a in lrs and b in lrs
+                continue
+            for key in diffs:
+                diffs[key] += seed_differences([r for r in runs if r["row"] == a],
+                                               [r for r in runs if r["row"] == b], key)
+        pair = {"pair": f"{a} - {b}", "n": len(diffs["val_loss"]), "unpaired": skipped}
+        for key, values in diffs.items():
+            pair[f"{key}_vs"], pair[f"{key}_vs_ci95"] = mean_and_ci95(values)
+        out.append(pair)
+    return out
+
+
+def format_pooled(pairs, n_files):
+    cell = lambda p, key: ("n/a" if p[f"{key}_vs"] is None else f"{p[f'{key}_vs']:+.4f}" + (
+        "" if p[f"{key}_vs_ci95"] is None else f" ± {p[f'{key}_vs_ci95']:.4f}"))
+    lines = [f"pooled over {n_files} comparison(s), seed by seed (mean difference, 95% t):",
+             "| pair | pairs | exact match | held-out loss | comparisons not paired (lrs differ) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {p['pair']} | {p['n']} | {cell(p, 'exact_match')} | {cell(p, 'val_loss')} | "
+              f"{p['unpaired']} |" for p in pairs]
+    return "\n".join(lines)
 
 
 # The ablation's questions, each a pair of rows compared seed by seed: the paper's softmax
@@ -467,6 +519,17 @@ def main(argv=None):
         config, train_flags = parse_args(
             CompareConfig, argv, description=__doc__.strip(), known_only=True,
             epilog="Every other flag is train.py's (python train.py --help) and goes to every run.")
+        if config.pool:  # reads, runs nothing: a flag for a run would not be read
+            paths = [p.strip() for p in config.pool.split(",") if p.strip()]
+            unread = [f"--{f.name.replace('_', '-')}" for f in fields(CompareConfig) if f.name
+                      != "pool" and getattr(config, f.name) != getattr(CompareConfig(), f.name)]
+            refuse([p for path in paths for p in file_problems("--pool", path)] + (
+                [f"--pool runs nothing: {' '.join(unread + train_flags)} would not be read"]
+                if unread or train_flags else []))
+            try:
+                return print(format_pooled(pooled_pairs(paths), len(paths)))
+            except (ValueError, KeyError, TypeError) as e:
+                refuse([f"--pool: not compare.json files we can read ({type(e).__name__}: {e})"])
         try:
             compare(config, train_flags)
         except (KeyboardInterrupt, Interrupted):  # a run's own message names its ckpt.pt
