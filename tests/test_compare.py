@@ -258,7 +258,7 @@ def test_a_second_comparison_into_a_held_out_dir_is_refused_before_any_run(base,
 def test_the_pairs_are_pooled_over_comparisons_seed_by_seed(tmp_path, capsys):
     """gast - lora and the ablation's pairs: each run minus its partner of the same
     comparison and seed, pooled over the files; a comparison whose two rows ran at different
-    lrs adds no pair to theirs."""
+    lrs adds no pair to an ablation's (gast - lora compares the methods at their own lrs)."""
     def comparison(name, scores, lrs):  # scores: {row: [(exact match, loss) by seed]}
         runs = [{"row": row, "seed": seed, "exact_match": em, "val_loss": loss}
                 for row, by_seed in scores.items() for seed, (em, loss) in enumerate(by_seed)]
@@ -271,7 +271,7 @@ def test_the_pairs_are_pooled_over_comparisons_seed_by_seed(tmp_path, capsys):
                          "gast:random": [(0.6, 0.6), (0.7, 0.5)],
                          "gast:heldout": [(0.9, 0.2), (0.9, 0.2)]}, {"gast:heldout": 0.003})
     b = comparison("b", {"lora": [(0.5, 0.9)], "gast": [(0.8, 0.5)], "gast:random": [(0.8, 0.7)],
-                         "gast:heldout": [(1.0, 0.1)]}, {})
+                         "gast:heldout": [(1.0, 0.1)]}, {"lora": 0.003})
     pairs = {p["pair"]: p for p in compare_module.pooled_pairs([a, b])}
     # gast - lora: +0.1, 0.0 (a) and +0.3 (b)
     assert pairs["gast - lora"]["n"] == 3

@@ -307,8 +307,9 @@ def paired_difference(runs, lora_runs, against="lora"):
 
 def pooled_pairs(paths):
     """gast - lora and the ablation's pairs, each run's difference to its partner of the same
-    comparison and seed pooled over the compare.json files at paths; a comparison whose two
-    rows ran at different lrs adds none (a difference of lrs is not the rule's)."""
+    comparison and seed pooled over the compare.json files at paths. gast - lora compares
+    the methods, each at its own lr as the dev split chose it; an ablation's pair is the
+    rule's alone, so a comparison whose two rows ran at different lrs adds none to it."""
     comparisons = []
     for path in paths:
         with open(path) as f:
@@ -318,7 +319,7 @@ def pooled_pairs(paths):
     for a, b in (("gast", "lora"), *ABLATION_PAIRS):
         diffs, skipped = {"exact_match": [], "val_loss": []}, 0
         for lrs, runs in comparisons:
-            if a not in lrs or b not in lrs or lrs[a] != lrs[b]:
+            if a not in lrs or b not in lrs or (b != "lora" and lrs[a] != lrs[b]):
                 skipped += a in lrs and b in lrs
                 continue
             for key in diffs:
@@ -335,7 +336,7 @@ def format_pooled(pairs, n_files):
     cell = lambda p, key: ("n/a" if p[f"{key}_vs"] is None else f"{p[f'{key}_vs']:+.4f}" + (
         "" if p[f"{key}_vs_ci95"] is None else f" ± {p[f'{key}_vs_ci95']:.4f}"))
     lines = [f"pooled over {n_files} comparison(s), seed by seed (mean difference, 95% t):",
-             "| pair | pairs | exact match | held-out loss | comparisons not paired (lrs differ) |",
+             "| pair | pairs | exact match | held-out loss | comparisons left out (lrs differ) |",
              "|---|---|---|---|---|"]
     lines += [f"| {p['pair']} | {p['n']} | {cell(p, 'exact_match')} | {cell(p, 'val_loss')} | "
               f"{p['unpaired']} |" for p in pairs]
