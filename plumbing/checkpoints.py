@@ -59,7 +59,8 @@ class History:
 # settings that may differ on --resume: they change where and how loudly a run goes, not what it
 # computes
 FREE_ON_RESUME = {"resume", "overwrite", "stop_at", "out_dir", "quiet", "device", "log_interval",
-                  "eval_interval", "compile", "init_from", "picture", "weak_base"}
+                  "eval_interval", "checkpoint_interval", "compile", "init_from", "picture",
+                  "weak_base"}
 
 
 def read_resume(config, ckpt_path):
@@ -102,7 +103,7 @@ def read_resume(config, ckpt_path):
 
 
 # hashed into checkpoints: a resume on changed data is refused
-DATA_FILES = ("data", "val_data", "support_data")
+DATA_FILES = ("data", "val_data", "dev_data", "support_data")
 
 
 def files_fingerprint(paths):
