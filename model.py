@@ -259,10 +259,6 @@ class KVCache:
         self.kv[attention] = k, v
         return k, v
 
-    def positions(self, T):
-        """(B, T): the positions of the last T slots, each row's counted from its first token."""
-        return (self.valid.cumsum(dim=1) - 1).clamp(min=0)[:, -T:]
-
     def mask(self, T):
         """(B, 1, T, S): slot i sees the real slots up to i; a pad sees itself (never nothing)."""
         S = self.valid.size(1)
@@ -329,8 +325,10 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(
                 f"sequence of length {T} is longer than block_size {self.config.block_size}")
-        # (1, T), or with a cache (B, T): each row's own positions
-        pos = torch.arange(T, device=idx.device)[None] if cache is None else cache.positions(T)
+        # (1, T); with a cache (B, T): the last T slots', each row's counted from its first
+        # real token (a row whose room is spent stays at the last position)
+        pos = (torch.arange(T, device=idx.device)[None] if cache is None else (
+            cache.valid.cumsum(dim=1) - 1).clamp(0, self.config.block_size - 1)[:, -T:])
         x, rope = self.transformer.wte(idx), None  # (B, T, C)
         if self.config.arch == "llama":  # cos, sin (1 or B, 1, T, hs), computed in float32
             angles = (pos[..., None].float() * self.inv_freq).repeat(1, 1, 2)[:, None]
@@ -355,18 +353,21 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, stop_token=None):
         """Continue each prompt (a list of token ids, any length): per row, the new tokens up
-        to and without stop_token, at most max_new_tokens and never past the context (the
-        longest prompt's). temperature 0 is greedy. The rows run as one left-padded batch
-        over a KVCache: a step is one position per row, the head applied to it alone."""
+        to and without stop_token, at most max_new_tokens and never past the context (its
+        last position block_size - 1). temperature 0 is greedy. The rows run as one
+        left-padded batch over a KVCache: a step is one position per row, the head applied
+        to it alone; a row whose room is spent runs on, its tokens dropped."""
         if not prompts or min(map(len, prompts)) == 0:
             raise ValueError("generate needs at least one prompt, each of at least one token")
         prompts = [list(p)[-self.config.block_size :] for p in prompts]
         P, device = max(map(len, prompts)), self.lm_head.weight.device
+        room = [min(max_new_tokens, self.config.block_size - len(p)) for p in prompts]
         idx = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)  # (B, P)
         cache = KVCache(torch.arange(P, device=device) >= torch.tensor(
             [[P - len(p)] for p in prompts], device=device))
-        new, done = [], torch.zeros(len(prompts), dtype=torch.bool, device=device)
-        for _ in range(min(max_new_tokens, self.config.block_size - P)):
+        limit = torch.tensor(room, device=device)
+        new, done = [], limit <= 0  # done: stopped, or out of room
+        for step in range(max(room)):
             logits = self(idx, cache=cache)[0][:, -1].float()  # (B, V)
             if temperature == 0:
                 idx = logits.argmax(dim=-1, keepdim=True)
@@ -374,9 +375,9 @@ class GPT(nn.Module):
                 idx = torch.multinomial(F.softmax(logits / temperature, dim=-1), num_samples=1)
             new.append(idx[:, 0])
             cache.valid = F.pad(cache.valid, (0, 1), value=True)
-            if stop_token is not None:
-                done |= idx[:, 0] == stop_token
-                if bool(done.all()):
-                    break
+            done |= (limit <= step + 1) | (idx[:, 0] == stop_token)  # (== None: False)
+            if bool(done.all()):
+                break
         rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in prompts]
-        return [r[: r.index(stop_token)] if stop_token in r else r for r in rows]
+        return [r[:n][: r.index(stop_token)] if stop_token in r[:n] else r[:n]
+                for r, n in zip(rows, room)]

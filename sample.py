@@ -178,7 +178,11 @@ def sample(config):
     # every output asked for is written above; then the prompt, the file, or the run's answers
     if config.prompt:
         text = templated(config.template, config.prompt) if in_template else config.prompt
-        prompt = encode(tokenizer, text)[-model.config.block_size :]
+        prompt, context = encode(tokenizer, text), model.config.block_size
+        if len(prompt) >= context:  # cut, and said: the answer needs a position
+            print(f"note: the model's context is {context} tokens: of the prompt's {len(prompt)}, "
+                  f"the last {context - 1} are kept, and the answer has room for one")
+            prompt = prompt[-(context - 1) :]
         with autocast_for(device):
             out = model.generate([prompt], config.max_new_tokens, config.temperature,
                                  stop_token=tokenizer.eot_token)[0]

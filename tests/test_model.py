@@ -116,6 +116,10 @@ def test_prompts_of_any_lengths_batched_answer_as_each_alone(arch):
     prompts = [torch.randint(0, 50, (n,), generator=g).tolist() for n in (3, 9, 5, 1, 12, 7)]
     alone = [model.generate([p], 12, temperature=0)[0] for p in prompts]
     assert model.generate(prompts, 12, temperature=0) == alone
+    # a row near the context's end has less room (40 - 38 tokens); the others keep theirs
+    near = torch.randint(0, 50, (38,), generator=g).tolist()
+    last = model.generate([near], 12, temperature=0)[0]
+    assert len(last) == 2 and model.generate(prompts + [near], 12, temperature=0) == alone + [last]
     stop = alone[1][2]  # row 1 ends before its third token; the others where it appears
     cut = [r[: r.index(stop)] if stop in r else r for r in alone]
     assert model.generate(prompts, 12, temperature=0, stop_token=stop) == cut

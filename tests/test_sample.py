@@ -174,3 +174,9 @@ def test_the_exports_need_no_tokenizer_file(run, tmp_path, capsys, monkeypatch):
     assert (tmp_path / "hf" / "config.json").is_file() and "note: tokenizer" in (
         capsys.readouterr().out)
     assert sample.main(["--out-dir", str(run), "--prompt", "rsh abc="]) == 2
+
+
+def test_a_prompt_longer_than_the_context_is_cut_and_said(run, capsys):
+    assert sample.main(["--out-dir", str(run), "--prompt", "x" * 100]) == 0
+    out = capsys.readouterr().out
+    assert "of the prompt's 100, the last 31 are kept, and the answer has room for one" in out
