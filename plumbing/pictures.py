@@ -45,8 +45,8 @@ def plot_run(history, path, config):
     curve, bottom = axes[0], axes[-1]
     steps = [e["step"] for e in history.evals]
     curve.plot(steps, [e["loss"] for e in history.evals], "o-", color="tab:red",
-               label="held-out loss")
-    curve.set_ylabel("held-out loss")
+               label="dev-sample loss")
+    curve.set_ylabel("dev-sample loss")
     if history.evals and history.evals[0]["exact_match"] is not None:
         twin = curve.twinx()
         twin.plot(steps, [e["exact_match"] for e in history.evals], "s--", color="tab:blue")

@@ -254,7 +254,7 @@ def run_comparison(config, train_flags, base_config):
         f"{steps} steps each, {time.time() - progress['t0']:.0f}s in all\n{format_table(rows)}")
     if format_task_table(rows):
         say(f"\nexact match per task (test split, mean over seeds):\n{format_task_table(rows)}")
-    say(f"\nheld-out loss while training (mean over seeds):\n{format_curves(rows)}")
+    say(f"\ndev-sample loss while training (mean over seeds):\n{format_curves(rows)}")
     if dev_runs:
         say(f"\nthe lr choice (dev loss, seed 0; the lowest wins):\n{format_lr_choice(dev_runs)}")
     pairs = ablation_pairs(rows, runs)
@@ -502,7 +502,7 @@ def plot_comparison(rows, path):
         curves.fill_between(steps, [p["min"] for p in r["curve"]], [p["max"] for p in r["curve"]],
                             color=line.get_color(), alpha=0.15)
     curves.set_xlabel("step")
-    curves.set_title("held-out loss while training (mean, min-max over seeds)", fontsize=9)
+    curves.set_title("dev-sample loss while training (mean, min-max over seeds)", fontsize=9)
     curves.legend(fontsize=7)
     labels = [r["row"] for r in rows]
     for ax, (key, title) in zip(axes[0], panels):
