@@ -188,8 +188,8 @@ def train(config, split="test", summary=True, dry_run=False):
         return asdict(config)
     if world()[1] > 1:  # torchrun: every process given the same files
         together(lambda: same_everywhere(input_hashes(config)))
-    if unused_flags(config, TrainConfig()):  # a flag this run does not read is said
-        say(config, unused_flags(config, TrainConfig()))
+    if note := unused_flags(config, TrainConfig()):  # a flag this run does not read is said
+        say(config, note)
     device = pick_device(config.device)
     check_out_dir(config.out_dir, RUN_OUTPUTS, config.resume, config.overwrite)
     with OutDirLock(config.out_dir) if is_main() else nullcontext():  # one run per out-dir

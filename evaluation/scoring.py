@@ -41,7 +41,8 @@ def evaluate(model, examples, tokenizer, device, is_qa, batch_size=64, n_answers
         mine = sorted((j for j, e in enumerate(examples) if e.task == name),
                       key=lambda j: examples[j].n_prompt)  # alike lengths, little padding
         for i in range(0, len(mine), batch_size):
-            chunk = [examples[j] for j in mine[i : i + batch_size]]
+            ids = mine[i : i + batch_size]
+            chunk = [examples[j] for j in ids]
             # the answer's text must match; a completion's closing <|endoftext|> is not asked for
             references = [e.completion[: -1 if e.completion[-1:] == [tokenizer.eot_token]
                                        else None] for e in chunk]
@@ -50,7 +51,7 @@ def evaluate(model, examples, tokenizer, device, is_qa, batch_size=64, n_answers
             with autocast_for(device):
                 out = model.generate([e.tokens[: e.n_prompt] for e in chunk], n_new,
                                      temperature=0, stop_token=tokenizer.eot_token)
-            for j, e, reference, generated in zip(mine[i:], chunk, references, out):
+            for j, e, reference, generated in zip(ids, chunk, references, out):
                 response = decode(tokenizer, generated if with_answers else generated[
                     : len(reference)])
                 found = finders[e.task].search(response) if with_answers else None

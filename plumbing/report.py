@@ -35,14 +35,15 @@ def progress_line(step, epoch, record, lr, ms, flagged, left=None):
 
 
 def time_left(config, step, end, step_ms, eval_seconds, final_size):
-    """(seconds to the run's end, whether evaluations are counted): the steps left at their
-    median time, the periodic evaluations to come at the last one's time, the final one at
-    that time times final_size (its samples over a periodic one's); before an evaluation
-    has been timed, the steps alone."""
-    steps = (end - step - 1) * statistics.median(step_ms) / 1000
+    """(seconds to the run's end, whether evaluations are counted): the steps left at the
+    median of the last 100 steps' times, the periodic evaluations to come (after steps
+    step..end - 1) at the last one's time, the final one at that time times final_size
+    (its samples over a periodic one's); before an evaluation has been timed, the steps."""
+    steps = (end - step - 1) * statistics.median(step_ms[-100:]) / 1000
     if not eval_seconds:
         return steps, False
-    evals = sum(1 for s in range(step, end) if (s + 1) % config.eval_interval == 0 or s == end - 1)
+    k = config.eval_interval  # multiples of k in (step, end], and the end if it is none
+    evals = end // k - step // k + (end % k != 0)
     return steps + eval_seconds[-1] * (evals + final_size), True
 
 
