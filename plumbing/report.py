@@ -28,7 +28,8 @@ def progress_line(step, epoch, record, lr, ms, flagged, left=None):
     line = (
         f"step {step:5d} | epoch {epoch:.2f} | loss {record.loss:.4f} | lr {lr:.2e} | {ms:.0f} ms")
     if left is not None:
-        line += f" | eta {left[0] / 60:.1f} min" + ("" if left[1] else " + evaluations")
+        eta = f"{left[0]:.0f} s" if left[0] < 120 else f"{left[0] / 60:.1f} min"
+        line += f" | eta {eta}" + ("" if left[1] else " + evaluations")
     if flagged:
         line += f" | noisy/clean taken {record.noisy_selected:.2f}/{record.clean_selected:.2f}"
     return line
