@@ -1,34 +1,26 @@
 """
-Tokenizer and data: everything here works offline.
+Tokens, examples and batches: what the method eats. Everything here works offline.
 
 1. Tokenizers through tiktoken. The default, "bytes", is built in code (256 byte tokens
-   and <|endoftext|>), so it needs no download. "gpt2" and tiktoken's other named
-   encodings need their vocabulary file, downloaded once and cached.
-2. The default task, the project's testbed (see make_default_task): a mixture of string
-   transformations with an exact-match metric per task, a pretraining corpus that teaches the
-   format and the basic skills, and a fine-tuning set with a known fraction of
-   corrupted answers, each flagged as noisy.
-3. Real data from files: plain text for language modelling, JSONL prompt/completion
-   pairs with the loss on completion tokens only. Bad input raises DataError naming
-   the file and line.
-4. A run's splits (load_task): train, dev, test and the trusted set.
-5. Scoring: held-out loss and greedy exact match.
-Batches are (inputs, targets, noisy), targets padded with -100.
+   and <|endoftext|>), so it needs no download; a model directory's own is read by
+   hf/tokenizer.py; tiktoken's named encodings need their cached vocabulary file.
+2. Examples (prompt then completion tokens, the loss on the completion) and batches of
+   them: (inputs, targets, noisy), targets padded with -100.
+3. Which samples each step takes (shuffled epochs) and the pool GAST's support
+   mini-batches are drawn from; a task's splits.
+The user's files are read into Examples by plumbing/records.py, a run's splits made by
+run/splits.py, and the default task by testbed/task.py.
 """
 
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import tiktoken
 import torch
 
 from hf.tokenizer import from_directory, has_tokenizer
-
 from model import IGNORE_INDEX
-from plumbing.devices import say
-from plumbing.settings import ConfigError
-from plumbing.records import DataError, is_records, read_text_file, record_texts
 
 
 class TokenizerUnavailable(RuntimeError):
@@ -182,159 +174,8 @@ class Task:
     """The splits of a fine-tuning task. Only train may carry noisy samples."""
 
     train: list  # fine-tuning samples
-    val: list  # the clean evaluation (test) split: what results are reported on
-    # a trusted held-out set for GAST's support mini-batches (--support heldout), never trained or
-    # evaluated on;
+    test: list  # the clean test split: what results are reported on
+    # a trusted held-out set for GAST's support mini-batches (--support heldout), never trained
+    # or evaluated on
     heldout: list
-    # the knowledge task's: its test words in the pretraining template, for the recall before
-    # fine-tuning
-    # a clean split for choosing hyperparameters (the lr in compare.py), never the test split
-    dev: list
-
-
-def load_text(path, tokenizer, block_size):
-    """A plain-text corpus cut into windows of block_size + 1 tokens (all carry loss)."""
-    tokens = encode(tokenizer, read_text_file(path))
-    if len(tokens) < 2:
-        raise DataError(f"{path}: too short to train on ({len(tokens)} token)")
-    # consecutive windows share one token, so every token but the first is a target once
-    return [
-        Example(tokens[i : i + block_size + 1], 0) for i in range(0, len(tokens) - 1, block_size)]
-
-
-@dataclass
-class TruncationStats:
-    samples: int = 0  # samples longer than block_size + 1 tokens
-    tokens: int = 0  # tokens cut from their ends
-    # "file:line" of samples whose prompt leaves no completion token
-    skipped: list = field(default_factory=list)
-
-
-def load_records(path, tokenizer, block_size, prompt_field="prompt", completion_field="completion",
-                 template="plain", answer_field="", train_on_inputs=False, task=""):
-    """Prompt/completion records (read_records) as Examples.
-
-    The completion is followed by <|endoftext|> so the model learns where to stop; the loss
-    falls on completion tokens only (train_on_inputs: on the prompt too, as LLM-Adapters'
-    default). answer_field: the field holding the answer that answer accuracy compares
-    (LLM-Adapters' "answer"). task: the task of records that name none. Samples longer
-    than block_size + 1 are cut at the end; one whose prompt leaves no completion token
-    within the context is skipped (where kept). Returns (examples, TruncationStats).
-    """
-    examples, cut = [], TruncationStats()
-    fields = (prompt_field, completion_field, template, answer_field, task)
-    for where, prompt_text, completion, answer, name in record_texts(path, *fields):
-        prompt = encode(tokenizer, prompt_text)
-        tokens = prompt + encode(tokenizer, completion) + [tokenizer.eot_token]
-        if len(tokens) > block_size + 1:
-            cut.samples += 1
-            cut.tokens += len(tokens) - (block_size + 1)
-            tokens = tokens[: block_size + 1]
-        example = Example(tokens, len(prompt), task=name, answer=answer,
-                          prompt_loss=train_on_inputs)
-        if n_targets(example) < 1:
-            cut.skipped.append(where)
-            continue
-        examples.append(example)
-    if not examples and cut.skipped:
-        raise DataError(
-            f"{path}: every prompt leaves no completion token within the model's context of "
-            f"{block_size} tokens (first: {cut.skipped[0]}); shorten the prompts or use a base "
-            "with a longer context (--block-size when train.py pretrains it)")
-    if not examples:
-        raise DataError(f"{path}: no samples (only blank lines)")
-    return examples, cut
-
-
-# ---------------------------------------------------------------------------------------
-# 4. A run's splits
-
-
-def task_name(path):
-    """A file's task: its folder for a file named test, dev, val or eval (LLM-Adapters' layout,
-    boolq/test.json), else its stem."""
-    stem = os.path.splitext(os.path.basename(path))[0]
-    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return folder if stem.lower() in ("test", "dev", "val", "valid", "eval") else stem
-
-
-def load_examples(config, path, tokenizer, block_size, task=""):
-    """Examples of one file: prompt/completion records, or plain text cut into windows."""
-    if is_records(path):
-        fields = ("instruction, input, output" if config.template == "alpaca"
-                  else f"{config.prompt_field!r}, {config.completion_field!r}")
-        say(
-            config,
-            f"reading {path} as prompt/completion records (template {config.template}: {fields})")
-        on_inputs = getattr(config, "train_on_inputs", False)  # sample.py: completions only
-        examples, cut = load_records(path, tokenizer, block_size, config.prompt_field,
-                                     config.completion_field, config.template, config.answer_field,
-                                     on_inputs, task)
-        if cut.skipped:
-            first = ", ".join(cut.skipped[:3]) + (", ..." if len(cut.skipped) > 3 else "")
-            say(
-                config,
-                f"{path}: skipped {len(cut.skipped)} samples whose prompt leaves no completion "
-                f"token within the context of {block_size} tokens ({first})")
-        if cut.samples:
-            say(
-                config,
-                f"{path}: {cut.samples} samples longer than {block_size + 1} tokens were cut "
-                f"({cut.tokens} tokens)")
-        return examples
-    say(
-        config,
-        f"reading {path} as plain text for language modelling (a .jsonl or .json name would "
-        "read prompt/completion records)")
-    return load_text(path, tokenizer, block_size)
-
-
-def load_task(config, tokenizer, block_size):
-    """(Task, is_qa): the fine-tuning data and its held-out splits.
-
-    Default task: four disjoint splits made by the seed. Your data: --data shuffled by the
-    seed; test: every record of --val-data (or half a --val-fraction of --data); dev:
-    --dev-data, or --dev-size carved from --data (or the other half); the trusted held-out
-    set (--support heldout): --support-data, or --heldout-size carved from --data.
-    """
-    from testbed.task import make_default_task, parse_tasks  # (it imports this file)
-    if not config.data:
-        task = make_default_task(tokenizer, config.n_train, config.n_val, config.noise, config.seed,
-                                 n_heldout=config.heldout_size, n_dev=config.n_val,
-                                 noise_kind=config.noise_kind, tasks=parse_tasks(config.tasks))
-        return task, True
-    is_qa = is_records(config.data)
-    examples = load_examples(config, config.data, tokenizer, block_size)
-    order = list(range(len(examples)))
-    random.Random(config.seed).shuffle(order)
-    examples = [examples[i] for i in order]
-    if config.val_data:  # each file a task, every record of it in the test split
-        files = [p.strip() for p in config.val_data.split(",") if p.strip()]
-        test = [e for path in files for e in load_examples(
-            config, path, tokenizer, block_size, task_name(path) if len(files) > 1 else "")]
-        n_dev = 0 if config.dev_data else min(config.dev_size, max(1, len(examples) // 10))
-        dev, examples = examples[:n_dev], examples[n_dev:]
-    else:
-        n_val = max(1, round(config.val_fraction * len(examples)))
-        evaluation, examples = examples[:n_val], examples[n_val:]
-        half = 0 if config.dev_data else len(evaluation) // 2
-        dev, test = evaluation[:half], evaluation[half:]
-    if config.dev_data:
-        dev = load_examples(config, config.dev_data, tokenizer, block_size)
-    heldout = []
-    if config.support_data:
-        heldout = load_examples(config, config.support_data, tokenizer, block_size)
-    elif config.support == "heldout":
-        heldout, examples = examples[: config.heldout_size], examples[config.heldout_size :]
-        say(
-            config,
-            f"held-out support set: {len(heldout)} samples carved from {config.data}'s training "
-            "split and assumed trustworthy (--support-data FILE gives a trusted set of your own)")
-    if len(examples) < config.batch_size:
-        carved = (f" and the {len(heldout)} held-out support samples (--heldout-size)" if heldout
-                  and not config.support_data else "")
-        raise ConfigError(
-            f"invalid settings:\n  --batch-size {config.batch_size} is larger than the "
-            f"{len(examples)} training samples left in {config.data} after the evaluation "
-            f"split{carved}")
-    return Task(examples, test, heldout, dev), is_qa
+    dev: list  # a clean split for choosing hyperparameters (the lr in compare.py), never test

@@ -19,7 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from plumbing.files import atomic_save
 
 
 # GPT-2's names, in every block
@@ -163,9 +162,10 @@ def adapter_state_dict(model):
         name: p.detach().cpu().clone() for name, p in model.named_parameters() if ".lora_" in name}
 
 
-def save_adapter(model, config: LoRAConfig, path):
-    """The adapter weights alone, with the LoRA config: a small file."""
-    atomic_save({"lora_config": asdict(config), "adapter": adapter_state_dict(model)}, path)
+def adapter_file(model, config: LoRAConfig):
+    """What an adapter file holds (train.py writes it as adapter.pt): the adapter weights
+    alone, with the LoRA config."""
+    return {"lora_config": asdict(config), "adapter": adapter_state_dict(model)}
 
 
 def load_adapter(model, path):

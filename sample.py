@@ -20,8 +20,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from data import TokenizerUnavailable, encode, load_examples, load_task, run_tokenizer
-from evaluation.scoring import decode, evaluate, per_task_lines
+from data import TokenizerUnavailable, encode, run_tokenizer
+from run.splits import load_examples, load_task
+from evaluation.scoring import decode, evaluate
+from plumbing.report import per_task_lines
 from plumbing.records import DataError, is_records, templated
 from hf.export import export_hf, export_peft, export_problems
 from lora import LoRAConfig, load_adapter, merge_lora
@@ -196,7 +198,7 @@ def sample(config):
             where, is_qa = config.data, is_records(config.data)
         else:
             task, is_qa = load_task(run, tokenizer, model.config.block_size)
-            examples, where = task.val[: config.n], f"the test split of {config.out_dir}'s task"
+            examples, where = task.test[: config.n], f"the test split of {config.out_dir}'s task"
         result = evaluate(model, examples, tokenizer, device, is_qa, n_answers=config.n,
                           max_new_tokens=config.max_new_tokens)
         for prompt, answer, reference, hit in result["answers"]:

@@ -3,47 +3,39 @@ The main job: fine-tune a base GPT with LoRA + GAST (or a baseline) and evaluate
 
     python train.py                           # the default run, end to end, on CPU or GPU
     python train.py --method lisa --steps 300
-    python train.py --data mine.jsonl --init-from path/to/gpt2 --tokenizer gpt2
+    python train.py --init-from path/to/model --data mine.json --template alpaca
     torchrun --nproc-per-node 2 train.py      # the same run over two processes
 
-It reads in the order it works: the settings (TrainConfig, every flag), the base, the task,
-the adapters, the loop (tuner.step is one GAST step: gast.gast_step), the evaluation, the
-files. train(config) -> metrics is importable. docs/architecture.md draws the route.
+It reads in the order it works: the settings (TrainConfig, every flag), the run settled once
+(run/settle.py: the base, the task, the steps), the adapters, the loop (tuner.step is one
+GAST step: gast.gast_step), the evaluation, the files. train(config) -> metrics is
+importable. docs/architecture.md draws the route.
 """
 
 import math
-import os
 import random
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
-from data import Epochs, SupportPool, TokenizerUnavailable, collate, load_task, run_tokenizer
-from evaluation.scoring import evaluate, greedy_sample, per_task_head, write_predictions
-from lora import LoRAConfig, add_lora, save_adapter
-from methods.tuner import SCORED, SparseTuner
-from plumbing.checkpoints import History, read_resume, restore, save_checkpoint
-from plumbing.checks import (check_prompts, check_run, check_skills, input_hashes, unused_flags,
-                             validate)
-from plumbing.devices import (autocast_for, init_distributed, is_main, pick_device, same_everywhere,
-                              say, together, world)
-from plumbing.entry import Interrupted, run_main
-from plumbing.files import OutDirLock, check_out_dir, fingerprint, write_json
+from data import Epochs, collate
+from evaluation.scoring import evaluate
+from lora import LoRAConfig, add_lora
+from methods.tuner import SparseTuner
+from plumbing.devices import autocast_for, is_main, say
+from plumbing.entry import Interrupted
 from plumbing.optim import lr_at, optimizer_step
-from plumbing.pictures import plot_run
-from plumbing.records import DataError, check_data
-from plumbing.report import (EvalProgress, last_checkpoint, print_summary, progress_line, time_left,
-                             score_line, selection_picture, support_line)
-from plumbing.settings import as_config, parse_args
-from testbed.pretrain import SKILL_LEVEL, load_base
+from plumbing.report import RunLog
+from run.outputs import Outputs
+from run.settle import check_settings, script_main, settle
+from testbed.pretrain import SKILL_LEVEL
 
 
 @dataclass
 class TrainConfig:
     """Every setting of a run, one flag each (--layer-ratio for layer_ratio), its comment
-    the flag's help; plumbing/checks.py validate() lists every problem before any work."""
+    the flag's help; run/checks.py validate() lists every problem before any work."""
 
     # the base model (testbed/pretrain.py pretrains the default one on first use)
     init_from: str = ""  # our checkpoint (.pt) or a local GPT-2 directory; empty: the default
@@ -160,9 +152,6 @@ def warmup_steps(config):
     return config.warmup_steps if config.warmup_steps >= 0 else min(20, config.steps // 10)
 
 
-RUN_OUTPUTS = ("ckpt.pt", "adapter.pt", "metrics.json", "selection.png", "predictions/")
-
-
 def train(config, split="test", summary=True, dry_run=False):
     """Fine-tune as config says (a TrainConfig, a dict of its fields or a list of flags);
     the metrics dict.
@@ -172,54 +161,19 @@ def train(config, split="test", summary=True, dry_run=False):
     summary: print the summary. dry_run: only check the settings (ConfigError if any is
     bad) and return them as a dict, doing no work (tools/compare.py checks its runs so).
     """
-    config = as_config(TrainConfig, config)  # flags or a dict, as tools/compare.py passes them
-
-    def checks():  # every problem before any work; under torchrun, every process's
-        validate(config, n_procs=world()[1])  # every problem with the settings, at once
-        check_data(config)  # before the base is pretrained: bad data costs nothing
-        if dry_run:
-            return None
-        tokenizer = run_tokenizer(config)  # the base directory's own, where it has one
-        check_prompts(config, tokenizer)  # against the context of the base it would pretrain
-        return tokenizer
-
-    tokenizer = together(checks)  # one process's bad input stops all, its error printed
+    config, tokenizer = check_settings(TrainConfig, config, dry_run)  # before any work
     if dry_run:
         return asdict(config)
-    if world()[1] > 1:  # torchrun: every process given the same files
-        together(lambda: same_everywhere(input_hashes(config)))
-    if note := unused_flags(config, TrainConfig()):  # a flag this run does not read is said
-        say(config, note)
-    device = pick_device(config.device)
-    check_out_dir(config.out_dir, RUN_OUTPUTS, config.resume, config.overwrite)
-    with OutDirLock(config.out_dir) if is_main() else nullcontext():  # one run per out-dir
-        return fine_tune(config, split, summary, device, tokenizer)
+    with settle(config, tokenizer, split) as run:  # the out-dir is this run's while it lasts
+        return fine_tune(run, summary)
 
 
-def fine_tune(config, split, summary, device, tokenizer):
-    """train()'s work, once its settings are checked and its out-dir is its own."""
-    ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
-    resume = read_resume(config, ckpt_path) if config.resume else None
+def fine_tune(run, summary=True):
+    """train()'s work on a settled Run (run/settle.py): its base, task and steps."""
+    config, model, tokenizer, device = run.config, run.model, run.tokenizer, run.device
+    train_set, test_set, split = run.task.train, run.test_set, run.split
 
-    # 1. the base (testbed/pretrain.py pretrains the default one on first use) and the task
-    base_config = config if resume is None else replace(config, init_from=resume["base"])
-    if resume is not None and not config.init_from:  # the checkpoint's base, its own tokenizer
-        tokenizer = run_tokenizer(base_config)
-    model, base_path = load_base(base_config, tokenizer, device)
-    check_skills(config, model, base_path, tokenizer, device)
-    task, is_qa = load_task(config, tokenizer, model.config.block_size)
-    train_set = task.train
-    test_set = task.val if split == "test" else task.dev  # the final evaluation, every record
-    dev_sample = per_task_head(task.dev, config.eval_samples)  # the periodic ones
-    config = check_run(config, model.config, len(train_set), test_set, split, dev_sample)
-    support_set = None  # the pool GAST's support mini-batches are drawn from
-    if config.method in SCORED and config.support != "batch":
-        support_set = SupportPool(task.train if config.support == "train" else task.heldout,
-                                  tokenizer.eot_token)
-    if config.method in SCORED:
-        say(config, support_line(config, support_set))
-
-    # 2. the adapters (lora.py), AdamW on them alone, and the method's tuner (methods/tuner.py)
+    # 1. the adapters (lora.py), AdamW on them alone, and the method's tuner (methods/tuner.py)
     torch.manual_seed(config.seed)
     if config.base_dtype == "bfloat16":  # before the adapters, which stay float32
         model.to(torch.bfloat16)
@@ -229,111 +183,66 @@ def fine_tune(config, split, summary, device, tokenizer):
     model.to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                             weight_decay=config.weight_decay)
-    tuner = SparseTuner(model, config, seed=config.seed, support_set=support_set)
+    tuner = SparseTuner(model, config, seed=config.seed, support_set=run.support_set)
     batches = Epochs(len(train_set), config.seed)  # the training batches: shuffled epochs
     probe_rng = random.Random(f"ist-probe-{config.seed}")  # ist's probes: a stream of their own
-    start, history = 0, History()
-    if resume is not None:
-        start, history = restore(resume, model, opt, tuner, (batches, probe_rng))
-        say(config, f"resumed from {ckpt_path} at step {start}")
+    outputs = Outputs(run)  # the history, checkpoints and the run's files
+    start = outputs.resume(model, opt, tuner, (batches, probe_rng))
+    if start:
+        say(config, f"resumed from {run.ckpt_path} at step {start}")
 
     def probe():  # ist's fresh batch of 16 training samples
         examples = probe_rng.sample(train_set, min(16, len(train_set)))
         return collate(examples, tokenizer.eot_token, device)[:2]
 
-    def score(examples, whole):  # held-out loss; answers generated on a test run's evaluations
-        t0 = time.time()
-        result = evaluate(model, examples, tokenizer, device, is_qa and split == "test",
-                          max_new_tokens=config.max_new_tokens, progress=EvalProgress(config),
-                          candidates=whole)  # a response's candidate answers: the whole file's
-        eval_seconds.append(time.time() - t0)
-        return result
+    def score(examples, name, whole):  # held-out loss; a test run's answers generated
+        return log.evaluation(lambda some, progress: evaluate(
+            model, some, tokenizer, device, run.is_qa and split == "test", progress=progress,
+            max_new_tokens=config.max_new_tokens, candidates=whole), examples, name)
 
-    # 3. the loop: a step of the method, AdamW, a line now and then, evaluations and checkpoints
+    # 2. the loop: a step of the method, AdamW, a line now and then, evaluations and checkpoints
     end = min(config.stop_at or config.steps, config.steps)
+    log = RunLog(config, start, end, len(test_set) / max(len(run.dev_sample), 1))
     say(config, f"fine-tuning with {config.method} on {len(train_set)} samples, steps "
         f"{start}..{end}, on {device}")
-    saved_at, step, eval_seconds = (start if resume is not None else None), start, []
+    step = start
     try:
         for step in range(start, end):
             x, y, noisy = collate([train_set[i] for i in batches.take(config.batch_size)],
                                   tokenizer.eot_token, device)
-            flagged = noisy if noisy.any() else None
             t0 = time.time()
             with autocast_for(device):
-                record = tuner.step(x, y, flagged, probe=probe)  # writes .grad: gast_step
+                record = tuner.step(x, y, noisy if noisy.any() else None, probe=probe)  # .grad
             if not math.isfinite(record.loss):
                 raise FloatingPointError(
                     f"step {step}: the loss is {record.loss}; stopped without updating. "
-                    f"The last good checkpoint: {last_checkpoint(ckpt_path, saved_at)}")
+                    f"The last good checkpoint: {outputs.last_checkpoint()}")
             lr = lr_at(step, config.lr, config.steps, warmup_steps(config), config.schedule)
             grad_norm = optimizer_step(opt, lr, config.grad_clip)  # after torchrun's all-reduce
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             ms = 1000 * (time.time() - t0)
-            logged = step % config.log_interval == 0 or step == end - 1
-            history.add(record, tuner.L, ms, grad_norm)
-            if step in (start, end - 1):
-                say(config, f"step {step}: " + selection_picture(record, noisy.cpu()))
-            if logged:  # the time left counts the evaluations to come
-                left = time_left(config, step, end, history.ms, eval_seconds,
-                                 len(test_set) / max(len(dev_sample), 1))
-                say(config, progress_line(step, batches.epoch, record, lr, ms, flagged is not None,
-                                          left))
+            outputs.history.add(record, tuner.L, ms, grad_norm)
+            log.step(step, batches.epoch, record, lr, ms, noisy, outputs.history)
             if (step + 1) % config.eval_interval == 0 or step == end - 1:
-                result = score(dev_sample, task.dev)
-                history.evals.append({"step": step + 1, **{k: result[k] for k in (
+                result = score(run.dev_sample, "dev", run.task.dev)  # candidates: the whole file's
+                outputs.history.evals.append({"step": step + 1, **{k: result[k] for k in (
                     "loss", "exact_match", "accuracy", "per_task")}})
-                say(config, f"eval at step {step + 1} (dev sample): {score_line(result)}")
+                log.evaluated(step + 1, result)
             if (step + 1) % config.checkpoint_interval == 0 or step == end - 1:
-                if is_main():
-                    save_checkpoint(ckpt_path, config, step + 1, model, opt, tuner, (
-                        batches, probe_rng), (base_path, fingerprint(base_path)), history)
-                saved_at = step + 1
+                outputs.checkpoint(step + 1, model, opt, tuner, (batches, probe_rng))
     except KeyboardInterrupt:
-        last = last_checkpoint(ckpt_path, saved_at)
-        raise Interrupted(f"interrupted at step {step}; last checkpoint: {last}") from None
+        raise Interrupted(f"interrupted at step {step}; last checkpoint: "
+                          f"{outputs.last_checkpoint()}") from None
 
-    # 4. the final evaluation, every record of the test split, and the run's files
+    # 3. the final evaluation, every record of the test split, and the run's files
     say(config, f"final evaluation: the {split} split's {len(test_set)} samples")
-    final = score(test_set, test_set)
-    show_sample = not is_qa and split == "test"  # text data: a greedy sample at the end
-    sample = greedy_sample(model, test_set[0], tokenizer, device) if show_sample else None
-    scored = config.method in SCORED
-    metrics = {"method": config.method, "selection": config.selection if scored else None,
-               "support": config.support if scored else None, "lr": config.lr, "seed": config.seed,
-               "steps": end, "split": split, "base": base_path, "exact_match": final["exact_match"],
-               "accuracy": final["accuracy"], "val_loss": final["loss"],
-               "per_task": final["per_task"], "answers": final["answers"], "sample": sample,
-               **history.summary(), "config": asdict(config)}
-    if is_main():
-        save_adapter(model, adapters, os.path.join(config.out_dir, "adapter.pt"))
-        if config.picture:
-            plot_run(history, os.path.join(config.out_dir, "selection.png"), config)
-        write_json(os.path.join(config.out_dir, "metrics.json"), metrics)
-        if final["predictions"] and split == "test":  # every response, a file per task
-            write_predictions(os.path.join(config.out_dir, "predictions"), final["predictions"])
-        if summary:
-            print_summary(metrics)
-    if world()[1] > 1:  # no process leaves before the first has written the run's files
-        torch.distributed.barrier()
-    return metrics
+    final = score(test_set, split, test_set)
+    return outputs.finish(final, end, model, adapters, summary)  # metrics.json's dict
 
 
 def main(argv=None):
-    distributed = False
-
-    def work():
-        nonlocal distributed
-        config = parse_args(TrainConfig, argv, description=__doc__.strip())
-        distributed = init_distributed(config.device)
-        train(config)
-
-    try:
-        return run_main(work, (DataError, TokenizerUnavailable))
-    finally:
-        if distributed:
-            torch.distributed.destroy_process_group()
+    return script_main(TrainConfig, train, argv, description=__doc__.strip())
 
 
 if __name__ == "__main__":

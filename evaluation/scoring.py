@@ -157,26 +157,6 @@ def per_task_head(examples, n):
     return out
 
 
-def per_task_lines(per_task, indent="  "):
-    """A table of evaluate()'s per-task scores, one line per task and their average over
-    tasks (the paper's Table 1 reports each task and the mean of the tasks)."""
-    if len(per_task) < 2:
-        return []
-    width = max(len(name) for name in [*per_task, "average"])
-    scores = [(key, label) for key, label in (("exact_match", "exact match"), (
-        "accuracy", "accuracy")) if all(s.get(key) is not None for s in per_task.values())]
-    head = "".join(f" | {label}" for _, label in scores)
-    lines = [f"{indent}{'task':<{width}} | samples | held-out loss{head}"]
-    cells = lambda s: "".join(f" | {s[key]:{len(label)}.3f}" for key, label in scores)
-    for name, s in per_task.items():
-        lines.append(f"{indent}{name:<{width}} | {s['n']:7d} | {s['loss']:13.4f}" + cells(s))
-    mean = {key: sum(s[key] for s in per_task.values()) / len(per_task)
-            for key in ("loss", *(k for k, _ in scores))}
-    n = sum(s["n"] for s in per_task.values())
-    lines.append(f"{indent}{'average':<{width}} | {n:7d} | {mean['loss']:13.4f}" + cells(mean))
-    return lines
-
-
 @torch.no_grad()
 def greedy_sample(model, example, tokenizer, device):
     """(prompt, continuation): the model's greedy continuation of a held-out text's start."""

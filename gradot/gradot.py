@@ -568,7 +568,7 @@ def run(config):
         """Fine-tune a copy of the emulator per seed, plug each into the original: one row."""
         runs = []
         for seed, task in enumerate(tasks):
-            test = task.val[: config.eval_samples]
+            test = task.test[: config.eval_samples]
             tuned = fine_tune(copy.deepcopy(emulator), config, task.train, tokenizer, device, seed)
             on_emulator = score(tuned, test)
             plugged = (on_emulator if method == "none"
@@ -578,7 +578,7 @@ def run(config):
                          "plug_in_loss": plugged["loss"]})
         row = {
             "method": method, "zero_shot": score(emulator, skills)["exact_match"],
-            "zero_shot_task": score(emulator, tasks[0].val[: config.eval_samples])["exact_match"]}
+            "zero_shot_task": score(emulator, tasks[0].test[: config.eval_samples])["exact_match"]}
         for key in ("emulator_fine_tuned", "plug_in", "emulator_loss", "plug_in_loss"):
             row[key], row[key + "_sd"] = mean_sd([r[key] for r in runs])
         row["gap"], row["gap_sd"] = mean_sd([r["plug_in"] - r["emulator_fine_tuned"] for r in runs])

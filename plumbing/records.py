@@ -7,6 +7,9 @@ or element at fault.
 
 import json
 import re
+from dataclasses import dataclass, field
+
+from data import Example, encode, n_targets
 
 
 
@@ -200,3 +203,61 @@ def check_data(config):
                 pass
         else:
             read_text_file(path)
+
+
+# ---------------------------------------------------------------------------------------
+# Records and text as Examples
+
+
+def load_text(path, tokenizer, block_size):
+    """A plain-text corpus cut into windows of block_size + 1 tokens (all carry loss)."""
+    tokens = encode(tokenizer, read_text_file(path))
+    if len(tokens) < 2:
+        raise DataError(f"{path}: too short to train on ({len(tokens)} token)")
+    # consecutive windows share one token, so every token but the first is a target once
+    return [
+        Example(tokens[i : i + block_size + 1], 0) for i in range(0, len(tokens) - 1, block_size)]
+
+
+@dataclass
+class TruncationStats:
+    samples: int = 0  # samples longer than block_size + 1 tokens
+    tokens: int = 0  # tokens cut from their ends
+    # "file:line" of samples whose prompt leaves no completion token
+    skipped: list = field(default_factory=list)
+
+
+def load_records(path, tokenizer, block_size, prompt_field="prompt", completion_field="completion",
+                 template="plain", answer_field="", train_on_inputs=False, task=""):
+    """Prompt/completion records (read_records) as Examples.
+
+    The completion is followed by <|endoftext|> so the model learns where to stop; the loss
+    falls on completion tokens only (train_on_inputs: on the prompt too, as LLM-Adapters'
+    default). answer_field: the field holding the answer that answer accuracy compares
+    (LLM-Adapters' "answer"). task: the task of records that name none. Samples longer
+    than block_size + 1 are cut at the end; one whose prompt leaves no completion token
+    within the context is skipped (where kept). Returns (examples, TruncationStats).
+    """
+    examples, cut = [], TruncationStats()
+    fields = (prompt_field, completion_field, template, answer_field, task)
+    for where, prompt_text, completion, answer, name in record_texts(path, *fields):
+        prompt = encode(tokenizer, prompt_text)
+        tokens = prompt + encode(tokenizer, completion) + [tokenizer.eot_token]
+        if len(tokens) > block_size + 1:
+            cut.samples += 1
+            cut.tokens += len(tokens) - (block_size + 1)
+            tokens = tokens[: block_size + 1]
+        example = Example(tokens, len(prompt), task=name, answer=answer,
+                          prompt_loss=train_on_inputs)
+        if n_targets(example) < 1:
+            cut.skipped.append(where)
+            continue
+        examples.append(example)
+    if not examples and cut.skipped:
+        raise DataError(
+            f"{path}: every prompt leaves no completion token within the model's context of "
+            f"{block_size} tokens (first: {cut.skipped[0]}); shorten the prompts or use a base "
+            "with a longer context (--block-size when train.py pretrains it)")
+    if not examples:
+        raise DataError(f"{path}: no samples (only blank lines)")
+    return examples, cut

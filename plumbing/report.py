@@ -7,7 +7,6 @@ import math
 import statistics
 import time
 
-from evaluation.scoring import per_task_lines
 from plumbing.devices import say
 
 
@@ -46,13 +45,6 @@ def time_left(config, step, end, step_ms, eval_seconds, final_size):
     k = config.eval_interval  # multiples of k in (step, end], and the end if it is none
     evals = end // k - step // k + (end % k != 0)
     return steps + eval_seconds[-1] * (evals + final_size), True
-
-
-def last_checkpoint(ckpt_path, saved_at):
-    """What a checkpoint on disk holds, for the messages of a stopped run."""
-    if saved_at is not None:
-        return f"{ckpt_path} (step {saved_at}); --resume continues from it"
-    return "none written yet"
 
 
 def selection_picture(record, noisy):
@@ -117,8 +109,8 @@ class EvalProgress:
     seconds and at each task's end, with the task, its responses done of all, their rate
     and the task's time left (a whole test set generates for minutes)."""
 
-    def __init__(self, config, every=30.0):
-        self.config, self.every, self.task = config, every, None
+    def __init__(self, config, every=30.0, split="test"):
+        self.config, self.every, self.task, self.split = config, every, None, split
         self.begin = self.mark = self.last = time.time()  # mark: the previous call's time
 
     def __call__(self, task, done, total):
@@ -128,6 +120,54 @@ class EvalProgress:
         self.mark = now
         if now - self.last >= self.every or (done == total and now - self.begin >= self.every):
             rate = done / max(now - self.t0, 1e-9)
-            say(self.config, f"  evaluating {task or 'the test split'}: {done}/{total} responses, "
-                f"{rate:.1f}/s, eta {(total - done) / max(rate, 1e-9):.0f}s")
+            say(self.config, f"  evaluating {task or f'the {self.split} split'}: {done}/{total} "
+                f"responses, {rate:.1f}/s, eta {(total - done) / max(rate, 1e-9):.0f}s")
             self.last = now
+
+
+def per_task_lines(per_task, indent="  "):
+    """A table of evaluate()'s per-task scores, one line per task and their average over
+    tasks (the paper's Table 1 reports each task and the mean of the tasks)."""
+    if len(per_task) < 2:
+        return []
+    width = max(len(name) for name in [*per_task, "average"])
+    scores = [(key, label) for key, label in (("exact_match", "exact match"), (
+        "accuracy", "accuracy")) if all(s.get(key) is not None for s in per_task.values())]
+    head = "".join(f" | {label}" for _, label in scores)
+    lines = [f"{indent}{'task':<{width}} | samples | held-out loss{head}"]
+    cells = lambda s: "".join(f" | {s[key]:{len(label)}.3f}" for key, label in scores)
+    for name, s in per_task.items():
+        lines.append(f"{indent}{name:<{width}} | {s['n']:7d} | {s['loss']:13.4f}" + cells(s))
+    mean = {key: sum(s[key] for s in per_task.values()) / len(per_task)
+            for key in ("loss", *(k for k, _ in scores))}
+    n = sum(s["n"] for s in per_task.values())
+    lines.append(f"{indent}{'average':<{width}} | {n:7d} | {mean['loss']:13.4f}" + cells(mean))
+    return lines
+
+
+class RunLog:
+    """The lines a run prints as it trains: the selection of its first and last step as
+    text, a progress line every --log-interval steps with the time left (the evaluations to
+    come counted once one has been timed), and each evaluation's figures."""
+
+    def __init__(self, config, start, end, final_size):
+        self.config, self.start, self.end, self.final_size = config, start, end, final_size
+        self.eval_seconds = []  # each evaluation's time, for the time left
+
+    def step(self, step, epoch, record, lr, ms, noisy, history):
+        if step in (self.start, self.end - 1):
+            say(self.config, f"step {step}: " + selection_picture(record, noisy.cpu()))
+        if step % self.config.log_interval == 0 or step == self.end - 1:
+            left = time_left(self.config, step, self.end, history.ms, self.eval_seconds,
+                             self.final_size)
+            say(self.config, progress_line(step, epoch, record, lr, ms, bool(noisy.any()), left))
+
+    def evaluated(self, step, result):
+        say(self.config, f"eval at step {step} (dev sample): {score_line(result)}")
+
+    def evaluation(self, evaluate, examples, name):
+        """evaluate(examples, progress), timed; its line says which split it scored."""
+        t0 = time.time()
+        result = evaluate(examples, EvalProgress(self.config, split=name))
+        self.eval_seconds.append(time.time() - t0)
+        return result

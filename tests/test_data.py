@@ -5,8 +5,9 @@ import tiktoken
 from hypothesis import given, settings, strategies as st
 
 import data
-from data import Example, collate, encode, get_tokenizer, load_records, load_text
-from evaluation.scoring import per_task_lines
+from data import Example, collate, encode, get_tokenizer
+from plumbing.records import load_records, load_text
+from plumbing.report import per_task_lines
 from testbed.task import (PRETRAIN_OPS, TASKS, make_default_task, parse_tasks, pretrain_text,
                           task_answer)
 from plumbing.records import DataError
@@ -38,12 +39,12 @@ def test_a_named_encoding_that_cannot_be_fetched_says_how_to_make_it_available(m
 
 def test_default_task_is_determined_by_its_seed_with_the_stated_noise():
     task = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=7, n_heldout=30, n_dev=40)
-    train, val = task.train, task.val
+    train, val = task.train, task.test
     again = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=7, n_heldout=30,
                               n_dev=40)
     other = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=8, n_heldout=30,
                               n_dev=40)
-    for split in ("train", "val", "heldout", "dev"):
+    for split in ("train", "test", "heldout", "dev"):
         assert [e.tokens for e in getattr(task, split)] == [e.tokens for e in getattr(again, split)]
         assert [e.tokens for e in getattr(task, split)] != [e.tokens for e in getattr(other, split)]
     assert (len(task.heldout), len(task.dev)) == (30, 40)
@@ -55,7 +56,7 @@ def test_default_task_is_determined_by_its_seed_with_the_stated_noise():
         assert (name == e.task and (answer == task_answer(word, name)) != e.noisy
                 and len(answer) == len(word))
     words = [
-        {parts(e)[1] for e in getattr(task, split)} for split in ("train", "val", "heldout", "dev")]
+        {parts(e)[1] for e in getattr(task, split)} for split in ("train", "test", "heldout", "dev")]
     assert sum(map(len, words)) == len(set().union(*words))  # the four splits share no word
     assert task_answer("abz", "rsh") == "acb"  # reverse, then each letter + 1
     assert [task_answer("abz", name) for name in TASKS] == ["abz", "zba", "cdb", "acb"]
@@ -72,7 +73,7 @@ def parts(e):
 
 def test_every_split_of_the_mixture_shares_its_samples_evenly_among_the_tasks():
     task = make_default_task(TOK, n_train=201, n_val=40, noise=0.0, seed=1, n_heldout=9, n_dev=40)
-    for split in ("train", "val", "heldout", "dev"):
+    for split in ("train", "test", "heldout", "dev"):
         counts = [sum(e.task == name for e in getattr(task, split)) for name in TASKS]
         assert max(counts) - min(counts) <= 1, (split, counts)
     names = [e.task for e in task.train]
@@ -85,11 +86,11 @@ def test_tasks_chooses_a_subset_and_refuses_unknown_names():
     assert parse_tasks("rsh, plus2") == ("plus2", "rsh")  # in TASKS' order
     task = make_default_task(TOK, n_train=50, n_val=10, noise=0.2, seed=0, n_heldout=4, n_dev=4,
                              tasks=("plus2",))
-    assert {e.task for e in task.train + task.val + task.heldout + task.dev} == {"plus2"}
+    assert {e.task for e in task.train + task.test + task.heldout + task.dev} == {"plus2"}
     for bad in ("revshift", "", "plus2,nope", "shift"):
         with pytest.raises(ValueError, match="echo, inv, plus2, rsh"):
             parse_tasks(bad)
-    from plumbing.checks import data_problems
+    from run.checks import data_problems
     from train import TrainConfig
 
     assert any("--tasks nope" in p for p in data_problems(TrainConfig(tasks="nope")))
@@ -297,7 +298,7 @@ def test_an_empty_answer_is_refused_and_answers_with_symbols_are_found(tmp_path)
 
 
 def test_flags_that_do_not_apply_and_evaluation_files_that_collide_are_refused(tmp_path):
-    from plumbing.checks import data_problems
+    from run.checks import data_problems
     from train import TrainConfig
 
     for name in ("train.json", "corpus.txt"):

@@ -197,7 +197,7 @@ def test_resume_under_two_processes_equals_a_straight_two_process_run_and_one_pr
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused(base, tmp_path):
     import train
-    from plumbing.checks import validate
+    from run.checks import validate
     from plumbing.settings import ConfigError
 
     config = train.TrainConfig(init_from=base, out_dir=str(tmp_path), batch_size=9)

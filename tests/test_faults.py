@@ -116,12 +116,12 @@ def test_sample_refuses_a_temperature_with_no_distribution_and_odd_adapters(tiny
 
 def test_what_the_checks_miss_is_one_line_with_a_hint_and_the_traceback_on_request(
     tiny, tmp_path, capsys, monkeypatch):
-    import train as train_module
+    from run import settle as settle_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("something nobody foresaw")
 
-    monkeypatch.setattr(train_module, "load_task", broken)
+    monkeypatch.setattr(settle_module, "load_task", broken)
     argv = ["--init-from", tiny().init_from, "--out-dir", str(tmp_path), *TINY_FLAGS]
     err = refused(capsys, argv)
     assert "error: RuntimeError: something nobody foresaw" in err and "GAST_TRACEBACK=1" in err

@@ -13,7 +13,7 @@ from gast import (alignment_scores, choose, draw, per_sample_grads_and_losses,
                   standardise)
 from methods.tuner import (SparseTuner, budgets, layers_per_step, select, selection_rates,
                            support_gradient)
-from plumbing.checks import method_problems
+from run.checks import method_problems
 from train import TrainConfig
 from methods.per_sample import per_sample_grads_by_hooks
 from selection_law import inclusion_probabilities, law

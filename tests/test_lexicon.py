@@ -32,11 +32,11 @@ def test_the_knowledge_task_asks_for_the_facts_in_a_new_template_on_unseen_words
     facts = lexicon(60)
     task = make_knowledge_task(TOK, facts, n_val=20, n_dev=10, seed=1)
     words = lambda split: [TOK.decode(e.tokens[: e.n_prompt]).split()[1].rstrip("=") for e in split]
-    train, test, dev = words(task.train), words(task.val), words(task.dev)
+    train, test, dev = words(task.train), words(task.test), words(task.dev)
     assert (len(train), len(test),
             len(dev)) == (30, 20, 10) and set(train + test + dev) == set(facts)
     assert not set(train) & set(test) and not set(train) & set(dev) and not set(test) & set(dev)
-    for split, name in ((task.train, ASK), (task.val, ASK), (task.dev, ASK), (task.heldout, FACT)):
+    for split, name in ((task.train, ASK), (task.test, ASK), (task.dev, ASK), (task.heldout, FACT)):
         for e in split:
             prompt, answer = TOK.decode(e.tokens[: e.n_prompt]), TOK.decode(e.completion)
             assert (prompt.startswith(name + " ")
@@ -44,7 +44,7 @@ def test_the_knowledge_task_asks_for_the_facts_in_a_new_template_on_unseen_words
     # recall before fine-tuning: the test words in the pretraining template
     assert words(task.heldout) == test
     # the seed splits
-    assert test != words(make_knowledge_task(TOK, facts, n_val=20, n_dev=10, seed=2).val)
+    assert test != words(make_knowledge_task(TOK, facts, n_val=20, n_dev=10, seed=2).test)
     with pytest.raises(ValueError, match="cannot give 40 test and 20 dev words"):
         make_knowledge_task(TOK, facts, n_val=40, n_dev=20)
 

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from data import Example, collate, get_tokenizer, load_records
+from data import Example, collate, get_tokenizer
+from plumbing.records import load_records
 from evaluation.scoring import answer_finders, evaluate
 from plumbing.records import ALPACA, ALPACA_WITH_INPUT, read_records
 from model import GPT, GPTConfig, IGNORE_INDEX
@@ -166,11 +167,12 @@ def test_the_papers_command_runs_on_files_in_llm_adapters_layout(tmp_path, capsy
     boolq = write_json(tmp_path / "boolq" / "test.json",
                        [commonsense("boolq", i) for i in range(6)])
     piqa = write_json(tmp_path / "piqa" / "test.json", [commonsense("piqa", i) for i in range(6)])
-    import train as train_module
-    from plumbing.report import EvalProgress
+    from plumbing import report as report_module
 
     # progress lines however short the evaluation (by default, once it has run 30 s)
-    monkeypatch.setattr(train_module, "EvalProgress", lambda config: EvalProgress(config, 0.0))
+    progress = report_module.EvalProgress
+    monkeypatch.setattr(report_module, "EvalProgress",
+                        lambda config, split: progress(config, 0.0, split))
     out = tmp_path / "out"
     # a base of a context long enough for the Alpaca prompt, pretrained here in seconds
     shape = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "320"]

@@ -11,6 +11,7 @@ import train as train_module
 from conftest import TINY_FLAGS
 from data import get_tokenizer
 from train import TrainConfig, main, train
+from run.splits import load_task
 from plumbing.report import selection_picture
 from plumbing.settings import ConfigError
 
@@ -36,7 +37,7 @@ def test_every_method_runs_end_to_end(tiny, tmp_path, method, per_sample):
 
 
 def test_fine_tuning_lowers_the_held_out_loss_below_the_bases(tiny, taught_base, tmp_path):
-    from data import load_task
+    from run.splits import load_task
     from evaluation.scoring import evaluate
     from testbed.pretrain import read_base
 
@@ -47,7 +48,7 @@ def test_fine_tuning_lowers_the_held_out_loss_below_the_bases(tiny, taught_base,
     task = load_task(config, tok, 32)[0]
     base = read_base(config.init_from)
     base_loss = {split: evaluate(base, examples, tok, "cpu", False)["loss"] for split, examples in (
-        ("test", task.val), ("dev", task.dev[: config.eval_samples]))}
+        ("test", task.test), ("dev", task.dev[: config.eval_samples]))}
     # the final evaluation: the whole test split; the periodic ones: a dev sample
     assert metrics["val_loss"] < base_loss["test"] - 0.05
     assert metrics["evals"][-1]["loss"] < base_loss["dev"] - 0.05
@@ -123,21 +124,21 @@ def test_your_own_held_out_support_and_evaluation_files(tiny, tmp_path, capsys):
     tok = get_tokenizer()
     config = tiny(data=write("train.jsonl", 30, 0), val_data=write("val.jsonl", 10, 100),
                   support_data=write("ref.jsonl", 6, 200), quiet=False)
-    task, is_qa = train_module.load_task(config, tok, 32)
+    task, is_qa = load_task(config, tok, 32)
     words = lambda split: {tok.decode(e.tokens[: e.n_prompt]) for e in split}
     assert (is_qa and len(task.train) == 27
             and words(task.heldout) == {f"q{i}?\n" for i in range(200, 206)})
     # the test split: every record of --val-data; dev: a tenth of --data (under --dev-size)
-    assert words(task.val) == {f"q{i}?\n" for i in range(100, 110)} and len(task.dev) == 3
+    assert words(task.test) == {f"q{i}?\n" for i in range(100, 110)} and len(task.dev) == 3
     assert (words(task.dev) | words(task.train) == {f"q{i}?\n" for i in range(30)}
             and not words(task.dev) & words(task.train))
-    carved, _ = train_module.load_task(
+    carved, _ = load_task(
         replace(config, support_data="", heldout_size=7, support="heldout"), tok, 32)
     assert (len(carved.train) == 20 and len(carved.heldout) == 7
             and not words(carved.train) & words(carved.heldout))
     assert "held-out support set: 7 samples carved from" in capsys.readouterr().out
     for support in ("train", "batch"):  # nothing carved
-        uncarved, _ = train_module.load_task(replace(config, support_data="", support=support), tok,
+        uncarved, _ = load_task(replace(config, support_data="", support=support), tok,
                                              32)
         assert len(uncarved.train) == 27 and uncarved.heldout == []
 
@@ -511,7 +512,7 @@ def test_resume_on_changed_data_is_refused_naming_the_file(capsys, base, tmp_pat
 
 
 def test_the_default_warm_up_fits_a_short_run_and_an_explicit_longer_one_is_refused():
-    from plumbing.checks import validate
+    from run.checks import validate
     from plumbing.optim import lr_at
     from train import TrainConfig, warmup_steps
 
@@ -584,7 +585,7 @@ def test_shuffled_epochs_take_each_sample_once_per_epoch_and_resume_exactly():
 
 
 def test_a_flag_the_run_does_not_read_is_said_in_one_line(tiny, capsys):
-    from plumbing.checks import unused_flags
+    from run.checks import unused_flags
 
     train(tiny(method="lora", quiet=False, selection="topk", ist_lr=3.0), summary=False)
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
@@ -603,15 +604,15 @@ def test_an_evaluation_reports_its_progress(tiny, capsys):
     from plumbing.report import EvalProgress
 
     tok = get_tokenizer()
-    task, is_qa = train_module.load_task(tiny(), tok, 32)
+    task, is_qa = load_task(tiny(), tok, 32)
     calls = []
     from testbed.pretrain import read_base
 
     model = read_base(tiny().init_from)
-    evaluate(model, task.val, tok, "cpu", is_qa, batch_size=2,
+    evaluate(model, task.test, tok, "cpu", is_qa, batch_size=2,
              progress=lambda *call: calls.append(call))
-    for name in {e.task for e in task.val}:
-        n, mine = sum(e.task == name for e in task.val), [c[1:] for c in calls if c[0] == name]
+    for name in {e.task for e in task.test}:
+        n, mine = sum(e.task == name for e in task.test), [c[1:] for c in calls if c[0] == name]
         assert len(mine) > 1 and mine[-1] == (n, n) and [d for d, _ in mine] == sorted(
             d for d, _ in mine)
     report = EvalProgress(tiny(quiet=False), every=0.0)

@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import replace
 
-from data import load_records, task_name
+from run.splits import task_name
 from lora import LINEAR_MODULES, LLAMA_LINEAR_MODULES
 from methods.tuner import METHODS, PER_SAMPLE, SCORED, SELECTIONS, SUPPORTS
 from model import GPTConfig
@@ -16,7 +16,7 @@ from plumbing.checkpoints import files_fingerprint
 from plumbing.files import fingerprint
 from plumbing.devices import memory_problems, pick_device, say, training_memory
 from plumbing.files import file_problems
-from plumbing.records import TEMPLATES, is_records
+from plumbing.records import TEMPLATES, is_records, load_records
 from plumbing.settings import flag, in_range, not_negative, one_of, positive, refuse
 from testbed.task import MAX_TASK_WORDS, NOISE_KINDS, WORD_SPACE, parse_tasks
 from testbed.pretrain import (SKILL_LEVEL, base_problems, base_shape, base_skills, measure_skills,

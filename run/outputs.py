@@ -1,0 +1,77 @@
+"""
+What a run of train.py keeps: its history (plumbing/checkpoints.py's History), the checkpoint
+a --resume continues from, and at the end its files in --out-dir: adapter.pt, metrics.json,
+selection.png and predictions/, each written whole or not at all.
+"""
+
+import os
+from dataclasses import asdict
+
+import torch
+
+from evaluation.scoring import greedy_sample, write_predictions
+from lora import adapter_file
+from methods.tuner import SCORED
+from plumbing.checkpoints import History, restore, save_checkpoint
+from plumbing.devices import is_main, world
+from plumbing.files import atomic_save, fingerprint, write_json
+from plumbing.pictures import plot_run
+from plumbing.report import print_summary
+
+
+class Outputs:
+    """A run's record and files; only the first process writes under torchrun."""
+
+    def __init__(self, run):
+        self.run, self.history, self.saved_at = run, History(), None
+
+    def resume(self, model, opt, tuner, rngs):
+        """The step to start from: 0, or a --resume's, its state put back."""
+        if self.run.resume is None:
+            return 0
+        start, self.history = restore(self.run.resume, model, opt, tuner, rngs)
+        self.saved_at = start
+        return start
+
+    def checkpoint(self, step, model, opt, tuner, rngs):
+        """ckpt.pt after `step` steps: everything a --resume needs."""
+        run = self.run
+        if is_main():
+            save_checkpoint(run.ckpt_path, run.config, step, model, opt, tuner, rngs, (
+                run.base_path, fingerprint(run.base_path)), self.history)
+        self.saved_at = step
+
+    def last_checkpoint(self):
+        """What a checkpoint on disk holds, for the messages of a stopped run."""
+        if self.saved_at is not None:
+            return f"{self.run.ckpt_path} (step {self.saved_at}); --resume continues from it"
+        return "none written yet"
+
+    def finish(self, final, steps, model, adapters, summary=True):
+        """The run's metrics from its final evaluation (final) and history; its files, then
+        its summary. The metrics dict."""
+        run, config = self.run, self.run.config
+        show_sample = not run.is_qa and run.split == "test"  # text: a greedy sample at the end
+        sample = (greedy_sample(model, run.test_set[0], run.tokenizer, run.device)
+                  if show_sample else None)
+        scored = config.method in SCORED
+        metrics = {"method": config.method, "selection": config.selection if scored else None,
+                   "support": config.support if scored else None, "lr": config.lr,
+                   "seed": config.seed, "steps": steps, "split": run.split,
+                   "base": run.base_path, "exact_match": final["exact_match"],
+                   "accuracy": final["accuracy"], "val_loss": final["loss"],
+                   "per_task": final["per_task"], "answers": final["answers"],
+                   "sample": sample, **self.history.summary(), "config": asdict(config)}
+        predictions, out_dir = final["predictions"], config.out_dir
+        if is_main():
+            atomic_save(adapter_file(model, adapters), os.path.join(out_dir, "adapter.pt"))
+            if self.run.config.picture:
+                plot_run(self.history, os.path.join(out_dir, "selection.png"), self.run.config)
+            write_json(os.path.join(out_dir, "metrics.json"), metrics)
+            if predictions and metrics["split"] == "test":  # every response, a file per task
+                write_predictions(os.path.join(out_dir, "predictions"), predictions)
+            if summary:
+                print_summary(metrics)
+        if world()[1] > 1:  # no process leaves before the first has written the run's files
+            torch.distributed.barrier()
+        return metrics

@@ -1,0 +1,101 @@
+"""
+A run's splits, from its settings: the default task (testbed/task.py), or the user's files
+read into Examples (plumbing/records.py): train, test, dev and the trusted held-out set.
+"""
+
+import os
+import random
+
+from data import Task
+from plumbing.devices import say
+from plumbing.records import is_records, load_records, load_text
+from plumbing.settings import ConfigError
+from testbed.task import make_default_task, parse_tasks
+
+def task_name(path):
+    """A file's task: its folder for a file named test, dev, val or eval (LLM-Adapters' layout,
+    boolq/test.json), else its stem."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return folder if stem.lower() in ("test", "dev", "val", "valid", "eval") else stem
+
+
+def load_examples(config, path, tokenizer, block_size, task=""):
+    """Examples of one file: prompt/completion records, or plain text cut into windows."""
+    if is_records(path):
+        fields = ("instruction, input, output" if config.template == "alpaca"
+                  else f"{config.prompt_field!r}, {config.completion_field!r}")
+        say(
+            config,
+            f"reading {path} as prompt/completion records (template {config.template}: {fields})")
+        on_inputs = getattr(config, "train_on_inputs", False)  # sample.py: completions only
+        examples, cut = load_records(path, tokenizer, block_size, config.prompt_field,
+                                     config.completion_field, config.template, config.answer_field,
+                                     on_inputs, task)
+        if cut.skipped:
+            first = ", ".join(cut.skipped[:3]) + (", ..." if len(cut.skipped) > 3 else "")
+            say(
+                config,
+                f"{path}: skipped {len(cut.skipped)} samples whose prompt leaves no completion "
+                f"token within the context of {block_size} tokens ({first})")
+        if cut.samples:
+            say(
+                config,
+                f"{path}: {cut.samples} samples longer than {block_size + 1} tokens were cut "
+                f"({cut.tokens} tokens)")
+        return examples
+    say(
+        config,
+        f"reading {path} as plain text for language modelling (a .jsonl or .json name would "
+        "read prompt/completion records)")
+    return load_text(path, tokenizer, block_size)
+
+
+def load_task(config, tokenizer, block_size):
+    """(Task, is_qa): the fine-tuning data and its held-out splits.
+
+    Default task: four disjoint splits made by the seed. Your data: --data shuffled by the
+    seed; test: every record of --val-data (or half a --val-fraction of --data); dev:
+    --dev-data, or --dev-size carved from --data (or the other half); the trusted held-out
+    set (--support heldout): --support-data, or --heldout-size carved from --data.
+    """
+    if not config.data:
+        task = make_default_task(tokenizer, config.n_train, config.n_val, config.noise, config.seed,
+                                 n_heldout=config.heldout_size, n_dev=config.n_val,
+                                 noise_kind=config.noise_kind, tasks=parse_tasks(config.tasks))
+        return task, True
+    is_qa = is_records(config.data)
+    examples = load_examples(config, config.data, tokenizer, block_size)
+    order = list(range(len(examples)))
+    random.Random(config.seed).shuffle(order)
+    examples = [examples[i] for i in order]
+    if config.val_data:  # each file a task, every record of it in the test split
+        files = [p.strip() for p in config.val_data.split(",") if p.strip()]
+        test = [e for path in files for e in load_examples(
+            config, path, tokenizer, block_size, task_name(path) if len(files) > 1 else "")]
+        n_dev = 0 if config.dev_data else min(config.dev_size, max(1, len(examples) // 10))
+        dev, examples = examples[:n_dev], examples[n_dev:]
+    else:
+        n_val = max(1, round(config.val_fraction * len(examples)))
+        evaluation, examples = examples[:n_val], examples[n_val:]
+        half = 0 if config.dev_data else len(evaluation) // 2
+        dev, test = evaluation[:half], evaluation[half:]
+    if config.dev_data:
+        dev = load_examples(config, config.dev_data, tokenizer, block_size)
+    heldout = []
+    if config.support_data:
+        heldout = load_examples(config, config.support_data, tokenizer, block_size)
+    elif config.support == "heldout":
+        heldout, examples = examples[: config.heldout_size], examples[config.heldout_size :]
+        say(
+            config,
+            f"held-out support set: {len(heldout)} samples carved from {config.data}'s training "
+            "split and assumed trustworthy (--support-data FILE gives a trusted set of your own)")
+    if len(examples) < config.batch_size:
+        carved = (f" and the {len(heldout)} held-out support samples (--heldout-size)" if heldout
+                  and not config.support_data else "")
+        raise ConfigError(
+            f"invalid settings:\n  --batch-size {config.batch_size} is larger than the "
+            f"{len(examples)} training samples left in {config.data} after the evaluation "
+            f"split{carved}")
+    return Task(examples, test, heldout, dev), is_qa
