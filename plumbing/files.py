@@ -9,11 +9,12 @@ import hashlib
 import json
 import os
 import re
-import socket
 import stat
 from pickle import UnpicklingError
 
 import torch
+from filelock import FileLock, Timeout
+
 from plumbing.settings import ConfigError, refuse
 
 
@@ -167,45 +168,25 @@ def output_problems(flag_name, path):
 
 
 class OutDirLock:
-    """One run at a time in an out-dir: run.lock holds the pid and host of the run that
-    writes there. A second run is refused at once; a lock whose process is gone (kill -9)
-    is named and taken over. Leftover temporary files of such a run are removed."""
+    """One run at a time in an out-dir: the filelock package's lock on run.lock, which the
+    kernel lets go when its process ends, so a run killed with kill -9 blocks nothing. A
+    second run is refused at once; the first removes a killed run's temporary files."""
 
     def __init__(self, out_dir):
-        self.path = os.path.join(out_dir, "run.lock")
+        self.out_dir, self.lock = out_dir, FileLock(os.path.join(out_dir, "run.lock"), timeout=0)
 
     def __enter__(self):
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        me = f"{os.getpid()} {socket.gethostname()}"
-        for _ in range(2):  # a stale lock is removed once, then the lock is taken
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                pid, host = self.holder()
-                if host == socket.gethostname() and pid is not None and not running(pid):
-                    print(f"note: {self.path} was left by pid {pid}, no longer running: taken over")
-                    os.remove(self.path)
-                    continue
-                raise ConfigError(
-                    f"invalid settings:\n  --out-dir {os.path.dirname(self.path)}: another run "
-                    f"(pid {pid} on {host}) is writing there; wait for it, or give another "
-                    f"--out-dir (a stale lock: remove {self.path})") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-            remove_leftovers(os.path.dirname(self.path))
-            return self
-        raise ConfigError(f"invalid settings:\n  {self.path}: cannot take the lock")
-
-    def holder(self):
+        os.makedirs(self.out_dir or ".", exist_ok=True)
         try:
-            pid, host = open(self.path).read().split()
-            return int(pid), host
-        except (OSError, ValueError):
-            return None, "?"
+            self.lock.acquire()
+        except Timeout:
+            raise ConfigError(f"invalid settings:\n  --out-dir {self.out_dir}: another run is "
+                              "writing there; wait for it, or give another --out-dir") from None
+        remove_leftovers(self.out_dir)
+        return self
 
     def __exit__(self, *exc):
-        if self.holder()[0] == os.getpid():
-            os.remove(self.path)
+        self.lock.release()
 
 
 def running(pid):

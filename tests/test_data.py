@@ -56,7 +56,8 @@ def test_default_task_is_determined_by_its_seed_with_the_stated_noise():
         assert (name == e.task and (answer == task_answer(word, name)) != e.noisy
                 and len(answer) == len(word))
     words = [
-        {parts(e)[1] for e in getattr(task, split)} for split in ("train", "test", "heldout", "dev")]
+        {parts(e)[1] for e in getattr(task, split)}
+        for split in ("train", "test", "heldout", "dev")]
     assert sum(map(len, words)) == len(set().union(*words))  # the four splits share no word
     assert task_answer("abz", "rsh") == "acb"  # reverse, then each letter + 1
     assert [task_answer("abz", name) for name in TASKS] == ["abz", "zba", "cdb", "acb"]
