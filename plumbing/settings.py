@@ -1,12 +1,10 @@
 """
-Settings: one dataclass field per setting, its help text beside its default, parsed from
-the command line and checked with every problem listed at once (ConfigError).
+Settings: one dataclass field per setting, declared with option(default, help), parsed from
+the command line by argparse and checked with every problem listed at once (ConfigError).
 """
 
 import argparse
-import inspect
 import math
-import re
 import sys
 from dataclasses import field, fields
 
@@ -19,32 +17,7 @@ def option(default, help):
 def like(config_type, name):
     """A field with the default and help of config_type's field `name` (declared once there)."""
     source = {f.name: f for f in fields(config_type)}[name]
-    return option(source.default, help_texts(config_type)[name])
-
-
-def comment_help(config_type):
-    """{field: help} from the comments in the class's source, as nanoGPT's globals read:
-    `lr: float = 1e-2  # why`, continued on comment lines indented under the field."""
-    helps, name = {}, None
-    for line in inspect.getsource(config_type).splitlines():
-        field_line = re.match(r"    (\w+): [\w.\[\], ]+ = .*?(?:#\s?(.*))?$", line)
-        more = re.match(r"        #\s?(.*)$", line)
-        if field_line:
-            name = field_line.group(1)
-            helps[name] = (field_line.group(2) or "").strip()
-        elif more and name:
-            helps[name] = f"{helps[name]} {more.group(1).strip()}".strip()
-        else:
-            name = None
-    return helps
-
-
-def help_texts(config_type):
-    """{field: help}: an option()'s help, else its comment (comment_help)."""
-    comments = {}
-    for cls in reversed(config_type.__mro__[:-1]):  # a subclass's comments win
-        comments.update(comment_help(cls))
-    return {f.name: f.metadata.get("help", comments.get(f.name, "")) for f in fields(config_type)}
+    return option(source.default, source.metadata["help"])
 
 
 class ConfigError(ValueError):
@@ -94,10 +67,9 @@ def parse_args(config_type, argv=None, description=None, known_only=False, epilo
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = Parser(description=description, epilog=epilog, allow_abbrev=False,
                     formatter_class=HelpFormatter)
-    helps = help_texts(config_type)
     for f in fields(config_type):
         # argparse formats help with %: a literal % is written %%
-        text = helps[f.name].replace("%", "%%").replace("%%%%", "%%")
+        text = f.metadata.get("help", "").replace("%", "%%").replace("%%%%", "%%")
         if f.type is bool or f.type == "bool":
             parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction,
                                 default=f.default, help=text)

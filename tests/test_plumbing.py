@@ -50,29 +50,24 @@ def test_flags_come_from_fields_with_their_defaults_and_help_declared_once():
     assert helps["copied"] == helps["rate"]
 
 
-@dataclass
-class Commented:
-    lr: float = 1e-2  # peak learning rate
-    # a heading, not a help line
-    steps: int = 600  # steps;
-        # the schedule spans them
-    quiet: bool = False
+def test_every_scripts_settings_are_declared_one_way_each_with_its_help(capsys):
+    """Every flag of every script: option(default, help), the help shown by --help."""
+    from dataclasses import fields
 
-
-def test_help_comes_from_the_comments_beside_each_field_as_nanogpt_globals_read(capsys):
-    assert settings.help_texts(Commented) == {
-        "lr": "peak learning rate", "steps": "steps; the schedule spans them", "quiet": ""}
-    with pytest.raises(SystemExit):
-        parse_args(Commented, ["--help"])
-    assert "the schedule spans them (default: 600)" in " ".join(capsys.readouterr().out.split())
-
-
-def test_every_flag_of_train_py_has_its_help():
+    from gradot.gradot import GradOTConfig
+    from sample import SampleConfig
+    from testbed.pretrain import BaseConfig
+    from tools.compare import CompareConfig
     from train import TrainConfig
 
-    helps = settings.help_texts(TrainConfig)
-    assert len(helps) > 60 and all(len(h) > 10 for h in helps.values()), [
-        n for n, h in helps.items() if len(h) <= 10]
+    for config_type in (TrainConfig, BaseConfig, CompareConfig, SampleConfig, GradOTConfig):
+        short = [f.name for f in fields(config_type) if len(f.metadata.get("help", "")) <= 10]
+        assert not short, (config_type.__name__, short)
+    assert len(fields(TrainConfig)) > 60
+    with pytest.raises(SystemExit):
+        parse_args(TrainConfig, ["--help"])
+    assert "continue from out_dir/ckpt.pt (default: False)" in " ".join(
+        capsys.readouterr().out.split())
 
 
 def test_flags_are_never_abbreviated_and_the_rest_can_be_passed_on():
