@@ -135,7 +135,7 @@ def top(values, n):
     return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :n]
 
 
-def draw(scores, k, temperature=1.0, generator=None, noise=None):
+def select_by_softmax(scores, k, temperature=1.0, generator=None, noise=None):
     """The paper's rule: per row, k distinct samples drawn from softmax(z / temperature),
     successively without replacement (ours, where the reading is silent). A bool mask (L, B).
 
@@ -153,15 +153,15 @@ def draw(scores, k, temperature=1.0, generator=None, noise=None):
     return mask.scatter_(-1, top(keys, k), True).to(scores.device)
 
 
-def choose(scores, k, selection="softmax", temperature=1.0, generator=None, noise=None):
-    """Step 4 as configured: the mask (L, B). random is draw() on equal scores: k uniformly
-    per row, from the same generator."""
+def select_samples(scores, k, selection, temperature=1.0, generator=None, noise=None):
+    """Step 4 as configured: the mask (L, B). random is select_by_softmax() on equal scores:
+    k uniformly per row, from the same generator."""
     if selection == "topk":  # the paper's ablation: per row, the k highest (ties: lower index)
         mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
         return mask.scatter_(-1, top(scores, k), True)
     if selection == "random":
         scores = torch.zeros_like(scores)
-    return draw(scores, k, temperature, generator, noise)
+    return select_by_softmax(scores, k, temperature, generator, noise)
 
 
 # ---------------------------------------------------------------------------------------
@@ -229,8 +229,8 @@ def gast_step(model, inputs, targets, support, config, generator, per_sample=Non
         held[l] = g
         if select is None:  # step 4: this block's own k samples
             row_noise = None if noise is None else noise[l : l + 1]
-            mask[l] = choose(scores[l : l + 1], k, config.selection, config.temperature,
-                             noise=row_noise)[0]
+            mask[l] = select_samples(scores[l : l + 1], k, config.selection,
+                                     config.temperature, noise=row_noise)[0]
             step_5(l, drew=True)  # k >= 1: no host sync to ask
 
     def step_5(l, drew):  # block l's gradient: the mean over its drawn samples; None if none

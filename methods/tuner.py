@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from methods.collectives import Shard, all_gather_columns, all_reduce_grads
-from gast import choose, gast_step, per_sample_grads_and_losses, samples_per_layer, top
+from gast import select_samples, gast_step, per_sample_grads_and_losses, samples_per_layer, top
 from lora import LoRALinear, block_index, lora_names_by_block
 from model import IGNORE_INDEX
 from methods.per_sample import (CompiledPerSample, per_sample_grads_by_blocks,
@@ -66,7 +66,7 @@ def budgets(L, B, layer_ratio, data_ratio):
 # Our layer budget (K < L): only the K layers whose drawn samples score highest learn
 
 
-def select(scores, K, k):
+def select_top_layers(scores, K, k):
     """The top-k rule with a layer budget: the mask M (L, B) maximising sum(M * scores)
     with exactly K non-empty rows, each with exactly k ones (the paper's top-k ablation
     when K = L).
@@ -84,13 +84,13 @@ def select(scores, K, k):
     return mask
 
 
-def choose_layers(scores, k, K, selection="softmax", temperature=1.0, generator=None):
-    """gast.choose, then (K < L) only the K rows whose drawn samples' summed score is
+def select_layers(scores, k, K, selection="softmax", temperature=1.0, generator=None):
+    """gast.select_samples, then (K < L) only the K rows whose drawn samples' summed score is
     largest stay active."""
     L = scores.shape[0]
     if selection == "topk":
-        return select(scores, K, k)
-    mask = choose(scores, k, selection, temperature, generator)
+        return select_top_layers(scores, K, k)
+    mask = select_samples(scores, k, selection, temperature, generator)
     if K < L:
         kept = top((scores * mask).sum(dim=1), K).tolist()
         mask[[l for l in range(L) if l not in kept]] = False
@@ -196,12 +196,12 @@ class SparseTuner:
 
     # --- the masks that do not look at gradients: lisa and ist ---
 
-    def _draw(self, weights, n):
+    def _select_blocks(self, weights, n):
         return torch.multinomial(weights, n, replacement=False, generator=self.generator).sort()[0]
 
     def _lisa_layers(self, K):
         if self.lisa_active is None or self.steps % self.config.lisa_interval == 0:
-            self.lisa_active = self._draw(torch.ones(self.L), K)
+            self.lisa_active = self._select_blocks(torch.ones(self.L), K)
         return self.lisa_active
 
     def _ist_update_importance(self, probe_inputs, probe_targets):
@@ -215,7 +215,7 @@ class SparseTuner:
         trials, losses = [], []
         with torch.no_grad():
             while len(trials) < n_trials:
-                suppressed = self._draw(sig, n_suppressed)
+                suppressed = self._select_blocks(sig, n_suppressed)
                 if any(torch.equal(suppressed, t) for t in trials):
                     continue
                 with scaled_adapters(self.model, suppressed.tolist(), c.ist_suppress):
@@ -308,10 +308,10 @@ class SparseTuner:
         if c.method == "data":  # one global set, by the summed alignment over layers
             def select(scores, k):
                 summed = scores.sum(dim=0, keepdim=True)
-                return choose(summed, k, c.selection, c.temperature, self.generator).expand(
+                return select_samples(summed, k, c.selection, c.temperature, self.generator).expand(
                     self.L, -1)
         elif K < self.L:  # our layer budget: only the K best blocks learn
-            select = partial(choose_layers, K=K, selection=c.selection,
+            select = partial(select_layers, K=K, selection=c.selection,
                              temperature=c.temperature, generator=self.generator)
         return per_sample, select, Shard(B, mine) if world()[1] > 1 else None
 
@@ -328,7 +328,7 @@ class SparseTuner:
                     raise ValueError(
                         "the ist method needs probe=callable returning a fresh training batch")
                 self._ist_update_importance(*probe())
-            active = self._draw(torch.sigmoid(-self.importance), K)
+            active = self._select_blocks(torch.sigmoid(-self.importance), K)
         mask = torch.zeros(self.L, x.shape[0] * n_procs, dtype=torch.bool, device=x.device)
         mask[active] = True
         self.model.zero_grad(set_to_none=True)

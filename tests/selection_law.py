@@ -7,11 +7,11 @@ to this law.
 
 import torch
 
-from gast import choose, standardise
+from gast import select_samples, standardise
 
 
 def inclusion_probabilities(scores, k, temperature=1.0, nodes=64):
-    """P(sample i is among the k drawn) under gast.draw's law, per row: (L, B) float64.
+    """P(sample i is among the k drawn) under gast.select_by_softmax's law, per row: (L, B) float64.
 
     With keys w_i + G_i (w = z / temperature, G Gumbel), i is drawn when fewer than k of
     the others' keys exceed its own. Given G_i, write t = exp(-G_i) (t ~ Exp(1)); then
@@ -41,11 +41,11 @@ def inclusion_probabilities(scores, k, temperature=1.0, nodes=64):
 
 
 def law(scores, k, selection="softmax", temperature=1.0):
-    """What gast.choose intended: each sample's inclusion probability per row (L, B),
+    """What gast.select_samples intended: each sample's inclusion probability per row (L, B),
     float64, given that the row is active (topk: the mask itself; random: k / B)."""
     L, B = scores.shape
     if selection == "topk":
-        return choose(scores, k, "topk").double().cpu()
+        return select_samples(scores, k, "topk").double().cpu()
     if selection == "random":
         return torch.full((L, B), k / B, dtype=torch.float64)
     return inclusion_probabilities(scores, k, temperature)

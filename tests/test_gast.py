@@ -9,10 +9,10 @@ from testbed.task import make_default_task
 import gast
 import methods.tuner as methods
 from methods import per_sample
-from gast import (alignment_scores, choose, draw, per_sample_grads_and_losses,
-                  standardise)
-from methods.tuner import (SparseTuner, budgets, layers_per_step, select, selection_rates,
-                           support_gradient)
+from gast import (alignment_scores, per_sample_grads_and_losses, select_by_softmax,
+                  select_samples, standardise)
+from methods.tuner import (SparseTuner, budgets, layers_per_step, select_top_layers,
+                           selection_rates, support_gradient)
 from run.checks import method_problems
 from train import TrainConfig
 from methods.per_sample import per_sample_grads_by_hooks
@@ -62,7 +62,7 @@ def sizes(scores, data):
     return data.draw(st.integers(1, L)), data.draw(st.integers(1, B))
 
 
-# --- the topk option (select, with our layer budget K): budget and order ---
+# --- the topk option (select_top_layers, with our layer budget K): budget and order ---
 
 
 @settings(max_examples=200, deadline=None)
@@ -70,7 +70,7 @@ def sizes(scores, data):
 def test_topk_budget_and_order(scores, data):
     K, k = sizes(scores, data)
     a = torch.tensor(scores)
-    M = select(a, K, k)
+    M = select_top_layers(a, K, k)
     assert M.dtype == torch.bool and M.shape == a.shape
     rows = M.sum(dim=1)
     assert int((rows > 0).sum()) == K and set(rows[rows > 0].tolist()) == {k}
@@ -96,12 +96,12 @@ def test_topk_selection_is_the_brute_force_optimum(L, B, data):
             for l, cols in zip(rows, columns):
                 M[l, list(cols)] = True
             best = max(best, float((a * M).sum()))
-    assert float((a * select(a, K, k)).sum()) == pytest.approx(best, abs=1e-9)
+    assert float((a * select_top_layers(a, K, k)).sum()) == pytest.approx(best, abs=1e-9)
 
 
 def test_ties_break_toward_the_lower_index():
     a = torch.zeros(3, 4)
-    assert select(a, 2, 2).tolist() == [[True, True, False, False]] * 2 + [[False] * 4]
+    assert select_top_layers(a, 2, 2).tolist() == [[True, True, False, False]] * 2 + [[False] * 4]
 
 
 def test_budgets_round_before_ceiling():
@@ -121,7 +121,8 @@ def test_topk_larger_budgets_never_drop_a_sample_or_a_layer(scores, data):
     L, B = a.shape
     K, k = sizes(scores, data)
     k2, K2 = data.draw(st.integers(k, B)), data.draw(st.integers(K, L))
-    small, more_data, more_layers = select(a, K, k), select(a, K, k2), select(a, K2, k)
+    small, more_data = select_top_layers(a, K, k), select_top_layers(a, K, k2)
+    more_layers = select_top_layers(a, K2, k)
     both = small.any(dim=1) & more_data.any(dim=1)
     assert torch.all(~small[both] | more_data[both])
     assert torch.all(~small.any(dim=1) | more_layers.any(dim=1))
@@ -140,11 +141,11 @@ def test_topk_permuting_samples_or_layers_permutes_the_mask(L, B, data):
     K, k = data.draw(st.integers(1, L)), data.draw(st.integers(1, B))
     # no tie in v_l
     assume(len(set(a.sort(dim=1, descending=True).values[:, :k].sum(1).tolist())) == L)
-    M = select(a, K, k)
+    M = select_top_layers(a, K, k)
     cols = torch.tensor(data.draw(st.permutations(range(B))))
     rows = torch.tensor(data.draw(st.permutations(range(L))))
-    assert torch.equal(select(a[:, cols], K, k), M[:, cols])
-    assert torch.equal(select(a[rows], K, k), M[rows])
+    assert torch.equal(select_top_layers(a[:, cols], K, k), M[:, cols])
+    assert torch.equal(select_top_layers(a[rows], K, k), M[rows])
 
 
 # --- I8: per-sample gradients ---
@@ -206,7 +207,7 @@ def test_I4_topk_update_is_at_least_as_aligned_as_the_dense_one(seed, layer_rati
     grads = per_sample_grads(model, x, y)
     layers = lora_names_by_block(model)
     a = alignment_scores(grads, layers)
-    M = select(a, *budgets(len(layers), 6, layer_ratio, data_ratio))
+    M = select_top_layers(a, *budgets(len(layers), 6, layer_ratio, data_ratio))
     for l in M.any(dim=1).nonzero().flatten().tolist():
         dot, norm2 = 0.0, 0.0
         for n in layers[l]:
@@ -226,7 +227,7 @@ def test_I4_topk_with_a_held_out_support(seed, layer_ratio, data_ratio):
     grads = per_sample_grads(model, x, y)
     layers = lora_names_by_block(model)
     r = support_gradient(model, *batch(5, seed=seed + 1))
-    M = select(alignment_scores(grads, layers, r),
+    M = select_top_layers(alignment_scores(grads, layers, r),
                *budgets(len(layers), 6, layer_ratio, data_ratio))
     for l in M.any(dim=1).nonzero().flatten().tolist():
         sparse = sum(float((grads[n][M[l]].mean(0) * r[n]).sum()) for n in layers[l])
@@ -678,7 +679,7 @@ def test_I1_every_row_draws_exactly_k_distinct_samples(row, data):
     L = data.draw(st.integers(1, 4))
     k = data.draw(st.integers(1, len(row)))
     scores = torch.tensor([row] * L) + torch.arange(L).unsqueeze(1)
-    mask = draw(scores, k, data.draw(st.floats(0.05, 20)),
+    mask = select_by_softmax(scores, k, data.draw(st.floats(0.05, 20)),
                 torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
     assert (mask.dtype == torch.bool and mask.shape == scores.shape
             and mask.sum(dim=1).tolist() == [k] * L)
@@ -700,8 +701,9 @@ def test_I2_temperature_to_zero_is_top_k(row, data):
     k = data.draw(st.integers(1, len(row)))
     scores = torch.tensor([row], dtype=torch.float64)
     generator = torch.Generator().manual_seed(data.draw(st.integers(0, 99)))
-    assert torch.equal(draw(scores, k, 1e-6, generator), select(scores, 1, k))
-    assert torch.equal(law(scores, k, "softmax", 1e-6) > 0.5, select(scores, 1, k))
+    top_k = select_top_layers(scores, 1, k)
+    assert torch.equal(select_by_softmax(scores, k, 1e-6, generator), top_k)
+    assert torch.equal(law(scores, k, "softmax", 1e-6) > 0.5, select_top_layers(scores, 1, k))
 
 
 def test_I2_constant_scores_give_every_sample_k_over_B():
@@ -709,7 +711,7 @@ def test_I2_constant_scores_give_every_sample_k_over_B():
     assert torch.allclose(inclusion_probabilities(scores, 2),
                           torch.full((3, 5), 0.4, dtype=torch.float64), atol=1e-6)
     generator = torch.Generator().manual_seed(0)
-    counts = sum(draw(scores, 2, 1.0, generator).double() for _ in range(4000))
+    counts = sum(select_by_softmax(scores, 2, 1.0, generator).double() for _ in range(4000))
     assert torch.allclose(counts / 4000, torch.full((3, 5), 0.4, dtype=torch.float64),
                           atol=5 * (0.4 * 0.6 / 4000) ** 0.5)
 
@@ -727,7 +729,8 @@ def test_I3_the_law_is_the_enumerated_one_and_the_draws_follow_it(row, data):
     # draws from a fixed seed: the same counts every run, within 5 standard errors of the law
     n = 3000
     generator = torch.Generator().manual_seed(12345)
-    frequency = (sum(draw(scores.expand(n // 300, B), k, temperature, generator).double().sum(0)
+    rows = scores.expand(n // 300, B)
+    frequency = (sum(select_by_softmax(rows, k, temperature, generator).double().sum(0)
                      for _ in range(300)) / n)
     # plus 4 draws' worth: near 0 or 1 the normal bound is too tight (an expected 0.01 misses
     # can come out as one)
@@ -754,8 +757,9 @@ def test_I5_a_positive_affine_change_of_a_row_draws_the_same_mask(row, scale, sh
     scores = torch.tensor([row, [v * 2 for v in row]], dtype=torch.float64)
     changed = scores * scale + shift
     torch.testing.assert_close(standardise(changed), standardise(scores), rtol=0, atol=1e-9)
-    first = draw(scores, k, 1.0, torch.Generator().manual_seed(seed))
-    assert torch.equal(draw(changed, k, 1.0, torch.Generator().manual_seed(seed)), first)
+    first = select_by_softmax(scores, k, 1.0, torch.Generator().manual_seed(seed))
+    again = select_by_softmax(changed, k, 1.0, torch.Generator().manual_seed(seed))
+    assert torch.equal(again, first)
 
 
 @settings(max_examples=60, deadline=None)
@@ -781,20 +785,20 @@ def test_I10_permuting_the_batch_permutes_the_law(row, data):
 def test_the_draw_never_reads_the_global_rng_and_refuses_a_non_positive_temperature():
     scores = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(0)
-    a = draw(scores, 4, 1.0, torch.Generator().manual_seed(7))
+    a = select_by_softmax(scores, 4, 1.0, torch.Generator().manual_seed(7))
     torch.manual_seed(99)
     torch.rand(10)
-    assert torch.equal(draw(scores, 4, 1.0, torch.Generator().manual_seed(7)), a)
+    assert torch.equal(select_by_softmax(scores, 4, 1.0, torch.Generator().manual_seed(7)), a)
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="temperature must be > 0"):
-            draw(scores, 4, bad)
+            select_by_softmax(scores, 4, bad)
 
 
 def test_random_selection_draws_uniformly_whatever_the_scores_from_the_tuners_generator():
     scores = torch.randn(4, 6, generator=torch.Generator().manual_seed(2)) * 10
     generator = torch.Generator().manual_seed(0)
-    frequency = (
-        sum(gast.choose(scores, 3, "random", 1.0, generator).double() for _ in range(2000)) / 2000)
+    frequency = sum(gast.select_samples(scores, 3, "random", 1.0, generator).double()
+                    for _ in range(2000)) / 2000
     assert ((frequency - 0.5).abs() <= 5 * (0.25 / 2000) ** 0.5).all()  # every sample k / B = 0.5
     assert torch.equal(law(scores, 3, "random"), torch.full((4, 6), 0.5, dtype=torch.float64))
     a, b = (train_steps("gast", steps=2, data_ratio=0.5, selection="random")[2],
@@ -976,7 +980,7 @@ def test_every_configuration_is_algorithm_1_on_the_same_batch(per_sample_path, m
     """The tuner's step (the paper's rule, our layer budget, the data method; each path of
     step 1) gives the masks and gradients of Algorithm 1 written out by hand, with step 4 as
     that configuration defines it, from the same generator state."""
-    from methods.tuner import choose_layers
+    from methods.tuner import select_layers
 
     config = TrainConfig(method=method, layer_ratio=layer_ratio, selection=selection,
                              support_size=3, data_ratio=0.5, per_sample=per_sample_path)
@@ -992,13 +996,13 @@ def test_every_configuration_is_algorithm_1_on_the_same_batch(per_sample_path, m
     K = layers_per_step(config, L)
     if method == "data":
         def pick(scores, k, g):
-            return choose(scores.sum(0, keepdim=True), k, selection, 1.0, g).expand(L, -1)
+            return select_samples(scores.sum(0, keepdim=True), k, selection, 1.0, g).expand(L, -1)
     elif K < L:
         def pick(scores, k, g):
-            return choose_layers(scores, k, K, selection, 1.0, g)
+            return select_layers(scores, k, K, selection, 1.0, g)
     else:
         def pick(scores, k, g):
-            return choose(scores, k, selection, 1.0, g)
+            return select_samples(scores, k, selection, 1.0, g)
     mask, grads = algorithm_1_by_hand(model, x, y, rows, 3, pick, generator)
     record = tuner.step(x, y)
     assert torch.equal(record.mask, mask) and record.support == indices.tolist()
