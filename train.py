@@ -62,16 +62,16 @@ class TrainConfig(BaseConfig):
                                    "default)")
     max_new_tokens: int = option(32, "--answer-field: tokens generated per response (LLM-Adapters: "
                                  "32)")
-    val_fraction: float = option(0.1, "share of --data held out (unless --val-data): half dev, "
+    val_fraction: float = option(0.1, "share of --data held out (unless --test-data): half dev, "
                                  "half test")
-    val_data: str = option("", "clean test files, comma-separated, each a task named by its folder "
-                           "(boolq/test.json: boolq), its stem or the records' 'task'; every "
-                           "record is scored")
+    test_data: str = option("", "clean test files, comma-separated, each a task named by its "
+                            "folder (boolq/test.json: boolq), its stem or the records' 'task'; "
+                            "every record is scored", was="val_data")
     dev_data: str = option("", "a file for the dev split (periodic evaluations, compare.py's lr "
-                           "choice); empty: --dev-size samples of --data (with --val-data) or half "
-                           "the held-out")
-    dev_size: int = option(200, "with --val-data and no --dev-data: samples of --data kept for dev "
-                           "(at most a tenth of it)")
+                           "choice); empty: --dev-size samples of --data (with --test-data) or "
+                           "half the held-out")
+    dev_size: int = option(200, "dev samples: the default task's, or with --test-data and no "
+                           "--dev-data, those of --data kept for dev (at most a tenth of it)")
     support_data: str = option("", "--support heldout: a trusted file for the held-out support "
                                "set; empty: carved from --data")
     heldout_size: int = option(64, "--support heldout: samples in the trusted held-out set")
@@ -81,7 +81,7 @@ class TrainConfig(BaseConfig):
                              "wrong rule (systematic)")
     tasks: str = option("all", "default task: the tasks mixed (echo, inv, plus2, rsh), or all")
     n_train: int = option(6400, "default task: fine-tuning samples (600 steps of 32: 3 epochs)")
-    n_val: int = option(200, "default task: clean held-out samples")
+    n_test: int = option(200, "default task: clean test samples", was="n_val")
 
     # the adapters (lora.py)
     lora_r: int = option(8, "LoRA rank; an adapter has r * (in + out) parameters")

@@ -544,7 +544,7 @@ def run(config):
     facts = lexicon(config.lexicon) if config.lexicon else None
     # the knowledge task: the base's facts in a new template, evaluated on words never fine-tuned on
     if facts:
-        tasks = [make_knowledge_task(tokenizer, facts, n_val=min(config.eval_samples, len(
+        tasks = [make_knowledge_task(tokenizer, facts, n_test=min(config.eval_samples, len(
             facts) // 3), n_dev=len(facts) // 6, seed=seed) for seed in range(config.seeds)]
         # zero-shot: the test words' facts in the pretraining template (what the model recalls)
         skills = tasks[0].heldout

@@ -63,18 +63,18 @@ def fact_example(tokenizer, name, word, code):
     return Example(prompt + encode(tokenizer, code + "\n"), len(prompt), task=name)
 
 
-def make_knowledge_task(tokenizer, facts, n_val=200, n_dev=200, seed=0):
-    """The knowledge task's Task: the lexicon's words split by the seed into test (n_val),
+def make_knowledge_task(tokenizer, facts, n_test=200, n_dev=200, seed=0):
+    """The knowledge task's Task: the lexicon's words split by the seed into test (n_test),
     dev (n_dev) and the rest for fine-tuning, every answer in the new template (clean: no
     noise). Task.heldout holds the test words in the pretraining template, to measure
     what the model recalls before any fine-tuning."""
     words = sorted(facts)
-    if len(words) < n_val + n_dev + 1:
+    if len(words) < n_test + n_dev + 1:
         raise ValueError(
-            f"a lexicon of {len(words)} facts cannot give {n_val} test and {n_dev} dev words and "
+            f"a lexicon of {len(words)} facts cannot give {n_test} test and {n_dev} dev words and "
             "leave some to fine-tune on")
     random.Random(seed + 1).shuffle(words)
-    test, dev, train = words[:n_val], words[n_val : n_val + n_dev], words[n_val + n_dev :]
+    test, dev, train = words[:n_test], words[n_test : n_test + n_dev], words[n_test + n_dev :]
     ask = lambda ws: [fact_example(tokenizer, ASK, w, facts[w]) for w in ws]
     recall = [fact_example(tokenizer, FACT, w, facts[w]) for w in test]
     return Task(ask(train), ask(test), recall, ask(dev))

@@ -103,11 +103,11 @@ def read_resume(config, ckpt_path):
 
 
 # hashed into checkpoints: a resume on changed data is refused
-DATA_FILES = ("data", "val_data", "dev_data", "support_data")
+DATA_FILES = ("data", "test_data", "dev_data", "support_data")
 
 
 def files_fingerprint(paths):
-    """The hashes of a flag's comma-separated files (--val-data a,b), or None if one is gone."""
+    """The hashes of a flag's comma-separated files (--test-data a,b), or None if one is gone."""
     files = [p.strip() for p in paths.split(",") if p.strip()]
     if not all(os.path.isfile(p) for p in files):
         return None

@@ -193,9 +193,9 @@ def record_texts(path, prompt_field, completion_field, template, answer_field, t
 
 
 def check_data(config):
-    """Read and check every data file a run names (--data, --val-data, --support-data)
+    """Read and check every data file a run names (--data, --test-data, --support-data)
     before any work: a bad line 37 must not cost a pretraining first."""
-    paths = [config.data, config.support_data, config.dev_data, *config.val_data.split(",")]
+    paths = [config.data, config.support_data, config.dev_data, *config.test_data.split(",")]
     for path in filter(None, (p.strip() for p in paths)):
         if is_records(path):
             fields = (config.prompt_field, config.completion_field, config.template)

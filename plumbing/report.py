@@ -64,7 +64,7 @@ def selection_picture(record, noisy):
 def print_summary(metrics):
     rule = "" if metrics["selection"] is None else f" ({metrics['selection']}, support "
     rule += "" if metrics["selection"] is None else f"{metrics['support']})"
-    parts = [f"held-out loss {metrics['val_loss']:.4f}"]
+    parts = [f"held-out loss {metrics['held_out_loss']:.4f}"]
     if metrics["exact_match"] is not None:
         parts.append(f"exact match {metrics['exact_match']:.3f}")
     if metrics.get("accuracy") is not None:

@@ -9,9 +9,10 @@ import sys
 from dataclasses import field, fields
 
 
-def option(default, help):
-    """A dataclass field whose help text travels with it (to --help and to the README)."""
-    return field(default=default, metadata={"help": help})
+def option(default, help, was=None):
+    """A dataclass field whose help text travels with it (to --help and to the README); was:
+    the field's former name, still taken as a flag, so users' scripts keep working."""
+    return field(default=default, metadata={"help": help, "was": was})
 
 
 def like(config_type, name):
@@ -75,7 +76,8 @@ def parse_args(config_type, argv=None, description=None, known_only=False, epilo
                                 default=f.default, help=text)
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(flag(f.name), type=kind, default=f.default, help=text)
+            was = [flag(f.metadata["was"])] if f.metadata.get("was") else []
+            parser.add_argument(flag(f.name), *was, type=kind, default=f.default, help=text)
     if known_only:
         values, rest = parser.parse_known_args(argv)
         return config_type(**vars(values)), rest

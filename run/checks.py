@@ -56,7 +56,7 @@ def data_problems(self):
     """The data flags' problems (the files are read by plumbing.records.check_data)."""
     out = in_range(self, "noise", 0, 1,
                    high_open=True) + in_range(self, "val_fraction", 0, 1, True, True)
-    out += positive(self, "n_train", "n_val",
+    out += positive(self, "n_train", "n_test",
                     "heldout_size") + one_of(self, "noise_kind", NOISE_KINDS)
     try:
         parse_tasks(self.tasks)
@@ -66,11 +66,11 @@ def data_problems(self):
         out.append("--tasks chooses among the default task's tasks; it does nothing with --data")
     if not self.data and not out:
         # train, test, dev, held-out: distinct words
-        words = self.n_train + 2 * self.n_val + self.heldout_size
+        words = self.n_train + self.n_test + self.dev_size + self.heldout_size
         if words > MAX_TASK_WORDS:
-            out.append(f"--n-train, --n-val, --heldout-size: the default task would need "
-                       f"{words:,} distinct words, more than the {MAX_TASK_WORDS:,} it makes "
-                       f"(its word space holds {WORD_SPACE:,}); use --data for more")
+            out.append(f"--n-train, --n-test, --dev-size, --heldout-size: the default task "
+                       f"would need {words:,} distinct words, more than the {MAX_TASK_WORDS:,} it "
+                       f"makes (its word space holds {WORD_SPACE:,}); use --data for more")
     out += file_problems("--data", self.data) + one_of(self, "template", TEMPLATES)
     out += positive(self, "max_new_tokens")
     if not self.data and (self.template != "plain" or self.answer_field):
@@ -84,19 +84,19 @@ def data_problems(self):
     if self.template == "alpaca" and fields:  # alpaca reads instruction, input and output
         out.append(f"{', '.join(flag(f) for f in fields)}: --template alpaca reads the records' "
                    "instruction, input and output; those flags are for --template plain")
-    val_files = [p.strip() for p in self.val_data.split(",") if p.strip()]
+    val_files = [p.strip() for p in self.test_data.split(",") if p.strip()]
     real = [os.path.realpath(p) for p in val_files]
     twice = sorted({p for p, r in zip(val_files, real) if real.count(r) > 1})
     if twice:
-        out.append(f"--val-data names {', '.join(twice)} more than once (each file is a task)")
+        out.append(f"--test-data names {', '.join(twice)} more than once (each file is a task)")
     names = [task_name(p) for p in val_files]
     clash = sorted({n for n in names if names.count(n) > 1}) if not twice else []
     for name in clash:
         files = [p for p, n in zip(val_files, names) if n == name]
-        out.append(f"--val-data: {', '.join(files)} would all be task {name!r} (a task is named "
+        out.append(f"--test-data: {', '.join(files)} would all be task {name!r} (a task is named "
                    "by its folder or stem): give each task a file of its own name")
     kinds = lambda p: "prompt/completion records" if is_records(p) else "plain text"
-    for name in ("val_data", "support_data", "dev_data"):
+    for name in ("test_data", "support_data", "dev_data"):
         paths = [p for p in getattr(self, name).split(",") if p.strip()]
         if paths and not self.data:
             out.append(
@@ -197,8 +197,8 @@ def check_run(config, shape, n_train, eval_set, split, dev_sample):
                         + (f" (the paper adapts {paper})" if paper else ""))
     for name, examples in ((split, eval_set), ("dev", dev_sample)):
         if not examples:
-            problems.append(f"the {name} split is empty: give more evaluation data (--val-data, "
-                            "--dev-data, --val-fraction, --n-val)")
+            problems.append(f"the {name} split is empty: give more evaluation data (--test-data, "
+                            "--dev-data, --val-fraction, --n-test)")
     if config.epochs:  # the budget in passes over the training set
         samples = config.epochs * n_train
         if samples / config.batch_size > 10**9:
@@ -218,13 +218,13 @@ def check_run(config, shape, n_train, eval_set, split, dev_sample):
 
 
 def check_prompts(config, tokenizer):
-    """Before a base is pretrained: the records of --data and --val-data against the context
+    """Before a base is pretrained: the records of --data and --test-data against the context
     of the base train.py would pretrain (--block-size), so that a file whose every prompt
     leaves no completion token is refused now, not after minutes of pretraining."""
     if config.init_from or config.resume or not config.data:  # a given base's context is
         return  # read with it (on --resume, the checkpoint's base)
     block_size = base_shape(config).block_size
-    for path in [config.data, config.dev_data, config.support_data, *config.val_data.split(",")]:
+    for path in [config.data, config.dev_data, config.support_data, *config.test_data.split(",")]:
         if path.strip() and is_records(path.strip()):
             load_records(path.strip(), tokenizer, block_size, config.prompt_field,
                          config.completion_field, config.template, config.answer_field)
@@ -234,7 +234,7 @@ def input_hashes(config):
     """{flag: a hash} of the files a run reads, for torchrun's processes to compare: the data
     files whole; a base by its files' names and sizes (hashing gigabytes would cost minutes)."""
     out = {flag(n): files_fingerprint(getattr(config, n))
-           for n in ("data", "val_data", "dev_data", "support_data", "pretrain_data")
+           for n in ("data", "test_data", "dev_data", "support_data", "pretrain_data")
            if getattr(config, n)}
     base = config.init_from
     if base and os.path.isdir(base):
@@ -247,7 +247,7 @@ def input_hashes(config):
 
 # flags that only some runs read: which runs, and the test that this run is one
 FOR_SOME_RUNS = [
-    (("noise", "noise_kind", "n_train", "n_val"), "the default task (no --data)",
+    (("noise", "noise_kind", "n_train", "n_test"), "the default task (no --data)",
      lambda c: not c.data),
     (("pretrain_data", "pretrain_steps", "pretrain_until", "pretrain_starts",
       "pretrain_batch_size", "pretrain_lr", "pretrain_seed", "compile"),
@@ -260,7 +260,8 @@ FOR_SOME_RUNS = [
     (("ist_interval", "ist_trials", "ist_suppress", "ist_lr"), "--method ist",
      lambda c: c.method == "ist"),
     (("max_new_tokens",), "--answer-field", lambda c: bool(c.answer_field)),
-    (("dev_size",), "--val-data without --dev-data", lambda c: c.val_data and not c.dev_data),
+    (("dev_size",), "the default task, or --test-data without --dev-data",
+     lambda c: not c.data or (c.test_data and not c.dev_data)),
 ]
 
 

@@ -59,7 +59,7 @@ class Outputs:
                    "support": config.support if scored else None, "lr": config.lr,
                    "seed": config.seed, "steps": steps, "split": run.split,
                    "base": run.base_path, "exact_match": final["exact_match"],
-                   "accuracy": final["accuracy"], "val_loss": final["loss"],
+                   "accuracy": final["accuracy"], "held_out_loss": final["loss"],
                    "per_task": final["per_task"], "answers": final["answers"],
                    "sample": sample, **self.history.summary(), "config": asdict(config)}
         predictions, out_dir = final["predictions"], config.out_dir

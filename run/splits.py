@@ -55,13 +55,13 @@ def load_task(config, tokenizer, block_size):
     """(Task, is_qa): the fine-tuning data and its held-out splits.
 
     Default task: four disjoint splits made by the seed. Your data: --data shuffled by the
-    seed; test: every record of --val-data (or half a --val-fraction of --data); dev:
+    seed; test: every record of --test-data (or half a --val-fraction of --data); dev:
     --dev-data, or --dev-size carved from --data (or the other half); the trusted held-out
     set (--support heldout): --support-data, or --heldout-size carved from --data.
     """
     if not config.data:
-        task = make_default_task(tokenizer, config.n_train, config.n_val, config.noise, config.seed,
-                                 n_heldout=config.heldout_size, n_dev=config.n_val,
+        task = make_default_task(tokenizer, config.n_train, config.n_test, config.noise,
+                                 config.seed, n_heldout=config.heldout_size, n_dev=config.dev_size,
                                  noise_kind=config.noise_kind, tasks=parse_tasks(config.tasks))
         return task, True
     is_qa = is_records(config.data)
@@ -69,15 +69,15 @@ def load_task(config, tokenizer, block_size):
     order = list(range(len(examples)))
     random.Random(config.seed).shuffle(order)
     examples = [examples[i] for i in order]
-    if config.val_data:  # each file a task, every record of it in the test split
-        files = [p.strip() for p in config.val_data.split(",") if p.strip()]
+    if config.test_data:  # each file a task, every record of it in the test split
+        files = [p.strip() for p in config.test_data.split(",") if p.strip()]
         test = [e for path in files for e in load_examples(
             config, path, tokenizer, block_size, task_name(path) if len(files) > 1 else "")]
         n_dev = 0 if config.dev_data else min(config.dev_size, max(1, len(examples) // 10))
         dev, examples = examples[:n_dev], examples[n_dev:]
     else:
-        n_val = max(1, round(config.val_fraction * len(examples)))
-        evaluation, examples = examples[:n_val], examples[n_val:]
+        n_test = max(1, round(config.val_fraction * len(examples)))
+        evaluation, examples = examples[:n_test], examples[n_test:]
         half = 0 if config.dev_data else len(evaluation) // 2
         dev, test = evaluation[:half], evaluation[half:]
     if config.dev_data:

@@ -114,7 +114,7 @@ def wrong_answer(word, task, kind, rng, tasks=tuple(TASKS)):
     return wrong
 
 
-def make_default_task(tokenizer, n_train=6400, n_val=200, noise=0.2, seed=0, n_heldout=64,
+def make_default_task(tokenizer, n_train=6400, n_test=200, noise=0.2, seed=0, n_heldout=64,
                       n_dev=200, noise_kind="random", tasks=tuple(TASKS)):
     """The default task's Task, fully determined by the seed; every split has its own words,
     and each split is shared among the tasks as evenly as its size allows.
@@ -125,11 +125,11 @@ def make_default_task(tokenizer, n_train=6400, n_val=200, noise=0.2, seed=0, n_h
     if not 0.0 <= noise < 1.0:
         raise ValueError(f"noise must be in [0, 1), got {noise}")
     # never an endless search for distinct words
-    if n_train + n_val + n_heldout + n_dev > MAX_TASK_WORDS:
+    if n_train + n_test + n_heldout + n_dev > MAX_TASK_WORDS:
         raise ValueError(f"the default task makes at most {MAX_TASK_WORDS:,} distinct words")
     tasks = parse_tasks(",".join(tasks))  # known names only, in TASKS' order
     rng = random.Random(seed + 1)  # not the pretraining corpus's stream
-    sizes = (n_train, n_val, n_heldout, n_dev)
+    sizes = (n_train, n_test, n_heldout, n_dev)
     words = set()
     while len(words) < sum(sizes):
         words.add(random_word(rng))

@@ -45,18 +45,18 @@ def test_compare_prints_a_table_and_writes_json_and_csv(base, tmp_path, capsys):
     lora = {r["seed"]: r for r in saved["runs"] if r["row"] == "lora"}
     for row in saved["rows"]:
         mine = [r for r in saved["runs"] if r["row"] == row["row"]]
-        assert row["val_loss"] == pytest.approx(sum(r["val_loss"] for r in mine) / 2)
+        assert row["held_out_loss"] == pytest.approx(sum(r["held_out_loss"] for r in mine) / 2)
         # paired by seed, t with 1 degree of freedom
-        diffs = [r["val_loss"] - lora[r["seed"]]["val_loss"] for r in mine]
-        assert row["val_loss_vs_lora"] == pytest.approx(sum(diffs) / 2)
-        assert row["val_loss_vs_lora_ci95"] == pytest.approx(
+        diffs = [r["held_out_loss"] - lora[r["seed"]]["held_out_loss"] for r in mine]
+        assert row["held_out_loss_vs_lora"] == pytest.approx(sum(diffs) / 2)
+        assert row["held_out_loss_vs_lora_ci95"] == pytest.approx(
             12.706 * abs(diffs[0] - diffs[1]) / 2**0.5 / 2**0.5)
         assert [p["step"] for p in row["curve"]] == [
             3] and row["per_task_exact_match"].keys() == set(TASKS)
     with open(tmp_path / "compare.csv") as f:
         table = list(csv.DictReader(f))
     assert [r["row"] for r in table] == ["lora", "gast", "gast:topk+heldout", "data:batch"]
-    assert float(table[1]["val_loss"]) == pytest.approx(rows[1]["val_loss"])
+    assert float(table[1]["held_out_loss"]) == pytest.approx(rows[1]["held_out_loss"])
 
 
 def test_compare_picks_each_lr_on_the_dev_split_and_reports_on_the_test_split(base, tmp_path,
@@ -86,7 +86,7 @@ def test_compare_picks_each_lr_on_the_dev_split_and_reports_on_the_test_split(ba
         ("lora", 1e-3, "dev"), ("lora", 3e-2, "dev"), ("gast", 1e-3, "dev"), ("gast", 3e-2, "dev")]
     for row in rows:  # the lr with the lowest dev loss, for each method
         tried = [r for r in saved["dev_runs"] if r["method"] == row["method"]]
-        assert row["lr"] == min(tried, key=lambda r: r["val_loss"])["lr"]
+        assert row["lr"] == min(tried, key=lambda r: r["held_out_loss"])["lr"]
         assert all(r["lr"] == row["lr"] and r["split"] == "test" for r in saved["runs"]
                    if r["method"] == row["method"])
     # the lr choice never sees the test split (the test runs' periodic evaluations are dev's)
@@ -214,7 +214,7 @@ def test_lrs_from_reuses_the_lr_each_row_chose_in_an_earlier_comparison(base, tm
 
 def test_the_ablation_pairs_are_paired_by_seed_and_only_at_one_lr():
     def run(row, seed, em, loss):
-        return {"row": row, "seed": seed, "exact_match": em, "val_loss": loss}
+        return {"row": row, "seed": seed, "exact_match": em, "held_out_loss": loss}
 
     runs = [run("gast", 0, 0.9, 0.20), run("gast", 1, 0.8, 0.30)]
     runs += [run("gast:random", 0, 0.7, 0.25), run("gast:random", 1, 0.7, 0.31)]
@@ -226,7 +226,7 @@ def test_the_ablation_pairs_are_paired_by_seed_and_only_at_one_lr():
     assert [p["pair"] for p in pairs] == ["gast - gast:random", "gast - gast:topk"]
     softmax_random, softmax_topk = pairs
     assert softmax_random["exact_match_vs"] == pytest.approx(0.15)  # (0.2 + 0.1) / 2
-    assert softmax_random["val_loss_vs"] == pytest.approx(-0.03)  # (-0.05 - 0.01) / 2
+    assert softmax_random["held_out_loss_vs"] == pytest.approx(-0.03)  # (-0.05 - 0.01) / 2
     assert softmax_random["exact_match_vs_ci95"] == pytest.approx(12.706 * 0.1 / 2**0.5 / 2**0.5)
     assert "exact_match_vs" not in softmax_topk  # 1e-2 against 3e-3: not the rule's doing
     table = compare_module.format_pairs(pairs)
@@ -256,7 +256,7 @@ def test_the_pairs_are_pooled_over_comparisons_seed_by_seed(tmp_path, capsys):
     comparison and seed, pooled over the files; a comparison whose two rows ran at different
     lrs adds no pair to an ablation's (gast - lora compares the methods at their own lrs)."""
     def comparison(name, scores, lrs):  # scores: {row: [(exact match, loss) by seed]}
-        runs = [{"row": row, "seed": seed, "exact_match": em, "val_loss": loss}
+        runs = [{"row": row, "seed": seed, "exact_match": em, "held_out_loss": loss}
                 for row, by_seed in scores.items() for seed, (em, loss) in enumerate(by_seed)]
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps({"rows": [{"row": r, "lr": lrs.get(r, 0.01)} for r in scores],
@@ -272,7 +272,7 @@ def test_the_pairs_are_pooled_over_comparisons_seed_by_seed(tmp_path, capsys):
     # gast - lora: +0.1, 0.0 (a) and +0.3 (b)
     assert pairs["gast - lora"]["n"] == 3
     assert pairs["gast - lora"]["exact_match_vs"] == pytest.approx(0.4 / 3)
-    assert pairs["gast - lora"]["val_loss_vs"] == pytest.approx((-0.1 - 0.1 - 0.4) / 3)
+    assert pairs["gast - lora"]["held_out_loss_vs"] == pytest.approx((-0.1 - 0.1 - 0.4) / 3)
     half = 4.303 * statistics.stdev([0.1, 0.0, 0.3]) / 3 ** 0.5  # t with 2 degrees of freedom
     assert pairs["gast - lora"]["exact_match_vs_ci95"] == pytest.approx(half)
     assert pairs["gast - gast:random"]["exact_match_vs"] == pytest.approx((0.2 + 0.1 + 0.0) / 3)

@@ -38,11 +38,12 @@ def test_a_named_encoding_that_cannot_be_fetched_says_how_to_make_it_available(m
 
 
 def test_default_task_is_determined_by_its_seed_with_the_stated_noise():
-    task = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=7, n_heldout=30, n_dev=40)
+    task = make_default_task(TOK, n_train=200, n_test=50, noise=0.25, seed=7, n_heldout=30,
+                             n_dev=40)
     train, val = task.train, task.test
-    again = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=7, n_heldout=30,
+    again = make_default_task(TOK, n_train=200, n_test=50, noise=0.25, seed=7, n_heldout=30,
                               n_dev=40)
-    other = make_default_task(TOK, n_train=200, n_val=50, noise=0.25, seed=8, n_heldout=30,
+    other = make_default_task(TOK, n_train=200, n_test=50, noise=0.25, seed=8, n_heldout=30,
                               n_dev=40)
     for split in ("train", "test", "heldout", "dev"):
         assert [e.tokens for e in getattr(task, split)] == [e.tokens for e in getattr(again, split)]
@@ -73,7 +74,7 @@ def parts(e):
 
 
 def test_every_split_of_the_mixture_shares_its_samples_evenly_among_the_tasks():
-    task = make_default_task(TOK, n_train=201, n_val=40, noise=0.0, seed=1, n_heldout=9, n_dev=40)
+    task = make_default_task(TOK, n_train=201, n_test=40, noise=0.0, seed=1, n_heldout=9, n_dev=40)
     for split in ("train", "test", "heldout", "dev"):
         counts = [sum(e.task == name for e in getattr(task, split)) for name in TASKS]
         assert max(counts) - min(counts) <= 1, (split, counts)
@@ -85,7 +86,7 @@ def test_every_split_of_the_mixture_shares_its_samples_evenly_among_the_tasks():
 def test_tasks_chooses_a_subset_and_refuses_unknown_names():
     assert parse_tasks("all") == tuple(TASKS)
     assert parse_tasks("rsh, plus2") == ("plus2", "rsh")  # in TASKS' order
-    task = make_default_task(TOK, n_train=50, n_val=10, noise=0.2, seed=0, n_heldout=4, n_dev=4,
+    task = make_default_task(TOK, n_train=50, n_test=10, noise=0.2, seed=0, n_heldout=4, n_dev=4,
                              tasks=("plus2",))
     assert {e.task for e in task.train + task.test + task.heldout + task.dev} == {"plus2"}
     for bad in ("revshift", "", "plus2,nope", "shift"):
@@ -220,10 +221,10 @@ def test_a_prompt_that_fills_the_context_is_skipped_and_its_line_kept(tmp_path):
 
 
 def test_systematic_noise_is_another_tasks_answer_and_random_noise_is_unchanged():
-    systematic = make_default_task(TOK, n_train=200, n_val=5, noise=0.25, seed=3, n_heldout=5,
+    systematic = make_default_task(TOK, n_train=200, n_test=5, noise=0.25, seed=3, n_heldout=5,
                                    n_dev=5, noise_kind="systematic")
-    plain = make_default_task(TOK, n_train=200, n_val=5, noise=0.25, seed=3, n_heldout=5, n_dev=5)
-    again = make_default_task(TOK, n_train=200, n_val=5, noise=0.25, seed=3, n_heldout=5, n_dev=5,
+    plain = make_default_task(TOK, n_train=200, n_test=5, noise=0.25, seed=3, n_heldout=5, n_dev=5)
+    again = make_default_task(TOK, n_train=200, n_test=5, noise=0.25, seed=3, n_heldout=5, n_dev=5,
                               noise_kind="random")
     # random is the default, as before
     assert [e.tokens for e in plain.train] == [e.tokens for e in again.train]
@@ -237,7 +238,7 @@ def test_systematic_noise_is_another_tasks_answer_and_random_noise_is_unchanged(
     for e in (e for e in plain.train if e.noisy):
         name, word, answer = parts(e)
         assert answer != task_answer(word, name) and len(answer) == len(word)
-    one = make_default_task(TOK, n_train=40, n_val=5, noise=0.5, seed=3, n_heldout=5, n_dev=5,
+    one = make_default_task(TOK, n_train=40, n_test=5, noise=0.5, seed=3, n_heldout=5, n_dev=5,
                             noise_kind="systematic", tasks=("plus2",))
     # a mixture of one: another pretraining skill's answer
     for e in (e for e in one.train if e.noisy):
@@ -313,10 +314,10 @@ def test_flags_that_do_not_apply_and_evaluation_files_that_collide_are_refused(t
     def problems(**kw):
         return " ".join(data_problems(TrainConfig(**kw)))
 
-    assert "more than once" in problems(data=data, val_data=f"{a},{a}")
-    assert "would all be task 'boolq'" in problems(data=data, val_data=f"{a},{b}")
+    assert "more than once" in problems(data=data, test_data=f"{a},{a}")
+    assert "would all be task 'boolq'" in problems(data=data, test_data=f"{a},{b}")
     assert "--prompt-field: --template alpaca reads" in problems(
         data=data, template="alpaca", prompt_field="question")
     assert "is read as plain text" in problems(data=str(tmp_path / "corpus.txt"),
                                                answer_field="answer")
-    assert problems(data=data, template="alpaca", val_data=a) == ""
+    assert problems(data=data, template="alpaca", test_data=a) == ""

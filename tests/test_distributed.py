@@ -109,7 +109,7 @@ def train_straight_and_resumed(base, out):
     """A 2-process train.py run straight, and the same split at step 5 and resumed."""
     import train
 
-    common = dict(TINY_RUN, init_from=base, steps=8, n_val=8, eval_interval=2, support_interval=3,
+    common = dict(TINY_RUN, init_from=base, steps=8, n_test=8, eval_interval=2, support_interval=3,
                   grad_clip=0.05)
     adapters = {}
     for method in ("gast", "lisa"):
@@ -121,7 +121,7 @@ def train_straight_and_resumed(base, out):
                                                 resume=True, **common))
         adapters[method] = [torch.load(f"{out}/{method}-{kind}/adapter.pt", weights_only=True)[
             "adapter"] for kind in ("straight", "split")]
-        adapters[method].append((straight["val_loss"], resumed["val_loss"]))
+        adapters[method].append((straight["held_out_loss"], resumed["held_out_loss"]))
     return adapters
 
 
@@ -176,7 +176,7 @@ def test_resume_under_two_processes_equals_a_straight_two_process_run_and_one_pr
     import train
 
     torch.set_num_threads(1)
-    one = train.train(train.TrainConfig(**dict(TINY_RUN, init_from=base, steps=8, n_val=8,
+    one = train.train(train.TrainConfig(**dict(TINY_RUN, init_from=base, steps=8, n_test=8,
                                                eval_interval=2, support_interval=3, grad_clip=0.05,
                                                method="gast", out_dir=str(tmp_path / "one"))))
     ckpt = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
@@ -187,7 +187,7 @@ def test_resume_under_two_processes_equals_a_straight_two_process_run_and_one_pr
         # B) into ~1e-5
         torch.testing.assert_close(results["gast"][0][name], one_adapter[name], rtol=1e-3,
                                    atol=1e-4)
-    assert one["val_loss"] == pytest.approx(results["gast"][2][0], rel=1e-4)
+    assert one["held_out_loss"] == pytest.approx(results["gast"][2][0], rel=1e-4)
     for method, (straight, split, (loss_straight, loss_resumed)) in results.items():
         assert straight.keys() == split.keys()
         for name in straight:
@@ -256,7 +256,7 @@ def test_epochs_that_do_not_divide_run_to_their_end_under_two_processes(tmp_path
 
     argv = ["--out-dir", str(tmp_path / "out"), "--init-from", base, "--epochs", "0.3",
             "--n-train", "54", "--batch-size", "8", "--warmup-steps", "-1", "--quiet",
-            "--weak-base", "--no-picture", "--n-val", "16", "--eval-samples", "16"]
+            "--weak-base", "--no-picture", "--n-test", "16", "--eval-samples", "16"]
     in_processes(2, "exit_codes", tmp_path, argv=argv, folder=str(tmp_path))
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["code"] for r in records] == [0, 0], records

@@ -425,7 +425,7 @@ def test_selection_rates_with_no_noisy_sample_are_nan():
 
 def test_a_gast_step_on_the_default_gpt_at_batch_32():
     tok = get_tokenizer()
-    task = make_default_task(tok, n_train=32, n_val=1, noise=0.25, n_heldout=8, n_dev=1)
+    task = make_default_task(tok, n_train=32, n_test=1, noise=0.25, n_heldout=8, n_dev=1)
     x, y, noisy = collate(task.train, tok.eot_token)
     torch.manual_seed(0)
     model = add_lora(GPT(GPTConfig()), LoRAConfig(targets=ATTENTION), verbose=False)

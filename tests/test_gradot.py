@@ -232,7 +232,7 @@ def test_plug_in_puts_the_tuned_adapter_blocks_on_the_original_middle_bit_for_bi
     tok = get_tokenizer()
     from testbed.task import make_default_task
 
-    gradot.fine_tune(emulator, config, make_default_task(tok, n_train=16, n_val=1, n_heldout=0,
+    gradot.fine_tune(emulator, config, make_default_task(tok, n_train=16, n_test=1, n_heldout=0,
                                                          n_dev=0).train, tok, "cpu")
     plugged = plug_in(model, emulator, 1)
     same = lambda a, b: (a.state_dict().keys() == b.state_dict().keys() and all(

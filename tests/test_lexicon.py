@@ -30,7 +30,7 @@ def test_a_lexicon_is_fixed_by_its_size_and_half_the_corpus_states_it_evenly():
 
 def test_the_knowledge_task_asks_for_the_facts_in_a_new_template_on_unseen_words():
     facts = lexicon(60)
-    task = make_knowledge_task(TOK, facts, n_val=20, n_dev=10, seed=1)
+    task = make_knowledge_task(TOK, facts, n_test=20, n_dev=10, seed=1)
     words = lambda split: [TOK.decode(e.tokens[: e.n_prompt]).split()[1].rstrip("=") for e in split]
     train, test, dev = words(task.train), words(task.test), words(task.dev)
     assert (len(train), len(test),
@@ -44,9 +44,9 @@ def test_the_knowledge_task_asks_for_the_facts_in_a_new_template_on_unseen_words
     # recall before fine-tuning: the test words in the pretraining template
     assert words(task.heldout) == test
     # the seed splits
-    assert test != words(make_knowledge_task(TOK, facts, n_val=20, n_dev=10, seed=2).test)
+    assert test != words(make_knowledge_task(TOK, facts, n_test=20, n_dev=10, seed=2).test)
     with pytest.raises(ValueError, match="cannot give 40 test and 20 dev words"):
-        make_knowledge_task(TOK, facts, n_val=40, n_dev=20)
+        make_knowledge_task(TOK, facts, n_test=40, n_dev=20)
 
 
 def test_a_lexicon_base_has_a_hash_of_its_own_and_the_default_base_keeps_its_own():

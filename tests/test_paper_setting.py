@@ -179,7 +179,7 @@ def test_the_papers_command_runs_on_files_in_llm_adapters_layout(tmp_path, capsy
     shape += ["--pretrain-steps", "5", "--pretrain-until", "0"]
     flags = [*shape, "--out-dir", str(out), "--batch-size", "8", "--no-picture"]
     flags += ["--max-new-tokens", "8", "--eval-interval", "3", "--log-interval", "1"]
-    assert (main([*flags, "--data", train, "--template", "alpaca", "--val-data", f"{boolq},{piqa}",
+    assert (main([*flags, "--data", train, "--template", "alpaca", "--test-data", f"{boolq},{piqa}",
                   "--answer-field", "answer", "--epochs", "3"]) == 0)
     printed = capsys.readouterr().out
     assert "| accuracy" in printed and "  boolq " in printed and "  piqa " in printed

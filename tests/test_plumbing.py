@@ -70,6 +70,13 @@ def test_every_scripts_settings_are_declared_one_way_each_with_its_help(capsys):
         capsys.readouterr().out.split())
 
 
+def test_a_renamed_flag_still_takes_its_former_name():
+    from train import TrainConfig
+
+    config = parse_args(TrainConfig, ["--val-data", "a.json", "--n-val", "7"])
+    assert config.test_data == "a.json" and config.n_test == 7
+
+
 def test_flags_are_never_abbreviated_and_the_rest_can_be_passed_on():
     config, rest = parse_args(Outer, ["--seed", "7", "--seeds", "2", "--steps=3"], known_only=True)
     assert config.seeds == 2 and rest == ["--seed", "7", "--steps=3"]

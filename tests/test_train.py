@@ -21,7 +21,7 @@ from plumbing.settings import ConfigError
 def test_every_method_runs_end_to_end(tiny, tmp_path, method, per_sample):
     metrics = train(tiny(method=method, per_sample=per_sample))
     assert metrics["method"] == method and metrics["steps"] == 6
-    assert 0 <= metrics["exact_match"] <= 1 and math.isfinite(metrics["val_loss"])
+    assert 0 <= metrics["exact_match"] <= 1 and math.isfinite(metrics["held_out_loss"])
     assert [e["step"] for e in metrics["evals"]] == [3, 6]
     assert (tmp_path / "adapter.pt").exists() and (tmp_path / "ckpt.pt").exists()
     # lisa and ist: K = 2 of 4 blocks per step; the others every block
@@ -50,7 +50,7 @@ def test_fine_tuning_lowers_the_held_out_loss_below_the_bases(tiny, taught_base,
     base_loss = {split: evaluate(base, examples, tok, "cpu", False)["loss"] for split, examples in (
         ("test", task.test), ("dev", task.dev[: config.eval_samples]))}
     # the final evaluation: the whole test split; the periodic ones: a dev sample
-    assert metrics["val_loss"] < base_loss["test"] - 0.05
+    assert metrics["held_out_loss"] < base_loss["test"] - 0.05
     assert metrics["evals"][-1]["loss"] < base_loss["dev"] - 0.05
 
 
@@ -101,13 +101,13 @@ def test_unknown_fields_and_bad_flags_are_refused(base, tmp_path, capsys):
 
 
 def test_bad_support_and_selection_flags_are_refused(tiny, tmp_path):
-    config = tiny(support="val", heldout_size=0, support_interval=0, val_data="v.jsonl",
+    config = tiny(support="val", heldout_size=0, support_interval=0, test_data="v.jsonl",
                   selection="best", temperature=0.0)
     with pytest.raises(ConfigError) as e:
         train(config)
     for expected in ("--support must be one of train, heldout, batch, got 'val'",
                      "--heldout-size must be positive, got 0",
-                     "--support-interval must be positive, got 0", "--val-data needs --data",
+                     "--support-interval must be positive, got 0", "--test-data needs --data",
                      "--selection must be one of softmax, topk, random, got 'best'",
                      "--temperature must be positive, got 0.0"):
         assert expected in str(e.value)
@@ -122,13 +122,13 @@ def test_your_own_held_out_support_and_evaluation_files(tiny, tmp_path, capsys):
         return str(tmp_path / name)
 
     tok = get_tokenizer()
-    config = tiny(data=write("train.jsonl", 30, 0), val_data=write("val.jsonl", 10, 100),
+    config = tiny(data=write("train.jsonl", 30, 0), test_data=write("val.jsonl", 10, 100),
                   support_data=write("ref.jsonl", 6, 200), quiet=False)
     task, is_qa = load_task(config, tok, 32)
     words = lambda split: {tok.decode(e.tokens[: e.n_prompt]) for e in split}
     assert (is_qa and len(task.train) == 27
             and words(task.heldout) == {f"q{i}?\n" for i in range(200, 206)})
-    # the test split: every record of --val-data; dev: a tenth of --data (under --dev-size)
+    # the test split: every record of --test-data; dev: a tenth of --data (under --dev-size)
     assert words(task.test) == {f"q{i}?\n" for i in range(100, 110)} and len(task.dev) == 3
     assert (words(task.dev) | words(task.train) == {f"q{i}?\n" for i in range(30)}
             and not words(task.dev) & words(task.train))
@@ -166,11 +166,11 @@ def test_jsonl_and_text_files_through_data(tiny, tmp_path):
     metrics = train(tiny(tmp_path / "qa", data=str(tmp_path / "qa.jsonl"), prompt_field="question",
                          completion_field="answer", batch_size=4, val_fraction=0.25, heldout_size=8,
                          support="heldout"))
-    assert metrics["exact_match"] is not None and math.isfinite(metrics["val_loss"])
+    assert metrics["exact_match"] is not None and math.isfinite(metrics["held_out_loss"])
     (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
     metrics = train(
         tiny(tmp_path / "txt", data=str(tmp_path / "corpus.txt"), batch_size=4, support="batch"))
-    assert metrics["exact_match"] is None and math.isfinite(metrics["val_loss"])
+    assert metrics["exact_match"] is None and math.isfinite(metrics["held_out_loss"])
     with pytest.raises(ConfigError,
                        match="--batch-size 40 is larger than the 22 training samples left in .* "
                        "and the 8 held-out support"):
@@ -191,7 +191,7 @@ def test_selection_picture_shows_the_mask_and_the_noisy_samples():
 @pytest.mark.parametrize("per_sample", ["vmap", "hooks"])
 def test_a_gast_run_on_cuda_with_autocast(tiny, tmp_path, per_sample):
     metrics = train(tiny(device="cuda", per_sample=per_sample))
-    assert math.isfinite(metrics["val_loss"]) and 0 <= metrics["exact_match"] <= 1
+    assert math.isfinite(metrics["held_out_loss"]) and 0 <= metrics["exact_match"] <= 1
 
 
 def test_a_run_draws_its_selection_picture(tiny, tmp_path):
@@ -241,7 +241,7 @@ def refused(capsys, base, out, *extra):
             ["--lora-targets", "attn.c_attn,foo.bar"],
             "--lora-targets: 'foo.bar' matches no Linear module",
         ),
-        (["--n-val", "0"], "--n-val must be positive, got 0"),
+        (["--n-test", "0"], "--n-test must be positive, got 0"),
     ],
 )
 def test_bad_flags_are_refused_before_any_work(capsys, base, tmp_path, flags, message):
@@ -335,7 +335,7 @@ def test_quiet_prints_the_summary_alone_and_every_run_writes_metrics_json(capsys
     assert "step     0/6" not in out and "eval at" not in out and "LoRA r=" not in out
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert (metrics["method"] == "gast" and metrics["steps"] == 6
-            and f"held-out loss {metrics['val_loss']:.4f}" in out)
+            and f"held-out loss {metrics['held_out_loss']:.4f}" in out)
 
 
 def test_a_json_file_of_one_object_a_line_is_read_and_the_reader_is_named(capsys, base, tmp_path):
@@ -377,7 +377,7 @@ def test_a_run_records_the_norm_before_clipping_and_clips_at_its_setting(tiny, t
     history = torch.load(tmp_path / "ckpt.pt", weights_only=True)["progress"]
     assert len(history["grad_norm"]) == 6 and all(n > 1e-3 for n in history["grad_norm"])
     loose = train(tiny(tmp_path / "loose", method="lora", grad_clip=0.0))
-    assert loose["val_loss"] != metrics["val_loss"]  # clipping at 1e-3 changed the updates
+    assert loose["held_out_loss"] != metrics["held_out_loss"]  # clipping at 1e-3 changed them
 
 
 # --- bad input, one table: every kind ends in one `error:` line naming the flag, file or line, exit
@@ -385,7 +385,7 @@ def test_a_run_records_the_norm_before_clipping_and_clips_at_its_setting(tiny, t
 
 
 def bad_files(tmp_path):
-    """Files a new user might hand over, by kind; each the --data (or --val-data) of one run."""
+    """Files a new user might hand over, by kind; each the --data (or --test-data) of one run."""
     good = "\n".join(json.dumps({"prompt": f"q{i}?", "completion": f" a{i}"}) for i in range(40))
     (tmp_path / "good.jsonl").write_text(good)
     (tmp_path / "nested.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
@@ -429,11 +429,11 @@ BAD_INPUTS = [  # (flags, the fragment its error names); {tmp} is the test's fol
     (["--data", "{tmp}/latin1.txt"], "latin1.txt:1: not valid UTF-8"),
     (["--data", "{tmp}/folder.jsonl"], "--data {tmp}/folder.jsonl: is a directory, not a file"),
     (
-        ["--data", "{tmp}/good.jsonl", "--val-data", "{tmp}/text.txt"],
-        "--val-data {tmp}/text.txt would be read as plain text, but --data",
+        ["--data", "{tmp}/good.jsonl", "--test-data", "{tmp}/text.txt"],
+        "--test-data {tmp}/text.txt would be read as plain text, but --data",
     ),
     (
-        ["--data", "{tmp}/text.txt", "--val-data", "{tmp}/good.jsonl"],
+        ["--data", "{tmp}/text.txt", "--test-data", "{tmp}/good.jsonl"],
         "would be read as prompt/completion records, but --data",
     ),
     (
@@ -560,7 +560,7 @@ def test_any_epochs_run_to_their_end_and_resume(tiny, tmp_path, epochs, n_train)
         half = tmp_path / "half"
         train(tiny(out=half, stop_at=straight["steps"] // 2, **kw), summary=False)
         resumed = train(tiny(out=half, resume=True, **kw), summary=False)
-        assert resumed["val_loss"] == pytest.approx(straight["val_loss"], rel=1e-5)
+        assert resumed["held_out_loss"] == pytest.approx(straight["held_out_loss"], rel=1e-5)
 
 
 def test_epochs_past_a_billion_steps_are_refused_before_any_step(tiny):

@@ -111,7 +111,7 @@ def make_batch(config, B, device, seed=0):
     (the first half prompt, no loss there) for the others."""
     if config == MODELS["default"][0]:
         tok = get_tokenizer()
-        train = make_default_task(tok, n_train=max(B, 8), n_val=1, noise=0.2, seed=seed,
+        train = make_default_task(tok, n_train=max(B, 8), n_test=1, noise=0.2, seed=seed,
                                   n_heldout=0, n_dev=0).train
         return collate(train[:B], tok.eot_token, device)[:2]
     g = torch.Generator().manual_seed(seed)

@@ -132,8 +132,8 @@ def one_run(flags, split):
         config = train(flags, dry_run=True)
         return {"method": config["method"], "selection": config["selection"],
                 "support": config["support"], "lr": config["lr"], "seed": config["seed"],
-                "split": split, "exact_match": None, "val_loss": float("inf"), "diverged": True,
-                "error": str(e), "config": config}
+                "split": split, "exact_match": None, "held_out_loss": float("inf"),
+                "diverged": True, "error": str(e), "config": config}
 
 
 def runs_in(calls, jobs):
@@ -207,7 +207,8 @@ def run_comparison(config, train_flags, base_config):
         say(
             f"  [{progress['done']}/{n_runs}] {label} lr {metrics['lr']:g} seed {metrics['seed']} "
             f"on {split}:{em} "
-            f"loss {metrics['val_loss']:.4f}{' DIVERGED' if metrics.get('diverged') else ''}{how} "
+            f"loss {metrics['held_out_loss']:.4f}"
+            f"{' DIVERGED' if metrics.get('diverged') else ''}{how} "
             f"({elapsed:.0f}s so far, eta {left:.0f}s)", flush=True)
         return metrics
 
@@ -237,8 +238,8 @@ def run_comparison(config, train_flags, base_config):
                             for label, method, chosen in rows_wanted for lr in lrs])
         for label, _, _ in rows_wanted:
             tried = [m for m in dev_runs if m["row"] == label]
-            chosen_lr[
-                label] = min(tried, key=lambda m: (m.get("diverged", False), m["val_loss"]))["lr"]
+            best = min(tried, key=lambda m: (m.get("diverged", False), m["held_out_loss"]))
+            chosen_lr[label] = best["lr"]
     runs = run_all([(label, method, chosen, chosen_lr.get(label, lrs[0]), seed, "test")
                     for label, method, chosen in rows_wanted for seed in range(config.seeds)])
     rows = [summarise(label, chosen_lr.get(label, lrs[0]), [r for r in runs if r["row"] == label])
@@ -300,7 +301,7 @@ def paired_difference(runs, lora_runs, against="lora"):
     same seed (or another row's: against), with a 95% interval from Student's t over the
     seeds (None with one seed)."""
     out = {}
-    for key in ("exact_match", "val_loss"):
+    for key in ("exact_match", "held_out_loss"):
         out[f"{key}_vs_{against}"], out[f"{key}_vs_{against}_ci95"] = mean_and_ci95(
             seed_differences(runs, lora_runs, key))
     return out
@@ -318,7 +319,7 @@ def pooled_pairs(paths):
         comparisons.append(({r["row"]: r["lr"] for r in saved["rows"]}, saved["runs"]))
     out = []
     for a, b in (("gast", "lora"), *ABLATION_PAIRS):
-        diffs, skipped = {"exact_match": [], "val_loss": []}, 0
+        diffs, skipped = {"exact_match": [], "held_out_loss": []}, 0
         for lrs, runs in comparisons:
             if a not in lrs or b not in lrs or (b != "lora" and lrs[a] != lrs[b]):
                 skipped += a in lrs and b in lrs
@@ -326,7 +327,7 @@ def pooled_pairs(paths):
             for key in diffs:
                 diffs[key] += seed_differences([r for r in runs if r["row"] == a],
                                                [r for r in runs if r["row"] == b], key)
-        pair = {"pair": f"{a} - {b}", "n": len(diffs["val_loss"]), "unpaired": skipped}
+        pair = {"pair": f"{a} - {b}", "n": len(diffs["held_out_loss"]), "unpaired": skipped}
         for key, values in diffs.items():
             pair[f"{key}_vs"], pair[f"{key}_vs_ci95"] = mean_and_ci95(values)
         out.append(pair)
@@ -339,7 +340,7 @@ def format_pooled(pairs, n_files):
     lines = [f"pooled over {n_files} comparison(s), seed by seed (mean difference, 95% t):",
              "| pair | pairs | exact match | held-out loss | comparisons left out (lrs differ) |",
              "|---|---|---|---|---|"]
-    lines += [f"| {p['pair']} | {p['n']} | {cell(p, 'exact_match')} | {cell(p, 'val_loss')} | "
+    lines += [f"| {p['pair']} | {p['n']} | {cell(p, 'exact_match')} | {cell(p, 'held_out_loss')} | "
               f"{p['unpaired']} |" for p in pairs]
     return "\n".join(lines)
 
@@ -350,7 +351,7 @@ ABLATION_PAIRS = (("gast", "gast:random"), ("gast", "gast:topk"), ("gast:heldout
 
 
 def ablation_pairs(rows, runs):
-    """[{pair, lr, exact_match_vs, ..._ci95, val_loss_vs, ..._ci95}] for each of
+    """[{pair, lr, exact_match_vs, ..._ci95, held_out_loss_vs, ..._ci95}] for each of
     ABLATION_PAIRS whose rows are both in the table; paired only where the two rows ran at
     the same lr (else lr is None): a difference of lrs is not the rule's."""
     lr_of = {r["row"]: r["lr"] for r in rows}
@@ -383,7 +384,7 @@ def format_pairs(pairs):
             lines.append(f"| {p['pair']} | {a:g} vs {b:g} | not paired: the lrs differ | - |")
         else:
             lines.append(
-                f"| {p['pair']} | {a:g} | {diff(p, 'exact_match')} | {diff(p, 'val_loss')} |")
+                f"| {p['pair']} | {a:g} | {diff(p, 'exact_match')} | {diff(p, 'held_out_loss')} |")
     return "\n".join(lines)
 
 
@@ -397,14 +398,14 @@ def summarise(label, lr, runs):
         return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
     em, em_sd = spread([r["exact_match"] for r in runs])
-    loss, loss_sd = spread([r["val_loss"] for r in runs])
+    loss, loss_sd = spread([r["held_out_loss"] for r in runs])
     tasks = sorted({name for r in runs for name in r.get("per_task", {})})
     per_task = {name: spread([r["per_task"][name]["exact_match"] for r in runs
                               if name in r.get("per_task", {})])[0] for name in tasks}
     means = ("coverage", "noisy_selected", "clean_selected", "ms_per_step")
     return {"row": label, "method": runs[0]["method"], "selection": runs[0]["selection"],
             "support": runs[0]["support"], "lr": lr, "seeds": len(runs), "exact_match": em,
-            "exact_match_sd": em_sd, "val_loss": loss, "val_loss_sd": loss_sd,
+            "exact_match_sd": em_sd, "held_out_loss": loss, "held_out_loss_sd": loss_sd,
             "per_task_exact_match": per_task, "curve": mean_curve(runs),
             "diverged": sum(bool(r.get("diverged")) for r in runs),
             **{k: nanmean([r.get(k, float("nan")) for r in runs]) for k in means}}
@@ -441,7 +442,8 @@ def format_table(rows):
         lines.append(
             f"| {r['row']} | {r['selection'] or '-'} | {r['support'] or '-'} | {r['lr']:g} | "
             f"{pm(r['exact_match'], r['exact_match_sd'], 3)} | {versus(r, 'exact_match', 3)} | "
-            f"{pm(r['val_loss'], r['val_loss_sd'], 4)} | {versus(r, 'val_loss', 4)} | "
+            f"{pm(r['held_out_loss'], r['held_out_loss_sd'], 4)} | "
+            f"{versus(r, 'held_out_loss', 4)} | "
             f"{r['coverage']:.2f} | {rate(r['noisy_selected'])} | {rate(r['clean_selected'])} | "
             f"{r['ms_per_step']:.0f} |")
     return "\n".join(lines)
@@ -464,9 +466,9 @@ def format_lr_choice(dev_runs):
     lines = []
     for label in dict.fromkeys(m["row"] for m in dev_runs):
         tried = [m for m in dev_runs if m["row"] == label]
-        best = min(tried, key=lambda m: (m.get("diverged", False), m["val_loss"]))
-        cells = [(f"**{m['val_loss']:.4f}**" if m is best
-                  else f"{m['val_loss']:.4f}") + f" ({m['lr']:g})" for m in tried]
+        best = min(tried, key=lambda m: (m.get("diverged", False), m["held_out_loss"]))
+        cells = [(f"**{m['held_out_loss']:.4f}**" if m is best
+                  else f"{m['held_out_loss']:.4f}") + f" ({m['lr']:g})" for m in tried]
         lines.append(f"{label}: " + ", ".join(cells))
     return "\n".join(lines)
 
@@ -491,7 +493,7 @@ def plot_comparison(rows, path):
     if plt is None:
         return
     panels = [(k, t) for k, t in [("exact_match", "exact match (test)"), (
-        "val_loss", "held-out loss (test)")] if all(r[k] is not None for r in rows)]
+        "held_out_loss", "held-out loss (test)")] if all(r[k] is not None for r in rows)]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 3.5),
                              squeeze=False)
     # every row's learning curve: the mean over seeds, the band from min to max
