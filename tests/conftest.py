@@ -6,7 +6,8 @@ import torch
 # the project's modules sit at the top level, one file per concept
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# two threads; one a worker where pytest-xdist runs the suite in two processes (-n 2)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 import pytest  # noqa: E402
