@@ -15,12 +15,6 @@ def option(default, help, was=None):
     return field(default=default, metadata={"help": help, "was": was})
 
 
-def like(config_type, name):
-    """A field with the default and help of config_type's field `name` (declared once there)."""
-    source = {f.name: f for f in fields(config_type)}[name]
-    return option(source.default, source.metadata["help"])
-
-
 class ConfigError(ValueError):
     """Every problem with the settings, listed at once; main() prints it and exits 2."""
 
@@ -108,9 +102,3 @@ def as_config(config_type, config):
     unknown = sorted(set(values) - {f.name for f in fields(config_type)})
     refuse([f"unknown field(s): {', '.join(unknown)}"] if unknown else [])
     return config_type(**values)
-
-
-def subset(config_type, config):
-    """config_type built from the fields of a larger config (or dict) that it declares."""
-    values = config if isinstance(config, dict) else vars(config)
-    return config_type(**{f.name: values[f.name] for f in fields(config_type) if f.name in values})

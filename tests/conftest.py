@@ -7,7 +7,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # two threads; one a worker where pytest-xdist runs the suite in two processes (-n 2)
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
+worker = os.environ.get("PYTEST_XDIST_WORKER")
+torch.set_num_threads(1 if worker else min(2, torch.get_num_threads()))
 
 
 import pytest  # noqa: E402

@@ -212,26 +212,25 @@ def test_lrs_from_reuses_the_lr_each_row_chose_in_an_earlier_comparison(base, tm
             and not (tmp_path / "d" / "compare.json").exists())
 
 
-def test_the_ablation_pairs_are_paired_by_seed_and_only_at_one_lr():
+def test_the_pairs_of_one_comparison_are_paired_by_seed_and_an_ablation_only_at_one_lr():
     def run(row, seed, em, loss):
         return {"row": row, "seed": seed, "exact_match": em, "held_out_loss": loss}
 
     runs = [run("gast", 0, 0.9, 0.20), run("gast", 1, 0.8, 0.30)]
     runs += [run("gast:random", 0, 0.7, 0.25), run("gast:random", 1, 0.7, 0.31)]
-    runs += [run("gast:topk", s, 0.5, 0.5) for s in (0, 1)]
-    rows = [{"row": "gast", "lr": 1e-2}, {"row": "gast:random", "lr": 1e-2}]
-    rows += [{"row": "gast:topk", "lr": 3e-3}, {"row": "lora", "lr": 1e-2}]
-    pairs = compare_module.ablation_pairs(rows, runs)
-    # gast:heldout is not in the table, so its pair is left out
-    assert [p["pair"] for p in pairs] == ["gast - gast:random", "gast - gast:topk"]
-    softmax_random, softmax_topk = pairs
+    runs += [run("gast:topk", s, 0.5, 0.5) for s in (0, 1)] + [run("lora", 0, None, None)]
+    lrs = {"gast": 1e-2, "gast:random": 1e-2, "gast:topk": 3e-3, "lora": 1e-2}
+    pairs = {p["pair"]: p for p in compare_module.pooled_pairs([(lrs, runs)])}
+    softmax_random, softmax_topk = pairs["gast - gast:random"], pairs["gast - gast:topk"]
     assert softmax_random["exact_match_vs"] == pytest.approx(0.15)  # (0.2 + 0.1) / 2
     assert softmax_random["held_out_loss_vs"] == pytest.approx(-0.03)  # (-0.05 - 0.01) / 2
     assert softmax_random["exact_match_vs_ci95"] == pytest.approx(12.706 * 0.1 / 2**0.5 / 2**0.5)
-    assert "exact_match_vs" not in softmax_topk  # 1e-2 against 3e-3: not the rule's doing
-    table = compare_module.format_pairs(pairs)
-    assert "| gast - gast:random | 0.01 | +0.1500 ± " in table
-    assert "| gast - gast:topk | 0.01 vs 0.003 | not paired: the lrs differ | - |" in table
+    # 1e-2 against 3e-3: not the rule's doing; a run with no figure pairs with nothing
+    assert (softmax_topk["n"], softmax_topk["unpaired"]) == (0, 1)
+    assert pairs["gast - lora"]["n"] == 0 and pairs["gast - lora"]["exact_match_vs"] is None
+    table = compare_module.format_pooled(list(pairs.values()), 1)
+    assert "| gast - gast:random | 2 | +0.1500 ± " in table
+    assert "| gast - gast:topk | 0 | n/a | n/a | 1 |" in table
 
 
 def test_a_second_comparison_into_a_held_out_dir_is_refused_before_any_run(base, tmp_path,
@@ -268,7 +267,8 @@ def test_the_pairs_are_pooled_over_comparisons_seed_by_seed(tmp_path, capsys):
                          "gast:heldout": [(0.9, 0.2), (0.9, 0.2)]}, {"gast:heldout": 0.003})
     b = comparison("b", {"lora": [(0.5, 0.9)], "gast": [(0.8, 0.5)], "gast:random": [(0.8, 0.7)],
                          "gast:heldout": [(1.0, 0.1)]}, {"lora": 0.003})
-    pairs = {p["pair"]: p for p in compare_module.pooled_pairs([a, b])}
+    pairs = {p["pair"]: p for p in compare_module.pooled_pairs(
+        map(compare_module.read_comparison, [a, b]))}
     # gast - lora: +0.1, 0.0 (a) and +0.3 (b)
     assert pairs["gast - lora"]["n"] == 3
     assert pairs["gast - lora"]["exact_match_vs"] == pytest.approx(0.4 / 3)
@@ -283,5 +283,9 @@ def test_the_pairs_are_pooled_over_comparisons_seed_by_seed(tmp_path, capsys):
     assert pairs["gast - gast:topk"]["n"] == 0  # neither file has the row
     assert main(["--pool", f"{a},{b}"]) == 0
     assert "| gast - lora | 3 | +0.1333 ±" in capsys.readouterr().out
+    copy = tmp_path / "copy.json"
+    copy.write_bytes(open(a, "rb").read())
+    assert main(["--pool", f"{a},{copy}"]) == 2  # the same comparison twice: refused
+    assert "is a comparison given before" in capsys.readouterr().err
     assert main(["--pool", a, "--seeds", "3", "--steps", "5"]) == 2
     assert "--pool runs nothing: --seeds --steps 5 would not be read" in capsys.readouterr().err

@@ -259,11 +259,10 @@ def run_comparison(config, train_flags, base_config):
     say(f"\ndev-sample loss while training (mean over seeds):\n{format_curves(rows)}")
     if dev_runs:
         say(f"\nthe lr choice (dev loss, seed 0; the lowest wins):\n{format_lr_choice(dev_runs)}")
-    pairs = ablation_pairs(rows, runs)
+    lrs = {r["row"]: r["lr"] for r in rows}
+    pairs = [p for p in pooled_pairs([(lrs, runs)]) if set(p["pair"].split(" - ")) <= set(lrs)]
     if pairs:
-        say(
-            f"\nthe ablation's pairs, seed by seed (the same data and batches):\n"
-            f"{format_pairs(pairs)}")
+        say(f"\nthe pairs, seed by seed (the same data and batches):\n{format_pooled(pairs, 1)}")
     if is_main():
         path = os.path.join(config.out_dir, "compare")
         write_json(path + ".json", {"config": {**asdict(config), "train": runs[
@@ -282,10 +281,11 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 
 def seed_differences(runs, other_runs, key):
-    """Each run's key minus the other row's run of the same seed (the same data, batches)."""
-    by_seed = {r["seed"]: r[key] for r in other_runs if r.get(key) is not None}
-    return [r[key] - by_seed[r["seed"]] for r in runs if r.get(key) is not None
-            and r["seed"] in by_seed]
+    """Each run's key minus the other row's run of the same seed (the same data, batches);
+    runs without a finite figure (a diverged run's null, NaN) pair with nothing."""
+    finite = lambda r: isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+    by_seed = {r["seed"]: r[key] for r in other_runs if finite(r)}
+    return [r[key] - by_seed[r["seed"]] for r in runs if finite(r) and r["seed"] in by_seed]
 
 
 def mean_and_ci95(diffs):
@@ -296,29 +296,36 @@ def mean_and_ci95(diffs):
     return mean, half
 
 
-def paired_difference(runs, lora_runs, against="lora"):
+def paired_difference(runs, lora_runs):
     """Mean per-seed difference of exact match (and of held-out loss) to lora's run of the
-    same seed (or another row's: against), with a 95% interval from Student's t over the
-    seeds (None with one seed)."""
+    same seed, with a 95% interval from Student's t over the seeds (None with one seed)."""
     out = {}
     for key in ("exact_match", "held_out_loss"):
-        out[f"{key}_vs_{against}"], out[f"{key}_vs_{against}_ci95"] = mean_and_ci95(
+        out[f"{key}_vs_lora"], out[f"{key}_vs_lora_ci95"] = mean_and_ci95(
             seed_differences(runs, lora_runs, key))
     return out
 
 
-def pooled_pairs(paths):
-    """gast - lora and the ablation's pairs, each run's difference to its partner of the same
-    comparison and seed pooled over the compare.json files at paths. gast - lora compares
-    the methods, each at its own lr as the dev split chose it; an ablation's pair is the
-    rule's alone, so a comparison whose two rows ran at different lrs adds none to it."""
-    comparisons = []
-    for path in paths:
-        with open(path) as f:
-            saved = json.load(f)
-        comparisons.append(({r["row"]: r["lr"] for r in saved["rows"]}, saved["runs"]))
-    out = []
-    for a, b in (("gast", "lora"), *ABLATION_PAIRS):
+# The questions, each a pair of rows compared seed by seed: the method against plain LoRA,
+# the paper's softmax against its two ablations, and what a trusted support adds to it.
+PAIRS = (("gast", "lora"), ("gast", "gast:random"), ("gast", "gast:topk"),
+         ("gast:heldout", "gast"))
+
+
+def read_comparison(path):
+    """(lr by row, runs) of a compare.json."""
+    with open(path) as f:
+        saved = json.load(f)
+    return {r["row"]: r["lr"] for r in saved["rows"]}, saved["runs"]
+
+
+def pooled_pairs(comparisons):
+    """Each of PAIRS: every run's difference to its partner of the same comparison and seed,
+    pooled over the comparisons ([(lr by row, runs)]). gast - lora compares the methods,
+    each at its own lr as the dev split chose it; an ablation's pair is the rule's alone,
+    so a comparison whose two rows ran at different lrs adds none to it (unpaired)."""
+    out, comparisons = [], list(comparisons)
+    for a, b in PAIRS:
         diffs, skipped = {"exact_match": [], "held_out_loss": []}, 0
         for lrs, runs in comparisons:
             if a not in lrs or b not in lrs or (b != "lora" and lrs[a] != lrs[b]):
@@ -340,51 +347,8 @@ def format_pooled(pairs, n_files):
     lines = [f"pooled over {n_files} comparison(s), seed by seed (mean difference, 95% t):",
              "| pair | pairs | exact match | held-out loss | comparisons left out (lrs differ) |",
              "|---|---|---|---|---|"]
-    lines += [f"| {p['pair']} | {p['n']} | {cell(p, 'exact_match')} | {cell(p, 'held_out_loss')} | "
-              f"{p['unpaired']} |" for p in pairs]
-    return "\n".join(lines)
-
-
-# The ablation's questions, each a pair of rows compared seed by seed: the paper's softmax
-# against its two ablations, and what a trusted support adds to it.
-ABLATION_PAIRS = (("gast", "gast:random"), ("gast", "gast:topk"), ("gast:heldout", "gast"))
-
-
-def ablation_pairs(rows, runs):
-    """[{pair, lr, exact_match_vs, ..._ci95, held_out_loss_vs, ..._ci95}] for each of
-    ABLATION_PAIRS whose rows are both in the table; paired only where the two rows ran at
-    the same lr (else lr is None): a difference of lrs is not the rule's."""
-    lr_of = {r["row"]: r["lr"] for r in rows}
-    out = []
-    for a, b in ABLATION_PAIRS:
-        if a not in lr_of or b not in lr_of:
-            continue
-        pair = {"pair": f"{a} - {b}", "lrs": (lr_of[a], lr_of[b])}
-        if lr_of[a] == lr_of[b]:
-            diff = paired_difference([r for r in runs if r["row"] == a],
-                                     [r for r in runs if r["row"] == b], "b")
-            pair.update({k.replace("_vs_b", "_vs"): v for k, v in diff.items()})
-        out.append(pair)
-    return out
-
-
-def format_pairs(pairs):
-    """The ablation pairs as a table: exact match and held-out loss, paired over seeds."""
-
-    def diff(p, key):
-        mean, half = p.get(f"{key}_vs"), p.get(f"{key}_vs_ci95")
-        return (
-            "n/a" if mean is None else f"{mean:+.4f}" + ("" if half is None else f" ± {half:.4f}"))
-
-    lines = ["| pair | lr | exact match (paired, 95%) | held-out loss (paired, 95%) |",
-             "|---|---|---|---|"]
-    for p in pairs:
-        a, b = p["lrs"]
-        if a != b:
-            lines.append(f"| {p['pair']} | {a:g} vs {b:g} | not paired: the lrs differ | - |")
-        else:
-            lines.append(
-                f"| {p['pair']} | {a:g} | {diff(p, 'exact_match')} | {diff(p, 'held_out_loss')} |")
+    lines += [f"| {p['pair']} | {p['n']} | {cell(p, 'exact_match')} | "
+              f"{cell(p, 'held_out_loss')} | {p['unpaired']} |" for p in pairs]
     return "\n".join(lines)
 
 
@@ -530,8 +494,12 @@ def main(argv=None):
             refuse([p for path in paths for p in file_problems("--pool", path)] + (
                 [f"--pool runs nothing: {' '.join(unread + train_flags)} would not be read"]
                 if unread or train_flags else []))
+            contents = [open(path, "rb").read() for path in paths]
+            twice = [p for i, p in enumerate(paths) if contents[i] in contents[:i]]
+            refuse([f"--pool: {p} is a comparison given before (the same contents): its "
+                    "pairs would count twice" for p in twice])
             try:
-                return print(format_pooled(pooled_pairs(paths), len(paths)))
+                return print(format_pooled(pooled_pairs(map(read_comparison, paths)), len(paths)))
             except (ValueError, KeyError, TypeError) as e:
                 refuse([f"--pool: not compare.json files we can read ({type(e).__name__}: {e})"])
         try:
