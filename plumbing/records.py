@@ -6,7 +6,6 @@ or element at fault.
 """
 
 import json
-import re
 from dataclasses import dataclass, field
 
 from data import Example, encode, n_targets
@@ -80,49 +79,35 @@ def unique_keys(pairs):
 
 
 DECODER = json.JSONDecoder(object_pairs_hook=unique_keys)
-SPACE = re.compile(r"\s*")
 
 
-def array_elements(text, path):
-    """[(where, object)] of a JSON array, element by element: each element's line is named,
-    and one over MAX_LINE characters is refused, as a .jsonl line is."""
-    out, n, line, counted = [], len(text), 1, 0
-    skip = lambda i: SPACE.match(text, i).end()
-    i = skip(text.index("[") + 1)
-    while i < n and text[i] != "]":
-        line, counted = line + text.count("\n", counted, i), i  # counted once, as we go
-        where = f"{path}:{line}: element {len(out)}"
-        try:
-            item, end = DECODER.raw_decode(text, i)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})"
-                            ) from None
-        except RepeatedKey as e:
-            raise DataError(f"{where}: {e}") from None
-        except RecursionError:
-            raise DataError(f"{where}: JSON nested too deeply to read") from None
-        if end - i > MAX_LINE:
-            raise DataError(f"{where}: {end - i:,} characters, over the {MAX_LINE:,} a sample may "
-                            "have")
-        out.append((where, item))
-        i = skip(end)
-        if i < n and text[i] == "," and skip(i + 1) < n and text[skip(i + 1)] != "]":
-            i = skip(i + 1)
-        elif i < n and text[i] != "]":
-            raise DataError(f"{where}: malformed JSON (expected ',' and an element, or ']', "
-                            "after it)")
-    if i >= n or text[i + 1:].strip():
-        raise DataError(f"{path}: malformed JSON (the array does not end with ']' alone)")
-    return out
+def decoded(text, where):
+    """The JSON value of text, by the json library; a DataError at where (a function of the
+    decoder's error, for its line) if it is malformed, repeats a key or nests too deeply."""
+    try:
+        return DECODER.decode(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where(e)}: malformed JSON ({e.msg}, column {e.colno})") from None
+    except RepeatedKey as e:
+        raise DataError(f"{where(None)}: {e}") from None
+    except RecursionError:
+        raise DataError(f"{where(None)}: JSON nested too deeply to read") from None
 
 
 def read_records(path):
     """[(where, object)]: the objects of a .jsonl file, one a line, or of a .json file, a JSON
-    array of objects (or one object a line); where names the file and line, or element."""
+    array of objects (or one object a line); where names the file and line, or element. An
+    object over MAX_LINE characters is refused, in either."""
     text = read_text_file(path)
     head = text.lstrip()[:1]
     if path.lower().endswith(".json") and head == "[":
-        return array_elements(text, path)
+        array = decoded(text, lambda e: f"{path}:{e.lineno}" if e else path)
+        records = [(f"{path}: element {i}", item) for i, item in enumerate(array)]
+        for where, item in records:
+            if len(json.dumps(item)) > MAX_LINE:
+                raise DataError(f"{where}: {len(json.dumps(item)):,} characters, over the "
+                                f"{MAX_LINE:,} a sample may have")
+        return records
     if path.lower().endswith(".json") and head != "{":
         raise DataError(f"{path}: neither a JSON array of objects nor one JSON object per line")
     records = []
@@ -134,14 +119,7 @@ def read_records(path):
             raise DataError(
                 f"{where}: a line of {len(line):,} characters, over the {MAX_LINE:,} a sample may "
                 "have")
-        try:
-            records.append((where, DECODER.decode(line)))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
-        except RepeatedKey as e:
-            raise DataError(f"{where}: {e}") from None
-        except RecursionError:
-            raise DataError(f"{where}: JSON nested too deeply to read") from None
+        records.append((where, decoded(line, lambda e: where)))
     return records
 
 

