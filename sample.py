@@ -39,28 +39,28 @@ class SampleConfig:
     out_dir: str = option("out", "the run to use: its ckpt.pt (base and settings) and adapter.pt")
     prompt: str = option(None, "answer this prompt and stop")
     data: str = option("", "score the adapter on this file (prompt/completion records, .jsonl or "
-                       ".json, per task where they carry a 'task'; or plain text: loss only)")
+        ".json, per task where they carry a 'task'; or plain text: loss only)")
     template: str = option(None, "plain or alpaca, for --data's records and --prompt (train.py's "
-                           "--template; default: the run's)")
+        "--template; default: the run's)")
     prompt_field: str = option(None, "--data, --template plain: the prompt's field (default: the "
-                               "run's)")
+        "run's)")
     completion_field: str = option(None, "--data, --template plain: the completion's (the run's)")
     answer_field: str = option(None, "--data: score answer accuracy on this field (the run's; "
-                               "\"\": off)")
+        "\"\": off)")
     raw: bool = option(False, "--prompt as given, without the run's template")
     n: int = option(5, "answers of the run's own test split to show (without --prompt, --data or "
-                    "--merge)")
+        "--merge)")
     temperature: float = option(0.0, "0: greedy (the default); above 0: sampled, from --seed")
     max_new_tokens: int = option(32, "tokens to generate after --prompt (fewer at the context's "
-                                 "end or at <|endoftext|>)")
+        "end or at <|endoftext|>)")
     seed: int = option(0, "seed of a sampled answer")
     merge: str = option("", "write the base with the adapters merged to this .pt file (our "
-                        "checkpoint format)")
+        "checkpoint format)")
     export_peft: str = option("", "write the adapter to this folder as PEFT saves a LoRA adapter "
-                              "(adapter_config.json, adapter_model.safetensors), for "
-                              "PeftModel.from_pretrained on the base")
+        "(adapter_config.json, adapter_model.safetensors), for PeftModel.from_pretrained on the "
+        "base")
     export_hf: str = option("", "write the base with the adapters merged to this folder as a "
-                            "transformers GPT-2 (config.json, model.safetensors)")
+        "transformers GPT-2 (config.json, model.safetensors)")
     overwrite: bool = option(False, "--merge may replace an existing file (never a run's base)")
     device: str = option("auto", "cpu, cuda ...; auto: cuda when available")
 

@@ -40,45 +40,40 @@ class TrainConfig(BaseConfig):
 
     # the base (testbed/pretrain.py's BaseConfig: --init-from, --n-layer ... --out-dir, --device)
     base_dtype: str = option("float32", "the frozen base's weights: float32, or bfloat16 (half the "
-                             "memory; for a GPU); the adapters and their per-sample gradients stay "
-                             "float32")
+        "memory; for a GPU); the adapters and their per-sample gradients stay float32")
     weak_base: bool = option(False, "with --init-from, fine-tune on the default task even on a "
-                             "base whose skills are below SKILL_LEVEL (for studying weak bases)")
+        "base whose skills are below SKILL_LEVEL (for studying weak bases)")
 
     # the data (data.py): the default task, or your own files
     data: str = option("", "prompt/completion records (.jsonl, one object a line; .json, an array "
-                       "of objects, as LLM-Adapters' files) or a plain-text corpus; empty: the "
-                       "default task")
+        "of objects, as LLM-Adapters' files) or a plain-text corpus; empty: the default task")
     template: str = option("plain", "record to prompt and completion: plain (--prompt-field, a "
-                           "newline unless it ends in white space, --completion-field) or alpaca "
-                           "(the Alpaca prompt of instruction and input; the completion: output)")
+        "newline unless it ends in white space, --completion-field) or alpaca (the Alpaca prompt "
+        "of instruction and input; the completion: output)")
     prompt_field: str = option("prompt", "--template plain: the field holding the prompt")
     completion_field: str = option("completion", "--template plain: the field holding the "
-                                   "completion")
+        "completion")
     answer_field: str = option("", "score answer accuracy: the first of a task's answers found in "
-                               "the response must be this field's (LLM-Adapters: answer); empty: "
-                               "exact match")
+        "the response must be this field's (LLM-Adapters: answer); empty: exact match")
     train_on_inputs: bool = option(False, "the loss falls on the prompt too (LLM-Adapters' "
-                                   "default)")
+        "default)")
     max_new_tokens: int = option(32, "--answer-field: tokens generated per response (LLM-Adapters: "
-                                 "32)")
+        "32)")
     val_fraction: float = option(0.1, "share of --data held out (unless --test-data): half dev, "
-                                 "half test")
+        "half test")
     test_data: str = option("", "clean test files, comma-separated, each a task named by its "
-                            "folder (boolq/test.json: boolq), its stem or the records' 'task'; "
-                            "every record is scored", was="val_data")
+        "folder (boolq/test.json: boolq), its stem or the records' 'task'; every record is "
+        "scored", was="val_data")
     dev_data: str = option("", "a file for the dev split (periodic evaluations, compare.py's lr "
-                           "choice); empty: --dev-size samples of --data (with --test-data) or "
-                           "half the held-out")
+        "choice); empty: --dev-size samples of --data (with --test-data) or half the held-out")
     dev_size: int = option(200, "dev samples: the default task's, or with --test-data and no "
-                           "--dev-data, those of --data kept for dev (at most a tenth of it)")
+        "--dev-data, those of --data kept for dev (at most a tenth of it)")
     support_data: str = option("", "--support heldout: a trusted file for the held-out support "
-                               "set; empty: carved from --data")
+        "set; empty: carved from --data")
     heldout_size: int = option(64, "--support heldout: samples in the trusted held-out set")
     noise: float = option(0.2, "default task: the share of fine-tuning answers corrupted")
     noise_kind: str = option("random", "default task: a corrupted answer is random letters "
-                             "(random) or another task's answer to the same word, a plausible "
-                             "wrong rule (systematic)")
+        "(random) or another task's answer to the same word, a plausible wrong rule (systematic)")
     tasks: str = option("all", "default task: the tasks mixed (echo, inv, plus2, rsh), or all")
     n_train: int = option(6400, "default task: fine-tuning samples (600 steps of 32: 3 epochs)")
     n_test: int = option(200, "default task: clean test samples", was="n_val")
@@ -86,73 +81,66 @@ class TrainConfig(BaseConfig):
     # the adapters (lora.py)
     lora_r: int = option(8, "LoRA rank; an adapter has r * (in + out) parameters")
     lora_alpha: float = option(16.0, "the update is scaled by alpha / r, so changing r keeps its "
-                               "size")
+        "size")
     lora_dropout: float = option(0.0, "dropout on the adapters' input only; the base path is "
-                                 "untouched")
+        "untouched")
     lora_targets: str = option("attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj", "modules (suffixes) "
-                               "that get adapters; all four by default: the default task needs the "
-                               "MLP to learn")
+        "that get adapters; all four by default: the default task needs the MLP to learn")
 
     # the method (gast.py; the baselines in methods/tuner.py)
     method: str = option("gast", "lora, lisa, ist, data or gast")
     selection: str = option("softmax", "how data and gast pick k samples per layer: softmax (the "
-                            "paper's rule: drawn from the softmax of the standardised scores), "
-                            "topk or random")
+        "paper's rule: drawn from the softmax of the standardised scores), topk or random")
     temperature: float = option(1.0, "softmax: the logits are z / temperature (ours; 1: the "
-                                "paper's)")
+        "paper's)")
     support: str = option("train", "the support mini-batch is drawn from the training set (train, "
-                          "the paper's), from a trusted held-out set (heldout, ours), or is the "
-                          "batch (batch)")
+        "the paper's), from a trusted held-out set (heldout, ours), or is the batch (batch)")
     support_size: int = option(4, "samples in the support mini-batch (the paper's 4); 0: the whole "
-                               "set")
+        "set")
     support_interval: int = option(1, "draw the support mini-batch every this many steps (kept "
-                                   "between)")
+        "between)")
     data_ratio: float = option(0.5, "k = ceil(ratio * batch) samples per layer (the paper's 8 of "
-                               "16)")
+        "16)")
     layer_ratio: float = option(0.0, "layer budget K = ceil(ratio * n_layer); 0: each method's own "
-                                "(gast and data: every block, as the paper; lisa and ist: half); "
-                                "below 1 for gast: ours")
+        "(gast and data: every block, as the paper; lisa and ist: half); below 1 for gast: ours")
     lisa_interval: int = option(20, "lisa redraws its layers every this many steps (LISA's)")
     ist_interval: int = option(10, "ist updates its layer importance every this many steps")
     ist_trials: int = option(3, "ist's suppression trials per importance update")
     ist_suppress: float = option(0.25, "ist multiplies a suppressed layer's LoRA scaling by this")
     ist_lr: float = option(10.0, "ist's step size on the importance scores")
     per_sample: str = option("vmap", "step 1 by torch.func (vmap, the reference), by backward "
-                             "hooks (hooks), block by block inside the backward (blocks: one "
-                             "block's held at a time), or compiled by torch.compile (compiled: "
-                             "equal up to rounding; tens of seconds to compile)")
+        "hooks (hooks), block by block inside the backward (blocks: one block's held at a time), "
+        "or compiled by torch.compile (compiled: equal up to rounding; tens of seconds to compile)")
     chunk_size: int = option(0, "vmap: per-sample gradients this many samples at a time (0: all)")
 
     # optimisation
     steps: int = option(600, "fine-tuning steps; the schedule spans them")
     epochs: float = option(0.0, "passes over the training set (the paper trains 3), in place of "
-                           "--steps: steps = ceil(epochs x samples / batch), the last batch whole; "
-                           "0: --steps")
+        "--steps: steps = ceil(epochs x samples / batch), the last batch whole; 0: --steps")
     batch_size: int = option(32, "samples per step")
     lr: float = option(1e-2, "peak learning rate (AdamW); LoRA on a small model likes it high")
     schedule: str = option("cosine", "after warm-up: cosine (down to lr/10) or constant")
     warmup_steps: int = option(-1, "linear warm-up from 0 to lr; -1: 20, or a tenth of a shorter "
-                               "run")
+        "run")
     weight_decay: float = option(0.0, "AdamW weight decay on the adapters")
     grad_clip: float = option(1.0, "clip the adapters' global gradient norm to this (0: off), as "
-                              "the Hugging Face Trainer does that the paper's authors' IST code "
-                              "trains through")
+        "the Hugging Face Trainer does that the paper's authors' IST code trains through")
     seed: int = option(0, "seed of the task data, adapter init, batch order and draws: "
-                       "reproducible")
+        "reproducible")
 
     # evaluation and output
     eval_interval: int = option(200, "evaluate a dev sample every this many steps")
     eval_samples: int = option(200, "dev samples per task in each periodic evaluation (the final "
-                               "evaluation scores every record of the test split, once)")
+        "evaluation scores every record of the test split, once)")
     checkpoint_interval: int = option(200, "write out_dir/ckpt.pt every this many steps and at the "
-                                      "end")
+        "end")
     log_interval: int = option(20, "a progress line every this many steps")
     resume: bool = option(False, "continue from out_dir/ckpt.pt")
     overwrite: bool = option(False, "replace a run already in --out-dir instead of refusing")
     stop_at: int = option(0, "end this run at this step (the schedule still spans --steps); 0: "
-                          "--steps")
+        "--steps")
     picture: bool = option(True, "draw out_dir/selection.png: the learning curve and selection "
-                           "rates")
+        "rates")
 
 
 def warmup_steps(config):

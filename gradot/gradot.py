@@ -436,34 +436,34 @@ def skill_examples(tokenizer, n):
 class GradOTConfig(BaseConfig):
     methods: str = option(",".join(EMULATORS), f"emulators to build, from {', '.join(EMULATORS)}")
     adapter_blocks: int = option(1, "whole blocks at each end that the data owner tunes (offsite "
-                                 "tuning's own code: 2 per side)")
+        "tuning's own code: 2 per side)")
     adapter: str = option("blocks", "what the data owner trains in the adapter blocks: blocks (all "
-                          "their weights) or lora")
+        "their weights) or lora")
     attn_keep: float = option(0.5, "share of each middle attention matrix's parameters kept (its "
-                              "rank)")
+        "rank)")
     mlp_keep: float = option(0.5, "share of each middle MLP's hidden channels kept")
     layer_keep: float = option(0.5, "layer-drop: share of the middle blocks kept, evenly spaced")
     lam_attn: float = option(1.0, "GCS lambda for attention (each term normalised by its median in "
-                             "the matrix)")
+        "the matrix)")
     lam_mlp: float = option(1.0, "GCS lambda for the MLP")
     lams: str = option("", "lambdas to choose gradot's from, comma-separated (one lambda for "
-                       "attention and MLP): each is tried on seed 0's dev split and the largest "
-                       "dev gap (plug-in - emulator fine-tuned) wins; empty: --lam-attn, --lam-mlp")
+        "attention and MLP): each is tried on seed 0's dev split and the largest dev gap (plug-in "
+        "- emulator fine-tuned) wins; empty: --lam-attn, --lam-mlp")
     support_size: int = option(128, "sequences of held-out pretraining text in the support set")
     eval_samples: int = option(200, "held-out samples each model is scored on (exact match), of "
-                               "the task and of the base's skills")
+        "the task and of the base's skills")
     steps: int = option(1500, "fine-tuning steps on the emulator (and on the original, for full "
-                        "fine-tuning); with fewer, fine-tuning the original does not learn the "
-                        "default task on every seed")
+        "fine-tuning); with fewer, fine-tuning the original does not learn the default task on "
+        "every seed")
     lr: float = option(3e-3, "AdamW learning rate of the adapters; 3e-3 learned the default task "
-                       "with whole blocks and with LoRA (LoRA at 1e-2 and above was unstable)")
+        "with whole blocks and with LoRA (LoRA at 1e-2 and above was unstable)")
     batch_size: int = option(32, "samples per fine-tuning step")
     noise: float = option(0.0, "fraction of the default task's fine-tuning answers corrupted")
     seeds: int = option(3, "fine-tuning runs per emulator (seeds 0, 1, ...: task data, batch "
-                        "order, LoRA init); one run says little, since fine-tuning learns the task "
-                        "abruptly or not at all")
+        "order, LoRA init); one run says little, since fine-tuning learns the task abruptly or not "
+        "at all")
     lexicon: int = option(0, "made-up facts (word -> code) that half the base's built-in corpus "
-                          "states, and the knowledge task on them; 0: none (the default task)")
+        "states, and the knowledge task on them; 0: none (the default task)")
     overwrite: bool = option(False, "replace gradot.json / gradot.csv already in --out-dir")
 
 

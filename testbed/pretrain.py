@@ -48,34 +48,33 @@ PRETRAINED_SHAPE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "
 @dataclass
 class BaseConfig:
     init_from: str = option("", "the base: a model directory as transformers saves it (GPT-2, "
-                            "Llama, Mistral) or our checkpoint (.pt); empty: out_dir/base-<hash "
-                            "of the settings below>.pt, pretrained on first use")
+        "Llama, Mistral) or our checkpoint (.pt); empty: out_dir/base-<hash of the settings "
+        "below>.pt, pretrained on first use")
     tokenizer: str = option("bytes", "tiktoken encoding: bytes (built in, offline) or a named one "
-                            "such as gpt2 (needs its cached file)")
+        "such as gpt2 (needs its cached file)")
     n_layer: int = option(0, "blocks of the base that is pretrained (0: the default model's 4; "
-                          "with --init-from, its own, and a flag that differs is refused)")
+        "with --init-from, its own, and a flag that differs is refused)")
     n_head: int = option(0, "attention heads per block (0: 4, or --init-from's)")
     n_embd: int = option(0, "width of the residual stream (0: 64, or --init-from's); must divide "
-                         "by --n-head")
+        "by --n-head")
     block_size: int = option(0, "context length in tokens (0: 32, or --init-from's); prompt + "
-                             "completion beyond it are cut")
+        "completion beyond it are cut")
     pretrain_data: str = option("", "a plain-text corpus (UTF-8) to pretrain the base on; its last "
-                                "5% is held out; empty: the built-in corpus")
+        "5% is held out; empty: the built-in corpus")
     pretrain_steps: int = option(2000, "steps of one start of pretraining (under 2 minutes on 2 "
-                                 "CPU cores)")
+        "CPU cores)")
     pretrain_until: float = option(SKILL_LEVEL, "on the built-in corpus, start pretraining afresh "
-                                   "from the next seed until the base knows every skill (copy, "
-                                   "rev, shift) to this greedy exact match on fresh words; 0: one "
-                                   "start, whatever it knows")
+        "from the next seed until the base knows every skill (copy, rev, shift) to this greedy "
+        "exact match on fresh words; 0: one start, whatever it knows")
     pretrain_starts: int = option(3, "the most starts --pretrain-until makes")
     pretrain_batch_size: int = option(64, "sequences per pretraining step")
     pretrain_lr: float = option(3e-3, "peak pretraining lr (100 warm-up steps, then a cosine to 0)")
     pretrain_seed: int = option(0, "seed of the pretraining corpus, initialisation and batches "
-                                "(part of the base's hash): another seed, another base")
+        "(part of the base's hash): another seed, another base")
     out_dir: str = option("out", "the base, checkpoints, adapters and results go here")
     device: str = option("auto", "cpu, cuda, cuda:1 ...; auto: cuda when available")
     compile: bool = option(False, "torch.compile the model for pretraining (fine-tuning stays "
-                           "eager: torch.func transforms the module itself)")
+        "eager: torch.func transforms the module itself)")
     quiet: bool = option(False, "print only the summary (no progress lines)")
 
 

@@ -48,19 +48,18 @@ class CompareConfig:
         "gast:topk+heldout")
     seeds: int = option(5, "seeds per row, on the test split")
     lrs: str = option("1e-3,3e-3,1e-2,3e-2", "each row's lr is chosen from these by the dev "
-                      "split's loss (seed 0); one value: no choice")
+        "split's loss (seed 0); one value: no choice")
     lrs_from: str = option("", "an earlier comparison's compare.json: each row takes the lr chosen "
-                           "there (no dev runs), so the lr chosen at one noise level is reused at "
-                           "the others")
+        "there (no dev runs), so the lr chosen at one noise level is reused at the others")
     out_dir: str = option("out", "compare.json, compare.csv, compare.png and every run's directory "
-                          "(compare/) go here")
+        "(compare/) go here")
     overwrite: bool = option(False, "replace the compare results already in --out-dir")
     resume: bool = option(False, "continue a comparison: a run recorded in --out-dir/compare/ with "
-                          "the same settings is read back, not run again")
+        "the same settings is read back, not run again")
     jobs: int = option(1, "independent runs in this many processes, one thread each (results equal "
-                       "those of --jobs 1 at one thread)")
+        "those of --jobs 1 at one thread)")
     pool: str = option("", "print the pairs (gast - lora and the ablation's) pooled over these "
-                       "comparisons' compare.json files, comma-separated, and run nothing")
+        "comparisons' compare.json files, comma-separated, and run nothing")
 
 
 def rows_of(config):
