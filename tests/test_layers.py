@@ -91,3 +91,11 @@ def test_no_circle_of_imports():
         if m not in state:
             visit(m, [m])
     assert not circles, circles
+
+
+def test_docs_architecture_holds_the_route_as_the_code_counts_it():
+    """docs/architecture.md's route table is what `python tests/route.py` prints now."""
+    from route import table
+
+    doc = open(os.path.join(ROOT, "docs", "architecture.md"), encoding="utf-8").read()
+    assert table() in doc, "rerun python tests/route.py and paste its table into the doc"
