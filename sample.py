@@ -132,7 +132,10 @@ def load_run(out_dir, device):
         load_adapter(model, adapter_path)
     except (ValueError, KeyError, TypeError) as e:  # TypeError: LoRA settings we do not know
         refuse([f"{adapter_path}: does not fit the base model {base} ({e})"])
-    settings = types.SimpleNamespace(**ckpt["config"])
+    config = dict(ckpt["config"])  # a run of before the renames: its flags by their new names
+    for old, new in (("val_data", "test_data"), ("n_val", "n_test"), ("n_val", "dev_size")):
+        config.setdefault(new, config.get(old))
+    settings = types.SimpleNamespace(**config)
     settings.quiet, settings.base = True, base
     return model.to(device).eval(), settings
 
