@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHOD = ("model", "lora", "gast", "data")
 MACHINERY = ("plumbing", "testbed", "methods", "evaluation", "tools", "gradot", "run")
 ABOVE_PLUMBING = MACHINERY[1:] + ("train", "sample")
-SCRIPTS = ("train", "sample", "tools.bench", "tools.compare", "tools.eval_bench")
+SCRIPTS = ("train", "sample", "tools.bench", "tools.compare")
 
 
 def modules():
