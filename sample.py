@@ -1,12 +1,14 @@
 """
-Use a fine-tuned adapter: answer prompts, score a file, or merge it into the base.
+Use a fine-tuned adapter: answer prompts, score a file, or take it out to PEFT or transformers.
 
     python sample.py                          # a few answers of the run's own test split (out/)
     python sample.py --prompt "rsh abc="
     python sample.py --prompt "Once upon" --temperature 0.8 --max-new-tokens 40
     python sample.py --data mine.jsonl        # exact match and loss on prompt/completion pairs
     python sample.py --data boolq/test.json   # read and scored as the run read its own data
-    python sample.py --merge merged.pt        # the base with the adapters folded in
+    python sample.py --export-peft adapter/   # the adapter as PEFT saves one
+    python sample.py --export-hf merged/      # the base with the adapters merged in: a
+                                              # transformers directory (--init-from takes it)
 
 A run is found by its --out-dir: ckpt.pt names the base it was trained on (whose hash must
 still match) and its settings; adapter.pt holds the adapters it ended with. The run's
@@ -16,7 +18,7 @@ put in the run's template (--raw: as given).
 
 import os
 import types
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -26,9 +28,9 @@ from evaluation.scoring import decode, evaluate
 from plumbing.report import per_task_lines
 from plumbing.records import DataError, is_records, templated
 from hf.export import export_hf, export_peft, export_problems
-from lora import LoRAConfig, load_adapter, merge_lora
+from lora import LoRAConfig, load_adapter
 from plumbing.entry import run_main
-from plumbing.files import atomic_save, file_problems, fingerprint, output_problems, read_checkpoint
+from plumbing.files import file_problems, fingerprint, read_checkpoint
 from plumbing.devices import autocast_for, check_device, pick_device
 from plumbing.settings import flag, not_negative, option, parse_args, refuse
 from testbed.pretrain import read_base
@@ -49,19 +51,16 @@ class SampleConfig:
         "\"\": off)")
     raw: bool = option(False, "--prompt as given, without the run's template")
     n: int = option(5, "answers of the run's own test split to show (without --prompt, --data or "
-        "--merge)")
+        "an export)")
     temperature: float = option(0.0, "0: greedy (the default); above 0: sampled, from --seed")
     max_new_tokens: int = option(32, "tokens to generate after --prompt (fewer at the context's "
         "end or at <|endoftext|>)")
     seed: int = option(0, "seed of a sampled answer")
-    merge: str = option("", "write the base with the adapters merged to this .pt file (our "
-        "checkpoint format)")
     export_peft: str = option("", "write the adapter to this folder as PEFT saves a LoRA adapter "
         "(adapter_config.json, adapter_model.safetensors), for PeftModel.from_pretrained on the "
         "base")
     export_hf: str = option("", "write the base with the adapters merged to this folder as a "
         "transformers GPT-2 (config.json, model.safetensors)")
-    overwrite: bool = option(False, "--merge may replace an existing file (never a run's base)")
     device: str = option("auto", "cpu, cuda ...; auto: cuda when available")
 
 
@@ -90,22 +89,13 @@ def problems(config):
         out.append("--prompt is empty: give the text to continue")
     if config.raw and config.prompt is None:
         out.append("--raw passes --prompt as given: give --prompt")
-    if config.merge and (not config.merge.endswith(".pt") or os.path.isdir(config.merge)):
-        out.append(f"--merge {config.merge}: give a .pt file name")
-    elif config.merge:
-        out += output_problems("--merge", config.merge)
-        if os.path.exists(config.merge) and not config.overwrite:
-            out.append(f"--merge {config.merge}: the file exists; --overwrite replaces it")
     out += export_problems("--export-peft", config.export_peft) if config.export_peft else []
     out += export_problems("--export-hf", config.export_hf) if config.export_hf else []
     # two outputs never share a place: each export is a folder of its own
-    places = [(flag, os.path.abspath(path)) for flag, path in (
-        ("--merge", os.path.dirname(config.merge) if config.merge else ""),
-        ("--export-peft", config.export_peft), ("--export-hf", config.export_hf)) if path]
-    for i, (a, place_a) in enumerate(places):
-        for b, place_b in places[i + 1:]:
-            if place_a == place_b and "--export" in a + b and not (a == "--merge" == b):
-                out.append(f"{a} and {b} name one folder ({place_a}): give each output its own")
+    if config.export_peft and config.export_hf and (
+            os.path.abspath(config.export_peft) == os.path.abspath(config.export_hf)):
+        out.append(f"--export-peft and --export-hf name one folder "
+                   f"({os.path.abspath(config.export_hf)}): give each output its own")
     return out
 
 
@@ -140,19 +130,13 @@ def load_run(out_dir, device):
     return model.to(device).eval(), settings
 
 
-def merged_state(model):
-    """The base's state dict with B A folded into each adapted weight, under GPT-2's names."""
-    merge_lora(model)
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if ".lora_" not in k}
-
-
 def sample(config):
     refuse(problems(config))
     device = pick_device(config.device)
     model, run = load_run(config.out_dir, device)
     # the exports tokenize nothing: without the run's tokenizer file they are still written
-    exports_only = not (config.prompt or config.data) and bool(
-        config.merge or config.export_peft or config.export_hf)
+    exports = bool(config.export_peft or config.export_hf)
+    exports_only = exports and not (config.prompt or config.data)
     try:
         # the base the run trained on (a resumed run may not name it): its own tokenizer
         tokenizer = run_tokenizer(types.SimpleNamespace(**{**vars(run), "init_from": run.base}))
@@ -167,15 +151,6 @@ def sample(config):
         if getattr(config, name) is None:
             setattr(config, name, getattr(run, name))
     torch.manual_seed(config.seed)
-    if config.merge:
-        if os.path.exists(config.merge) and os.path.samefile(config.merge, run.base):
-            refuse([f"--merge {config.merge} is the base {config.out_dir} was trained on; "
-                    "writing over it would break the run: give another file"])
-        atomic_save({"model_config": asdict(model.config), "model": merged_state(model)},
-                    config.merge)
-        print(
-            f"wrote {config.merge}: the base of {config.out_dir} with its adapters merged (python "
-            f"train.py --init-from {config.merge})")
     if config.export_peft:  # PEFT loads it onto the base as transformers holds it
         lora = LoRAConfig(run.lora_r, run.lora_alpha, run.lora_dropout)
         export_peft(model, lora, config.export_peft, run.init_from or "")
@@ -198,7 +173,7 @@ def sample(config):
         if not run.data:  # the default task's answers end at their newline (no <|endoftext|>)
             answer = answer[: answer.index("\n") + 1] if "\n" in answer else answer
         print(f"{config.prompt!r} -> {answer!r}")
-    elif config.data or not (config.merge or config.export_peft or config.export_hf):
+    elif config.data or not exports:
         if config.data:
             examples = load_examples(config, config.data, tokenizer, model.config.block_size)
             where, is_qa = config.data, is_records(config.data)

@@ -83,22 +83,6 @@ def test_one_run_per_out_dir_and_a_killed_runs_lock_blocks_nothing(tiny, tmp_pat
     assert not leftover.exists() and (tmp_path / "metrics.json").exists()
 
 
-def test_merge_never_replaces_a_file_by_accident_nor_the_runs_base(tiny, tmp_path, capsys):
-    train(tiny(tmp_path / "run"))
-    run = str(tmp_path / "run")
-    existing = tmp_path / "merged.pt"
-    existing.write_bytes(b"mine")
-    err = refused(capsys, ["--out-dir", run, "--merge", str(existing)], sample.main)
-    assert "the file exists; --overwrite replaces it" in err and existing.read_bytes() == b"mine"
-    base = tiny().init_from
-    before = open(base, "rb").read()
-    err = refused(capsys, ["--out-dir", run, "--merge", base, "--overwrite"], sample.main)
-    assert "is the base" in err and open(base, "rb").read() == before
-    assert sample.main(["--out-dir", run, "--merge", str(existing), "--overwrite"]) == 0
-    err = refused(capsys, ["--out-dir", run, "--merge", "/proc/x.pt"], sample.main)
-    assert "--merge /proc/x.pt: cannot write there" in err
-
-
 def test_sample_refuses_a_temperature_with_no_distribution_and_odd_adapters(tiny, tmp_path, capsys):
     train(tiny(tmp_path / "run"))
     run = str(tmp_path / "run")

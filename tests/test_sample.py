@@ -51,10 +51,10 @@ def test_a_jsonl_file_is_scored_overall_and_per_task(run, tmp_path, capsys):
     assert result["loss"] == pytest.approx(overall)
 
 
-def test_the_merged_base_gives_the_outputs_of_base_plus_adapters_and_init_from_takes_it(run, tiny,
-                                                                                        tmp_path):
-    merged_path = tmp_path / "merged.pt"
-    assert sample.main(["--out-dir", str(run), "--merge", str(merged_path)]) == 0
+def test_the_merged_export_gives_the_outputs_of_base_plus_adapters_and_init_from_takes_it(
+        run, tiny, tmp_path):
+    merged_path = tmp_path / "merged"
+    assert sample.main(["--out-dir", str(run), "--export-hf", str(merged_path)]) == 0
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     with_adapters = read_base(ckpt["base"])
     load_adapter(with_adapters, str(run / "adapter.pt"))
@@ -102,7 +102,6 @@ def test_a_missing_run_a_changed_base_and_a_mismatched_adapter_are_one_line_erro
     (["--max-new-tokens", "0"], "--max-new-tokens must be positive"),
     (["--data", "{tmp}"], "--data {tmp}: is a directory, not a file"),
     (["--data", "{tmp}/none.jsonl"], "--data {tmp}/none.jsonl: no such file"),
-    (["--merge", "{tmp}/merged.bin"], "give a .pt file name"),
     (["--device", "banana"], "--device 'banana' is not a device"),
     (["--out-dir", "{tmp}/nowhere"], "no ckpt.pt there"),
     (["--prompt"], "argument --prompt: expected one argument")])
@@ -115,11 +114,12 @@ def test_bad_sampling_settings_are_one_error_line(capsys, tmp_path, flags, messa
 
 
 def test_every_output_asked_for_is_written_and_two_never_share_a_folder(run, tmp_path, capsys):
-    """--merge with --export-hf writes both; --prompt with --export-peft writes the export and
-    answers; two exports into one folder are refused before any work."""
-    merged, hf = tmp_path / "m.pt", tmp_path / "hf"
-    assert sample.main(["--out-dir", str(run), "--merge", str(merged), "--export-hf", str(hf)]) == 0
-    assert merged.is_file() and (hf / "model.safetensors").is_file()
+    """--export-peft with --export-hf writes both; --prompt with --export-peft writes the
+    export and answers; two exports into one folder are refused before any work."""
+    hf, both_peft = tmp_path / "hf", tmp_path / "both-peft"
+    assert sample.main(["--out-dir", str(run), "--export-peft", str(both_peft), "--export-hf",
+                        str(hf)]) == 0
+    assert (both_peft / "adapter_config.json").is_file() and (hf / "model.safetensors").is_file()
     peft = tmp_path / "peft"
     assert sample.main(["--out-dir", str(run), "--prompt", "rsh abc=", "--export-peft",
                         str(peft)]) == 0
@@ -129,13 +129,11 @@ def test_every_output_asked_for_is_written_and_two_never_share_a_folder(run, tmp
     assert sample.main(["--out-dir", str(run), "--export-peft", str(both), "--export-hf",
                         str(both)]) == 2
     assert "name one folder" in capsys.readouterr().err and not any(both.iterdir())
-    assert sample.main(["--out-dir", str(run), "--merge", str(hf / "m.pt"), "--export-hf",
-                        str(hf)]) == 2
 
 
-def test_a_killed_export_or_merge_leaves_nothing_a_retry_trips_over_or_keeps(run, tmp_path):
-    """kill -9 during --export-hf or --merge leaves name.tmp<pid>.ext behind; the retry takes
-    the folder as empty, writes, and removes those leftovers."""
+def test_a_killed_export_leaves_nothing_a_retry_trips_over_or_keeps(run, tmp_path):
+    """kill -9 during --export-hf leaves name.tmp<pid>.ext behind; the retry takes the folder
+    as empty, writes, and removes those leftovers."""
     import subprocess
     import sys
 
@@ -144,11 +142,8 @@ def test_a_killed_export_or_merge_leaves_nothing_a_retry_trips_over_or_keeps(run
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / f"model.tmp{dead}.safetensors").write_bytes(b"half")
-    (tmp_path / f"merged.tmp{dead}.pt").write_bytes(b"half")
-    assert sample.main(["--out-dir", str(run), "--export-hf", str(hf), "--merge",
-                        str(tmp_path / "merged.pt")]) == 0
+    assert sample.main(["--out-dir", str(run), "--export-hf", str(hf)]) == 0
     assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors"]
-    assert not list(tmp_path.glob("merged.tmp*")) and (tmp_path / "merged.pt").is_file()
 
 
 def test_data_flags_without_records_to_read_are_refused(run, tmp_path, capsys):
