@@ -30,14 +30,13 @@ on the CPU, the peak RSS of a fresh process per computation), beside the bound B
 parameters) x 4 bytes over plain. docs/cost.md reads the figures.
 """
 
-import argparse
 import concurrent.futures
 import multiprocessing
 import os
 import platform
 import statistics
-import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -49,6 +48,8 @@ from model import GPT, IGNORE_INDEX, GPTConfig
 from plumbing.pictures import pyplot, save_figure
 from plumbing.files import output_problems, write_json
 from plumbing.devices import check_device, memory_problems, pick_device, training_memory
+from plumbing.entry import run_main
+from plumbing.settings import option, parse_args, positive, refuse
 from train import TrainConfig
 
 ATTENTION = ("attn.c_attn", "attn.c_proj")
@@ -297,80 +298,71 @@ def plot_ratios(rows, path, title):
 # --- command line ------------------------------------------------------------------------
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    parser.add_argument("--device", default="auto", help="cpu, cuda ...; auto: cuda when available")
-    parser.add_argument("--models", default="", help="comma-separated from: " + ", ".join(
-        MODELS) + " (default: default,mid; and gpt2-small on CUDA)")
-    parser.add_argument("--batches", default="",
-                        help="comma-separated batch sizes (default: each model's own)")
-    parser.add_argument("--repeats", type=int, default=7,
-                        help="timed rounds (medians over rounds reported)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="torch intra-op threads (default: the cores torch sees)")
-    parser.add_argument("--out", default="out/bench.json", help="where the JSON goes")
-    parser.add_argument(
-        "--paths", default="",
-        help="comma-separated computations to time beside plain (default: all of them but the "
-        "compiled ones), from: " + ", ".join(WHATS[1:] + COMPILED))
-    parser.add_argument(
-        "--compiled", action="store_true",
-        help="also time gast_compiled and plain_compiled (torch.compile: tens of seconds of "
-        "compiling per model and batch)")
-    args = parser.parse_args(argv)
-    problems = []
-    unknown = [m for m in args.models.split(",") if m and m not in MODELS]
-    if unknown:
-        problems.append(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+@dataclass
+class BenchConfig:
+    device: str = option("auto", "cpu, cuda ...; auto: cuda when available")
+    models: str = option("", f"comma-separated from: {', '.join(MODELS)} (default: default,mid; "
+        "and gpt2-small on CUDA)")
+    batches: str = option("", "comma-separated batch sizes (default: each model's own)")
+    repeats: int = option(7, "timed rounds (medians over rounds reported)")
+    threads: int = option(torch.get_num_threads(), "torch intra-op threads (default: the cores "
+        "torch sees)")
+    out: str = option("out/bench.json", "where the JSON goes")
+    paths: str = option("", "comma-separated computations to time beside plain (default: all of "
+        f"them but the compiled ones), from: {', '.join(WHATS[1:] + COMPILED)}")
+    compiled: bool = option(False, "also time gast_compiled and plain_compiled (torch.compile: "
+        "tens of seconds of compiling per model and batch)")
+
+
+def settled(config):
+    """(models, batch sizes or None, the computations timed), every problem refused first."""
+    names = config.models.split(",") if config.models else (
+        ["default", "mid", "gpt2-small"] if pick_device(config.device).startswith("cuda")
+        else ["default", "mid"])
+    problems = positive(config, "repeats", "threads") + output_problems("--out", config.out)
+    problems += [check_device(config.device)] if check_device(config.device) else []
+    if [m for m in names if m not in MODELS]:
+        problems.append(f"--models: unknown {', '.join(m for m in names if m not in MODELS)}; "
+                        f"choose from {', '.join(MODELS)}")
+    batches = None
     try:
-        args.batch_sizes = [int(b) for b in args.batches.split(",")] if args.batches else None
-        if args.batch_sizes and min(args.batch_sizes) <= 0:
-            problems.append(f"--batches must be positive, got {args.batches}")
+        batches = [int(b) for b in config.batches.split(",")] if config.batches else None
+        if batches and min(batches) <= 0:
+            problems.append(f"--batches must be positive, got {config.batches}")
     except ValueError:
-        problems.append(f"--batches must be comma-separated integers, got {args.batches!r}")
-    unknown = [w for w in args.paths.split(",") if w and w not in WHATS[1:] + COMPILED]
+        problems.append(f"--batches must be comma-separated integers, got {config.batches!r}")
+    unknown = [w for w in config.paths.split(",") if w and w not in WHATS[1:] + COMPILED]
     if unknown:
-        problems.append(
-            f"--paths: unknown {', '.join(unknown)}; choose from {', '.join(WHATS[1:] + COMPILED)}")
-    chosen = [w for w in args.paths.split(",") if w] or list(WHATS[1:])
-    chosen += list(COMPILED) if args.compiled else []
-    args.whats = ("plain",) + tuple(w for w in WHATS[1:] + COMPILED if w in chosen)
-    for flag in ("repeats", "threads"):
-        if getattr(args, flag) <= 0:
-            problems.append(
-                f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if check_device(args.device):
-        problems.append(check_device(args.device))
-    # found now, not after the whole benchmark has run
-    problems += output_problems("--out", args.out)
-    if not problems:  # each model at each batch: can its per-sample step fit?
-        for name in args.models.split(",") if args.models else MODELS:
-            for B in args.batch_sizes or MODELS[name][2]:
-                # B + 4 support rows at most
-                estimate = 2 * training_memory(MODELS[name][0], B + 4, full=False)
-                problems += memory_problems(f"the {name} model at batch {B}", estimate,
-                                            pick_device(args.device), "--models, --batches")
-    args.device = pick_device(args.device)
-    if problems:
-        parser.exit(2, "error: " + "\n  ".join(problems) + "\n")
-    return args
+        problems.append(f"--paths: unknown {', '.join(unknown)}; choose from "
+                        f"{', '.join(WHATS[1:] + COMPILED)}")
+    chosen = [w for w in config.paths.split(",") if w] or list(WHATS[1:])
+    chosen += list(COMPILED) if config.compiled else []
+    whats = ("plain",) + tuple(w for w in WHATS[1:] + COMPILED if w in chosen)
+    for name in names if not problems else []:  # each model at each batch: can its step fit?
+        for B in batches or MODELS[name][2]:  # B + 4 support rows at most
+            estimate = 2 * training_memory(MODELS[name][0], B + 4, full=False)
+            problems += memory_problems(f"the {name} model at batch {B}", estimate,
+                                        pick_device(config.device), "--models, --batches")
+    refuse(problems)
+    return names, batches, whats
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    device = args.device
+    return run_main(lambda: bench(parse_args(BenchConfig, argv, description=__doc__.strip())))
+
+
+def bench(args):
+    names, batch_sizes, whats = settled(args)
+    device = pick_device(args.device)
     torch.set_num_threads(args.threads)
-    names = (args.models.split(",") if args.models else (
-        ["default", "mid", "gpt2-small"] if device.startswith("cuda") else ["default", "mid"]))
     machine = (torch.cuda.get_device_name(device) if device.startswith("cuda")
                else (platform.processor() or platform.machine()))
     print(f"bench on {device} ({machine}), {args.threads} torch threads of {os.cpu_count()} cores, "
           f"torch {torch.__version__}", flush=True)
-    whats = args.whats
     timed = whats[1:]
     rows = []
     for name in names:
-        for B in args.batch_sizes or MODELS[name][2]:
+        for B in batch_sizes or MODELS[name][2]:
             # larger models: fewer rounds
             repeats = args.repeats if name == "default" else max(3, args.repeats // 2)
             # the memory first, each computation in a process of its own: this one does not yet
@@ -403,12 +395,7 @@ def main(argv=None):
     picture = os.path.splitext(args.out)[0] + ".png"
     plot_ratios(rows, picture, f"{machine}, {args.threads} threads, torch {torch.__version__}")
     print(f"\nwritten to {args.out} and {picture}")
-    return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written by this benchmark", file=sys.stderr)
-        sys.exit(130)
+    raise SystemExit(main())
