@@ -109,8 +109,8 @@ class TrainConfig(BaseConfig):
     ist_suppress: float = option(0.25, "ist multiplies a suppressed layer's LoRA scaling by this")
     ist_lr: float = option(10.0, "ist's step size on the importance scores")
     per_sample: str = option("vmap", "step 1 by torch.func (vmap, the reference), by backward "
-        "hooks (hooks), block by block inside the backward (blocks: one block's held at a time), "
-        "or compiled by torch.compile (compiled: equal up to rounding; tens of seconds to compile)")
+        "hooks block by block inside the backward (blocks: one block's held at a time), or "
+        "compiled by torch.compile (compiled: equal up to rounding; tens of seconds to compile)")
     chunk_size: int = option(0, "vmap: per-sample gradients this many samples at a time (0: all)")
 
     # optimisation

@@ -1,10 +1,10 @@
 """
 Faster ways to step 1 of GAST (gast.py), each tested equal to its torch.func path.
 
-  per_sample_grads_by_hooks   the per-sample gradients from one ordinary forward and
-                              backward, by hooks on every LoRALinear (fused attention)
-  per_sample_grads_by_blocks  the same, each block's gradients handed to gast_step's steps
-                              2-5 inside the backward: one block's held at a time
+  per_sample_grads_by_blocks  the per-sample gradients from one ordinary forward and
+                              backward (fused attention), by hooks on every LoRALinear,
+                              each block's handed to gast_step's steps 2-5 inside the
+                              backward: one block's held at a time
   CompiledPerSample           the torch.func path itself, compiled by torch.compile: on a
                               small model the same pass without vmap's per-operation cost
 
@@ -80,22 +80,12 @@ def recording_per_sample_grads(model, on_block=None):
             handle.remove()
 
 
-def per_sample_grads_by_hooks(model, inputs, targets, on_block=None):
-    """gast.per_sample_grads_and_losses' gradients and losses, from one ordinary forward and
-    backward (fused attention; about half vmap's extra memory); on_block as there, after
-    the backward."""
-    model.zero_grad(set_to_none=True)
-    with recording_per_sample_grads(model) as grads:
-        _, losses = model(inputs, targets, reduction="none")  # (B,)
-        losses.sum().backward()  # the sum: each sample's output gradient is its own loss's
-    hand_over(model, grads, on_block)
-    return grads, losses.detach()
-
-
 def per_sample_grads_by_blocks(model, inputs, targets, on_block):
-    """The same, but on_block(l, ...) is called inside the backward as soon as it has
-    finished block l's adapters (block L-1 first), and those gradients are then freed: at
-    most one block's per-sample gradients are held at a time. Returns ({}, losses)."""
+    """gast.per_sample_grads_and_losses' gradients and losses from one ordinary forward and
+    backward (about half vmap's extra memory): on_block(l, block l's gradients) is called
+    inside the backward as soon as it has finished block l's adapters (block L-1 first),
+    and those gradients are then freed: at most one block's per-sample gradients are held
+    at a time. Returns ({}, losses)."""
     model.zero_grad(set_to_none=True)
     with recording_per_sample_grads(model, on_block) as grads:
         _, losses = model(inputs, targets, reduction="none")  # (B,)

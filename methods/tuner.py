@@ -30,14 +30,13 @@ from methods.collectives import Shard, all_gather_columns, all_reduce_grads
 from gast import select_samples, gast_step, per_sample_grads_and_losses, samples_per_layer, top
 from lora import LoRALinear, block_index, lora_names_by_block
 from model import IGNORE_INDEX
-from methods.per_sample import (CompiledPerSample, per_sample_grads_by_blocks,
-                                per_sample_grads_by_hooks)
+from methods.per_sample import CompiledPerSample, per_sample_grads_by_blocks
 from plumbing.devices import world
 
 METHODS = ("lora", "lisa", "ist", "data", "gast")
 SCORED = ("data", "gast")  # the methods that compute alignment scores, and so need a support
 # how step 1 is computed (torch.func, vmap, is the reference)
-PER_SAMPLE = ("vmap", "hooks", "blocks", "compiled")
+PER_SAMPLE = ("vmap", "blocks", "compiled")
 SELECTIONS = ("softmax", "topk", "random")  # the paper's rule, and its two ablations
 SUPPORTS = ("train", "heldout", "batch")  # where the support mini-batch comes from
 
@@ -302,8 +301,7 @@ class SparseTuner:
         None, this process's shard of the batch of B or None)."""
         c = self.config
         per_sample = {"vmap": partial(per_sample_grads_and_losses, chunk_size=c.chunk_size or None),
-                      "hooks": per_sample_grads_by_hooks, "blocks": per_sample_grads_by_blocks,
-                      "compiled": self.compiled}[c.per_sample]
+                      "blocks": per_sample_grads_by_blocks, "compiled": self.compiled}[c.per_sample]
         select = None  # gast at every layer: each block draws its own k (the paper's rule)
         if c.method == "data":  # one global set, by the summed alignment over layers
             def select(scores, k):

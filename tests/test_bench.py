@@ -53,11 +53,11 @@ def test_a_tiny_model_end_to_end_writes_every_field(tmp_path, monkeypatch, capsy
     assert (bench.main([
         "--models", "tiny", "--repeats", "2", "--threads", "1", "--out",
         str(out), "--device",
-        "cpu"] + (["--compiled", "--paths", "gast_default,gast_hooks"] if compiled else [])) == 0)
+        "cpu"] + (["--compiled", "--paths", "gast_default,gast_blocks"] if compiled else [])) == 0)
     saved = json.loads(out.read_text())
     assert saved["threads"] == 1 and len(saved["rows"]) == 1
     row = saved["rows"][0]
-    timed = ("gast_default", "gast_hooks") + bench.COMPILED if compiled else bench.WHATS[1:]
+    timed = ("gast_default", "gast_blocks") + bench.COMPILED if compiled else bench.WHATS[1:]
     assert [w for w in bench.WHATS[1:] + bench.COMPILED if f"{w}_x" in row] == list(timed)
     for what in timed:
         assert row[f"{what}_x_spread"][0] <= row[f"{what}_x"] <= row[f"{what}_x_spread"][1]

@@ -15,7 +15,7 @@ from methods.tuner import (SparseTuner, budgets, layers_per_step, select_top_lay
                            selection_rates, support_gradient)
 from run.checks import method_problems
 from train import TrainConfig
-from methods.per_sample import per_sample_grads_by_hooks
+from methods.per_sample import per_sample_grads_by_blocks
 from selection_law import inclusion_probabilities, law
 from lora import LoRAConfig, add_lora, lora_names_by_block, lora_modules
 from model import GPT, GPTConfig, IGNORE_INDEX
@@ -439,7 +439,7 @@ def test_a_gast_step_on_the_default_gpt_at_batch_32():
     assert all(params[n].grad is not None for names in layers for n in names)
 
 
-# --- the fast path: per-sample gradients from backward hooks ---
+# --- the fast path: per-sample gradients from backward hooks, block by block ---
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -447,8 +447,9 @@ def test_hooked_per_sample_grads_equal_the_torch_func_reference(device):
     model = lora_model(dtype=torch.float64, device=device)
     x, y = batch(5, device=device)
     reference, losses = per_sample_grads_and_losses(model, x, y)
-    fast, fast_losses = per_sample_grads_by_hooks(model, x, y)
-    assert fast.keys() == reference.keys()
+    fast = {}
+    held, fast_losses = per_sample_grads_by_blocks(model, x, y, lambda l, g: fast.update(g))
+    assert fast.keys() == reference.keys() and not held  # every block's handed over, freed
     for n in reference:
         torch.testing.assert_close(fast[n].double(), reference[n], msg=n)
     torch.testing.assert_close(fast_losses, losses)
@@ -457,9 +458,9 @@ def test_hooked_per_sample_grads_equal_the_torch_func_reference(device):
         not m._forward_hooks and not m.lora_dropout._forward_hooks for m in lora_modules(model))
 
 
-def test_gast_steps_by_hooks_and_by_vmap_leave_the_same_parameters():
+def test_gast_steps_by_blocks_and_by_vmap_leave_the_same_parameters():
     a, _, ra = train_steps("gast", steps=3, layer_ratio=0.5, data_ratio=0.5)
-    b, _, rb = train_steps("gast", steps=3, layer_ratio=0.5, data_ratio=0.5, per_sample="hooks")
+    b, _, rb = train_steps("gast", steps=3, layer_ratio=0.5, data_ratio=0.5, per_sample="blocks")
     assert all(torch.equal(r.mask, s.mask) for r, s in zip(ra, rb))
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
@@ -482,7 +483,7 @@ def test_a_whole_held_out_support_set_gives_support_gradient_on_it_and_the_score
     torch.testing.assert_close(record.scores.double(), scores)
 
 
-@pytest.mark.parametrize("per_sample", ["vmap", "hooks"])
+@pytest.mark.parametrize("per_sample", ["vmap", "blocks"])
 def test_support_rows_riding_in_the_per_sample_pass_give_their_own_mean_gradient(per_sample):
     """The drawn rows, padded beside a batch of another length, give exactly the gradient
     of their mean loss; the batch's own gradients and losses are untouched by them."""
@@ -591,8 +592,8 @@ def test_a_support_without_a_support_set_and_unknown_settings_are_refused():
         (dict(selection="best"), "--selection must be one of softmax, topk, random"),
         (dict(temperature=0.0), "--temperature must be positive"),
         (dict(support_size=-1), "--support-size must not be negative"),
-        (dict(chunk_size=2, per_sample="hooks"), "--chunk-size works with --per-sample vmap"),
-        (dict(per_sample="jit"), "--per-sample must be one of vmap, hooks, blocks, compiled"),
+        (dict(chunk_size=2, per_sample="blocks"), "--chunk-size works with --per-sample vmap"),
+        (dict(per_sample="jit"), "--per-sample must be one of vmap, blocks, compiled"),
     ]:  # refused once, before any work, by train.py's checks
         assert any(message in p for p in method_problems(TrainConfig(**bad))), message
 
@@ -928,7 +929,7 @@ def test_blocks_hands_over_each_block_once_from_the_last_to_the_first():
         l for l, _ in seen] == [3, 2, 1, 0] and all(names == sorted(layers[l]) for l, names in seen)
 
 
-def test_blocks_falls_back_to_the_whole_hooks_path_where_a_layer_needs_the_others():
+def test_blocks_holds_every_block_where_a_layer_needs_the_others():
     """data (summed scores) and a layer budget need every layer's scores before any draw."""
     for kw in (dict(method="data"), dict(method="gast", layer_ratio=0.5)):
         a = train_steps(kw.pop("method"), steps=2, data_ratio=0.5, **kw, per_sample="blocks")[2]
@@ -971,7 +972,7 @@ def algorithm_1_by_hand(model, x, y, support_rows, k, pick, generator):
     return mask, out
 
 
-@pytest.mark.parametrize("per_sample_path", ["vmap", "hooks", "blocks"])
+@pytest.mark.parametrize("per_sample_path", ["vmap", "blocks"])
 @pytest.mark.parametrize("method,layer_ratio,selection", [
     ("gast", 1.0, "softmax"), ("gast", 1.0, "topk"), ("gast", 1.0, "random"),
     ("gast", 0.5, "softmax"), ("gast", 0.5, "topk"), ("data", 1.0, "softmax")])

@@ -17,7 +17,7 @@ from plumbing.settings import ConfigError
 
 
 @pytest.mark.parametrize("method,per_sample",
-                         [(m, "vmap") for m in methods.METHODS] + [("gast", "hooks")])
+                         [(m, "vmap") for m in methods.METHODS] + [("gast", "blocks")])
 def test_every_method_runs_end_to_end(tiny, tmp_path, method, per_sample):
     metrics = train(tiny(method=method, per_sample=per_sample))
     assert metrics["method"] == method and metrics["steps"] == 6
@@ -188,7 +188,7 @@ def test_selection_picture_shows_the_mask_and_the_noisy_samples():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("per_sample", ["vmap", "hooks"])
+@pytest.mark.parametrize("per_sample", ["vmap", "blocks"])
 def test_a_gast_run_on_cuda_with_autocast(tiny, tmp_path, per_sample):
     metrics = train(tiny(device="cuda", per_sample=per_sample))
     assert math.isfinite(metrics["held_out_loss"]) and 0 <= metrics["exact_match"] <= 1

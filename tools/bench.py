@@ -3,7 +3,7 @@ What GAST costs over a plain LoRA step, as ratios that hold on a shared machine.
 
     python -m tools.bench               # default model at B = 8, 32, 128; mid model at B = 32
     python -m tools.bench --batches 32 --repeats 20 --models default,mid --device cpu
-    python -m tools.bench --models mid --paths gast_default,gast_hooks --compiled
+    python -m tools.bench --models mid --paths gast_default,gast_blocks --compiled
 
 For each model and batch size it times:
   plain          an ordinary LoRA step: forward, backward, AdamW
@@ -11,7 +11,6 @@ For each model and batch size it times:
                  4 training samples riding in the per-sample pass, a softmax draw per layer, every
                  layer updated), by the default per-sample path
   gast_vmap      the same step, per-sample gradients by torch.func (the reference path)
-  gast_hooks     the same step, per-sample gradients of every block from backward hooks
   gast_blocks    the same step formed block by block inside the backward (one block's per-sample
                  gradients held at a time)
   gast_compiled  with --compiled: gast_default's step, its torch.func pass compiled by
@@ -68,7 +67,7 @@ MODELS = {  # name: (model shape, LoRA targets, batch sizes by default)
                                rope_theta=100000.0),
                      LoRAConfig(32, 64.0, 0.0, ("q_proj", "k_proj", "v_proj", "up_proj",
                                                 "down_proj")), (16,))}
-WHATS = ("plain", "gast_default", "gast_vmap", "gast_hooks", "gast_blocks")
+WHATS = ("plain", "gast_default", "gast_vmap", "gast_blocks")
 # timed with --compiled, or when --paths names them
 COMPILED = ("gast_compiled", "plain_compiled")
 clock = time.perf_counter  # wall time (a test sets a clock of its own)
@@ -136,7 +135,7 @@ def runners(model, opt, x, y, support_set):
         return SparseTuner(model, TrainConfig(method="gast", **kw), support_set=support_set)
 
     tuners = {"gast_default": tuner(), "gast_vmap": tuner(per_sample="vmap"),
-              "gast_hooks": tuner(per_sample="hooks"), "gast_blocks": tuner(per_sample="blocks"),
+              "gast_blocks": tuner(per_sample="blocks"),
               "gast_compiled": tuner(per_sample="compiled")}
     compiled_model = torch.compile(model)  # compiles at its first call, if it is called
 
@@ -169,7 +168,7 @@ def paired_times(spec, B, device, repeats, warmup=2, whats=WHATS):
     """({what: [seconds per step, one per round]}, {what: [its ratio to plain, one per round]}).
 
     Every computation runs in this one process, round-robin, and each one is bracketed by
-    plain steps: plain, gast, plain, gast_hooks, plain, ... Its ratio is its time over the
+    plain steps: plain, gast, plain, gast_blocks, plain, ... Its ratio is its time over the
     mean of the plain steps just before and just after it, so load that changes within a
     round still lands on both sides of the ratio."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -264,7 +263,7 @@ def mib(row, what):
 
 # The bars that the picture draws: train.py's default step, its faster paths, and the
 # floor (B + 4) / B that 4 support rows riding beside B batch rows set.
-PICTURED = ("gast_default", "gast_hooks", "gast_blocks", "gast_compiled")
+PICTURED = ("gast_default", "gast_blocks", "gast_compiled")
 
 
 def plot_ratios(rows, path, title):
