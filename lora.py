@@ -26,6 +26,10 @@ LINEAR_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 # the Llama block's (model.py, arch "llama"); the paper adapts q, k, v, up and down
 LLAMA_LINEAR_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                         "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# the modules adapted when none are named, by architecture (a default per model, as PEFT
+# has): GPT-2's four, and on the Llama family the paper's q, k, v, up and down
+DEFAULT_TARGETS = {"gpt2": LINEAR_MODULES, "llama": ("q_proj", "k_proj", "v_proj", "up_proj",
+                                                     "down_proj")}
 
 
 @dataclass

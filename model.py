@@ -88,9 +88,6 @@ class CausalSelfAttention(nn.Module):
         # 1 / sqrt(head size), and for scale_attn_by_inverse_layer_idx 1 / (l + 1) too
         self.scale = (
             1.0 / math.sqrt(hs) / (layer_idx + 1 if config.scale_attn_by_inverse_layer_idx else 1))
-        # lower-triangular mask for the explicit path; not saved with the weights
-        mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
-        self.register_buffer("causal_mask", mask, persistent=False)
 
     def forward(self, x, fused=True, cache=None):
         B, T, C = x.size()  # batch, time, channels (n_embd)
@@ -115,9 +112,9 @@ def attend(m, q, k, v, fused, cache=None):
                                               is_causal=True, scale=m.scale)
     # plain matmuls and softmax: every op has a vmap batching rule, so per-sample gradients
     # stay one batched computation (see gast.py)
-    T = q.size(2)
+    T = q.size(2)  # the causal mask at the batch's length, never the context's (131,072)
     att = (q @ k.transpose(-2, -1)) * m.scale  # (B, nh, T, T)
-    att = att.masked_fill(~m.causal_mask[:T, :T], float("-inf"))
+    att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), -math.inf)
     return m.attn_dropout(F.softmax(att, dim=-1)) @ v
 
 
@@ -202,8 +199,6 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * hs, config.n_embd, bias=bias)
         self.scale, self.dropout = 1.0 / math.sqrt(hs), config.dropout
         self.attn_dropout = dropout(config.dropout)
-        mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
-        self.register_buffer("causal_mask", mask, persistent=False)
 
     def forward(self, x, fused=True, rope=None, cache=None):
         B, T, C = x.size()

@@ -21,7 +21,7 @@ import torch
 
 from data import Epochs, collate
 from evaluation.scoring import evaluate
-from lora import LoRAConfig, add_lora
+from lora import add_lora
 from methods.tuner import SparseTuner
 from plumbing.devices import autocast_for, is_main, say
 from plumbing.entry import Interrupted
@@ -55,6 +55,9 @@ class TrainConfig(BaseConfig):
         "completion")
     answer_field: str = option("", "score answer accuracy: the first of a task's answers found in "
         "the response must be this field's (LLM-Adapters: answer); empty: exact match")
+    cutoff_len: int = option(0, "cut every tokenized record (prompt, completion, end token) to "
+        "this many tokens, as LLM-Adapters' cutoff_len (the paper's: 256); batches pad to their "
+        "longest record; 0: the base's context")
     train_on_inputs: bool = option(False, "the loss falls on the prompt too (LLM-Adapters' "
         "default)")
     max_new_tokens: int = option(32, "--answer-field: tokens generated per response (LLM-Adapters: "
@@ -84,8 +87,9 @@ class TrainConfig(BaseConfig):
         "size")
     lora_dropout: float = option(0.0, "dropout on the adapters' input only; the base path is "
         "untouched")
-    lora_targets: str = option("attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj", "modules (suffixes) "
-        "that get adapters; all four by default: the default task needs the MLP to learn")
+    lora_targets: str = option("", "modules (suffixes, comma-separated) that get adapters; "
+        "empty: by architecture, GPT-2's four Linear (the default task needs the MLP to learn), "
+        "the paper's q_proj,k_proj,v_proj,up_proj,down_proj on the Llama family and Qwen2")
 
     # the method (gast.py; the baselines in methods/tuner.py)
     method: str = option("gast", "lora, lisa, ist, data or gast")
@@ -108,9 +112,10 @@ class TrainConfig(BaseConfig):
     ist_trials: int = option(3, "ist's suppression trials per importance update")
     ist_suppress: float = option(0.25, "ist multiplies a suppressed layer's LoRA scaling by this")
     ist_lr: float = option(10.0, "ist's step size on the importance scores")
-    per_sample: str = option("vmap", "step 1 by torch.func (vmap, the reference), by backward "
+    per_sample: str = option("auto", "step 1 by torch.func (vmap, the reference), by backward "
         "hooks block by block inside the backward (blocks: one block's held at a time), or "
-        "compiled by torch.compile (compiled: equal up to rounding; tens of seconds to compile)")
+        "compiled by torch.compile (compiled: equal up to rounding; tens of seconds to compile); "
+        "auto: vmap where a step fits in memory, else blocks (said)")
     chunk_size: int = option(0, "vmap: per-sample gradients this many samples at a time (0: all)")
 
     # optimisation
@@ -173,9 +178,7 @@ def fine_tune(run, summary=True):
     torch.manual_seed(config.seed)
     if config.base_dtype == "bfloat16":  # before the adapters, which stay float32
         model.to(torch.bfloat16)
-    adapters = LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout,
-                          tuple(config.lora_targets.split(",")))
-    add_lora(model, adapters, verbose=not config.quiet and is_main())
+    add_lora(model, run.adapters, verbose=not config.quiet and is_main())
     model.to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                             weight_decay=config.weight_decay)
@@ -234,7 +237,7 @@ def fine_tune(run, summary=True):
     # 3. the final evaluation, every record of the test split, and the run's files
     say(config, f"final evaluation: the {split} split's {len(test_set)} samples")
     final = score(test_set, split, test_set)
-    return outputs.finish(final, end, model, adapters, summary)  # metrics.json's dict
+    return outputs.finish(final, end, model, summary)  # metrics.json's dict
 
 
 def main(argv=None):

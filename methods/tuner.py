@@ -36,7 +36,7 @@ from plumbing.devices import world
 METHODS = ("lora", "lisa", "ist", "data", "gast")
 SCORED = ("data", "gast")  # the methods that compute alignment scores, and so need a support
 # how step 1 is computed (torch.func, vmap, is the reference)
-PER_SAMPLE = ("vmap", "blocks", "compiled")
+PER_SAMPLE = ("auto", "vmap", "blocks", "compiled")
 SELECTIONS = ("softmax", "topk", "random")  # the paper's rule, and its two ablations
 SUPPORTS = ("train", "heldout", "batch")  # where the support mini-batch comes from
 
@@ -301,7 +301,8 @@ class SparseTuner:
         None, this process's shard of the batch of B or None)."""
         c = self.config
         per_sample = {"vmap": partial(per_sample_grads_and_losses, chunk_size=c.chunk_size or None),
-                      "blocks": per_sample_grads_by_blocks, "compiled": self.compiled}[c.per_sample]
+                      "blocks": per_sample_grads_by_blocks, "compiled": self.compiled}[
+            "vmap" if c.per_sample == "auto" else c.per_sample]  # auto: settled by run/checks.py
         select = None  # gast at every layer: each block draws its own k (the paper's rule)
         if c.method == "data":  # one global set, by the summed alignment over layers
             def select(scores, k):

@@ -57,10 +57,10 @@ class History:
 
 
 # settings that may differ on --resume: they change where and how loudly a run goes, not what it
-# computes
+# computes (per_sample: --per-sample auto is settled anew; the paths are tested equal)
 FREE_ON_RESUME = {"resume", "overwrite", "stop_at", "out_dir", "quiet", "device", "log_interval",
                   "eval_interval", "checkpoint_interval", "compile", "init_from", "picture",
-                  "weak_base"}
+                  "weak_base", "per_sample"}
 
 
 def read_resume(config, ckpt_path):
@@ -114,19 +114,17 @@ def files_fingerprint(paths):
     return ",".join(fingerprint(p) for p in files)
 
 
-def save_checkpoint(path, config, step, model, opt, tuner, rngs, base, history):
+def save_checkpoint(path, config, step, model, opt, tuner, rngs, base, history, adapters):
     (data_rng, probe_rng), (base_path, base_hash) = rngs, base
-    lora = {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
-            "targets": tuple(config.lora_targets.split(","))}
     data_hash = {name: files_fingerprint(getattr(config, name)) for name in DATA_FILES
                  if getattr(config, name)}  # a resume on changed data is refused
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     rng = {"python": data_rng.getstate(), "probe": probe_rng.getstate(),
            "torch": torch.get_rng_state(), "cuda": cuda}
     atomic_save({"config": asdict(config), "step": step, "base": base_path, "base_hash": base_hash,
-                 "lora_config": lora, "data_hash": data_hash, "adapter": adapter_state_dict(model),
-                 "optimizer": opt.state_dict(), "tuner": tuner.state_dict(), "rng": rng,
-                 "progress": asdict(history)}, path)
+                 "lora_config": asdict(adapters), "data_hash": data_hash,
+                 "adapter": adapter_state_dict(model), "optimizer": opt.state_dict(),
+                 "tuner": tuner.state_dict(), "rng": rng, "progress": asdict(history)}, path)
 
 
 def restore(resume, model, opt, tuner, rngs):

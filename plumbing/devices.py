@@ -83,20 +83,22 @@ def say(config, *args):
         print(*args, flush=True)
 
 
-def training_memory(config, batch_size, full=True):
+def training_memory(config, batch_size, full=True, T=None):
     """Rough bytes of one training step in float32, to refuse a shape that cannot fit
     before any work: the weights (times 4 with their gradients and AdamW's two moments
     when full, i.e. pretraining), and the activations the backward keeps, per position
     of each sample about 8 * n_embd + 2 * (or Llama's SwiGLU 5 *) the MLP's width + 2 *
     n_head * block_size floats a block (the explicit attention keeps its probabilities)
-    plus the logits and their gradient. Llama's rows are held to a measured step: at
-    SmolLM2-135M's shape a per-sample pass of 20 rows of 256 tokens passed 24 GiB."""
-    d, T, L, V = config.n_embd, config.block_size, config.n_layer, config.vocab_size
+    plus the logits and their gradient, at T positions a row (default: the whole context).
+    Llama's rows are held to a measured step: at SmolLM2-135M's shape a per-sample pass of
+    20 rows of 256 tokens passed 24 GiB."""
+    d, L, V = config.n_embd, config.n_layer, config.vocab_size
+    T, positions = T or config.block_size, 0 if config.arch == "llama" else config.block_size
     inner = config.n_inner or 4 * d  # Llama's MLP has three matrices of it, GPT-2's two
     kv = d * (config.n_kv_head or config.n_head) // config.n_head
     mlp = (3 if config.arch == "llama" else 2) * d * inner
     head = 0 if config.tie_word_embeddings else V * d
-    weights = V * d + head + T * d + L * (2 * d * d + 2 * d * kv + mlp + 13 * d)
+    weights = V * d + head + positions * d + L * (2 * d * d + 2 * d * kv + mlp + 13 * d)
     act = 8 * d + (5 if config.arch == "llama" else 2) * inner  # GPT-2: 16 d
     per_sample = T * (L * (act + 2 * config.n_head * T) + 2 * V)
     return 4 * (weights * (4 if full else 1) + batch_size * per_sample)

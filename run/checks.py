@@ -9,7 +9,7 @@ import os
 from dataclasses import replace
 
 from run.splits import task_name
-from lora import LINEAR_MODULES, LLAMA_LINEAR_MODULES
+from lora import DEFAULT_TARGETS, LINEAR_MODULES, LLAMA_LINEAR_MODULES, LoRAConfig
 from methods.tuner import METHODS, PER_SAMPLE, SCORED, SELECTIONS, SUPPORTS
 from model import GPTConfig
 from plumbing.checkpoints import files_fingerprint
@@ -27,7 +27,7 @@ def lora_problems(self):
     """The LoRA flags' problems."""
     out = positive(self, "lora_r", "lora_alpha")
     out += in_range(self, "lora_dropout", 0, 1, high_open=True)
-    targets = self.lora_targets.split(",")
+    targets = self.lora_targets.split(",") if self.lora_targets else []  # []: by architecture
     known = LINEAR_MODULES + LLAMA_LINEAR_MODULES
     unknown = [t for t in targets if not t or not any(m.endswith(t) for m in known)]
     if unknown:
@@ -140,9 +140,13 @@ def validate(config, n_procs=1):
         problems.append(
             f"--batch-size {config.batch_size} (the global batch) does not divide by the "
             f"{n_procs} processes")
-    # the base train.py would pretrain: can a fine-tuning step of it fit?
-    if not config.init_from and not problems:
-        problems += step_memory_problems(config, GPTConfig(**shape_values(config)))
+    if not config.init_from and not problems:  # can a step of the base it would pretrain fit?
+        shape = GPTConfig(**shape_values(config))
+        T = min(shape.block_size, (config.cutoff_len or shape.block_size + 1) - 1)
+        problems += step_memory_problems(config, shape, T)[0]
+    if 0 < config.cutoff_len < 2 or config.cutoff_len < 0:
+        problems.append(f"--cutoff-len must be 0 (the base's context) or at least 2 (a token "
+                        f"and the next), got {config.cutoff_len}")
     refuse(problems)
 
 
@@ -166,30 +170,45 @@ def check_skills(config, model, base_path, tokenizer, device):
                 f"its skills: {', '.join(weak)} (below {SKILL_LEVEL}); {hint}"])
 
 
-def step_memory_problems(config, shape):
-    """A problem line if a fine-tuning step on a base of this shape clearly cannot fit."""
+def step_memory(config, shape, T, per_sample):
+    """Rough bytes of a fine-tuning step on a base of this shape, its rows at most T positions
+    (the longest record after the cutoff, never the base's whole context)."""
     rows = config.batch_size + config.support_size
-    # r * (in + out) over the four Linear of every block, at most
-    lora = 16 * config.lora_r * shape.n_embd * shape.n_layer
+    lora = 16 * config.lora_r * shape.n_embd * shape.n_layer  # r (in + out), four Linear a block
     # + per-sample gradients, AdamW's moments
-    estimate = training_memory(shape, rows, full=False) + 4 * lora * (rows + 4)
-    flags = "--batch-size, --lora-r" + ("" if config.init_from else ", --n-layer, --n-embd, "
-                                             "--block-size")
-    if config.method in SCORED and config.per_sample == "vmap":  # torch.func holds about 3x
-        # the activations of a batched pass (measured at SmolLM2-135M's shape, docs/cost.md)
-        batched = training_memory(shape, rows, full=False) - training_memory(shape, 0, False)
-        estimate, flags = estimate + 2 * batched, flags + ", --per-sample blocks"
-    return memory_problems("a fine-tuning step", estimate, pick_device(config.device), flags)
+    estimate = training_memory(shape, rows, full=False, T=T) + 4 * lora * (rows + 4)
+    if config.method in SCORED and per_sample == "vmap":  # torch.func holds about 3x the
+        # activations of a batched pass (measured at SmolLM2-135M's shape, docs/cost.md)
+        batched = training_memory(shape, rows, False, T) - training_memory(shape, 0, False, T)
+        estimate += 2 * batched
+    return estimate
 
 
-def check_run(config, shape, n_train, eval_set, split, dev_sample):
+def step_memory_problems(config, shape, T):
+    """(a problem line if a step clearly cannot fit, the per-sample path): --per-sample auto
+    takes torch.func's (vmap) where a step fits, else blocks (one block's held at a time)."""
+    device, path = pick_device(config.device), config.per_sample
+    if path == "auto":
+        fits = not memory_problems("", step_memory(config, shape, T, "vmap"), device, "")
+        path = "vmap" if fits or config.method not in SCORED else "blocks"
+    flags = "--batch-size, --lora-r, --cutoff-len" + (
+        "" if config.init_from else ", --n-layer, --n-embd, --block-size")
+    flags += ", --per-sample blocks" if path == "vmap" and config.method in SCORED else ""
+    estimate = step_memory(config, shape, T, path)
+    return memory_problems("a fine-tuning step", estimate, device, flags), path
+
+
+def check_run(config, shape, n_train, eval_set, split, dev_sample, longest):
     """What can be checked only once the base and the data are loaded, before any step:
-    a step of this base's shape must fit, the evaluation splits must hold samples, and
+    a step of this base's shape at the longest record (longest positions) must fit, the
+    adapters' targets must be the base's, the evaluation splits must hold samples, and
     --epochs N becomes steps: ceil(N x samples / batch), every batch whole (the last one
-    tops up from the next pass). The settings to run with."""
-    problems = step_memory_problems(config, shape) if config.init_from else []
+    tops up from the next pass). (The settings to run with, the adapters' LoRAConfig.)"""
+    problems, path = step_memory_problems(config, shape, longest)
+    config = replace(config, per_sample=path)
     names = LLAMA_LINEAR_MODULES if shape.arch == "llama" else LINEAR_MODULES
-    targets = config.lora_targets.split(",")
+    targets = config.lora_targets.split(",") if config.lora_targets else DEFAULT_TARGETS[
+        shape.arch]
     if not any(m.endswith(t) for m in names for t in targets):  # the base's own module names
         paper = "q_proj,k_proj,v_proj,up_proj,down_proj" if shape.arch == "llama" else ""
         problems.append(f"--lora-targets {config.lora_targets} matches no Linear module of this "
@@ -214,7 +233,8 @@ def check_run(config, shape, n_train, eval_set, split, dev_sample):
                     f"{config.batch_size})")
             config = replace(config, steps=steps)
     refuse(problems)
-    return config
+    return config, LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout,
+                              tuple(targets))
 
 
 def check_prompts(config, tokenizer):
@@ -223,7 +243,7 @@ def check_prompts(config, tokenizer):
     leaves no completion token is refused now, not after minutes of pretraining."""
     if config.init_from or config.resume or not config.data:  # a given base's context is
         return  # read with it (on --resume, the checkpoint's base)
-    block_size = base_shape(config).block_size
+    block_size = min(base_shape(config).block_size, (config.cutoff_len or 1 << 30) - 1)
     for path in [config.data, config.dev_data, config.support_data, *config.test_data.split(",")]:
         if path.strip() and is_records(path.strip()):
             load_records(path.strip(), tokenizer, block_size, config.prompt_field,

@@ -38,7 +38,7 @@ class Outputs:
         run = self.run
         if is_main():
             save_checkpoint(run.ckpt_path, run.config, step, model, opt, tuner, rngs, (
-                run.base_path, fingerprint(run.base_path)), self.history)
+                run.base_path, fingerprint(run.base_path)), self.history, run.adapters)
         self.saved_at = step
 
     def last_checkpoint(self):
@@ -47,7 +47,7 @@ class Outputs:
             return f"{self.run.ckpt_path} (step {self.saved_at}); --resume continues from it"
         return "none written yet"
 
-    def finish(self, final, steps, model, adapters, summary=True):
+    def finish(self, final, steps, model, summary=True):
         """The run's metrics from its final evaluation (final) and history; its files, then
         its summary. The metrics dict."""
         run, config = self.run, self.run.config
@@ -64,7 +64,7 @@ class Outputs:
                    "sample": sample, **self.history.summary(), "config": asdict(config)}
         predictions, out_dir = final["predictions"], config.out_dir
         if is_main():
-            atomic_save(adapter_file(model, adapters), os.path.join(out_dir, "adapter.pt"))
+            atomic_save(adapter_file(model, run.adapters), os.path.join(out_dir, "adapter.pt"))
             if self.run.config.picture:
                 plot_run(self.history, os.path.join(out_dir, "selection.png"), self.run.config)
             write_json(os.path.join(out_dir, "metrics.json"), metrics)

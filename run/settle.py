@@ -45,6 +45,7 @@ class Run:
     device: str
     resume: dict  # the checkpoint a --resume continues, or None
     ckpt_path: str
+    adapters: object  # lora.LoRAConfig: --lora-* with the targets settled by architecture
 
 
 def check_settings(config_type, config, dry_run=False):
@@ -82,7 +83,8 @@ def settle(config, tokenizer, split="test"):
         yield settled(config, tokenizer, split)
 
 
-def settled(config, tokenizer, split):
+def settled(run_config, tokenizer, split):
+    config = run_config  # as given; check_run settles --per-sample auto and --epochs
     device = pick_device(config.device)
     ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
     resume = read_resume(config, ckpt_path) if config.resume else None
@@ -94,7 +96,16 @@ def settled(config, tokenizer, split):
     task, is_qa = load_task(config, tokenizer, model.config.block_size)
     test_set = task.test if split == "test" else task.dev  # the final evaluation, every record
     dev_sample = per_task_head(task.dev, config.eval_samples)  # the periodic ones
-    config = check_run(config, model.config, len(task.train), test_set, split, dev_sample)
+    longest = max(len(e.tokens) for e in task.train + task.heldout) - 1  # positions of a row
+    config, adapters = check_run(config, model.config, len(task.train), test_set, split,
+                                 dev_sample, longest)
+    if config.method in SCORED and run_config.per_sample == "auto":
+        say(config, f"per-sample gradients by {config.per_sample} (--per-sample auto: "
+            f"{'torch.func fits' if config.per_sample == 'vmap' else 'torch.func would not fit'}"
+            f" a step of {config.batch_size} rows of up to {longest} positions)")
+    if not config.lora_targets:
+        say(config, f"LoRA on {', '.join(adapters.targets)} ({model.config.arch}'s default; "
+            "--lora-targets names others)")
     support_set = None
     if config.method in SCORED and config.support != "batch":
         support_set = SupportPool(task.train if config.support == "train" else task.heldout,
@@ -102,7 +113,7 @@ def settled(config, tokenizer, split):
     if config.method in SCORED:
         say(config, support_line(config, support_set))
     return Run(config, tokenizer, model, base_path, task, is_qa, split, test_set, dev_sample,
-               support_set, device, resume, ckpt_path)
+               support_set, device, resume, ckpt_path, adapters)
 
 
 def script_main(config_type, work, argv=None, description=None):

@@ -21,28 +21,25 @@ def task_name(path):
 
 
 def load_examples(config, path, tokenizer, block_size, task=""):
-    """Examples of one file: prompt/completion records, or plain text cut into windows."""
+    """Examples of one file: prompt/completion records, or plain text cut into windows; each
+    cut to --cutoff-len tokens (LLM-Adapters' cutoff_len), and to the base's context."""
+    block_size = min(block_size, (getattr(config, "cutoff_len", 0) or block_size + 1) - 1)
     if is_records(path):
         fields = ("instruction, input, output" if config.template == "alpaca"
                   else f"{config.prompt_field!r}, {config.completion_field!r}")
-        say(
-            config,
-            f"reading {path} as prompt/completion records (template {config.template}: {fields})")
+        say(config, f"reading {path} as prompt/completion records (template {config.template}: "
+            f"{fields})")
         on_inputs = getattr(config, "train_on_inputs", False)  # sample.py: completions only
         examples, cut = load_records(path, tokenizer, block_size, config.prompt_field,
                                      config.completion_field, config.template, config.answer_field,
                                      on_inputs, task)
         if cut.skipped:
             first = ", ".join(cut.skipped[:3]) + (", ..." if len(cut.skipped) > 3 else "")
-            say(
-                config,
-                f"{path}: skipped {len(cut.skipped)} samples whose prompt leaves no completion "
-                f"token within the context of {block_size} tokens ({first})")
+            say(config, f"{path}: skipped {len(cut.skipped)} samples whose prompt leaves no "
+                f"completion token within {block_size + 1} tokens ({first})")
         if cut.samples:
-            say(
-                config,
-                f"{path}: {cut.samples} samples longer than {block_size + 1} tokens were cut "
-                f"({cut.tokens} tokens)")
+            say(config, f"{path}: {cut.samples} samples longer than {block_size + 1} tokens were "
+                f"cut ({cut.tokens} tokens)")
         return examples
     say(
         config,

@@ -1,7 +1,8 @@
 """
 One training step's route, from train.py's loop to vmap, counted from the code itself:
 
-    python tests/route.py
+    python tests/route.py            # the table
+    python tests/route.py --write    # and put it in docs/architecture.md in place of the old
 
 prints the table docs/architecture.md holds (tests/test_layers.py holds the two equal): each
 hop's file, function and lines, checked to be called by the hop before it.
@@ -84,4 +85,12 @@ def table():
 
 
 if __name__ == "__main__":
+    import re
+    import sys
+
     print(table())
+    if "--write" in sys.argv[1:]:
+        path = os.path.join(ROOT, "docs", "architecture.md")
+        doc = open(path, encoding="utf-8").read()
+        old = re.search(r"\| depth \| file .*? calls from the loop to vmap\.", doc, re.S).group(0)
+        open(path, "w", encoding="utf-8").write(doc.replace(old, table()))

@@ -593,7 +593,7 @@ def test_a_support_without_a_support_set_and_unknown_settings_are_refused():
         (dict(temperature=0.0), "--temperature must be positive"),
         (dict(support_size=-1), "--support-size must not be negative"),
         (dict(chunk_size=2, per_sample="blocks"), "--chunk-size works with --per-sample vmap"),
-        (dict(per_sample="jit"), "--per-sample must be one of vmap, blocks, compiled"),
+        (dict(per_sample="jit"), "--per-sample must be one of auto, vmap, blocks, compiled"),
     ]:  # refused once, before any work, by train.py's checks
         assert any(message in p for p in method_problems(TrainConfig(**bad))), message
 

@@ -273,9 +273,9 @@ def test_a_llama_directory_with_its_tokenizer_goes_through_train_sample_and_expo
     flags = ["--init-from", str(directory), "--data", str(tmp_path / "d.jsonl"), "--steps", "3",
              "--batch-size", "4", "--eval-interval", "3", "--quiet", "--no-picture",
              "--out-dir", str(tmp_path / "run")]
-    assert main(flags) == 2
+    assert main([*flags, "--lora-targets", "c_attn"]) == 2  # GPT-2's names on a Llama
     assert "matches no Linear module of this llama base" in capsys.readouterr().err
-    assert main([*flags, "--lora-targets", ",".join(PAPER_TARGETS)]) == 0
+    assert main(flags) == 0  # the paper's targets, by architecture
     assert sample.main(["--out-dir", str(tmp_path / "run"), "--prompt", "echo abc=",
                         "--export-peft", str(tmp_path / "peft"), "--export-hf",
                         str(tmp_path / "merged")]) == 0

@@ -70,8 +70,8 @@ def test_a_prompt_longer_than_the_context_is_skipped_and_named(base, tmp_path, c
     assert (main(
         ["--init-from", base, "--out-dir", str(tmp_path / "a"), "--data", data, *FINE_TUNE]) == 0)
     assert (
-        f"{data}: skipped 1 samples whose prompt leaves no completion token within the context of "
-        f"32 tokens ({data}:3)" in capsys.readouterr().out)
+        f"{data}: skipped 1 samples whose prompt leaves no completion token within 33 tokens "
+        f"({data}:3)" in capsys.readouterr().out)
     data = write_jsonl(tmp_path / "long.jsonl", qa_rows(5, long_at=range(5)))
     assert (main(
         ["--init-from", base, "--out-dir", str(tmp_path / "b"), "--data", data, *FINE_TUNE]) == 2)

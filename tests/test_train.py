@@ -416,8 +416,8 @@ BAD_INPUTS = [  # (flags, the fragment its error names); {tmp} is the test's fol
         ["--batch-size", "1000000000"],
         "--batch-size 1000000000 is larger than the 48 training samples",
     ),
-    (["--lora-r", "1000000"], "--batch-size, --lora-r, --per-sample blocks: a fine-tuning step "
-     "needs at least about"),
+    (["--lora-r", "1000000"], "--batch-size, --lora-r, --cutoff-len: a fine-tuning step needs "
+     "at least about"),
     (["--n-train", "2000000000"], "the default task would need 2,000,000,"),
     (
         ["--heldout-size", "900000", "--n-train", "200000"],

@@ -49,6 +49,7 @@ from plumbing.files import output_problems, write_json
 from plumbing.devices import check_device, memory_problems, pick_device, training_memory
 from plumbing.entry import run_main
 from plumbing.settings import option, parse_args, positive, refuse
+from run.checks import step_memory_problems
 from train import TrainConfig
 
 ATTENTION = ("attn.c_attn", "attn.c_proj")
@@ -134,7 +135,10 @@ def runners(model, opt, x, y, support_set):
     def tuner(**kw):
         return SparseTuner(model, TrainConfig(method="gast", **kw), support_set=support_set)
 
-    tuners = {"gast_default": tuner(), "gast_vmap": tuner(per_sample="vmap"),
+    # gast_default: the path train.py's --per-sample auto takes for this step
+    auto = step_memory_problems(TrainConfig(method="gast", batch_size=len(x), device=str(
+        x.device)), model.config, x.shape[1])[1]
+    tuners = {"gast_default": tuner(per_sample=auto), "gast_vmap": tuner(per_sample="vmap"),
               "gast_blocks": tuner(per_sample="blocks"),
               "gast_compiled": tuner(per_sample="compiled")}
     compiled_model = torch.compile(model)  # compiles at its first call, if it is called

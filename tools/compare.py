@@ -159,6 +159,8 @@ def recorded_run(flags, split):
             metrics = json.load(f)
     except (OSError, ValueError):
         return None
+    if config["per_sample"] == "auto":  # settled at the run's start to the path it took
+        config["per_sample"] = metrics.get("config", {}).get("per_sample")
     return metrics if metrics.get("config") == config and metrics.get("split") == split else None
 
 
