@@ -9,7 +9,8 @@ The shape of nanoGPT's model.py, with three things GAST needs:
   3. GPT-2's and Llama's own parameter names, so a locally stored Hugging Face checkpoint
      loads with every shape checked (hf/load.py), with no download ever.
 config.arch "llama" builds Llama's block (RMSNorm, rotary positions, a SwiGLU MLP,
-grouped key-value heads: Llama 2/3, SmolLM2, TinyLlama, Mistral without its sliding window).
+grouped key-value heads: Llama 2/3, SmolLM2, Qwen2 with its q, k, v biases, Mistral without
+its sliding window).
 """
 
 import math
@@ -44,6 +45,7 @@ class GPTConfig:
     rope_scaling: tuple = ()  # llama: () none, ("linear", factor), or ("llama3", factor,
     #   low_freq_factor, high_freq_factor, original_max_position_embeddings), Llama 3's
     attention_bias: bool = False  # llama: biases on q, k, v and o (Llama's attention_bias)
+    qkv_bias: bool = False  # llama: biases on q, k and v alone (Qwen2's)
 
     def __post_init__(self):
         small = [f"{k} {getattr(self, k)}" for k in ("block_size", "vocab_size", "n_layer",
@@ -193,9 +195,10 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head or config.n_head
         hs, bias = config.n_embd // config.n_head, config.attention_bias
-        self.q_proj = nn.Linear(config.n_embd, self.n_head * hs, bias=bias)
-        self.k_proj = nn.Linear(config.n_embd, self.n_kv_head * hs, bias=bias)
-        self.v_proj = nn.Linear(config.n_embd, self.n_kv_head * hs, bias=bias)
+        qkv = bias or config.qkv_bias
+        self.q_proj = nn.Linear(config.n_embd, self.n_head * hs, bias=qkv)
+        self.k_proj = nn.Linear(config.n_embd, self.n_kv_head * hs, bias=qkv)
+        self.v_proj = nn.Linear(config.n_embd, self.n_kv_head * hs, bias=qkv)
         self.o_proj = nn.Linear(self.n_head * hs, config.n_embd, bias=bias)
         self.scale, self.dropout = 1.0 / math.sqrt(hs), config.dropout
         self.attn_dropout = dropout(config.dropout)

@@ -156,8 +156,12 @@ def sample(config):
         export_peft(model, lora, config.export_peft, run.init_from or "")
         print(f"wrote {config.export_peft}: the adapter in PEFT's LoRA layout")
     if config.export_hf:
-        export_hf(model, config.export_hf, tokenizer.eot_token if tokenizer else None)
-        print(f"wrote {config.export_hf}: the merged model as a transformers GPT-2 directory")
+        base_dir = run.base if os.path.isdir(run.base) else ""
+        arch, copied = export_hf(model, config.export_hf, tokenizer.eot_token if tokenizer
+                                 else None, base_dir)
+        print(f"wrote {config.export_hf}: the merged model as a transformers {arch} directory, "
+              + (f"with the base's tokenizer ({', '.join(copied)})" if copied else "with no "
+                 "tokenizer file (the run's tokenizer is not a transformers one)"))
     # every output asked for is written above; then the prompt, the file, or the run's answers
     if config.prompt:
         text = templated(config.template, config.prompt) if in_template else config.prompt

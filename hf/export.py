@@ -10,6 +10,7 @@ the (in, out) weight (fan_in_fan_out); so the adapter's tensors go out as they a
 """
 
 import os
+import shutil
 
 from safetensors.torch import save_file
 
@@ -86,6 +87,8 @@ def llama_hf_config(c, eot_token):
         kind == "linear") else dict(rope_type=kind, factor=args[0], low_freq_factor=args[1],
                                     high_freq_factor=args[2],
                                     original_max_position_embeddings=args[3])
+    qwen2 = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
+             "use_sliding_window": False} if c.qkv_bias else {}  # Llama's block, q, k, v biases
     return {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
             "vocab_size": c.vocab_size, "hidden_size": c.n_embd, "intermediate_size": c.n_inner,
             "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
@@ -93,12 +96,19 @@ def llama_hf_config(c, eot_token):
             "rms_norm_eps": c.layer_norm_epsilon, "rope_theta": c.rope_theta,
             "rope_scaling": scaling, "attention_bias": c.attention_bias, "hidden_act": "silu",
             "tie_word_embeddings": c.tie_word_embeddings, "bos_token_id": eot_token,
-            "eos_token_id": eot_token}
+            "eos_token_id": eot_token, **qwen2}
 
 
-def export_hf(model, directory, eot_token):
-    """The model with its adapters merged, as a transformers directory: config.json and
-    model.safetensors. GPT2LMHeadModel (or LlamaForCausalLM).from_pretrained reads it."""
+# a transformers directory's tokenizer, as AutoTokenizer reads it
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def export_hf(model, directory, eot_token, tokenizer_from=""):
+    """The model with its adapters merged, as a transformers directory: config.json,
+    model.safetensors and the tokenizer files of the directory tokenizer_from (the base's),
+    so that AutoTokenizer and AutoModelForCausalLM read it. (The architecture written, the
+    tokenizer files copied.)"""
     os.makedirs(directory, exist_ok=True)
     merge_lora(model)
     c = model.config
@@ -114,3 +124,8 @@ def export_hf(model, directory, eot_token):
         config = llama_hf_config(c, eot_token)
     write_safetensors(hf_state_dict(model), os.path.join(directory, "model.safetensors"))
     write_json(os.path.join(directory, "config.json"), config)
+    copied = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_from, f))]
+    for name in copied if tokenizer_from else []:
+        atomic_write(os.path.join(directory, name), lambda tmp: shutil.copyfile(
+            os.path.join(tokenizer_from, name), tmp))
+    return config["architectures"][0], copied if tokenizer_from else []

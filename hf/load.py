@@ -9,6 +9,7 @@ read and converted to float32. Nothing is downloaded. The way out is hf/export.p
 import json
 import math
 import os
+from dataclasses import replace
 
 import torch
 
@@ -44,12 +45,25 @@ def from_pretrained(path, dropout=0.0):
                            block_size=sd_hf["wpe.weight"].shape[0], vocab_size=vocab_size,
                            dropout=dropout, bias=True,
                            tie_word_embeddings="lm_head.weight" not in sd_hf)
-    if config.tie_word_embeddings:
-        sd_hf.pop("lm_head.weight", None)  # the same tensor as wte, when a file keeps it
+    config = tied_as_transformers_ties(config, sd_hf)
     check_against_weights(config, sd_hf, weights)  # before the model is allocated
     conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     sd_hf = {k: v.t() if k.endswith(conv1d) else v for k, v in sd_hf.items()}  # (in, out) -> ours
     return built_from(config, sd_hf, weights, "GPT-2's")
+
+
+def tied_as_transformers_ties(config, sd):
+    """A tied config's head: the embedding, dropping a copy the file keeps; but a head of
+    other values than the embedding's stays its own, untied, as transformers loads it."""
+    head, embedding = sd.get("lm_head.weight"), sd.get("wte.weight")
+    if config.tie_word_embeddings and head is not None and embedding is not None and not (
+            torch.equal(head, embedding)):
+        print("note: config.json ties the head to the embedding, but the weights hold a head of "
+              "its own: it is kept untied, as transformers does")
+        return replace(config, tie_word_embeddings=False)
+    if config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    return config
 
 
 def built_from(config, sd, weights, layout):
@@ -71,12 +85,12 @@ def built_from(config, sd, weights, layout):
     return model
 
 
-LLAMAS = ("llama", "mistral")  # the Llama block's config.json model types
+LLAMAS = ("llama", "mistral", "qwen2")  # the Llama block's config.json model types
 
 
 def llama_from_pretrained(path, hf, dropout=0.0):
-    """A Llama-family checkpoint (Llama, SmolLM2, TinyLlama; Mistral without a sliding
-    window) as a GPT of arch "llama"; its weights keep Llama's names under transformer.h."""
+    """A Llama-family checkpoint (Llama, SmolLM2, Qwen2; Mistral without a sliding window) as
+    a GPT of arch "llama"; its weights keep Llama's names under transformer.h."""
     config = llama_config(hf, dropout)
     sd_hf, weights = read_hf_weights(path)
     rename = {"model.embed_tokens.": "wte.", "model.layers.": "h.", "model.norm.": "ln_f."}
@@ -87,8 +101,7 @@ def llama_from_pretrained(path, hf, dropout=0.0):
         for old, new in rename.items():
             k = new + k[len(old):] if k.startswith(old) else k
         sd[k] = v
-    if config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
+    config = tied_as_transformers_ties(config, sd)
     check_against_weights(config, sd, weights)  # before the model is allocated
     return built_from(config, sd, weights, "the Llama")
 
@@ -96,36 +109,25 @@ def llama_from_pretrained(path, hf, dropout=0.0):
 def llama_config(hf, dropout=0.0):
     """The GPTConfig of a Llama-family config.json: each field honoured, ignored for a
     reason, or refused by name."""
-    if hf.get("model_type") == "mistral" and hf.get("sliding_window") is not None:
+    qwen2 = hf.get("model_type") == "qwen2"  # Llama's block with biases on q, k and v
+    if hf.get("sliding_window") is not None and (not qwen2 or hf.get("use_sliding_window")):
         raise ValueError(f"config.json: sliding_window {hf['sliding_window']} is not supported "
-                         "(our attention sees the whole context)")
+                         "(our attention sees the whole context; Qwen2's use_sliding_window "
+                         "false leaves it unused)")
     if any(kind != "full_attention" for kind in hf.get("layer_types") or []):
         raise ValueError("config.json: layer_types other than full_attention are not supported")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not silu")
     if hf.get("mlp_bias"):
         raise ValueError("config.json: mlp_bias true is not supported")
-    # transformers 5 writes rope_parameters (its theta and scaling); 4.x rope_theta, rope_scaling
-    scaling = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    theta = scaling.get("rope_theta", hf.get("rope_theta", 10000.0))
-    kind = scaling.get("rope_type", scaling.get("type", "none"))
-    if kind == "llama3":
-        rope = ("llama3", scaling["factor"], scaling["low_freq_factor"],
-                scaling["high_freq_factor"], scaling["original_max_position_embeddings"])
-    elif kind == "linear":
-        rope = ("linear", scaling["factor"])
-    elif kind in ("none", "default"):
-        rope = ()
-    else:
-        raise ValueError(f"config.json: rope_scaling of type {kind!r} is not supported (we have "
-                         "llama3 and linear)")
+    theta, rope = rope_of(hf)
     head_dim = hf.get("head_dim")
     if head_dim is not None and head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
         raise ValueError(f"config.json: head_dim {head_dim} is not hidden_size / heads")
     honoured = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "max_position_embeddings", "vocab_size", "rms_norm_eps",
                 "rope_theta", "rope_scaling", "tie_word_embeddings", "attention_bias", "hidden_act",
-                "mlp_bias", "head_dim", "sliding_window", "rope_parameters"}
+                "mlp_bias", "head_dim", "sliding_window", "rope_parameters", "use_sliding_window"}
     # attention_dropout: fine-tuning runs the base without dropout; pretraining_tp: how Meta
     # split its matmuls to pretrain, the same function; the window fields: only with a window,
     # which is refused above; layer_types: every layer full attention here
@@ -142,9 +144,44 @@ def llama_config(hf, dropout=0.0):
                      n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
                      block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
                      n_inner=hf["intermediate_size"], layer_norm_epsilon=eps, dropout=dropout,
-                     bias=False, rope_theta=float(theta),
+                     bias=False, rope_theta=float(theta), qkv_bias=qwen2,
                      rope_scaling=rope, attention_bias=bool(hf.get("attention_bias", False)),
                      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
+
+
+# the fields each kind of rope scaling reads, as transformers' rope functions read them
+ROPE_FIELDS = {"default": (), "linear": ("factor",),
+               "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                          "original_max_position_embeddings")}
+
+
+def rope_of(hf):
+    """(rope_theta, GPTConfig.rope_scaling) as transformers 5.25 reads config.json: its
+    rope_scaling before rope_parameters (transformers 5's own), the theta in that dict, else
+    rope_theta, else 10000; llama3's original context defaults to the model's. Every field
+    missing, unknown or not a positive number is refused by name."""
+    scaling = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    where = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    theta = scaling.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = scaling.pop("rope_type", scaling.pop("type", "default"))
+    if kind not in ROPE_FIELDS:
+        raise ValueError(f"config.json: {where} of type {kind!r} is not supported (we have "
+                         f"{', '.join(ROPE_FIELDS)})")
+    if kind == "llama3":
+        scaling.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
+    values = [theta] + [scaling.get(f) for f in ROPE_FIELDS[kind]]
+    for name, value in zip(("rope_theta", *ROPE_FIELDS[kind]), values):
+        if value is None:
+            raise ValueError(f"config.json: {where} ({kind}) has no {name}")
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"config.json: {where}'s {name} {value!r} must be a positive number")
+    unknown = sorted(set(scaling) - set(ROPE_FIELDS[kind]))
+    if unknown:
+        raise ValueError(f"config.json: {where}'s field {unknown[0]!r} is not one a {kind} rope "
+                         "reads")
+    if kind == "llama3" and values[3] <= values[2]:
+        raise ValueError(f"config.json: {where}'s high_freq_factor must be above low_freq_factor")
+    return float(theta), () if kind == "default" else (kind, *values[1:])
 
 
 def check_against_weights(config, sd_hf, weights):

@@ -87,11 +87,14 @@ def from_directory(directory):
                          "tokenizer.model there")
     eos = config.get("eos_token")
     eos = eos.get("content") if isinstance(eos, dict) else eos
-    eos = eos if eos in special else "<|endoftext|>" if "<|endoftext|>" in special else None
+    if eos is not None and eos not in special:  # never another token in its place
+        raise ValueError(f"{path('tokenizer_config.json')}: eos_token {eos!r} is not one of "
+                         "the tokenizer's special tokens")
+    eos = eos or ("<|endoftext|>" if "<|endoftext|>" in special else None)
     if eos is None:
-        raise ValueError(f"{directory}: its end-of-text token (tokenizer_config.json's "
-                         "eos_token) is not one of its special tokens")
-    return Tokenizer(special[eos], name=os.path.basename(os.path.abspath(directory)),
+        raise ValueError(f"{directory}: no end-of-text token (tokenizer_config.json names no "
+                         "eos_token, and there is no <|endoftext|>)")
+    return Tokenizer(special[eos], name=f"{directory}'s own",
                      pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
 
 

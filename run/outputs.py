@@ -58,6 +58,7 @@ class Outputs:
         metrics = {"method": config.method, "selection": config.selection if scored else None,
                    "support": config.support if scored else None, "lr": config.lr,
                    "seed": config.seed, "steps": steps, "split": run.split,
+                   "tokenizer": run.tokenizer.name,
                    "base": run.base_path, "exact_match": final["exact_match"],
                    "accuracy": final["accuracy"], "held_out_loss": final["loss"],
                    "per_task": final["per_task"], "answers": final["answers"],

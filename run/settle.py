@@ -92,6 +92,7 @@ def settled(run_config, tokenizer, split):
     if resume is not None and not config.init_from:  # the checkpoint's base, its own tokenizer
         tokenizer = run_tokenizer(base_config)
     model, base_path = load_base(base_config, tokenizer, device)
+    say(config, f"tokenizer: {tokenizer.name} ({tokenizer.n_vocab:,} tokens)")
     check_skills(config, model, base_path, tokenizer, device)
     task, is_qa = load_task(config, tokenizer, model.config.block_size)
     test_set = task.test if split == "test" else task.dev  # the final evaluation, every record

@@ -381,11 +381,12 @@ def load_base(config, tokenizer, device, corpus=None):
             f"{path}, whose vocabulary holds {model.config.vocab_size} (a real GPT-2: "
             "--tokenizer gpt2, with its file cached)")
     if tokenizer.n_vocab > model.config.vocab_size:
-        raise ConfigError(
-            f"invalid settings:\n  --tokenizer {config.tokenizer} has {tokenizer.n_vocab} tokens, "
-            f"more than the base model's vocabulary ({model.config.vocab_size})")
+        refuse([f"the tokenizer ({tokenizer.name}) has {tokenizer.n_vocab} tokens, more than "
+                f"the base model's vocabulary ({model.config.vocab_size}): give the base's own "
+                "(a model directory's is read by itself) with --tokenizer"])
+    cut = {"block_size": "; --cutoff-len cuts the records"}
     refuse([f"{flag(name)} {getattr(config, name)} contradicts the base model's "
-            f"{getattr(model.config, name)} ({path})" for name in SHAPE_FLAGS
+            f"{getattr(model.config, name)} ({path}{cut.get(name, '')})" for name in SHAPE_FLAGS
             if getattr(config, name) and getattr(config, name) != getattr(model.config, name)])
     return model.to(device), path
 

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
-from data import TokenizerUnavailable, get_tokenizer
+from data import TokenizerUnavailable, run_tokenizer
 from plumbing.records import DataError
 from methods.tuner import SELECTIONS, SUPPORTS
 from methods.tuner import METHODS, SCORED
@@ -180,7 +180,7 @@ def compare(config, train_flags=()):
 def run_comparison(config, train_flags, base_config):
     """compare()'s work, once its settings are checked and its out-dir is its own."""
     # the base, made once, here
-    _, base = load_base(base_config, get_tokenizer(base_config.tokenizer),
+    _, base = load_base(base_config, run_tokenizer(base_config),  # as train.py reads it
                         pick_device(base_config.device))
     train_flags = [*train_flags, "--init-from", base]
     say = print if is_main() else (lambda *args, **kwargs: None)
