@@ -118,8 +118,9 @@ def llama_config(hf, dropout=0.0):
         raise ValueError("config.json: layer_types other than full_attention are not supported")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not silu")
-    if hf.get("mlp_bias"):
-        raise ValueError("config.json: mlp_bias true is not supported")
+    if hf.get("mlp_bias") or hf.get("rope_interleaved"):  # SmolLM2's files say false
+        raise ValueError(f"config.json: {'mlp_bias' if hf.get('mlp_bias') else 'rope_interleaved'}"
+                         " true is not supported")
     theta, rope = rope_of(hf)
     head_dim = hf.get("head_dim")
     if head_dim is not None and head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
@@ -127,12 +128,14 @@ def llama_config(hf, dropout=0.0):
     honoured = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "max_position_embeddings", "vocab_size", "rms_norm_eps",
                 "rope_theta", "rope_scaling", "tie_word_embeddings", "attention_bias", "hidden_act",
-                "mlp_bias", "head_dim", "sliding_window", "rope_parameters", "use_sliding_window"}
+                "mlp_bias", "head_dim", "sliding_window", "rope_parameters", "use_sliding_window",
+                "rope_interleaved"}
     # attention_dropout: fine-tuning runs the base without dropout; pretraining_tp: how Meta
     # split its matmuls to pretrain, the same function; the window fields: only with a window,
-    # which is refused above; layer_types: every layer full attention here
+    # which is refused above; layer_types: every layer full attention here; is_llama_config:
+    # a mark SmolLM2's conversion left
     ignored = HF_IGNORED | {"attention_dropout", "pretraining_tp", "max_window_layers",
-                            "use_sliding_window", "layer_types"}
+                            "use_sliding_window", "layer_types", "is_llama_config"}
     unknown = sorted(set(hf) - honoured - ignored)
     if unknown:
         raise ValueError(f"config.json: field {unknown[0]!r} is not one we know how to honour")
