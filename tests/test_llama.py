@@ -280,7 +280,12 @@ def test_a_llama_directory_with_its_tokenizer_goes_through_train_sample_and_expo
                         "--export-peft", str(tmp_path / "peft"), "--export-hf",
                         str(tmp_path / "merged")]) == 0
     # the byte tokenizer (257 tokens) would not fit this vocabulary: the directory's was used
-    assert "'echo abc=' -> '" in capsys.readouterr().out and config.vocab_size != 257
+    out = capsys.readouterr().out
+    assert "'echo abc=' -> '" in out and config.vocab_size != 257
+    # the export carries the base's tokenizer: transformers reads both from it
+    assert "transformers LlamaForCausalLM directory, with the base's tokenizer" in out
+    merged_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert merged_tokenizer("echo abc=")["input_ids"] == tokenizer.encode("echo abc=").ids
     # the exports answer in transformers and PEFT as sample.py's model does
     peft = pytest.importorskip("peft")
     from sample import load_run

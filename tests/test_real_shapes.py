@@ -171,3 +171,15 @@ def test_the_papers_flags_run_on_a_smollm2_135m_shaped_model_with_its_own_tokeni
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["tokenizer"] == f"{directory}'s own" and metrics["steps"] == 2
     assert set(metrics["per_task"]) == {"boolq", "piqa"}
+
+
+def test_a_qwen2_export_is_a_qwen2_directory_transformers_reads_to_our_logits(tmp_path):
+    from hf.export import export_hf
+
+    ours = from_pretrained(str(written(tmp_path / "q", PUBLISHED["Qwen2.5-0.5B"]))).eval()
+    idx = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = ours(idx)[0]
+        assert export_hf(ours, str(tmp_path / "out"), 1)[0] == "Qwen2ForCausalLM"
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+        torch.testing.assert_close(theirs(idx).logits, expected, atol=1e-5, rtol=1e-5)
