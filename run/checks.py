@@ -14,7 +14,7 @@ from methods.tuner import METHODS, PER_SAMPLE, SCORED, SELECTIONS, SUPPORTS
 from model import GPTConfig
 from plumbing.checkpoints import files_fingerprint
 from plumbing.files import fingerprint
-from plumbing.devices import memory_problems, pick_device, say, training_memory
+from plumbing.devices import memory_available, memory_problems, pick_device, say, training_memory
 from plumbing.files import file_problems
 from plumbing.records import TEMPLATES, is_records, load_records
 from plumbing.settings import flag, in_range, not_negative, one_of, positive, refuse
@@ -188,8 +188,9 @@ def step_memory_problems(config, shape, T):
     """(a problem line if a step clearly cannot fit, the per-sample path): --per-sample auto
     takes torch.func's (vmap) where a step fits, else blocks (one block's held at a time)."""
     device, path = pick_device(config.device), config.per_sample
-    if path == "auto":
-        fits = not memory_problems("", step_memory(config, shape, T, "vmap"), device, "")
+    if path == "auto":  # vmap only where its whole estimate fits what is available
+        available = memory_available(device)
+        fits = available is None or step_memory(config, shape, T, "vmap") <= available
         path = "vmap" if fits or config.method not in SCORED else "blocks"
     flags = "--batch-size, --lora-r, --cutoff-len" + (
         "" if config.init_from else ", --n-layer, --n-embd, --block-size")

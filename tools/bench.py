@@ -46,10 +46,11 @@ from lora import LoRAConfig, add_lora
 from model import GPT, IGNORE_INDEX, GPTConfig
 from plumbing.pictures import pyplot, save_figure
 from plumbing.files import output_problems, write_json
-from plumbing.devices import check_device, memory_problems, pick_device, training_memory
+from plumbing.devices import (check_device, memory_available, memory_problems, pick_device,
+                              training_memory)
 from plumbing.entry import run_main
 from plumbing.settings import option, parse_args, positive, refuse
-from run.checks import step_memory_problems
+from run.checks import step_memory, step_memory_problems
 from train import TrainConfig
 
 ATTENTION = ("attn.c_attn", "attn.c_proj")
@@ -341,11 +342,19 @@ def settled(config):
     chosen = [w for w in config.paths.split(",") if w] or list(WHATS[1:])
     chosen += list(COMPILED) if config.compiled else []
     whats = ("plain",) + tuple(w for w in WHATS[1:] + COMPILED if w in chosen)
+    device, paths = pick_device(config.device), {"gast_vmap": "vmap", "gast_compiled": "vmap"}
     for name in names if not problems else []:  # each model at each batch: can its step fit?
         for B in batches or MODELS[name][2]:  # B + 4 support rows at most
-            estimate = 2 * training_memory(MODELS[name][0], B + 4, full=False)
-            problems += memory_problems(f"the {name} model at batch {B}", estimate,
-                                        pick_device(config.device), "--models, --batches")
+            shape = MODELS[name][0]
+            problems += memory_problems(f"the {name} model at batch {B}", 2 * training_memory(
+                shape, B + 4, full=False), device, "--models, --batches")
+            train = TrainConfig(method="gast", batch_size=B, device=device)
+            for what in [w for w in whats if w in paths]:  # torch.func's ~3x: a kernel kill
+                need = step_memory(train, shape, shape.block_size, paths[what])
+                if need > (memory_available(device) or need):
+                    print(f"note: {what} left out: at {name}'s shape and batch {B} it needs "
+                          f"about {need / 2**30:.1f} GiB, more than {device} has")
+                    whats = tuple(w for w in whats if w != what)
     refuse(problems)
     return names, batches, whats
 
