@@ -38,23 +38,21 @@ def samples_per_layer(B, data_ratio):
 # Step 1. Per-sample gradients with torch.func
 
 
-def per_sample_function(model, chunk_size=None):
+def per_sample_function(model):
     """compute(params, inputs, targets) -> ({name: (B, *p.shape)}, losses (B,)), where params
     are the trainable (LoRA) parameters by name and inputs, targets are (B, T).
 
     vmap maps one sample's loss over the batch; the frozen weights are read from the module
     and enter unbatched. The model runs its explicit attention (fused=False): vmap cannot
     batch the fused kernel's backward. Dropout keeps its mode, randomness="different": each
-    sample its own mask, as in a batched pass. chunk_size bounds memory (vmap then runs that
-    many samples at a time).
+    sample its own mask, as in a batched pass.
     """
 
     def sample_loss(params, x, y):  # x, y: (T,), one sample
         batch = (x.unsqueeze(0), y.unsqueeze(0))
         return functional_call(model, params, batch, {"fused": False})[1]
 
-    return vmap(grad_and_value(sample_loss), in_dims=(None, 0, 0), randomness="different",
-                chunk_size=chunk_size)
+    return vmap(grad_and_value(sample_loss), in_dims=(None, 0, 0), randomness="different")
 
 
 def trainable(model):
@@ -62,11 +60,11 @@ def trainable(model):
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def per_sample_grads_and_losses(model, inputs, targets, on_block=None, chunk_size=None):
+def per_sample_grads_and_losses(model, inputs, targets, on_block=None):
     """({name: (B, *p.shape)} for every trainable (LoRA) parameter, losses (B,)), by torch.func
     (per_sample_function); inputs, targets: (B, T). on_block(l, block l's gradients) is
     called for every block, as every path of step 1 does (gast_step's steps 2-5)."""
-    grads, losses = per_sample_function(model, chunk_size)(trainable(model), inputs, targets)
+    grads, losses = per_sample_function(model)(trainable(model), inputs, targets)
     hand_over(model, grads, on_block)
     return grads, losses
 

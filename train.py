@@ -112,11 +112,9 @@ class TrainConfig(BaseConfig):
     ist_trials: int = option(3, "ist's suppression trials per importance update")
     ist_suppress: float = option(0.25, "ist multiplies a suppressed layer's LoRA scaling by this")
     ist_lr: float = option(10.0, "ist's step size on the importance scores")
-    per_sample: str = option("auto", "step 1 by torch.func (vmap, the reference), by backward "
-        "hooks block by block inside the backward (blocks: one block's held at a time), or "
-        "compiled by torch.compile (compiled: equal up to rounding; tens of seconds to compile); "
-        "auto: vmap where a step fits in memory, else blocks (said)")
-    chunk_size: int = option(0, "vmap: per-sample gradients this many samples at a time (0: all)")
+    per_sample: str = option("auto", "step 1 by torch.func (vmap, the reference) or by backward "
+        "hooks block by block inside the backward (blocks: one block's held at a time); auto: "
+        "vmap where a step fits in memory, else blocks (said)")
 
     # optimisation
     steps: int = option(600, "fine-tuning steps; the schedule spans them")

@@ -26,26 +26,18 @@ def from_pretrained(path, dropout=0.0):
     (hf_config). Hugging Face's GPT-2 stores its linear weights as Conv1D, (in, out),
     so they are transposed into nn.Linear's (out, in).
     """
-    directory = path if os.path.isdir(path) else os.path.dirname(path)
-    cfg_file = os.path.join(directory, "config.json")
-    hf = read_json(cfg_file) if os.path.exists(cfg_file) else {}
-    if hf.get("model_type") in LLAMAS:
-        return llama_from_pretrained(path, hf, dropout)
     sd_hf, weights = read_hf_weights(path)
+    config_file = os.path.join(os.path.dirname(weights), "config.json")
+    if not os.path.exists(config_file):  # the shape is read, never guessed from the weights
+        raise FileNotFoundError(f"{config_file}: missing (the model's shape is read from it)")
+    hf = read_json(config_file)
+    if hf.get("model_type") in LLAMAS:
+        return llama_from_pretrained(sd_hf, weights, hf, dropout)
     # GPT2LMHeadModel prefixes its keys with "transformer."; GPT2Model does not
     sd_hf = {k.removeprefix("transformer."): v for k, v in sd_hf.items()}
     # the causal-mask buffers carry no weights
     sd_hf = {k: v for k, v in sd_hf.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-    if hf:
-        config = hf_config(hf, dropout)
-    else:  # every GPT-2 size has 64-dimensional heads
-        vocab_size, n_embd = sd_hf["wte.weight"].shape
-        n_layer = 1 + max(int(k.split(".")[1]) for k in sd_hf if k.startswith("h."))
-        config = GPTConfig(n_layer=n_layer, n_head=n_embd // 64, n_embd=n_embd,
-                           block_size=sd_hf["wpe.weight"].shape[0], vocab_size=vocab_size,
-                           dropout=dropout, bias=True,
-                           tie_word_embeddings="lm_head.weight" not in sd_hf)
-    config = tied_as_transformers_ties(config, sd_hf)
+    config = tied_as_transformers_ties(hf_config(hf, dropout), sd_hf)
     check_against_weights(config, sd_hf, weights)  # before the model is allocated
     conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     sd_hf = {k: v.t() if k.endswith(conv1d) else v for k, v in sd_hf.items()}  # (in, out) -> ours
@@ -88,11 +80,10 @@ def built_from(config, sd, weights, layout):
 LLAMAS = ("llama", "mistral", "qwen2")  # the Llama block's config.json model types
 
 
-def llama_from_pretrained(path, hf, dropout=0.0):
+def llama_from_pretrained(sd_hf, weights, hf, dropout=0.0):
     """A Llama-family checkpoint (Llama, SmolLM2, Qwen2; Mistral without a sliding window) as
     a GPT of arch "llama"; its weights keep Llama's names under transformer.h."""
     config = llama_config(hf, dropout)
-    sd_hf, weights = read_hf_weights(path)
     rename = {"model.embed_tokens.": "wte.", "model.layers.": "h.", "model.norm.": "ln_f."}
     sd = {}
     for k, v in sd_hf.items():

@@ -1,21 +1,18 @@
 """
-A model directory's own tokenizer, offline, as a tiktoken Encoding. Three formats:
+A model directory's own tokenizer, offline, as a tiktoken Encoding. Two formats:
 
   tokenizer.json            byte-level BPE (GPT-2, SmolLM2, Llama 3, ...), its pre-tokenizer
                             pattern and special tokens
   vocab.json + merges.txt   GPT-2's files (tiktoken builds its own gpt2 from these two)
-  tokenizer.model           Llama 3's, in tiktoken's own format
 
 The end-of-text token is the directory's (tokenizer_config.json's eos_token). SentencePiece
 tokenizers (LLaMA-1/2, TinyLlama) are refused by name: they are not byte-level BPE.
 """
 
-import base64
 import json
 import os
 
 import tiktoken
-from tiktoken.load import load_tiktoken_bpe
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?"
@@ -72,16 +69,10 @@ def from_directory(directory):
         special = {t: i for t, i in vocab.items() if t.startswith("<|") and t.endswith("|>")}
         plain = {t: i for t, i in vocab.items() if t not in special}
         ranks, pattern = bpe_ranks(plain, merges, path("merges.txt")), GPT2_PATTERN
-    elif os.path.exists(path("tokenizer.model")):
-        try:
-            ranks = load_tiktoken_bpe(path("tokenizer.model"))
-        except (ValueError, IndexError, UnicodeDecodeError, base64.binascii.Error):
-            raise ValueError(f"{path('tokenizer.model')}: a SentencePiece model (LLaMA-1/2, "
-                             "TinyLlama), not byte-level BPE; it is not supported: give a "
-                             "byte-level tokenizer.json, or --tokenizer bytes") from None
-        added = config.get("added_tokens_decoder", {})
-        special = {v["content"]: int(k) for k, v in added.items()}
-        pattern = LLAMA3_PATTERN
+    elif os.path.exists(path("tokenizer.model")):  # SentencePiece's, or Meta's tiktoken file
+        raise ValueError(f"{path('tokenizer.model')} alone is not read (a SentencePiece model, "
+                         "LLaMA-1/2's, is not byte-level BPE): give the directory's "
+                         "tokenizer.json, or --tokenizer bytes")
     else:
         raise ValueError(f"{directory}: no tokenizer.json, vocab.json + merges.txt or "
                          "tokenizer.model there")

@@ -5,8 +5,6 @@ Faster ways to step 1 of GAST (gast.py), each tested equal to its torch.func pat
                               backward (fused attention), by hooks on every LoRALinear,
                               each block's handed to gast_step's steps 2-5 inside the
                               backward: one block's held at a time
-  CompiledPerSample           the torch.func path itself, compiled by torch.compile: on a
-                              small model the same pass without vmap's per-operation cost
 
 A LoRA parameter's per-sample gradient is a sum over the sample's positions of outer
 products that the batched backward forms anyway; recording_per_sample_grads writes them out.
@@ -15,11 +13,8 @@ products that the batched backward forms anyway; recording_per_sample_grads writ
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 
-from gast import hand_over, per_sample_function, trainable
 from lora import LoRALinear, block_index
-from model import IGNORE_INDEX
 
 
 @contextmanager
@@ -91,48 +86,3 @@ def per_sample_grads_by_blocks(model, inputs, targets, on_block):
         _, losses = model(inputs, targets, reduction="none")  # (B,)
         losses.sum().backward()
     return grads, losses.detach()
-
-
-# ---------------------------------------------------------------------------------------
-# torch.compile of the torch.func path
-
-
-def padded_length(T, block_size):
-    """T (at most block_size) rounded up to a multiple of max(8, block_size // 8), at most
-    block_size: at most 9 lengths, so at most 9 compilations per batch size."""
-    multiple = max(8, block_size // 8)
-    return min(-(-T // multiple) * multiple, block_size)
-
-
-class CompiledPerSample:
-    """gast.per_sample_grads_and_losses for one model, its function
-    (gast.per_sample_function) compiled by torch.compile; called as per_sample(model,
-    inputs, targets), like the other paths. Whoever keeps it (methods.SparseTuner) keeps
-    the compiled function, so that no global cache holds a model.
-
-    Under vmap, torch.compile specialises on the sequence length (T), so each new T would
-    compile again (tens of seconds on a CPU). The rows are padded after their end to one of
-    a few lengths (padded_length: padding a token position with no target changes no loss
-    and no gradient under causal attention), so a run compiles once per length it meets.
-    What torch.compile keeps is found by the code and the shapes, with the parameters as
-    inputs: another model of the same shapes compiles nothing again. With dropout the masks
-    come from the compiled code's random numbers: the same law as the eager path's, not the
-    same draws.
-    """
-
-    def __init__(self, model):
-        self.model = model
-        self.compute = torch.compile(per_sample_function(model), dynamic=False)
-
-    def __call__(self, model, inputs, targets, on_block=None):
-        if model is not self.model:
-            raise ValueError("this CompiledPerSample was made for another model")
-        T = inputs.shape[1]
-        pad = padded_length(T, model.config.block_size) - T
-        inputs = F.pad(inputs, (0, pad), value=0)
-        targets = F.pad(targets, (0, pad), value=IGNORE_INDEX)
-        # room for every padded length of a few batch sizes and models (the default is 8)
-        with torch._dynamo.config.patch(recompile_limit=64):
-            grads, losses = self.compute(trainable(model), inputs, targets)
-        hand_over(model, grads, on_block)
-        return grads, losses

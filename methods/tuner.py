@@ -27,16 +27,16 @@ import torch
 import torch.distributed as dist
 
 from methods.collectives import Shard, all_gather_columns, all_reduce_grads
-from gast import select_samples, gast_step, per_sample_grads_and_losses, samples_per_layer, top
+from gast import gast_step, samples_per_layer, select_samples, top
 from lora import LoRALinear, block_index, lora_names_by_block
 from model import IGNORE_INDEX
-from methods.per_sample import CompiledPerSample, per_sample_grads_by_blocks
+from methods.per_sample import per_sample_grads_by_blocks
 from plumbing.devices import world
 
 METHODS = ("lora", "lisa", "ist", "data", "gast")
 SCORED = ("data", "gast")  # the methods that compute alignment scores, and so need a support
 # how step 1 is computed (torch.func, vmap, is the reference)
-PER_SAMPLE = ("auto", "vmap", "blocks", "compiled")
+PER_SAMPLE = ("auto", "vmap", "blocks")
 SELECTIONS = ("softmax", "topk", "random")  # the paper's rule, and its two ablations
 SUPPORTS = ("train", "heldout", "batch")  # where the support mini-batch comes from
 
@@ -190,8 +190,6 @@ class SparseTuner:
         self.support_grad = None  # s: {name: tensor like p} at the last refresh
         self.support_step = None  # the step at which s was last computed
         self.steps = 0
-        # --per-sample compiled: the compiled function, kept as long as the tuner
-        self.compiled = CompiledPerSample(model) if config.per_sample == "compiled" else None
 
     # --- the masks that do not look at gradients: lisa and ist ---
 
@@ -300,9 +298,8 @@ class SparseTuner:
         """How data and gast run gast.gast_step: (step 1's path, step 4 over every block or
         None, this process's shard of the batch of B or None)."""
         c = self.config
-        per_sample = {"vmap": partial(per_sample_grads_and_losses, chunk_size=c.chunk_size or None),
-                      "blocks": per_sample_grads_by_blocks, "compiled": self.compiled}[
-            "vmap" if c.per_sample == "auto" else c.per_sample]  # auto: settled by run/checks.py
+        # auto: settled by run/checks.py before a run; where it was not, torch.func's
+        per_sample = per_sample_grads_by_blocks if c.per_sample == "blocks" else None
         select = None  # gast at every layer: each block draws its own k (the paper's rule)
         if c.method == "data":  # one global set, by the summed alignment over layers
             def select(scores, k):

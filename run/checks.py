@@ -47,9 +47,7 @@ def method_problems(self):
     out += not_negative(self, "support_size") + one_of(self, "per_sample", PER_SAMPLE)
     out += in_range(self, "layer_ratio", 0, 1)
     out += positive(self, "lisa_interval", "ist_interval", "ist_trials", "support_interval")
-    if self.chunk_size and self.per_sample != "vmap":
-        out.append(f"--chunk-size works with --per-sample vmap only, not {self.per_sample}")
-    return out + not_negative(self, "chunk_size")
+    return out
 
 
 def data_problems(self):
@@ -274,7 +272,7 @@ FOR_SOME_RUNS = [
       "pretrain_batch_size", "pretrain_lr", "pretrain_seed", "compile"),
      "a base train.py pretrains (no --init-from)", lambda c: not c.init_from),
     (("selection", "temperature", "support", "support_size", "support_interval", "data_ratio",
-      "per_sample", "chunk_size"), "--method data and gast", lambda c: c.method in SCORED),
+      "per_sample"), "--method data and gast", lambda c: c.method in SCORED),
     (("support_data", "heldout_size"), "--support heldout",
      lambda c: c.method in SCORED and c.support == "heldout"),
     (("lisa_interval",), "--method lisa", lambda c: c.method == "lisa"),

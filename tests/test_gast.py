@@ -26,9 +26,9 @@ TINY = GPTConfig(block_size=16, vocab_size=40, n_layer=4, n_head=2, n_embd=16)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def per_sample_grads(model, inputs, targets, chunk_size=None):
+def per_sample_grads(model, inputs, targets):
     """{name: (B, *p.shape)}: g[l, i] for every LoRA parameter, by torch.func."""
-    return per_sample_grads_and_losses(model, inputs, targets, chunk_size=chunk_size)[0]
+    return per_sample_grads_and_losses(model, inputs, targets)[0]
 
 
 def lora_model(seed=0, dtype=torch.float32, device="cpu", config=TINY):
@@ -169,9 +169,6 @@ def test_I8_per_sample_grads_match_single_sample_backward_and_the_batch_gradient
     model(x, y)[1].backward()
     for n in names:
         torch.testing.assert_close(grads[n].mean(dim=0), params[n].grad)
-    chunked = per_sample_grads(model, x, y, chunk_size=2)
-    for n in names:
-        torch.testing.assert_close(chunked[n], grads[n])
 
 
 def test_without_dropout_the_per_sample_pass_draws_no_random_numbers():
@@ -592,8 +589,7 @@ def test_a_support_without_a_support_set_and_unknown_settings_are_refused():
         (dict(selection="best"), "--selection must be one of softmax, topk, random"),
         (dict(temperature=0.0), "--temperature must be positive"),
         (dict(support_size=-1), "--support-size must not be negative"),
-        (dict(chunk_size=2, per_sample="blocks"), "--chunk-size works with --per-sample vmap"),
-        (dict(per_sample="jit"), "--per-sample must be one of auto, vmap, blocks, compiled"),
+        (dict(per_sample="jit"), "--per-sample must be one of auto, vmap, blocks"),
     ]:  # refused once, before any work, by train.py's checks
         assert any(message in p for p in method_problems(TrainConfig(**bad))), message
 
@@ -848,74 +844,6 @@ def test_gast_by_blocks_equals_the_torch_func_path(selection, support):
 # --- torch.compile of the torch.func path ---
 
 TWO_BLOCKS = GPTConfig(block_size=16, vocab_size=40, n_layer=2, n_head=2, n_embd=16)
-
-
-def test_compiled_lengths_are_few_and_never_shorter():
-    padded = [per_sample.padded_length(T, 32) for T in (1, 8, 9, 19, 25, 32)]
-    assert padded == [8, 8, 16, 24, 32, 32]
-    lengths = {per_sample.padded_length(T, 1024) for T in range(1, 1025)}
-    assert len(lengths) <= 9 and all(per_sample.padded_length(T, 1024) >= T for T in range(1, 1025))
-    assert max(lengths) == 1024 and per_sample.padded_length(100, 1024) == 128
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_compiled_per_sample_pass_and_steps_equal_the_torch_func_path(device):
-    """Two lengths that pad to one (10 and 13 to 16): the same gradients and losses as the
-    reference; then GAST steps by each path: the same masks and gradients. (One compilation
-    for all of it, tens of seconds on a CPU: 9 rows, 16 positions, float64.)"""
-    model = lora_model(dtype=torch.float64, device=device, config=TWO_BLOCKS)
-    compiled = per_sample.CompiledPerSample(model)
-    for T in (10, 13):
-        x, y = batch(9, T=T, seed=T, device=device)
-        grads, losses = compiled(model, x, y)
-        reference, reference_losses = per_sample_grads_and_losses(model, x, y)
-        assert grads.keys() == reference.keys()
-        for n in reference:
-            torch.testing.assert_close(grads[n], reference[n], msg=n)
-        torch.testing.assert_close(losses, reference_losses)
-    runs = {}
-    for path in ("vmap", "compiled"):
-        model = lora_model(dtype=torch.float64, device=device, config=TWO_BLOCKS)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
-        config = TrainConfig(method="gast", support_size=3, data_ratio=0.5, per_sample=path)
-        tuner = SparseTuner(model, config, seed=4, support_set=SUPPORT_SET)
-        runs[path] = []
-        for s in range(2):  # 6 batch rows and 3 support rows riding: 9 rows again
-            record = tuner.step(*batch(6, seed=s, device=device))
-            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-            runs[path].append((record, grads))
-            opt.step()
-    for (a, grads_a), (b, grads_b) in zip(runs["vmap"], runs["compiled"]):
-        assert torch.equal(a.mask, b.mask) and a.loss == pytest.approx(b.loss)
-        for n in grads_a:
-            torch.testing.assert_close(grads_b[n], grads_a[n], msg=n)
-
-
-def test_the_compiled_pass_reads_each_models_own_weights_and_holds_no_model():
-    """What torch.compile keeps serves another model of the same shapes with that model's
-    weights (frozen ones changed in place included), and keeps no model alive once its
-    CompiledPerSample is gone; it refuses another model."""
-    import gc
-    import weakref
-
-    model = lora_model(seed=1, dtype=torch.float64, config=TWO_BLOCKS)
-    compiled = per_sample.CompiledPerSample(model)
-    x, y = batch(9, T=12, seed=5)
-    with pytest.raises(ValueError, match="made for another model"):
-        compiled(lora_model(seed=1, dtype=torch.float64, config=TWO_BLOCKS), x, y)
-    for change in (False, True):
-        if change:
-            with torch.no_grad():
-                model.transformer.h[0].attn.c_attn.weight.mul_(1.5)
-        grads, losses = compiled(model, x, y)
-        reference, reference_losses = per_sample_grads_and_losses(model, x, y)
-        torch.testing.assert_close(losses, reference_losses)
-        for n in reference:
-            torch.testing.assert_close(grads[n], reference[n], msg=n)
-    alive = weakref.ref(model)
-    del model, compiled
-    gc.collect()
-    assert alive() is None
 
 
 def test_blocks_hands_over_each_block_once_from_the_last_to_the_first():

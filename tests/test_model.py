@@ -147,7 +147,7 @@ def write_hf_checkpoint(model, directory, prefix="", with_config=True):
             vocab_size=c.vocab_size)))
 
 
-@pytest.mark.parametrize("prefix,with_config", [("", True), ("transformer.", True), ("", False)])
+@pytest.mark.parametrize("prefix,with_config", [("", True), ("transformer.", True)])
 def test_from_pretrained_maps_a_gpt2_layout_checkpoint_exactly(tmp_path, prefix, with_config):
     source = tiny_model(seed=3, n_embd=128, n_head=2)  # 64-dim heads, as every GPT-2 size has
     write_hf_checkpoint(source, tmp_path, prefix, with_config)

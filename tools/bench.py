@@ -3,7 +3,7 @@ What GAST costs over a plain LoRA step, as ratios that hold on a shared machine.
 
     python -m tools.bench               # default model at B = 8, 32, 128; mid model at B = 32
     python -m tools.bench --batches 32 --repeats 20 --models default,mid --device cpu
-    python -m tools.bench --models mid --paths gast_default,gast_blocks --compiled
+    python -m tools.bench --models mid --paths gast_default,gast_blocks
 
 For each model and batch size it times:
   plain          an ordinary LoRA step: forward, backward, AdamW
@@ -13,10 +13,6 @@ For each model and batch size it times:
   gast_vmap      the same step, per-sample gradients by torch.func (the reference path)
   gast_blocks    the same step formed block by block inside the backward (one block's per-sample
                  gradients held at a time)
-  gast_compiled  with --compiled: gast_default's step, its torch.func pass compiled by
-                 torch.compile (per_sample.CompiledPerSample); compiled in the warm-up
-  plain_compiled with --compiled: the plain step with the model compiled by torch.compile,
-                 so that compiling is not credited to GAST alone
 
 Time is paired: the computations run round-robin in one process, each bracketed by plain
 steps, and each ratio is the median over rounds of its time over the mean of the two plain
@@ -70,8 +66,6 @@ MODELS = {  # name: (model shape, LoRA targets, batch sizes by default)
                      LoRAConfig(32, 64.0, 0.0, ("q_proj", "k_proj", "v_proj", "up_proj",
                                                 "down_proj")), (16,))}
 WHATS = ("plain", "gast_default", "gast_vmap", "gast_blocks")
-# timed with --compiled, or when --paths names them
-COMPILED = ("gast_compiled", "plain_compiled")
 clock = time.perf_counter  # wall time (a test sets a clock of its own)
 SUPPORT_SET_SIZE = 64  # the pool the support rows are drawn from (train.py: the training set)
 
@@ -140,13 +134,11 @@ def runners(model, opt, x, y, support_set):
     auto = step_memory_problems(TrainConfig(method="gast", batch_size=len(x), device=str(
         x.device)), model.config, x.shape[1])[1]
     tuners = {"gast_default": tuner(per_sample=auto), "gast_vmap": tuner(per_sample="vmap"),
-              "gast_blocks": tuner(per_sample="blocks"),
-              "gast_compiled": tuner(per_sample="compiled")}
-    compiled_model = torch.compile(model)  # compiles at its first call, if it is called
+              "gast_blocks": tuner(per_sample="blocks")}
 
-    def plain(forward=model):
+    def plain():
         opt.zero_grad(set_to_none=True)
-        forward(x, y)[1].backward()
+        model(x, y)[1].backward()
         opt.step()
 
     def gast_step(what):
@@ -156,8 +148,7 @@ def runners(model, opt, x, y, support_set):
 
         return run
 
-    return {"plain": plain, **{what: gast_step(what) for what in tuners},
-            "plain_compiled": lambda: plain(compiled_model)}
+    return {"plain": plain, **{what: gast_step(what) for what in tuners}}
 
 
 def build(spec, B, device):
@@ -207,14 +198,8 @@ def paired_times(spec, B, device, repeats, warmup=2, whats=WHATS):
 
 def memory_one(spec, B, what, device, threads, warmup=2):
     """Peak bytes above the start for one computation (run in a fresh process on the CPU)."""
-    if what in COMPILED and not device.startswith("cuda"):
-        # the peak RSS would be the compiler's, or, compiled first, hidden by the memory the
-        # compiler freed: not measured
-        return float("nan")
     torch.set_num_threads(threads)
     run, _, _ = build(spec, B, device)
-    if what in COMPILED:  # compiled first: the compiler's own memory is not the step's
-        run[what]()
     start = memory_start(device)
     for _ in range(warmup + 1):
         run[what]()
@@ -229,9 +214,6 @@ def memory_all(spec, B, device, threads, whats=WHATS):
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn,
                                                 max_tasks_per_child=1) as pool:
         for what in whats:
-            if what in COMPILED:  # not measured on the CPU: no process needed
-                peaks[what] = memory_one(spec, B, what, device, threads)
-                continue
             peaks[what] = pool.submit(memory_one, spec, B, what, device, threads).result()
     return peaks
 
@@ -268,7 +250,7 @@ def mib(row, what):
 
 # The bars that the picture draws: train.py's default step, its faster paths, and the
 # floor (B + 4) / B that 4 support rows riding beside B batch rows set.
-PICTURED = ("gast_default", "gast_blocks", "gast_compiled")
+PICTURED = ("gast_default", "gast_blocks")
 
 
 def plot_ratios(rows, path, title):
@@ -312,10 +294,8 @@ class BenchConfig:
     threads: int = option(torch.get_num_threads(), "torch intra-op threads (default: the cores "
         "torch sees)")
     out: str = option("out/bench.json", "where the JSON goes")
-    paths: str = option("", "comma-separated computations to time beside plain (default: all of "
-        f"them but the compiled ones), from: {', '.join(WHATS[1:] + COMPILED)}")
-    compiled: bool = option(False, "also time gast_compiled and plain_compiled (torch.compile: "
-        "tens of seconds of compiling per model and batch)")
+    paths: str = option("", "comma-separated computations to time beside plain (default: all), "
+        f"from: {', '.join(WHATS[1:])}")
 
 
 def settled(config):
@@ -335,14 +315,13 @@ def settled(config):
             problems.append(f"--batches must be positive, got {config.batches}")
     except ValueError:
         problems.append(f"--batches must be comma-separated integers, got {config.batches!r}")
-    unknown = [w for w in config.paths.split(",") if w and w not in WHATS[1:] + COMPILED]
+    unknown = [w for w in config.paths.split(",") if w and w not in WHATS[1:]]
     if unknown:
         problems.append(f"--paths: unknown {', '.join(unknown)}; choose from "
-                        f"{', '.join(WHATS[1:] + COMPILED)}")
+                        f"{', '.join(WHATS[1:])}")
     chosen = [w for w in config.paths.split(",") if w] or list(WHATS[1:])
-    chosen += list(COMPILED) if config.compiled else []
-    whats = ("plain",) + tuple(w for w in WHATS[1:] + COMPILED if w in chosen)
-    device, paths = pick_device(config.device), {"gast_vmap": "vmap", "gast_compiled": "vmap"}
+    whats = ("plain",) + tuple(w for w in WHATS[1:] if w in chosen)
+    device, paths = pick_device(config.device), {"gast_vmap": "vmap"}
     for name in names if not problems else []:  # each model at each batch: can its step fit?
         for B in batches or MODELS[name][2]:  # B + 4 support rows at most
             shape = MODELS[name][0]
