@@ -12,6 +12,11 @@ from lora import LoRAConfig, add_lora
 from model import GPT, GPTConfig
 
 PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # the paper's, in Llama's
+# Llama 3's pre-tokenizer pattern (its tokenizer.json's Split), for a tokenizer of that kind
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?"
+                  r"[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
 TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, vocab_size=50, rms_norm_eps=1e-5)
 VARIANTS = {
@@ -162,7 +167,7 @@ def test_a_byte_level_tokenizer_json_encodes_and_decodes_as_transformers_tokeniz
                                                                                  pattern):
     """Our Encoding of a directory's tokenizer.json against transformers' own tokenizer of
     the same directory (the tokenizers library's, where transformers is absent)."""
-    from hf.tokenizer import LLAMA3_PATTERN, from_directory
+    from hf.tokenizer import from_directory
 
     directory, reference = byte_level_tokenizer_dir(
         tmp_path, LLAMA3_PATTERN if pattern else None)

@@ -224,13 +224,11 @@ def summarise(name, B, times, ratios, peaks, n_lora, seq):
     row = {"model": name, "batch": B, "seq": seq, "lora_params": n_lora}
     for what in times:
         row[f"{what}_ms"] = 1000 * statistics.median(times[what])
-        measured = peaks[what] == peaks[what]  # NaN: not measured (None in the JSON)
-        row[f"{what}_mem_mib"] = peaks[what] / 2**20 if measured else None
+        row[f"{what}_mem_mib"] = peaks[what] / 2**20
         if what != "plain":
             row[f"{what}_x"] = statistics.median(ratios[what])
             row[f"{what}_x_spread"] = [min(ratios[what]), max(ratios[what])]
-            row[f"{what}_mem_x"] = (
-                row[f"{what}_mem_mib"] / max(row["plain_mem_mib"], 1e-9) if measured else None)
+            row[f"{what}_mem_x"] = row[f"{what}_mem_mib"] / max(row["plain_mem_mib"], 1e-9)
     row["plain_spread"] = max(plain) / min(plain)
     row["busy"] = row["plain_spread"] > 2
     # the memory target: per-sample gradients may add B x (LoRA parameters) x 4 bytes
@@ -240,12 +238,6 @@ def summarise(name, B, times, ratios, peaks, n_lora, seq):
     row["block_bound_mib"] = (
         (B + TrainConfig.support_size) * n_lora / MODELS[name][0].n_layer * 4 / 2**20)
     return row
-
-
-def mib(row, what):
-    """A row's memory cell: MiB, or n/a where it was not measured."""
-    value = row[f"{what}_mem_mib"]
-    return "n/a" if value is None else f"{value:.1f}"
 
 
 # The bars that the picture draws: train.py's default step, its faster paths, and the
@@ -378,7 +370,7 @@ def bench(args):
         cells = [r["model"], str(r["batch"]), f"{r['plain_ms']:.1f}"]
         cells += [f"{r[f'{w}_x']:.2f}x [{r[f'{w}_x_spread'][0]:.2f}-{r[f'{w}_x_spread'][1]:.2f}]"
                   for w in timed]
-        cells += [mib(r, w) for w in whats] + [f"{r['block_bound_mib']:.2f}"]
+        cells += [f"{r[f'{w}_mem_mib']:.1f}" for w in whats] + [f"{r['block_bound_mib']:.2f}"]
         print("| " + " | ".join(cells) + " |")
     write_json(args.out, {"device": device, "machine": machine, "torch": torch.__version__,
                           "threads": args.threads,
