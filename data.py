@@ -175,7 +175,5 @@ class Task:
 
     train: list  # fine-tuning samples
     test: list  # the clean test split: what results are reported on
-    # a trusted held-out set for GAST's support mini-batches (--support heldout), never trained
-    # or evaluated on
-    heldout: list
+    heldout: list  # trusted, for GAST's support mini-batches (--support heldout); never scored
     dev: list  # a clean split for choosing hyperparameters (the lr in compare.py), never test

@@ -32,6 +32,9 @@ def evaluate(model, examples, tokenizer, device, is_qa, batch_size=64, n_answers
         x, y, _ = collate(examples[i : i + batch_size], tokenizer.eot_token, device)
         with autocast_for(device):
             losses.append(model(x, y, reduction="none")[1].float().cpu())
+        if progress is not None:  # the loss pass, before any response
+            progress("the held-out loss", min(i + batch_size, len(examples)), len(examples),
+                     "samples")
     losses = torch.cat(losses)  # (N,)
     with_answers = is_qa and any(e.answer for e in examples)
     finders = answer_finders(candidates or examples) if with_answers else {}
@@ -40,6 +43,8 @@ def evaluate(model, examples, tokenizer, device, is_qa, batch_size=64, n_answers
     for name in tasks if is_qa else []:
         mine = sorted((j for j, e in enumerate(examples) if e.task == name),
                       key=lambda j: examples[j].n_prompt)  # alike lengths, little padding
+        if progress is not None:
+            progress(name, 0, len(mine))  # the task's clock starts here
         for i in range(0, len(mine), batch_size):
             ids = mine[i : i + batch_size]
             chunk = [examples[j] for j in ids]

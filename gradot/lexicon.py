@@ -14,10 +14,10 @@ words must come from the base.
 """
 
 import random
+from dataclasses import dataclass
 
 from data import Example, Task, encode
 from testbed.task import LETTERS, pretrain_lines
-from testbed.pretrain import Corpus
 
 FACT, ASK = "def", "key"  # the pretraining template's name and the knowledge task's
 LEXICON_SEED = 4321  # the lexicon is the same for every base that states n facts
@@ -48,6 +48,16 @@ def lexicon_text(n_lines, seed, facts):
         f"{FACT} {w}={code}\n" for w, code in (stated[i % len(stated)] for i in range(n_facts))]
     rng.shuffle(lines)
     return "".join(lines)
+
+
+@dataclass
+class Corpus:
+    """A built-in corpus other than the default one, for testbed/pretrain.py: the base's
+    settings stay the same, and key keeps its base apart."""
+
+    make: object  # (n_lines, seed) -> the corpus's text, one sample a line
+    key: dict  # what makes it, added to the base's hash
+    description: str  # what it holds, for the progress line
 
 
 def lexicon_corpus(n):

@@ -119,18 +119,14 @@ def memory_available(device):
     return None
 
 
-def gib(n_bytes):
-    return f"{n_bytes / 2**30:,.1f} GiB"
-
-
 def memory_problems(what, estimate, device, flags):
     """A problem line when a step clearly cannot fit: half the rough estimate (model.py's
     training_memory) is still more than the device has available."""
     available = memory_available(device)
     if available is None or estimate / 2 <= available:
         return []
-    return [f"{flags}: {what} needs at least about {gib(estimate / 2)} and {device} has "
-            f"{gib(available)} available; " "choose a smaller shape or batch"]
+    return [f"{flags}: {what} needs at least about {estimate / 2**31:,.1f} GiB and {device} has "
+            f"{available / 2**30:,.1f} GiB available; choose a smaller shape or batch"]
 
 
 class Stopped(Exception):

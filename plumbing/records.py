@@ -11,13 +11,8 @@ from dataclasses import dataclass, field
 from data import Example, encode, n_targets
 
 
-
 class DataError(ValueError):
     """Bad input data; the message starts with the file (and line) at fault."""
-
-
-# ---------------------------------------------------------------------------------------
-# 3. Data from files
 
 
 def read_text_file(path):

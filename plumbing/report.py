@@ -113,15 +113,16 @@ class EvalProgress:
         self.config, self.every, self.task, self.split = config, every, None, split
         self.begin = self.mark = self.last = time.time()  # mark: the previous call's time
 
-    def __call__(self, task, done, total):
+    def __call__(self, task, done, total, unit="responses"):
         now = time.time()
-        if task != self.task:  # a task starts where the one before it ended
-            self.task, self.t0 = task, self.mark
+        if task != self.task or done == 0:  # each pass's rate and time left are its own
+            self.task, self.t0 = task, self.mark if done else now
         self.mark = now
-        if now - self.last >= self.every or (done == total and now - self.begin >= self.every):
+        if done and (now - self.last >= self.every or (done == total
+                                                        and now - self.begin >= self.every)):
             rate = done / max(now - self.t0, 1e-9)
             say(self.config, f"  evaluating {task or f'the {self.split} split'}: {done}/{total} "
-                f"responses, {rate:.1f}/s, eta {(total - done) / max(rate, 1e-9):.0f}s")
+                f"{unit}, {rate:.1f}/s, eta {(total - done) / max(rate, 1e-9):.0f}s")
             self.last = now
 
 

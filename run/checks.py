@@ -213,6 +213,9 @@ def check_run(config, shape, n_train, eval_set, split, dev_sample, longest):
         problems.append(f"--lora-targets {config.lora_targets} matches no Linear module of this "
                         f"{shape.arch} base; its are {', '.join(names)}"
                         + (f" (the paper adapts {paper})" if paper else ""))
+    if config.answer_field and config.max_new_tokens >= shape.block_size:
+        problems.append(f"--max-new-tokens {config.max_new_tokens} is the base's whole context "
+                        f"({shape.block_size}) or more: every response would run to its end")
     for name, examples in ((split, eval_set), ("dev", dev_sample)):
         if not examples:
             problems.append(f"the {name} split is empty: give more evaluation data (--test-data, "

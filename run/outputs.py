@@ -29,9 +29,8 @@ class Outputs:
         """The step to start from: 0, or a --resume's, its state put back."""
         if self.run.resume is None:
             return 0
-        start, self.history = restore(self.run.resume, model, opt, tuner, rngs)
-        self.saved_at = start
-        return start
+        self.saved_at, self.history = restore(self.run.resume, model, opt, tuner, rngs)
+        return self.saved_at
 
     def checkpoint(self, step, model, opt, tuner, rngs):
         """ckpt.pt after `step` steps: everything a --resume needs."""
@@ -43,31 +42,29 @@ class Outputs:
 
     def last_checkpoint(self):
         """What a checkpoint on disk holds, for the messages of a stopped run."""
-        if self.saved_at is not None:
-            return f"{self.run.ckpt_path} (step {self.saved_at}); --resume continues from it"
-        return "none written yet"
+        return "none written yet" if self.saved_at is None else (
+            f"{self.run.ckpt_path} (step {self.saved_at}); --resume continues from it")
 
     def finish(self, final, steps, model, summary=True):
         """The run's metrics from its final evaluation (final) and history; its files, then
         its summary. The metrics dict."""
         run, config = self.run, self.run.config
-        show_sample = not run.is_qa and run.split == "test"  # text: a greedy sample at the end
-        sample = (greedy_sample(model, run.test_set[0], run.tokenizer, run.device)
-                  if show_sample else None)
+        sample = (greedy_sample(model, run.test_set[0], run.tokenizer, run.device)  # text data
+                  if not run.is_qa and run.split == "test" else None)
         scored = config.method in SCORED
         metrics = {"method": config.method, "selection": config.selection if scored else None,
                    "support": config.support if scored else None, "lr": config.lr,
                    "seed": config.seed, "steps": steps, "split": run.split,
-                   "tokenizer": run.tokenizer.name,
-                   "base": run.base_path, "exact_match": final["exact_match"],
+                   "tokenizer": run.tokenizer.name, "base": run.base_path,
+                   "exact_match": final["exact_match"],
                    "accuracy": final["accuracy"], "held_out_loss": final["loss"],
                    "per_task": final["per_task"], "answers": final["answers"],
                    "sample": sample, **self.history.summary(), "config": asdict(config)}
         predictions, out_dir = final["predictions"], config.out_dir
         if is_main():
             atomic_save(adapter_file(model, run.adapters), os.path.join(out_dir, "adapter.pt"))
-            if self.run.config.picture:
-                plot_run(self.history, os.path.join(out_dir, "selection.png"), self.run.config)
+            if config.picture:
+                plot_run(self.history, os.path.join(out_dir, "selection.png"), config)
             write_json(os.path.join(out_dir, "metrics.json"), metrics)
             if predictions and metrics["split"] == "test":  # every response, a file per task
                 write_predictions(os.path.join(out_dir, "predictions"), predictions)

@@ -9,6 +9,8 @@ import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
+import torch
+
 from data import SupportPool, TokenizerUnavailable, run_tokenizer
 from evaluation.scoring import per_task_head
 from methods.tuner import SCORED
@@ -132,6 +134,4 @@ def script_main(config_type, work, argv=None, description=None):
         return run_main(parsed_work, (DataError, TokenizerUnavailable))
     finally:
         if distributed:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            torch.distributed.destroy_process_group()

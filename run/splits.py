@@ -9,7 +9,7 @@ import random
 from data import Task
 from plumbing.devices import say
 from plumbing.records import is_records, load_records, load_text
-from plumbing.settings import ConfigError
+from plumbing.settings import ConfigError, refuse
 from testbed.task import make_default_task, parse_tasks
 
 def task_name(path):
@@ -88,6 +88,14 @@ def load_task(config, tokenizer, block_size):
             config,
             f"held-out support set: {len(heldout)} samples carved from {config.data}'s training "
             "split and assumed trustworthy (--support-data FILE gives a trusted set of your own)")
+    seen = {tuple(e.tokens) for e in examples}  # a score on training records is no test score
+    for name, split in (("test", test), ("dev", dev)):
+        if (shared := sum(tuple(e.tokens) in seen for e in split)) == len(split):
+            refuse([f"every record of the {name} split is also a training record: give it a "
+                    "file of its own"])
+        if shared:
+            say(config, f"warning: {shared} of the {name} split's {len(split)} records are also "
+                "training records: its scores are partly on training data")
     if len(examples) < config.batch_size:
         carved = (f" and the {len(heldout)} held-out support samples (--heldout-size)" if heldout
                   and not config.support_data else "")

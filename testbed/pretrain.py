@@ -121,18 +121,10 @@ def base_shape(config, vocab_size=GPTConfig.vocab_size):
     return GPTConfig(vocab_size=vocab_size, **shape_values(config))
 
 
-@dataclass
-class Corpus:
-    """A built-in corpus other than the default one, made by the caller (gradot.py's
-    lexicon): the base's settings stay the same, and key keeps its base apart."""
-
-    make: object  # (n_lines, seed) -> the corpus's text, one sample a line
-    key: dict  # what makes it, added to the base's hash
-    description: str  # what it holds, for the progress line
-
-
 def base_path(config, tokenizer, corpus=None):
-    """--init-from, or out_dir/base-<hash>.pt keyed by everything that makes the base."""
+    """--init-from, or out_dir/base-<hash>.pt keyed by everything that makes the base; corpus:
+    a built-in corpus other than the default one (gradot/lexicon.py's Corpus), its key
+    keeping its base apart."""
     if config.init_from:
         return config.init_from
     source = "built-in"

@@ -18,8 +18,7 @@ Time is paired: the computations run round-robin in one process, each bracketed 
 steps, and each ratio is the median over rounds of its time over the mean of the two plain
 steps around it (a warning says when plain's own time varied by over 2x: a busy machine).
 Threads are set explicitly (--threads); never run it beside another job that would
-oversubscribe the cores. (The paper's two-pass variant, the single-sample loop and the
-per-sample passes alone were rows here until commit b8354a2; docs/cost.md keeps their figures.)
+oversubscribe the cores.
 Memory is the peak above the state before the computation (on a GPU, max_memory_allocated;
 on the CPU, the peak RSS of a fresh process per computation), beside the bound B x (LoRA
 parameters) x 4 bytes over plain. docs/cost.md reads the figures.

@@ -6,8 +6,9 @@ The comparison protocol: every method on the same base, data, batches and budget
     python -m tools.compare --noise 0 --lrs-from out/compare.json --out-dir out/clean  # same lrs
     python -m tools.compare --pool out/compare.json,out/clean/compare.json  # pairs, pooled
 
-For each row, one run per lr in --lrs (seed 0) is scored on the dev split and the lr with
-the lowest dev loss wins; then --seeds runs with that lr are reported on the test split,
+For each row, one run per lr in --lrs (the first seed: train.py's --seed, 0 by default) is
+scored on the dev split and the lr with the lowest dev loss wins; then --seeds runs with
+that lr, seeds --seed, --seed + 1 ..., are reported on the test split,
 which the lr choice never sees. Every other flag is train.py's and goes to every run
 (python train.py --help lists them). Writes compare.json (every run), compare.csv (the
 table) and compare.png (the picture) to --out-dir.
@@ -48,7 +49,7 @@ class CompareConfig:
         "gast:topk+heldout")
     seeds: int = option(5, "seeds per row, on the test split")
     lrs: str = option("1e-3,3e-3,1e-2,3e-2", "each row's lr is chosen from these by the dev "
-        "split's loss (seed 0); one value: no choice")
+        "split's loss (the first seed); one value: no choice")
     lrs_from: str = option("", "an earlier comparison's compare.json: each row takes the lr chosen "
         "there (no dev runs), so the lr chosen at one noise level is reused at the others")
     out_dir: str = option("out", "compare.json, compare.csv, compare.png and every run's directory "
@@ -167,17 +168,17 @@ def recorded_run(flags, split):
 def compare(config, train_flags=()):
     """The table's rows. train_flags: train.py's flags, given to every run."""
     refuse(problems(config))
-    # train.py's flags, checked before any run
-    train([*train_flags, "--out-dir", config.out_dir], dry_run=True)
+    # train.py's flags, checked before any run; its --seed is the first seed
+    first = train([*train_flags, "--out-dir", config.out_dir], dry_run=True)["seed"]
     base_config = replace(parse_args(BaseConfig, train_flags, known_only=True)[0],
                           out_dir=config.out_dir)
     check_out_dir(config.out_dir, ("compare.json", "compare.csv", "compare.png"),
                   resume=config.resume, overwrite=config.overwrite)
     with OutDirLock(config.out_dir):  # one comparison per out-dir, as one run per out-dir
-        return run_comparison(config, train_flags, base_config)
+        return run_comparison(config, train_flags, base_config, first)
 
 
-def run_comparison(config, train_flags, base_config):
+def run_comparison(config, train_flags, base_config, first=0):
     """compare()'s work, once its settings are checked and its out-dir is its own."""
     # the base, made once, here
     _, base = load_base(base_config, run_tokenizer(base_config),  # as train.py reads it
@@ -234,15 +235,16 @@ def run_comparison(config, train_flags, base_config):
     if config.lrs_from:  # each row's lr as an earlier comparison chose it
         chosen_lr = {label: lr for label, lr in lrs_chosen_in(config.lrs_from).items()
                      if label in {r[0] for r in rows_wanted}}
-    elif len(lrs) > 1:  # every row's lr on the dev split first (seed 0); a diverged run's lr loses
-        dev_runs = run_all([(label, method, chosen, lr, 0, "dev")
+    elif len(lrs) > 1:  # every row's lr on the dev split first; a diverged run's lr loses
+        dev_runs = run_all([(label, method, chosen, lr, first, "dev")
                             for label, method, chosen in rows_wanted for lr in lrs])
         for label, _, _ in rows_wanted:
             tried = [m for m in dev_runs if m["row"] == label]
             best = min(tried, key=lambda m: (m.get("diverged", False), m["held_out_loss"]))
             chosen_lr[label] = best["lr"]
     runs = run_all([(label, method, chosen, chosen_lr.get(label, lrs[0]), seed, "test")
-                    for label, method, chosen in rows_wanted for seed in range(config.seeds)])
+                    for label, method, chosen in rows_wanted
+                    for seed in range(first, first + config.seeds)])
     rows = [summarise(label, chosen_lr.get(label, lrs[0]), [r for r in runs if r["row"] == label])
             for label, _, _ in rows_wanted]
     if "lora" in chosen_lr or any(label == "lora" for label, _, _ in rows_wanted):
@@ -259,7 +261,8 @@ def run_comparison(config, train_flags, base_config):
         say(f"\nexact match per task (test split, mean over seeds):\n{format_task_table(rows)}")
     say(f"\ndev-sample loss while training (mean over seeds):\n{format_curves(rows)}")
     if dev_runs:
-        say(f"\nthe lr choice (dev loss, seed 0; the lowest wins):\n{format_lr_choice(dev_runs)}")
+        say("\nthe lr choice (dev loss, the first seed; the lowest wins):\n"
+            f"{format_lr_choice(dev_runs)}")
     lrs = {r["row"]: r["lr"] for r in rows}
     pairs = [p for p in pooled_pairs([(lrs, runs)]) if set(p["pair"].split(" - ")) <= set(lrs)]
     if pairs:
