@@ -20,7 +20,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-
 # GPT-2's names, in every block
 LINEAR_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 # the Llama block's (model.py, arch "llama"); the paper adapts q, k, v, up and down

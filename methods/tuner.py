@@ -112,7 +112,6 @@ def scaled_adapters(model, blocks, factor):
             m.scaling = scaling
 
 
-
 # ---------------------------------------------------------------------------------------
 # What a step records
 
@@ -136,7 +135,6 @@ class StepRecord:
     @property
     def clean_selected(self):
         return _mean_active(self.clean_rate, self.active_layers)
-
 
 
 def _mean_active(rate, active):

@@ -12,7 +12,6 @@ import torch.distributed as dist
 from plumbing.settings import ConfigError
 
 
-
 def check_device(name):
     """None if the device can be used here, else the problem, naming --device."""
     if name == "auto":

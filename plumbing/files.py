@@ -18,7 +18,6 @@ from filelock import FileLock, Timeout
 from plumbing.settings import ConfigError, refuse
 
 
-
 def atomic_write(path, write):
     """write(tmp) writes the file at tmp; then it is renamed to path. A crash or an error
     leaves the old file intact and no temporary file behind."""
@@ -97,14 +96,19 @@ def fingerprint(path):
 
 
 def cannot_write(folder):
-    """Why files cannot be written in folder (made if missing), or None if they can: a probe
-    file is written and removed."""
+    """Why folder cannot take files, or None: a probe file is written there and removed, as
+    are the folders made for it (a refused run leaves none behind)."""
+    made, path = [], os.path.abspath(folder)
+    while not os.path.exists(path) and path != os.path.dirname(path):
+        made, path = made + [path], os.path.dirname(path)
     try:
         os.makedirs(folder, exist_ok=True)
         probe = os.path.join(folder, f".write-test{os.getpid()}")
         with open(probe, "w"):
             pass
         os.remove(probe)
+        for path in made:  # the deepest first
+            os.rmdir(path)
     except OSError as e:
         return e.strerror
     except RecursionError:  # os.makedirs recurses once a level

@@ -9,7 +9,6 @@ from plumbing.devices import say
 from plumbing.files import atomic_write
 
 
-
 def pyplot(config=None):
     """pyplot, or None with a one-line note: the code runs without matplotlib."""
     try:

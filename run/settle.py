@@ -85,8 +85,8 @@ def settle(config, tokenizer, split="test"):
         yield settled(config, tokenizer, split)
 
 
-def settled(run_config, tokenizer, split):
-    config = run_config  # as given; check_run settles --per-sample auto and --epochs
+def settled(config, tokenizer, split):
+    auto = config.per_sample == "auto"  # check_run settles it, and --epochs
     device = pick_device(config.device)
     ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
     resume = read_resume(config, ckpt_path) if config.resume else None
@@ -102,14 +102,14 @@ def settled(run_config, tokenizer, split):
     longest = max(len(e.tokens) for e in task.train + task.heldout) - 1  # positions of a row
     config, adapters = check_run(config, model.config, len(task.train), test_set, split,
                                  dev_sample, longest)
-    if config.method in SCORED and run_config.per_sample == "auto":
+    if config.method in SCORED and auto:
         say(config, f"per-sample gradients by {config.per_sample} (--per-sample auto: "
             f"{'torch.func fits' if config.per_sample == 'vmap' else 'torch.func would not fit'}"
             f" a step of {config.batch_size} rows of up to {longest} positions)")
     if not config.lora_targets:
         say(config, f"LoRA on {', '.join(adapters.targets)} ({model.config.arch}'s default; "
             "--lora-targets names others)")
-    support_set = None
+    support_set = None  # the pool GAST's support mini-batches are drawn from
     if config.method in SCORED and config.support != "batch":
         support_set = SupportPool(task.train if config.support == "train" else task.heldout,
                                   tokenizer.eot_token)
