@@ -107,12 +107,15 @@ def cannot_write(folder):
         with open(probe, "w"):
             pass
         os.remove(probe)
-        for path in made:  # the deepest first
-            os.rmdir(path)
     except OSError as e:
         return e.strerror
     except RecursionError:  # os.makedirs recurses once a level
         return "a path too many folders deep"
+    for path in made:  # the deepest first; one another process writes in (torchrun) stays
+        try:
+            os.rmdir(path)
+        except OSError:
+            break
     return None
 
 

@@ -89,10 +89,10 @@ def load_task(config, tokenizer, block_size):
             f"held-out support set: {len(heldout)} samples carved from {config.data}'s training "
             "split and assumed trustworthy (--support-data FILE gives a trusted set of your own)")
     seen = {tuple(e.tokens) for e in examples}  # a score on training records is no test score
-    for name, split in (("test", test), ("dev", dev)):
-        if (shared := sum(tuple(e.tokens) in seen for e in split)) == len(split):
-            refuse([f"every record of the {name} split is also a training record: give it a "
-                    "file of its own"])
+    for name, split, own in (("test", test, config.test_data), ("dev", dev, config.dev_data)):
+        if (shared := sum(tuple(e.tokens) in seen for e in split)) == len(split) and own:
+            refuse([f"--{name}-data {own}: every record is also a training record (--data): "
+                    "give a file of its own"])
         if shared:
             say(config, f"warning: {shared} of the {name} split's {len(split)} records are also "
                 "training records: its scores are partly on training data")

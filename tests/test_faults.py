@@ -228,3 +228,29 @@ def test_a_base_with_nan_weights_or_epsilon_is_named_before_any_step(tiny, tmp_p
     err = refused(capsys, ["--init-from", str(tmp_path / "eps.pt"), "--out-dir",
                            str(tmp_path / "out2"), "--weak-base"])
     assert "layer_norm_epsilon nan is not a positive number" in err
+
+
+def test_a_test_file_of_training_records_is_refused_and_an_overlap_said(tiny, tmp_path, capsys):
+    """A score on training records is no test score: --test-data whose every record is in
+    --data is refused; a dev split carved from --data that shares some is said, counted."""
+    rows = [json.dumps({"prompt": f"q{i}=", "completion": f"a{i}"}) for i in range(40)]
+    (tmp_path / "d.jsonl").write_text("\n".join(rows * 2))  # each record twice
+    (tmp_path / "t.jsonl").write_text("\n".join(rows[:5]))
+    flags = ["--init-from", tiny().init_from, "--data", str(tmp_path / "d.jsonl"), *TINY_FLAGS,
+             "--out-dir", str(tmp_path / "out")]
+    err = refused(capsys, [*flags, "--test-data", str(tmp_path / "t.jsonl")])
+    assert f"--test-data {tmp_path / 't.jsonl'}: every record is also a training record" in err
+    (tmp_path / "t.jsonl").write_text("\n".join(f'{{"prompt": "x{i}=", "completion": "b"}}'
+                                                for i in range(5)))
+    assert main([*flags, "--test-data", str(tmp_path / "t.jsonl"), "--no-quiet"]) == 0
+    assert "records are also training records" in capsys.readouterr().out
+
+
+def test_max_new_tokens_reaching_the_context_is_refused_before_training(tiny, tmp_path, capsys):
+    rows = [json.dumps({"prompt": f"q{i}=", "completion": "a", "answer": "a"}) for i in range(40)]
+    (tmp_path / "d.jsonl").write_text("\n".join(rows))
+    err = refused(capsys, ["--init-from", tiny().init_from, "--data", str(tmp_path / "d.jsonl"),
+                           "--answer-field", "answer", "--max-new-tokens", "1000", *TINY_FLAGS,
+                           "--out-dir", str(tmp_path / "out")])
+    assert "--max-new-tokens 1000 is the base's whole context" in err
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
