@@ -8,6 +8,7 @@ differently are refused by name, and docs/paper.md's flags run on a SmolLM2-135M
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -194,3 +195,13 @@ def test_a_qwen2_export_is_a_qwen2_directory_transformers_reads_to_our_logits(tm
         assert export_hf(ours, str(tmp_path / "out"), 1)[0] == "Qwen2ForCausalLM"
         theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
         torch.testing.assert_close(theirs(idx).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_an_eos_token_outside_the_vocabulary_is_refused_by_name(tmp_path):
+    from test_llama import byte_level_tokenizer_dir
+    from hf.tokenizer import from_directory
+
+    directory, _ = byte_level_tokenizer_dir(tmp_path)
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    with pytest.raises(ValueError, match=re.escape("eos_token '<|im_end|>' is not one of the")):
+        from_directory(str(directory))
