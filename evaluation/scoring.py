@@ -13,7 +13,7 @@ import torch
 
 from data import collate
 from plumbing.devices import autocast_for
-from plumbing.files import atomic_write
+from plumbing.files import atomic_write, write_json
 
 
 @torch.no_grad()
@@ -91,7 +91,8 @@ def evaluate(model, examples, tokenizer, device, is_qa, batch_size=64, n_answers
 def write_predictions(folder, predictions):
     """folder/<task>.jsonl (test.jsonl for an unnamed task): a line per record, in the file's
     order: index, prompt, response, the answer found, gold, right (LLM-Adapters keeps these).
-    An earlier run's files of other tasks are removed: the folder holds this run's alone."""
+    An earlier run's files of other tasks are removed, as written.json names them; nothing
+    else in the folder (a file of the user's) is touched."""
     by_task = {}
     for p in predictions:
         by_task.setdefault(p["task"] or "test", []).append(p)
@@ -102,9 +103,12 @@ def write_predictions(folder, predictions):
                     f.write(json.dumps({k: p[k] for k in ("index", "prompt", "response", "found",
                                                           "gold", "right", "exact_match")}) + "\n")
         atomic_write(os.path.join(folder, f"{task}.jsonl"), write)
-    for name in set(os.listdir(folder)) - {f"{task}.jsonl" for task in by_task}:
-        if name.endswith(".jsonl"):
+    written, manifest = {f"{task}.jsonl" for task in by_task}, os.path.join(folder, "written.json")
+    earlier = json.load(open(manifest)) if os.path.isfile(manifest) else []
+    for name in set(earlier) - written:  # a run owns only the files it wrote
+        if os.path.isfile(os.path.join(folder, name)):
             os.remove(os.path.join(folder, name))
+    write_json(manifest, sorted(written))
 
 
 # LLM-Adapters' extract_answer (commonsense_evaluate.py) searches a response for one

@@ -58,9 +58,8 @@ def pick_device(name):
 def init_distributed(device_name):
     """Under torchrun (its environment names WORLD_SIZE, RANK, MASTER_ADDR ...), join the
     process group: nccl on CUDA, gloo on the CPU. True if this call created it."""
-    if (
-        "WORLD_SIZE" not in os.environ or not dist.is_available() or dist.is_initialized()
-        or check_device(device_name)):
+    if ("WORLD_SIZE" not in os.environ or not dist.is_available() or dist.is_initialized()
+            or check_device(device_name)):
         return False
     cuda = pick_device(device_name).startswith("cuda")
     if cuda:

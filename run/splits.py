@@ -41,10 +41,8 @@ def load_examples(config, path, tokenizer, block_size, task=""):
             say(config, f"{path}: {cut.samples} samples longer than {block_size + 1} tokens were "
                 f"cut ({cut.tokens} tokens)")
         return examples
-    say(
-        config,
-        f"reading {path} as plain text for language modelling (a .jsonl or .json name would "
-        "read prompt/completion records)")
+    say(config, f"reading {path} as plain text for language modelling (a .jsonl or .json name "
+        "would read prompt/completion records)")
     return load_text(path, tokenizer, block_size)
 
 
@@ -84,10 +82,9 @@ def load_task(config, tokenizer, block_size):
         heldout = load_examples(config, config.support_data, tokenizer, block_size)
     elif config.support == "heldout":
         heldout, examples = examples[: config.heldout_size], examples[config.heldout_size :]
-        say(
-            config,
-            f"held-out support set: {len(heldout)} samples carved from {config.data}'s training "
-            "split and assumed trustworthy (--support-data FILE gives a trusted set of your own)")
+        say(config, f"held-out support set: {len(heldout)} samples carved from {config.data}'s "
+            "training split and assumed trustworthy (--support-data FILE gives a trusted set of "
+            "your own)")
     seen = {tuple(e.tokens) for e in examples}  # a score on training records is no test score
     for name, split, own in (("test", test, config.test_data), ("dev", dev, config.dev_data)):
         if (shared := sum(tuple(e.tokens) in seen for e in split)) == len(split) and own:

@@ -256,8 +256,7 @@ def pretrain(config, tokenizer, device, path, corpus=None):
         say(config, f"the base's skills on fresh words: {skill_line(skills)}")
         if min(skills.values()) >= config.pretrain_until or start == starts - 1:
             break
-        say(
-            config, f"  start {start + 1} ended below {config.pretrain_until:g}: pretraining "
+        say(config, f"  start {start + 1} ended below {config.pretrain_until:g}: pretraining "
             "starts again from the next seed")
     bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()  # as autocast_for
     made_by = {"torch": str(torch.__version__), "device": device,
@@ -294,8 +293,7 @@ def pretrain_one_start(config, gpt_config, next_batch, held_out, device, seed):
             held = ""
             if held_out is not None and (step % 500 == 0 or step == steps - 1):
                 held = f" | held-out loss {held_out_loss(model, held_out, device):.3f}"
-            say(
-                config, f"  pretrain step {step:5d}/{steps} | loss {loss.item():.3f}{held} | "
+            say(config, f"  pretrain step {step:5d}/{steps} | loss {loss.item():.3f}{held} | "
                 f"{1000 * elapsed / (step + 1):.0f} ms/step | {tokens / elapsed:,.0f} tokens/s | "
                 f"eta {elapsed / (step + 1) * (steps - step - 1):.0f}s")
     return model

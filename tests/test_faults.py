@@ -254,3 +254,21 @@ def test_max_new_tokens_reaching_the_context_is_refused_before_training(tiny, tm
                            "--out-dir", str(tmp_path / "out")])
     assert "--max-new-tokens 1000 is the base's whole context" in err
     assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_a_run_removes_only_the_prediction_files_a_run_wrote(tmp_path):
+    """--resume and --overwrite write predictions/ anew: an earlier run's file of a task no
+    longer there goes; a file of the user's beside them stays."""
+    from evaluation.scoring import write_predictions
+
+    def rows(task):
+        return [{"task": task, "index": 0, "prompt": "p", "response": "r", "found": "",
+                 "gold": "g", "right": False, "exact_match": False}]
+
+    folder = tmp_path / "predictions"
+    write_predictions(str(folder), rows("boolq") + rows("piqa"))
+    (folder / "my_scores.jsonl").write_text("mine\n")
+    write_predictions(str(folder), rows("boolq"))
+    assert sorted(p.name for p in folder.iterdir()) == ["boolq.jsonl", "my_scores.jsonl",
+                                                        "written.json"]
+    assert (folder / "my_scores.jsonl").read_text() == "mine\n"

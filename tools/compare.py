@@ -206,10 +206,8 @@ def run_comparison(config, train_flags, base_config, first=0):
         left = (n_runs - progress["done"]) * elapsed / max(progress["ran"], 1)
         em = "" if metrics["exact_match"] is None else f" exact match {metrics['exact_match']:.3f}"
         how = " (recorded before, not run again)" if reused else ""
-        say(
-            f"  [{progress['done']}/{n_runs}] {label} lr {metrics['lr']:g} seed {metrics['seed']} "
-            f"on {split}:{em} "
-            f"loss {metrics['held_out_loss']:.4f}"
+        say(f"  [{progress['done']}/{n_runs}] {label} lr {metrics['lr']:g} seed "
+            f"{metrics['seed']} on {split}:{em} loss {metrics['held_out_loss']:.4f}"
             f"{' DIVERGED' if metrics.get('diverged') else ''}{how} "
             f"({elapsed:.0f}s so far, eta {left:.0f}s)", flush=True)
         return metrics
@@ -254,8 +252,7 @@ def run_comparison(config, train_flags, base_config, first=0):
     steps = runs[0]["config"]["steps"]
     how = (f"lr as chosen in {config.lrs_from}" if config.lrs_from
            else f"lr from {config.lrs} by dev loss")
-    say(
-        f"\n{len(rows)} methods, {how}, then {config.seeds} seeds on the test split, "
+    say(f"\n{len(rows)} methods, {how}, then {config.seeds} seeds on the test split, "
         f"{steps} steps each, {time.time() - progress['t0']:.0f}s in all\n{format_table(rows)}")
     if format_task_table(rows):
         say(f"\nexact match per task (test split, mean over seeds):\n{format_task_table(rows)}")
