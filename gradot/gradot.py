@@ -51,6 +51,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn as nn
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # by path too
+
 from data import Example, TokenizerUnavailable, collate, encode, get_tokenizer
 from evaluation.scoring import evaluate
 from testbed.task import make_default_task, pretrain_text

@@ -235,8 +235,7 @@ def check_run(config, shape, n_train, eval_set, split, dev_sample, longest):
                     f"{config.batch_size})")
             config = replace(config, steps=steps)
     refuse(problems)
-    return config, LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout,
-                              tuple(targets))
+    return config, LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout, tuple(targets))
 
 
 def check_prompts(config, tokenizer):

@@ -16,12 +16,15 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 
 import tiktoken
 import torch
 import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # by path too
 
 from data import Example, TokenizerUnavailable, collate, encode, get_tokenizer
 from hf.tokenizer import has_tokenizer

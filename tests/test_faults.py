@@ -272,3 +272,12 @@ def test_a_run_removes_only_the_prediction_files_a_run_wrote(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["boolq.jsonl", "my_scores.jsonl",
                                                         "written.json"]
     assert (folder / "my_scores.jsonl").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "tools/bench.py", "tools/compare.py",
+                                    "testbed/pretrain.py", "gradot/gradot.py"])
+def test_every_script_runs_by_its_path_as_a_user_types_it(script):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, script, "--help"], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr[-500:]

@@ -29,10 +29,13 @@ import multiprocessing
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # by path too
 
 from data import collate, get_tokenizer
 from testbed.task import make_default_task
@@ -350,8 +353,7 @@ def bench(args):
             # the memory first, each computation in a process of its own: this one does not yet
             # hold the timed computations' memory beside it (a large model would not fit twice)
             peaks = memory_all(MODELS[name], B, device, args.threads, whats)
-            times, ratios, n_lora, seq = paired_times(MODELS[name], B, device, repeats,
-                                                      whats=whats)
+            times, ratios, n_lora, seq = paired_times(MODELS[name], B, device, repeats, whats=whats)
             row = summarise(name, B, times, ratios, peaks, n_lora, seq)
             rows.append(row)
             print(f"  {name} B={B}: plain {row['plain_ms']:.1f} ms, " + ", ".join(

@@ -21,10 +21,13 @@ import math
 import multiprocessing
 import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # by path too
 
 from data import TokenizerUnavailable, run_tokenizer
 from plumbing.records import DataError
@@ -309,8 +312,7 @@ def paired_difference(runs, lora_runs):
 
 # The questions, each a pair of rows compared seed by seed: the method against plain LoRA,
 # the paper's softmax against its two ablations, and what a trusted support adds to it.
-PAIRS = (("gast", "lora"), ("gast", "gast:random"), ("gast", "gast:topk"),
-         ("gast:heldout", "gast"))
+PAIRS = (("gast", "lora"), ("gast", "gast:random"), ("gast", "gast:topk"), ("gast:heldout", "gast"))
 
 
 def read_comparison(path):
