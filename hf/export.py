@@ -15,7 +15,7 @@ import shutil
 from safetensors.torch import save_file
 
 from lora import LoRALinear, merge_lora
-from plumbing.files import atomic_write, cannot_write, leftovers, write_json
+from plumbing.files import atomic_write, cannot_write, leftovers, remove_leftovers, write_json
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -34,9 +34,17 @@ def export_problems(flag, directory):
 
 
 def write_safetensors(tensors, path):
-    """safetensors' file, written beside and renamed (plumbing.atomic_write)."""
+    """safetensors' file, written in a folder .tmp<pid> and renamed: the library's own hidden
+    temporary file, left by a kill -9, stays in it, and the next write removes it."""
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(contiguous, tmp))
+    folder = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp{os.getpid()}")
+    remove_leftovers(os.path.dirname(os.path.abspath(path)))
+    os.makedirs(folder, exist_ok=True)
+    try:
+        save_file(contiguous, os.path.join(folder, os.path.basename(path)))
+        os.replace(os.path.join(folder, os.path.basename(path)), path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def export_peft(model, lora_config, directory, base=""):

@@ -9,12 +9,15 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import stat
+from pathlib import Path
 from pickle import UnpicklingError
 
 import torch
 from filelock import FileLock, Timeout
 
+from plumbing.devices import world
 from plumbing.settings import ConfigError, refuse
 
 
@@ -40,12 +43,7 @@ def atomic_save(obj, path):
 
 
 def write_json(path, obj):
-    atomic_write(path, lambda tmp: _dump_json(tmp, obj))
-
-
-def _dump_json(tmp, obj):
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
 
 
 def write_csv(path, rows):
@@ -73,14 +71,11 @@ def read_checkpoint(path, flag_name, keys):
             reason = "the file is truncated or not a torch checkpoint"
         else:
             reason = f"{type(e).__name__}: {(text.strip().splitlines() or [''])[0][:160]}"
-        raise ConfigError(
-            f"invalid settings:\n  {flag_name} {path}: not a checkpoint we read ({reason})"
-        ) from None
+        raise ConfigError(f"invalid settings:\n  {flag_name} {path}: not a checkpoint we read "
+                          f"({reason})") from None
     missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        raise ConfigError(
-            f"invalid settings:\n  {flag_name} {path}: not a checkpoint of train.py (no "
-            f"{', '.join(missing)})")
+        refuse([f"{flag_name} {path}: not a checkpoint of train.py (no {', '.join(missing)})"])
     return ckpt
 
 
@@ -111,8 +106,8 @@ def cannot_write(folder):
         return e.strerror
     except RecursionError:  # os.makedirs recurses once a level
         return "a path too many folders deep"
-    for path in made:  # the deepest first; one another process writes in (torchrun) stays
-        try:
+    for path in made if world()[1] == 1 else []:  # the deepest first (torchrun's processes
+        try:  # share the out-dir: kept)
             os.rmdir(path)
         except OSError:
             break
@@ -135,8 +130,8 @@ def check_out_dir(out_dir, outputs, resume=False, overwrite=False):
     if earlier and not resume and not overwrite:
         raise ConfigError(
             f"invalid settings:\n  --out-dir {out_dir} already holds {', '.join(earlier)} of an "
-            "earlier run: "
-            "continue it with --resume, replace it with --overwrite, or pick another --out-dir")
+            "earlier run: continue it with --resume, replace it with --overwrite, or pick "
+            "another --out-dir")
 
 
 def file_problems(flag_name, path):
@@ -157,9 +152,8 @@ def file_problems(flag_name, path):
     if stat.S_ISDIR(mode):
         return [f"{flag_name} {path}: is a directory, not a file"]
     if not stat.S_ISREG(mode):
-        kind = (
-            "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device")
-        return [f"{flag_name} {path}: is {kind}, not a regular file; give a file"]
+        kind = "FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
+        return [f"{flag_name} {path}: is a {kind}, not a regular file; give a file"]
     if not os.access(path, os.R_OK):
         return [f"{flag_name} {path}: cannot be read (permissions)"]
     return []
@@ -218,5 +212,5 @@ def leftovers(folder, stem=""):
 
 
 def remove_leftovers(folder, stem=""):
-    for path in leftovers(folder, stem):
-        os.remove(path)
+    for path in leftovers(folder, stem):  # a folder: write_safetensors' (hf/export.py)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)

@@ -254,9 +254,8 @@ def check_prompts(config, tokenizer):
 def input_hashes(config):
     """{flag: a hash} of the files a run reads, for torchrun's processes to compare: the data
     files whole; a base by its files' names and sizes (hashing gigabytes would cost minutes)."""
-    out = {flag(n): files_fingerprint(getattr(config, n))
-           for n in ("data", "test_data", "dev_data", "support_data", "pretrain_data")
-           if getattr(config, n)}
+    out = {flag(n): files_fingerprint(getattr(config, n)) for n in (
+        "data", "test_data", "dev_data", "support_data", "pretrain_data") if getattr(config, n)}
     base = config.init_from
     if base and os.path.isdir(base):
         out["--init-from"] = sorted((f, os.path.getsize(os.path.join(base, f)))

@@ -142,6 +142,8 @@ def test_a_killed_export_leaves_nothing_a_retry_trips_over_or_keeps(run, tmp_pat
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / f"model.tmp{dead}.safetensors").write_bytes(b"half")
+    (hf / f".tmp{dead}").mkdir()  # and safetensors' own hidden file, in our folder for it
+    (hf / f".tmp{dead}" / ".tmpZ5mBw2").write_bytes(b"half")
     assert sample.main(["--out-dir", str(run), "--export-hf", str(hf)]) == 0
     assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors"]
 
