@@ -115,14 +115,12 @@ def validate(config, n_procs=1):
     problems += lora_problems(config)
     problems += positive(config, "steps", "batch_size", "eval_interval", "log_interval",
                          "eval_samples", "checkpoint_interval", "dev_size", "lr")
-    problems += one_of(config, "schedule",
-                       ("cosine", "constant")) + not_negative(config, "grad_clip")
-    problems += in_range(config, "weight_decay", 0, 1)
+    problems += one_of(config, "schedule", ("cosine", "constant"))
+    problems += not_negative(config, "grad_clip") + in_range(config, "weight_decay", 0, 1)
     problems += one_of(config, "base_dtype", ("float32", "bfloat16"))
     if config.lr > 1 and math.isfinite(config.lr):
-        problems.append(
-            f"--lr {config.lr} is above 1: AdamW steps that large wreck any model (LoRA here "
-            "likes 1e-3 to 3e-2)")
+        problems.append(f"--lr {config.lr} is above 1: AdamW steps that large wreck any model "
+                        "(LoRA here likes 1e-3 to 3e-2)")
     if config.stop_at < 0 or config.warmup_steps < -1:
         problems.append("--stop-at must not be negative, nor --warmup-steps below -1 (the default)")
     if config.epochs < 0 or not math.isfinite(config.epochs):
@@ -131,13 +129,11 @@ def validate(config, n_procs=1):
         problems.append(
             f"--warmup-steps {config.warmup_steps} is longer than the run (--steps {config.steps})")
     if not config.data and config.batch_size > config.n_train:
-        problems.append(
-            f"--batch-size {config.batch_size} is larger than the {config.n_train} training "
-            "samples (--n-train)")
+        problems.append(f"--batch-size {config.batch_size} is larger than the {config.n_train} "
+                        "training samples (--n-train)")
     if config.batch_size % n_procs:
-        problems.append(
-            f"--batch-size {config.batch_size} (the global batch) does not divide by the "
-            f"{n_procs} processes")
+        problems.append(f"--batch-size {config.batch_size} (the global batch) does not divide by "
+                        f"the {n_procs} processes")
     if not config.init_from and not problems:  # can a step of the base it would pretrain fit?
         shape = GPTConfig(**shape_values(config))
         T = min(shape.block_size, (config.cutoff_len or shape.block_size + 1) - 1)

@@ -93,6 +93,9 @@ def load_task(config, tokenizer, block_size):
         if shared:
             say(config, f"warning: {shared} of the {name} split's {len(split)} records are also "
                 "training records: its scores are partly on training data")
+    if config.dev_data and {tuple(e.tokens) for e in dev} <= {tuple(e.tokens) for e in test}:
+        refuse([f"--dev-data {config.dev_data}: every record is a test record: the lr would be "
+                "chosen on the test split"])
     if len(examples) < config.batch_size:
         carved = (f" and the {len(heldout)} held-out support samples (--heldout-size)" if heldout
                   and not config.support_data else "")

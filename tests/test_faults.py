@@ -281,3 +281,17 @@ def test_every_script_runs_by_its_path_as_a_user_types_it(script):
     done = subprocess.run([sys.executable, script, "--help"], cwd=root, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "usage:" in done.stdout, done.stderr[-500:]
+
+
+def test_a_dev_file_of_test_records_is_refused(tiny, tmp_path, capsys):
+    """compare.py chooses the lr on dev: dev made of the test split's records would choose it
+    on the test split."""
+    rows = [json.dumps({"prompt": f"q{i}=", "completion": f"a{i}"}) for i in range(40)]
+    (tmp_path / "d.jsonl").write_text("\n".join(rows))
+    (tmp_path / "t.jsonl").write_text("\n".join(r.replace("q", "t") for r in rows[:5]))
+    (tmp_path / "dev.jsonl").write_text((tmp_path / "t.jsonl").read_text())
+    err = refused(capsys, ["--init-from", tiny().init_from, "--data", str(tmp_path / "d.jsonl"),
+                           "--test-data", str(tmp_path / "t.jsonl"), "--dev-data",
+                           str(tmp_path / "dev.jsonl"), *TINY_FLAGS, "--out-dir",
+                           str(tmp_path / "out")])
+    assert f"--dev-data {tmp_path / 'dev.jsonl'}: every record is a test record" in err
