@@ -12,10 +12,10 @@ from plumbing.settings import ConfigError
 
 
 def disk_full(e):
-    """Whether an exception is a write that found the disk full (torch.save says it its way)."""
-    text = str(e)
-    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (
-        isinstance(e, RuntimeError) and ("file write failed" in text or "No space left" in text))
+    """Whether an exception is a write that found the disk full (torch.save says it its ways,
+    "unexpected pos" among them; safetensors in a SafetensorError)."""
+    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or any(
+        s in str(e) for s in ("file write failed", "No space left", "unexpected pos"))
 
 
 class Interrupted(Exception):

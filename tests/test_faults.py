@@ -295,3 +295,16 @@ def test_a_dev_file_of_test_records_is_refused(tiny, tmp_path, capsys):
                            str(tmp_path / "dev.jsonl"), *TINY_FLAGS, "--out-dir",
                            str(tmp_path / "out")])
     assert f"--dev-data {tmp_path / 'dev.jsonl'}: every record is a test record" in err
+
+
+def test_a_full_disk_is_named_whoever_found_it():
+    """What torch.save and safetensors raise on a full disk (seen on a 1 MiB tmpfs)."""
+    from safetensors import SafetensorError
+
+    from plumbing.entry import disk_full
+
+    assert disk_full(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                                  "576 vs 534"))
+    assert disk_full(SafetensorError("Error while serializing: I/O error: No space left on "
+                                     "device (os error 28)"))
+    assert disk_full(OSError(28, "No space left on device")) and not disk_full(ValueError("x"))
