@@ -12,8 +12,7 @@ from plumbing.settings import ConfigError
 
 
 def disk_full(e):
-    """Whether an exception is a write that found the disk full (torch.save says it its ways,
-    "unexpected pos" among them; safetensors in a SafetensorError)."""
+    """Whether an exception is a write that found the disk full (torch.save's, safetensors')."""
     return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or any(
         s in str(e) for s in ("file write failed", "No space left", "unexpected pos"))
 

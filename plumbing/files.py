@@ -118,10 +118,12 @@ def check_out_dir(out_dir, outputs, resume=False, overwrite=False):
     """Before any work: out_dir can be written, no output is a directory (a name ending in /
     is a folder, and no file), and an earlier run there is neither overwritten by accident
     nor resumed from nothing."""
-    if cannot_write(out_dir):
-        refuse([f"--out-dir {out_dir}: cannot write there ({cannot_write(out_dir)})"])
+    if reason := cannot_write(out_dir):
+        refuse([f"--out-dir {out_dir}: cannot write there ({reason})"])
     for name in outputs:
         path, folder = os.path.join(out_dir, name), name.endswith("/")
+        if folder and os.path.isdir(path) and (reason := cannot_write(path)):  # now, not at the end
+            refuse([f"--out-dir {out_dir}: cannot write in its {name} ({reason})"])
         if os.path.isdir(path) != folder and os.path.exists(path):
             kind = "a file" if folder else "a directory"
             raise ConfigError(f"invalid settings:\n  --out-dir {out_dir}: {name.rstrip('/')} is "

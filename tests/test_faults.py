@@ -308,3 +308,18 @@ def test_a_full_disk_is_named_whoever_found_it():
     assert disk_full(SafetensorError("Error while serializing: I/O error: No space left on "
                                      "device (os error 28)"))
     assert disk_full(OSError(28, "No space left on device")) and not disk_full(ValueError("x"))
+
+
+def test_an_unwritable_predictions_folder_is_found_before_training(tiny, tmp_path, capsys,
+                                                                   monkeypatch):
+    """(As root a chmod stops nothing: a read-only file system does; the probe is stood in.)"""
+    from plumbing import files
+
+    probe = files.cannot_write
+    monkeypatch.setattr(files, "cannot_write", lambda folder: "Read-only file system" if (
+        folder.rstrip("/").endswith("predictions")) else probe(folder))
+    (tmp_path / "predictions").mkdir()
+    err = refused(capsys, ["--init-from", tiny().init_from, *TINY_FLAGS, "--overwrite",
+                           "--out-dir", str(tmp_path)])
+    assert "cannot write in its predictions/ (Read-only file system)" in err
+    assert not (tmp_path / "ckpt.pt").exists()
