@@ -25,7 +25,7 @@ from lora import add_lora
 from methods.tuner import SparseTuner
 from plumbing.devices import autocast_for, is_main, say
 from plumbing.entry import Interrupted
-from plumbing.optim import lr_at, optimizer_step
+from plumbing.optim import lr_at, optimizer_step, warmup_steps
 from plumbing.report import RunLog
 from plumbing.settings import option
 from run.outputs import Outputs
@@ -146,11 +146,6 @@ class TrainConfig(BaseConfig):
         "rates")
 
 
-def warmup_steps(config):
-    """--warmup-steps, or by default 20 steps (a tenth of a run shorter than 200 steps)."""
-    return config.warmup_steps if config.warmup_steps >= 0 else min(20, config.steps // 10)
-
-
 def train(config, split="test", summary=True, dry_run=False):
     """Fine-tune as config says (a TrainConfig, a dict of its fields or a list of flags);
     the metrics dict.
@@ -193,9 +188,12 @@ def fine_tune(run, summary=True):
         return collate(examples, tokenizer.eot_token, device)[:2]
 
     def score(examples, name, whole):  # held-out loss; a test run's answers generated
-        return log.evaluation(lambda some, progress: evaluate(
-            model, some, tokenizer, device, run.is_qa and split == "test", progress=progress,
-            max_new_tokens=config.max_new_tokens, candidates=whole), examples, name)
+        t0 = time.time()
+        result = evaluate(model, examples, tokenizer, device, run.is_qa and split == "test",
+                          max_new_tokens=config.max_new_tokens, progress=log.progress(name),
+                          candidates=whole)  # a response's candidate answers: the whole file's
+        log.eval_seconds.append(time.time() - t0)  # for the time left
+        return result
 
     # 2. the loop: a step of the method, AdamW, a line now and then, evaluations and checkpoints
     end = min(config.stop_at or config.steps, config.steps)
@@ -222,7 +220,7 @@ def fine_tune(run, summary=True):
             outputs.history.add(record, tuner.L, ms, grad_norm)
             log.step(step, batches.epoch, record, lr, ms, noisy, outputs.history)
             if (step + 1) % config.eval_interval == 0 or step == end - 1:
-                result = score(run.dev_sample, "dev", run.task.dev)  # candidates: the whole file's
+                result = score(run.dev_sample, "dev", run.task.dev)
                 outputs.history.evals.append({"step": step + 1, **{k: result[k] for k in (
                     "loss", "exact_match", "accuracy", "per_task")}})
                 log.evaluated(step + 1, result)

@@ -25,16 +25,15 @@ def evaluate(model, examples, tokenizer, device, is_qa, batch_size=64, n_answers
     n_answers of them. Prompts of any lengths are batched (model.generate), a task at a
     time, shortest first; each row stops at <|endoftext|>. candidates: the examples whose
     answers a response is searched for (the whole file; default: these examples).
-    progress(task, done, total): called as a task's responses are generated."""
+    progress(task, done, total[, unit]): called as the loss pass and each task's responses go."""
+    progress = progress or (lambda *args: None)
     model.eval()
     losses = []
     for i in range(0, len(examples), batch_size):
         x, y, _ = collate(examples[i : i + batch_size], tokenizer.eot_token, device)
         with autocast_for(device):
             losses.append(model(x, y, reduction="none")[1].float().cpu())
-        if progress is not None:  # the loss pass, before any response
-            progress("the held-out loss", min(i + batch_size, len(examples)), len(examples),
-                     "samples")
+        progress("the held-out loss", min(i + batch_size, len(examples)), len(examples), "samples")
     losses = torch.cat(losses)  # (N,)
     with_answers = is_qa and any(e.answer for e in examples)
     finders = answer_finders(candidates or examples) if with_answers else {}
@@ -43,8 +42,7 @@ def evaluate(model, examples, tokenizer, device, is_qa, batch_size=64, n_answers
     for name in tasks if is_qa else []:
         mine = sorted((j for j, e in enumerate(examples) if e.task == name),
                       key=lambda j: examples[j].n_prompt)  # alike lengths, little padding
-        if progress is not None:
-            progress(name, 0, len(mine))  # the task's clock starts here
+        progress(name, 0, len(mine))  # the task's clock starts here
         for i in range(0, len(mine), batch_size):
             ids = mine[i : i + batch_size]
             chunk = [examples[j] for j in ids]
@@ -67,8 +65,7 @@ def evaluate(model, examples, tokenizer, device, is_qa, batch_size=64, n_answers
                                   "gold": e.answer or decode(tokenizer, reference),
                                   "exact_match": generated[: len(reference)] == reference,
                                   "right": found == e.answer if with_answers else None}
-            if progress is not None:
-                progress(name, min(i + batch_size, len(mine)), len(mine))
+            progress(name, min(i + batch_size, len(mine)), len(mine))
     score = lambda key, mine: (sum(predictions[j][key] for j in mine) / len(mine)
                                if (key == "exact_match" and is_qa) or with_answers else None)
     per_task = {}

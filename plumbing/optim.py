@@ -8,6 +8,11 @@ import math
 import torch
 
 
+def warmup_steps(config):
+    """--warmup-steps, or by default 20 steps (a tenth of a run shorter than 200 steps)."""
+    return config.warmup_steps if config.warmup_steps >= 0 else min(20, config.steps // 10)
+
+
 def lr_at(step, lr, steps, warmup, schedule="cosine"):
     """Linear warm-up from 0 to lr over `warmup` steps, then constant, or a cosine down to
     lr/10 at the last of `steps`."""

@@ -166,9 +166,6 @@ class RunLog:
     def evaluated(self, step, result):
         say(self.config, f"eval at step {step} (dev sample): {score_line(result)}")
 
-    def evaluation(self, evaluate, examples, name):
-        """evaluate(examples, progress), timed; its line says which split it scored."""
-        t0 = time.time()
-        result = evaluate(examples, EvalProgress(self.config, split=name))
-        self.eval_seconds.append(time.time() - t0)
-        return result
+    def progress(self, split):
+        """An evaluation's progress lines, naming the split it scores."""
+        return EvalProgress(self.config, split=split)

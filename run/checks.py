@@ -8,16 +8,16 @@ import math
 import os
 from dataclasses import replace
 
-from run.splits import task_name
 from lora import DEFAULT_TARGETS, LINEAR_MODULES, LLAMA_LINEAR_MODULES, LoRAConfig
 from methods.tuner import METHODS, PER_SAMPLE, SCORED, SELECTIONS, SUPPORTS
 from model import GPTConfig
 from plumbing.checkpoints import files_fingerprint
-from plumbing.files import fingerprint
 from plumbing.devices import memory_available, memory_problems, pick_device, say, training_memory
-from plumbing.files import file_problems
+from plumbing.files import file_problems, fingerprint
+from plumbing.optim import warmup_steps
 from plumbing.records import TEMPLATES, is_records, load_records
 from plumbing.settings import flag, in_range, not_negative, one_of, positive, refuse
+from run.splits import positions_kept, task_name
 from testbed.task import MAX_TASK_WORDS, NOISE_KINDS, WORD_SPACE, parse_tasks
 from testbed.pretrain import (SKILL_LEVEL, base_problems, base_shape, base_skills, measure_skills,
                               shape_values, skill_examples, skill_line)
@@ -134,13 +134,12 @@ def validate(config, n_procs=1):
     if config.batch_size % n_procs:
         problems.append(f"--batch-size {config.batch_size} (the global batch) does not divide by "
                         f"the {n_procs} processes")
-    if not config.init_from and not problems:  # can a step of the base it would pretrain fit?
-        shape = GPTConfig(**shape_values(config))
-        T = min(shape.block_size, (config.cutoff_len or shape.block_size + 1) - 1)
-        problems += step_memory_problems(config, shape, T)[0]
-    if 0 < config.cutoff_len < 2 or config.cutoff_len < 0:
+    if config.cutoff_len < 0 or config.cutoff_len == 1:
         problems.append(f"--cutoff-len must be 0 (the base's context) or at least 2 (a token "
                         f"and the next), got {config.cutoff_len}")
+    if not config.init_from and not problems:  # can a step of the base it would pretrain fit?
+        shape = GPTConfig(**shape_values(config))
+        problems += step_memory_problems(config, shape, positions_kept(config, shape.block_size))[0]
     refuse(problems)
 
 
@@ -202,13 +201,11 @@ def check_run(config, shape, n_train, eval_set, split, dev_sample, longest):
     problems, path = step_memory_problems(config, shape, longest)
     config = replace(config, per_sample=path)
     names = LLAMA_LINEAR_MODULES if shape.arch == "llama" else LINEAR_MODULES
-    targets = config.lora_targets.split(",") if config.lora_targets else DEFAULT_TARGETS[
-        shape.arch]
+    targets = config.lora_targets.split(",") if config.lora_targets else DEFAULT_TARGETS[shape.arch]
     if not any(m.endswith(t) for m in names for t in targets):  # the base's own module names
-        paper = "q_proj,k_proj,v_proj,up_proj,down_proj" if shape.arch == "llama" else ""
         problems.append(f"--lora-targets {config.lora_targets} matches no Linear module of this "
-                        f"{shape.arch} base; its are {', '.join(names)}"
-                        + (f" (the paper adapts {paper})" if paper else ""))
+                        f"{shape.arch} base; its are {', '.join(names)} (left empty: "
+                        f"{','.join(DEFAULT_TARGETS[shape.arch])})")
     if config.answer_field and config.max_new_tokens >= shape.block_size:
         problems.append(f"--max-new-tokens {config.max_new_tokens} is the base's whole context "
                         f"({shape.block_size}) or more: every response would run to its end")
@@ -223,7 +220,7 @@ def check_run(config, shape, n_train, eval_set, split, dev_sample, longest):
                             "a billion steps")
         else:
             steps = max(1, math.ceil(round(samples / config.batch_size, 9)))
-            warmup = config.warmup_steps if config.warmup_steps >= 0 else min(20, steps // 10)
+            warmup = warmup_steps(replace(config, steps=steps))
             if warmup > steps:
                 problems.append(
                     f"--warmup-steps {config.warmup_steps} is longer than the run ({steps} steps: "
@@ -240,7 +237,7 @@ def check_prompts(config, tokenizer):
     leaves no completion token is refused now, not after minutes of pretraining."""
     if config.init_from or config.resume or not config.data:  # a given base's context is
         return  # read with it (on --resume, the checkpoint's base)
-    block_size = min(base_shape(config).block_size, (config.cutoff_len or 1 << 30) - 1)
+    block_size = positions_kept(config, base_shape(config).block_size)
     for path in [config.data, config.dev_data, config.support_data, *config.test_data.split(",")]:
         if path.strip() and is_records(path.strip()):
             load_records(path.strip(), tokenizer, block_size, config.prompt_field,

@@ -102,19 +102,20 @@ def settled(config, tokenizer, split):
     longest = max(len(e.tokens) for e in task.train + task.heldout) - 1  # positions of a row
     config, adapters = check_run(config, model.config, len(task.train), test_set, split,
                                  dev_sample, longest)
-    if config.method in SCORED and auto:
-        say(config, f"per-sample gradients by {config.per_sample} (--per-sample auto: "
-            f"{'torch.func fits' if config.per_sample == 'vmap' else 'torch.func would not fit'}"
-            f" a step of {config.batch_size} rows of up to {longest} positions)")
     if not config.lora_targets:
         say(config, f"LoRA on {', '.join(adapters.targets)} ({model.config.arch}'s default; "
             "--lora-targets names others)")
     support_set = None  # the pool GAST's support mini-batches are drawn from
-    if config.method in SCORED and config.support != "batch":
-        support_set = SupportPool(task.train if config.support == "train" else task.heldout,
-                                  tokenizer.eot_token)
     if config.method in SCORED:
+        if config.support != "batch":
+            support_set = SupportPool(task.train if config.support == "train" else task.heldout,
+                                      tokenizer.eot_token)
         say(config, support_line(config, support_set))
+        if auto:
+            fits = "fits" if config.per_sample == "vmap" else "would not fit"
+            say(config, f"per-sample gradients by {config.per_sample} (--per-sample auto: "
+                f"torch.func {fits} a step of {config.batch_size} rows of up to {longest} "
+                "positions)")
     return Run(config, tokenizer, model, base_path, task, is_qa, split, test_set, dev_sample,
                support_set, device, resume, ckpt_path, adapters)
 

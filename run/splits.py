@@ -9,8 +9,15 @@ import random
 from data import Task
 from plumbing.devices import say
 from plumbing.records import is_records, load_records, load_text
-from plumbing.settings import ConfigError, refuse
+from plumbing.settings import refuse
 from testbed.task import make_default_task, parse_tasks
+
+
+def positions_kept(config, block_size):
+    """A record's positions: the base's context, or fewer under --cutoff-len (which counts
+    tokens, LLM-Adapters' cutoff_len: a record of n tokens has n - 1 positions)."""
+    return min(block_size, (getattr(config, "cutoff_len", 0) or block_size + 1) - 1)
+
 
 def task_name(path):
     """A file's task: its folder for a file named test, dev, val or eval (LLM-Adapters' layout,
@@ -23,7 +30,7 @@ def task_name(path):
 def load_examples(config, path, tokenizer, block_size, task=""):
     """Examples of one file: prompt/completion records, or plain text cut into windows; each
     cut to --cutoff-len tokens (LLM-Adapters' cutoff_len), and to the base's context."""
-    block_size = min(block_size, (getattr(config, "cutoff_len", 0) or block_size + 1) - 1)
+    block_size = positions_kept(config, block_size)
     if is_records(path):
         fields = ("instruction, input, output" if config.template == "alpaca"
                   else f"{config.prompt_field!r}, {config.completion_field!r}")
@@ -99,8 +106,6 @@ def load_task(config, tokenizer, block_size):
     if len(examples) < config.batch_size:
         carved = (f" and the {len(heldout)} held-out support samples (--heldout-size)" if heldout
                   and not config.support_data else "")
-        raise ConfigError(
-            f"invalid settings:\n  --batch-size {config.batch_size} is larger than the "
-            f"{len(examples)} training samples left in {config.data} after the evaluation "
-            f"split{carved}")
+        refuse([f"--batch-size {config.batch_size} is larger than the {len(examples)} training "
+                f"samples left in {config.data} after the evaluation split{carved}"])
     return Task(examples, test, heldout, dev), is_qa
