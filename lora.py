@@ -65,6 +65,7 @@ class LoRALinear(nn.Module):
         # at p 0 no op at all: under vmap even a Dropout of p 0 draws a mask per sample
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.watch = None
 
     def delta_weight(self):
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
@@ -74,8 +75,11 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         h = self.lora_dropout(x).to(self.lora_A.dtype)  # (B, T, in), in the adapters' dtype
-        # (B, T, in) -> (B, T, r) -> (B, T, out)
-        return y + ((h @ self.lora_A.t() @ self.lora_B.t()) * self.scaling).to(y.dtype)
+        u = h @ self.lora_A.t()  # (B, T, r)
+        out = y + ((u @ self.lora_B.t()) * self.scaling).to(y.dtype)  # (B, T, out)
+        if self.watch is not None:  # methods/per_sample.py reads per-sample gradients off these
+            self.watch(h, u, out)
+        return out
 
     @torch.no_grad()
     def merge(self):

@@ -265,19 +265,25 @@ class KVCache:
         return (((j <= i) & self.valid[:, None, :]) | (j == i))[:, None]
 
 
-def per_sample_loss(logits, targets):
-    """Mean cross-entropy over each sample's target tokens: (B, T, V), (B, T) -> (B,).
+def per_sample_loss(head, x, targets, select=True):
+    """Mean cross-entropy over each sample's target tokens: head (C -> V), x (B, T, C),
+    targets (B, T) -> (B,).
 
     Positions with target IGNORE_INDEX carry no loss. The batch loss of GAST's rule
     (docs/rule.md) is the mean of these, so the batch gradient is exactly the mean of
-    per-sample gradients.
-    A sample with no target token gets loss 0 (data.py never makes one).
+    per-sample gradients. A sample with no target token gets loss 0 (data.py never makes one).
+    select: the head runs at the target positions alone (a prompt's carry no loss, and a
+    vocabulary's logits are the step's largest tensors); vmap cannot batch that selection, so
+    its path (fused=False) runs the head everywhere.
     """
-    # (B, T)
-    token_loss = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX,
-                                 reduction="none")
-    n_targets = (targets != IGNORE_INDEX).sum(dim=1)  # (B,)
-    return token_loss.sum(dim=1) / n_targets.clamp(min=1)
+    at = targets != IGNORE_INDEX  # (B, T)
+    if select:
+        token_loss = torch.zeros(targets.shape, dtype=torch.float32, device=x.device)
+        token_loss[at] = F.cross_entropy(head(x[at]).float(), targets[at], reduction="none")
+    else:  # (B * T, V) rows: the softmax runs along contiguous memory
+        token_loss = F.cross_entropy(head(x).flatten(0, 1).float(), targets.flatten(),
+                                     ignore_index=IGNORE_INDEX, reduction="none").view(at.shape)
+    return token_loss.sum(dim=1) / at.sum(dim=1).clamp(min=1)
 
 
 class GPT(nn.Module):
@@ -312,12 +318,12 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None, reduction="mean", fused=True, cache=None):
-        """idx (B, T) token ids -> logits (B, T, V) and a loss.
+        """idx (B, T) token ids -> (logits (B, T, V), None), or with targets (B, T), (None, the
+        loss): reduction="mean" the batch loss (a scalar), "none" the per-sample losses (B,).
 
-        With targets (B, T): reduction="mean" gives the batch loss (a scalar),
-        reduction="none" the per-sample losses (B,). fused=False takes the attention
-        path that torch.func.vmap batches well. With a KVCache (generate): idx are the next
-        T slots, and the logits are the last position's alone (B, 1, V).
+        fused=False takes the attention path (and the loss) that torch.func.vmap batches.
+        With a KVCache (generate): idx are the next T slots, and the logits are the last
+        position's alone (B, 1, V).
         """
         B, T = idx.size()
         if T > self.config.block_size:
@@ -338,15 +344,12 @@ class GPT(nn.Module):
             x = block(x, fused=fused, rope=rope, cache=cache)
         if cache is not None:  # generation needs the last position's logits alone
             x = x[:, -1:]
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
         if targets is None:
-            return logits, None
-        losses = per_sample_loss(logits, targets)  # (B,)
-        if reduction == "none":
-            return logits, losses
-        if reduction != "mean":
+            return self.lm_head(self.transformer.ln_f(x)), None  # (B, T, V)
+        losses = per_sample_loss(self.lm_head, self.transformer.ln_f(x), targets, fused)  # (B,)
+        if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', not {reduction!r}")
-        return logits, losses.mean()
+        return None, losses.mean() if reduction == "mean" else losses
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, stop_token=None):

@@ -22,57 +22,50 @@ def recording_per_sample_grads(model, on_block=None):
     """Inside, a backward of the summed per-sample losses fills the yielded dict with
     {name: (B, *p.shape)} per-sample gradients of every LoRA parameter.
 
-    Hooks watch each LoRALinear from outside: its dropout's output h (B, T, in) on the way
-    forward, and the gradient of its output on the way back. With out = y + s * h A^T B^T
-    and u = h A^T, summed over the sample's positions t:
+    Each LoRALinear hands its adapter input h (B, T, in), u = h A^T (B, T, r) and output to
+    watch() on the way forward; hooks on u and the output catch their gradients on the way
+    back. With out = y + s * u B^T, summed over the sample's positions t:
         dL_i/dB = s * sum_t grad_out[i, t]^T u[i, t]          (out, r)
-        dL_i/dA = s * sum_t (grad_out[i, t] B)^T h[i, t]       (r, in)
+        dL_i/dA = sum_t grad_u[i, t]^T h[i, t]                 (r, in), grad_u = s grad_out B
     the batched backward's own arithmetic without its sum over samples.
 
     on_block(l, {name: (B, *p.shape)}): called as soon as the backward has finished block
     l's adapters (the backward finishes block L-1 first, then L-2, ...); those gradients
     then leave the store, so at most one block's per-sample gradients are held at a time.
     """
-    store, handles = {}, []
-    names_of_block = {}
+    store, names_of_block, modules = {}, {}, []
     for name, p in model.named_parameters():
         if p.requires_grad:
             names_of_block.setdefault(block_index(name), set()).add(name)
 
-    def watch(name, module):
-        seen = {}
+    def watcher(name, m):
+        def watch(h, u, out):
+            if not out.requires_grad:
+                return
+            seen = {"h": h.detach(), "u": u.detach()}  # emptied when read: freed as they go
+            out.register_hook(lambda grad_out: seen.update(g=grad_out))
+            u.register_hook(lambda grad_u: record(name, m, seen, grad_u))
 
-        def keep_input(dropout, args, h):  # h: the adapter's input after dropout
-            seen["h"] = h.detach()
+        return watch
 
-        def on_output(module, args, out):
-            if out.requires_grad and "h" in seen:  # a merged adapter has no h: nothing to record
-                out.register_hook(lambda grad_out: record(name, module, seen.pop("h"), grad_out))
-
-        handles.append(module.lora_dropout.register_forward_hook(keep_input))
-        handles.append(module.register_forward_hook(on_output))
-
-    def record(name, m, h, grad_out):
+    def record(name, m, seen, grad_u):
         # under autocast the activations may be bf16; the gradients are the adapters' dtype
-        B, dtype = grad_out.shape[0], m.lora_A.dtype
-        g = grad_out.reshape(B, -1, m.out_features).to(dtype)  # (B, T, out)
-        h = h.reshape(B, -1, m.in_features).to(dtype)  # (B, T, in)
-        u = h @ m.lora_A.detach().t()  # (B, T, r)
-        g_B = g @ m.lora_B.detach()  # (B, T, r)
+        g, u, h, grad_u = (t.to(m.lora_A.dtype) for t in (*map(seen.pop, "guh"), grad_u))
         store[f"{name}.lora_B"] = m.scaling * torch.einsum("bto,btr->bor", g, u)  # (B, out, r)
-        store[f"{name}.lora_A"] = m.scaling * torch.einsum("btr,bti->bri", g_B, h)  # (B, r, in)
+        store[f"{name}.lora_A"] = torch.einsum("btr,bti->bri", grad_u, h)  # (B, r, in)
         l = block_index(name + ".")
         if on_block is not None and names_of_block[l] <= store.keys():
             on_block(l, {n: store.pop(n) for n in names_of_block[l]})
 
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
-            watch(name, module)
+            module.watch = watcher(name, module)
+            modules.append(module)
     try:
         yield store
     finally:
-        for handle in handles:
-            handle.remove()
+        for module in modules:
+            module.watch = None
 
 
 def per_sample_grads_by_blocks(model, inputs, targets, on_block):
@@ -82,7 +75,16 @@ def per_sample_grads_by_blocks(model, inputs, targets, on_block):
     and those gradients are then freed: at most one block's per-sample gradients are held
     at a time. Returns ({}, losses)."""
     model.zero_grad(set_to_none=True)
-    with recording_per_sample_grads(model, on_block) as grads:
-        _, losses = model(inputs, targets, reduction="none")  # (B,)
-        losses.sum().backward()
+    embedded = []  # the embedding's output, made a leaf of the graph: the backward ends there
+    keep = lambda module, args, x: embedded.append(x.detach().requires_grad_()) or embedded[-1]
+    handle = model.transformer.wte.register_forward_hook(keep)
+    try:
+        with recording_per_sample_grads(model, on_block) as grads:
+            _, losses = model(inputs, targets, reduction="none")  # (B,)
+            handle.remove()
+            # the hooks read every adapter's gradients on the way down; autograd skips the
+            # adapters' summed gradients, which gast_step would only overwrite
+            torch.autograd.grad(losses.sum(), embedded)
+    finally:
+        handle.remove()
     return grads, losses.detach()

@@ -37,16 +37,16 @@ def test_fused_and_explicit_attention_agree_in_values_and_gradients():
     model = tiny_model()
     idx = torch.randint(0, TINY.vocab_size, (3, 12))
     targets = torch.randint(0, TINY.vocab_size, (3, 12))
-    grads = []
+    targets[0, :4] = IGNORE_INDEX  # the fused path runs the head at target positions alone
+    grads, losses = [], []
     for fused in (True, False):
         model.zero_grad()
-        logits, loss = model(idx, targets, fused=fused)
+        loss = model(idx, targets, fused=fused)[1]
         loss.backward()
         grads.append([p.grad.clone() for p in model.parameters()])
-        if fused:
-            ref = logits
-        else:
-            torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+        losses.append(loss.detach())
+    torch.testing.assert_close(*losses, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(idx)[0], model(idx, fused=False)[0], atol=1e-5, rtol=1e-5)
     for g_fused, g_explicit in zip(*grads):
         torch.testing.assert_close(g_fused, g_explicit, atol=1e-5, rtol=1e-4)
 
@@ -57,8 +57,9 @@ def test_loss_is_the_mean_of_per_sample_mean_token_losses():
     targets = torch.randint(0, TINY.vocab_size, (3, 8))
     targets[0, :5] = IGNORE_INDEX  # a prompt: 3 target tokens
     targets[1, 6:] = IGNORE_INDEX  # padding: 6 target tokens
-    logits, loss = model(idx, targets)
+    logits, loss = model(idx)[0], model(idx, targets)[1]
     _, losses = model(idx, targets, reduction="none")
+    torch.testing.assert_close(model(idx, targets, reduction="none", fused=False)[1], losses)
     assert losses.shape == (3,)
     logp = torch.log_softmax(logits, dim=-1)
     expected = []
