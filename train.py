@@ -142,6 +142,10 @@ class TrainConfig(BaseConfig):
     overwrite: bool = option(False, "replace a run already in --out-dir instead of refusing")
     stop_at: int = option(0, "end this run at this step (the schedule still spans --steps); 0: "
         "--steps")
+    keep_best: bool = option(True, "score the test split with the adapters of the lowest dev "
+        "loss among the periodic evaluations, not the last (as LLM-Adapters' finetune.py with a "
+        "validation set: the Trainer's load_best_model_at_end); on by default: a noisy training "
+        "set is overfitted late, and the dev split is there to catch it")
     picture: bool = option(True, "draw out_dir/selection.png: the learning curve and selection "
         "rates")
 
@@ -221,8 +225,7 @@ def fine_tune(run, summary=True):
             log.step(step, batches.epoch, record, lr, ms, noisy, outputs.history)
             if (step + 1) % config.eval_interval == 0 or step == end - 1:
                 result = score(run.dev_sample, "dev", run.task.dev)
-                outputs.history.evals.append({"step": step + 1, **{k: result[k] for k in (
-                    "loss", "exact_match", "accuracy", "per_task")}})
+                outputs.evaluated(step + 1, result, model)
                 log.evaluated(step + 1, result)
             if (step + 1) % config.checkpoint_interval == 0 or step == end - 1:
                 outputs.checkpoint(step + 1, model, opt, tuner, (batches, probe_rng))
@@ -231,9 +234,11 @@ def fine_tune(run, summary=True):
                           f"{outputs.last_checkpoint()}") from None
 
     # 3. the final evaluation, every record of the test split, and the run's files
-    say(config, f"final evaluation: the {split} split's {len(test_set)} samples")
+    scored = outputs.restore_best(model) if config.keep_best else end
+    say(config, f"final evaluation: the {split} split's {len(test_set)} samples, the adapters "
+        f"of step {scored}" + (" (the lowest dev loss)" if config.keep_best else ""))
     final = score(test_set, split, test_set)
-    return outputs.finish(final, end, model, summary)  # metrics.json's dict
+    return outputs.finish(final, end, scored, model, summary)  # metrics.json's dict
 
 
 def main(argv=None):

@@ -30,11 +30,18 @@ class History:
     # per step with noisy flags, per block (nan: block off)
     noisy_rate: list = field(default_factory=list)
     clean_rate: list = field(default_factory=list)
-    # {"step", "loss", "exact_match", "accuracy", "per_task"} at each evaluation
+    # {"step", "loss", "exact_match", "accuracy", "per_task", "sample_grads"} at each evaluation
     evals: list = field(default_factory=list)
+    # per step, the samples each block learned from, averaged over blocks (B for lora, k for gast)
+    sample_grads: list = field(default_factory=list)
+    # --keep-best: the evaluation of lowest dev loss so far, and the adapters then
+    best_step: int = None
+    best_loss: float = None
+    best_adapter: dict = None
 
     def add(self, record, L, ms, grad_norm):
         self.ms.append(ms)
+        self.sample_grads.append(float(record.mask.sum()) / L)
         self.grad_norm.append(grad_norm)
         self.coverage.append(record.coverage)
         self.noisy_selected.append(record.noisy_selected)
@@ -43,6 +50,12 @@ class History:
         if record.noisy_rate is not None:
             self.noisy_rate.append(record.noisy_rate.tolist())
             self.clean_rate.append(record.clean_rate.tolist())
+
+    def cost(self, steps):
+        """What the first `steps` steps cost: seconds of training steps, and sample-gradients
+        per layer (each block's count of the samples it learned from, averaged over blocks)."""
+        return {"train_seconds": sum(self.ms[:steps]) / 1000,
+                "sample_grads_per_layer": sum(self.sample_grads[:steps])}
 
     def summary(self):
         """Means over steps; per block, the share of steps it was updated and, when

@@ -75,6 +75,11 @@ def print_summary(metrics):
             f"noisy/clean taken {metrics['noisy_selected']:.2f}/{metrics['clean_selected']:.2f}")
     parts.append(f"{metrics['ms_per_step']:.0f} ms/step (median)")
     print(f"\n{metrics['method']}{rule}: " + ", ".join(parts))
+    print(f"  scored: the adapters of step {metrics['scored_step']} of {metrics['steps']}"
+          + (f", the lowest dev loss ({metrics['best_dev_loss']:.4f})"
+             if metrics["best_dev_loss"] is not None else "")
+          + f"; to get there {metrics['train_seconds']:.0f} s of steps, "
+          f"{metrics['sample_grads_per_layer']:.0f} sample-gradients per layer")
     for l, share in enumerate(metrics["active_per_layer"]):
         rates = ("" if not metrics["noisy_rate_per_layer"] or share == 0 else (
             f"; took {metrics['noisy_rate_per_layer'][l]:.2f} of noisy and "

@@ -4,13 +4,14 @@ a --resume continues from, and at the end its files in --out-dir: adapter.pt, me
 selection.png and predictions/, each written whole or not at all.
 """
 
+import math
 import os
 from dataclasses import asdict
 
 import torch
 
 from evaluation.scoring import greedy_sample, write_predictions
-from lora import adapter_file
+from lora import adapter_file, adapter_state_dict
 from methods.tuner import SCORED
 from plumbing.checkpoints import History, restore, save_checkpoint
 from plumbing.devices import is_main, world
@@ -40,14 +41,32 @@ class Outputs:
                 run.base_path, fingerprint(run.base_path)), self.history, run.adapters)
         self.saved_at = step
 
+    def evaluated(self, step, result, model):
+        """A periodic evaluation recorded; with --keep-best, the adapters kept if its dev loss
+        is the lowest yet."""
+        history = self.history
+        history.evals.append({"step": step, **{k: result[k] for k in (
+            "loss", "exact_match", "accuracy", "per_task")}, **history.cost(step)})
+        if self.run.config.keep_best and not result["loss"] >= (history.best_loss or math.inf):
+            history.best_step, history.best_loss = step, result["loss"]
+            history.best_adapter = {k: v.clone() for k, v in adapter_state_dict(model).items()}
+
+    def restore_best(self, model):
+        """--keep-best: the adapters of the lowest dev loss put back; the step they are of."""
+        named, history = dict(model.named_parameters()), self.history
+        with torch.no_grad():
+            for name, value in history.best_adapter.items():
+                named[name].copy_(value)
+        return history.best_step
+
     def last_checkpoint(self):
         """What a checkpoint on disk holds, for the messages of a stopped run."""
         return "none written yet" if self.saved_at is None else (
             f"{self.run.ckpt_path} (step {self.saved_at}); --resume continues from it")
 
-    def finish(self, final, steps, model, summary=True):
-        """The run's metrics from its final evaluation (final) and history; its files, then
-        its summary. The metrics dict."""
+    def finish(self, final, steps, scored_step, model, summary=True):
+        """The run's metrics from its final evaluation (final, of the adapters after
+        scored_step steps) and history; its files, then its summary. The metrics dict."""
         run, config = self.run, self.run.config
         sample = (greedy_sample(model, run.test_set[0], run.tokenizer, run.device)  # text data
                   if not run.is_qa and run.split == "test" else None)
@@ -59,7 +78,9 @@ class Outputs:
                    "exact_match": final["exact_match"],
                    "accuracy": final["accuracy"], "held_out_loss": final["loss"],
                    "per_task": final["per_task"], "answers": final["answers"],
-                   "sample": sample, **self.history.summary(), "config": asdict(config)}
+                   "sample": sample, **self.history.summary(), "config": asdict(config),
+                   "scored_step": scored_step, **self.history.cost(scored_step),
+                   "best_dev_loss": self.history.best_loss}
         predictions, out_dir = final["predictions"], config.out_dir
         if is_main():
             atomic_save(adapter_file(model, run.adapters), os.path.join(out_dir, "adapter.pt"))

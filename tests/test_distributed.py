@@ -110,7 +110,7 @@ def train_straight_and_resumed(base, out):
     import train
 
     common = dict(TINY_RUN, init_from=base, steps=8, n_test=8, eval_interval=2, support_interval=3,
-                  grad_clip=0.05)
+                  grad_clip=0.05, keep_best=False)  # the last adapters, resumed or not
     adapters = {}
     for method in ("gast", "lisa"):
         straight = train.train(

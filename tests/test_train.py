@@ -64,7 +64,8 @@ def test_k_steps_then_resume_then_n_steps_equals_k_plus_n_straight(tiny, tmp_pat
                                                                    support_interval):
     straight = tmp_path / "straight"
     split = tmp_path / "split"
-    kw = dict(method=method, steps=8, eval_interval=2, support_interval=support_interval)
+    kw = dict(method=method, steps=8, eval_interval=2, support_interval=support_interval,
+              keep_best=False)  # the last adapters: the same training, resumed or not
     train(tiny(straight, **kw))
     first = train(tiny(split, stop_at=5, **kw))  # with interval 3, step 5 reuses the s of step 3
     assert first["steps"] == 5
@@ -629,3 +630,19 @@ def test_the_time_left_counts_the_evaluations_to_come():
     # then the periodic evaluations after steps 9, 19 and 29 at 2 s, the final one 3 times that
     assert time_left(config, 0, 30, [100.0], [2.0], 3.0) == (pytest.approx(2.9 + 2 * 6), True)
     assert time_left(config, 25, 30, [100.0], [2.0], 3.0) == (pytest.approx(0.4 + 2 * 4), True)
+
+
+def test_keep_best_scores_the_adapters_of_the_lowest_dev_loss(tiny, tmp_path):
+    # 8 samples at lr 0.1: the dev loss of step 6 is above step 4's on the suite's tiny base
+    kw = dict(steps=6, n_train=8, eval_interval=2, lr=0.1, schedule="constant")
+    metrics = train(tiny(tmp_path / "best", **kw))
+    losses = {e["step"]: e["loss"] for e in metrics["evals"]}
+    best = min(losses, key=losses.get)
+    assert metrics["scored_step"] == best and best < 6 and metrics["best_dev_loss"] == losses[best]
+    assert metrics["sample_grads_per_layer"] == pytest.approx(best * 4)  # gast: k = 4 of 8
+    # the same run stopped at that step, scoring its last adapters: the same adapters, the same test
+    stopped = train(tiny(tmp_path / "stopped", stop_at=best, keep_best=False, **kw))
+    assert stopped["scored_step"] == best and stopped["best_dev_loss"] is None
+    a, b = (torch.load(tmp_path / d / "adapter.pt", weights_only=True) for d in ("best", "stopped"))
+    assert all(torch.equal(a["adapter"][k], b["adapter"][k]) for k in a["adapter"])
+    assert metrics["held_out_loss"] == stopped["held_out_loss"]

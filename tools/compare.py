@@ -369,7 +369,8 @@ def summarise(label, lr, runs):
     tasks = sorted({name for r in runs for name in r.get("per_task", {})})
     per_task = {name: spread([r["per_task"][name]["exact_match"] for r in runs
                               if name in r.get("per_task", {})])[0] for name in tasks}
-    means = ("coverage", "noisy_selected", "clean_selected", "ms_per_step")
+    means = ("coverage", "noisy_selected", "clean_selected", "ms_per_step", "scored_step",
+             "train_seconds", "sample_grads_per_layer")
     return {"row": label, "method": runs[0]["method"], "selection": runs[0]["selection"],
             "support": runs[0]["support"], "lr": lr, "seeds": len(runs), "exact_match": em,
             "exact_match_sd": em_sd, "held_out_loss": loss, "held_out_loss_sd": loss_sd,
@@ -403,8 +404,8 @@ def format_table(rows):
 
     lines = [
         "| row | selection | support | lr | exact match | vs lora (paired, 95%) | held-out loss | "
-        "vs lora (paired, 95%) | coverage | noisy taken | clean taken | ms/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "vs lora (paired, 95%) | coverage | noisy taken | clean taken | ms/step | scored step | "
+        "s to it | sample-gradients per layer to it |", "|---" * 15 + "|"]
     for r in rows:
         lines.append(
             f"| {r['row']} | {r['selection'] or '-'} | {r['support'] or '-'} | {r['lr']:g} | "
@@ -412,7 +413,8 @@ def format_table(rows):
             f"{pm(r['held_out_loss'], r['held_out_loss_sd'], 4)} | "
             f"{versus(r, 'held_out_loss', 4)} | "
             f"{r['coverage']:.2f} | {rate(r['noisy_selected'])} | {rate(r['clean_selected'])} | "
-            f"{r['ms_per_step']:.0f} |")
+            f"{r['ms_per_step']:.0f} | {r['scored_step']:.0f} | {r['train_seconds']:.1f} | "
+            f"{r['sample_grads_per_layer']:.0f} |")
     return "\n".join(lines)
 
 
