@@ -139,11 +139,6 @@ def merge_lora(model):
         m.merge()
 
 
-def unmerge_lora(model):
-    for m in lora_modules(model):
-        m.unmerge()
-
-
 _BLOCK = re.compile(r"(?:^|\.)h\.(\d+)\.")
 
 

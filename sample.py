@@ -11,7 +11,7 @@ Use a fine-tuned adapter: answer prompts, score a file, or take it out to PEFT o
                                               # transformers directory (--init-from takes it)
 
 A run is found by its --out-dir: ckpt.pt names the base it was trained on (whose hash must
-still match) and its settings; adapter.pt holds the adapters it ended with. The run's
+still match) and its settings; adapter.pt holds the adapters it was scored with. The run's
 tokenizer, template and answer field are used unless a flag says otherwise; --prompt is
 put in the run's template (--raw: as given).
 """
@@ -25,14 +25,14 @@ import torch
 from data import TokenizerUnavailable, encode, run_tokenizer
 from run.splits import load_examples, load_task
 from evaluation.scoring import decode, evaluate
-from plumbing.report import per_task_lines
+from plumbing.report import answer_lines, per_task_lines, score_line
 from plumbing.records import DataError, is_records, templated
 from hf.export import export_hf, export_peft, export_problems
 from lora import LoRAConfig, load_adapter
 from plumbing.entry import run_main
 from plumbing.files import file_problems, fingerprint, read_checkpoint
 from plumbing.devices import autocast_for, check_device, pick_device
-from plumbing.settings import flag, not_negative, option, parse_args, refuse
+from plumbing.settings import flag, not_negative, option, parse_args, positive, refuse
 from testbed.pretrain import read_base
 
 
@@ -72,9 +72,7 @@ def problems(config):
     if 0 < config.temperature < 1e-3:
         out.append(f"--temperature {config.temperature:g}: 0 (greedy) or at least 0.001, where "
                    "sampling still has a distribution")
-    out += [] if config.n > 0 else [f"--n must be positive, got {config.n}"]
-    out += ([] if config.max_new_tokens > 0
-            else [f"--max-new-tokens must be positive, got {config.max_new_tokens}"])
+    out += positive(config, "n", "max_new_tokens")
     out += [check_device(config.device)] if check_device(config.device) else []
     out += file_problems("--data", config.data)
     read = [flag(f) for f in RECORD_FLAGS if getattr(config, f) is not None]
@@ -186,15 +184,9 @@ def sample(config):
             examples, where = task.test[: config.n], f"the test split of {config.out_dir}'s task"
         result = evaluate(model, examples, tokenizer, device, is_qa, n_answers=config.n,
                           max_new_tokens=config.max_new_tokens)
-        for prompt, answer, reference, hit in result["answers"]:
-            print(f"  {prompt!r} -> {answer!r} " + ("(right)" if hit
-                                                    else f"(wrong; the reference: {reference!r})"))
-        em = "" if result["exact_match"] is None else f", exact match {result['exact_match']:.3f}"
-        if result["accuracy"] is not None:
-            em += f", answer accuracy {result['accuracy']:.3f}"
-        print(f"{where}: {len(examples)} samples, loss {result['loss']:.4f}{em}")
-        for line in per_task_lines(result["per_task"]):
-            print(line)
+        print("\n".join(answer_lines(result["answers"]) + [
+            f"{where}: {len(examples)} samples, {score_line(result)}"] + per_task_lines(
+            result["per_task"])))
         return result
 
 

@@ -30,8 +30,7 @@ def recording_per_sample_grads(model, on_block=None):
     the batched backward's own arithmetic without its sum over samples.
 
     on_block(l, {name: (B, *p.shape)}): called as soon as the backward has finished block
-    l's adapters (the backward finishes block L-1 first, then L-2, ...); those gradients
-    then leave the store, so at most one block's per-sample gradients are held at a time.
+    l's adapters (block L-1 first), which then leave the store: one block's held at a time.
     """
     store, names_of_block, modules = {}, {}, []
     for name, p in model.named_parameters():
@@ -70,10 +69,8 @@ def recording_per_sample_grads(model, on_block=None):
 
 def per_sample_grads_by_blocks(model, inputs, targets, on_block):
     """gast.per_sample_grads_and_losses' gradients and losses from one ordinary forward and
-    backward (about half vmap's extra memory): on_block(l, block l's gradients) is called
-    inside the backward as soon as it has finished block l's adapters (block L-1 first),
-    and those gradients are then freed: at most one block's per-sample gradients are held
-    at a time. Returns ({}, losses)."""
+    backward, handed to on_block block by block inside it (recording_per_sample_grads).
+    Returns ({}, losses)."""
     model.zero_grad(set_to_none=True)
     embedded = []  # the embedding's output, made a leaf of the graph: the backward ends there
     keep = lambda module, args, x: embedded.append(x.detach().requires_grad_()) or embedded[-1]

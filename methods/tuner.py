@@ -13,9 +13,7 @@ the state a resume needs, and what each step records.
 | data   | all                                          | one global set of k, by summed a     |
 | gast   | all (our option: the K best)                 | its own k samples, by the rule       |
 
-data and gast take per-sample gradients for their scores; lora, lisa and ist, whose
-active blocks learn from the whole batch, take the ordinary batch gradient (equal to the
-mean of the per-sample gradients, I8) from one plain backward.
+lora, lisa and ist take the ordinary batch gradient (the mean of the per-sample ones, I8).
 """
 
 import math

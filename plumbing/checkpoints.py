@@ -52,8 +52,7 @@ class History:
             self.clean_rate.append(record.clean_rate.tolist())
 
     def cost(self, steps):
-        """What the first `steps` steps cost: seconds of training steps, and sample-gradients
-        per layer (each block's count of the samples it learned from, averaged over blocks)."""
+        """What the first `steps` steps cost: seconds of steps, and sample-gradients per layer."""
         return {"train_seconds": sum(self.ms[:steps]) / 1000,
                 "sample_grads_per_layer": sum(self.sample_grads[:steps])}
 
@@ -140,13 +139,18 @@ def save_checkpoint(path, config, step, model, opt, tuner, rngs, base, history, 
                  "tuner": tuner.state_dict(), "rng": rng, "progress": asdict(history)}, path)
 
 
+@torch.no_grad()
+def put_adapters(model, state):
+    """Copy {name: tensor} (adapter_state_dict's) into the model's adapters."""
+    named = dict(model.named_parameters())
+    for name, value in state.items():
+        named[name].copy_(value)
+
+
 def restore(resume, model, opt, tuner, rngs):
     """Put a checkpoint's adapters, optimizer, rule state and RNG streams back; (step, History)."""
     data_rng, probe_rng = rngs
-    named = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in resume["adapter"].items():
-            named[name].copy_(value)
+    put_adapters(model, resume["adapter"])
     opt.load_state_dict(resume["optimizer"])
     tuner.load_state_dict(resume["tuner"])
     data_rng.setstate(resume["rng"]["python"])

@@ -18,6 +18,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from plumbing.devices import world
+from plumbing.entry import disk_full
 from plumbing.settings import ConfigError, refuse
 
 
@@ -31,9 +32,11 @@ def atomic_write(path, write):
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.isfile(tmp):
             os.remove(tmp)
+        if disk_full(e) and not getattr(e, "filename", None):
+            e.filename = path  # run_main's line names the file the disk could not hold
         raise
 
 
@@ -194,12 +197,9 @@ class OutDirLock:
 
 def running(pid):
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return os.kill(pid, 0) is None  # signal 0: only asks whether the process is there
+    except (ProcessLookupError, PermissionError) as e:
+        return isinstance(e, PermissionError)  # there, another user's
 
 
 def leftovers(folder, stem=""):

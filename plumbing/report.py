@@ -55,9 +55,6 @@ def selection_picture(record, noisy):
         lines.append(f"  block {l:2d} | {cells}" + ("" if any(row) else "   (not updated)"))
     if noisy is not None and bool(noisy.any()):
         lines.append("  noisy    | " + "".join("^" if n else " " for n in noisy.tolist()))
-    if record.support is not None:
-        lines.append(f"  support: rows {', '.join(map(str, record.support[:16]))}" + (
-            " ..." if len(record.support) > 16 else "") + " of the support set")
     return "\n".join(lines)
 
 
@@ -85,14 +82,16 @@ def print_summary(metrics):
             f"; took {metrics['noisy_rate_per_layer'][l]:.2f} of noisy and "
             f"{metrics['clean_rate_per_layer'][l]:.2f} of clean samples"))
         print(f"  block {l}: updated in {share:.0%} of steps{rates}")
-    for line in per_task_lines(metrics["per_task"]):
+    for line in per_task_lines(metrics["per_task"]) + answer_lines(metrics["answers"]):
         print(line)
-    for prompt, answer, reference, hit in metrics["answers"]:
-        print(f"  {prompt!r} -> {answer!r} " + ("(right)" if hit
-                                                else f"(wrong; the reference: {reference!r})"))
     if metrics["sample"]:
         print(f"  a greedy sample from a held-out prompt: {metrics['sample'][0]!r} -> "
               f"{metrics['sample'][1]!r}")
+
+
+def answer_lines(answers):
+    return [f"  {prompt!r} -> {answer!r} " + ("(right)" if hit else f"(wrong; the reference: "
+            f"{reference!r})") for prompt, answer, reference, hit in answers]
 
 
 def support_line(config, pool):

@@ -13,7 +13,7 @@ import torch
 from evaluation.scoring import greedy_sample, write_predictions
 from lora import adapter_file, adapter_state_dict
 from methods.tuner import SCORED
-from plumbing.checkpoints import History, restore, save_checkpoint
+from plumbing.checkpoints import History, put_adapters, restore, save_checkpoint
 from plumbing.devices import is_main, world
 from plumbing.files import atomic_save, fingerprint, write_json
 from plumbing.pictures import plot_run
@@ -53,11 +53,8 @@ class Outputs:
 
     def restore_best(self, model):
         """--keep-best: the adapters of the lowest dev loss put back; the step they are of."""
-        named, history = dict(model.named_parameters()), self.history
-        with torch.no_grad():
-            for name, value in history.best_adapter.items():
-                named[name].copy_(value)
-        return history.best_step
+        put_adapters(model, self.history.best_adapter)
+        return self.history.best_step
 
     def last_checkpoint(self):
         """What a checkpoint on disk holds, for the messages of a stopped run."""

@@ -33,9 +33,7 @@ def test_ratios_are_medians_of_ratios_to_the_plain_steps_around_each_measurement
     assert row["gast_default_x"] == pytest.approx(1.5) and row["gast_vmap_x"] == pytest.approx(2.0)
     assert len(ratios["gast_default"]) == 3
     # the default model: 4 blocks
-    assert row["block_bound_mib"] == pytest.approx((4 + 4) * 1000 / 4 * 4 / 2**20)
     assert row["plain_spread"] > 2 and row["busy"]  # the warning still sees the load
-    assert row["per_sample_grad_mib"] == pytest.approx(4 * 1000 * 4 / 2**20)
 
 
 @pytest.mark.parametrize("paths", [None, "gast_blocks"])

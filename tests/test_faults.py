@@ -192,6 +192,7 @@ def test_a_full_disk_is_named_as_a_full_disk_and_nothing_written_is_lost(tiny, t
              "--method", "lora", "--steps", "9", "--eval-interval", "3", "--resume"]
     err = refused(capsys, flags)
     assert "the disk is full" in err and "--resume continues" in err
+    assert f"({tmp_path / 'ckpt.pt'})" in err  # the file it could not write
     assert (tmp_path / "ckpt.pt").read_bytes() == before and not list(tmp_path.glob("*.tmp*"))
 
 

@@ -1,27 +1,14 @@
 """
 What GAST costs over a plain LoRA step, as ratios that hold on a shared machine.
 
-    python -m tools.bench               # default model at B = 8, 32, 128; mid model at B = 32
-    python -m tools.bench --batches 32 --repeats 20 --models default,mid --device cpu
-    python -m tools.bench --models mid --paths gast_default,gast_blocks
+    python -m tools.bench               # SmolLM2-135M's shape at B 16 (the headline), then the toys
+    python -m tools.bench --models mid --batches 32 --paths gast_default,gast_blocks
 
-For each model and batch size it times:
-  plain          an ordinary LoRA step: forward, backward, AdamW
-  gast_default   the step train.py runs with its defaults: the paper's rule (a support mini-batch of
-                 4 training samples riding in the per-sample pass, a softmax draw per layer, every
-                 layer updated), by the default per-sample path
-  gast_vmap      the same step, per-sample gradients by torch.func (the reference path)
-  gast_blocks    the same step formed block by block inside the backward (one block's per-sample
-                 gradients held at a time)
-
-Time is paired: the computations run round-robin in one process, each bracketed by plain
-steps, and each ratio is the median over rounds of its time over the mean of the two plain
-steps around it (a warning says when plain's own time varied by over 2x: a busy machine).
-Threads are set explicitly (--threads); never run it beside another job that would
-oversubscribe the cores.
-Memory is the peak above the state before the computation (on a GPU, max_memory_allocated;
-on the CPU, the peak RSS of a fresh process per computation), beside the bound B x (LoRA
-parameters) x 4 bytes over plain. docs/cost.md reads the figures.
+It times a plain LoRA step (forward, backward, AdamW) and GAST's step by train.py's default path
+(gast_default), by torch.func (gast_vmap) and block by block (gast_blocks), round-robin in one
+process: each ratio is a GAST step's time over the mean of the plain steps just before and after
+it, the median over rounds [min-max]. Memory is each computation's peak in a fresh process (on a
+GPU, max_memory_allocated). Never run it beside another heavy job; docs/cost.md reads the figures.
 """
 
 import concurrent.futures
@@ -57,9 +44,6 @@ MODELS = {  # name: (model shape, LoRA targets, batch sizes by default)
     # the model train.py pretrains (4 blocks, width 64), adapted as train.py adapts it
     "default": (GPTConfig(), ATTENTION_AND_MLP, (8, 32, 128)),
     "mid": (GPTConfig(n_layer=8, n_head=8, n_embd=256, block_size=64), ATTENTION_AND_MLP, (32,)),
-    # the shape a one-GPU user runs: 12 blocks, width 768, context 128, the paper's batch
-    "gpt2-small": (GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=128, vocab_size=50257),
-                   ATTENTION_AND_MLP, (16, 32)),
     # a Llama-family checkpoint a one-GPU user picks, SmolLM2-135M's shape, at the paper's
     # context 256, batch 16 and LoRA (r 32, alpha 64 on q, k, v, up, down)
     "smollm2-135m": (GPTConfig(arch="llama", n_layer=30, n_head=9, n_kv_head=3, n_embd=576,
@@ -233,12 +217,6 @@ def summarise(name, B, times, ratios, peaks, n_lora, seq):
             row[f"{what}_mem_x"] = row[f"{what}_mem_mib"] / max(row["plain_mem_mib"], 1e-9)
     row["plain_spread"] = max(plain) / min(plain)
     row["busy"] = row["plain_spread"] > 2
-    # the memory target: per-sample gradients may add B x (LoRA parameters) x 4 bytes
-    row["per_sample_grad_mib"] = B * n_lora * 4 / 2**20
-    # the block-by-block target: (B + the support rows) x one block's LoRA parameters x 4 bytes over
-    # plain
-    row["block_bound_mib"] = (
-        (B + TrainConfig.support_size) * n_lora / MODELS[name][0].n_layer * 4 / 2**20)
     return row
 
 
@@ -281,8 +259,8 @@ def plot_ratios(rows, path, title):
 @dataclass
 class BenchConfig:
     device: str = option("auto", "cpu, cuda ...; auto: cuda when available")
-    models: str = option("", f"comma-separated from: {', '.join(MODELS)} (default: default,mid; "
-        "and gpt2-small on CUDA)")
+    models: str = option("", f"comma-separated from: {', '.join(MODELS)} (default: smollm2-135m,"
+        "default,mid)")
     batches: str = option("", "comma-separated batch sizes (default: each model's own)")
     repeats: int = option(7, "timed rounds (medians over rounds reported)")
     threads: int = option(torch.get_num_threads(), "torch intra-op threads (default: the cores "
@@ -294,9 +272,7 @@ class BenchConfig:
 
 def settled(config):
     """(models, batch sizes or None, the computations timed), every problem refused first."""
-    names = config.models.split(",") if config.models else (
-        ["default", "mid", "gpt2-small"] if pick_device(config.device).startswith("cuda")
-        else ["default", "mid"])
+    names = config.models.split(",") if config.models else ["smollm2-135m", "default", "mid"]
     problems = positive(config, "repeats", "threads") + output_problems("--out", config.out)
     problems += [check_device(config.device)] if check_device(config.device) else []
     if [m for m in names if m not in MODELS]:
@@ -363,15 +339,14 @@ def bench(args):
                       "rounds: the machine was busy and these ratios are suspect", flush=True)
     print("\ntime: median over rounds of the ratio to that round's plain step [min-max]; memory: "
           "peak MiB above the start")
-    columns = (["model", "B", "plain ms", *timed] + [f"{w} MiB" for w in whats]
-               + ["(B + 4) x one block's LoRA x 4 B (MiB)"])
+    columns = ["model", "B", "plain ms", *timed] + [f"{w} MiB" for w in whats]
     print("| " + " | ".join(columns) + " |")
     print("|---" * len(columns) + "|")
     for r in rows:
         cells = [r["model"], str(r["batch"]), f"{r['plain_ms']:.1f}"]
         cells += [f"{r[f'{w}_x']:.2f}x [{r[f'{w}_x_spread'][0]:.2f}-{r[f'{w}_x_spread'][1]:.2f}]"
                   for w in timed]
-        cells += [f"{r[f'{w}_mem_mib']:.1f}" for w in whats] + [f"{r['block_bound_mib']:.2f}"]
+        cells += [f"{r[f'{w}_mem_mib']:.1f}" for w in whats]
         print("| " + " | ".join(cells) + " |")
     write_json(args.out, {"device": device, "machine": machine, "torch": torch.__version__,
                           "threads": args.threads,

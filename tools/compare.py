@@ -6,12 +6,10 @@ The comparison protocol: every method on the same base, data, batches and budget
     python -m tools.compare --noise 0 --lrs-from out/compare.json --out-dir out/clean  # same lrs
     python -m tools.compare --pool out/compare.json,out/clean/compare.json  # pairs, pooled
 
-For each row, one run per lr in --lrs (the first seed: train.py's --seed, 0 by default) is
-scored on the dev split and the lr with the lowest dev loss wins; then --seeds runs with
-that lr, seeds --seed, --seed + 1 ..., are reported on the test split,
-which the lr choice never sees. Every other flag is train.py's and goes to every run
-(python train.py --help lists them). Writes compare.json (every run), compare.csv (the
-table) and compare.png (the picture) to --out-dir.
+Each row's lr is the one of --lrs whose run (seed --seed) has the lowest dev loss; then
+--seeds runs at that lr (seeds --seed, --seed + 1 ...) are scored on the test split, which
+the choice never sees. Every other flag is train.py's and goes to every run. Writes
+compare.json (every run), compare.csv (the table) and compare.png to --out-dir.
 """
 
 import concurrent.futures
@@ -100,30 +98,22 @@ def problems(config):
             out.append(f"--lrs must all be positive, got {config.lrs}")
     except ValueError:
         out.append(f"--lrs must be comma-separated numbers, got {config.lrs!r}")
-    if config.lrs_from and file_problems("--lrs-from", config.lrs_from):
-        out += file_problems("--lrs-from", config.lrs_from)
-    elif config.lrs_from:
+    if config.lrs_from and not file_problems("--lrs-from", config.lrs_from):
         try:
-            chosen = lrs_chosen_in(config.lrs_from)
+            chosen = read_comparison(config.lrs_from)[0]
+            bad = [f"{row} {lr}" for row, lr in chosen.items() if not (
+                float(lr) > 0 and math.isfinite(lr))]
             missing = [spec for spec, _, _ in rows_of(config) if spec not in chosen]
-            bad = [
-                f"{row} {lr}" for row, lr in chosen.items() if not (lr > 0 and math.isfinite(lr))]
             if bad:
-                out.append(
-                    f"--lrs-from {config.lrs_from}: its lrs must be positive ({', '.join(bad)})")
+                out.append(f"--lrs-from {config.lrs_from}: its lrs must be positive "
+                           f"({', '.join(bad)})")
             if missing:
-                out.append(f"--lrs-from {config.lrs_from} has no row {', '.join(missing)} (it has "
-                           f"{', '.join(chosen)})")
+                out.append(f"--lrs-from {config.lrs_from} has no row {', '.join(missing)} (it "
+                           f"has {', '.join(chosen)})")
         except (OSError, ValueError, KeyError, TypeError) as e:
             out.append(f"--lrs-from {config.lrs_from}: not a compare.json we can read "
                        f"({type(e).__name__}: {e})")
-    return out
-
-
-def lrs_chosen_in(path):
-    """{row: lr} of an earlier comparison's compare.json."""
-    with open(path) as f:
-        return {row["row"]: float(row["lr"]) for row in json.load(f)["rows"]}
+    return out + (file_problems("--lrs-from", config.lrs_from) if config.lrs_from else [])
 
 
 def one_run(flags, split):
@@ -234,15 +224,14 @@ def run_comparison(config, train_flags, base_config, first=0):
     rows_wanted = rows_of(config)
     dev_runs, chosen_lr = [], {}
     if config.lrs_from:  # each row's lr as an earlier comparison chose it
-        chosen_lr = {label: lr for label, lr in lrs_chosen_in(config.lrs_from).items()
+        chosen_lr = {label: lr for label, lr in read_comparison(config.lrs_from)[0].items()
                      if label in {r[0] for r in rows_wanted}}
     elif len(lrs) > 1:  # every row's lr on the dev split first; a diverged run's lr loses
         dev_runs = run_all([(label, method, chosen, lr, first, "dev")
                             for label, method, chosen in rows_wanted for lr in lrs])
         for label, _, _ in rows_wanted:
-            tried = [m for m in dev_runs if m["row"] == label]
-            best = min(tried, key=lambda m: (m.get("diverged", False), m["held_out_loss"]))
-            chosen_lr[label] = best["lr"]
+            chosen_lr[label] = min([m for m in dev_runs if m["row"] == label], key=lambda m: (
+                m.get("diverged", False), m["held_out_loss"]))["lr"]
     runs = run_all([(label, method, chosen, chosen_lr.get(label, lrs[0]), seed, "test")
                     for label, method, chosen in rows_wanted
                     for seed in range(first, first + config.seeds)])
@@ -262,7 +251,7 @@ def run_comparison(config, train_flags, base_config, first=0):
     say(f"\ndev-sample loss while training (mean over seeds):\n{format_curves(rows)}")
     if dev_runs:
         say("\nthe lr choice (dev loss, the first seed; the lowest wins):\n"
-            f"{format_lr_choice(dev_runs)}")
+            f"{format_lr_choice(dev_runs, chosen_lr)}")
     lrs = {r["row"]: r["lr"] for r in rows}
     pairs = [p for p in pooled_pairs([(lrs, runs)]) if set(p["pair"].split(" - ")) <= set(lrs)]
     if pairs:
@@ -319,7 +308,7 @@ def read_comparison(path):
     """(lr by row, runs) of a compare.json."""
     with open(path) as f:
         saved = json.load(f)
-    return {r["row"]: r["lr"] for r in saved["rows"]}, saved["runs"]
+    return {r["row"]: float(r["lr"]) for r in saved["rows"]}, saved.get("runs")  # None: no runs (--pool refuses it)
 
 
 def pooled_pairs(comparisons):
@@ -430,14 +419,13 @@ def format_curves(rows):
     return "\n".join(lines)
 
 
-def format_lr_choice(dev_runs):
-    """Each row's dev loss at every lr tried; the chosen one in bold."""
+def format_lr_choice(dev_runs, chosen):
+    """Each row's dev loss at every lr tried; the chosen one (chosen: lr by row) in bold."""
     lines = []
     for label in dict.fromkeys(m["row"] for m in dev_runs):
-        tried = [m for m in dev_runs if m["row"] == label]
-        best = min(tried, key=lambda m: (m.get("diverged", False), m["held_out_loss"]))
-        cells = [(f"**{m['held_out_loss']:.4f}**" if m is best
-                  else f"{m['held_out_loss']:.4f}") + f" ({m['lr']:g})" for m in tried]
+        cells = [(f"**{m['held_out_loss']:.4f}**" if m["lr"] == chosen[label]
+                  else f"{m['held_out_loss']:.4f}") + f" ({m['lr']:g})"
+                 for m in dev_runs if m["row"] == label]
         lines.append(f"{label}: " + ", ".join(cells))
     return "\n".join(lines)
 
