@@ -308,7 +308,7 @@ def read_comparison(path):
     """(lr by row, runs) of a compare.json."""
     with open(path) as f:
         saved = json.load(f)
-    return {r["row"]: float(r["lr"]) for r in saved["rows"]}, saved.get("runs")  # None: no runs (--pool refuses it)
+    return {r["row"]: float(r["lr"]) for r in saved["rows"]}, saved.get("runs")  # or None
 
 
 def pooled_pairs(comparisons):
