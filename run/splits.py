@@ -92,17 +92,17 @@ def load_task(config, tokenizer, block_size):
         say(config, f"held-out support set: {len(heldout)} samples carved from {config.data}'s "
             "training split and assumed trustworthy (--support-data FILE gives a trusted set of "
             "your own)")
-    seen = {tuple(e.tokens) for e in examples}  # a score on training records is no test score
-    for name, split, own in (("test", test, config.test_data), ("dev", dev, config.dev_data)):
-        if (shared := sum(tuple(e.tokens) in seen for e in split)) == len(split) and own:
-            refuse([f"--{name}-data {own}: every record is also a training record (--data): "
-                    "give a file of its own"])
+    # a score on training records is no test score; dev (the lr, the adapters kept) chosen on
+    # test records is chosen on the test split
+    seen = {k: {tuple(e.tokens) for e in v} for k, v in (("training", examples), ("test", test))}
+    for name, split, own, other in (("test", test, config.test_data, "training"), (
+            "dev", dev, config.dev_data, "training"), ("dev", dev, config.dev_data, "test")):
+        if (shared := sum(tuple(e.tokens) in seen[other] for e in split)) == len(split) and own:
+            refuse([f"--{name}-data {own}: every record is also a {other} record: give a file "
+                    "of its own"])
         if shared:
             say(config, f"warning: {shared} of the {name} split's {len(split)} records are also "
-                "training records: its scores are partly on training data")
-    if config.dev_data and {tuple(e.tokens) for e in dev} <= {tuple(e.tokens) for e in test}:
-        refuse([f"--dev-data {config.dev_data}: every record is a test record: the lr would be "
-                "chosen on the test split"])
+                f"{other} records: what it measures is partly on {other} data")
     if len(examples) < config.batch_size:
         carved = (f" and the {len(heldout)} held-out support samples (--heldout-size)" if heldout
                   and not config.support_data else "")

@@ -295,7 +295,15 @@ def test_a_dev_file_of_test_records_is_refused(tiny, tmp_path, capsys):
                            "--test-data", str(tmp_path / "t.jsonl"), "--dev-data",
                            str(tmp_path / "dev.jsonl"), *TINY_FLAGS, "--out-dir",
                            str(tmp_path / "out")])
-    assert f"--dev-data {tmp_path / 'dev.jsonl'}: every record is a test record" in err
+    assert f"--dev-data {tmp_path / 'dev.jsonl'}: every record is also a test record" in err
+    # a dev file sharing some test records: said, with the count
+    (tmp_path / "dev.jsonl").write_text("\n".join(
+        [r.replace("q", "v") for r in rows[5:10]] + [r.replace("q", "t") for r in rows[:2]]))
+    assert main(["--init-from", tiny().init_from, "--data", str(tmp_path / "d.jsonl"),
+                 "--test-data", str(tmp_path / "t.jsonl"), "--dev-data",
+                 str(tmp_path / "dev.jsonl"), *TINY_FLAGS, "--out-dir", str(tmp_path / "out"),
+                 "--no-quiet"]) == 0
+    assert "2 of the dev split's 7 records are also test records" in capsys.readouterr().out
 
 
 def test_a_full_disk_is_named_whoever_found_it():
