@@ -62,7 +62,7 @@ from gradot.lexicon import (FACT, MAX_FACTS, fact_example, lexicon, lexicon_corp
 from lora import LoRAConfig, add_lora
 from model import IGNORE_INDEX
 from plumbing.entry import run_main
-from plumbing.files import check_out_dir, write_csv, write_json
+from plumbing.files import out_dir_problems, write_csv, write_json
 from plumbing.devices import pick_device
 from plumbing.settings import ConfigError, not_negative, option, parse_args, positive, refuse
 from testbed.pretrain import PRETRAIN_SEED, BaseConfig, base_problems, base_shape, load_base
@@ -532,7 +532,7 @@ def run(config):
     """Every emulator through the offsite-tuning protocol, over config.seeds fine-tuning
     runs; the table rows (means, sds and every run)."""
     validate(config)
-    check_out_dir(config.out_dir, ("gradot.json", "gradot.csv"), overwrite=config.overwrite)
+    refuse(out_dir_problems(config.out_dir, ("gradot.json", "gradot.csv"), False, config.overwrite))
     device = pick_device(config.device)
     tokenizer = get_tokenizer(config.tokenizer)
     corpus = lexicon_corpus(config.lexicon) if config.lexicon else None

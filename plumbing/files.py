@@ -117,26 +117,25 @@ def cannot_write(folder):
     return None
 
 
-def check_out_dir(out_dir, outputs, resume=False, overwrite=False):
+def out_dir_problems(out_dir, outputs, resume=False, overwrite=False):
     """Before any work: out_dir can be written, no output is a directory (a name ending in /
     is a folder, and no file), and an earlier run there is neither overwritten by accident
-    nor resumed from nothing."""
+    nor resumed from nothing. The problems, as lines."""
     if reason := cannot_write(out_dir):
-        refuse([f"--out-dir {out_dir}: cannot write there ({reason})"])
+        return [f"--out-dir {out_dir}: cannot write there ({reason})"]
+    out = []
     for name in outputs:
         path, folder = os.path.join(out_dir, name), name.endswith("/")
         if folder and os.path.isdir(path) and (reason := cannot_write(path)):  # now, not at the end
-            refuse([f"--out-dir {out_dir}: cannot write in its {name} ({reason})"])
+            out.append(f"--out-dir {out_dir}: cannot write in its {name} ({reason})")
         if os.path.isdir(path) != folder and os.path.exists(path):
             kind = "a file" if folder else "a directory"
-            raise ConfigError(f"invalid settings:\n  --out-dir {out_dir}: {name.rstrip('/')} is "
-                              f"{kind}; move it away")
-    earlier = [name for name in outputs if os.path.exists(os.path.join(out_dir, name))]
-    if earlier and not resume and not overwrite:
-        raise ConfigError(
-            f"invalid settings:\n  --out-dir {out_dir} already holds {', '.join(earlier)} of an "
-            "earlier run: continue it with --resume, replace it with --overwrite, or pick "
-            "another --out-dir")
+            out.append(f"--out-dir {out_dir}: {name.rstrip('/')} is {kind}; move it away")
+    if (earlier := [n for n in outputs if os.path.exists(os.path.join(out_dir, n))]) and not (
+            resume or overwrite):
+        out.append(f"--out-dir {out_dir} already holds {', '.join(earlier)} of an earlier run: "
+                   "continue it with --resume, replace it with --overwrite, or pick another one")
+    return out
 
 
 def file_problems(flag_name, path):

@@ -109,8 +109,8 @@ def data_problems(self):
     return out
 
 
-def validate(config, n_procs=1):
-    """Raise ConfigError listing every problem; n_procs: processes under torchrun."""
+def validate(config, n_procs=1, more=()):
+    """Raise ConfigError listing every problem, more's too; n_procs: processes (torchrun)."""
     problems = method_problems(config) + data_problems(config) + base_problems(config)
     problems += lora_problems(config)
     problems += positive(config, "steps", "batch_size", "eval_interval", "log_interval",
@@ -140,7 +140,7 @@ def validate(config, n_procs=1):
     if not config.init_from and not problems:  # can a step of the base it would pretrain fit?
         shape = GPTConfig(**shape_values(config))
         problems += step_memory_problems(config, shape, positions_kept(config, shape.block_size))[0]
-    refuse(problems)
+    refuse(problems + list(more))
 
 
 def check_skills(config, model, base_path, tokenizer, device):

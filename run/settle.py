@@ -18,7 +18,7 @@ from plumbing.checkpoints import read_resume
 from plumbing.devices import (init_distributed, is_main, pick_device, same_everywhere, say,
                               together, world)
 from plumbing.entry import run_main
-from plumbing.files import OutDirLock, check_out_dir
+from plumbing.files import OutDirLock, out_dir_problems
 from plumbing.records import DataError, check_data
 from plumbing.report import support_line
 from plumbing.settings import as_config, parse_args
@@ -56,7 +56,9 @@ def check_settings(config_type, config, dry_run=False):
     config = as_config(config_type, config)  # flags or a dict, as tools/compare.py passes them
 
     def checks():
-        validate(config, n_procs=world()[1])  # every problem with the settings, at once
+        out_dir = [] if dry_run else out_dir_problems(  # in the same list as the settings'
+            config.out_dir, RUN_OUTPUTS, config.resume, config.overwrite)
+        validate(config, world()[1], out_dir)  # every problem with the settings, at once
         check_data(config)  # before the base is pretrained: bad data costs nothing
         if dry_run:
             return None
@@ -71,7 +73,6 @@ def check_settings(config_type, config, dry_run=False):
         together(lambda: same_everywhere(input_hashes(config)))
     if note := unused_flags(config, config_type()):  # a flag this run does not read is said
         say(config, note)
-    check_out_dir(config.out_dir, RUN_OUTPUTS, config.resume, config.overwrite)
     return config, tokenizer
 
 

@@ -34,7 +34,7 @@ from plumbing.records import DataError, read_text_file
 from hf.load import from_pretrained
 from model import GPT, GPTConfig
 from plumbing.entry import run_main
-from plumbing.files import atomic_save, check_out_dir, file_problems, read_checkpoint
+from plumbing.files import atomic_save, file_problems, out_dir_problems, read_checkpoint
 from plumbing.devices import (autocast_for, check_device, init_distributed, is_main,
     memory_problems, pick_device, say, training_memory, world)
 from plumbing.settings import (ConfigError, flag, in_range, option, parse_args, positive,
@@ -387,9 +387,8 @@ def load_base(config, tokenizer, device, corpus=None):
 def main(argv=None):
     def work():
         config = parse_args(BaseConfig, argv, description=__doc__.strip())
-        refuse(base_problems(config))
+        refuse(base_problems(config) + out_dir_problems(config.out_dir, ()))
         init_distributed(config.device)
-        check_out_dir(config.out_dir, ())
         tokenizer = get_tokenizer(config.tokenizer)
         path = base_path(config, tokenizer)
         existed = os.path.exists(path)

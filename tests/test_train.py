@@ -285,6 +285,8 @@ def test_a_second_run_into_the_same_out_dir_is_refused_unless_asked(capsys, base
     err = refused(capsys, base, out, "--lr", "0.05")
     assert ("already holds ckpt.pt, adapter.pt, metrics.json" in err and "--resume" in err
             and "--overwrite" in err)
+    err = refused(capsys, base, out, "--lr", "-1")  # the settings' problems in the same list
+    assert "--lr must be positive" in err and "already holds ckpt.pt" in err
     assert all((out / name).read_bytes() == data for name, data in before.items())
     assert run(capsys, base, out, "--lr", "0.05", "--overwrite")[0] == 0
     assert (out / "adapter.pt").read_bytes() != before["adapter.pt"]

@@ -33,7 +33,7 @@ from methods.tuner import SELECTIONS, SUPPORTS
 from methods.tuner import METHODS, SCORED
 from plumbing.entry import Interrupted, run_main
 from plumbing.pictures import nanmean, pyplot, save_figure
-from plumbing.files import OutDirLock, check_out_dir, file_problems, write_csv, write_json
+from plumbing.files import OutDirLock, file_problems, out_dir_problems, write_csv, write_json
 from plumbing.devices import is_main, pick_device
 from plumbing.settings import option, parse_args, positive, refuse
 from testbed.pretrain import BaseConfig, load_base
@@ -160,13 +160,13 @@ def recorded_run(flags, split):
 
 def compare(config, train_flags=()):
     """The table's rows. train_flags: train.py's flags, given to every run."""
-    refuse(problems(config))
+    outputs = ("compare.json", "compare.csv", "compare.png")  # its problems and the settings'
+    refuse(problems(config) + out_dir_problems(config.out_dir, outputs, config.resume,
+                                               config.overwrite))
     # train.py's flags, checked before any run; its --seed is the first seed
     first = train([*train_flags, "--out-dir", config.out_dir], dry_run=True)["seed"]
     base_config = replace(parse_args(BaseConfig, train_flags, known_only=True)[0],
                           out_dir=config.out_dir)
-    check_out_dir(config.out_dir, ("compare.json", "compare.csv", "compare.png"),
-                  resume=config.resume, overwrite=config.overwrite)
     with OutDirLock(config.out_dir):  # one comparison per out-dir, as one run per out-dir
         return run_comparison(config, train_flags, base_config, first)
 
