@@ -269,12 +269,10 @@ def per_sample_loss(head, x, targets, select=True):
     """Mean cross-entropy over each sample's target tokens: head (C -> V), x (B, T, C),
     targets (B, T) -> (B,).
 
-    Positions with target IGNORE_INDEX carry no loss. The batch loss of GAST's rule
-    (docs/rule.md) is the mean of these, so the batch gradient is exactly the mean of
-    per-sample gradients. A sample with no target token gets loss 0 (data.py never makes one).
-    select: the head runs at the target positions alone (a prompt's carry no loss, and a
-    vocabulary's logits are the step's largest tensors); vmap cannot batch that selection, so
-    its path (fused=False) runs the head everywhere.
+    Positions with target IGNORE_INDEX carry no loss; the batch loss of GAST's rule is the
+    mean of these (docs/rule.md); a sample with no target gets 0 (data.py never makes one).
+    select: the head (the step's largest tensors) runs at the target positions alone; vmap
+    cannot batch that selection, so its path (fused=False) runs it everywhere.
     """
     at = targets != IGNORE_INDEX  # (B, T)
     if select:

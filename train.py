@@ -143,9 +143,8 @@ class TrainConfig(BaseConfig):
     stop_at: int = option(0, "end this run at this step (the schedule still spans --steps); 0: "
         "--steps")
     keep_best: bool = option(True, "score the test split with the adapters of the lowest dev "
-        "loss among the periodic evaluations, not the last (as LLM-Adapters' finetune.py with a "
-        "validation set: the Trainer's load_best_model_at_end); on by default: a noisy training "
-        "set is overfitted late, and the dev split is there to catch it")
+        "loss among the evaluations (LLM-Adapters' finetune.py with a validation set: "
+        "load_best_model_at_end); on: a noisy training set is fitted late, and dev catches it")
     picture: bool = option(True, "draw out_dir/selection.png: the learning curve and selection "
         "rates")
 

@@ -32,10 +32,8 @@ class History:
     clean_rate: list = field(default_factory=list)
     # {"step", "loss", "exact_match", "accuracy", "per_task", "sample_grads"} at each evaluation
     evals: list = field(default_factory=list)
-    # per step, the samples each block learned from, averaged over blocks (B for lora, k for gast)
-    sample_grads: list = field(default_factory=list)
-    # --keep-best: the evaluation of lowest dev loss so far, and the adapters then
-    best_step: int = None
+    sample_grads: list = field(default_factory=list)  # per step, per block's mean: B or k
+    best_step: int = None  # --keep-best: the evaluation of lowest dev loss yet, its adapters
     best_loss: float = None
     best_adapter: dict = None
 

@@ -6,6 +6,7 @@ selection.png and predictions/, each written whole or not at all.
 
 import math
 import os
+import shutil
 from dataclasses import asdict
 
 import torch
@@ -17,6 +18,7 @@ from plumbing.checkpoints import History, put_adapters, restore, save_checkpoint
 from plumbing.devices import is_main, world
 from plumbing.files import atomic_save, fingerprint, write_json
 from plumbing.pictures import plot_run
+from plumbing.settings import refuse
 from plumbing.report import print_summary
 
 
@@ -27,7 +29,12 @@ class Outputs:
         self.run, self.history, self.saved_at = run, History(), None
 
     def resume(self, model, opt, tuner, rngs):
-        """The step to start from: 0, or a --resume's, its state put back."""
+        """The step to start from: 0, or a --resume's, its state put back; first, room on the disk
+        (ckpt.pt: the adapters, AdamW's 2 moments, the best; adapter.pt; 16 MiB) or a refusal."""
+        need = 5 * 4 * sum(p.numel() for p in model.parameters() if p.requires_grad) + 2**24
+        if (free := shutil.disk_usage(self.run.config.out_dir).free) < need:
+            refuse([f"--out-dir {self.run.config.out_dir}: {free / 2**20:.0f} MiB free, the run "
+                    f"writes about {need / 2**20:.0f} MiB: free some, or pick another --out-dir"])
         if self.run.resume is None:
             return 0
         self.saved_at, self.history = restore(self.run.resume, model, opt, tuner, rngs)
@@ -42,8 +49,7 @@ class Outputs:
         self.saved_at = step
 
     def evaluated(self, step, result, model):
-        """A periodic evaluation recorded; with --keep-best, the adapters kept if its dev loss
-        is the lowest yet."""
+        """A periodic evaluation recorded; --keep-best: the adapters kept if the lowest yet."""
         history = self.history
         history.evals.append({"step": step, **{k: result[k] for k in (
             "loss", "exact_match", "accuracy", "per_task")}, **history.cost(step)})

@@ -332,3 +332,15 @@ def test_an_unwritable_predictions_folder_is_found_before_training(tiny, tmp_pat
                            "--out-dir", str(tmp_path)])
     assert "cannot write in its predictions/ (Read-only file system)" in err
     assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_a_disk_without_room_for_the_run_is_refused_before_the_first_step(tiny, tmp_path, capsys,
+                                                                          monkeypatch):
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=2**20))
+    flags = [*TINY_FLAGS, "--init-from", tiny().init_from, "--out-dir", str(tmp_path / "out")]
+    err = refused(capsys, flags)
+    assert "1 MiB free, the run writes about 1" in err and "pick another --out-dir" in err
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
