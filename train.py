@@ -182,7 +182,7 @@ def fine_tune(run, summary=True):
     batches = Epochs(len(train_set), config.seed)  # the training batches: shuffled epochs
     probe_rng = random.Random(f"ist-probe-{config.seed}")  # ist's probes: a stream of their own
     outputs = Outputs(run)  # the history, checkpoints and the run's files
-    start = outputs.resume(model, opt, tuner, (batches, probe_rng))
+    start = outputs.start(model, opt, tuner, (batches, probe_rng))  # disk room checked first
     if start:
         say(config, f"resumed from {run.ckpt_path} at step {start}")
 

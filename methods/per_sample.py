@@ -78,7 +78,6 @@ def per_sample_grads_by_blocks(model, inputs, targets, on_block):
     try:
         with recording_per_sample_grads(model, on_block) as grads:
             _, losses = model(inputs, targets, reduction="none")  # (B,)
-            handle.remove()
             # the hooks read every adapter's gradients on the way down; autograd skips the
             # adapters' summed gradients, which gast_step would only overwrite
             torch.autograd.grad(losses.sum(), embedded)

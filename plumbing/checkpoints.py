@@ -30,7 +30,7 @@ class History:
     # per step with noisy flags, per block (nan: block off)
     noisy_rate: list = field(default_factory=list)
     clean_rate: list = field(default_factory=list)
-    # {"step", "loss", "exact_match", "accuracy", "per_task", "sample_grads"} at each evaluation
+    # {"step", "loss", "exact_match", "accuracy", "per_task", and History.cost's} at each one
     evals: list = field(default_factory=list)
     sample_grads: list = field(default_factory=list)  # per step, per block's mean: B or k
     best_step: int = None  # --keep-best: the evaluation of lowest dev loss yet, its adapters

@@ -4,7 +4,6 @@ a --resume continues from, and at the end its files in --out-dir: adapter.pt, me
 selection.png and predictions/, each written whole or not at all.
 """
 
-import math
 import os
 import shutil
 from dataclasses import asdict
@@ -28,7 +27,7 @@ class Outputs:
     def __init__(self, run):
         self.run, self.history, self.saved_at = run, History(), None
 
-    def resume(self, model, opt, tuner, rngs):
+    def start(self, model, opt, tuner, rngs):
         """The step to start from: 0, or a --resume's, its state put back; first, room on the disk
         (ckpt.pt: the adapters, AdamW's 2 moments, the best; adapter.pt; 16 MiB) or a refusal."""
         need = 5 * 4 * sum(p.numel() for p in model.parameters() if p.requires_grad) + 2**24
@@ -53,7 +52,8 @@ class Outputs:
         history = self.history
         history.evals.append({"step": step, **{k: result[k] for k in (
             "loss", "exact_match", "accuracy", "per_task")}, **history.cost(step)})
-        if self.run.config.keep_best and not result["loss"] >= (history.best_loss or math.inf):
+        if self.run.config.keep_best and (history.best_step is None
+                                          or result["loss"] < history.best_loss):
             history.best_step, history.best_loss = step, result["loss"]
             history.best_adapter = {k: v.clone() for k, v in adapter_state_dict(model).items()}
 

@@ -98,11 +98,11 @@ def problems(config):
             out.append(f"--lrs must all be positive, got {config.lrs}")
     except ValueError:
         out.append(f"--lrs must be comma-separated numbers, got {config.lrs!r}")
-    if config.lrs_from and not file_problems("--lrs-from", config.lrs_from):
+    unreadable = file_problems("--lrs-from", config.lrs_from) if config.lrs_from else []
+    if config.lrs_from and not unreadable:
         try:
-            chosen = read_comparison(config.lrs_from)[0]
-            bad = [f"{row} {lr}" for row, lr in chosen.items() if not (
-                float(lr) > 0 and math.isfinite(lr))]
+            chosen = read_comparison(config.lrs_from)[0]  # lrs as floats
+            bad = [f"{row} {lr}" for row, lr in chosen.items() if not 0 < lr < math.inf]
             missing = [spec for spec, _, _ in rows_of(config) if spec not in chosen]
             if bad:
                 out.append(f"--lrs-from {config.lrs_from}: its lrs must be positive "
@@ -113,7 +113,7 @@ def problems(config):
         except (OSError, ValueError, KeyError, TypeError) as e:
             out.append(f"--lrs-from {config.lrs_from}: not a compare.json we can read "
                        f"({type(e).__name__}: {e})")
-    return out + (file_problems("--lrs-from", config.lrs_from) if config.lrs_from else [])
+    return out + unreadable
 
 
 def one_run(flags, split):
