@@ -66,7 +66,7 @@ class BaseConfig:
         "5% is held out; empty: the built-in corpus")
     pretrain_steps: int = option(2000, "steps of one start of pretraining (under 2 minutes on 2 "
         "CPU cores)")
-    pretrain_until: float = option(SKILL_LEVEL, "on the built-in corpus, start pretraining afresh "
+    pretrain_until: float = option(SKILL_LEVEL, "on the built-in corpus (no lexicon), start afresh "
         "from the next seed until the base knows every skill (copy, rev, shift) to this greedy "
         "exact match on fresh words; 0: one start, whatever it knows")
     pretrain_starts: int = option(3, "the most starts --pretrain-until makes")
@@ -140,7 +140,7 @@ def base_path(config, tokenizer, corpus=None):
            "batch": config.pretrain_batch_size, "lr": config.pretrain_lr,
            "seed": PRETRAIN_SEED + config.pretrain_seed}
     key.update(corpus.key if corpus else {})  # no corpus: every earlier base keeps its hash
-    if config.pretrain_until and not config.pretrain_data:  # pretrained until it knows its skills
+    if config.pretrain_until and not config.pretrain_data and not corpus:  # until it knows skills
         key.update(until=config.pretrain_until, starts=config.pretrain_starts)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return os.path.join(config.out_dir, f"base-{digest}.pt")
@@ -234,15 +234,16 @@ def pretrain(config, tokenizer, device, path, corpus=None):
     """Pretrain a base GPT of base_shape(config) on the corpus and save it to path, with
     its skill table and the facts of the machine that made it.
 
-    On the built-in corpus, with --pretrain-until, a start that ends below the level on any
+    On the default corpus, with --pretrain-until, a start that ends below the level on any
     skill (its init and batch order, on this machine's floats, can leave one out of reach:
     rev, mostly) is dropped and pretraining starts afresh from the next seed; the last of
     --pretrain-starts is kept whatever it knows (train.py then refuses it for the default
-    task). Start 1 is the seed's own base, the one every earlier version made."""
+    task). Start 1 is the seed's own base, the one every earlier version made. A lexicon's
+    corpus (half of it facts) is judged by its recall instead: one start."""
     gpt_config = base_shape(config, tokenizer.n_vocab)
     next_batch, held_out, described = pretraining_batches(config, tokenizer, gpt_config.block_size,
                                                           corpus)
-    skills_known = not config.pretrain_data  # the built-in corpus teaches copy, rev and shift
+    skills_known = not (config.pretrain_data or corpus)  # the default corpus's: copy, rev, shift
     starts = config.pretrain_starts if skills_known and config.pretrain_until > 0 else 1
     until = f", until it knows its skills (at most {starts} starts)" if starts > 1 else ""
     say(config, f"pretraining a base GPT ({gpt_config.n_layer} blocks, width {gpt_config.n_embd}, "

@@ -1,4 +1,7 @@
+from dataclasses import replace
+
 import pytest
+import torch
 
 from testbed.task import PRETRAIN_OPS
 from data import get_tokenizer
@@ -56,3 +59,19 @@ def test_a_lexicon_base_has_a_hash_of_its_own_and_the_default_base_keeps_its_own
     default = base_path(config, TOK)
     with_facts = {base_path(config, TOK, lexicon_corpus(n)) for n in (30, 40)}
     assert len(with_facts | {default}) == 3
+
+
+def test_a_lexicon_base_is_judged_by_its_recall_not_the_skills_so_one_start(tmp_path):
+    """Half of a lexicon's corpus states facts, so its base knows the skills less well
+    (docs/gradot.md); --pretrain-until would drop such starts for worse ones. One start, and
+    the hash of a one-start base."""
+    from testbed.pretrain import BaseConfig, base_path, load_base
+
+    config = BaseConfig(out_dir=str(tmp_path), pretrain_steps=20, pretrain_batch_size=8,
+                        quiet=True)
+    once = base_path(replace(config, pretrain_until=0.0), TOK, lexicon_corpus(30))
+    assert base_path(config, TOK, lexicon_corpus(30)) == once
+    _, path = load_base(config, TOK, "cpu", lexicon_corpus(30))  # 20 steps: skills near 0
+    assert path == once
+    made = torch.load(path, weights_only=False)
+    assert made["made_by"]["starts"] == 1 and made["skills"] is None
